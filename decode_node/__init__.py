@@ -1,0 +1,1 @@
+"""The decode server (see DESIGN.md, "A request's way")."""

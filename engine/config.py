@@ -1,0 +1,150 @@
+"""Engine configuration: frozen dataclasses with vLLM's flag names, one argparse registration, one factory.
+
+Every node role and the offline LLM build an EngineConfig through `EngineConfig.create(**kwargs)` (Python) or
+`EngineConfig.from_cli_args(args)` after `add_engine_args(parser)` (CLI), so defaults and validation live here once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from engine.errors import ConfigError
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    kv_cache_memory: int | None = None  # bytes; on CPU the default is 256 MiB
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    kv_connector: str = "tcp"  # tcp | nccl | ucx
+    kv_role: str = "kv_both"  # kv_producer | kv_consumer | kv_both
+    kv_ip: str = "127.0.0.1"
+    kv_port: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> "KVTransferConfig":
+        if not text:
+            return cls()
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--kv-transfer-config is not valid JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError("--kv-transfer-config must be a JSON object")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        cfg = cls(**{k: v for k, v in raw.items() if k in known},
+                  extra={k: v for k, v in raw.items() if k not in known})
+        if cfg.kv_connector not in ("tcp", "nccl", "ucx"):
+            raise ConfigError(f"kv_connector must be tcp, nccl or ucx, got {cfg.kv_connector!r}")
+        if cfg.kv_role not in ("kv_producer", "kv_consumer", "kv_both"):
+            raise ConfigError(f"kv_role must be kv_producer, kv_consumer or kv_both, got {cfg.kv_role!r}")
+        return cfg
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    kv_transfer: KVTransferConfig = KVTransferConfig()
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    enforce_eager: bool = False
+
+    @classmethod
+    def create(cls, model: str, **kwargs) -> "EngineConfig":
+        """Flat keyword arguments (vLLM's names, underscores) -> nested config, validated."""
+        groups = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+        parts: dict[str, dict] = {name: {} for name in groups}
+        top: dict = {}
+        for key, value in kwargs.items():
+            owner = next((g for g, c in groups.items() if key in {f.name for f in fields(c)}), None)
+            if owner is not None:
+                parts[owner][key] = value
+            elif key in ("device", "enforce_eager"):
+                top[key] = value
+            elif key == "kv_transfer_config":
+                top["kv_transfer"] = (value if isinstance(value, KVTransferConfig)
+                                      else KVTransferConfig.from_json(value if isinstance(value, str)
+                                                                      else json.dumps(value)))
+            else:
+                raise ConfigError(f"unknown engine argument {key!r}")
+        config = cls(model=ModelConfig(model=model, **parts["model"]),
+                     cache=CacheConfig(**parts["cache"]),
+                     scheduler=SchedulerConfig(**parts["scheduler"]), **top)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        c, s, m = self.cache, self.scheduler, self.model
+        if c.block_size <= 0 or c.block_size & (c.block_size - 1):
+            raise ConfigError(f"--block-size must be a positive power of two, got {c.block_size}")
+        if not 0.0 < c.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {c.gpu_memory_utilization}")
+        if c.num_gpu_blocks_override is not None and c.num_gpu_blocks_override < 1:
+            raise ConfigError("--num-gpu-blocks-override must be at least 1")
+        if s.max_num_seqs < 1:
+            raise ConfigError("--max-num-seqs must be at least 1")
+        if s.max_num_batched_tokens < 1:
+            raise ConfigError("--max-num-batched-tokens must be at least 1")
+        if m.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {m.dtype!r}")
+        if m.max_model_len is not None and m.max_model_len < 1:
+            raise ConfigError("--max-model-len must be at least 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
+    """The node flags, named as vLLM names them."""
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", required=model_required, help="HF checkpoint folder")
+    g.add_argument("--dtype", default="auto", choices=DTYPES)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes (CPU default 256 MiB)")
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--kv-transfer-config", default=None, help='JSON, e.g. {"kv_connector":"tcp","kv_role":"kv_both"}')
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig.create(
+        model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
+        block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        num_gpu_blocks_override=args.num_gpu_blocks_override, kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        device=args.device, enforce_eager=args.enforce_eager, kv_transfer_config=args.kv_transfer_config,
+    )

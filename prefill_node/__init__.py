@@ -1,0 +1,1 @@
+"""The prefill server (see DESIGN.md, "A request's way")."""

@@ -1,0 +1,43 @@
+"""Suite-wide setup. Triton kernels run under the interpreter without a GPU; that switch must be set before any
+kernel module is imported (triton reads it when @triton.jit decorates), so it is set here, first."""
+import os
+import shutil
+
+if not shutil.which("nvidia-smi"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """Tiny random checkpoints, one per family, written once per session by `pdserve make-model`'s code."""
+    from engine.make_model import make_model
+
+    root = tmp_path_factory.mktemp("models")
+    made = {}
+    for family in ("llama", "qwen2", "mistral"):
+        path = root / f"tiny-{family}"
+        make_model(str(path), family=family, preset="tiny", seed=0, dtype="float32")
+        made[family] = str(path)
+    return made
