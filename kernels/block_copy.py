@@ -1,0 +1,109 @@
+"""Copy whole KV blocks between the paged cache and one contiguous buffer (the KV connector's send/receive path).
+
+    gather_blocks(cache [P, N, *blk], block_ids [n]) -> out [P, n, *blk]    out[p, i] = cache[p, block_ids[i]]
+    scatter_blocks(src [P, n, *blk], block_ids [n], cache [P, N, *blk])      cache[p, block_ids[i]] = src[p, i]
+
+The engine's per-layer cache is [2, N, B, Hk, D] (P = 2: K then V). A block is copied as a flat run of bytes,
+reinterpreted as the widest integer word its size and alignment allow, so the copy is dtype-blind and vectorised.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import check, check_same_device, interpreting
+
+_WORDS = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
+@triton.jit
+def _copy_blocks_kernel(
+    src_ptr,  # gather: cache [P, N, E]; scatter: buffer [P, n, E]
+    dst_ptr,  # gather: buffer [P, n, E]; scatter: cache [P, N, E]
+    ids_ptr,  # [n] block ids into the cache
+    stride_sp, stride_sn, stride_dp, stride_dn,  # strides of the P and block dims, in words
+    n, words_per_block,
+    GATHER: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    p = (pid // n).to(tl.int64)
+    i = (pid % n).to(tl.int64)
+    blk = tl.load(ids_ptr + i).to(tl.int64)
+    if GATHER:
+        src = src_ptr + p * stride_sp + blk * stride_sn
+        dst = dst_ptr + p * stride_dp + i * stride_dn
+    else:
+        src = src_ptr + p * stride_sp + i * stride_sn
+        dst = dst_ptr + p * stride_dp + blk * stride_dn
+    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < words_per_block
+    tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+
+
+def _words(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a, b [P, n, *blk] with contiguous blocks -> [P, n, E] views in the widest integer word both sizes, strides
+    and offsets allow (int64 for any real KV block)."""
+    fa, fb = a.flatten(2), b.flatten(2)
+    for word in _WORDS:
+        fits = all(x * a.element_size() % word.itemsize == 0 for f in (fa, fb)
+                   for x in (f.shape[-1], f.stride(0), f.stride(1), f.storage_offset()))
+        if fits:
+            return fa.view(word), fb.view(word)
+    raise AssertionError("unreachable: bytes always fit")
+
+
+def _check_blocks(cache: torch.Tensor, buf: torch.Tensor, block_ids: torch.Tensor) -> None:
+    check(cache.dim() >= 3, f"cache: expected [P, N, *blk], got {tuple(cache.shape)}")
+    check(buf.shape[0] == cache.shape[0] and buf.shape[2:] == cache.shape[2:], "buffer and cache blocks differ")
+    check(buf.shape[1] == block_ids.shape[0], f"buffer holds {buf.shape[1]} blocks, {block_ids.shape[0]} ids given")
+    check(buf.dtype == cache.dtype, f"dtype: buffer {buf.dtype}, cache {cache.dtype}")
+    check(block_ids.dim() == 1 and block_ids.dtype in (torch.int64, torch.int32) and block_ids.is_contiguous(),
+          "block_ids: expected a contiguous [n] int64 tensor")
+    for name, t in (("cache", cache), ("buffer", buf)):
+        check(t[0, 0].is_contiguous() if t.shape[1] else True, f"{name}: each block must be contiguous")
+    check_same_device(cache, buf, block_ids)
+
+
+def _launch(src: torch.Tensor, dst: torch.Tensor, block_ids: torch.Tensor, gather: bool) -> None:
+    P, n = (dst if gather else src).shape[:2]
+    if n == 0 or P == 0 or src[0, 0].numel() == 0:
+        return
+    src_w, dst_w = _words(src, dst)
+    words = src_w.shape[-1]
+    block = min(triton.next_power_of_2(words), 1024 if interpreting() else 4096)
+    _copy_blocks_kernel[(P * n, triton.cdiv(words, block))](
+        src_w, dst_w, block_ids,
+        src_w.stride(0), src_w.stride(1), dst_w.stride(0), dst_w.stride(1),
+        n, words, GATHER=gather, BLOCK=block, num_warps=1 if interpreting() else 8,
+    )
+
+
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """cache [P, N, *blk], block_ids [n] -> out [P, n, *blk] (allocated when not given)."""
+    if out is None:
+        shape = (cache.shape[0], block_ids.shape[0], *cache.shape[2:])
+        out = torch.empty(shape, dtype=cache.dtype, device=cache.device)
+    _check_blocks(cache, out, block_ids)
+    _launch(cache, out, block_ids, gather=True)
+    return out
+
+
+def scatter_blocks(src: torch.Tensor, block_ids: torch.Tensor, cache: torch.Tensor) -> None:
+    """src [P, n, *blk] -> cache[:, block_ids] ([P, N, *blk]), in place."""
+    _check_blocks(cache, src, block_ids)
+    _launch(src, cache, block_ids, gather=False)
+
+
+def gather_blocks_ref(cache: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-torch reference; same signature and results as `gather_blocks`."""
+    picked = cache.index_select(1, block_ids.long())
+    if out is None:
+        return picked
+    out.copy_(picked)
+    return out
+
+
+def scatter_blocks_ref(src: torch.Tensor, block_ids: torch.Tensor, cache: torch.Tensor) -> None:
+    """Plain-torch reference; same signature and effect as `scatter_blocks`."""
+    cache.index_copy_(1, block_ids.long(), src)

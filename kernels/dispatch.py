@@ -1,0 +1,68 @@
+"""The kernel entry points the engine calls: each runs the Triton kernel when its first tensor is on CUDA, else the
+plain-torch reference. `PDSERVE_KERNELS=triton|ref|auto` (default auto) overrides, read at every call, so tests can
+force Triton under TRITON_INTERPRET on CPU."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels import block_copy, decode_attention, kv_cache_write, prefill_attention, rms_norm as _rms, rotary
+from kernels import silu_and_mul as _silu
+
+_MODES = ("auto", "triton", "ref")
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    mode = os.environ.get("PDSERVE_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"PDSERVE_KERNELS={mode!r}: expected one of {', '.join(_MODES)}")
+    return mode == "triton" or (mode == "auto" and t.is_cuda)
+
+
+def rms_norm(x, weight, eps: float, residual=None):
+    return (_rms.rms_norm if use_triton(x) else _rms.rms_norm_ref)(x, weight, eps, residual)
+
+
+def apply_rotary(positions, q, k, cos_sin_cache) -> None:
+    (rotary.apply_rotary if use_triton(positions) else rotary.apply_rotary_ref)(positions, q, k, cos_sin_cache)
+
+
+def apply_rotary_and_write_kv(positions, q, k, v, k_cache, v_cache, slot_mapping, cos_sin_cache) -> None:
+    fn = rotary.apply_rotary_and_write_kv if use_triton(positions) else rotary.apply_rotary_and_write_kv_ref
+    fn(positions, q, k, v, k_cache, v_cache, slot_mapping, cos_sin_cache)
+
+
+def silu_and_mul(x):
+    return (_silu.silu_and_mul if use_triton(x) else _silu.silu_and_mul_ref)(x)
+
+
+def write_kv_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
+    fn = kv_cache_write.write_kv_cache if use_triton(key) else kv_cache_write.write_kv_cache_ref
+    fn(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_query_lens, seq_lens, scale: float, out=None):
+    m = prefill_attention
+    fn = m.paged_prefill_attention if use_triton(q) else m.paged_prefill_attention_ref
+    return fn(q, k_cache, v_cache, block_tables, cu_query_lens, seq_lens, scale, out)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, out=None):
+    m = decode_attention
+    fn = m.paged_decode_attention if use_triton(q) else m.paged_decode_attention_ref
+    return fn(q, k_cache, v_cache, block_tables, seq_lens, scale, out)
+
+
+def gather_blocks(cache, block_ids, out=None):
+    return (block_copy.gather_blocks if use_triton(cache) else block_copy.gather_blocks_ref)(cache, block_ids, out)
+
+
+def scatter_blocks(src, block_ids, cache) -> None:
+    (block_copy.scatter_blocks if use_triton(src) else block_copy.scatter_blocks_ref)(src, block_ids, cache)
+
+
+__all__ = [
+    "rms_norm", "apply_rotary", "apply_rotary_and_write_kv", "silu_and_mul", "write_kv_cache",
+    "paged_prefill_attention", "paged_decode_attention", "gather_blocks", "scatter_blocks", "use_triton",
+]
