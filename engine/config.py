@@ -88,9 +88,7 @@ class EngineConfig:
             elif key in ("device", "enforce_eager"):
                 top[key] = value
             elif key == "kv_transfer_config":
-                top["kv_transfer"] = (value if isinstance(value, KVTransferConfig)
-                                      else KVTransferConfig.from_json(value if isinstance(value, str)
-                                                                      else json.dumps(value)))
+                top["kv_transfer"] = _kv_transfer_config(value)
             else:
                 raise ConfigError(f"unknown engine argument {key!r}")
         config = cls(model=ModelConfig(model=model, **parts["model"]),
@@ -118,6 +116,12 @@ class EngineConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _kv_transfer_config(value) -> KVTransferConfig:
+    if value is None or isinstance(value, KVTransferConfig):
+        return value or KVTransferConfig()
+    return KVTransferConfig.from_json(value if isinstance(value, str) else json.dumps(value))
 
 
 def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True) -> None:

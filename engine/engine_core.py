@@ -1,0 +1,130 @@
+"""The engine's step loop: schedule, run the model, sample, update. Token ids in, token ids out.
+
+Text (detokenization, stop strings) is the caller's business: the offline LLM's output processor here, the
+proxy when serving. They finish a request early through `finish_request`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.block_pool import BlockPool
+from engine.config import EngineConfig
+from engine.kv_cache_manager import KVCacheManager
+from engine.model_runner import ModelRunner
+from engine.request import Request
+from engine.sampler import Sampler, make_generator
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one request got from one step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list | None = None  # per new token: (top ids, top logprobs, sampled logprob, sampled rank)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    preemptions: int = 0
+    tokens_computed: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int] = frozenset()):
+        self.config = config
+        self.runner = ModelRunner(config)
+        max_model_len = self._max_model_len()
+        self.block_pool = BlockPool(self.runner.num_blocks, enable_caching=config.cache.enable_prefix_caching,
+                                    block_size=config.cache.block_size)
+        self.kv_manager = KVCacheManager(self.block_pool, config.cache.block_size, max_model_len)
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager, max_model_len=max_model_len,
+                                   eos_token_ids=eos_token_ids)
+        self.sampler = Sampler()
+        self.generators: dict[str, torch.Generator] = {}
+        self.stats = EngineStats()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler.max_model_len
+
+    def _max_model_len(self) -> int:
+        arch_len = self.runner.arch.max_position_embeddings
+        asked = self.config.model.max_model_len
+        if asked is not None and asked > arch_len:
+            from engine.errors import ConfigError
+            raise ConfigError(f"--max-model-len {asked} exceeds the model's max_position_embeddings {arch_len}")
+        return asked or arch_len
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        request = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params)
+        self.scheduler.add_request(request)
+        if params.seed is not None:
+            self.generators[request_id] = make_generator(params.seed, self.runner.device)
+        return request
+
+    def abort_request(self, request_id: str) -> None:
+        self.scheduler.abort_request(request_id)
+        self.generators.pop(request_id, None)
+
+    def finish_request(self, request_id: str, reason: str = "stop") -> None:
+        self.scheduler.finish_request(request_id, reason)
+        self.generators.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[StepOutput]:
+        # 1. Decide who runs and how many tokens each computes.
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return []
+        # 2. Run the forward pass; logits only for chunks that reach their request's last known token.
+        rows = [row for row, item in enumerate(plan.scheduled) if item.samples]
+        logits = self.runner.execute(plan.scheduled, rows)
+        # 3. Sample, then let the scheduler advance, stop and free.
+        requests = [self.scheduler.get_request(plan.scheduled[row].request_id) for row in rows]
+        sampled = self._sample(logits, requests)
+        finished = self.scheduler.update_from_output(plan, {rid: tok for rid, (tok, _) in sampled.items()})
+        self.stats.steps += 1
+        self.stats.tokens_computed += plan.num_scheduled_tokens
+        return self._outputs(sampled, finished)
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> dict[str, tuple[int, tuple | None]]:
+        if not requests:
+            return {}
+        params = [r.sampling_params for r in requests]
+        generators = [self.generators.get(r.request_id) for r in requests]
+        out = self.sampler.sample(logits, params, generators)  # logprob width comes from the rows that ask
+        tokens = out.token_ids.tolist()
+        rows = list(zip(*out.logprobs.tolists())) if out.logprobs is not None else None
+        result = {}
+        for i, request in enumerate(requests):
+            logprob = rows[i] if rows is not None and params[i].logprobs is not None else None
+            result[request.request_id] = (tokens[i], logprob)
+        return result
+
+    def _outputs(self, sampled: dict, finished: list[Request]) -> list[StepOutput]:
+        done = {r.request_id: r for r in finished}
+        outputs = []
+        for request_id, (token, logprob) in sampled.items():
+            request = done.pop(request_id, None) or self.scheduler.get_request(request_id)
+            outputs.append(StepOutput(request_id, [token], [logprob] if logprob is not None else None,
+                                      finished=request.is_finished(), finish_reason=request.finish_reason,
+                                      num_cached_tokens=request.num_cached_tokens))
+        for request_id, request in done.items():  # finished without sampling this step
+            outputs.append(StepOutput(request_id, [], finished=True, finish_reason=request.finish_reason,
+                                      num_cached_tokens=request.num_cached_tokens))
+        for request in finished:
+            self.generators.pop(request.request_id, None)
+        return outputs

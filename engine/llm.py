@@ -1,0 +1,91 @@
+"""The offline API, shaped like vLLM's: `LLM(model=DIR, ...).generate(prompts, SamplingParams(...))`."""
+from __future__ import annotations
+
+import itertools
+from typing import Sequence, Union
+
+from engine.checkpoint import load_arch_config
+from engine.config import EngineConfig
+from engine.engine_core import EngineCore
+from engine.errors import PromptTooLongError
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import load_tokenizer
+
+Prompt = Union[str, dict]
+
+
+class LLM:
+    def __init__(self, model: str, **engine_args):
+        self._start(EngineConfig.create(model=model, **engine_args))
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLM":
+        llm = cls.__new__(cls)
+        llm._start(config)
+        return llm
+
+    def _start(self, config: EngineConfig) -> None:
+        self.config = config
+        load_arch_config(config.model.model)  # a bad folder or architecture is named before anything loads
+        self.tokenizer = load_tokenizer(config.model.model)
+        self.core = EngineCore(config, eos_token_ids=self.tokenizer.eos_token_ids)
+        self._ids = itertools.count()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        raise TypeError("a prompt is a string or {'prompt_token_ids': [...]}")
+
+    def _check_length(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        wanted = len(ids) + (params.max_tokens or 1)
+        if wanted > self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens and asks for {params.max_tokens} more: {wanted} is over "
+                f"--max-model-len {self.max_model_len}")
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params_list = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
+                       else [sampling_params or SamplingParams()] * len(prompts))
+        if len(params_list) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        processor = OutputProcessor(self.core, self.tokenizer)
+        # 1. Tokenize and check everything before anything is queued, so bad input loses nothing.
+        parsed = [self._prompt_ids(p) for p in prompts]
+        for (_, ids), params in zip(parsed, params_list):
+            self._check_length(ids, params)
+        # 2. Queue n children per prompt; a seed gives child i the seed + i, so each sample differs yet repeats.
+        parents = []
+        for (text, ids), params in zip(parsed, params_list):
+            parent_id = str(next(self._ids))
+            children = []
+            for index in range(params.n):
+                child_params = params if params.seed is None else params.clone(seed=params.seed + index)
+                child_id = f"{parent_id}-{index}"
+                processor.add(child_id, parent_id, index, ids, child_params)
+                self.core.add_request(child_id, ids, child_params)
+                children.append(child_id)
+            parents.append((parent_id, text, ids, children))
+        # 3. Step until every child finished.
+        while self.core.has_unfinished():
+            processor.process(self.core.step())
+        # 4. Collect, in prompt order.
+        results = []
+        for parent_id, text, ids, children in parents:
+            cached = processor.cached_tokens(children[0])
+            outputs = [processor.completion(c) for c in children]
+            results.append(RequestOutput(request_id=parent_id, prompt=text, prompt_token_ids=ids,
+                                         outputs=outputs, finished=True, num_cached_tokens=cached))
+        return results
