@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import torch
 
@@ -53,6 +54,8 @@ class ModelRunner:
         self.num_blocks = decide_num_blocks(self.arch, config.cache, self.dtype, self.device)
         self.kv_cache = allocate_kv_cache(self.arch, self.block_size, self.num_blocks, self.dtype, self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))  # per layer [2, N, B, Hk, D] views
+        # Called with each layer's index once its K/V writes are queued; the prefill node's KV producer sets it.
+        self.on_layer_done: Callable[[int], None] | None = None
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             from engine.cuda_graphs import DecodeGraphs
@@ -71,13 +74,14 @@ class ModelRunner:
 
     def _forward(self, chunks: list[ScheduledRequest], kv_caches) -> tuple[torch.Tensor, torch.Tensor]:
         batch = build_batch_inputs(chunks, self.block_size, self.device)
-        hidden = self.model(batch.input_ids, batch.positions, kv_caches, batch.attn)
+        hidden = self.model(batch.input_ids, batch.positions, kv_caches, batch.attn, layer_done=self.on_layer_done)
         return hidden, batch.last_token_index
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledRequest], sample_rows: list[int]) -> torch.Tensor:
         """Run the step; return float32 logits [len(sample_rows), vocab] for the last token of those chunks."""
-        if self.graphs is not None and all(c.is_decode for c in chunks) and self.graphs.fits(len(chunks)):
+        graphable = self.on_layer_done is None and all(c.is_decode for c in chunks)
+        if self.graphs is not None and graphable and self.graphs.fits(len(chunks)):
             logits = self.graphs.run(chunks)
             return logits[sample_rows] if len(sample_rows) != len(chunks) else logits
         hidden, last = self._forward(chunks, self.kv_caches)

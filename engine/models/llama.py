@@ -9,6 +9,8 @@ Module and parameter names follow Hugging Face's (`model.layers.3.self_attn...`)
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,11 +63,14 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_meta: AttentionMetadata) -> torch.Tensor:
+                attn_meta: AttentionMetadata, layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
+        """layer_done(i) runs once layer i's K/V writes are queued on the stream (the KV producer pushes there)."""
         hidden = self.model.embed_tokens(input_ids)
         residual = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+        for index, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches, strict=True)):
             hidden, residual = layer(positions, hidden, residual, kv_cache, attn_meta, self.cos_sin_cache)
+            if layer_done is not None:
+                layer_done(index)
         hidden, _ = self.model.norm(hidden, residual)
         return hidden
 
