@@ -1,7 +1,9 @@
 """KV cache events in vLLM's wire format (torch-free), so llm-d's or Dynamo's indexer could read ours.
 
 A batch is an array `[ts, events, data_parallel_rank]`; each event is a map tagged by "type" (`BlockStored`,
-`BlockRemoved`, `AllBlocksCleared`), fields at their defaults omitted. Block hashes are the 64-bit integers of
+`BlockRemoved`, `AllBlocksCleared`). Every field is written, None included: vLLM declares lora_id, medium and
+lora_name without defaults, so its decoder rejects an event that leaves them out. (The defaults below only
+spare our own callers from spelling them.) Block hashes are the 64-bit integers of
 `kvconnector.hashing.external_block_hash`. A BlockStored covers consecutive blocks of one prefix chain, so
 `len(token_ids) == block_size * len(block_hashes)`.
 """
@@ -12,7 +14,7 @@ from typing import Union
 import msgspec
 
 
-class KVCacheEvent(msgspec.Struct, tag_field="type", tag=True, omit_defaults=True, forbid_unknown_fields=False):
+class KVCacheEvent(msgspec.Struct, tag_field="type", tag=True, forbid_unknown_fields=False):
     """Base of the tagged event maps."""
 
 

@@ -1,0 +1,340 @@
+"""KV transfer benchmark: a prefill process pushes a request's KV layer by layer into a decode process's blocks.
+
+Two processes (spawned), each with its own paged KV cache of Llama-3.1-8B shape (32 layers, 8 KV heads, head dim
+128, bf16, block 16), connected by our connector (KVProducer -> KVConsumer) over `nccl` and `ucx`:
+  (a) back_to_back  every layer saved at once: from the first save_layer to all KV landed (scattered) on the
+                    decode side; ceiling: a raw NCCL send/recv of one buffer of the same bytes, same run
+                    (goal: ratio >= 0.75 at 2048 tokens).
+  (b) overlapped    each layer preceded by simulated compute (bf16 matmuls calibrated to --layer-ms, default the
+                    H100 prefill floor: 42 ms per 2048 tokens over 32 layers): the exposed transfer, from the last
+                    layer's compute end to all KV landed (goal <= 0.2 ms at 2048 tokens); ceiling: the last layer's
+                    bytes alone at the raw NCCL rate.
+`--gpus 1` puts both processes on cuda:0 (ucx over cuda_ipc; nccl is refused there, by design) and the ceiling is
+a device copy of the same bytes. `--smoke` runs a tiny shape on CPU over tcp (the test suite runs it).
+
+  python bench/kv_transfer.py                      # 2 GPUs: nccl + ucx, 2048 and 8192 tokens
+  python bench/kv_transfer.py --gpus 1             # one GPU, two processes, ucx
+  python bench/kv_transfer.py --smoke --out /tmp/x # CPU, tcp, seconds
+Results: bench/results/kv_transfer-<device>-<YYYYMMDD>.json (DESIGN.md's format) and a PNG beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import Results, guarded, log, plot_ratios  # noqa: E402
+
+LLAMA8B = dict(num_layers=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="bfloat16")
+TINY = dict(num_layers=4, num_kv_heads=2, head_dim=16, block_size=16, dtype="float32")
+
+
+# ---------------------------------------------------------------------------------------------- node process
+
+class Node:
+    """One side, driven over a Pipe: ('cmd', kwargs) -> ('ok', value) | ('error', traceback)."""
+
+    def __init__(self, device: str):
+        import torch
+        self.torch, self.device = torch, torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.conn = None
+        self.landed: dict[str, float] = {}
+        self.done = threading.Event()
+
+    def open(self, role, transport, layout, num_blocks, address=None, secret="bench"):
+        from kvconnector.connector import ConnectorConfig
+        torch = self.torch
+        if self.conn is not None:
+            self.conn.close()
+        shape = (layout["num_layers"], 2, num_blocks, layout["block_size"], layout["num_kv_heads"],
+                 layout["head_dim"])
+        dtype = getattr(torch, layout["dtype"])
+        self.cache = torch.randn(shape, device=self.device).to(dtype) if role == "producer" else \
+            torch.zeros(shape, dtype=dtype, device=self.device)
+        cfg = ConnectorConfig(model="llama-3.1-8b-shape", kv_connector=transport, secret=secret, timeout=30.0,
+                              max_inflight=8, **layout)
+        self.blocks = list(range(num_blocks))
+        random.Random(0).shuffle(self.blocks)
+        if role == "consumer":
+            from kvconnector.consumer import KVConsumer
+            self.conn = KVConsumer(cfg, self.cache, on_reserve=self._reserve, on_free=lambda rid: None,
+                                   on_complete=self._complete)
+            return list(self.conn.address)
+        from kvconnector.producer import KVProducer
+        self.conn = KVProducer(cfg, self.cache, on_free=lambda rid: None, on_complete=self._complete)
+        self.address = tuple(address)
+        self.conn.connect(self.address)
+        return None
+
+    def _reserve(self, rid, num_tokens, hashes):
+        n = -(-num_tokens // self.conn.config.block_size)
+        return self.blocks[:n], 0
+
+    def _complete(self, rid, ok, timings):
+        self.landed[rid] = time.monotonic() if ok else -1.0
+        self.done.set()
+
+    def wait_landed(self, rid, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while rid not in self.landed and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        t = self.landed.pop(rid, None)
+        if t is None or t < 0:
+            raise RuntimeError(f"{rid} did not land ({t})")
+        return t
+
+    def calibrate(self, layer_ms, tokens):
+        """Matmul reps per layer that take layer_ms on this device (0 on CPU: it sleeps instead)."""
+        torch = self.torch
+        self.reps, self.layer_ms = 0, layer_ms
+        if self.device.type != "cuda" or layer_ms <= 0:
+            return 0
+        self.a = torch.randn(tokens, 4096, device=self.device, dtype=torch.bfloat16)
+        self.w = torch.randn(4096, 4096, device=self.device, dtype=torch.bfloat16)
+        for _ in range(3):
+            self.a @ self.w
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            self.a @ self.w
+        end.record()
+        end.synchronize()
+        self.reps = max(1, round(layer_ms / (start.elapsed_time(end) / 20)))
+        return self.reps
+
+    def _compute(self):
+        if self.reps:
+            for _ in range(self.reps):
+                self.a @ self.w
+        elif self.layer_ms > 0:
+            time.sleep(self.layer_ms / 1000)
+
+    def push(self, rid, tokens, overlapped):
+        """Reserve, then save every layer (after simulated compute if overlapped). -> (t_start, t_last)."""
+        from kvconnector.producer import StepProgress
+        torch, conn = self.torch, self.conn
+        n = -(-tokens // conn.config.block_size)
+        self.done.clear()
+        conn.reserve(rid, self.address, tokens).result(30)
+        conn.start_step([StepProgress(rid, tokens, self.blocks[:n], True)])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t_start = time.monotonic()
+        last = None
+        for layer in range(conn.config.num_layers):
+            if overlapped:
+                self._compute()
+                if layer == conn.config.num_layers - 1 and self.device.type == "cuda":
+                    last = torch.cuda.Event()
+                    last.record()
+            conn.save_layer(layer)
+        conn.end_step()
+        if last is not None:
+            last.synchronize()
+        t_last = time.monotonic()
+        if not self.done.wait(60):
+            raise RuntimeError(f"{rid}: producer never completed")
+        return t_start, t_last
+
+    # ---- ceilings
+    def raw_store(self):
+        import torch.distributed as dist
+        self.store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
+        return int(self.store.port)
+
+    def raw_nccl(self, rank, port, nbytes, iters):
+        """One buffer of nbytes, rank 0 -> rank 1, iters times back to back; -> ms per send (median)."""
+        import torch.distributed as dist
+        torch = self.torch
+        store = self.store if rank == 1 else dist.TCPStore("127.0.0.1", port, None, False)
+        pg = dist.ProcessGroupNCCL(dist.PrefixStore("raw", store), rank, 2)
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        times = []
+        for i in range(iters + 2):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            (pg.send([buf], 1, 0) if rank == 0 else pg.recv([buf], 0, 0)).wait()
+            torch.cuda.synchronize()
+            if i >= 2:
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    def copy_ms(self, nbytes, iters):
+        torch = self.torch
+        src = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        dst = torch.empty_like(src)
+        times = []
+        for i in range(iters + 2):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+
+
+def _serve(pipe, device, env):
+    os.environ.update(env)
+    node = None
+    while True:
+        try:
+            cmd, kwargs = pipe.recv()
+        except EOFError:
+            return
+        if cmd == "exit":
+            if node is not None:
+                node.close()
+            pipe.send(("ok", None))
+            return
+        try:
+            node = node or Node(device)
+            pipe.send(("ok", getattr(node, cmd)(**kwargs)))
+        except Exception:
+            pipe.send(("error", traceback.format_exc()))
+
+
+class Proc:
+    def __init__(self, device: str, env: dict):
+        ctx = mp.get_context("spawn")
+        self.pipe, child = ctx.Pipe()
+        self.p = ctx.Process(target=_serve, args=(child, device, env), daemon=True)
+        self.p.start()
+
+    def send(self, cmd, **kw):
+        self.pipe.send((cmd, kw))
+
+    def get(self, timeout=300):
+        if not self.pipe.poll(timeout):
+            raise TimeoutError("worker did not answer")
+        status, value = self.pipe.recv()
+        if status != "ok":
+            raise RuntimeError(value)
+        return value
+
+    def call(self, cmd, **kw):
+        self.send(cmd, **kw)
+        return self.get()
+
+    def close(self):
+        try:
+            self.send("exit")
+            self.get(30)
+        except Exception:
+            pass
+        if self.p.is_alive():
+            self.p.kill()
+        self.p.join(5)
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+def kv_bytes(layout, tokens):
+    n = -(-tokens // layout["block_size"])
+    item = 2 if layout["dtype"] in ("bfloat16", "float16") else 4
+    return layout["num_layers"] * 2 * n * layout["block_size"] * layout["num_kv_heads"] * layout["head_dim"] * item
+
+
+def measure_push(res, prod, cons, transport, case, layout, tokens, iters, ceiling_ms, layer_ms):
+    nbytes = kv_bytes(layout, tokens)
+    n_blocks = 2 * -(-tokens // layout["block_size"]) + 8
+    address = cons.call("open", role="consumer", transport=transport, layout=layout, num_blocks=n_blocks)
+    prod.call("open", role="producer", transport=transport, layout=layout, num_blocks=n_blocks, address=address)
+    prod.call("calibrate", layer_ms=layer_ms, tokens=tokens)
+    params = dict(case=case, transport=transport, tokens=tokens, bytes=nbytes, layers=layout["num_layers"])
+    for mode in ("back_to_back", "overlapped"):
+        spans, exposed = [], []
+        for i in range(iters + 2):
+            rid = f"{mode}-{tokens}-{i}"
+            t_start, t_last = prod.call("push", rid=rid, tokens=tokens, overlapped=mode == "overlapped")
+            t_landed = cons.call("wait_landed", rid=rid)
+            if i >= 2:
+                spans.append((t_landed - t_start) * 1e3)
+                exposed.append((t_landed - t_last) * 1e3)
+        p = dict(params, mode=mode, iters=iters)
+        if mode == "back_to_back":
+            ms = statistics.median(spans)
+            res.add("push_all_layers_ms", round(ms, 4), "ms", ceiling=round(ceiling_ms, 4),
+                    ratio=round(ceiling_ms / ms, 3), params=dict(p, gbps=round(nbytes / ms / 1e6, 2), goal_ratio=0.75))
+        else:
+            ms = statistics.median(exposed)
+            floor = ceiling_ms / layout["num_layers"]  # the last layer's bytes alone at the raw rate
+            res.add("exposed_transfer_ms", round(ms, 4), "ms", ceiling=round(floor, 4),
+                    ratio=round(min(floor / ms, 1.0), 3) if ms > 0 else 1.0,
+                    params=dict(p, layer_ms=layer_ms, total_ms=round(statistics.median(spans), 3), goal_ms=0.2))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU over tcp")
+    ap.add_argument("--gpus", type=int, default=2, choices=(1, 2))
+    ap.add_argument("--tokens", type=int, nargs="+", default=None)
+    ap.add_argument("--transports", nargs="+", default=None)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--layer-ms", type=float, default=None, help="simulated compute per layer per 2048 tokens")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args(argv)
+    if args.smoke:
+        layout, tokens, transports = TINY, args.tokens or [64], args.transports or ["tcp"]
+        devices, iters, layer_ms_2048 = ("cpu", "cpu"), min(args.iters, 2), args.layer_ms or 20.0
+    else:
+        layout, tokens = LLAMA8B, args.tokens or [2048, 8192]
+        transports = args.transports or (["nccl", "ucx"] if args.gpus == 2 else ["ucx"])
+        devices = ("cuda:0", "cuda:1") if args.gpus == 2 else ("cuda:0", "cuda:0")
+        iters, layer_ms_2048 = args.iters, args.layer_ms or 42.0 / 32
+    env = {"UCX_WARN_UNUSED_ENV_VARS": "n"}
+    if args.smoke:
+        env.update(UCX_TLS="tcp", UCX_NET_DEVICES="lo")
+    res = Results("kv_transfer", devices[0], args.out)
+    case_gpus = "cpu" if args.smoke else f"{args.gpus}gpu"
+    failures: list[str] = []
+    prod, cons = Proc(devices[0], env), Proc(devices[1], env)
+    try:
+        for t in tokens:
+            nbytes = kv_bytes(layout, t)
+            log(f"--- {t} tokens: {nbytes / 2**20:.1f} MiB of KV")
+            if devices[0] != devices[1]:
+                port = cons.call("raw_store")
+                cons.send("raw_nccl", rank=1, port=port, nbytes=nbytes, iters=iters)
+                prod.send("raw_nccl", rank=0, port=port, nbytes=nbytes, iters=iters)
+                ceiling, _ = prod.get(), cons.get()
+                res.add("raw_nccl_one_buffer_ms", round(ceiling, 4), "ms",
+                        params=dict(case=case_gpus, tokens=t, bytes=nbytes, gbps=round(nbytes / ceiling / 1e6, 2)))
+            else:
+                ceiling = prod.call("copy_ms", nbytes=nbytes, iters=10 * iters)
+                res.add("device_copy_ms", round(ceiling, 4), "ms",
+                        params=dict(case=case_gpus, tokens=t, bytes=nbytes, gbps=round(nbytes / ceiling / 1e6, 2)))
+            for transport in transports:
+                with guarded(f"{transport} {t} tokens", failures):
+                    measure_push(res, prod, cons, transport, f"{transport}-{case_gpus}", layout, t, iters,
+                                 ceiling, layer_ms_2048 * t / 2048)
+    finally:
+        prod.close()
+        cons.close()
+    log(f"results: {res.path}")
+    if not args.smoke:
+        plot_ratios(res.path)
+    for f in failures:
+        log(f"FAILED: {f}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""The connector's scheduler side: which blocks of which request go where, and each request's state (torch-free).
+
+Producer (prefill node), per request:
+    RESERVING --reserved()--> TRANSFERRING --all chunks handed to the data plane--> SENT --consumer's Done--> DONE
+Consumer (decode node), per request:
+    WAITING --first chunk--> RECEIVING --every (layer, block) landed--> DONE
+Any state --abort() / timeout / peer lost--> ABORTED. A terminal transition removes the request from the table
+under the lock, so exactly one caller gets its `Finished` record and the completion is notified exactly once.
+
+Which blocks move: prompt block i (tokens [i*bs, (i+1)*bs)) goes to the consumer's block `remote[i - num_cached]`
+for i >= num_cached (the consumer already holds the first num_cached as prefix hits). A block is sent once, when
+it is final: full after this step, or the prompt's last (partial) block when the prompt finishes. Blocks the
+producer had cached are final from the first step, so they go with the first step's layers.
+
+Timeouts are inactivity timeouts (`--kv-timeout`): every sign of progress pushes the deadline out, so a long
+prefill is not cut off while its layers keep arriving, but a stuck or silent peer is.
+"""
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Optional
+
+DEFAULT_KV_TIMEOUT = 10.0
+
+
+class State(enum.Enum):
+    RESERVING = "reserving"
+    TRANSFERRING = "transferring"
+    SENT = "sent"
+    WAITING = "waiting"
+    RECEIVING = "receiving"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+@dataclass(slots=True)
+class Finished:
+    """A request's one terminal record: ok, or why not (cause is the metrics label)."""
+    request_id: str
+    ok: bool
+    cause: str = ""  # "", abort, timeout, peer_lost, remote_abort, error
+    detail: str = ""
+    timings: dict = field(default_factory=dict)
+    peer: Hashable = None
+
+
+@dataclass(slots=True)
+class SendPlan:
+    """One step's blocks of one request: local block ids -> the consumer's block ids. Shapes: both [n]."""
+    request_id: str
+    peer: Hashable
+    local_block_ids: list[int]
+    remote_block_ids: list[int]
+    last: bool  # the request's final plan: after it, Done
+
+
+@dataclass(slots=True)
+class _ProducerRequest:
+    request_id: str
+    peer: Hashable
+    num_tokens: int
+    deadline: float
+    state: State = State.RESERVING
+    remote_block_ids: list[int] = field(default_factory=list)
+    num_cached: int = 0
+    planned_upto: int = 0  # prompt blocks [0, planned_upto) are planned
+    final_planned: bool = False
+    timings: dict = field(default_factory=dict)
+
+
+class ProducerScheduler:
+    def __init__(self, block_size: int, timeout: float = DEFAULT_KV_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic):
+        self.block_size, self.timeout, self.clock = block_size, timeout, clock
+        self.lock = threading.RLock()
+        self._reqs: dict[str, _ProducerRequest] = {}
+
+    def num_blocks(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def add(self, request_id: str, peer: Hashable, num_tokens: int) -> None:
+        with self.lock:
+            if request_id in self._reqs:
+                raise ValueError(f"request {request_id!r} is already transferring")
+            now = self.clock()
+            self._reqs[request_id] = _ProducerRequest(request_id, peer, num_tokens, now + self.timeout,
+                                                      timings={"reserve_start": time.time()})
+
+    def reserved(self, request_id: str, remote_block_ids: list[int], num_cached: int) -> Optional[Finished]:
+        """The consumer's answer. A reply that does not cover the prompt aborts the request."""
+        with self.lock:
+            req = self._reqs.get(request_id)
+            if req is None or req.state is not State.RESERVING:
+                return None
+            need = self.num_blocks(req.num_tokens) - num_cached
+            if num_cached < 0 or len(remote_block_ids) != need:
+                return self._finish(req, False, "error",
+                                    f"consumer reserved {len(remote_block_ids)} blocks + {num_cached} cached, "
+                                    f"the prompt needs {self.num_blocks(req.num_tokens)}")
+            req.remote_block_ids, req.num_cached = list(remote_block_ids), num_cached
+            req.planned_upto = num_cached
+            req.state = State.TRANSFERRING
+            req.deadline = self.clock() + self.timeout
+            req.timings["reserved"] = time.time()
+            return None
+
+    def reservation(self, request_id: str) -> Optional[tuple[list[int], int]]:
+        with self.lock:
+            req = self._reqs.get(request_id)
+            if req is None or req.state is State.RESERVING:
+                return None
+            return list(req.remote_block_ids), req.num_cached
+
+    def plan(self, request_id: str, num_computed_tokens: int, block_ids: list[int],
+             prompt_done: bool) -> Optional[SendPlan]:
+        """After a step's schedule: the blocks that become final in it (None when none, or not transferring).
+
+        block_ids is the request's local block table (at least the blocks computed so far)."""
+        with self.lock:
+            req = self._reqs.get(request_id)
+            if req is None or req.state is not State.TRANSFERRING or req.final_planned:
+                return None
+            total = self.num_blocks(req.num_tokens)
+            prompt_done = prompt_done or num_computed_tokens >= req.num_tokens
+            upto = total if prompt_done else min(num_computed_tokens // self.block_size, total)
+            if len(block_ids) < upto:
+                raise ValueError(f"request {request_id!r}: block table has {len(block_ids)} blocks, need {upto}")
+            first = req.planned_upto
+            if upto <= first and not prompt_done:
+                return None
+            req.planned_upto = max(upto, first)
+            req.final_planned = prompt_done
+            local = list(block_ids[first:upto])
+            remote = req.remote_block_ids[first - req.num_cached:upto - req.num_cached]
+            return SendPlan(request_id, req.peer, local, remote, prompt_done)
+
+    def is_active(self, request_id: str) -> bool:
+        with self.lock:
+            req = self._reqs.get(request_id)
+            return req is not None and req.state in (State.TRANSFERRING, State.SENT)
+
+    def progress(self, request_id: str, mark: Optional[str] = None) -> None:
+        with self.lock:
+            req = self._reqs.get(request_id)
+            if req is not None:
+                req.deadline = self.clock() + self.timeout
+                if mark and mark not in req.timings:
+                    req.timings[mark] = time.time()
+
+    def all_sent(self, request_id: str) -> None:
+        with self.lock:
+            req = self._reqs.get(request_id)
+            if req is not None and req.state is State.TRANSFERRING:
+                req.state = State.SENT
+                req.deadline = self.clock() + self.timeout
+                req.timings["all_sent"] = time.time()
+
+    def done(self, request_id: str) -> Optional[Finished]:
+        """The consumer says every layer of every block landed."""
+        with self.lock:
+            req = self._reqs.get(request_id)
+            if req is None or req.state not in (State.TRANSFERRING, State.SENT) or not req.final_planned:
+                return None
+            req.timings["done"] = time.time()
+            return self._finish(req, True)
+
+    def abort(self, request_id: str, cause: str = "abort", detail: str = "") -> Optional[Finished]:
+        with self.lock:
+            req = self._reqs.get(request_id)
+            return None if req is None else self._finish(req, False, cause, detail)
+
+    def expire(self) -> list[Finished]:
+        with self.lock:
+            now = self.clock()
+            late = [r for r in self._reqs.values() if r.deadline <= now]
+            return [self._finish(r, False, "timeout", f"no progress for {self.timeout:.1f}s in {r.state.value}")
+                    for r in late]
+
+    def peer_lost(self, peer: Hashable, detail: str = "") -> list[Finished]:
+        with self.lock:
+            gone = [r for r in self._reqs.values() if r.peer == peer]
+            return [self._finish(r, False, "peer_lost", detail) for r in gone]
+
+    def active(self) -> list[str]:
+        with self.lock:
+            return list(self._reqs)
+
+    def peer_of(self, request_id: str) -> Optional[Hashable]:
+        with self.lock:
+            req = self._reqs.get(request_id)
+            return None if req is None else req.peer
+
+    def _finish(self, req: _ProducerRequest, ok: bool, cause: str = "", detail: str = "") -> Finished:
+        del self._reqs[req.request_id]
+        req.state = State.DONE if ok else State.ABORTED
+        req.timings["end"] = time.time()
+        return Finished(req.request_id, ok, cause, detail, req.timings, req.peer)
+
+
+@dataclass(slots=True)
+class _ConsumerRequest:
+    request_id: str
+    peer: Hashable
+    block_index: dict[int, int]  # consumer block id -> column
+    landed: bytearray  # [num_layers * n], 1 where (layer, block) landed
+    remaining: int
+    deadline: float
+    state: State = State.WAITING
+    timings: dict = field(default_factory=dict)
+
+
+class ConsumerScheduler:
+    def __init__(self, num_layers: int, timeout: float = DEFAULT_KV_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic):
+        self.num_layers, self.timeout, self.clock = num_layers, timeout, clock
+        self.lock = threading.RLock()
+        self._reqs: dict[str, _ConsumerRequest] = {}
+
+    def reserve(self, request_id: str, peer: Hashable, block_ids: list[int]) -> Optional[Finished]:
+        """Blocks the node allocated for this request (excluding its prefix hits). None blocks: done at once."""
+        with self.lock:
+            if request_id in self._reqs:
+                raise ValueError(f"request {request_id!r} already has a reservation")
+            n = len(block_ids)
+            if len(set(block_ids)) != n:
+                raise ValueError(f"request {request_id!r}: duplicate block ids in the reservation")
+            req = _ConsumerRequest(request_id, peer, {b: i for i, b in enumerate(block_ids)},
+                                   bytearray(self.num_layers * n), self.num_layers * n,
+                                   self.clock() + self.timeout, timings={"reserved": time.time()})
+            self._reqs[request_id] = req
+            return None
+
+    def check_chunk(self, request_id: str, first_layer: int, num_layers: int, block_ids: list[int]) -> str:
+        """'' when the chunk may be scattered, else why not (unknown request, foreign blocks, bad layers)."""
+        with self.lock:
+            req = self._reqs.get(request_id)
+            if req is None:
+                return "unknown or finished request"
+            if first_layer + num_layers > self.num_layers:
+                return f"layers {first_layer}+{num_layers} beyond {self.num_layers}"
+            if any(b not in req.block_index for b in block_ids):
+                return "blocks outside the reservation"
+            return ""
+
+    def landed(self, request_id: str, first_layer: int, num_layers: int,
+               block_ids: list[int]) -> Optional[Finished]:
+        """A chunk was scattered into the cache. Returns the DONE record when it was the last missing piece."""
+        with self.lock:
+            req = self._reqs.get(request_id)
+            if req is None:
+                return None
+            n = len(req.block_index)
+            for layer in range(first_layer, first_layer + num_layers):
+                for b in block_ids:
+                    k = layer * n + req.block_index[b]
+                    if not req.landed[k]:
+                        req.landed[k] = 1
+                        req.remaining -= 1
+            req.state = State.RECEIVING
+            req.deadline = self.clock() + self.timeout
+            req.timings.setdefault("first_chunk", time.time())
+            if req.remaining == 0:
+                req.timings["landed"] = time.time()
+                return self._finish(req, True)
+            return None
+
+    def complete_if_empty(self, request_id: str) -> Optional[Finished]:
+        """A reservation with nothing to receive (the consumer held the whole prompt) completes on Done."""
+        with self.lock:
+            req = self._reqs.get(request_id)
+            if req is not None and req.remaining == 0:
+                return self._finish(req, True)
+            return None
+
+    def touch(self, request_id: str) -> None:
+        with self.lock:
+            req = self._reqs.get(request_id)
+            if req is not None:
+                req.deadline = self.clock() + self.timeout
+
+    def abort(self, request_id: str, cause: str = "abort", detail: str = "") -> Optional[Finished]:
+        with self.lock:
+            req = self._reqs.get(request_id)
+            return None if req is None else self._finish(req, False, cause, detail)
+
+    def expire(self) -> list[Finished]:
+        with self.lock:
+            now = self.clock()
+            late = [r for r in self._reqs.values() if r.deadline <= now]
+            return [self._finish(r, False, "timeout", f"no KV for {self.timeout:.1f}s in {r.state.value}")
+                    for r in late]
+
+    def peer_lost(self, peer: Hashable, detail: str = "") -> list[Finished]:
+        with self.lock:
+            gone = [r for r in self._reqs.values() if r.peer == peer]
+            return [self._finish(r, False, "peer_lost", detail) for r in gone]
+
+    def active(self) -> list[str]:
+        with self.lock:
+            return list(self._reqs)
+
+    def peer_of(self, request_id: str) -> Optional[Hashable]:
+        with self.lock:
+            req = self._reqs.get(request_id)
+            return None if req is None else req.peer
+
+    def _finish(self, req: _ConsumerRequest, ok: bool, cause: str = "", detail: str = "") -> Finished:
+        del self._reqs[req.request_id]
+        req.state = State.DONE if ok else State.ABORTED
+        req.timings["end"] = time.time()
+        return Finished(req.request_id, ok, cause, detail, req.timings, req.peer)

@@ -1,0 +1,24 @@
+"""Malformed frames of each kind the wire layer must drop (torch-free)."""
+from kvconnector.wire import FRAME_VERSION, MAGIC, PREFIX, SignedCodec, Heartbeat, Reserve
+
+GOOD_SECRET = b"test-secret"
+
+
+def bad_frame(kind: str, secret: bytes = GOOD_SECRET) -> bytes:
+    good = SignedCodec(secret)
+    if kind == "garbage":
+        return b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(range(40))
+    if kind == "version":
+        return PREFIX.pack(MAGIC, FRAME_VERSION + 7, 0, 1, 10, 0) + b"\x00" * 42
+    if kind == "oversized":
+        return PREFIX.pack(MAGIC, FRAME_VERSION, 0, 1, 10, 1 << 50)
+    if kind == "truncated":  # a prefix that promises more than the sender will ever send, then EOF
+        return PREFIX.pack(MAGIC, FRAME_VERSION, 0, 1, 100, 0) + b"\x81"
+    if kind == "hmac":
+        return SignedCodec(b"wrong-secret").encode_bytes(Heartbeat(engine_id="evil", ts=0.0))
+    if kind == "schema":  # correctly signed, but num_tokens must be >= 1
+        return good.encode_bytes(Reserve(request_id="evil", num_tokens=0))
+    if kind == "schema_version":
+        frame = good.encode(Heartbeat(engine_id="x", ts=0.0))
+        return b"".join(SignedCodec(secret).frames.encode(frame[1], b"", schema_version=99))
+    raise ValueError(kind)

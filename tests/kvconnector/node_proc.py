@@ -1,0 +1,221 @@
+"""A command-driven KV node in its own process (multiprocessing spawn), for the two-process tests.
+
+The test process sends (command, kwargs) over a Pipe and gets ("ok", value) or ("error", text) back. A node holds
+one connector (producer or consumer) at a time; `open` replaces it, so one pair of processes can run several
+dtypes and layouts. Blocks come from the engine's BlockPool (accounting: free + used + cached == total), with the
+free queue shuffled so block ids are random and disjoint per request.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import random
+import threading
+import time
+import traceback
+
+
+class Node:
+    def __init__(self):
+        self.conn = None
+        self.pool = None
+        self.blocks: dict[str, list] = {}  # rid -> Block objects held
+        self.finished: dict[str, dict] = {}  # rid -> {"ok", "cause", "free_calls", ...}
+        self.free_calls: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.cached_for: dict[str, int] = {}
+
+    # ------------------------------------------------------------------------------------------------ setup
+
+    def open(self, role: str, cfg: dict, num_blocks: int, seed: int):
+        import torch
+
+        from engine.block_pool import BlockPool
+        from kvconnector.connector import ConnectorConfig
+        if self.conn is not None:
+            self.conn.close()
+        random.seed(seed)
+        torch.manual_seed(seed)
+        dtype = getattr(torch, cfg["dtype"])
+        shape = (cfg["num_layers"], 2, num_blocks, cfg["block_size"], cfg["num_kv_heads"], cfg["head_dim"])
+        self.cache = (torch.randn(shape, dtype=torch.float32).to(dtype) if role == "producer"
+                      else torch.zeros(shape, dtype=dtype))
+        self.pool = BlockPool(num_blocks, enable_caching=False, block_size=cfg["block_size"])
+        everything = self.pool.allocate(num_blocks)
+        random.shuffle(everything)
+        for b in everything:
+            self.pool.free([b])
+        self.blocks, self.finished, self.free_calls = {}, {}, {}
+        config = ConnectorConfig(**cfg)
+        if role == "producer":
+            from kvconnector.producer import KVProducer
+            self.conn = KVProducer(config, self.cache, on_free=self._on_free, on_complete=self._on_complete)
+            return None
+        from kvconnector.consumer import KVConsumer
+        self.conn = KVConsumer(config, self.cache, on_reserve=self._on_reserve, on_free=self._on_free,
+                               on_complete=self._on_complete)
+        return list(self.conn.address)
+
+    def _on_reserve(self, rid, num_tokens, hashes):
+        bs = self.pool.block_size
+        cached = self.cached_for.get(rid, 0)
+        with self.lock:
+            blocks = self.pool.allocate(-(-num_tokens // bs) - cached)
+            self.blocks[rid] = blocks
+        return [b.block_id for b in blocks], cached
+
+    def _on_free(self, rid):
+        with self.lock:
+            self.free_calls[rid] = self.free_calls.get(rid, 0) + 1
+            blocks = self.blocks.pop(rid, None)
+            if blocks:
+                self.pool.free(blocks)
+
+    def _on_complete(self, rid, ok, timings):
+        with self.lock:
+            self.finished.setdefault(rid, {"ok": ok, "cause": timings.get("cause"), "calls": 0})
+            self.finished[rid]["calls"] += 1
+
+    # ------------------------------------------------------------------------------------------------ commands
+
+    def expect(self, rid: str, num_cached: int):
+        self.cached_for[rid] = num_cached
+
+    def transfer(self, rid: str, address, num_tokens: int, chunk_tokens: int, layer_delay: float = 0.0,
+                 background: bool = False):
+        """Producer: reserve, then 'prefill' in chunks of chunk_tokens, saving each layer; wait for completion."""
+        from kvconnector.producer import StepProgress
+        with self.lock:
+            blocks = self.pool.allocate(-(-num_tokens // self.pool.block_size))
+            self.blocks[rid] = blocks
+        local = [b.block_id for b in blocks]
+
+        def run():
+            try:
+                res = self.conn.reserve(rid, tuple(address), num_tokens).result(self.conn.config.timeout + 5)
+            except Exception as exc:
+                with self.lock:  # a refused handshake never reached the connector: give the blocks back here
+                    held = self.blocks.pop(rid, None) if rid not in self.finished else None
+                    if held:
+                        self.pool.free(held)
+                return {"error": str(exc)}
+            done = 0
+            while done < num_tokens:
+                done = min(done + chunk_tokens, num_tokens)
+                self.conn.start_step([StepProgress(rid, done, local, done == num_tokens)])
+                for layer in range(self.conn.config.num_layers):
+                    if layer_delay:
+                        time.sleep(layer_delay)
+                    self.conn.save_layer(layer)
+                self.conn.end_step()
+            return {"local": local, "remote": res.block_ids, "num_cached": res.num_cached_blocks}
+
+        if background:
+            threading.Thread(target=run, daemon=True).start()
+            return local
+        out = run()
+        deadline = time.monotonic() + self.conn.config.timeout + 5
+        while "error" not in out and rid not in self.finished and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return out
+
+    def inject(self, address, kind: str):
+        """Producer: put a malformed frame on the live, handshaken link to address."""
+        from tests.kvconnector.bad_frames import bad_frame
+        self.conn.connect(tuple(address)).send_raw(bad_frame(kind))
+
+    def block_bytes(self, block_ids: list[int]) -> bytes:
+        """Raw bytes of blocks (all layers, K and V) in the given order."""
+        import torch
+        ids = torch.tensor(block_ids, dtype=torch.int64)
+        return self.cache.index_select(2, ids).contiguous().view(torch.uint8).numpy().tobytes()
+
+    def state(self):
+        pool = self.pool
+        pool.check_invariants()
+        m = self.conn.metrics
+        return {"free": pool.num_free, "used": pool.num_used, "cached": pool.num_cached, "total": pool.num_blocks,
+                "held": {rid: len(b) for rid, b in self.blocks.items()}, "finished": dict(self.finished),
+                "free_calls": dict(self.free_calls), "active": self.conn.scheduler.active(),
+                "drops": {r: m.drops(r) for r in ("truncated", "version", "oversized", "hmac", "schema", "garbage")},
+                "failures": {c: m.failures(c) for c in ("timeout", "peer_lost", "remote_abort", "abort", "error")},
+                "metrics": self.metrics_text()}
+
+    def metrics_text(self) -> dict:
+        from prometheus_client import generate_latest
+        from prometheus_client.parser import text_string_to_metric_families
+        text = generate_latest(self.conn.metrics.registry).decode()
+        return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                if not s.labels.get("cause") and not s.labels.get("reason") and "le" not in s.labels}
+
+    def pid(self):
+        return os.getpid()
+
+
+def serve(pipe, env: dict) -> None:
+    os.environ.update(env)
+    logging.basicConfig(level=logging.WARNING, format=f"[{os.getpid()}] %(name)s %(levelname)s %(message)s")
+    node = Node()
+    while True:
+        try:
+            cmd, kwargs = pipe.recv()
+        except EOFError:
+            break
+        if cmd == "exit":
+            pipe.send(("ok", None))
+            break
+        try:
+            pipe.send(("ok", getattr(node, cmd)(**kwargs)))
+        except Exception:
+            pipe.send(("error", traceback.format_exc()))
+    if node.conn is not None:
+        node.conn.close()
+
+
+class NodeHandle:
+    """The test side of one node process."""
+
+    def __init__(self, env: dict | None = None):
+        ctx = mp.get_context("spawn")
+        self.pipe, child = ctx.Pipe()
+        env = {"UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo", "UCX_WARN_UNUSED_ENV_VARS": "n", **(env or {})}
+        self.proc = ctx.Process(target=serve, args=(child, env), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def call(self, cmd: str, timeout: float = 30.0, **kwargs):
+        self.pipe.send((cmd, kwargs))
+        if not self.pipe.poll(timeout):
+            raise TimeoutError(f"node did not answer {cmd} in {timeout}s")
+        status, value = self.pipe.recv()
+        if status != "ok":
+            raise RuntimeError(f"node failed {cmd}:\n{value}")
+        return value
+
+    def start(self, cmd: str, **kwargs) -> None:
+        """Send a command without waiting for its answer (collect it with result())."""
+        self.pipe.send((cmd, kwargs))
+
+    def result(self, timeout: float = 30.0):
+        if not self.pipe.poll(timeout):
+            raise TimeoutError(f"no answer in {timeout}s")
+        status, value = self.pipe.recv()
+        if status != "ok":
+            raise RuntimeError(value)
+        return value
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(5)
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.pipe.send(("exit", {}))
+                self.pipe.poll(5)
+            except (BrokenPipeError, OSError):
+                pass
+            self.proc.join(5)
+        self.kill()
