@@ -1,0 +1,258 @@
+"""The decode node's disaggregated path: reserve, drive the prefill node, receive KV, join the running batch.
+
+One request, in order (DESIGN.md, "A request's way" 4-5):
+  1. `generate` (mode disaggregated) -> on the engine thread, reserve blocks for the prompt minus our own prefix
+     hits (remote_admission.reserve); no room -> 429, retryable.
+  2. `prefill` {prompt, params, our KV endpoint, the block ids, how many prompt blocks we already hold} goes to
+     the prefill node's ROUTER through our DEALER to it. Its connector then sends Reserve on the KV link; we
+     answer with the same reservation (on_reserve), and KV arrives layer by layer into those blocks.
+  3. `first_token` from the prefill node is forwarded to the proxy at once (TTFT is the prefill's time). If that
+     token already ends the request (eos, stop id, max_tokens 1) the request ends here and the transfer is aborted.
+  4. When every layer has landed AND the first token is known, the request joins the running batch (admit); the
+     engine loop streams the rest through the node's sink like a colocated request.
+Failure before the request joins the batch (prefill node error, killed, silent past --kv-timeout, KV transfer
+failed) frees the reservation and sends the proxy an `error`, retryable while no token has reached the proxy.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+from decode_node import remote_admission as ra
+from decode_node.protocol import Abort, Error, FirstToken, Prefill, PrefillDone, Tokens, plain
+from engine.engine_loop import Sink
+from engine.errors import PromptTooLongError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Pending:
+    live: object  # node_server.LiveRequest
+    prefill_rpc: str
+    reservation: ra.Reservation
+    deadline: float  # monotonic: the prefill node must show progress by then
+    first_token: Optional[int] = None
+    first_logprobs: object = None
+    num_cached_tokens: int = 0
+    tokens_sent: bool = False
+    landed: bool = False
+    landed_at: float = 0.0
+    admitted: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class DisaggDecoder:
+    def __init__(self, node):
+        from kvconnector.consumer import KVConsumer
+
+        self.node = node
+        self.core, self.loop, self.rpc = node.core, node.loop, node.rpc
+        self.timeout = node.options.kv_timeout
+        self.pending: dict[str, Pending] = {}
+        self._ready: deque[Pending] = deque()  # landed + first token, waiting for a slot in the batch (loop thread)
+        self.lock = threading.Lock()
+        self.consumer = KVConsumer(connector_config(node), self.core.runner.kv_caches, on_reserve=self._on_reserve,
+                                   on_free=self._on_free, on_complete=self._on_complete)
+        node.metrics.extra_registries.append(self.consumer.metrics.registry)
+        from decode_node.node_server import advertised
+
+        self.kv_endpoint = advertised("%s:%d" % self.consumer.address)
+        self.loop.before_step.append(self._admit_ready)
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.pending)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    # ---- 1-2: reserve and ask the prefill node -------------------------------------------------------------
+    def generate(self, live, msg, params) -> None:
+        future = self.loop.call(ra.reserve, self.core, live.request_id, msg.prompt_token_ids, params)
+        future.add_done_callback(lambda f: self._reserved(live, msg, f))
+
+    def _reserved(self, live, msg, future) -> None:
+        exc = future.exception()
+        if exc is not None:
+            status = 429 if isinstance(exc, ra.NoRoomError) else 400 if isinstance(
+                exc, (PromptTooLongError, ValueError)) else 503
+            self.node.fail(live, status, str(exc), retryable=status != 400, cause="rejected", count_abort=False)
+            return
+        res: ra.Reservation = future.result()
+        pending = Pending(live, msg.prefill_rpc, res, time.monotonic() + self.timeout)
+        with self.lock:
+            self.pending[live.request_id] = pending
+        if live.ended:  # aborted while we reserved
+            self.release(live.request_id)
+            return
+        self.rpc.send_to(msg.prefill_rpc, Prefill(
+            request_id=live.request_id, prompt_token_ids=list(msg.prompt_token_ids), params=msg.params,
+            kv_endpoint=self.kv_endpoint, block_ids=res.block_ids, num_cached_blocks=res.num_cached_blocks,
+            decode_node_id=self.node.node_id))
+
+    def _on_reserve(self, request_id: str, num_tokens: int, block_hashes) -> tuple[list[int], int]:
+        """The prefill node's connector asks for the reservation we already made (KV link thread)."""
+        with self.lock:
+            pending = self.pending.get(request_id)
+        if pending is None or pending.live.ended:
+            raise KeyError(f"no reservation for {request_id!r} on this decode node")
+        res = pending.reservation
+        if num_tokens != res.request.num_prompt_tokens:
+            raise ValueError(f"reserve for {num_tokens} tokens, the prompt has {res.request.num_prompt_tokens}")
+        pending.deadline = time.monotonic() + self.timeout
+        return res.block_ids, res.num_cached_blocks
+
+    # ---- 3: the first token ------------------------------------------------------------------------------------
+    def on_prefill_message(self, endpoint: str, msg) -> None:
+        with self.lock:
+            pending = self.pending.get(msg.request_id)
+        if pending is None:
+            if isinstance(msg, FirstToken):  # we gave up on it: make sure the prefill node stops too
+                self.rpc.send_to(endpoint, Abort(request_id=msg.request_id, reason="decode node gave up"))
+            return
+        if isinstance(msg, FirstToken):
+            self._first_token(pending, msg)
+        elif isinstance(msg, Error):
+            self._fail(pending, msg.status, f"prefill node: {msg.message}", msg.retryable, "prefill_failed")
+        elif isinstance(msg, PrefillDone):
+            pending.live.timings.update({k: v for k, v in (msg.timings or {}).items()
+                                         if k in ("transfer", "exposed_transfer")})
+            if not msg.ok:
+                self._fail(pending, 503, f"prefill node's KV transfer failed ({msg.cause})", True, "kv")
+
+    def _first_token(self, pending: Pending, msg: FirstToken) -> None:
+        live = pending.live
+        with pending.lock:
+            if pending.first_token is not None or live.ended:
+                return
+            status = ra.first_token_stop(self.core, pending.reservation.request, msg.token)
+            pending.first_token, pending.first_logprobs = msg.token, msg.logprobs
+            pending.num_cached_tokens = msg.num_cached_tokens
+            pending.deadline = time.monotonic() + self.timeout
+        live.first_token_at = time.monotonic()
+        live.timings.update({k: v for k, v in (msg.timings or {}).items() if k in ("prefill_queue", "prefill")})
+        finished = status is not None
+        if finished and not self.node._take(live):
+            return
+        pending.tokens_sent = True
+        self.rpc.send(live.identity, Tokens(
+            request_id=live.request_id, token_ids=[msg.token],
+            logprobs=[plain(msg.logprobs)] if msg.logprobs is not None else None, finished=finished,
+            finish_reason=status.finish_reason if finished else None, num_cached_tokens=msg.num_cached_tokens,
+            timings=self.node.final_timings(live) if finished else None))
+        if finished:
+            self.node.metrics.finished.labels(status.finish_reason).inc()
+            self.release(live.request_id)
+        elif pending.landed:
+            self.loop.call(self._admit, pending)
+
+    # ---- 4: KV landed -> the running batch ---------------------------------------------------------------------
+    def _on_complete(self, request_id: str, ok: bool, timings: dict) -> None:
+        with self.lock:
+            pending = self.pending.get(request_id)
+        if pending is None:
+            return
+        if not ok:
+            cause = timings.get("cause", "error")
+            self._fail(pending, 504 if cause == "timeout" else 503, f"KV transfer failed ({cause})",
+                       not pending.tokens_sent, "kv")
+            return
+        with pending.lock:
+            pending.landed, pending.landed_at = True, time.monotonic()
+            ready = pending.first_token is not None
+        if "transfer_s" in timings:
+            pending.live.timings.setdefault("transfer", timings["transfer_s"])
+        if ready:
+            self.loop.call(self._admit, pending)
+
+    def _admit(self, pending: Pending, queued: bool = False) -> None:
+        """Loop thread: into the batch now, or queued (FIFO) until a slot frees (max_num_seqs)."""
+        if pending.admitted or pending.live.ended:
+            return
+        if not ra.can_admit(self.core) or (self._ready and not queued):
+            if not queued:
+                self._ready.append(pending)
+            return
+        live = pending.live
+        ra.admit(self.core, pending.reservation.request, pending.num_cached_tokens)
+        pending.admitted = True
+        live.timings["decode_queue"] = max(time.monotonic() - max(pending.landed_at, live.first_token_at), 0.0)
+        self.loop.attach(live.request_id, Sink(
+            on_output=lambda out: self._on_output(live, out),
+            on_fail=lambda why: self.node.fail(live, 503, why, retryable=False, cause="error")))
+
+    def _on_output(self, live, out) -> None:
+        if out.finished:
+            with self.lock:
+                self.pending.pop(live.request_id, None)
+        self.node._on_output(live, out)
+
+    def _admit_ready(self) -> None:
+        while self._ready and ra.can_admit(self.core):
+            self._admit(self._ready.popleft(), queued=True)
+
+    # ---- failures and the end ----------------------------------------------------------------------------------
+    def _fail(self, pending: Pending, status: int, message: str, retryable: bool, cause: str) -> None:
+        if pending.admitted:
+            return  # in the batch already: the engine owns it now
+        self.node.fail(pending.live, status, message, retryable=retryable and not pending.tokens_sent, cause=cause)
+
+    def _on_free(self, request_id: str) -> None:
+        """The connector gave up on the transfer: the blocks must not wait for the proxy-facing cleanup."""
+        with self.lock:
+            pending = self.pending.get(request_id)
+        if pending is not None and not pending.admitted:
+            self.loop.call(self._free_if_reserved, request_id)
+
+    def _free_if_reserved(self, request_id: str) -> None:
+        if self.core.scheduler.get_request(request_id) is None:
+            self.core.kv_manager.free(request_id)
+
+    def release(self, request_id: str) -> None:
+        """End of the request on this node, any state: stop the transfer, tell the prefill node, free blocks."""
+        with self.lock:
+            pending = self.pending.pop(request_id, None)
+        self.consumer.abort(request_id, "request ended on the decode node")
+        if pending is not None and not pending.landed:
+            self.rpc.send_to(pending.prefill_rpc, Abort(request_id=request_id, reason="ended on the decode node"))
+        self.loop.call(self._release_on_loop, request_id)
+
+    def _release_on_loop(self, request_id: str) -> None:
+        self.loop.detach(request_id)
+        self._ready = deque(p for p in self._ready if p.live.request_id != request_id)
+        ra.release(self.core, request_id)
+
+    def check_timeouts(self, now: float) -> None:
+        """RPC thread tick: a prefill node that shows no progress in --kv-timeout fails its requests."""
+        with self.lock:
+            late = [p for p in self.pending.values() if not p.landed and now > p.deadline]
+        active = set(self.consumer.scheduler.active()) if late else set()
+        for pending in late:
+            if pending.live.request_id not in active:  # once reserved, the connector's own timeout applies
+                self._fail(pending, 504, f"no answer from the prefill node {pending.prefill_rpc} in "
+                                         f"{self.timeout:.1f}s", True, "prefill_timeout")
+
+    def on_prefill_node_lost(self, endpoint: str) -> None:
+        with self.lock:
+            lost = [p for p in self.pending.values() if p.prefill_rpc == endpoint and not p.landed]
+        for pending in lost:
+            self._fail(pending, 503, f"lost the connection to the prefill node {endpoint}", True, "prefill_lost")
+
+
+def connector_config(node):
+    """The connector's config from the engine's: layout from the loaded model, policy from the node's flags."""
+    from kvconnector.connector import ConnectorConfig
+
+    runner, config = node.core.runner, node.config
+    arch = runner.arch
+    return ConnectorConfig.from_kv_transfer(
+        config.kv_transfer, model=os.path.basename(os.path.normpath(config.model.model)), dtype=runner.dtype,
+        block_size=config.cache.block_size, num_layers=arch.num_hidden_layers,
+        num_kv_heads=arch.num_key_value_heads, head_dim=arch.head_dim, secret=node.options.kv_secret,
+        timeout=node.options.kv_timeout)

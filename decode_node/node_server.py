@@ -1,0 +1,336 @@
+"""A serving node: one engine, its RPC/event sockets, /health and /metrics, and the request table.
+
+Both `pdserve prefill` and `pdserve decode` run this class; `kv_role` decides what else it does:
+    every role     `generate` mode colocated: prefill and decode here (conditional disaggregation, the baseline)
+    kv_consumer    `generate` mode disaggregated: reserve, drive a prefill node, receive KV, decode (disagg.py)
+    kv_producer    `prefill` from a decode node: prefill, push KV layer by layer, send the first token
+    kv_both        all of the above
+Threads: the engine loop owns the EngineCore; the RPC thread owns every ZMQ socket; the HTTP server answers scrapes;
+the KV connector has its own. The request table is guarded by `self.lock`; nothing blocks while holding it.
+
+A request the node serves for a proxy ends exactly once (`_end`): finished, aborted by the proxy, past its
+deadline, its proxy gone (unroutable), or failed (engine error, KV transfer failure). Each path frees its blocks.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from decode_node.http_server import HttpServer
+from decode_node.node_metrics import NodeMetrics
+from decode_node.protocol import (HEARTBEAT_INTERVAL_S, TOPIC_HEARTBEAT, TOPIC_KV_EVENTS, Abort, Error, Generate,
+                                  NodeHeartbeat, Tokens, encode_heartbeat, make_codec, plain)
+from decode_node.rpc_server import RpcServer
+from engine.engine_loop import EngineLoop, Sink
+from engine.errors import PromptTooLongError
+from engine.sampling_params import SamplingParams
+from kvconnector.events import KVEventBatch, encode_batch
+
+log = logging.getLogger(__name__)
+
+ROLE_NAMES = {"kv_producer": "prefill", "kv_consumer": "decode", "kv_both": "both"}
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    host: str = "127.0.0.1"
+    rpc_port: int = 0
+    events_port: int = 0
+    http_port: int = 0
+    node_id: str = ""
+    role: str = "kv_both"  # kv_producer | kv_consumer | kv_both
+    kv_timeout: float = 10.0
+    kv_secret: Optional[str] = None
+    max_num_waiting: int = 1024  # engine queue depth beyond which generate/prefill answer 429
+
+
+@dataclass(eq=False)
+class LiveRequest:
+    """A request this node serves for a proxy (generate), from arrival to its one end."""
+    request_id: str
+    identity: bytes  # the proxy's DEALER
+    mode: str
+    arrival: float = field(default_factory=time.monotonic)
+    deadline: float = 0.0  # monotonic; 0 = none
+    scheduled_at: float = 0.0
+    first_token_at: float = 0.0
+    ended: bool = False
+    timings: dict = field(default_factory=dict)
+
+
+class NodeServer:
+    def __init__(self, config, options: NodeOptions, core=None):
+        from kvconnector.wire import resolve_secret
+
+        self.config, self.options = config, options
+        self.node_id = options.node_id or f"{ROLE_NAMES[options.role]}-{socket.gethostname()}-{options.rpc_port}"
+        self.role = options.role
+        self.secret = resolve_secret(options.kv_secret)
+        self.core = core if core is not None else _build_core(config)
+        self.core.block_pool.emit_events = True  # the proxy's prefix index is built from these
+        self.loop = EngineLoop(self.core)
+        self.loop.after_step.append(self._publish_kv_events)
+        self.lock = threading.RLock()
+        self.requests: dict[str, LiveRequest] = {}
+        self.metrics = NodeMetrics(lambda: self.loop.snapshot, self._extra_gauges)
+        self.vocab_size = getattr(self.core.runner.arch, "vocab_size", None)
+        host = options.host
+        self.rpc = RpcServer(
+            make_codec(self.secret), f"tcp://{host}:{options.rpc_port}",
+            f"tcp://{host}:{options.events_port}" if options.events_port >= 0 else None,
+            on_message=self._on_message, on_drop=lambda reason: self.metrics.dropped.labels(reason).inc(),
+            on_unroutable=self._on_unroutable, on_peer_message=self._on_peer_message,
+            on_peer_lost=self._on_peer_lost, identity=self.node_id,
+            ticks=[(HEARTBEAT_INTERVAL_S, self._heartbeat), (0.05, self._check_deadlines)])
+        self.http = HttpServer(host, options.http_port, self._health, self.metrics.render)
+        self.decode = self.prefill = None
+        if self.role in ("kv_consumer", "kv_both"):
+            from decode_node.disagg import DisaggDecoder
+            self.decode = DisaggDecoder(self)
+        if self.role in ("kv_producer", "kv_both"):
+            from prefill_node.prefill_service import PrefillService
+            self.prefill = PrefillService(self)
+
+    # ---- lifecycle --------------------------------------------------------------------------------------------
+    @property
+    def rpc_endpoint(self) -> str:
+        """Where others reach our ROUTER (a wildcard bind is advertised under this host's address)."""
+        return advertised(self.rpc.rpc_endpoint)
+
+    @property
+    def http_url(self) -> str:
+        return advertised(self.http.url)
+
+    def start(self) -> "NodeServer":
+        self.loop.start()
+        self.rpc.start()
+        self.http.start()
+        log.info("node %s (%s) serving: rpc %s, events %s, http %s%s", self.node_id, self.role,
+                 self.rpc.rpc_endpoint, self.rpc.events_endpoint or "-", self.http.url,
+                 f", kv {self.decode.kv_endpoint}" if self.decode is not None else "")
+        return self
+
+    def stop(self) -> None:
+        for part in (self.prefill, self.decode):
+            if part is not None:
+                part.close()
+        self.rpc.stop()
+        self.loop.stop()
+        self.http.stop()
+
+    def serve_forever(self, stop_event: threading.Event) -> None:
+        while not stop_event.wait(0.5):
+            if not self.loop.alive:
+                log.error("the engine loop died; shutting down")
+                break
+
+    # ---- incoming ---------------------------------------------------------------------------------------------
+    def _on_message(self, identity: bytes, msg) -> None:
+        if isinstance(msg, Generate):
+            self._on_generate(identity, msg)
+        elif isinstance(msg, Abort):
+            self._on_abort(msg.request_id, msg.reason)
+        elif self.prefill is not None and self.prefill.handles(msg):
+            self.prefill.on_message(identity, msg)
+        else:
+            self.metrics.dropped.labels("unexpected").inc()
+            log.warning("dropped an unexpected %s from %r", type(msg).__name__, identity)
+
+    def _on_peer_message(self, endpoint: str, msg) -> None:
+        if self.decode is not None:
+            self.decode.on_prefill_message(endpoint, msg)
+
+    def _on_peer_lost(self, endpoint: str) -> None:
+        if self.decode is not None:
+            self.decode.on_prefill_node_lost(endpoint)
+
+    def _on_generate(self, identity: bytes, msg: Generate) -> None:
+        rid = msg.request_id
+        try:
+            params = SamplingParams.from_dict(msg.params)
+        except (ValueError, TypeError) as exc:
+            return self.reject(identity, rid, 400, f"bad sampling params: {exc}")
+        if self.vocab_size is not None and max(msg.prompt_token_ids) >= self.vocab_size:
+            return self.reject(identity, rid, 400, f"prompt token id beyond the vocabulary ({self.vocab_size})")
+        if self.loop.snapshot.num_waiting >= self.options.max_num_waiting:
+            return self.reject(identity, rid, 429, "the node's queue is full", retryable=True)
+        if msg.mode == "disaggregated" and self.decode is None:
+            return self.reject(identity, rid, 503, f"node {self.node_id} ({self.role}) does not decode for "
+                                                   "prefill nodes", retryable=True)
+        live = LiveRequest(rid, identity, msg.mode)
+        if msg.deadline_s > 0:
+            live.deadline = live.arrival + msg.deadline_s
+        with self.lock:
+            if rid in self.requests:
+                return self.reject(identity, rid, 400, f"request id {rid!r} is already in use")
+            self.requests[rid] = live
+        if msg.mode == "disaggregated":
+            self.decode.generate(live, msg, params)
+        else:
+            self._generate_colocated(live, msg, params)
+
+    def _generate_colocated(self, live: LiveRequest, msg: Generate, params: SamplingParams) -> None:
+        sink = Sink(on_output=lambda out: self._on_output(live, out),
+                    on_fail=lambda why: self.fail(live, 503, why, retryable=False, cause="error"),
+                    on_scheduled=lambda t: setattr(live, "scheduled_at", t))
+        future = self.loop.add_request(live.request_id, msg.prompt_token_ids, params, sink)
+        future.add_done_callback(lambda f: self._added(live, f))
+
+    def _added(self, live: LiveRequest, future) -> None:
+        exc = future.exception()
+        if exc is None:
+            return
+        status = 400 if isinstance(exc, (PromptTooLongError, ValueError)) else 503
+        self.fail(live, status, str(exc), retryable=status == 503, cause="rejected", count_abort=False)
+
+    def _on_abort(self, request_id: str, reason: str) -> None:
+        with self.lock:
+            live = self.requests.get(request_id)
+        if live is not None:
+            self.end(live, "abort", cause="client")
+        elif self.prefill is not None:
+            self.prefill.abort(request_id, reason or "aborted by the decode node")
+
+    def _on_unroutable(self, identity: bytes) -> None:
+        with self.lock:
+            gone = [r for r in self.requests.values() if r.identity == identity]
+        for live in gone:
+            self.end(live, "abort", cause="client_gone", notify=False)
+        if self.prefill is not None:
+            self.prefill.on_unroutable(identity)
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            late = [r for r in self.requests.values() if r.deadline and r.deadline <= now]
+        for live in late:
+            self.fail(live, 504, "the request's deadline passed", retryable=False, cause="deadline")
+        if self.decode is not None:
+            self.decode.check_timeouts(now)
+        if self.prefill is not None:
+            self.prefill.check_timeouts(now)
+
+    # ---- outgoing ---------------------------------------------------------------------------------------------
+    def _on_output(self, live: LiveRequest, out) -> None:
+        """A StepOutput of a request running in this engine (loop thread)."""
+        if live.ended:
+            return
+        if out.new_token_ids and not live.first_token_at:
+            live.first_token_at = time.monotonic()
+        timings = None
+        if out.finished:
+            timings = self.final_timings(live)
+            if not self._take(live):
+                return
+            self.metrics.finished.labels(out.finish_reason or "stop").inc()
+        self.rpc.send(live.identity, Tokens(
+            request_id=live.request_id, token_ids=list(out.new_token_ids),
+            logprobs=plain(out.new_logprobs) if out.new_logprobs is not None else None,
+            finished=out.finished, finish_reason=out.finish_reason,
+            num_cached_tokens=max(out.num_cached_tokens, 0), timings=timings))
+
+    def final_timings(self, live: LiveRequest) -> dict:
+        t = {"prefill_queue": 0.0, "prefill": 0.0, "transfer": 0.0, "exposed_transfer": 0.0, "decode_queue": 0.0}
+        if live.mode == "colocated":
+            scheduled = live.scheduled_at or live.arrival
+            t["prefill_queue"] = max(scheduled - live.arrival, 0.0)
+            t["prefill"] = max((live.first_token_at or scheduled) - scheduled, 0.0)
+        t.update(live.timings)
+        return t
+
+    def reject(self, identity: bytes, request_id: str, status: int, message: str, retryable: bool = False) -> None:
+        self.metrics.rejected.labels(str(status)).inc()
+        self.rpc.send(identity, Error(request_id=request_id, status=status, message=message, retryable=retryable))
+
+    def _take(self, live: LiveRequest) -> bool:
+        """Mark live ended; True for exactly one caller."""
+        with self.lock:
+            if live.ended:
+                return False
+            live.ended = True
+            if self.requests.get(live.request_id) is live:
+                del self.requests[live.request_id]
+            return True
+
+    def end(self, live: LiveRequest, finish_reason: str, cause: str, notify: bool = True) -> None:
+        """End early (abort, client gone): free everything; tell the proxy with a final Tokens message."""
+        if not self._take(live):
+            return
+        self.metrics.aborted.labels(cause).inc()
+        self.metrics.finished.labels(finish_reason).inc()
+        self._release(live)
+        if notify:
+            self.rpc.send(live.identity, Tokens(request_id=live.request_id, token_ids=[], finished=True,
+                                                finish_reason=finish_reason, timings=self.final_timings(live)))
+
+    def fail(self, live: LiveRequest, status: int, message: str, retryable: bool, cause: str,
+             count_abort: bool = True) -> None:
+        """End with an error: free everything; tell the proxy with an Error message."""
+        if not self._take(live):
+            return
+        if count_abort:
+            self.metrics.aborted.labels(cause).inc()
+        self._release(live)
+        self.reject(live.identity, live.request_id, status, message, retryable)
+
+    def _release(self, live: LiveRequest) -> None:
+        if live.mode == "disaggregated" and self.decode is not None:
+            self.decode.release(live.request_id)
+        else:
+            self.loop.abort(live.request_id)
+
+    # ---- events, heartbeats, health ---------------------------------------------------------------------------
+    def _publish_kv_events(self, outputs) -> None:
+        events = self.core.block_pool.take_events()
+        if events:
+            self.rpc.publish(TOPIC_KV_EVENTS, encode_batch(KVEventBatch(ts=time.time(), events=events)))
+
+    def _heartbeat(self) -> None:
+        s = self.loop.snapshot
+        self.rpc.publish(TOPIC_HEARTBEAT, encode_heartbeat(NodeHeartbeat(
+            node_id=self.node_id, role=ROLE_NAMES[self.role], rpc=self.rpc_endpoint, http=self.http_url,
+            num_waiting=s.num_waiting, num_running=s.num_running,
+            free_blocks=s.num_free_blocks + s.num_cached_blocks, total_blocks=s.num_total_blocks,
+            block_size=s.block_size, ts=time.time())))
+
+    def _extra_gauges(self) -> dict:
+        gauges = {}
+        if self.decode is not None:
+            gauges["pdserve_node_requests_pending_kv"] = ("decode: reserved, waiting for KV",
+                                                          self.decode.num_pending)
+        if self.prefill is not None:
+            gauges["pdserve_node_requests_prefilling"] = ("prefill: prefilling or transferring",
+                                                          self.prefill.num_active)
+        return gauges
+
+    def _health(self) -> tuple[bool, dict]:
+        s = self.loop.snapshot
+        ok = self.loop.alive and self.rpc._thread.is_alive()
+        return ok, {"status": "ok" if ok else "unhealthy", "node_id": self.node_id, "role": ROLE_NAMES[self.role],
+                    "rpc": self.rpc_endpoint, "num_waiting": s.num_waiting, "num_running": s.num_running,
+                    "num_free_blocks": s.num_free_blocks, "num_used_blocks": s.num_used_blocks,
+                    "num_cached_blocks": s.num_cached_blocks, "num_total_blocks": s.num_total_blocks}
+
+
+def advertised(url: str) -> str:
+    """scheme://0.0.0.0:port (a wildcard bind) -> scheme://<this host's address>:port; anything else unchanged."""
+    for wildcard in ("0.0.0.0", "[::]", "*"):
+        if f"//{wildcard}:" in url or url.startswith(f"{wildcard}:"):
+            return url.replace(wildcard, socket.gethostbyname(socket.gethostname()), 1)
+    return url
+
+
+def _build_core(config):
+    from engine.engine_core import EngineCore
+
+    try:
+        from engine.tokenizer import load_tokenizer
+        eos = frozenset(load_tokenizer(config.model.model).eos_token_ids)
+    except Exception as exc:  # a checkpoint without tokenizer files still serves token ids
+        log.warning("no tokenizer for EOS ids (%s); only stop_token_ids and max_tokens end requests", exc)
+        eos = frozenset()
+    return EngineCore(config, eos_token_ids=eos)

@@ -1,0 +1,205 @@
+"""The prefill node's work for decode nodes: `prefill` in, KV pushed layer by layer, `first_token` out at once.
+
+One request, in order:
+  1. `prefill` {prompt, params, the decode node's KV endpoint and reserved blocks} arrives on our ROUTER from the
+     decode node's DEALER. Checked (params, vocabulary, queue depth); a refusal is an `error` back to it.
+  2. On a worker thread: the connector's handshake with that decode node (once per node) and Reserve/Reserved,
+     which binds our transfer to the blocks the decode node reserved (they must be the ones `prefill` named).
+  3. Only then the prompt enters the engine (chunked prefill over our prefix cache) with max_tokens 1: the
+     transfer hooks (step_hooks.py) push each layer's final blocks while later layers compute.
+  4. The sampled first token goes to the decode node at once as `first_token`, with prefill_queue / prefill
+     timings. The engine request has finished then: its blocks are released into our prefix cache (the worker
+     already staged their KV, so the transfer no longer reads them).
+  5. The connector's completion (the decode node's Done, or any failure) sends `prefill_done` with the transfer
+     timings and forgets the request. A failure before the first token also aborts the engine request.
+An `abort` from the decode node (or its DEALER going away) stops the prefill and the transfer at any point.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from decode_node.protocol import FirstToken, Prefill, PrefillDone, plain
+from engine.engine_loop import Sink
+from engine.errors import PromptTooLongError
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+ENGINE_ID_SUFFIX = "#prefill"
+
+
+@dataclass(eq=False)
+class PrefillJob:
+    request_id: str
+    identity: bytes  # the decode node's DEALER
+    msg: Prefill
+    params: SamplingParams  # the engine's copy: max_tokens 1
+    arrival: float = field(default_factory=time.monotonic)
+    scheduled_at: float = 0.0
+    in_engine: bool = False
+
+    @property
+    def engine_id(self) -> str:
+        return self.request_id + ENGINE_ID_SUFFIX
+    first_token_sent: bool = False
+    ended: bool = False  # aborted or failed (a finished transfer is not an end: the first token may still come)
+
+
+class PrefillService:
+    def __init__(self, node):
+        from decode_node.disagg import connector_config
+        from kvconnector.producer import KVProducer
+        from prefill_node.step_hooks import TransferStepHooks
+
+        self.node = node
+        self.core, self.loop, self.rpc = node.core, node.loop, node.rpc
+        self.lock = threading.Lock()
+        self.jobs: dict[str, PrefillJob] = {}
+        self.producer = KVProducer(connector_config(node), self.core.runner.kv_caches, on_free=lambda rid: None,
+                                   on_complete=self._on_complete)
+        node.metrics.extra_registries.append(self.producer.metrics.registry)
+        self.hooks = TransferStepHooks(self.core, self.producer, self.transfer_id)
+        self.executor = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="prefill-reserve")
+
+    def transfer_id(self, engine_request_id: str) -> Optional[str]:
+        """Engine request ids carry a suffix, so a kv_both node can prefill for itself without a clash."""
+        if not engine_request_id.endswith(ENGINE_ID_SUFFIX):
+            return None
+        rid = engine_request_id[:-len(ENGINE_ID_SUFFIX)]
+        return rid if self.producer.scheduler.is_active(rid) else None
+
+    @property
+    def num_active(self) -> int:
+        return len(self.jobs)
+
+    def handles(self, msg) -> bool:
+        return isinstance(msg, Prefill)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.producer.close()
+
+    # ---- 1: a decode node asks ---------------------------------------------------------------------------------
+    def on_message(self, identity: bytes, msg: Prefill) -> None:
+        rid, node = msg.request_id, self.node
+        try:
+            params = SamplingParams.from_dict(msg.params)
+            engine_params = params.clone(max_tokens=1, min_tokens=min(params.min_tokens, 1))
+        except (ValueError, TypeError) as exc:
+            return node.reject(identity, rid, 400, f"bad sampling params: {exc}")
+        if node.vocab_size is not None and max(msg.prompt_token_ids) >= node.vocab_size:
+            return node.reject(identity, rid, 400, f"prompt token id beyond the vocabulary ({node.vocab_size})")
+        if node.loop.snapshot.num_waiting >= node.options.max_num_waiting:
+            return node.reject(identity, rid, 429, "the prefill node's queue is full", retryable=True)
+        job = PrefillJob(rid, identity, msg, engine_params)
+        with self.lock:
+            if rid in self.jobs:
+                return node.reject(identity, rid, 400, f"request id {rid!r} is already prefilling here")
+            self.jobs[rid] = job
+        self.executor.submit(self._reserve_and_run, job)
+
+    # ---- 2-3: bind the decode node's reservation, then prefill ---------------------------------------------------
+    def _reserve_and_run(self, job: PrefillJob) -> None:
+        msg = job.msg
+        try:
+            address = parse_endpoint(msg.kv_endpoint)
+            res = self.producer.reserve(job.request_id, address, len(msg.prompt_token_ids)).result(
+                self.producer.config.timeout)
+        except Exception as exc:  # unreachable decode node, layout refused, reservation refused or late
+            self.producer.abort(job.request_id, f"reserve failed: {exc}")
+            return self._fail(job, 503, f"KV link to the decode node failed: {exc}", retryable=True)
+        if list(res.block_ids) != list(msg.block_ids) or res.num_cached_blocks != msg.num_cached_blocks:
+            self.producer.abort(job.request_id, "reservation mismatch")
+            return self._fail(job, 503, "the decode node's reservation does not match the prefill request", True)
+        if job.ended:
+            self.producer.abort(job.request_id, "aborted")
+            return
+        job.in_engine = True
+        sink = Sink(on_output=lambda out: self._on_output(job, out),
+                    on_fail=lambda why: self._fail(job, 503, why, retryable=True),
+                    on_scheduled=lambda t: setattr(job, "scheduled_at", t))
+        future = self.loop.add_request(job.engine_id, msg.prompt_token_ids, job.params, sink)
+        future.add_done_callback(lambda f: self._added(job, f))
+
+    def _added(self, job: PrefillJob, future) -> None:
+        exc = future.exception()
+        if exc is not None:
+            status = 400 if isinstance(exc, (PromptTooLongError, ValueError)) else 503
+            self._fail(job, status, str(exc), retryable=status == 503)
+
+    # ---- 4: the first token --------------------------------------------------------------------------------------
+    def _on_output(self, job: PrefillJob, out) -> None:
+        if job.ended or job.first_token_sent or not out.new_token_ids:
+            return
+        job.first_token_sent = True
+        now = time.monotonic()
+        scheduled = job.scheduled_at or job.arrival
+        self.rpc.send(job.identity, FirstToken(
+            request_id=job.request_id, token=out.new_token_ids[0],
+            logprobs=plain(out.new_logprobs[0]) if out.new_logprobs else None,
+            num_cached_tokens=max(out.num_cached_tokens, 0),
+            timings={"prefill_queue": max(scheduled - job.arrival, 0.0), "prefill": max(now - scheduled, 0.0)}))
+
+    # ---- 5: the transfer's end -----------------------------------------------------------------------------------
+    def _on_complete(self, request_id: str, ok: bool, timings: dict) -> None:
+        with self.lock:
+            job = self.jobs.pop(request_id, None)
+        if job is None:
+            return
+        if job.ended:
+            return
+        if not ok:
+            job.ended = True  # no first token after a failed transfer: the decode node cannot use it
+            if not job.first_token_sent:
+                self.loop.abort(job.engine_id)
+        self.rpc.send(job.identity, PrefillDone(
+            request_id=request_id, ok=ok, cause=str(timings.get("cause", "")),
+            timings={"transfer": float(timings.get("transfer_s", 0.0)),
+                     "exposed_transfer": float(timings.get("exposed_s", 0.0))}))
+
+    # ---- ends from outside -------------------------------------------------------------------------------------
+    def abort(self, request_id: str, reason: str) -> None:
+        with self.lock:
+            job = self.jobs.pop(request_id, None)
+        if job is None:
+            return
+        job.ended = True
+        self.producer.abort(request_id, reason)
+        if job.in_engine:
+            self.loop.abort(job.engine_id)
+        self.node.metrics.aborted.labels("decode_node").inc()
+
+    def on_unroutable(self, identity: bytes) -> None:
+        with self.lock:
+            gone = [j.request_id for j in self.jobs.values() if j.identity == identity]
+        for rid in gone:
+            self.abort(rid, "the decode node went away")
+
+    def check_timeouts(self, now: float) -> None:
+        """The connector times transfers out itself; nothing else here waits without a bound."""
+
+    def _fail(self, job: PrefillJob, status: int, message: str, retryable: bool) -> None:
+        with self.lock:
+            if self.jobs.get(job.request_id) is job:
+                del self.jobs[job.request_id]
+        if job.ended:
+            return
+        job.ended = True
+        if job.in_engine:
+            self.loop.abort(job.engine_id)
+        self.producer.abort(job.request_id, message)
+        self.node.reject(job.identity, job.request_id, status, message, retryable)
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """'host:port' or 'tcp://host:port' -> (host, port)."""
+    text = endpoint.split("://", 1)[-1]
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"bad KV endpoint {endpoint!r}")
+    return host.strip("[]"), int(port)
