@@ -70,8 +70,7 @@ class NodeServer:
         self.node_id = options.node_id or f"{ROLE_NAMES[options.role]}-{socket.gethostname()}-{options.rpc_port}"
         self.role = options.role
         self.secret = resolve_secret(options.kv_secret)
-        self.core = core if core is not None else _build_core(config)
-        self.core.block_pool.emit_events = True  # the proxy's prefix index is built from these
+        self.core = core if core is not None else _build_core(config)  # emits KV events: the proxy's index
         self.loop = EngineLoop(self.core)
         self.loop.after_step.append(self._publish_kv_events)
         self.lock = threading.RLock()
@@ -333,4 +332,4 @@ def _build_core(config):
     except Exception as exc:  # a checkpoint without tokenizer files still serves token ids
         log.warning("no tokenizer for EOS ids (%s); only stop_token_ids and max_tokens end requests", exc)
         eos = frozenset()
-    return EngineCore(config, eos_token_ids=eos)
+    return EngineCore(config, eos_token_ids=eos, emit_kv_events=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -15,9 +16,28 @@ from engine.config import EngineConfig
 from engine.kv_cache_manager import KVCacheManager
 from engine.model_runner import ModelRunner
 from engine.request import Request
-from engine.sampler import Sampler, make_generator
+from engine.sampler import Sampler, make_generator, skip_draw
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.scheduler_output import SchedulerOutput
+
+
+class StepObserver(Protocol):
+    def before_forward(self, plan: SchedulerOutput) -> None: ...
+
+    def after_forward(self) -> None:
+        """Runs even when the forward raised."""
+
+
+class NoRoomError(RuntimeError):
+    """The KV cache cannot hold a prompt's blocks right now (retryable: 429)."""
+
+
+@dataclass(slots=True)
+class Reservation:
+    request: Request
+    block_ids: list[int]  # this node's blocks for prompt blocks num_cached_blocks.., in order
+    num_cached_blocks: int  # leading prompt blocks this node already holds (its own prefix hits)
 
 
 @dataclass(slots=True)
@@ -41,18 +61,21 @@ class EngineStats:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int] = frozenset()):
+    def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int] = frozenset(),
+                 emit_kv_events: bool = False):
         self.config = config
         self.runner = ModelRunner(config)
         max_model_len = self._max_model_len()
         self.block_pool = BlockPool(self.runner.num_blocks, enable_caching=config.cache.enable_prefix_caching,
-                                    block_size=config.cache.block_size)
+                                    block_size=config.cache.block_size, emit_events=emit_kv_events)
         self.kv_manager = KVCacheManager(self.block_pool, config.cache.block_size, max_model_len)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, max_model_len=max_model_len,
                                    eos_token_ids=eos_token_ids)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
         self.stats = EngineStats()
+        # Told about each step around its forward pass (the prefill node's KV producer is one).
+        self.step_observers: list[StepObserver] = []
 
     @property
     def max_model_len(self) -> int:
@@ -81,6 +104,43 @@ class EngineCore:
         self.scheduler.finish_request(request_id, reason)
         self.generators.pop(request_id, None)
 
+    # ---- requests whose prompt KV is computed elsewhere (the decode node's side of disaggregation) ----------
+    def reserve_remote(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Reservation:
+        """Hold blocks for the prompt minus this node's own prefix hits, without queueing the request.
+
+        Raises PromptTooLongError / ValueError (bad request) or NoRoomError (retry later); takes nothing then."""
+        kv = self.kv_manager
+        request = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params,
+                          block_size=kv.block_size)
+        self.scheduler.validate(request)
+        if kv.num_blocks_held(request_id) or self.scheduler.get_request(request_id) is not None:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        hits, num_hit_tokens = kv.get_computed_blocks(request)
+        if not kv.allocate_slots(request, request.num_tokens - num_hit_tokens, hits):
+            raise NoRoomError(f"no room for {kv.blocks_for_tokens(request.num_tokens) - len(hits)} KV blocks "
+                              f"({kv.num_free_blocks} available)")
+        return Reservation(request, kv.block_table(request)[len(hits):], len(hits))
+
+    def admit_remote(self, request: Request, num_cached_tokens: int) -> None:
+        """Join a reserved request whose prompt KV has landed (first token already appended) to the batch."""
+        request.num_computed_tokens = request.num_prompt_tokens
+        request.num_cached_tokens = num_cached_tokens
+        self.kv_manager.cache_blocks(request, request.num_prompt_tokens)  # now prefix hits here, and announced
+        self.scheduler.add_running(request)
+        params = request.sampling_params
+        if params.seed is not None:
+            generator = make_generator(params.seed, self.runner.device)
+            if not params.greedy:  # the prefill node's sampler consumed one draw for the first token
+                skip_draw(generator, self.runner.arch.vocab_size, self.runner.device)
+            self.generators[request.request_id] = generator
+
+    def release(self, request_id: str) -> None:
+        """Free a request wherever it is: queued or running (abort), or only reserved."""
+        if self.scheduler.get_request(request_id) is not None:
+            self.abort_request(request_id)
+        else:
+            self.kv_manager.free(request_id)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
@@ -91,7 +151,13 @@ class EngineCore:
             return []
         # 2. Run the forward pass; logits only for chunks that reach their request's last known token.
         rows = [row for row, item in enumerate(plan.scheduled) if item.samples]
-        logits = self.runner.execute(plan.scheduled, rows)
+        for observer in self.step_observers:
+            observer.before_forward(plan)
+        try:
+            logits = self.runner.execute(plan.scheduled, rows)
+        finally:
+            for observer in self.step_observers:
+                observer.after_forward()
         # 3. Sample, then let the scheduler advance, stop and free.
         requests = [self.scheduler.get_request(plan.scheduled[row].request_id) for row in rows]
         sampled = self._sample(logits, requests)

@@ -150,6 +150,15 @@ def _apply_min_p(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Ten
     return x.masked_fill(x < threshold, float("-inf"))
 
 
+def skip_draw(generator: torch.Generator | None, vocab_size: int, device: torch.device) -> None:
+    """Advance a seeded generator past one non-greedy sampling step, exactly as `sample` would consume it.
+
+    A decode node continuing a request whose first token the prefill node sampled calls this, so the request's
+    later tokens equal those of colocated generation."""
+    if generator is not None:
+        torch.empty(vocab_size, device=device).exponential_(generator=generator)
+
+
 def _exponential_noise(shape: torch.Size, generators: Sequence[torch.Generator | None],
                        device: torch.device) -> torch.Tensor:
     """Exp(1) noise [m, V]: seeded rows from their own generator, the rest from one shared draw."""

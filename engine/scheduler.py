@@ -55,13 +55,23 @@ class Scheduler:
     # ---- requests in and out ----------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         """Queue a request; raises PromptTooLongError (or its RequestTooLargeError) if it can never run."""
-        self._validate(request)
+        self.validate(request)
         request.set_block_size(self.kv.block_size)
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self._arrival_order[request.request_id] = self._next_order
         self._next_order += 1
         self.waiting.append(request)
+
+    def add_running(self, request: Request) -> None:
+        """Join a request whose prompt KV is already in its blocks (computed elsewhere) to the running batch."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in the scheduler")
+        request.status = RequestStatus.RUNNING
+        self.requests[request.request_id] = request
+        self._arrival_order[request.request_id] = self._next_order
+        self._next_order += 1
+        bisect.insort(self.running, request, key=self._priority)
 
     def finish_request(self, request_id: str, status: RequestStatus | str) -> Request | None:
         """End a request from outside (stop string seen by the detokenizer, abort); frees all its blocks.
@@ -136,7 +146,7 @@ class Scheduler:
             # 3. newly full blocks become prefix hits for others
             self.kv.cache_blocks(request, request.num_computed_tokens)
             # 4. stop conditions on the new token
-            status = self._check_stop(request) if item.samples else None
+            status = self.check_stop(request) if item.samples else None
             if status is not None:
                 self._release(request, status)
                 finished.append(request)
@@ -214,7 +224,7 @@ class Scheduler:
             samples=end == request.num_tokens,
         )
 
-    def _check_stop(self, request: Request) -> RequestStatus | None:
+    def check_stop(self, request: Request) -> RequestStatus | None:
         """Stop tokens (after min_tokens) win over length, so a final eos reads as "stop"."""
         params, token = request.sampling_params, request.output_token_ids[-1]
         if request.num_output_tokens >= (getattr(params, "min_tokens", 0) or 0):
@@ -240,7 +250,7 @@ class Scheduler:
     def _priority(self, request: Request) -> int:
         return self._arrival_order[request.request_id]
 
-    def _validate(self, request: Request) -> None:
+    def validate(self, request: Request) -> None:
         rid, prompt_len = request.request_id, request.num_prompt_tokens
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
