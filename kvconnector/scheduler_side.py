@@ -71,7 +71,51 @@ class _ProducerRequest:
     timings: dict = field(default_factory=dict)
 
 
-class ProducerScheduler:
+class _RequestTable:
+    """What both sides' tables share: a lock, per-request deadlines, and ending a request exactly once."""
+
+    timeout: float
+    clock: Callable[[], float]
+    lock: threading.RLock
+    _reqs: dict
+    _timeout_detail = "no progress for {timeout:.1f}s in {state}"
+
+    def abort(self, request_id: str, cause: str = "abort", detail: str = "") -> Optional[Finished]:
+        with self.lock:
+            req = self._reqs.get(request_id)
+            return None if req is None else self._finish(req, False, cause, detail)
+
+    def expire(self) -> list[Finished]:
+        with self.lock:
+            now = self.clock()
+            late = [r for r in self._reqs.values() if r.deadline <= now]
+            return [self._finish(r, False, "timeout",
+                                 self._timeout_detail.format(timeout=self.timeout, state=r.state.value))
+                    for r in late]
+
+    def peer_lost(self, peer: Hashable, detail: str = "") -> list[Finished]:
+        with self.lock:
+            gone = [r for r in self._reqs.values() if r.peer == peer]
+            return [self._finish(r, False, "peer_lost", detail) for r in gone]
+
+    def active(self) -> list[str]:
+        with self.lock:
+            return list(self._reqs)
+
+    def peer_of(self, request_id: str) -> Optional[Hashable]:
+        with self.lock:
+            req = self._reqs.get(request_id)
+            return None if req is None else req.peer
+
+    def _finish(self, req, ok: bool, cause: str = "", detail: str = "") -> Finished:
+        """Remove the request; the caller reports the Finished once (completion is notified exactly once)."""
+        del self._reqs[req.request_id]
+        req.state = State.DONE if ok else State.ABORTED
+        req.timings["end"] = time.time()
+        return Finished(req.request_id, ok, cause, detail, req.timings, req.peer)
+
+
+class ProducerScheduler(_RequestTable):
     def __init__(self, block_size: int, timeout: float = DEFAULT_KV_TIMEOUT,
                  clock: Callable[[], float] = time.monotonic):
         self.block_size, self.timeout, self.clock = block_size, timeout, clock
@@ -167,38 +211,6 @@ class ProducerScheduler:
             req.timings["done"] = time.time()
             return self._finish(req, True)
 
-    def abort(self, request_id: str, cause: str = "abort", detail: str = "") -> Optional[Finished]:
-        with self.lock:
-            req = self._reqs.get(request_id)
-            return None if req is None else self._finish(req, False, cause, detail)
-
-    def expire(self) -> list[Finished]:
-        with self.lock:
-            now = self.clock()
-            late = [r for r in self._reqs.values() if r.deadline <= now]
-            return [self._finish(r, False, "timeout", f"no progress for {self.timeout:.1f}s in {r.state.value}")
-                    for r in late]
-
-    def peer_lost(self, peer: Hashable, detail: str = "") -> list[Finished]:
-        with self.lock:
-            gone = [r for r in self._reqs.values() if r.peer == peer]
-            return [self._finish(r, False, "peer_lost", detail) for r in gone]
-
-    def active(self) -> list[str]:
-        with self.lock:
-            return list(self._reqs)
-
-    def peer_of(self, request_id: str) -> Optional[Hashable]:
-        with self.lock:
-            req = self._reqs.get(request_id)
-            return None if req is None else req.peer
-
-    def _finish(self, req: _ProducerRequest, ok: bool, cause: str = "", detail: str = "") -> Finished:
-        del self._reqs[req.request_id]
-        req.state = State.DONE if ok else State.ABORTED
-        req.timings["end"] = time.time()
-        return Finished(req.request_id, ok, cause, detail, req.timings, req.peer)
-
 
 @dataclass(slots=True)
 class _ConsumerRequest:
@@ -212,7 +224,9 @@ class _ConsumerRequest:
     timings: dict = field(default_factory=dict)
 
 
-class ConsumerScheduler:
+class ConsumerScheduler(_RequestTable):
+    _timeout_detail = "no KV for {timeout:.1f}s in {state}"
+
     def __init__(self, num_layers: int, timeout: float = DEFAULT_KV_TIMEOUT,
                  clock: Callable[[], float] = time.monotonic):
         self.num_layers, self.timeout, self.clock = num_layers, timeout, clock
@@ -281,34 +295,3 @@ class ConsumerScheduler:
             if req is not None:
                 req.deadline = self.clock() + self.timeout
 
-    def abort(self, request_id: str, cause: str = "abort", detail: str = "") -> Optional[Finished]:
-        with self.lock:
-            req = self._reqs.get(request_id)
-            return None if req is None else self._finish(req, False, cause, detail)
-
-    def expire(self) -> list[Finished]:
-        with self.lock:
-            now = self.clock()
-            late = [r for r in self._reqs.values() if r.deadline <= now]
-            return [self._finish(r, False, "timeout", f"no KV for {self.timeout:.1f}s in {r.state.value}")
-                    for r in late]
-
-    def peer_lost(self, peer: Hashable, detail: str = "") -> list[Finished]:
-        with self.lock:
-            gone = [r for r in self._reqs.values() if r.peer == peer]
-            return [self._finish(r, False, "peer_lost", detail) for r in gone]
-
-    def active(self) -> list[str]:
-        with self.lock:
-            return list(self._reqs)
-
-    def peer_of(self, request_id: str) -> Optional[Hashable]:
-        with self.lock:
-            req = self._reqs.get(request_id)
-            return None if req is None else req.peer
-
-    def _finish(self, req: _ConsumerRequest, ok: bool, cause: str = "", detail: str = "") -> Finished:
-        del self._reqs[req.request_id]
-        req.state = State.DONE if ok else State.ABORTED
-        req.timings["end"] = time.time()
-        return Finished(req.request_id, ok, cause, detail, req.timings, req.peer)

@@ -85,6 +85,23 @@ class DataPlane(abc.ABC):
         ...
 
 
+def deliver_when_landed(future: concurrent.futures.Future, dest: torch.Tensor, deliver: Deliver, fail: Fail,
+                        pool, deliveries: concurrent.futures.Executor) -> None:
+    """When a posted receive into a pooled buffer completes, hand the buffer to `deliver` (or the error to
+    `fail`) on the delivery thread, then return the buffer to its pool."""
+    def landed(f: concurrent.futures.Future) -> None:
+        def run():
+            try:
+                if f.exception() is not None:
+                    fail(f.exception())
+                else:
+                    deliver(dest)
+            finally:
+                pool.put(dest)
+        deliveries.submit(run)
+    future.add_done_callback(landed)
+
+
 def create_data_plane(name: str, config: DataPlaneConfig) -> DataPlane:
     if name == "tcp":
         from kvconnector.transport_tcp import TcpDataPlane

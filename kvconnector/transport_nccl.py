@@ -20,7 +20,8 @@ import random
 import torch
 import torch.distributed as dist
 
-from kvconnector.transport import DataPlane, DataPlaneConfig, Deliver, Fail, SendHandle, empty_like_meta
+from kvconnector.transport import (DataPlane, DataPlaneConfig, Deliver, Fail, SendHandle, deliver_when_landed,
+                                   empty_like_meta)
 from kvconnector.wire import Handshake, KVChunk
 
 log = logging.getLogger(__name__)
@@ -108,17 +109,7 @@ class NcclDataPlane(DataPlane):
         dest = self.pool.get(header.tensor.shape, dtype, self.device)
         future = _to_concurrent(pg.recv([dest], 0, 0), dest, self._waiter, self.device)
 
-        def landed(f: concurrent.futures.Future) -> None:
-            def run():
-                try:
-                    if f.exception() is not None:
-                        fail(f.exception())
-                    else:
-                        deliver(dest)
-                finally:
-                    self.pool.put(dest)
-            self._deliveries.submit(run)
-        future.add_done_callback(landed)
+        deliver_when_landed(future, dest, deliver, fail, self.pool, self._deliveries)
 
     def close_link(self, link) -> None:
         pg = link.state.pop("nccl_pg", None)

@@ -21,7 +21,8 @@ import threading
 
 import torch
 
-from kvconnector.transport import DataPlane, DataPlaneConfig, Deliver, Fail, SendHandle, empty_like_meta
+from kvconnector.transport import (DataPlane, DataPlaneConfig, Deliver, Fail, SendHandle, deliver_when_landed,
+                                   empty_like_meta)
 from kvconnector.wire import Handshake, KVChunk
 
 log = logging.getLogger(__name__)
@@ -120,17 +121,7 @@ class UcxDataPlane(DataPlane):
             return
         future = asyncio.run_coroutine_threadsafe(self._ucxx.recv(_as_ucx_buffer(dest), tag), self.loop)
 
-        def landed(f: concurrent.futures.Future) -> None:
-            def run():
-                try:
-                    if f.exception() is not None:
-                        fail(f.exception())
-                    else:
-                        deliver(dest)
-                finally:
-                    self.pool.put(dest)
-            self._deliveries.submit(run)
-        future.add_done_callback(landed)
+        deliver_when_landed(future, dest, deliver, fail, self.pool, self._deliveries)
 
     def close_link(self, link) -> None:
         ep = link.state.pop("ucx_ep", None)
