@@ -68,28 +68,8 @@ def run_node(args: argparse.Namespace, default_role: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m decode_node.node_cli {prefill,decode} ...`: the two node subcommands without the rest of pdserve."""
-    import sys
-
-    import decode_node.cli
-    import prefill_node.cli
-    from engine.errors import PdserveError
-
-    parser = argparse.ArgumentParser(prog="pdserve-node")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    prefill_node.cli.register_cli(subparsers)
-    decode_node.cli.register_cli(subparsers)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    try:
-        return int(args.func(args) or 0)
-    except PdserveError as exc:
-        print(f"pdserve {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def register_role(subparsers, name: str, help_text: str, default_role: str) -> None:
+    """Add `pdserve <name>`: a node whose kv_role defaults to default_role unless --kv-transfer-config says."""
+    p = subparsers.add_parser(name, help=help_text)
+    add_node_args(p)
+    p.set_defaults(func=lambda args: run_node(args, default_role=default_role))

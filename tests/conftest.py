@@ -41,3 +41,9 @@ def model_dirs(tmp_path_factory):
         make_model(str(path), family=family, preset="tiny", seed=0, dtype="float32")
         made[family] = str(path)
     return made
+
+
+@pytest.fixture(scope="session")
+def model_dir(model_dirs):
+    """The tiny llama checkpoint, for tests that need just one model."""
+    return model_dirs["llama"]

@@ -8,16 +8,11 @@ import msgpack
 import pytest
 import zmq
 
-from tests.e2e.test_nodes_harness import (FakeProxy, assert_blocks_balanced, hf_greedy, make_tiny_model,
+from tests.e2e.test_nodes_harness import (FakeProxy, assert_blocks_balanced, hf_greedy,
                                           start_node, wait_for, wait_healthy)
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model(str(tmp_path_factory.mktemp("node-models") / "tiny-llama"))
 
 
 @pytest.fixture(scope="module")

@@ -233,14 +233,6 @@ class FakeProxy:
         self.ctx.term()
 
 
-def make_tiny_model(path: str) -> str:
-    from engine.make_model import make_model
-
-    if not os.path.exists(os.path.join(path, "config.json")):
-        make_model(path, family="llama", preset="tiny", seed=0, dtype="float32")
-    return path
-
-
 def hf_greedy(model_dir: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     """Transformers' own greedy continuation (manual loop, its KV cache, never stops early)."""
     import torch

@@ -10,16 +10,11 @@ import time
 
 import pytest
 
-from tests.e2e.test_nodes_harness import (FakeProxy, assert_blocks_balanced, make_tiny_model, start_node, wait_for,
+from tests.e2e.test_nodes_harness import (FakeProxy, assert_blocks_balanced, start_node, wait_for,
                                           wait_healthy)
 
 pytestmark = pytest.mark.slow
 KV_TIMEOUT = 3.0
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model(str(tmp_path_factory.mktemp("node-models") / "tiny-llama"))
 
 
 @pytest.fixture(scope="module")
