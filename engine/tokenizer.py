@@ -6,7 +6,8 @@ chat_template.jinja if present, and config.json / generation_config.json for the
 
 - `encode(text)` gives the ids HF's AutoTokenizer gives (the post-processor in tokenizer.json adds bos or not).
 - `apply_chat_template` renders with a sandboxed jinja2 environment set up like transformers'
-  (trim_blocks, lstrip_blocks, loop controls, `raise_exception`), so templates render the same text.
+  (trim_blocks, lstrip_blocks, loop controls, `raise_exception`, `strftime_now`, a plain-JSON `tojson`), so
+  templates render the same text. Templates using transformers' `{% generation %}` tag are not supported.
   A template that starts with `{{ bos_token }}` puts bos in the text: encode it with add_special_tokens=False,
   as `encode_chat` does (HF's apply_chat_template(tokenize=True) does the same).
 - `eos_token_ids` is the union of config.json's and generation_config.json's `eos_token_id` (int or list) and
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime
 from functools import cached_property
 
 from engine.errors import CheckpointError
@@ -62,6 +64,7 @@ class Tokenizer:
         self.bos_token = _token_content(self._config.get("bos_token"))
         self.eos_token = _token_content(self._config.get("eos_token"))
         self.pad_token = _token_content(self._config.get("pad_token"))
+        self.unk_token = _token_content(self._config.get("unk_token"))
         self.bos_token_id = self._id_of(self.bos_token)
         self.pad_token_id = self._id_of(self.pad_token)
         self.eos_token_ids = frozenset(self._eos_ids())
@@ -127,8 +130,17 @@ class Tokenizer:
         def raise_exception(message):
             raise TemplateError(message)
 
+        def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            # jinja's own tojson escapes <, > and & for HTML; chat templates expect plain JSON
+            return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                              sort_keys=sort_keys)
+
+        def strftime_now(fmt):
+            return datetime.now().strftime(fmt)
+
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = tojson
+        env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
         try:
             return env.from_string(self.chat_template)
         except TemplateError as exc:
@@ -137,7 +149,7 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
         """Render messages ([{"role", "content"}]) to the prompt text; `extra` reaches the template as variables."""
         variables = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
-                     "pad_token": self.pad_token or ""}
+                     "pad_token": self.pad_token or "", "unk_token": self.unk_token or ""}
         variables.update(extra)
         return self._compiled_template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                               **variables)

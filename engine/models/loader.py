@@ -82,7 +82,7 @@ def load_weights(model: torch.nn.Module, model_dir: str, progress: bool = True) 
         raise CheckpointError(f"{model_dir}: tensor {missing[0]} is missing from the checkpoint{more}")
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: parameters made there would be inference tensors, awkward for callers
 def load_model(model_dir: str, dtype: torch.dtype, device, progress: bool = True) -> tuple[torch.nn.Module, ArchConfig]:
     """(model in eval mode on `device` with weights of `dtype`, its ArchConfig)."""
     arch = load_arch_config(model_dir)
