@@ -28,6 +28,7 @@ from decode_node.rpc_server import RpcServer
 from engine.engine_loop import EngineLoop, Sink
 from engine.errors import PromptTooLongError
 from engine.sampling_params import SamplingParams
+from kvconnector.bind import advertised
 from kvconnector.events import KVEventBatch, encode_batch
 
 log = logging.getLogger(__name__)
@@ -313,14 +314,6 @@ class NodeServer:
                     "rpc": self.rpc_endpoint, "num_waiting": s.num_waiting, "num_running": s.num_running,
                     "num_free_blocks": s.num_free_blocks, "num_used_blocks": s.num_used_blocks,
                     "num_cached_blocks": s.num_cached_blocks, "num_total_blocks": s.num_total_blocks}
-
-
-def advertised(url: str) -> str:
-    """scheme://0.0.0.0:port (a wildcard bind) -> scheme://<this host's address>:port; anything else unchanged."""
-    for wildcard in ("0.0.0.0", "[::]", "*"):
-        if f"//{wildcard}:" in url or url.startswith(f"{wildcard}:"):
-            return url.replace(wildcard, socket.gethostbyname(socket.gethostname()), 1)
-    return url
 
 
 def _build_core(config):

@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import msgspec
 import zmq
 
+from kvconnector.bind import warn_if_wildcard
 from kvconnector.events import AnyKVEvent, KVEventBatch, decode_batch, encode_batch
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,7 @@ class KVEventPublisher:
     def __init__(self, endpoint: str = "tcp://127.0.0.1:5557", topic: bytes | str = DEFAULT_TOPIC,
                  data_parallel_rank: Optional[int] = None, hwm: int = 100_000,
                  context: Optional[zmq.Context] = None):
-        if "0.0.0.0" in endpoint or "*" in endpoint:
-            log.warning("KV event publisher binds every interface (%s), as asked", endpoint)
+        warn_if_wildcard("KV event publisher", endpoint)
         self.topic = topic.encode() if isinstance(topic, str) else topic
         self.dp_rank = data_parallel_rank
         self._ctx = context or zmq.Context.instance()

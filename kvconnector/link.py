@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+from kvconnector.bind import warn_if_wildcard
 from kvconnector.wire import MAC_SIZE, PREFIX_SIZE, SignedCodec, TruncatedFrame, WireError
 
 log = logging.getLogger(__name__)
@@ -187,8 +188,7 @@ class Listener:
     def __init__(self, ip: str, port: int, codec: SignedCodec, on_message: OnMessage,
                  on_close: Optional[OnClose] = None, on_drop: Optional[OnDrop] = None,
                  on_accept: Optional[Callable[[Link], None]] = None):
-        if ip in ("0.0.0.0", "::"):
-            log.warning("KV listener binds every interface (%s), as asked", ip)
+        warn_if_wildcard("KV listener", ip)
         self.sock = socket.create_server((ip, port), reuse_port=False)
         self.address: tuple[str, int] = self.sock.getsockname()[:2]
         self.codec, self.on_message, self.on_close, self.on_drop = codec, on_message, on_close, on_drop
