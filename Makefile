@@ -39,7 +39,7 @@ $(MODEL)/config.json: | $(STAMP)
 model: $(MODEL)/config.json
 
 serve: $(STAMP) $(MODEL)/config.json
-	$(BIN)/pdserve serve-demo --model $(MODEL) --port $(PORT)
+	$(BIN)/pdserve up --prefill 1 --decode 1 --model $(MODEL) --port $(PORT)
 
 clean:
 	rm -rf $(VENV) models

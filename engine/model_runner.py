@@ -29,6 +29,8 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         from engine.errors import ConfigError
         raise ConfigError(f"--device {name}: no CUDA device is visible")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -46,6 +48,8 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.block_size = config.cache.block_size
+        # Called with each layer's index once its K/V writes are queued; the prefill node's KV producer sets it.
+        self.on_layer_done: Callable[[int], None] | None = None
         started = time.perf_counter()
         self.model, self.arch = load_model(config.model.model, self.dtype, self.device)
         log.info("model loaded in %.1f s", time.perf_counter() - started)
@@ -54,8 +58,6 @@ class ModelRunner:
         self.num_blocks = decide_num_blocks(self.arch, config.cache, self.dtype, self.device)
         self.kv_cache = allocate_kv_cache(self.arch, self.block_size, self.num_blocks, self.dtype, self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))  # per layer [2, N, B, Hk, D] views
-        # Called with each layer's index once its K/V writes are queued; the prefill node's KV producer sets it.
-        self.on_layer_done: Callable[[int], None] | None = None
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             from engine.cuda_graphs import DecodeGraphs
@@ -70,7 +72,8 @@ class ModelRunner:
         chunk = ScheduledRequest("profile", [0] * tokens, 0, list(range(blocks)), is_decode=False, samples=False)
         self._forward([chunk], list(scratch.unbind(0)))
         del scratch
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _forward(self, chunks: list[ScheduledRequest], kv_caches) -> tuple[torch.Tensor, torch.Tensor]:
         batch = build_batch_inputs(chunks, self.block_size, self.device)
