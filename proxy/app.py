@@ -1,0 +1,233 @@
+"""The OpenAI-compatible front door: FastAPI app, its lifespan (sockets, index, indexer) and the endpoints.
+
+Order of checks on a generation request (first failure answers): 401 bearer key -> 413 body size -> 400 JSON ->
+404 model -> 429 proxy queue full -> 400 parameters and prompt length -> 503 no live node / node errors.
+/health and /metrics need no key (probes and scrapers). Never imports torch (a test checks).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Optional
+
+import zmq.asyncio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kvconnector.node_messages import make_codec
+from kvconnector.wire import resolve_secret
+from proxy.config import ProxyConfig
+from proxy.dispatch import Dispatcher
+from proxy.errors import APIError, bad_request
+from proxy.indexer import Indexer
+from proxy.metrics import ProxyMetrics
+from proxy.node_rpc import NodeRpc
+from proxy.nodes import NodeRegistry
+from proxy.prefix_index import InProcessPrefixIndex
+from proxy.protocol import check_length, parse_chat, parse_completion
+from proxy.router import Router
+from proxy.serving import Served, serve
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 32 << 20
+
+
+def model_max_len(model_dir: str) -> int:
+    """config.json's context length (max_position_embeddings), else 2048."""
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return 2048
+    return int(cfg.get("max_position_embeddings") or cfg.get("max_sequence_length") or 2048)
+
+
+class ProxyState:
+    """Everything the endpoints share; built in the lifespan (it needs the running event loop)."""
+
+    def __init__(self, config: ProxyConfig, tokenizer=None):
+        from engine.tokenizer import load_tokenizer  # torch-free
+
+        self.config = config
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+        self.model_name = config.served_model_name or os.path.basename(os.path.normpath(config.model))
+        self.max_model_len = config.max_model_len or model_max_len(config.model)
+        self.metrics = ProxyMetrics()
+        self.inflight = 0
+        self.started = time.time()
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.loop = asyncio.get_running_loop()
+        self.ctx = zmq.asyncio.Context()
+        self.registry = NodeRegistry(misses=cfg.heartbeat_misses)
+        if cfg.redis_url:
+            from proxy.redis_index import RedisPrefixIndex
+            self.index = RedisPrefixIndex(cfg.redis_url)
+            self.metrics.watch_redis(lambda: self.index.up, lambda: self.index.errors)
+        else:
+            self.index = InProcessPrefixIndex()
+        self.metrics.watch_index(self.index.num_blocks)
+        for role in ("prefill", "decode", "both"):
+            self.metrics.nodes_live.labels(role).set_function(
+                lambda role=role: sum(1 for n in self.registry.live() if n.role == role))
+        proxy_id = cfg.proxy_id or f"proxy-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        drop = lambda reason: self.metrics.dropped_frames.labels(reason).inc()  # noqa: E731
+        self.rpc = NodeRpc(self.ctx, make_codec(resolve_secret(cfg.kv_secret or None)), proxy_id, on_drop=drop,
+                           on_alive=self._rpc_alive)
+        self.registry.on_up.append(lambda node: self.rpc.connect(node.rpc))
+        self.router = Router(cfg.router)
+        self.dispatcher = Dispatcher(cfg, self.registry, self.index, self.router, self.rpc, self.metrics)
+        self.indexer = Indexer(self.ctx, list(cfg.node_events), self.registry, self.index, on_drop=drop)
+        self.indexer.start()
+        self.served = Served(self.dispatcher, self.tokenizer, self.metrics, self.model_name, cfg.request_timeout_s)
+        log.info("proxy %s: model %s (max_model_len %d), %d node endpoint(s), routing %s, index %s", proxy_id,
+                 self.model_name, self.max_model_len, len(cfg.node_events), cfg.router.policy,
+                 f"redis {cfg.redis_url}" if cfg.redis_url else "in-process")
+
+    def _rpc_alive(self, rpc: str) -> None:
+        node = self.registry.by_rpc(rpc)
+        if node is not None:
+            self.registry.touch(node.node_id)
+
+    async def stop(self) -> None:
+        await self.indexer.stop()
+        await self.rpc.close_all()
+        await self.index.close()
+        self.ctx.term()
+
+    def health(self) -> tuple[int, dict]:
+        nodes = [n.describe() for n in self.registry.nodes.values()]
+        decoders = self.registry.decoders()
+        redis = "off"
+        if self.config.redis_url:
+            redis = "up" if self.index.up else "down"
+        ok = bool(decoders)
+        return (200 if ok else 503), {"status": "ok" if ok else "no_live_node", "model": self.model_name,
+                                      "live_nodes": len(self.registry.live()), "redis": redis,
+                                      "inflight": self.inflight, "nodes": nodes}
+
+
+def _error(exc: APIError) -> JSONResponse:
+    headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
+    state = ProxyState(config, tokenizer)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    app = FastAPI(title="pdserve proxy", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.proxy = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return _error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return _error(APIError(exc.status_code, str(exc.detail), code=None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return _error(bad_request(str(exc)))
+
+    def check_auth(request: Request) -> None:
+        if not config.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
+
+    async def read_body(request: Request) -> dict:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise bad_request(f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise bad_request("the request body must be a JSON object")
+        return body
+
+    def check_model(body: dict) -> None:
+        model = body.get("model")
+        if model is None:
+            return  # lenient: the one model we serve
+        if model not in (state.model_name, config.model):
+            raise APIError(404, f"The model '{model}' does not exist; this server serves '{state.model_name}'.",
+                           param="model", code="model_not_found")
+
+    async def generate(request: Request, endpoint: str, parse) -> Response:
+        try:
+            check_auth(request)
+            body = await read_body(request)
+            check_model(body)
+            if state.inflight >= config.max_queue:
+                raise APIError(429, f"the proxy's queue is full ({config.max_queue} requests in flight); "
+                                    "retry later", code="queue_full")
+            req = parse(body, state.tokenizer)
+            check_length(req, state.max_model_len)
+        except APIError as exc:
+            state.metrics.requests.labels(endpoint, str(exc.status)).inc()
+            raise
+        state.inflight += 1
+        state.metrics.inflight.inc()
+        return await serve(state.served, request, req, endpoint, on_end=_done)
+
+    def _done() -> None:
+        state.inflight -= 1
+        state.metrics.inflight.dec()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, "completions", parse_completion)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, "chat", parse_chat)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_auth(request)
+        return {"object": "list", "data": [{
+            "id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "pdserve",
+            "root": config.model, "max_model_len": state.max_model_len}]}
+
+    @app.get("/health")
+    async def health():
+        status, body = state.health()
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def proxy_state(app: FastAPI) -> Optional[ProxyState]:
+    return getattr(app.state, "proxy", None)

@@ -1,0 +1,51 @@
+"""The proxy's settings: one frozen dataclass per component, defaults here, flags in proxy/cli.py."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RouterWeights:
+    """Weights of the (prefill, decode) pair score (proxy/router.py: score_pair). Higher score wins.
+
+    Every term is normalised to about [0, 1] so the weights read as "how many prompt-fractions is this worth":
+    with the defaults, a prefill node holding the whole prompt beats an idle one unless its queue holds ~4 more
+    requests than the idle one's.
+    """
+    prefill_hit: float = 1.0  # fraction of the prompt cached on P (compute saved)
+    decode_hit: float = 0.5  # fraction of the prompt D already holds (bytes not moved, blocks not reserved)
+    prefill_queue: float = 0.25  # per request waiting on P
+    decode_load: float = 0.05  # per request waiting or running on D
+    decode_free: float = 0.5  # fraction of D's KV blocks free
+    decode_full: float = 100.0  # penalty when D cannot hold the prompt's uncached blocks
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    policy: str = "cache_aware"  # cache_aware | round_robin
+    weights: RouterWeights = field(default_factory=RouterWeights)
+    # Conditional disaggregation: prefill on the decode node itself when fewer than this many prompt tokens
+    # would have to be computed there (a short prompt, or one D already holds mostly). Two blocks of 16: below
+    # that the transfer's fixed cost (reserve round trip, handshake) is more than the compute it saves.
+    disagg_min_tokens: int = 32
+    log_decisions: bool = False
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    model: str  # checkpoint folder (tokenizer, chat template, config.json)
+    served_model_name: str = ""  # the name clients ask for; default: the folder's basename
+    host: str = "127.0.0.1"
+    port: int = 8000
+    node_events: tuple[str, ...] = ()  # the nodes' events endpoints (tcp://host:port)
+    redis_url: str = ""
+    api_key: str = ""
+    max_model_len: int = 0  # 0: from the checkpoint's config.json
+    max_queue: int = 1024  # requests in flight in this proxy before 429
+    request_timeout_s: float = 600.0  # whole request budget; the nodes get it as deadline_s
+    first_message_timeout_s: float = 0.0  # 0: request_timeout_s
+    max_retries: int = 2  # re-sends to another prefill node after a retryable error before the first token
+    heartbeat_misses: int = 3  # a node silent for this many heartbeat intervals is dead
+    kv_secret: str = ""
+    proxy_id: str = ""  # DEALER identity; default: proxy-<pid>-<random>
+    router: RouterConfig = field(default_factory=RouterConfig)

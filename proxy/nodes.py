@@ -1,0 +1,138 @@
+"""What the proxy knows about each node: its heartbeats (role, endpoints, load) and whether it is alive.
+
+A node is alive from its first heartbeat until it has been silent for `misses` heartbeat intervals (any rpc
+message from it counts as a sign of life too, so a node too busy to publish on time is not declared dead while it
+streams tokens). A dead node is never routed to; listeners (the indexer, the dispatcher) drop its index entries
+and fail or re-route its requests. A dead node that speaks again comes back as a new node.
+
+The proxy also counts its own requests per node (`pending_prefill`, `active`): heartbeats are up to an interval
+old, and without these a burst would all go to the node that looked idle half a second ago.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from kvconnector.node_messages import HEARTBEAT_INTERVAL_S, NodeHeartbeat
+
+log = logging.getLogger(__name__)
+
+PREFILL_ROLES = ("prefill", "both")
+DECODE_ROLES = ("decode", "both")
+
+
+@dataclass(eq=False)
+class NodeState:
+    node_id: str
+    events: str  # the events endpoint we subscribed to
+    role: str
+    rpc: str
+    http: str
+    block_size: int
+    num_waiting: int = 0
+    num_running: int = 0
+    free_blocks: int = 0
+    total_blocks: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+    alive: bool = True
+    pending_prefill: int = 0  # this proxy's requests prefilling here (no first token yet)
+    active: int = 0  # this proxy's requests decoding here (or colocated)
+
+    @property
+    def can_prefill(self) -> bool:
+        return self.role in PREFILL_ROLES
+
+    @property
+    def can_decode(self) -> bool:
+        return self.role in DECODE_ROLES
+
+    @property
+    def prefill_queue(self) -> int:
+        return max(self.num_waiting, self.pending_prefill)
+
+    @property
+    def decode_load(self) -> int:
+        return max(self.num_waiting + self.num_running, self.active)
+
+    @property
+    def free_fraction(self) -> float:
+        return self.free_blocks / self.total_blocks if self.total_blocks else 0.0
+
+    def describe(self) -> dict:
+        return {"node_id": self.node_id, "role": self.role, "rpc": self.rpc, "http": self.http,
+                "events": self.events, "alive": self.alive, "num_waiting": self.num_waiting,
+                "num_running": self.num_running, "free_blocks": self.free_blocks,
+                "total_blocks": self.total_blocks, "block_size": self.block_size,
+                "proxy_pending_prefill": self.pending_prefill, "proxy_active": self.active,
+                "silent_s": round(time.monotonic() - self.last_seen, 3)}
+
+
+class NodeRegistry:
+    def __init__(self, misses: int = 3, interval_s: float = HEARTBEAT_INTERVAL_S):
+        self.timeout_s = misses * interval_s
+        self.nodes: dict[str, NodeState] = {}
+        self._by_rpc: dict[str, NodeState] = {}
+        self.on_dead: list[Callable[[NodeState], None]] = []
+        self.on_up: list[Callable[[NodeState], None]] = []
+
+    def heartbeat(self, events_endpoint: str, hb: NodeHeartbeat, now: Optional[float] = None) -> NodeState:
+        now = time.monotonic() if now is None else now
+        node = self.nodes.get(hb.node_id)
+        if node is None or not node.alive:
+            pending, active = (node.pending_prefill, node.active) if node is not None else (0, 0)
+            node = NodeState(hb.node_id, events_endpoint, hb.role, hb.rpc, hb.http, hb.block_size,
+                             pending_prefill=pending, active=active)
+            self.nodes[hb.node_id] = node
+            log.info("node %s up: role %s, rpc %s, http %s, events %s", hb.node_id, hb.role, hb.rpc, hb.http,
+                     events_endpoint)
+            for cb in self.on_up:
+                cb(node)
+        node.role, node.rpc, node.http, node.block_size = hb.role, hb.rpc, hb.http, hb.block_size
+        node.events = events_endpoint
+        node.num_waiting, node.num_running = hb.num_waiting, hb.num_running
+        node.free_blocks, node.total_blocks = hb.free_blocks, hb.total_blocks
+        node.last_seen = now
+        self._by_rpc[node.rpc] = node
+        return node
+
+    def touch(self, node_id: str, now: Optional[float] = None) -> None:
+        node = self.nodes.get(node_id)
+        if node is not None and node.alive:
+            node.last_seen = time.monotonic() if now is None else now
+
+    def by_rpc(self, rpc: str) -> Optional[NodeState]:
+        return self._by_rpc.get(rpc)
+
+    def reap(self, now: Optional[float] = None) -> list[NodeState]:
+        """Declare nodes silent for longer than the timeout dead; returns the newly dead."""
+        now = time.monotonic() if now is None else now
+        dead = [n for n in self.nodes.values() if n.alive and now - n.last_seen > self.timeout_s]
+        for node in dead:
+            self.kill(node, f"silent for {now - node.last_seen:.2f}s")
+        return dead
+
+    def kill(self, node: NodeState, why: str) -> None:
+        if not node.alive:
+            return
+        node.alive = False
+        log.warning("node %s (%s, rpc %s) is dead: %s; no longer routed to, its index entries dropped",
+                    node.node_id, node.role, node.rpc, why)
+        for cb in self.on_dead:
+            cb(node)
+
+    def live(self) -> list[NodeState]:
+        return [n for n in self.nodes.values() if n.alive]
+
+    def prefillers(self) -> list[NodeState]:
+        return [n for n in self.live() if n.can_prefill]
+
+    def decoders(self) -> list[NodeState]:
+        return [n for n in self.live() if n.can_decode]
+
+    def block_size(self) -> Optional[int]:
+        sizes = {n.block_size for n in self.live()}
+        if len(sizes) > 1:
+            log.warning("live nodes disagree on block_size (%s); using the smallest", sorted(sizes))
+        return min(sizes) if sizes else None

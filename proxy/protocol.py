@@ -1,0 +1,268 @@
+"""OpenAI request bodies -> validated, tokenized requests (torch-free). Every problem is a 400 naming its param.
+
+Decisions:
+- Bodies are plain JSON maps checked by hand (not pydantic models): error messages name the exact parameter,
+  and unknown keys are ignored as OpenAI's API does.
+- Sampling limits are SamplingParams' (engine/sampling_params.py), checked again by the nodes. OpenAI's own
+  ranges apply on top where they are narrower: temperature <= 2, n <= 128, at most 16 stop strings.
+- Completions accept a string, a list of strings (a batch), a list of token ids, or a list of such lists;
+  choice i*n + j is the j-th sample of prompt i. Chat renders the checkpoint's chat template.
+- max_tokens: completions default to 16 (OpenAI); chat defaults to what is left of --max-model-len.
+  A prompt plus max_tokens over --max-model-len is a 400 with code "context_length_exceeded".
+- n > 1 fans out n node requests; with a seed, sample j uses seed + j, so seeded results are reproducible
+  and still differ between samples.
+- logprobs: completions take an int k (top k alternatives); chat takes logprobs=true and top_logprobs=k.
+- Extensions (vLLM's names): top_k, min_p, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens,
+  include_stop_str_in_output, return_token_ids (choices then carry `token_ids`, and `prompt_token_ids`).
+- Unsupported features that would change the output (non-zero penalties, logit_bias, tools, echo,
+  best_of > n, suffix) are refused rather than silently ignored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from proxy.errors import bad_request
+
+MAX_N = 128
+MAX_STOP = 16
+MAX_TEMPERATURE = 2.0
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+@dataclass
+class GenerationRequest:
+    kind: str  # "completion" | "chat"
+    model: str
+    prompts: list[list[int]]  # token ids per prompt
+    params: SamplingParams  # params.n is the number of samples per prompt
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: Optional[int] = None  # top-k alternatives; None = no logprobs
+    user: Optional[str] = None
+    return_token_ids: bool = False  # vLLM's extension: choices carry token_ids (and prompt_token_ids)
+    prompt_texts: list[Optional[str]] = field(default_factory=list)
+
+    def choice_params(self, j: int) -> dict:
+        """SamplingParams.to_dict() for sample j (n=1 on the node; seed + j when seeded)."""
+        changes: dict[str, Any] = {"n": 1}
+        if self.params.seed is not None:
+            changes["seed"] = self.params.seed + j
+        return self.params.clone(**changes).to_dict()
+
+
+# ---------------------------------------------------------------------------------------------------- field checks
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _get(body: dict, name: str, kind: str, default=None):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    ok = {"int": _is_int, "num": _is_num, "bool": lambda v: isinstance(v, bool),
+          "str": lambda v: isinstance(v, str), "dict": lambda v: isinstance(v, dict)}[kind](value)
+    if not ok:
+        words = {"int": "an integer", "num": "a number", "bool": "a boolean", "str": "a string", "dict": "an object"}
+        raise bad_request(f"'{name}' must be {words[kind]}, got {value!r}", param=name)
+    return value
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise bad_request("'stop' must be a string or a list of strings", param="stop")
+    if len(stop) > MAX_STOP:
+        raise bad_request(f"'stop' may hold at most {MAX_STOP} strings, got {len(stop)}", param="stop")
+    if any(not s for s in stop):
+        raise bad_request("'stop' strings must not be empty", param="stop")
+    return stop
+
+
+def _refuse_unsupported(body: dict) -> None:
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        value = body.get(name)
+        neutral = 1.0 if name == "repetition_penalty" else 0.0
+        if value is not None and (not _is_num(value) or value != neutral):
+            raise bad_request(f"'{name}' is not supported (only {neutral:g})", param=name)
+    if body.get("logit_bias"):
+        raise bad_request("'logit_bias' is not supported", param="logit_bias")
+    if body.get("echo"):
+        raise bad_request("'echo' is not supported", param="echo")
+    if body.get("suffix"):
+        raise bad_request("'suffix' is not supported", param="suffix")
+    if body.get("tools") or body.get("functions"):
+        raise bad_request("tools and function calling are not supported", param="tools")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type", "text") != "text"):
+        raise bad_request("only response_format {'type': 'text'} is supported", param="response_format")
+
+
+def _sampling(body: dict, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+    n = _get(body, "n", "int", 1)
+    if not 1 <= n <= MAX_N:
+        raise bad_request(f"'n' must be between 1 and {MAX_N}, got {n}", param="n")
+    best_of = _get(body, "best_of", "int", None)
+    if best_of is not None and best_of != n:
+        raise bad_request("'best_of' other than n is not supported", param="best_of")
+    temperature = _get(body, "temperature", "num", 1.0)
+    if not 0 <= temperature <= MAX_TEMPERATURE:
+        raise bad_request(f"'temperature' must be between 0 and {MAX_TEMPERATURE:g}, got {temperature}",
+                          param="temperature")
+    stop_token_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_token_ids, list):
+        raise bad_request("'stop_token_ids' must be a list of integers", param="stop_token_ids")
+    kwargs = dict(
+        n=n, temperature=temperature, top_p=_get(body, "top_p", "num", 1.0), top_k=_get(body, "top_k", "int", 0),
+        min_p=_get(body, "min_p", "num", 0.0), seed=_get(body, "seed", "int", None), stop=_stop(body),
+        stop_token_ids=stop_token_ids, max_tokens=max_tokens, min_tokens=_get(body, "min_tokens", "int", 0),
+        ignore_eos=_get(body, "ignore_eos", "bool", False), logprobs=logprobs,
+        skip_special_tokens=_get(body, "skip_special_tokens", "bool", True),
+        include_stop_str_in_output=_get(body, "include_stop_str_in_output", "bool", False))
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as exc:
+        text = str(exc)
+        param = text.split()[0] if text.split() and text.split()[0] in kwargs else None
+        raise bad_request(text, param=param) from None
+
+
+def _stream_options(body: dict, stream: bool) -> bool:
+    opts = _get(body, "stream_options", "dict", None)
+    if opts is None:
+        return False
+    if not stream:
+        raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    return bool(_get(opts, "include_usage", "bool", False))
+
+
+def _max_tokens(body: dict, names: tuple[str, ...]) -> Optional[int]:
+    for name in names:
+        value = _get(body, name, "int", None)
+        if value is not None:
+            if value < 1:
+                raise bad_request(f"'{name}' must be at least 1, got {value}", param=name)
+            return value
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- requests
+
+def parse_completion(body: dict, tokenizer) -> GenerationRequest:
+    _refuse_unsupported(body)
+    stream = _get(body, "stream", "bool", False)
+    logprobs = _get(body, "logprobs", "int", None)
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise bad_request(f"'logprobs' must be between 0 and {MAX_LOGPROBS}, got {logprobs}", param="logprobs")
+    max_tokens = _max_tokens(body, ("max_tokens",))
+    params = _sampling(body, 16 if max_tokens is None else max_tokens, logprobs)
+    prompts, texts = _completion_prompts(body.get("prompt"), tokenizer)
+    return GenerationRequest("completion", body.get("model"), prompts, params, stream,
+                             _stream_options(body, stream), logprobs, body.get("user"),
+                             _get(body, "return_token_ids", "bool", False), texts)
+
+
+def _completion_prompts(prompt, tokenizer) -> tuple[list[list[int]], list[Optional[str]]]:
+    def ids_ok(x) -> bool:
+        return isinstance(x, list) and all(_is_int(t) and t >= 0 for t in x)
+
+    if prompt is None:
+        raise bad_request("'prompt' is required", param="prompt")
+    if isinstance(prompt, str):
+        items = [prompt]
+    elif ids_ok(prompt) and prompt and _is_int(prompt[0]):
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or (ids_ok(p) and p) for p in prompt):
+        items = prompt
+    else:
+        raise bad_request("'prompt' must be a string, a list of strings, a list of token ids or a list of such "
+                          "lists (non-empty)", param="prompt")
+    ids, texts = [], []
+    vocab = len(tokenizer)
+    for item in items:
+        if isinstance(item, str):
+            ids.append(tokenizer.encode(item))
+            texts.append(item)
+        else:
+            if max(item) >= vocab:
+                raise bad_request(f"prompt token id {max(item)} is outside the vocabulary (size {vocab})",
+                                  param="prompt")
+            ids.append(list(item))
+            texts.append(None)
+    for p in ids:
+        if not p:
+            raise bad_request("the prompt is empty after tokenization", param="prompt")
+    return ids, texts
+
+
+def parse_chat(body: dict, tokenizer) -> GenerationRequest:
+    _refuse_unsupported(body)
+    stream = _get(body, "stream", "bool", False)
+    want_logprobs = _get(body, "logprobs", "bool", False)
+    top = _get(body, "top_logprobs", "int", None)
+    if top is not None and not want_logprobs:
+        raise bad_request("'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:
+        raise bad_request(f"'top_logprobs' must be between 0 and {MAX_LOGPROBS}, got {top}", param="top_logprobs")
+    logprobs = (top or 0) if want_logprobs else None
+    messages = _messages(body.get("messages"))
+    add_generation_prompt = _get(body, "add_generation_prompt", "bool", True)
+    try:
+        prompt = tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # noqa: BLE001 - a template may raise anything for odd messages
+        raise bad_request(f"the chat template could not render these messages: {exc}", param="messages") from None
+    if not prompt:
+        raise bad_request("the rendered chat prompt is empty", param="messages")
+    params = _sampling(body, _max_tokens(body, ("max_completion_tokens", "max_tokens")), logprobs)
+    return GenerationRequest("chat", body.get("model"), [prompt], params, stream, _stream_options(body, stream),
+                             logprobs, body.get("user"), _get(body, "return_token_ids", "bool", False), [None])
+
+
+def _messages(messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise bad_request(f"messages[{i}] must be an object", param="messages")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise bad_request(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
+                              param="messages")
+        content = m.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad_request(f"messages[{i}].content parts must be {{'type': 'text', 'text': str}} "
+                                      "(only text is supported)", param="messages")
+        elif content is not None and not isinstance(content, str):
+            raise bad_request(f"messages[{i}].content must be a string or a list of text parts", param="messages")
+        out.append(dict(m))
+    return out
+
+
+def check_length(req: GenerationRequest, max_model_len: int) -> None:
+    """400 when a prompt (plus max_tokens) does not fit; fill in chat's default max_tokens."""
+    longest = max(len(p) for p in req.prompts)
+    if longest >= max_model_len:
+        raise bad_request(f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
+                          f"has {longest} tokens, which leaves no room for a completion.", param="messages"
+                          if req.kind == "chat" else "prompt", code="context_length_exceeded")
+    if req.params.max_tokens is None:
+        req.params.max_tokens = max_model_len - longest
+        return
+    if longest + req.params.max_tokens > max_model_len:
+        raise bad_request(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                          f"{longest + req.params.max_tokens} tokens ({longest} in the prompt, "
+                          f"{req.params.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+                          param="max_tokens", code="context_length_exceeded")
