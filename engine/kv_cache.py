@@ -17,6 +17,7 @@ from engine.errors import ConfigError
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 256 << 20
+GPU_MARGIN_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,7 @@ def decide_num_blocks(arch, cache_config, dtype: torch.dtype, device: torch.devi
     if cache_config.kv_cache_memory is not None:
         budget = cache_config.kv_cache_memory
     elif device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        used_by_others = total - free - torch.cuda.memory_reserved(device)
-        held_by_us = torch.cuda.max_memory_allocated(device)
-        budget = int(total * cache_config.gpu_memory_utilization) - used_by_others - held_by_us
+        budget = _gpu_kv_budget(cache_config.gpu_memory_utilization, device)
     else:
         budget = CPU_DEFAULT_KV_BYTES
     num_blocks = budget // per_block
@@ -57,6 +55,19 @@ def decide_num_blocks(arch, cache_config, dtype: torch.dtype, device: torch.devi
             f"no room for a single KV block ({per_block} bytes each, budget {budget} bytes): raise "
             "--gpu-memory-utilization or --kv-cache-memory, or lower --block-size")
     return int(num_blocks)
+
+
+def _gpu_kv_budget(utilization: float, device: torch.device) -> int:
+    """This process may hold `utilization` of the device's memory (vLLM's meaning: its own share, so two nodes on
+    one GPU each pass their part); the KV cache gets that minus the weights and the profiled activation peak,
+    and never more than is free now, less a margin for allocator slack and the CUDA graphs."""
+    free, total = torch.cuda.mem_get_info(device)
+    share = int(total * utilization) - torch.cuda.max_memory_allocated(device)
+    headroom = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) - GPU_MARGIN_BYTES
+    if share > headroom:
+        log.warning("--gpu-memory-utilization %.2f asks for more than is free (other processes hold memory): "
+                    "the KV cache takes the %.1f GiB that is", utilization, max(headroom, 0) / 2**30)
+    return min(share, headroom)
 
 
 def allocate_kv_cache(arch, block_size: int, num_blocks: int, dtype: torch.dtype,
