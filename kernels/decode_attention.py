@@ -3,7 +3,9 @@
 The Triton version is split-K (flash-decoding): each (sequence, kv head) context is cut into partitions computed in
 parallel, each leaving an unnormalised partial output with its running max and sum, and a reduce kernel merges them.
 It is GQA-aware: one program handles all q heads of a kv head, so each K/V block is read once for the whole group.
-No host sync: the partition plan depends only on shapes (the block table's width bounds the context).
+No host sync and CUDA-graph safe: the number of partitions depends only on shapes (batch, kv heads, the block
+table's width); each sequence then cuts its own context into that many equal partitions inside the kernel, so a
+short context in a wide table still spreads over every partition instead of landing whole in the first one.
 """
 from __future__ import annotations
 
@@ -18,6 +20,13 @@ from kernels.prefill_attention import LOG2E, attend_tile, check_paged_args
 
 
 @triton.jit
+def _partition_len(seq_len, num_splits, BLOCK_N: tl.constexpr):
+    """This sequence's tokens per partition: its context over num_splits, rounded up to whole tiles (>= 1 tile)."""
+    per_split = (seq_len + num_splits - 1) // num_splits
+    return tl.maximum((per_split + BLOCK_N - 1) // BLOCK_N, 1) * BLOCK_N
+
+
+@triton.jit
 def _decode_partial_kernel(
     q_ptr,  # [S, Hq, D]
     k_cache_ptr, v_cache_ptr,  # [N, B, Hk, D]
@@ -28,7 +37,7 @@ def _decode_partial_kernel(
     out_ptr,  # [S, Hq, D]: written here, normalised, when DIRECT (one partition: no reduce needed)
     scale_log2e,
     stride_qs, stride_qh, stride_os, stride_oh, stride_cn, stride_cb, stride_ch, stride_bt,
-    num_seqs, num_q_heads, group, block_size, partition, num_splits,
+    num_seqs, num_q_heads, group, block_size, num_splits,
     D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     FP32_DOT: tl.constexpr, DIRECT: tl.constexpr,
 ):
@@ -41,6 +50,7 @@ def _decode_partial_kernel(
     heads = kv_head * group + g
     dims = tl.arange(0, D)
     q = tl.load(q_ptr + s * stride_qs + heads[:, None] * stride_qh + dims[None, :], mask=g_ok[:, None], other=0.0)
+    partition = _partition_len(seq_len, num_splits, BLOCK_N)
     start = split * partition
     end = tl.minimum(start + partition, seq_len)
     m_i = tl.full([BLOCK_G], -1e30, tl.float32)
@@ -70,12 +80,13 @@ def _decode_reduce_kernel(
     seq_lens_ptr,  # [S] int32
     out_ptr,  # [S, Hq, D]
     stride_os, stride_oh,
-    num_seqs, num_q_heads, partition, num_splits,
-    D: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+    num_seqs, num_q_heads, num_splits,
+    D: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     s = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + s)
+    partition = _partition_len(seq_len, num_splits, BLOCK_N)
     used = (seq_len + partition - 1) // partition  # partitions that saw at least one key
     sp = tl.arange(0, BLOCK_SPLITS)
     ok = sp < used
@@ -92,12 +103,11 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + s * stride_os + head * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
 
 
-def plan_partition(num_seqs: int, num_kv_heads: int, max_context: int, block_n: int, device: torch.device) -> int:
-    """Tokens per split-K partition (a multiple of block_n): enough (sequence, kv head, partition) programs to fill
-    the device about twice over, but never partitions shorter than block_n."""
+def plan_splits(num_seqs: int, num_kv_heads: int, max_context: int, block_n: int, device: torch.device) -> int:
+    """Split-K partitions per (sequence, kv head): enough programs to fill the device about twice over, but no more
+    than the longest possible context has tiles."""
     want_splits = max(1, math.ceil(2 * num_sms(device) / max(num_seqs * num_kv_heads, 1)))
-    splits = min(want_splits, max(1, math.ceil(max_context / block_n)))
-    return math.ceil(math.ceil(max_context / splits) / block_n) * block_n
+    return min(want_splits, max(1, math.ceil(max_context / block_n)))
 
 
 def _blocks(head_dim: int) -> tuple[int, int]:
@@ -120,8 +130,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
     group = Hq // Hk
     block_n, warps = _blocks(D)
     max_context = max(block_tables.shape[1] * block_size, 1)
-    partition = plan_partition(S, Hk, max_context, block_n, q.device)
-    splits = math.ceil(max_context / partition)
+    splits = plan_splits(S, Hk, max_context, block_n, q.device)
     direct = splits == 1
     part_out = torch.empty((S, Hq, 0 if direct else splits, D), dtype=torch.float32, device=q.device)
     part_ml = torch.empty((2, S, Hq, 0 if direct else splits), dtype=torch.float32, device=q.device)
@@ -129,15 +138,15 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
         q, k_cache, v_cache, block_tables, seq_lens, part_out, part_ml, out, float(scale) * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        S, Hq, group, block_size, partition, splits,
+        S, Hq, group, block_size, splits,
         D=D, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n,
         FP32_DOT=interpreting() or q.dtype == torch.float32, DIRECT=direct, num_warps=warps, num_stages=2,
     )
     if direct:
         return out
     _decode_reduce_kernel[(S, Hq)](
-        part_out, part_ml, seq_lens, out, out.stride(0), out.stride(1), S, Hq, partition, splits,
-        D=D, BLOCK_SPLITS=next_pow2(splits), num_warps=1 if interpreting() else 4,
+        part_out, part_ml, seq_lens, out, out.stride(0), out.stride(1), S, Hq, splits,
+        D=D, BLOCK_SPLITS=next_pow2(splits), BLOCK_N=block_n, num_warps=1 if interpreting() else 4,
     )
     return out
 
