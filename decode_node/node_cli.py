@@ -8,6 +8,8 @@ disaggregated requests alike. SIGINT/SIGTERM stop the node cleanly.
 """
 from __future__ import annotations
 
+from kvconnector.bind import advertised
+
 import argparse
 import json
 import logging
@@ -60,7 +62,9 @@ def run_node(args: argparse.Namespace, default_role: str) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     node = NodeServer(config, options).start()
-    print(f"pdserve node {node.node_id} ready: rpc {node.rpc_endpoint} http {node.http_url}", flush=True)
+    # `pdserve up` reads the bound endpoints from this line (nodes it starts bind port 0: no port races).
+    print(f"pdserve node {node.node_id} ready: rpc {node.rpc_endpoint} events {advertised(node.rpc.events_endpoint)} "
+          f"http {node.http_url}", flush=True)
     try:
         node.serve_forever(stop)
     finally:

@@ -7,8 +7,9 @@ Steps:
  2. Place the nodes: CPU when no GPU is visible; on one GPU every node shares it (--gpu-memory-utilization split
     between them) and KV moves over ucx; with several GPUs nodes get their own (CUDA_VISIBLE_DEVICES), round
     robin, and KV moves over nccl (ucx wherever two nodes share a device: nccl refuses two ranks on one GPU).
- 3. Pick free loopback ports, make one frame-signing secret (handed to children in $PDSERVE_KV_SECRET, never on
-    a command line), start the nodes, then the proxy pointing at every node's events port.
+ 3. Make one frame-signing secret (handed to children in $PDSERVE_KV_SECRET, never on a command line), start the
+    nodes on port 0 (each reports what it bound in its ready line: picking "free" ports here and binding them there
+    raced with other processes' ephemeral ports), then the proxy pointing at every node's events port.
  4. Wait until every node's /health and the proxy's /health (all nodes live) answer 200, then print the URL
     (and, with --state-file, write a JSON description: urls, pids, ports, logs).
  5. Supervise until Ctrl-C or SIGTERM, then stop everything (SIGTERM, then SIGKILL after a grace period). A node
@@ -19,12 +20,12 @@ Each process logs to its own file under --log-dir (default: a temporary folder, 
 from __future__ import annotations
 
 import argparse
+import re
 import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,10 +57,19 @@ class Child:
         return d
 
 
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+READY_LINE = re.compile(r"pdserve node \S+ ready: rpc (\S+) events (\S+) http (\S+)")
+
+
+def read_ready_line(child: Child) -> bool:
+    """Fill a node's endpoints from the ready line in its log; False until it has printed one."""
+    try:
+        with open(child.log_path, errors="replace") as f:
+            match = READY_LINE.search(f.read())
+    except OSError:
+        return False
+    if match:
+        child.rpc, child.events, child.http = match.groups()
+    return bool(match)
 
 
 def visible_gpus() -> list[str]:
@@ -145,11 +155,10 @@ class Cluster:
         for role, gpu in zip(roles, gpus):
             name = f"{role}-{counts[role]}"
             counts[role] += 1
-            rpc, events, http = free_port(host), free_port(host), free_port(host)
             kv_role = "kv_producer" if role == "prefill" else "kv_consumer"
             argv = [sys.executable, "-m", "engine.cli", "--log-level", a.log_level_children, role,
-                    "--model", model, "--host", host, "--rpc-port", str(rpc), "--events-port", str(events),
-                    "--http-port", str(http), "--node-id", name, "--block-size", str(a.block_size),
+                    "--model", model, "--host", host, "--rpc-port", "0", "--events-port", "0",
+                    "--http-port", "0", "--node-id", name, "--block-size", str(a.block_size),
                     "--kv-transfer-config", json.dumps({"kv_connector": connector, "kv_role": kv_role,
                                                         "kv_ip": host})]
             env = dict(base_env)
@@ -164,12 +173,9 @@ class Cluster:
                 argv += ["--max-model-len", str(a.max_model_len)]
             argv += a.node_arg
             self.children.append(Child(name, role, argv, env, os.path.join(self.log_dir, f"{name}.log"),
-                                       f"http://{host}:{http}", f"tcp://{host}:{events}", f"tcp://{host}:{rpc}",
-                                       gpu))
+                                       http="", gpu=gpu))  # endpoints come from its ready line
         proxy_argv = [sys.executable, "-m", "engine.cli", "--log-level", a.log_level_children, "proxy",
                       "--model", model, "--host", host, "--port", str(a.port), "--routing", a.routing]
-        for c in self.children:
-            proxy_argv += ["--node", c.events]
         # The tiny model lives in a temporary folder; give it a stable name clients can use.
         served = a.served_model_name or ("tiny-llama" if self.tmp_model else "")
         for flag, value in (("--redis-url", a.redis_url), ("--api-key", a.api_key),
@@ -201,6 +207,8 @@ class Cluster:
                 if c.proc.poll() is not None:
                     raise PdserveError(f"{c.name} exited with status {c.proc.returncode} while starting; its log "
                                        f"({c.log_path}) ends with:\n{tail(c.log_path)}")
+                if not c.http and not read_ready_line(c):
+                    continue
                 if _healthy(c.http + "/health") and (not proxy or self._proxy_sees_all(c)):
                     pending.remove(c)
             if pending and time.monotonic() > deadline:
@@ -232,6 +240,8 @@ class Cluster:
         for c in nodes:
             self.spawn(c)
         self.wait_healthy(nodes, self.args.startup_timeout)
+        for c in nodes:  # known only now: each node reported what it bound
+            proxy.argv += ["--node", c.events]
         self.spawn(proxy)
         self.wait_healthy([proxy], self.args.startup_timeout, proxy=True)
         info = self.describe()

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +16,10 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from engine.cluster_cli import READY_LINE
+
 SECRET = "node-test-secret"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -78,21 +73,21 @@ class NodeProcess:
 
 def start_node(role: str, model: str, log_dir: str, kv_role: str | None = None, extra: list[str] = (),
                kv_timeout: float = 5.0) -> NodeProcess:
-    rpc, http, events, kv = free_port(), free_port(), free_port(), free_port()
-    kvt = {"kv_connector": "tcp", "kv_port": kv}
+    # Port 0 everywhere: the node reports what it bound (wait_healthy reads it), so no port can be raced for.
+    kvt = {"kv_connector": "tcp", "kv_port": 0}
+    name = f"{role}-{uuid.uuid4().hex[:8]}"
     if kv_role:
         kvt["kv_role"] = kv_role
     args = [sys.executable, "-m", "engine.cli", "--log-level", "INFO", role, "--model", model,
             "--device", "cpu", "--dtype", "float32", "--block-size", "16", "--kv-cache-memory", str(16 << 20),
-            "--rpc-port", str(rpc), "--http-port", str(http), "--events-port", str(events),
-            "--node-id", f"{role}-{rpc}", "--kv-transfer-config", json.dumps(kvt), "--kv-secret", SECRET,
+            "--rpc-port", "0", "--http-port", "0", "--events-port", "0",
+            "--node-id", name, "--kv-transfer-config", json.dumps(kvt), "--kv-secret", SECRET,
             "--kv-timeout", str(kv_timeout), *extra]
-    log_path = os.path.join(log_dir, f"{role}-{rpc}.log")
+    log_path = os.path.join(log_dir, f"{name}.log")
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(args, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, env=env)
-    return NodeProcess(role, proc, f"tcp://127.0.0.1:{rpc}", f"http://127.0.0.1:{http}", f"tcp://127.0.0.1:{events}",
-                       log_path)
+    return NodeProcess(role, proc, "", "", "", log_path)
 
 
 def wait_healthy(*nodes: NodeProcess, timeout: float = 90.0) -> None:
@@ -101,7 +96,10 @@ def wait_healthy(*nodes: NodeProcess, timeout: float = 90.0) -> None:
         while True:
             if node.proc.poll() is not None:
                 raise RuntimeError(f"{node.role} node exited with {node.proc.returncode}:\n{node.log()[-3000:]}")
-            health = node.health()
+            ready = READY_LINE.search(node.log())
+            if ready and not node.rpc:
+                node.rpc, node.events, node.http = ready.groups()
+            health = node.health() if node.rpc else None
             if health and health.get("status") == "ok":
                 break
             if time.monotonic() > deadline:
