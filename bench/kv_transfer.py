@@ -9,12 +9,14 @@ Two processes (spawned), each with its own paged KV cache of Llama-3.1-8B shape 
                     H100 prefill floor: 42 ms per 2048 tokens over 32 layers): the exposed transfer, from the last
                     layer's compute end to all KV landed (goal <= 0.2 ms at 2048 tokens); ceiling: the last layer's
                     bytes alone at the raw NCCL rate.
+  (0) one_block     the fixed cost of a request: one block of every layer (KiB) pushed back to back, first
+                    save_layer to landed; bandwidth plays no part, hand-offs between threads, wakeups and syncs do.
 `--gpus 1` puts both processes on cuda:0 (ucx over cuda_ipc; nccl is refused there, by design) and the ceiling is
 a device copy of the same bytes. `--smoke` runs a tiny shape on CPU over tcp (the test suite runs it).
 
   python bench/kv_transfer.py                      # 2 GPUs: nccl + ucx, 2048 and 8192 tokens
   python bench/kv_transfer.py --gpus 1             # one GPU, two processes, ucx
-  python bench/kv_transfer.py --smoke --out /tmp/x # CPU, tcp, seconds
+  python bench/kv_transfer.py --smoke --out /tmp/x # CPU, tcp, seconds (--transports ucx: ucx over TCP)
 Results: bench/results/kv_transfer-<device>-<YYYYMMDD>.json (DESIGN.md's format) and a PNG beside it.
 """
 from __future__ import annotations
@@ -186,6 +188,11 @@ class Node:
                 times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
 
+    def ucx_mode(self):
+        """How ucxx runs in this process (progress mode, Python futures); {} when ucx is not in use."""
+        mod = sys.modules.get("kvconnector.transport_ucx")
+        return getattr(mod, "ucx_progress", dict)() if mod is not None else {}
+
     def close(self):
         if self.conn is not None:
             self.conn.close()
@@ -259,17 +266,27 @@ def measure_push(res, prod, cons, transport, case, layout, tokens, iters, ceilin
     prod.call("open", role="producer", transport=transport, layout=layout, num_blocks=n_blocks, address=address)
     prod.call("calibrate", layer_ms=layer_ms, tokens=tokens)
     params = dict(case=case, transport=transport, tokens=tokens, bytes=nbytes, layers=layout["num_layers"])
-    for mode in ("back_to_back", "overlapped"):
+    if transport == "ucx":
+        params["ucx_progress"] = prod.call("ucx_mode").get("progress_mode")
+    for mode in ("one_block", "back_to_back", "overlapped"):
+        n_tok = layout["block_size"] if mode == "one_block" else tokens
         spans, exposed = [], []
         for i in range(iters + 2):
             rid = f"{mode}-{tokens}-{i}"
-            t_start, t_last = prod.call("push", rid=rid, tokens=tokens, overlapped=mode == "overlapped")
+            t_start, t_last = prod.call("push", rid=rid, tokens=n_tok, overlapped=mode == "overlapped")
             t_landed = cons.call("wait_landed", rid=rid)
             if i >= 2:
                 spans.append((t_landed - t_start) * 1e3)
                 exposed.append((t_landed - t_last) * 1e3)
         p = dict(params, mode=mode, iters=iters)
-        if mode == "back_to_back":
+        if mode == "one_block":
+            # The fixed per-request cost: one block of every layer (a few KiB) pushed back to back, save_layer of
+            # layer 0 to landed on the decode side. Bandwidth plays no part; hand-offs, wakeups and syncs do.
+            ms = statistics.median(spans)
+            res.add("push_one_block_ms", round(ms, 4), "ms",
+                    params=dict(p, tokens=n_tok, bytes=kv_bytes(layout, n_tok), min_ms=round(min(spans), 4),
+                                max_ms=round(max(spans), 4)))
+        elif mode == "back_to_back":
             ms = statistics.median(spans)
             res.add("push_all_layers_ms", round(ms, 4), "ms", ceiling=round(ceiling_ms, 4),
                     ratio=round(ceiling_ms / ms, 3), params=dict(p, gbps=round(nbytes / ms / 1e6, 2), goal_ratio=0.75))
@@ -287,19 +304,25 @@ def main(argv=None) -> int:
     ap.add_argument("--gpus", type=int, default=2, choices=(1, 2))
     ap.add_argument("--tokens", type=int, nargs="+", default=None)
     ap.add_argument("--transports", nargs="+", default=None)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=None, help="measured iterations per figure (default 5; smoke 3)")
+    ap.add_argument("--ucx-progress", default=None, choices=("thread", "thread-polling", "blocking", "polling"),
+                    help="ucxx progress mode for both processes (default: thread-polling on GPU, thread on CPU)")
     ap.add_argument("--layer-ms", type=float, default=None, help="simulated compute per layer per 2048 tokens")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
+    args.iters_set = args.iters is not None
+    args.iters = args.iters if args.iters_set else 5
     if args.smoke:
         layout, tokens, transports = TINY, args.tokens or [64], args.transports or ["tcp"]
-        devices, iters, layer_ms_2048 = ("cpu", "cpu"), min(args.iters, 2), args.layer_ms or 20.0
+        devices, iters, layer_ms_2048 = ("cpu", "cpu"), args.iters if args.iters_set else 3, args.layer_ms or 20.0
     else:
         layout, tokens = LLAMA8B, args.tokens or [2048, 8192]
         transports = args.transports or (["nccl", "ucx"] if args.gpus == 2 else ["ucx"])
         devices = ("cuda:0", "cuda:1") if args.gpus == 2 else ("cuda:0", "cuda:0")
         iters, layer_ms_2048 = args.iters, args.layer_ms or 42.0 / 32
     env = {"UCX_WARN_UNUSED_ENV_VARS": "n"}
+    if args.ucx_progress:
+        env["UCXPY_PROGRESS_MODE"] = args.ucx_progress
     if args.smoke:
         env.update(UCX_TLS="tcp", UCX_NET_DEVICES="lo")
     res = Results("kv_transfer", devices[0], args.out)

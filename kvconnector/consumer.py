@@ -33,7 +33,7 @@ class KVConsumer(Endpoint):
         super().__init__(config, kv_caches, on_free, on_complete, registry)
         self.on_reserve = on_reserve
         self.scheduler = ConsumerScheduler(config.num_layers, config.timeout)
-        self.worker = ConsumerWorker(self.caches)
+        self.worker = ConsumerWorker(self.caches, full=kv_caches if hasattr(kv_caches, "dim") else None)
         self._bytes: dict[str, int] = defaultdict(int)
         self.listener = links.Listener(config.kv_ip, config.kv_port, self.codec, self._on_message,
                                        self._on_close, self._on_drop)
@@ -140,12 +140,13 @@ class KVConsumer(Endpoint):
             self._finish(f)
 
     def _finish(self, f: Finished) -> None:
+        # The node hears first (its KV is ready: that is the exposed transfer), then the producer's Done.
+        self._notify(f, self._bytes.pop(f.request_id, 0), free=not f.ok)
         if f.ok and f.peer is not None and not f.peer.closed:
             try:
                 f.peer.send(Done(request_id=f.request_id))
             except ConnectionError:
                 pass
-        self._notify(f, self._bytes.pop(f.request_id, 0), free=not f.ok)
 
     def close(self) -> None:
         super().close()

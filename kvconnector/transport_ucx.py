@@ -8,7 +8,10 @@ Many sends stay in flight (the producer's max_inflight), which is what makes per
 (DESIGN.md: 32 x 8 MB all in flight 1.3 ms vs 4.1 ms one by one); receive buffers come from a pool so UCX's
 registration cache sees the same memory again.
 All ucxx calls run on one asyncio loop thread per process; deliveries (scatters) run on another thread so they
-never stall UCX's completions.
+never stall UCX's completions. Completion is signalled (ucxx Python futures, set by UCX's notifier thread), never
+polled: a polling loop holds the GIL and every hand-off between our threads then waits for the interpreter's
+switch interval. UCX progress runs on ucxx's own thread: spinning (thread-polling) on a GPU, epoll on CPU;
+$UCXPY_PROGRESS_MODE overrides.
 """
 from __future__ import annotations
 
@@ -22,30 +25,58 @@ import threading
 import torch
 
 from kvconnector.transport import (DataPlane, DataPlaneConfig, Deliver, Fail, SendHandle, deliver_when_landed,
-                                   empty_like_meta)
+                                   torch_dtype)
 from kvconnector.wire import Handshake, KVChunk
 
 log = logging.getLogger(__name__)
 
 _loop_lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
+_progress: dict = {}  # how ucxx was initialised in this process: progress_mode, python_future
+
+# ucxx progress modes whose request completion can be signalled by a Python future (the notifier thread).
+_FUTURE_MODES = ("thread", "thread-polling")
 
 
-def _ucx_loop() -> asyncio.AbstractEventLoop:
-    """One event loop thread per process, with ucxx initialised on it."""
+def progress_mode_for(device: str) -> str:
+    """$UCXPY_PROGRESS_MODE, else thread-polling on a GPU (the UCX progress thread spins on its own core, without
+    the GIL, so a cuda_ipc completion is seen at once) and thread on CPU (epoll; cores are scarce there)."""
+    return os.environ.get("UCXPY_PROGRESS_MODE") or ("thread" if device.startswith("cpu") else "thread-polling")
+
+
+def _ucx_loop(progress_mode: str = "thread") -> asyncio.AbstractEventLoop:
+    """One event loop thread per process, with ucxx initialised on it (the first caller's progress mode wins).
+
+    Request completion is signalled, never polled: with ucxx's default (no Python futures) every awaited request
+    is a coroutine spinning on `asyncio.sleep(0)`, so while any transfer is in flight the loop thread holds the GIL
+    almost all the time and every other thread of the process (the sender, the link readers, the deliveries)
+    waits up to the interpreter's switch interval (5 ms) for it at each hand-off (the likely bulk of the ~25 ms
+    fixed cost per request measured on one H100). With Python futures the loop sleeps until UCX's notifier thread
+    wakes it with the finished requests."""
     global _loop
     with _loop_lock:
         if _loop is None:
             import ucxx  # noqa: F401  (imported here: it pulls CUDA libraries)
             loop = asyncio.new_event_loop()
             threading.Thread(target=loop.run_forever, name="kv-ucx-loop", daemon=True).start()
+            env_future = os.environ.get("UCXPY_ENABLE_PYTHON_FUTURE")
+            python_future = progress_mode in _FUTURE_MODES and env_future != "0"
 
             async def init():
                 import ucxx
-                ucxx.init()
+                ucxx.init(progress_mode=progress_mode, enable_python_future=python_future or None)
             asyncio.run_coroutine_threadsafe(init(), loop).result(30)
+            _progress.update(progress_mode=progress_mode, python_future=python_future)
+            if not python_future:
+                log.warning("ucxx progress mode %s without Python futures: request completion is polled on the "
+                            "event loop (slow hand-offs between threads)", progress_mode)
             _loop = loop
         return _loop
+
+
+def ucx_progress() -> dict:
+    """How this process's ucxx runs: {"progress_mode": ..., "python_future": bool} ({} before the first use)."""
+    return dict(_progress)
 
 
 def _as_ucx_buffer(t: torch.Tensor):
@@ -69,7 +100,7 @@ class UcxDataPlane(DataPlane):
         if config.device.startswith("cpu"):
             os.environ.setdefault("UCX_TLS", "tcp")
             os.environ.setdefault("UCX_NET_DEVICES", "lo")
-        self.loop = _ucx_loop()
+        self.loop = _ucx_loop(progress_mode_for(config.device))
         import ucxx
         self._ucxx = ucxx
         self.address = bytes(self._run(self._get_address()))
@@ -77,6 +108,7 @@ class UcxDataPlane(DataPlane):
         self._deliveries = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-ucx-deliver")
         from kvconnector.worker_side import BufferPool
         self.pool = BufferPool()
+        self._device = torch.device(config.device)
 
     async def _get_address(self):
         return self._ucxx.get_worker_address()
@@ -114,8 +146,7 @@ class UcxDataPlane(DataPlane):
     def receive(self, link, header: KVChunk, body: memoryview, deliver: Deliver, fail: Fail) -> None:
         tag = (link.state["ucx_tag_base"] << 32) | (header.seq & 0xFFFFFFFF)
         try:
-            dest = self.pool.get(header.tensor.shape, empty_like_meta(header.tensor, "meta").dtype,
-                                 torch.device(self.config.device))
+            dest = self.pool.get(header.tensor.shape, torch_dtype(header.tensor.dtype), self._device)
         except (ValueError, RuntimeError) as exc:
             fail(exc)
             return
