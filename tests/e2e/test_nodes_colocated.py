@@ -2,14 +2,12 @@
 transformers' greedy, prefix hits, abort / deadline / client-gone free every block, heartbeats and KV events."""
 from __future__ import annotations
 
-import random
 
 import msgpack
 import pytest
 import zmq
 
-from tests.e2e.test_nodes_harness import (FakeProxy, assert_blocks_balanced, hf_greedy,
-                                          start_node, wait_for, wait_healthy)
+from tests.e2e.test_nodes_harness import (assert_blocks_balanced, FakeProxy, hf_greedy, prompts, proxy, start_node, wait_for, wait_healthy)  # noqa: F401 (proxy: a fixture)
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 12
@@ -23,18 +21,6 @@ def node(model_dir, tmp_path_factory):
         yield node
     finally:
         node.stop()
-
-
-@pytest.fixture
-def proxy():
-    p = FakeProxy()
-    yield p
-    p.close()
-
-
-def prompts(seed: int, lengths: list[int]) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(10, 500) for _ in range(n)] for n in lengths]
 
 
 def test_concurrent_greedy_requests_match_transformers(node, proxy, model_dir):

@@ -2,12 +2,10 @@
 prefix hits on both sides, seeded sampling equals colocated, abort frees blocks on both nodes."""
 from __future__ import annotations
 
-import random
 
 import pytest
 
-from tests.e2e.test_nodes_harness import (FakeProxy, assert_blocks_balanced, hf_greedy,
-                                          start_node, wait_for, wait_healthy)
+from tests.e2e.test_nodes_harness import (assert_blocks_balanced, hf_greedy, prompts, proxy, start_node, wait_for, wait_healthy)  # noqa: F401 (proxy: a fixture)
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 12
@@ -24,18 +22,6 @@ def nodes(model_dir, tmp_path_factory):
     finally:
         prefill.stop()
         decode.stop()
-
-
-@pytest.fixture
-def proxy():
-    p = FakeProxy()
-    yield p
-    p.close()
-
-
-def prompts(seed: int, lengths: list[int]) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(10, 500) for _ in range(n)] for n in lengths]
 
 
 def both_idle(prefill, decode) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 
+import pytest
 import zmq
 
 from engine.cluster_cli import READY_LINE
@@ -256,3 +258,16 @@ def assert_blocks_balanced(node: NodeProcess, used: int | None = 0) -> dict:
     if used is not None:
         assert b["used"] == used, b
     return b
+
+
+@pytest.fixture
+def proxy():
+    """A FakeProxy for one test (import this fixture into the test module)."""
+    p = FakeProxy()
+    yield p
+    p.close()
+
+
+def prompts(seed: int, lengths: list[int]) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(10, 500) for _ in range(n)] for n in lengths]

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.kvconnector.bad_frames import bad_frame
-from tests.kvconnector.node_proc import NodeHandle
+from tests.kvconnector.node_proc import pair  # noqa: F401 (a fixture)
 
 TIMEOUT = 2.0
 SLACK = 1.5
@@ -19,16 +19,6 @@ CFG = dict(model="tiny", dtype="bfloat16", block_size=16, num_layers=8, num_kv_h
            secret="test-secret", timeout=TIMEOUT)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
-
-
-@pytest.fixture
-def pair():
-    prod, cons = NodeHandle(), NodeHandle()
-    try:
-        yield prod, cons
-    finally:
-        prod.close()
-        cons.close()
 
 
 def wait_for(node, pred, limit):

@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from tests.e2e.test_nodes_harness import (FakeProxy, assert_blocks_balanced, start_node, wait_for,
-                                          wait_healthy)
+from tests.e2e.test_nodes_harness import (assert_blocks_balanced, proxy, start_node, wait_for, wait_healthy)  # noqa: F401 (proxy: a fixture)
 
 pytestmark = pytest.mark.slow
 KV_TIMEOUT = 3.0
@@ -34,13 +33,6 @@ def pair(model_dir, logs):
             prefill.proc.send_signal(signal.SIGCONT)
         prefill.stop()
         decode.stop()
-
-
-@pytest.fixture
-def proxy():
-    p = FakeProxy()
-    yield p
-    p.close()
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:

@@ -15,6 +15,8 @@ import threading
 import time
 import traceback
 
+import pytest
+
 
 class Node:
     def __init__(self):
@@ -219,3 +221,14 @@ class NodeHandle:
                 pass
             self.proc.join(5)
         self.kill()
+
+
+@pytest.fixture
+def pair():
+    """A producer and a consumer process, closed after the test (import this fixture into the test module)."""
+    prod, cons = NodeHandle(), NodeHandle()
+    try:
+        yield prod, cons
+    finally:
+        prod.close()
+        cons.close()

@@ -6,23 +6,13 @@ requests. Block accounting holds after each.
 """
 import pytest
 
-from tests.kvconnector.node_proc import NodeHandle
+from tests.kvconnector.node_proc import pair  # noqa: F401 (a fixture)
 
 LAYOUTS = [
     dict(block_size=16, num_layers=3, num_kv_heads=2, head_dim=16),
     dict(block_size=8, num_layers=2, num_kv_heads=4, head_dim=8),
 ]
 DTYPES = ["bfloat16", "float16", "float32"]
-
-
-@pytest.fixture
-def pair():
-    prod, cons = NodeHandle(), NodeHandle()
-    try:
-        yield prod, cons
-    finally:
-        prod.close()
-        cons.close()
 
 
 def check_accounting(state, busy=0):
