@@ -150,14 +150,9 @@ class NodeServer:
 
     def _on_generate(self, identity: bytes, msg: Generate) -> None:
         rid = msg.request_id
-        try:
-            params = SamplingParams.from_dict(msg.params)
-        except (ValueError, TypeError) as exc:
-            return self.reject(identity, rid, 400, f"bad sampling params: {exc}")
-        if self.vocab_size is not None and max(msg.prompt_token_ids) >= self.vocab_size:
-            return self.reject(identity, rid, 400, f"prompt token id beyond the vocabulary ({self.vocab_size})")
-        if self.loop.snapshot.num_waiting >= self.options.max_num_waiting:
-            return self.reject(identity, rid, 429, "the node's queue is full", retryable=True)
+        params = self.admit_or_reject(identity, rid, msg.params, msg.prompt_token_ids)
+        if params is None:
+            return
         if msg.mode == "disaggregated" and self.decode is None:
             return self.reject(identity, rid, 503, f"node {self.node_id} ({self.role}) does not decode for "
                                                    "prefill nodes", retryable=True)
@@ -241,6 +236,20 @@ class NodeServer:
             t["prefill"] = max((live.first_token_at or scheduled) - scheduled, 0.0)
         t.update(live.timings)
         return t
+
+    def admit_or_reject(self, identity: bytes, request_id: str, params: dict,
+                        prompt_token_ids: list[int]) -> SamplingParams | None:
+        """The checks every request meets at a node's door; None once it was rejected (and answered)."""
+        try:
+            parsed = SamplingParams.from_dict(params)
+        except (ValueError, TypeError) as exc:
+            return self.reject(identity, request_id, 400, f"bad sampling params: {exc}")
+        if self.vocab_size is not None and max(prompt_token_ids) >= self.vocab_size:
+            return self.reject(identity, request_id, 400,
+                               f"prompt token id beyond the vocabulary ({self.vocab_size})")
+        if self.loop.snapshot.num_waiting >= self.options.max_num_waiting:
+            return self.reject(identity, request_id, 429, f"node {self.node_id}'s queue is full", retryable=True)
+        return parsed
 
     def reject(self, identity: bytes, request_id: str, status: int, message: str, retryable: bool = False) -> None:
         self.metrics.rejected.labels(str(status)).inc()

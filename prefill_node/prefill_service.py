@@ -87,15 +87,11 @@ class PrefillService:
     # ---- 1: a decode node asks ---------------------------------------------------------------------------------
     def on_message(self, identity: bytes, msg: Prefill) -> None:
         rid, node = msg.request_id, self.node
-        try:
-            params = SamplingParams.from_dict(msg.params)
-            engine_params = params.clone(max_tokens=1, min_tokens=min(params.min_tokens, 1))
-        except (ValueError, TypeError) as exc:
-            return node.reject(identity, rid, 400, f"bad sampling params: {exc}")
-        if node.vocab_size is not None and max(msg.prompt_token_ids) >= node.vocab_size:
-            return node.reject(identity, rid, 400, f"prompt token id beyond the vocabulary ({node.vocab_size})")
-        if node.loop.snapshot.num_waiting >= node.options.max_num_waiting:
-            return node.reject(identity, rid, 429, "the prefill node's queue is full", retryable=True)
+        params = node.admit_or_reject(identity, rid, msg.params, msg.prompt_token_ids)
+        if params is None:
+            return
+        # This node samples only the first token; the decode node continues.
+        engine_params = params.clone(max_tokens=1, min_tokens=min(params.min_tokens, 1))
         job = PrefillJob(rid, identity, msg, engine_params)
         with self.lock:
             if rid in self.jobs:
