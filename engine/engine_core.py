@@ -142,7 +142,7 @@ class EngineCore:
             self.kv_manager.free(request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished()
 
     def step(self) -> list[StepOutput]:
         # 1. Decide who runs and how many tokens each computes.
@@ -171,7 +171,8 @@ class EngineCore:
             return {}
         params = [r.sampling_params for r in requests]
         generators = [self.generators.get(r.request_id) for r in requests]
-        out = self.sampler.sample(logits, params, generators)  # logprob width comes from the rows that ask
+        out = self.sampler.sample(logits, params, generators,  # logprob width comes from the rows that ask
+                                  blocked_token_ids=self._blocked_before_min_tokens(requests))
         tokens = out.token_ids.tolist()
         rows = list(zip(*out.logprobs.tolists())) if out.logprobs is not None else None
         result = {}
@@ -179,6 +180,20 @@ class EngineCore:
             logprob = rows[i] if rows is not None and params[i].logprobs is not None else None
             result[request.request_id] = (tokens[i], logprob)
         return result
+
+    def _blocked_before_min_tokens(self, requests: list[Request]) -> list[list[int]] | None:
+        """Until a request has min_tokens outputs it may not sample EOS (unless ignore_eos) or its stop ids,
+        as in vLLM; stopping alone would emit the EOS and carry on past it."""
+        blocked = []
+        for request in requests:
+            params = request.sampling_params
+            ids: list[int] = []
+            if request.num_output_tokens < params.min_tokens:
+                ids = list(params.stop_token_ids)
+                if not params.ignore_eos:
+                    ids += self.scheduler.eos_token_ids
+            blocked.append(ids)
+        return blocked if any(blocked) else None
 
     def _outputs(self, sampled: dict, finished: list[Request]) -> list[StepOutput]:
         done = {r.request_id: r for r in finished}

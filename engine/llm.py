@@ -7,8 +7,8 @@ from typing import Sequence, Union
 from engine.checkpoint import load_arch_config
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore
-from engine.errors import PromptTooLongError
 from engine.output_processor import OutputProcessor
+from engine.request import Request
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import load_tokenizer
@@ -44,15 +44,6 @@ class LLM:
             return prompt.get("prompt"), list(prompt["prompt_token_ids"])
         raise TypeError("a prompt is a string or {'prompt_token_ids': [...]}")
 
-    def _check_length(self, ids: list[int], params: SamplingParams) -> None:
-        if not ids:
-            raise ValueError("the prompt is empty")
-        wanted = len(ids) + (params.max_tokens or 1)
-        if wanted > self.max_model_len:
-            raise PromptTooLongError(
-                f"the prompt has {len(ids)} tokens and asks for {params.max_tokens} more: {wanted} is over "
-                f"--max-model-len {self.max_model_len}")
-
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
         if isinstance(prompts, (str, dict)):
@@ -62,25 +53,32 @@ class LLM:
         if len(params_list) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
         processor = OutputProcessor(self.core, self.tokenizer)
-        # 1. Tokenize and check everything before anything is queued, so bad input loses nothing.
+        # 1. Tokenize and check everything before anything is queued, so bad input loses nothing (the scheduler
+        #    also refuses a request that could never fit the whole KV cache).
         parsed = [self._prompt_ids(p) for p in prompts]
         for (_, ids), params in zip(parsed, params_list):
-            self._check_length(ids, params)
+            self.core.scheduler.validate(Request(request_id="check", prompt_token_ids=ids, sampling_params=params,
+                                                 block_size=self.config.cache.block_size))
         # 2. Queue n children per prompt; a seed gives child i the seed + i, so each sample differs yet repeats.
         parents = []
-        for (text, ids), params in zip(parsed, params_list):
-            parent_id = str(next(self._ids))
-            children = []
-            for index in range(params.n):
-                child_params = params if params.seed is None else params.clone(seed=params.seed + index)
-                child_id = f"{parent_id}-{index}"
-                processor.add(child_id, parent_id, index, ids, child_params)
-                self.core.add_request(child_id, ids, child_params)
-                children.append(child_id)
-            parents.append((parent_id, text, ids, children))
-        # 3. Step until every child finished.
-        while self.core.has_unfinished():
-            processor.process(self.core.step())
+        try:
+            for (text, ids), params in zip(parsed, params_list):
+                parent_id = str(next(self._ids))
+                children = []
+                for index in range(params.n):
+                    child_params = params if params.seed is None else params.clone(seed=params.seed + index)
+                    child_id = f"{parent_id}-{index}"
+                    processor.add(child_id, parent_id, index, ids, child_params)
+                    self.core.add_request(child_id, ids, child_params)
+                    children.append(child_id)
+                parents.append((parent_id, text, ids, children))
+            # 3. Step until every child finished.
+            while self.core.has_unfinished():
+                processor.process(self.core.step())
+        except BaseException:  # an interrupted call frees what it queued, so the next call starts clean
+            for child_id in processor.tracked:
+                self.core.abort_request(child_id)
+            raise
         # 4. Collect, in prompt order.
         results = []
         for parent_id, text, ids, children in parents:

@@ -96,3 +96,35 @@ def test_text_prompts_and_stop_strings(model_dirs, hf_models):
                        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[stop]))[0].outputs[0]
     assert cut.text == text[: text.index(stop)]
     assert cut.finish_reason == "stop" and cut.stop_reason == stop
+
+
+def test_a_refused_prompt_queues_nothing_and_the_next_call_works(model_dirs):
+    """Bad input loses nothing: a batch whose second prompt can never fit the cache is refused whole."""
+    from engine.scheduler import RequestTooLargeError
+
+    llm = LLM(model=model_dirs["llama"], device="cpu", block_size=16, num_gpu_blocks_override=8)
+    prompt = {"prompt_token_ids": list(range(10, 30))}
+    with pytest.raises(RequestTooLargeError):
+        llm.generate([prompt, prompt], [SamplingParams(temperature=0, max_tokens=4),
+                                        SamplingParams(temperature=0, max_tokens=400)])
+    assert not llm.core.has_unfinished()
+    assert llm.core.block_pool.num_used == 0
+    again = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(again[0].outputs[0].token_ids) == 4
+
+
+def test_min_tokens_keeps_eos_from_being_sampled(model_dirs, hf_models):
+    """With EOS made the greedy choice, min_tokens must mask it (vLLM's behaviour), not emit it and go on."""
+    llm = LLM(model=model_dirs["llama"], device="cpu")
+    prompt = random_prompts(5, [12])[0]
+    free = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=1))
+    first = free[0].outputs[0].token_ids[0]
+    # Declare the greedy first token a stop token: without min_tokens the request stops at once on it.
+    stopped = llm.generate([{"prompt_token_ids": prompt}],
+                           SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[first]))
+    assert stopped[0].outputs[0].token_ids == [first] and stopped[0].outputs[0].finish_reason == "stop"
+    held = llm.generate([{"prompt_token_ids": prompt}],
+                        SamplingParams(temperature=0, max_tokens=6, min_tokens=3, stop_token_ids=[first]))
+    tokens = held[0].outputs[0].token_ids
+    assert first not in tokens[:3]
+    assert len(tokens) >= 3
