@@ -82,7 +82,7 @@ class ProxyState:
                 lambda role=role: sum(1 for n in self.registry.live() if n.role == role))
         proxy_id = cfg.proxy_id or f"proxy-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         drop = lambda reason: self.metrics.dropped_frames.labels(reason).inc()  # noqa: E731
-        self.rpc = NodeRpc(self.ctx, make_codec(resolve_secret(cfg.kv_secret or None)), proxy_id, on_drop=drop,
+        self.rpc = NodeRpc(self.ctx, make_codec(resolve_secret(cfg.kv_secret or None, cfg.host)), proxy_id, on_drop=drop,
                            on_alive=self._rpc_alive)
         self.registry.on_up.append(lambda node: self.rpc.connect(node.rpc))
         self.router = Router(cfg.router)
@@ -147,6 +147,12 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         return _error(bad_request(str(exc)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        """A bug still answers in OpenAI's error shape (and is logged with its traceback)."""
+        log.exception("unhandled error serving %s", request.url.path)
+        return _error(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
 
     def check_auth(request: Request) -> None:
         if not config.api_key:

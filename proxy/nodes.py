@@ -81,10 +81,12 @@ class NodeRegistry:
         now = time.monotonic() if now is None else now
         node = self.nodes.get(hb.node_id)
         if node is None or not node.alive:
-            pending, active = (node.pending_prefill, node.active) if node is not None else (0, 0)
-            node = NodeState(hb.node_id, events_endpoint, hb.role, hb.rpc, hb.http, hb.block_size,
-                             pending_prefill=pending, active=active)
-            self.nodes[hb.node_id] = node
+            # Revive in place: requests still in flight hold this object and decrement its counters when they
+            # end; a fresh object would keep their counts forever.
+            if node is None:
+                node = NodeState(hb.node_id, events_endpoint, hb.role, hb.rpc, hb.http, hb.block_size)
+                self.nodes[hb.node_id] = node
+            node.alive = True
             log.info("node %s up: role %s, rpc %s, http %s, events %s", hb.node_id, hb.role, hb.rpc, hb.http,
                      events_endpoint)
             for cb in self.on_up:

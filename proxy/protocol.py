@@ -54,8 +54,12 @@ class GenerationRequest:
 
 # ---------------------------------------------------------------------------------------------------- field checks
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    """An integer the wire can carry (msgpack's int64): a larger one is a 400 here, not a 500 at encoding."""
+    return isinstance(x, int) and not isinstance(x, bool) and INT64_MIN <= x <= INT64_MAX
 
 
 def _is_num(x) -> bool:
@@ -120,7 +124,7 @@ def _sampling(body: dict, max_tokens: Optional[int], logprobs: Optional[int]) ->
         raise bad_request(f"'temperature' must be between 0 and {MAX_TEMPERATURE:g}, got {temperature}",
                           param="temperature")
     stop_token_ids = body.get("stop_token_ids") or []
-    if not isinstance(stop_token_ids, list):
+    if not isinstance(stop_token_ids, list) or not all(_is_int(t) for t in stop_token_ids):
         raise bad_request("'stop_token_ids' must be a list of integers", param="stop_token_ids")
     kwargs = dict(
         n=n, temperature=temperature, top_p=_get(body, "top_p", "num", 1.0), top_k=_get(body, "top_k", "int", 0),

@@ -315,3 +315,21 @@ def test_app_redis_down_keeps_serving(fake_nodes, proxy_factory, redis_server, c
     assert sum("unavailable" in r.getMessage() for r in caplog.records) == 1
     gens = d0.messages(Generate)
     assert gens and all(g.prefill_rpc == p0.rpc for g in gens)
+
+
+def test_a_node_back_from_silence_keeps_its_in_flight_counts():
+    """In-flight requests hold the node's state object and decrement it when they end: reviving the node in
+    place keeps those counts honest (a fresh object kept them forever and penalised the node in routing)."""
+    from kvconnector.node_messages import NodeHeartbeat
+    from proxy.nodes import NodeRegistry
+
+    registry = NodeRegistry(misses=3, interval_s=0.5)
+    hb = NodeHeartbeat(node_id="d0", role="decode", rpc="tcp://127.0.0.1:1", http="http://127.0.0.1:2",
+                       num_waiting=0, num_running=0, free_blocks=10, total_blocks=10, block_size=16, ts=0.0)
+    node = registry.heartbeat("tcp://127.0.0.1:3", hb, now=0.0)
+    node.active += 2  # two requests in flight hold `node`
+    assert registry.reap(now=5.0) == [node] and not node.alive
+    revived = registry.heartbeat("tcp://127.0.0.1:3", hb, now=5.1)
+    assert revived is node and node.alive
+    node.active -= 2  # both end
+    assert registry.nodes["d0"].active == 0
