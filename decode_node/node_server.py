@@ -26,7 +26,7 @@ from decode_node.protocol import (HEARTBEAT_INTERVAL_S, TOPIC_HEARTBEAT, TOPIC_K
                                   NodeHeartbeat, Tokens, encode_heartbeat, make_codec, plain)
 from decode_node.rpc_server import RpcServer
 from engine.engine_loop import EngineLoop, Sink
-from engine.errors import PromptTooLongError
+from engine.errors import ConfigError, PromptTooLongError
 from engine.sampling_params import SamplingParams
 from kvconnector.bind import advertised
 from kvconnector.events import KVEventBatch, encode_batch
@@ -70,7 +70,10 @@ class NodeServer:
         self.config, self.options = config, options
         self.node_id = options.node_id or f"{ROLE_NAMES[options.role]}-{socket.gethostname()}-{options.rpc_port}"
         self.role = options.role
-        self.secret = resolve_secret(options.kv_secret)
+        try:
+            self.secret = resolve_secret(options.kv_secret, options.host)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.core = core if core is not None else _build_core(config)  # emits KV events: the proxy's index
         self.loop = EngineLoop(self.core)
         self.loop.after_step.append(self._publish_kv_events)
@@ -204,10 +207,8 @@ class NodeServer:
             late = [r for r in self.requests.values() if r.deadline and r.deadline <= now]
         for live in late:
             self.fail(live, 504, "the request's deadline passed", retryable=False, cause="deadline")
-        if self.decode is not None:
+        if self.decode is not None:  # the prefill side waits only on the connector, which times itself out
             self.decode.check_timeouts(now)
-        if self.prefill is not None:
-            self.prefill.check_timeouts(now)
 
     # ---- outgoing ---------------------------------------------------------------------------------------------
     def _on_output(self, live: LiveRequest, out) -> None:

@@ -23,6 +23,17 @@ def is_wildcard(host: str) -> bool:
         return False  # a host name
 
 
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost' (what only this machine can reach)."""
+    host = endpoint_host(host)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def endpoint_host(endpoint: str) -> str:
     """'tcp://host:port', 'host:port' or 'host' -> host ('[::]' keeps its brackets off)."""
     rest = endpoint.split("://", 1)[-1]

@@ -92,7 +92,7 @@ class Endpoint:
         self.caches = caches_by_layer(kv_caches)
         self._check_caches()
         self.on_free, self.on_complete = on_free, on_complete
-        self.codec = SignedCodec(resolve_secret(config.secret), max_body=config.max_body)
+        self.codec = SignedCodec(resolve_secret(config.secret, config.kv_ip), max_body=config.max_body)
         self.device = self.caches[0].device
         self.data_plane = create_data_plane(config.kv_connector, DataPlaneConfig(
             config.kv_ip, str(self.device), config.max_inflight, config.extra))

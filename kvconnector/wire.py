@@ -31,6 +31,8 @@ from typing import Any, Iterable, Sequence, Union
 
 import msgspec
 
+from kvconnector.bind import is_loopback
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"PDSV"
@@ -81,13 +83,17 @@ class LayoutMismatch(Exception):
     """A peer's KV layout (model, dtype, block size, layers, heads, head dim, hash) differs from ours."""
 
 
-def resolve_secret(secret: str | bytes | None = None) -> bytes:
-    """--kv-secret, else $PDSERVE_KV_SECRET, else the development secret (with a warning)."""
+def resolve_secret(secret: str | bytes | None = None, bind_host: str = "127.0.0.1") -> bytes:
+    """--kv-secret, else $PDSERVE_KV_SECRET, else the development secret - on loopback only: it is in the
+    source, so anyone who can reach a socket signed with it can send it frames."""
     if secret is None:
         secret = os.environ.get(SECRET_ENV)
     if not secret:
-        log.warning("no --kv-secret or $%s given: KV frames are signed with the public development secret",
-                    SECRET_ENV)
+        if not is_loopback(bind_host):
+            raise ValueError(f"binding {bind_host} needs a frame-signing secret: pass --kv-secret or set "
+                             f"${SECRET_ENV} (the same on every process)")
+        log.warning("no --kv-secret or $%s given: KV frames are signed with the public development secret "
+                    "(loopback only)", SECRET_ENV)
         return _DEV_SECRET
     return secret.encode() if isinstance(secret, str) else bytes(secret)
 

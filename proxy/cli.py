@@ -12,6 +12,7 @@ import logging
 import os
 
 from engine.errors import ConfigError
+from kvconnector.wire import resolve_secret
 from proxy.config import ProxyConfig, RouterConfig
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,10 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
                           "--max-retries >= 0")
     if not args.node:
         log.warning("no --node given: every generation request will answer 503")
+    try:
+        resolve_secret(args.kv_secret or None, args.host)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return ProxyConfig(
         model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
         node_events=tuple(args.node), redis_url=args.redis_url, api_key=args.api_key,

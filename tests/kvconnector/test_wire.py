@@ -128,3 +128,12 @@ def test_torch_free_modules_stay_torch_free():
             "kvconnector.metrics, kvconnector.event_publisher, kvconnector.events, kvconnector.hashing; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::", "node-7.cluster.local"])
+def test_the_public_dev_secret_is_refused_off_loopback(monkeypatch, host):
+    monkeypatch.delenv(wire.SECRET_ENV, raising=False)
+    with pytest.raises(ValueError, match="needs a frame-signing secret"):
+        wire.resolve_secret(None, host)
+    assert wire.resolve_secret("given", host) == b"given"
+    assert wire.resolve_secret(None, "localhost") == wire._DEV_SECRET
