@@ -166,6 +166,7 @@ class DisaggDecoder:
         with pending.lock:
             pending.landed, pending.landed_at = True, time.monotonic()
             ready = pending.first_token is not None
+            pending.deadline = pending.landed_at + self.timeout  # the first token must follow within --kv-timeout
         if "transfer_s" in timings:
             pending.live.timings.setdefault("transfer", timings["transfer_s"])
         if ready:
@@ -231,18 +232,23 @@ class DisaggDecoder:
     def check_timeouts(self, now: float) -> None:
         """RPC thread tick: a prefill node that shows no progress in --kv-timeout fails its requests."""
         with self.lock:
-            late = [p for p in self.pending.values() if not p.landed and now > p.deadline]
+            late = [p for p in self.pending.values() if _waiting_on_prefill(p) and now > p.deadline]
         active = set(self.consumer.scheduler.active()) if late else set()
         for pending in late:
-            if pending.live.request_id not in active:  # once reserved, the connector's own timeout applies
+            if pending.live.request_id not in active:  # while KV moves, the connector's own timeout applies
                 self._fail(pending, 504, f"no answer from the prefill node {pending.prefill_rpc} in "
                                          f"{self.timeout:.1f}s", True, "prefill_timeout")
 
     def on_prefill_node_lost(self, endpoint: str) -> None:
         with self.lock:
-            lost = [p for p in self.pending.values() if p.prefill_rpc == endpoint and not p.landed]
+            lost = [p for p in self.pending.values() if p.prefill_rpc == endpoint and _waiting_on_prefill(p)]
         for pending in lost:
             self._fail(pending, 503, f"lost the connection to the prefill node {endpoint}", True, "prefill_lost")
+
+
+def _waiting_on_prefill(pending: Pending) -> bool:
+    """Still needs something from the prefill node: its KV, or (KV landed) its first token."""
+    return not pending.admitted and (not pending.landed or pending.first_token is None)
 
 
 def connector_config(node):

@@ -98,7 +98,6 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    has_unfinished_requests = has_unfinished
 
     def get_num_unfinished(self) -> int:
         return len(self.requests)

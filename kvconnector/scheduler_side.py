@@ -102,11 +102,6 @@ class _RequestTable:
         with self.lock:
             return list(self._reqs)
 
-    def peer_of(self, request_id: str) -> Optional[Hashable]:
-        with self.lock:
-            req = self._reqs.get(request_id)
-            return None if req is None else req.peer
-
     def _finish(self, req, ok: bool, cause: str = "", detail: str = "") -> Finished:
         """Remove the request; the caller reports the Finished once (completion is notified exactly once)."""
         del self._reqs[req.request_id]
@@ -150,13 +145,6 @@ class ProducerScheduler(_RequestTable):
             req.deadline = self.clock() + self.timeout
             req.timings["reserved"] = time.time()
             return None
-
-    def reservation(self, request_id: str) -> Optional[tuple[list[int], int]]:
-        with self.lock:
-            req = self._reqs.get(request_id)
-            if req is None or req.state is State.RESERVING:
-                return None
-            return list(req.remote_block_ids), req.num_cached
 
     def plan(self, request_id: str, num_computed_tokens: int, block_ids: list[int],
              prompt_done: bool) -> Optional[SendPlan]:
@@ -291,10 +279,4 @@ class ConsumerScheduler(_RequestTable):
             if req is not None and req.remaining == 0:
                 return self._finish(req, True)
             return None
-
-    def touch(self, request_id: str) -> None:
-        with self.lock:
-            req = self._reqs.get(request_id)
-            if req is not None:
-                req.deadline = self.clock() + self.timeout
 

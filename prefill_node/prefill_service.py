@@ -112,10 +112,12 @@ class PrefillService:
         if list(res.block_ids) != list(msg.block_ids) or res.num_cached_blocks != msg.num_cached_blocks:
             self.producer.abort(job.request_id, "reservation mismatch")
             return self._fail(job, 503, "the decode node's reservation does not match the prefill request", True)
-        if job.ended:
+        with self.lock:  # abort() reads in_engine under the same lock: one of the two sees the other
+            if not job.ended:
+                job.in_engine = True
+        if not job.in_engine:
             self.producer.abort(job.request_id, "aborted")
             return
-        job.in_engine = True
         sink = Sink(on_output=lambda out: self._on_output(job, out),
                     on_fail=lambda why: self._fail(job, 503, why, retryable=True),
                     on_scheduled=lambda t: setattr(job, "scheduled_at", t))
@@ -162,9 +164,9 @@ class PrefillService:
     def abort(self, request_id: str, reason: str) -> None:
         with self.lock:
             job = self.jobs.pop(request_id, None)
-        if job is None:
-            return
-        job.ended = True
+            if job is None:
+                return
+            job.ended = True
         self.producer.abort(request_id, reason)
         if job.in_engine:
             self.loop.abort(job.engine_id)
@@ -175,9 +177,6 @@ class PrefillService:
             gone = [j.request_id for j in self.jobs.values() if j.identity == identity]
         for rid in gone:
             self.abort(rid, "the decode node went away")
-
-    def check_timeouts(self, now: float) -> None:
-        """The connector times transfers out itself; nothing else here waits without a bound."""
 
     def _fail(self, job: PrefillJob, status: int, message: str, retryable: bool) -> None:
         with self.lock:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, Optional
+from typing import Callable
 
 import zmq
 import zmq.asyncio
@@ -146,6 +146,3 @@ class Indexer:
         while True:
             await asyncio.sleep(interval)
             self.registry.reap()
-
-    def node_for_endpoint(self, endpoint: str) -> Optional[str]:
-        return self._node_of.get(endpoint)
