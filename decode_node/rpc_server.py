@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import queue
 import socket
-import struct
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -27,6 +26,7 @@ from typing import Any, Callable, Optional
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from kvconnector.event_publisher import event_frames
 from kvconnector.wire import WireError
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ class RpcServer:
                 seq = self._seq.get(key, 0)
                 self._seq[key] = seq + 1
                 try:
-                    self.pub.send_multipart([key, struct.pack(">Q", seq), data], zmq.NOBLOCK)
+                    self.pub.send_multipart(event_frames(key, seq, data), zmq.NOBLOCK)
                 except zmq.ZMQError as exc:
                     log.debug("publish on %r dropped: %s", key, exc)
 

@@ -31,6 +31,11 @@ DEFAULT_TOPIC = b"kv-events"
 SEQ_BYTES = 8
 
 
+def event_frames(topic: bytes, seq: int, payload: bytes) -> list[bytes]:
+    """One published message: (topic, 8-byte big-endian sequence number, payload), as vLLM publishes."""
+    return [topic, seq.to_bytes(SEQ_BYTES, "big"), payload]
+
+
 class KVEventPublisher:
     def __init__(self, endpoint: str = "tcp://127.0.0.1:5557", topic: bytes | str = DEFAULT_TOPIC,
                  data_parallel_rank: Optional[int] = None, hwm: int = 100_000,
@@ -57,8 +62,7 @@ class KVEventPublisher:
             seq = self.seq
             self.seq += 1
             try:
-                self._sock.send_multipart([self.topic, seq.to_bytes(SEQ_BYTES, "big"), payload],
-                                          flags=zmq.NOBLOCK, copy=False)
+                self._sock.send_multipart(event_frames(self.topic, seq, payload), flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 self.dropped += 1
                 return -1
