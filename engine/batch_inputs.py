@@ -30,6 +30,27 @@ def _block_table(chunks: list[ScheduledRequest]) -> np.ndarray:
     return table
 
 
+@dataclass(slots=True)
+class DecodeRows:
+    """Host arrays for decode chunks (one new token each), shared by eager steps and CUDA-graph staging."""
+
+    input_ids: np.ndarray  # [n] int64
+    positions: np.ndarray  # [n] int64, == tokens already computed
+    slot_mapping: np.ndarray  # [n] int64
+    seq_lens: np.ndarray  # [n] int32, context including the new token
+    block_tables: np.ndarray  # [n, widest table] int32, zero-padded
+
+
+def decode_rows(chunks: list[ScheduledRequest], block_size: int) -> DecodeRows:
+    n = len(chunks)
+    positions = np.fromiter((c.num_computed_tokens for c in chunks), dtype=np.int64, count=n)
+    table = _block_table(chunks)
+    slots = table[np.arange(n), positions // block_size].astype(np.int64) * block_size + positions % block_size
+    return DecodeRows(input_ids=np.fromiter((c.token_ids[0] for c in chunks), dtype=np.int64, count=n),
+                      positions=positions, slot_mapping=slots, seq_lens=(positions + 1).astype(np.int32),
+                      block_tables=table)
+
+
 def _slot_mapping(chunks: list[ScheduledRequest], block_size: int) -> np.ndarray:
     parts = []
     for chunk in chunks:
@@ -54,6 +75,7 @@ def build_batch_inputs(chunks: list[ScheduledRequest], block_size: int, device: 
     q_lens = np.array([len(c.token_ids) for c in prefills], dtype=np.int32)
     cu_q = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     ends = np.cumsum([len(c.token_ids) for c in chunks]) - 1
+    decode = decode_rows(decodes, block_size)
 
     def dev(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
@@ -61,8 +83,8 @@ def build_batch_inputs(chunks: list[ScheduledRequest], block_size: int, device: 
     attn = AttentionMetadata(
         slot_mapping=dev(slots.astype(np.int64)),
         num_decode_tokens=len(decodes),
-        decode_block_tables=dev(_block_table(decodes)),
-        decode_seq_lens=dev(np.array([c.num_computed_tokens + 1 for c in decodes], dtype=np.int32)),
+        decode_block_tables=dev(decode.block_tables),
+        decode_seq_lens=dev(decode.seq_lens),
         prefill_block_tables=dev(_block_table(prefills)),
         prefill_cu_query_lens=dev(cu_q),
         prefill_seq_lens=dev(np.array([c.num_computed_tokens + len(c.token_ids) for c in prefills], dtype=np.int32)),

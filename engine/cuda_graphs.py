@@ -13,6 +13,7 @@ import time
 import torch
 
 from engine.attention_metadata import AttentionMetadata
+from engine.batch_inputs import decode_rows
 from engine.scheduler_output import ScheduledRequest
 
 log = logging.getLogger(__name__)
@@ -95,18 +96,14 @@ class DecodeGraphs:
                                  h["seq_lens"].numpy())
         table = h["block_tables"].numpy()
         # 1. Fill the host staging rows (padding rows stay inert: slot -1, one token of context).
-        ids[:size], pos[:size], slots[:size], lens[:size] = 0, 0, -1, 1
-        for row, chunk in enumerate(chunks):
-            position = chunk.num_computed_tokens
-            ids[row] = chunk.token_ids[0]
-            pos[row] = position
-            slots[row] = chunk.block_ids[position // self.block_size] * self.block_size + position % self.block_size
-            lens[row] = position + 1
-            table[row, : len(chunk.block_ids)] = chunk.block_ids
+        rows = decode_rows(chunks, self.block_size)
+        ids[n:size], pos[n:size], slots[n:size], lens[n:size] = 0, 0, -1, 1
+        ids[:n], pos[:n], slots[:n], lens[:n] = rows.input_ids, rows.positions, rows.slot_mapping, rows.seq_lens
+        width = rows.block_tables.shape[1]
+        table[:n, :width] = rows.block_tables
         # 2. One async copy per buffer, then replay.
         for name in ("input_ids", "positions", "slot_mapping", "seq_lens"):
             getattr(self, name)[:size].copy_(h[name][:size], non_blocking=True)
-        width = max(len(c.block_ids) for c in chunks)
         self.block_tables[:n, :width].copy_(h["block_tables"][:n, :width], non_blocking=True)
         self.graphs[size].replay()
         return self.logits[size][:n]
