@@ -139,6 +139,44 @@ def elementwise_cases(torch, s: dict, dtype, device) -> list[Case]:
     return cases
 
 
+def _replayed(torch, device, calls: Callable[[], object]) -> Callable[[], object]:
+    """On a GPU: `calls` captured once in a CUDA graph and replayed, so a few-microsecond kernel is timed without
+    the host's launch cost between the timing events (decode runs these kernels inside graphs too)."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return calls
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        calls()  # compile outside the capture
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        calls()
+    return graph.replay
+
+
+def linear_cases(torch, s: dict, dtype, device) -> list[Case]:
+    """Decode-size linears (one row) at Llama's projection shapes: the skinny kernel beside cuBLAS (F.linear).
+    Each call runs over enough copies of the weight to pass L2 (a model's layers never share one)."""
+    import torch.nn.functional as F
+
+    from kernels import skinny_linear as sl
+
+    H, inter = s["hidden"], s["inter"]
+    cases = []
+    for label, (n, k) in (("o_proj", (H, H)), ("gate_up_proj", (2 * inter, H)), ("down_proj", (H, inter))):
+        es = torch.empty((), dtype=dtype).element_size()
+        copies = max(2, math.ceil(120e6 / (n * k * es))) if device.type == "cuda" else 2
+        weights = [torch.randn(n, k, dtype=dtype, device=device) / math.sqrt(k) for _ in range(copies)]
+        x = torch.randn(1, k, dtype=dtype, device=device)
+        ours = _replayed(torch, device, lambda ws=weights, x=x: [sl.skinny_linear(x, w) for w in ws])
+        ref = _replayed(torch, device, lambda ws=weights, x=x: [F.linear(x, w) for w in ws])
+        cases.append(Case("skinny_linear", f"1x{k} @ {n}x{k} ({label}), x{copies} weights", ours, ref,
+                          lambda w=weights[0], x=x: _diff(sl.skinny_linear(x, w), F.linear(x, w)),
+                          nbytes=copies * (n * k + k + n) * es))
+    return cases
+
+
 def block_copy_cases(torch, s: dict, dtype, device) -> list[Case]:
     """2048 tokens of KV: every layer's K and V at once ([2L, N, blk] view of the engine's cache), and one layer."""
     from kernels import block_copy as bc
@@ -205,7 +243,7 @@ def run_kernels(bench) -> None:
     s = TOY if bench.sizes.kernel_scale == "toy" else REAL
     dtype, device = bench.torch_dtype, bench.device
     torch.manual_seed(0)
-    for group in (attention_cases, elementwise_cases, block_copy_cases):
+    for group in (attention_cases, elementwise_cases, linear_cases, block_copy_cases):
         if bench.out_of_time(f"kernels {group.__name__}"):
             return
         try:

@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
 from engine.checkpoint import ArchConfig
 from engine.models.layers import Attention, Embedding, GatedMLP, Linear, RMSNorm, build_cos_sin_cache
+from kernels import dispatch
 
 
 class DecoderLayer(nn.Module):
@@ -77,4 +77,4 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in the model's dtype (as Hugging Face computes them), returned as float32."""
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, head).float()
+        return dispatch.linear(hidden, head).float()

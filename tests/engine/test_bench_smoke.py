@@ -34,5 +34,5 @@ def test_engine_bench_smoke_writes_a_valid_result_file(tmp_path):
     assert all(r["baseline"] is not None for r in ours), "transformers' figures should be linked as baselines"
     kernels = {r["params"]["kernel"] for r in doc["records"] if r["metric"] == "kernel_ms"}
     assert kernels >= {"decode_attention", "prefill_attention", "rms_norm", "silu_and_mul", "rotary",
-                       "rotary_and_write_kv", "kv_cache_write", "gather_blocks", "scatter_blocks"}
+                       "rotary_and_write_kv", "kv_cache_write", "skinny_linear", "gather_blocks", "scatter_blocks"}
     assert all(r["params"]["matches_ref"] for r in doc["records"] if r["metric"] == "kernel_ms")
