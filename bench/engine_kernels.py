@@ -140,19 +140,26 @@ def elementwise_cases(torch, s: dict, dtype, device) -> list[Case]:
 
 
 def _replayed(torch, device, calls: Callable[[], object]) -> Callable[[], object]:
-    """On a GPU: `calls` captured once in a CUDA graph and replayed, so a few-microsecond kernel is timed without
-    the host's launch cost between the timing events (decode runs these kernels inside graphs too)."""
+    """On a GPU: `calls` captured in a CUDA graph at the first call and replayed from then on, so a few-microsecond
+    kernel is timed without the host's launch cost between the timing events (decode runs these kernels inside
+    graphs too). Captured lazily: one case's graphs live only while that case runs."""
     if getattr(device, "type", str(device)) != "cuda":
         return calls
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        calls()  # compile outside the capture
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        calls()
-    return graph.replay
+    graph = None
+
+    def replay():
+        nonlocal graph
+        if graph is None:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                calls()  # compile outside the capture
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                calls()
+        graph.replay()
+    return replay
 
 
 def linear_cases(torch, s: dict, dtype, device) -> list[Case]:
