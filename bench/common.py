@@ -161,6 +161,32 @@ def time_fn(fn: Callable[[], object], device, warmup: int = 3, iters: int = 10,
 
 # --------------------------------------------------------------------------------------------------- ceilings
 
+def capture_graph(fn: Callable[[], object], device=None):
+    """fn() run once on a side stream (Triton compiles, cuBLAS settles its kernels), then captured in a CUDA graph."""
+    import torch
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def device_ms(fn: Callable[[], object], calls: int) -> float:
+    """Device milliseconds per fn() over `calls` calls issued back to back (no sync between them)."""
+    import torch
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / calls
+
+
 def measure_copy_bandwidth(device, nbytes: int | None = None) -> float:
     """Device-to-device copy, bytes/s with read and write both counted (1 GiB on a GPU)."""
     import torch

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from bench.common import log, time_fn
+from bench.common import capture_graph, log, time_fn
 
 REAL = dict(hq=32, hk=8, d=128, bs=16, hidden=4096, inter=14336, tokens=2048, ctx=2048, batches=(1, 64), layers=32)
 TOY = dict(hq=4, hk=2, d=16, bs=16, hidden=64, inter=96, tokens=48, ctx=64, batches=(1, 3), layers=2)
@@ -139,25 +139,18 @@ def elementwise_cases(torch, s: dict, dtype, device) -> list[Case]:
     return cases
 
 
-def _replayed(torch, device, calls: Callable[[], object]) -> Callable[[], object]:
+def _replayed(device, calls: Callable[[], object]) -> Callable[[], object]:
     """On a GPU: `calls` captured in a CUDA graph at the first call and replayed from then on, so a few-microsecond
     kernel is timed without the host's launch cost between the timing events (decode runs these kernels inside
     graphs too). Captured lazily: one case's graphs live only while that case runs."""
-    if getattr(device, "type", str(device)) != "cuda":
+    if device.type != "cuda":
         return calls
     graph = None
 
     def replay():
         nonlocal graph
         if graph is None:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                calls()  # compile outside the capture
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                calls()
+            graph = capture_graph(calls, device)
         graph.replay()
     return replay
 
@@ -170,14 +163,13 @@ def linear_cases(torch, s: dict, dtype, device) -> list[Case]:
     from kernels import skinny_linear as sl
 
     H, inter = s["hidden"], s["inter"]
-    cases = []
+    es, cases = torch.empty((), dtype=dtype).element_size(), []
     for label, (n, k) in (("o_proj", (H, H)), ("gate_up_proj", (2 * inter, H)), ("down_proj", (H, inter))):
-        es = torch.empty((), dtype=dtype).element_size()
         copies = max(2, math.ceil(120e6 / (n * k * es))) if device.type == "cuda" else 2
         weights = [torch.randn(n, k, dtype=dtype, device=device) / math.sqrt(k) for _ in range(copies)]
         x = torch.randn(1, k, dtype=dtype, device=device)
-        ours = _replayed(torch, device, lambda ws=weights, x=x: [sl.skinny_linear(x, w) for w in ws])
-        ref = _replayed(torch, device, lambda ws=weights, x=x: [F.linear(x, w) for w in ws])
+        ours = _replayed(device, lambda ws=weights, x=x: [sl.skinny_linear(x, w) for w in ws])
+        ref = _replayed(device, lambda ws=weights, x=x: [F.linear(x, w) for w in ws])
         cases.append(Case("skinny_linear", f"1x{k} @ {n}x{k} ({label}), x{copies} weights", ours, ref,
                           lambda w=weights[0], x=x: _diff(sl.skinny_linear(x, w), F.linear(x, w)),
                           nbytes=copies * (n * k + k + n) * es))

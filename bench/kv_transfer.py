@@ -219,10 +219,12 @@ def _serve(pipe, device, env):
 
 
 class Proc:
-    def __init__(self, device: str, env: dict):
+    """A spawned node process; `serve` (default _serve) is its main loop, e.g. one that instruments it first."""
+
+    def __init__(self, device: str, env: dict, serve=None):
         ctx = mp.get_context("spawn")
         self.pipe, child = ctx.Pipe()
-        self.p = ctx.Process(target=_serve, args=(child, device, env), daemon=True)
+        self.p = ctx.Process(target=serve or _serve, args=(child, device, env), daemon=True)
         self.p.start()
 
     def send(self, cmd, **kw):

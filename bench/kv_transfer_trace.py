@@ -10,7 +10,11 @@ push (the fixed cost) and a 2048-token push of Llama-8B-shape KV, both back to b
   KVTRACE_DEVICE=cpu runs it on CPU (with UCX_TLS=tcp UCX_NET_DEVICES=lo).
 Logged: bench/results/kv_transfer_trace-h100-20261123.log
 """
-import multiprocessing as mp, os, sys, time, threading
+import os
+import sys
+import threading
+import time
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench.kv_transfer as kt
 
@@ -56,19 +60,12 @@ def serve(pipe, device, env):
     kt.Node = TNode
     kt._serve(pipe, device, env)
 
-class Proc(kt.Proc):
-    def __init__(self, device, env):
-        ctx = mp.get_context("spawn")
-        self.pipe, child = ctx.Pipe()
-        self.p = ctx.Process(target=serve, args=(child, device, env), daemon=True)
-        self.p.start()
-
 def run(tokens_list, progress):
     env = {"UCX_WARN_UNUSED_ENV_VARS": "n", "KVTRACE_SWITCH": os.environ.get("KVTRACE_SWITCH", "")}
     if progress:
         env["UCXPY_PROGRESS_MODE"] = progress
     device = "cuda:0" if os.environ.get("KVTRACE_DEVICE", "cuda") == "cuda" else "cpu"
-    prod, cons = Proc(device, env), Proc(device, env)
+    prod, cons = kt.Proc(device, env, serve), kt.Proc(device, env, serve)
     layout = kt.LLAMA8B
     try:
         n_blocks = 2 * 512 + 8

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import kernels.skinny_linear as sk  # noqa: E402
+from bench.common import capture_graph, device_ms  # noqa: E402
 
 SHAPES = {"llama qkv": (6144, 4096), "llama o": (4096, 4096), "llama gate_up": (28672, 4096),
           "llama down": (4096, 14336), "llama lm_head": (128256, 4096), "qwen qkv": (1152, 896),
@@ -27,22 +28,9 @@ CONFIGS = [(bn, bk, w, s) for bn in (8, 16, 32) for bk in (256, 512) for w in (4
 
 def graph_us(fn, calls: int) -> float:
     """Microseconds per call of fn() (which makes `calls` calls), captured in a CUDA graph, 10 replays."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph = capture_graph(fn)
     graph.replay()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / (10 * calls) * 1e3
+    return device_ms(graph.replay, 10) / calls * 1e3
 
 
 def copy_gbps() -> float:
