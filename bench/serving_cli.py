@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import sys
+import time
 from typing import Optional
 
 from bench.common import Results, log
@@ -61,6 +62,7 @@ class BenchRun:
                                 api_key=args.api_key or os.environ.get("OPENAI_API_KEY", ""),
                                 tokenizer=self.tokenizer)
         self.figures: list[tuple[float, dict[str, dict]]] = []  # (rate, slo name -> figures)
+        self.deadline: Optional[float] = None  # time.monotonic() after which no new rate starts
 
     def workload(self, rate: float, index: int) -> list:
         a = self.args
@@ -148,6 +150,9 @@ class BenchRun:
     def run(self) -> list[tuple[float, dict[str, dict]]]:
         self.warm_up()
         for index, rate in enumerate(self.rates_to_run()):
+            if index and self.deadline is not None and time.monotonic() > self.deadline:
+                log(f"{self.label}: time budget spent; no rate after {rate_label(self.figures[-1][0])} req/s")
+                break
             self.run_rate(rate, index)
         return self.figures
 

@@ -86,13 +86,23 @@ def request_body(cfg: ClientConfig, req: BenchRequest) -> dict:
 
 
 def prompt_text(cfg: ClientConfig, req: BenchRequest) -> str:
-    """Chat takes text: token ids are decoded with the tokenizer (their count then shifts by a few tokens: the
-    chat template's and re-encoding's), or without one spelled as words, one per id."""
+    """Chat takes text: token ids are decoded with the tokenizer, or without one spelled as words, one per id.
+
+    Random ids decode to text that re-encodes to more tokens (byte pieces merge differently), so the text is cut
+    back to the target count and decoded again until it holds; the chat template still adds its few tokens."""
     if req.prompt_text is not None:
         return req.prompt_text
-    if cfg.tokenizer is not None:
-        return cfg.tokenizer.decode(req.prompt_ids, skip_special_tokens=True)
-    return " ".join(f"w{t}" for t in req.prompt_ids)
+    tok = cfg.tokenizer
+    if tok is None:
+        return " ".join(f"w{t}" for t in req.prompt_ids)
+    target, ids = len(req.prompt_ids), list(req.prompt_ids)
+    for _ in range(4):
+        text = tok.decode(ids, skip_special_tokens=True)
+        ids = tok.encode(text, add_special_tokens=False).ids
+        if len(ids) <= target:
+            return text
+        ids = ids[:target]
+    return tok.decode(ids, skip_special_tokens=True)
 
 
 async def resolve_model(client: httpx.AsyncClient, cfg: ClientConfig) -> str:
