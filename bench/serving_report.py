@@ -37,7 +37,11 @@ def figure_records(fig: dict, params: dict) -> list[dict]:
             make_record("output_throughput", fig["output_throughput"], "tok/s", params=params),
             make_record("total_token_throughput", fig["total_token_throughput"], "tok/s", params=params),
             make_record("completed_requests", fig["completed"], "requests", params=params),
-            make_record("failed_requests", fig["failed"], "requests", params=params)]
+            make_record("failed_requests", fig["failed"], "requests", params=params),
+            make_record("prompt_tokens", fig["prompt_tokens"], "tokens", params=params),
+            make_record("output_tokens", fig["output_tokens"], "tokens", params=params)]
+    if fig.get("cached_tokens") is not None:
+        recs.append(make_record("cached_tokens", fig["cached_tokens"], "tokens", params=params))
     if fig.get("goodput") is not None:
         recs.append(make_record("goodput", fig["goodput"], "req/s", bound, _ratio(fig["goodput"], bound),
                                 params=params))
