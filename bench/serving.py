@@ -41,6 +41,7 @@ from engine.cluster_cli import visible_gpus  # noqa: E402
 SLOS = {"loose": {"ttft": 1.0, "tpot": 0.050}, "pacing": {"ttft": 1.0, "itl": 0.025}}
 SLO_TEXT = {"loose": "TTFT <= 1 s and TPOT <= 50 ms", "pacing": "TTFT <= 1 s and each request's p99 ITL <= 25 ms"}
 BLOCK_SIZE = 16
+CONFIGS_PER_SECTION = {"pd": 2, "routing": 2, "shared": 2}  # pd: 4 on four GPUs
 
 
 @dataclass
@@ -86,7 +87,8 @@ def bench_args(opts, url: str, argv: list[str]) -> argparse.Namespace:
     add_arguments(parser)
     common = ["--base-url", url, "--duration", str(opts.duration_per_rate), "--num-warmups", str(opts.warmups),
               "--seed", str(opts.seed), "--min-prompts", str(opts.min_prompts), "--request-timeout",
-              str(opts.request_timeout)]
+              str(opts.request_timeout), "--drain-timeout",
+              str(opts.drain_timeout or max(10.0, opts.duration_per_rate))]
     if opts.disable_tqdm:
         common.append("--disable-tqdm")
     return parser.parse_args(common + argv)
@@ -95,9 +97,10 @@ def bench_args(opts, url: str, argv: list[str]) -> argparse.Namespace:
 class Runner:
     """Runs configurations one after another, all into one results file."""
 
-    def __init__(self, opts, model: str, gpus: list[str], results: Results):
+    def __init__(self, opts, model: str, gpus: list[str], results: Results, started: float):
         self.opts, self.model, self.gpus, self.results = opts, model, gpus, results
-        self.deadline = time.monotonic() + opts.time_budget
+        self.deadline = started + opts.time_budget  # from the script's start: writing the model counts too
+        self.configs_left = 0  # set before the sections run: each configuration gets its share of the budget
 
     def up_flags(self, cfg: Config) -> tuple:
         flags = ["--block-size", str(BLOCK_SIZE)]
@@ -110,12 +113,15 @@ class Runner:
         if time.monotonic() > self.deadline:
             log(f"time budget spent: {cfg.run} ({comparison}) skipped")
             return None
+        # An equal share of what is left, so a sweep that runs long cannot starve the baseline after it.
+        share_ends = time.monotonic() + (self.deadline - time.monotonic()) / max(self.configs_left, 1)
+        self.configs_left -= 1
         work = os.path.join(self.opts.work_dir, f"{comparison}-{cfg.run}")
         with LocalCluster(work, self.model, cfg.prefill, cfg.decode, self.up_flags(cfg), env=env) as cluster:
             args = bench_args(self.opts, cluster.url, workload + ["--prefill-workers", str(cfg.prefill_workers)])
             extra = {"comparison": comparison, "baseline_run": baseline}
             bench = BenchRun(args, cfg.run, slos, self.results, extra_params=extra)
-            bench.deadline = self.deadline
+            bench.deadline = share_ends
             bench.run()
         return bench
 
@@ -188,17 +194,20 @@ def parse_options(argv=None) -> argparse.Namespace:
     p.add_argument("--rates", default="sweep", help="rate list (1,2,4) or sweep")
     p.add_argument("--sweep-start", type=float, default=1.0)
     p.add_argument("--sweep-max-rates", type=int, default=5)
-    p.add_argument("--duration-per-rate", type=float, default=15.0, help="seconds of arrivals per rate")
+    p.add_argument("--duration-per-rate", type=float, default=12.0, help="seconds of arrivals per rate")
     p.add_argument("--min-prompts", type=int, default=8)
     p.add_argument("--warmups", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--request-timeout", type=float, default=120.0)
+    p.add_argument("--drain-timeout", type=float, default=0.0, help="seconds a rate waits for its last requests "
+                   "after the last arrival (default: the larger of 10 s and --duration-per-rate)")
     p.add_argument("--routing-rate", type=float, default=4.0)
     p.add_argument("--routing-groups", type=int, default=16)
     p.add_argument("--routing-prefix-len", type=int, default=1024)
     p.add_argument("--routing-unique-len", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=-1, help="default: 4096 on GPU, the model's on CPU")
-    p.add_argument("--time-budget", type=float, default=540.0, help="seconds; no new rate starts after it")
+    p.add_argument("--time-budget", type=float, default=450.0, help="seconds from the start; no new rate or "
+                   "configuration starts after it (a started one still takes up to two durations and a shutdown)")
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results"))
     p.add_argument("--work-dir", default="", help="cluster logs (default: a folder under --out's parent tmp)")
     p.add_argument("--disable-tqdm", action="store_true")
@@ -206,6 +215,7 @@ def parse_options(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    started = time.monotonic()
     opts = parse_options(argv)
     gpus = visible_gpus()
     if opts.max_model_len < 0:
@@ -217,9 +227,15 @@ def main(argv=None) -> int:
     log(f"devices: {description}; cluster logs in {opts.work_dir}")
     model = ensure_model(opts, gpus)
     results = Results("serving", None, opts.out, link=link_baselines, slug=slug, description=description)
-    runner = Runner(opts, model, gpus, results)
-    for section in (opts.sections or default_sections(gpus)).split(","):
-        getattr(runner, section.strip())()
+    runner = Runner(opts, model, gpus, results, started)
+    sections = [s.strip() for s in (opts.sections or default_sections(gpus)).split(",") if s.strip()]
+    unknown = set(sections) - set(CONFIGS_PER_SECTION)
+    if unknown:
+        raise SystemExit(f"--sections: unknown {', '.join(sorted(unknown))} (pd, routing, shared)")
+    runner.configs_left = sum(CONFIGS_PER_SECTION[s] if s != "pd" else (4 if len(gpus) >= 4 else 2)
+                              for s in sections)
+    for section in sections:
+        getattr(runner, section)()
     write_outputs(results)
     return 0
 

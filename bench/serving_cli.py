@@ -103,7 +103,8 @@ class BenchRun:
                    disable=self.args.disable_tqdm, file=sys.stderr)
         try:
             return asyncio.run(run_requests(self.cfg, reqs, rate, self.args.burstiness, self.args.max_concurrency,
-                                            seed=self.args.seed + index, on_done=lambda r: bar.update(1)))
+                                            seed=self.args.seed + index, on_done=lambda r: bar.update(1),
+                                            drain_timeout_s=self.args.drain_timeout))
         finally:
             bar.close()
 
@@ -229,6 +230,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--sweep-attainment", type=float, default=0.9, help="share of requests meeting --goodput "
                    "below which the SLO counts as broken")
     a.add_argument("--request-timeout", type=float, default=600.0)
+    a.add_argument("--drain-timeout", type=float, default=None, help="seconds to wait after the last arrival; "
+                   "requests still running then are cancelled and count as errors of kind unfinished")
     r = p.add_argument_group("results")
     r.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
                    help="SLO for goodput: ttft:MS tpot:MS itl:MS (a request's p99 gap) e2el:MS")

@@ -226,7 +226,11 @@ class RunOutput:
 
 async def run_requests(cfg: ClientConfig, requests: list[BenchRequest], rate: float, burstiness: float = 1.0,
                        max_concurrency: Optional[int] = None, seed: int = 0,
-                       on_done: Callable[[RequestResult], None] = lambda r: None) -> RunOutput:
+                       on_done: Callable[[RequestResult], None] = lambda r: None,
+                       drain_timeout_s: Optional[float] = None) -> RunOutput:
+    """Send `requests` on their arrival schedule and wait for every answer, or, with drain_timeout_s, at most that
+    long after the last arrival: requests still running then are cancelled and count as `unfinished` (an
+    overloaded server would otherwise make one rate of a sweep take minutes)."""
     limits = httpx.Limits(max_connections=max_concurrency or None, max_keepalive_connections=max_concurrency or 100)
     timeout = httpx.Timeout(cfg.request_timeout_s, connect=30.0)
     slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
@@ -261,5 +265,15 @@ async def run_requests(cfg: ClientConfig, requests: list[BenchRequest], rate: fl
             if wait > 0:
                 await asyncio.sleep(wait)
             tasks.append(asyncio.create_task(one(req)))
-        results = await asyncio.gather(*tasks)
-        return RunOutput(list(results), time.perf_counter() - t0)
+        done, pending = await asyncio.wait(tasks, timeout=drain_timeout_s) if tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        duration = time.perf_counter() - t0
+        return RunOutput([_outcome(task) for task in tasks], duration)
+
+
+def _outcome(task: asyncio.Task) -> RequestResult:
+    if task.cancelled():
+        return RequestResult(ok=False, error_kind="unfinished", error="still running when the drain timeout ended")
+    return task.result()

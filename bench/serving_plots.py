@@ -40,15 +40,23 @@ def plot_serving(json_path: str, png_path: str) -> str | None:
         return None
     with open(json_path, encoding="utf-8") as f:
         doc = json.load(f)
-    recs = doc["records"]
-    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
-    for ax, name in zip(axes.flat, LATENCIES):
-        _latency_panel(ax, recs, name)
-    _goodput_panel(axes.flat[4], recs)
-    _phase_panel(axes.flat[5], recs)
+    groups: dict[str, list[dict]] = defaultdict(list)  # one row of panels per comparison (bench/serving.py)
+    for r in doc["records"]:
+        if "request_rate" in r.get("params", {}):
+            groups[r["params"].get("comparison", "")].append(r)
+    if not groups:
+        return None
+    fig, axes = plt.subplots(len(groups), 6, figsize=(26, 4.6 * len(groups)), squeeze=False)
+    for row, (comparison, recs) in zip(axes, groups.items()):
+        for ax, name in zip(row, LATENCIES):
+            _latency_panel(ax, recs, name)
+        _goodput_panel(row[4], recs)
+        _phase_panel(row[5], recs)
+        for ax in row:
+            ax.set_title(f"{comparison} {ax.get_title()}".strip(), fontsize=9)
     fig.suptitle(f"{doc['bench']} on {doc.get('device_name', doc['device'])} ({doc['date']}, {doc['commit'][:12]})")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
+    fig.savefig(png_path, dpi=100)
     plt.close(fig)
     log(f"plot: {png_path}")
     return png_path

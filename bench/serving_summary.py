@@ -90,7 +90,7 @@ def markdown_report(doc: dict, slo_text: dict[str, str]) -> str:
         out += [f"## {comparison}", "", *comparison_table(recs, slo_names), "",
                 f"Highest rate with >= {SLO_ATTAINED:.0%} of requests within the SLO:", "",
                 *capacity_lines(recs, slo_names), ""]
-    oracle = [r for r in doc["records"] if r["metric"].startswith("prefix_hit_") and r["metric"] != "prefix_hit_fraction"]
+    oracle = [r for r in doc["records"] if r["metric"] in ("prefix_hit_oracle_lru", "prefix_hit_upper_bound")]
     if oracle:
         out += ["## prefix-cache oracle", ""] + [f"- {r['metric']} @ {r['params'].get('request_rate')} req/s: "
                                                   f"{fmt(r['value'])}" for r in oracle] + [""]

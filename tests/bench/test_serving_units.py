@@ -84,3 +84,38 @@ def test_oracle_needs_both_caches_when_the_working_set_exceeds_one():
     one_node = lru_oracle_hit_fraction(prompts, 16, nodes=1, blocks_per_node=12)
     two_nodes = lru_oracle_hit_fraction(prompts, 16, nodes=2, blocks_per_node=12)
     assert one_node < two_nodes == pytest.approx(upper)
+
+
+def _bench_run(argv):
+    import argparse
+
+    from bench.serving_cli import BenchRun, add_arguments, slo_from_args
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--base-url", "http://127.0.0.1:9", *argv])
+    return BenchRun(args, "stub", slo_from_args(args))
+
+
+def test_a_sweep_climbs_until_every_slo_broke(monkeypatch):
+    bench = _bench_run(["--request-rate", "sweep", "--sweep-start", "1", "--sweep-factor", "2",
+                        "--sweep-max-rates", "8", "--goodput", "ttft:100"])
+    attainment = {1.0: 1.0, 2.0: 0.95, 4.0: 0.5, 8.0: 0.1}  # the SLO breaks at 4 req/s
+
+    def fake_rate(rate, index):
+        bench.figures.append((rate, {"slo": {"slo_attainment": attainment[rate]}}))
+
+    monkeypatch.setattr(bench, "run_rate", fake_rate)
+    bench.run()
+    assert [rate for rate, _ in bench.figures] == [1.0, 2.0, 4.0]
+
+
+def test_rate_lists_and_bad_rates():
+    from bench.serving_cli import parse_rates
+    from engine.errors import ConfigError
+    assert parse_rates("1,2, 4") == [1.0, 2.0, 4.0] and parse_rates("inf") == [math.inf]
+    assert parse_rates("sweep") is None
+    for bad in ("0", "x", "", "-1"):
+        with pytest.raises(ConfigError, match="--request-rate"):
+            parse_rates(bad)
+    with pytest.raises(ConfigError, match="sweep needs --goodput"):
+        _bench_run(["--request-rate", "sweep"])
