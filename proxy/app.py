@@ -64,6 +64,8 @@ class ProxyState:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         self.model_name = config.served_model_name or os.path.basename(os.path.normpath(config.model))
         self.max_model_len = config.max_model_len or model_max_len(config.model)
+        token_chars = getattr(self.tokenizer, "max_token_chars", None)
+        self.max_prompt_chars = self.max_model_len * token_chars if token_chars else None
         self.metrics = ProxyMetrics()
         self.inflight = 0
         self.started = time.time()
@@ -200,7 +202,7 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
                 raise APIError(429, f"the proxy's queue is full ({config.max_queue} requests in flight); "
                                     "retry later", code="queue_full")
             # Tokenizing (or templating) a long prompt takes long: off the event loop.
-            req = await asyncio.to_thread(parse, body, state.tokenizer)
+            req = await asyncio.to_thread(parse, body, state.tokenizer, state.max_prompt_chars)
             check_length(req, state.max_model_len)
         except APIError as exc:
             state.metrics.requests.labels(endpoint, str(exc.status)).inc()

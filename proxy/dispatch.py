@@ -21,6 +21,7 @@ from typing import Optional
 
 from kvconnector.hashing import external_block_hash, hash_prompt_blocks
 from kvconnector.node_messages import Error, Generate, Tokens
+from kvconnector.wire import FrameTooLarge
 from proxy.config import ProxyConfig
 from proxy.errors import APIError
 from proxy.metrics import ProxyMetrics
@@ -123,6 +124,11 @@ class ChoiceRun:
             try:
                 await self.d.rpc.send(decision.decode.rpc, msg)
                 return
+            except FrameTooLarge as exc:  # the request itself is too big to carry: no node could take it
+                self._detach()
+                self.ended = True
+                raise APIError(413, f"the request is too large for the node wire ({exc})",
+                               code="request_too_large") from None
             except NodeUnreachable as exc:
                 self._detach()
                 decision = await self._reroute("unreachable", exclude=[decision.decode],
@@ -214,6 +220,8 @@ class ChoiceRun:
     async def _on_node_lost(self, node_id: str) -> None:
         dec = self.decision
         if dec.decode.node_id == node_id:
+            # Declared dead on silence, it may still be alive and generating for nobody: tell it to stop.
+            self.d.rpc.abort_soon(dec.decode.rpc, self.node_rid, "decode node declared dead")
             self._detach()
             if not self.got_tokens:
                 decision = await self._reroute("decode_node_lost", [dec.decode], APIError(

@@ -186,7 +186,15 @@ def _max_tokens(body: dict, names: tuple[str, ...]) -> Optional[int]:
 
 # ---------------------------------------------------------------------------------------------------- requests
 
-def parse_completion(body: dict, tokenizer) -> GenerationRequest:
+def _too_long(chars: int, max_prompt_chars: Optional[int], param: str) -> None:
+    """A text with more characters than max_model_len tokens could ever cover is refused before tokenizing it
+    (tokenizing megabytes takes seconds, and its answer is known)."""
+    if max_prompt_chars is not None and chars > max_prompt_chars:
+        raise bad_request(f"This model's maximum context length cannot hold a prompt of {chars} characters "
+                          f"(at most {max_prompt_chars}).", param=param, code="context_length_exceeded")
+
+
+def parse_completion(body: dict, tokenizer, max_prompt_chars: Optional[int] = None) -> GenerationRequest:
     _refuse_unsupported(body)
     stream = _get(body, "stream", "bool", False)
     logprobs = _get(body, "logprobs", "int", None)
@@ -194,13 +202,14 @@ def parse_completion(body: dict, tokenizer) -> GenerationRequest:
         raise bad_request(f"'logprobs' must be between 0 and {MAX_LOGPROBS}, got {logprobs}", param="logprobs")
     max_tokens = _max_tokens(body, ("max_tokens",))
     params = _sampling(body, 16 if max_tokens is None else max_tokens, logprobs, len(tokenizer))
-    prompts, texts = _completion_prompts(body.get("prompt"), tokenizer)
+    prompts, texts = _completion_prompts(body.get("prompt"), tokenizer, max_prompt_chars)
     return GenerationRequest("completion", body.get("model"), prompts, params, stream,
                              _stream_options(body, stream), logprobs, _get(body, "user", "str"),
                              _get(body, "return_token_ids", "bool", False), texts)
 
 
-def _completion_prompts(prompt, tokenizer) -> tuple[list[list[int]], list[Optional[str]]]:
+def _completion_prompts(prompt, tokenizer, max_prompt_chars: Optional[int] = None
+                        ) -> tuple[list[list[int]], list[Optional[str]]]:
     def ids_ok(x) -> bool:
         return isinstance(x, list) and all(_is_int(t) and t >= 0 for t in x)
 
@@ -219,6 +228,7 @@ def _completion_prompts(prompt, tokenizer) -> tuple[list[list[int]], list[Option
     vocab = len(tokenizer)
     for item in items:
         if isinstance(item, str):
+            _too_long(len(item), max_prompt_chars, "prompt")
             try:
                 ids.append(tokenizer.encode(item))
             except (TypeError, ValueError) as exc:  # a lone surrogate, when the body check was bypassed
@@ -236,7 +246,7 @@ def _completion_prompts(prompt, tokenizer) -> tuple[list[list[int]], list[Option
     return ids, texts
 
 
-def parse_chat(body: dict, tokenizer) -> GenerationRequest:
+def parse_chat(body: dict, tokenizer, max_prompt_chars: Optional[int] = None) -> GenerationRequest:
     _refuse_unsupported(body)
     stream = _get(body, "stream", "bool", False)
     want_logprobs = _get(body, "logprobs", "bool", False)
@@ -247,6 +257,7 @@ def parse_chat(body: dict, tokenizer) -> GenerationRequest:
         raise bad_request(f"'top_logprobs' must be between 0 and {MAX_LOGPROBS}, got {top}", param="top_logprobs")
     logprobs = (top or 0) if want_logprobs else None
     messages = _messages(body.get("messages"))
+    _too_long(sum(len(_content_text(m.get("content"))) for m in messages), max_prompt_chars, "messages")
     add_generation_prompt = _get(body, "add_generation_prompt", "bool", True)
     try:
         prompt = tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
@@ -257,6 +268,12 @@ def parse_chat(body: dict, tokenizer) -> GenerationRequest:
     params = _sampling(body, _max_tokens(body, ("max_completion_tokens", "max_tokens")), logprobs, len(tokenizer))
     return GenerationRequest("chat", body.get("model"), [prompt], params, stream, _stream_options(body, stream),
                              logprobs, _get(body, "user", "str"), _get(body, "return_token_ids", "bool", False), [None])
+
+
+def _content_text(content) -> str:
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content)
+    return content or ""
 
 
 def _messages(messages) -> list[dict]:
