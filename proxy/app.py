@@ -2,7 +2,7 @@
 
 Order of checks on a generation request (first failure answers): 401 bearer key -> 400 content type -> 413 body
 size -> 400 UTF-8, JSON, nesting, surrogates (proxy/request_body.py) -> 404 model -> 429 proxy queue full -> 400
-parameters and prompt length -> 503 no live node / node errors.
+parameters and prompt length -> 400/429 sequences per request/per key (proxy/limits.py) -> 503 no live node / node errors.
 Body parsing, tokenization and chat templating run in worker threads: the event loop only moves bytes, so a huge or
 slow request never delays /health, heartbeats or other streams. A bug answers 500 in OpenAI's shape from inside
 the handler, so uvicorn keeps the keep-alive connection usable.
@@ -36,6 +36,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.node_rpc import NodeRpc
 from proxy.nodes import NodeRegistry
 from proxy.prefix_index import InProcessPrefixIndex
+from proxy.limits import SequenceLimits
 from proxy.protocol import check_length, parse_chat, parse_completion
 from proxy.request_body import read_json_object
 from proxy.router import Router
@@ -67,6 +68,7 @@ class ProxyState:
         token_chars = getattr(self.tokenizer, "max_token_chars", None)
         self.max_prompt_chars = self.max_model_len * token_chars if token_chars else None
         self.metrics = ProxyMetrics()
+        self.limits = SequenceLimits(config.max_seqs_per_request, config.max_seqs_per_key)
         self.inflight = 0
         self.started = time.time()
 
@@ -204,12 +206,16 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
             # Tokenizing (or templating) a long prompt takes long: off the event loop.
             req = await asyncio.to_thread(parse, body, state.tokenizer, state.max_prompt_chars)
             check_length(req, state.max_model_len)
+            key = state.limits.key_of(request.headers.get("authorization", ""))
+            sequences = len(req.prompts) * req.params.n
+            state.limits.acquire(key, sequences)
         except APIError as exc:
             state.metrics.requests.labels(endpoint, str(exc.status)).inc()
             raise
         state.inflight += 1
         state.metrics.inflight.inc()
-        return await serve(state.served, request, req, endpoint, on_end=_done)
+        return await serve(state.served, request, req, endpoint,
+                           on_end=lambda: (state.limits.release(key, sequences), _done()))
 
     def _done() -> None:
         state.inflight -= 1

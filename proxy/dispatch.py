@@ -38,6 +38,9 @@ class NodeLost:
     node_id: str
 
 
+_DEADLINE = object()  # queued by a run's deadline timer
+
+
 def prompt_block_hashes(token_ids: list[int], block_size: int) -> list[int]:
     """The index keys of a prompt's full blocks (the same chain the engine's prefix cache hashes)."""
     return [external_block_hash(h) for h in hash_prompt_blocks(token_ids, block_size)]
@@ -179,15 +182,11 @@ class ChoiceRun:
         while True:
             if self.ended:  # aborted (client gone, stop string) while a reader still waited
                 raise APIError(499, "the request was aborted", code="aborted")
-            remaining = self.deadline - time.monotonic()
-            try:
-                if remaining <= 0:
-                    raise asyncio.TimeoutError
-                item = await asyncio.wait_for(self.queue.get(), remaining)
-            except asyncio.TimeoutError:
+            item = await self._get_before_deadline()
+            if item is _DEADLINE:
                 self.abort("timeout")
                 raise APIError(504, f"the request did not finish within {self.d.config.request_timeout_s:g}s",
-                               code="timeout") from None
+                               code="timeout")
             if isinstance(item, Tokens):
                 if item.token_ids and not self.got_tokens:
                     self.got_tokens = True
@@ -200,6 +199,22 @@ class ChoiceRun:
                 await self._on_error(item)
             elif isinstance(item, NodeLost):
                 await self._on_node_lost(item.node_id)
+
+    async def _get_before_deadline(self):
+        """The next queued item, or _DEADLINE. Not asyncio.wait_for: on Python 3.11 it swallows a cancellation
+        that lands in the iteration the queue.get() completes, and a client that left then went unnoticed (its
+        node generated to max_tokens). A timer that queues a marker keeps cancellation with the plain await."""
+        if not self.queue.empty():
+            return self.queue.get_nowait()
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            return _DEADLINE
+        queue = self.queue
+        timer = asyncio.get_running_loop().call_later(remaining, queue.put_nowait, _DEADLINE)
+        try:
+            return await queue.get()
+        finally:
+            timer.cancel()
 
     async def _on_error(self, err: Error) -> None:
         self.d.metrics.node_errors.labels(str(err.status)).inc()
