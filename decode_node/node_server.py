@@ -245,9 +245,9 @@ class NodeServer:
             parsed = SamplingParams.from_dict(params)
         except (ValueError, TypeError) as exc:
             return self.reject(identity, request_id, 400, f"bad sampling params: {exc}")
-        if self.vocab_size is not None and max(prompt_token_ids) >= self.vocab_size:
-            return self.reject(identity, request_id, 400,
-                               f"prompt token id beyond the vocabulary ({self.vocab_size})")
+        problem = check_token_ids(prompt_token_ids, parsed.stop_token_ids, self.vocab_size)
+        if problem:
+            return self.reject(identity, request_id, 400, problem)
         if self.loop.snapshot.num_waiting >= self.options.max_num_waiting:
             return self.reject(identity, request_id, 429, f"node {self.node_id}'s queue is full", retryable=True)
         return parsed
@@ -324,6 +324,24 @@ class NodeServer:
                     "rpc": self.rpc_endpoint, "num_waiting": s.num_waiting, "num_running": s.num_running,
                     "num_free_blocks": s.num_free_blocks, "num_used_blocks": s.num_used_blocks,
                     "num_cached_blocks": s.num_cached_blocks, "num_total_blocks": s.num_total_blocks}
+
+
+def check_token_ids(prompt: list, stop_token_ids: list[int], vocab_size: Optional[int]) -> str:
+    """Why a request's token ids cannot run here ("" when they can): each one must index the vocabulary, or
+    the step that meets it raises (a prompt id in the embedding, a stop id in the sampler's blocked tokens)."""
+    if not isinstance(prompt, list) or not prompt:
+        return "the prompt must be a non-empty list of token ids"
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return "prompt token ids must be integers"
+    if vocab_size is None:
+        return ""
+    bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        return f"prompt token id {bad} is outside the vocabulary (size {vocab_size})"
+    bad = next((t for t in stop_token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        return f"stop_token_ids: {bad} is outside the vocabulary (size {vocab_size})"
+    return ""
 
 
 def _build_core(config):

@@ -16,7 +16,9 @@ Steps:
  5. Supervise until Ctrl-C or SIGTERM, then stop everything (SIGTERM, then SIGKILL after a grace period). A node
     that dies is reported and left dead: the proxy routes around it. Children get PR_SET_PDEATHSIG, so even a
     `kill -9` of `pdserve up` takes them down.
-Each process logs to its own file under --log-dir (default: a temporary folder, printed).
+Each process logs to its own file under --log-dir (default: a temporary folder, printed), fresh each run (the
+previous run's file is kept as *.log.prev), so only this run's ready lines are ever read. The API key reaches the
+proxy in $PDSERVE_API_KEY, never on its command line.
 """
 from __future__ import annotations
 
@@ -155,6 +157,7 @@ class Cluster:
         gpus, connector, util = self.placement(len(roles))
         self.connector = connector
         base_env = dict(os.environ, PDSERVE_KV_SECRET=self.secret, PYTHONUNBUFFERED="1")
+        base_env.pop("PDSERVE_API_KEY", None)  # only the proxy gets it
         counts = {"prefill": 0, "decode": 0}
         for role, gpu in zip(roles, gpus):
             name = f"{role}-{counts[role]}"
@@ -181,8 +184,7 @@ class Cluster:
                       "--model", model, "--host", host, "--port", str(a.port), "--routing", a.routing]
         # The tiny model lives in a temporary folder; give it a stable name clients can use.
         served = a.served_model_name or ("tiny-llama" if self.tmp_model else "")
-        for flag, value in (("--redis-url", a.redis_url), ("--api-key", a.api_key),
-                            ("--served-model-name", served)):
+        for flag, value in (("--redis-url", a.redis_url), ("--served-model-name", served)):
             if value:
                 proxy_argv += [flag, value]
         if a.max_model_len:
@@ -190,12 +192,17 @@ class Cluster:
         if a.log_routing:
             proxy_argv.append("--log-routing")
         proxy_argv += a.proxy_arg
-        proxy_env = dict(base_env, CUDA_VISIBLE_DEVICES="")
+        # The API key goes in the proxy's environment: an argv is readable by every user (ps, /proc/*/cmdline).
+        proxy_env = dict(base_env, CUDA_VISIBLE_DEVICES="", PDSERVE_API_KEY=a.api_key)
         self.children.append(Child("proxy", "proxy", proxy_argv, proxy_env, os.path.join(self.log_dir, "proxy.log"),
                                    f"http://{host}:{a.port}"))
 
     def spawn(self, child: Child) -> None:
-        log = open(child.log_path, "ab", buffering=0)
+        # A fresh log per run: a reused --log-dir held the last run's ready line, which was read first and
+        # pointed at ports nobody listens on any more. The previous run's log is kept beside it as *.log.prev.
+        if os.path.exists(child.log_path):
+            os.replace(child.log_path, child.log_path + ".prev")
+        log = open(child.log_path, "wb", buffering=0)
         child.proc = subprocess.Popen(child.argv, env=child.env, stdout=log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, start_new_session=True,
                                       preexec_fn=_set_pdeathsig)
@@ -338,7 +345,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--redis-url", default="", help="keep the proxy's prefix index in Redis")
     p.add_argument("--routing", default="cache_aware", choices=["cache_aware", "round_robin"])
     p.add_argument("--log-routing", action="store_true")
-    p.add_argument("--api-key", default="")
+    p.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY", ""),
+                   help="the proxy's API key (default: $PDSERVE_API_KEY; the proxy gets it in its environment)")
     p.add_argument("--served-model-name", default="")
     p.add_argument("--max-model-len", type=int, default=0)
     p.add_argument("--block-size", type=int, default=16)

@@ -20,6 +20,7 @@ from engine.sampler import Sampler, make_generator, skip_draw
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.scheduler_output import SchedulerOutput
+from engine.step_isolation import StepFailed, sample_rows_isolated
 
 
 class StepObserver(Protocol):
@@ -50,6 +51,7 @@ class StepOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_cached_tokens: int = 0
+    error: str | None = None  # set when this request alone failed in the step (finished, reason "abort")
 
 
 @dataclass
@@ -89,7 +91,19 @@ class EngineCore:
             raise ConfigError(f"--max-model-len {asked} exceeds the model's max_position_embeddings {arch_len}")
         return asked or arch_len
 
+    def check_token_ids(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """ValueError (a 400) for a token id outside the model's vocabulary, in the prompt or the stop ids: one
+        would otherwise index out of range inside a step (the embedding, the sampler's blocked tokens)."""
+        vocab = self.runner.arch.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {vocab})")
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids: {bad[0]} is outside the vocabulary (size {vocab})")
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        self.check_token_ids(prompt_token_ids, params)
         request = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params)
         self.scheduler.add_request(request)
         if params.seed is not None:
@@ -110,6 +124,7 @@ class EngineCore:
 
         Raises PromptTooLongError / ValueError (bad request) or NoRoomError (retry later); takes nothing then."""
         kv = self.kv_manager
+        self.check_token_ids(prompt_token_ids, params)
         request = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params,
                           block_size=kv.block_size)
         self.scheduler.validate(request)
@@ -145,41 +160,77 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[StepOutput]:
+        """One step. Raises StepFailed for a step-wide failure; a failure of one request's own work (sampling)
+        ends only that request, with `StepOutput.error` set."""
         # 1. Decide who runs and how many tokens each computes.
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
-        # 2. Run the forward pass; logits only for chunks that reach their request's last known token.
+        ids = [item.request_id for item in plan.scheduled]
+        # 2. Run the forward pass; logits only for chunks that reach their request's last known token. Nothing
+        # about any request has moved yet if this raises, so the step can be retried.
         rows = [row for row, item in enumerate(plan.scheduled) if item.samples]
-        for observer in self.step_observers:
-            observer.before_forward(plan)
         try:
-            logits = self.runner.execute(plan.scheduled, rows)
-        finally:
             for observer in self.step_observers:
-                observer.after_forward()
-        # 3. Sample, then let the scheduler advance, stop and free.
+                observer.before_forward(plan)
+            try:
+                logits = self.runner.execute(plan.scheduled, rows)
+            finally:
+                for observer in self.step_observers:
+                    observer.after_forward()
+        except Exception as exc:
+            raise StepFailed(ids, retryable=True, cause=exc) from exc
+        # 3. Sample (per-request failures isolated), then let the scheduler advance, stop and free.
         requests = [self.scheduler.get_request(plan.scheduled[row].request_id) for row in rows]
-        sampled = self._sample(logits, requests)
-        finished = self.scheduler.update_from_output(plan, {rid: tok for rid, (tok, _) in sampled.items()})
+        sampled, failed = self._sample(logits, requests)
+        for request_id in failed:
+            self.abort_request(request_id)  # update_from_output skips requests no longer in the scheduler
+        try:
+            finished = self.scheduler.update_from_output(plan, {rid: tok for rid, (tok, _) in sampled.items()})
+        except Exception as exc:
+            raise StepFailed(ids, retryable=False, cause=exc) from exc
         self.stats.steps += 1
         self.stats.tokens_computed += plan.num_scheduled_tokens
-        return self._outputs(sampled, finished)
+        return self._outputs(sampled, finished) + [
+            StepOutput(rid, [], finished=True, finish_reason="abort", error=why) for rid, why in failed.items()]
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> dict[str, tuple[int, tuple | None]]:
+    def _sample(self, logits: torch.Tensor, requests: list[Request]
+                ) -> tuple[dict[str, tuple[int, tuple | None]], dict[str, str]]:
+        """({request id: (token, logprob row)}, {request id: error}) - the batch at once, or row by row after
+        the batch raised, so one request's bad parameters fail only that request."""
         if not requests:
-            return {}
+            return {}, {}
         params = [r.sampling_params for r in requests]
         generators = [self.generators.get(r.request_id) for r in requests]
-        out = self.sampler.sample(logits, params, generators,  # logprob width comes from the rows that ask
-                                  blocked_token_ids=self._blocked_before_min_tokens(requests))
-        tokens = out.token_ids.tolist()
-        rows = list(zip(*out.logprobs.tolists())) if out.logprobs is not None else None
+        try:
+            blocked = self._blocked_before_min_tokens(requests)
+            out = self.sampler.sample(logits, params, generators,  # logprob width comes from the rows that ask
+                                      blocked_token_ids=blocked)
+            tokens = out.token_ids.tolist()
+            lp_rows = list(zip(*out.logprobs.tolists())) if out.logprobs is not None else None
+        except Exception:  # noqa: BLE001 - find the row(s) at fault; the others still get their token
+            return self._sample_one_by_one(logits, requests)
         result = {}
         for i, request in enumerate(requests):
-            logprob = rows[i] if rows is not None and params[i].logprobs is not None else None
+            logprob = lp_rows[i] if lp_rows is not None and params[i].logprobs is not None else None
             result[request.request_id] = (tokens[i], logprob)
-        return result
+        return result, {}
+
+    def _sample_one_by_one(self, logits: torch.Tensor, requests: list[Request]
+                           ) -> tuple[dict[str, tuple[int, tuple | None]], dict[str, str]]:
+        def sample_one(row: int) -> tuple[int, tuple | None]:
+            request = requests[row]
+            params = request.sampling_params
+            blocked = self._blocked_before_min_tokens([request])
+            out = self.sampler.sample(logits[row:row + 1], [params], [self.generators.get(request.request_id)],
+                                      blocked_token_ids=blocked)
+            logprob = None
+            if out.logprobs is not None and params.logprobs is not None:
+                logprob = next(zip(*out.logprobs.tolists()))
+            return int(out.token_ids[0]), logprob
+
+        rows, failed = sample_rows_isolated(sample_one, [r.request_id for r in requests])
+        return {requests[row].request_id: value for row, value in rows.items()}, failed
 
     def _blocked_before_min_tokens(self, requests: list[Request]) -> list[list[int]] | None:
         """Until a request has min_tokens outputs it may not sample EOS (unless ignore_eos) or its stop ids,

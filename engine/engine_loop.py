@@ -9,8 +9,10 @@ thread between two steps and returns a Future. The loop, each turn:
   4. runs the `after_step` hooks (KV events, timings) and publishes a `LoopSnapshot` for /metrics and heartbeats.
 
 Sinks run on the loop thread: they must only queue work for another thread (the node puts a wire message on its
-outbox), never block. A step that raises is a bug: every in-flight request is aborted (its sink's `fail` is
-called, its blocks freed), the error is logged and counted, and the loop keeps serving new requests.
+outbox), never block. A request whose own work fails inside a step (engine/step_isolation.py) gets its sink's
+`on_fail` alone. A step-wide failure is a bug: it is logged with the requests in the step and retried once when
+nothing moved yet; if it fails again every in-flight request is aborted (its sink's `on_fail` is called, its
+blocks freed), the error is counted, and the loop keeps serving new requests.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
+
+from engine.step_isolation import StepFailed
 
 log = logging.getLogger(__name__)
 
@@ -174,12 +178,8 @@ class EngineLoop:
 
     def _step(self) -> list:
         started = time.monotonic()
-        try:
-            outputs = self.core.step()
-        except Exception:
-            log.exception("engine step failed; aborting every in-flight request")
-            self.step_failures += 1
-            self._fail_all("internal error in the engine step")
+        outputs = self._step_with_retry()
+        if outputs is None:
             return []
         if self._unscheduled:
             self._mark_scheduled(started)
@@ -187,9 +187,32 @@ class EngineLoop:
             sink = self._sinks.get(out.request_id)
             if out.finished:
                 self.detach(out.request_id)
-            if sink is not None:
+            if sink is None:
+                continue
+            if getattr(out, "error", None):
+                self._guard(sink.on_fail, out.error)
+            else:
                 self._guard(sink.on_output, out)
         return outputs
+
+    def _step_with_retry(self) -> Optional[list]:
+        """The step's outputs; None after a step-wide failure that a retry did not cure (everything aborted)."""
+        for attempt in (1, 2):
+            try:
+                return self.core.step()
+            except StepFailed as exc:
+                self.step_failures += 1
+                log.error("engine step failed (attempt %d) with requests %s in the batch: %s", attempt,
+                          ", ".join(exc.request_ids) or "-", exc, exc_info=exc.cause)
+                if not exc.retryable:
+                    break
+            except Exception:
+                self.step_failures += 1
+                log.exception("engine step failed (attempt %d) outside the batch's work", attempt)
+                break
+        log.error("aborting every in-flight request after the failed step")
+        self._fail_all("internal error in the engine step")
+        return None
 
     def _mark_scheduled(self, step_started: float) -> None:
         scheduler = self.core.scheduler

@@ -22,6 +22,8 @@ from functools import cached_property
 
 from engine.errors import CheckpointError
 
+LONG_TEXT_CHARS = 4096
+
 
 def _read_json(path: str) -> dict:
     if not os.path.exists(path):
@@ -98,7 +100,19 @@ class Tokenizer:
     # ---- ids <-> text
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > LONG_TEXT_CHARS:
+            # The backend's single encode holds the GIL throughout; its batch encode releases it (same ids), so
+            # a long text tokenized in a worker thread does not stall the thread running the event loop.
+            return self.encode_batch([text], add_special_tokens=add_special_tokens)[0]
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token decodes to: a text of c characters has at least c / this many tokens,
+        so a text too long for the context can be refused without tokenizing it."""
+        vocab = self._backend.get_vocab(with_added_tokens=True)
+        return max((len(self._backend.decode([i], skip_special_tokens=False)) for i in vocab.values()), default=1) \
+            or 1
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=add_special_tokens)]

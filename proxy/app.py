@@ -1,7 +1,11 @@
 """The OpenAI-compatible front door: FastAPI app, its lifespan (sockets, index, indexer) and the endpoints.
 
-Order of checks on a generation request (first failure answers): 401 bearer key -> 413 body size -> 400 JSON ->
-404 model -> 429 proxy queue full -> 400 parameters and prompt length -> 503 no live node / node errors.
+Order of checks on a generation request (first failure answers): 401 bearer key -> 400 content type -> 413 body
+size -> 400 UTF-8, JSON, nesting, surrogates (proxy/request_body.py) -> 404 model -> 429 proxy queue full -> 400
+parameters and prompt length -> 400/429 sequences per request/per key (proxy/limits.py) -> 503 no live node / node errors.
+Body parsing, tokenization and chat templating run in worker threads: the event loop only moves bytes, so a huge or
+slow request never delays /health, heartbeats or other streams. A bug answers 500 in OpenAI's shape from inside
+the handler, so uvicorn keeps the keep-alive connection usable.
 /health and /metrics need no key (probes and scrapers). Never imports torch (a test checks).
 """
 from __future__ import annotations
@@ -32,13 +36,13 @@ from proxy.metrics import ProxyMetrics
 from proxy.node_rpc import NodeRpc
 from proxy.nodes import NodeRegistry
 from proxy.prefix_index import InProcessPrefixIndex
+from proxy.limits import SequenceLimits
 from proxy.protocol import check_length, parse_chat, parse_completion
+from proxy.request_body import read_json_object
 from proxy.router import Router
 from proxy.serving import Served, serve
 
 log = logging.getLogger(__name__)
-
-MAX_BODY_BYTES = 32 << 20
 
 
 def model_max_len(model_dir: str) -> int:
@@ -61,7 +65,10 @@ class ProxyState:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         self.model_name = config.served_model_name or os.path.basename(os.path.normpath(config.model))
         self.max_model_len = config.max_model_len or model_max_len(config.model)
+        token_chars = getattr(self.tokenizer, "max_token_chars", None)
+        self.max_prompt_chars = self.max_model_len * token_chars if token_chars else None
         self.metrics = ProxyMetrics()
+        self.limits = SequenceLimits(config.max_seqs_per_request, config.max_seqs_per_key)
         self.inflight = 0
         self.started = time.time()
 
@@ -117,9 +124,16 @@ class ProxyState:
                                       "inflight": self.inflight, "nodes": nodes}
 
 
+class AsciiJSONResponse(JSONResponse):
+    """Error bodies echo client text (a model name, a stop string): ASCII escapes render any of it."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def _error(exc: APIError) -> JSONResponse:
     headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return AsciiJSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
@@ -163,21 +177,6 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
             raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                            code="invalid_api_key")
 
-    async def read_body(request: Request) -> dict:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            raise bad_request(f"the request body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise bad_request("the request body must be a JSON object")
-        return body
-
     def check_model(body: dict) -> None:
         model = body.get("model")
         if model is None:
@@ -188,20 +187,35 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
 
     async def generate(request: Request, endpoint: str, parse) -> Response:
         try:
+            return await _generate(request, endpoint, parse)
+        except APIError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - answered here, not by Starlette, so the connection survives
+            log.exception("unhandled error serving %s", request.url.path)
+            state.metrics.requests.labels(endpoint, "500").inc()
+            return _error(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+
+    async def _generate(request: Request, endpoint: str, parse) -> Response:
+        try:
             check_auth(request)
-            body = await read_body(request)
+            body = await read_json_object(request, config.max_request_bytes)
             check_model(body)
             if state.inflight >= config.max_queue:
                 raise APIError(429, f"the proxy's queue is full ({config.max_queue} requests in flight); "
                                     "retry later", code="queue_full")
-            req = parse(body, state.tokenizer)
+            # Tokenizing (or templating) a long prompt takes long: off the event loop.
+            req = await asyncio.to_thread(parse, body, state.tokenizer, state.max_prompt_chars)
             check_length(req, state.max_model_len)
+            key = state.limits.key_of(request.headers.get("authorization", ""))
+            sequences = len(req.prompts) * req.params.n
+            state.limits.acquire(key, sequences)
         except APIError as exc:
             state.metrics.requests.labels(endpoint, str(exc.status)).inc()
             raise
         state.inflight += 1
         state.metrics.inflight.inc()
-        return await serve(state.served, request, req, endpoint, on_end=_done)
+        return await serve(state.served, request, req, endpoint,
+                           on_end=lambda: (state.limits.release(key, sequences), _done()))
 
     def _done() -> None:
         state.inflight -= 1

@@ -34,6 +34,12 @@ def add_proxy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=0, help="default: the checkpoint's context length")
     p.add_argument("--served-model-name", default="", help="the model name clients use (default: folder name)")
     p.add_argument("--max-queue", type=int, default=1024, help="requests in flight before answering 429")
+    p.add_argument("--max-seqs-per-request", type=int, default=ProxyConfig.max_seqs_per_request,
+                   help="most sequences (prompts x n) one request may ask for (400 above)")
+    p.add_argument("--max-seqs-per-key", type=int, default=ProxyConfig.max_seqs_per_key,
+                   help="most concurrent sequences one API key may run (429 above)")
+    p.add_argument("--max-request-bytes", type=int, default=ProxyConfig.max_request_bytes,
+                   help="largest request body; a larger one is answered 413 before it is read whole")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take in all")
     p.add_argument("--max-retries", type=int, default=2, help="re-sends before the first token on node failure")
     p.add_argument("--heartbeat-misses", type=int, default=3, help="silent heartbeats before a node is dead")
@@ -43,6 +49,10 @@ def add_proxy_args(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     if not os.path.isdir(args.model):
         raise ConfigError(f"--model {args.model!r} is not a folder")
+    if args.max_seqs_per_request < 1 or args.max_seqs_per_key < args.max_seqs_per_request:
+        raise ConfigError("--max-seqs-per-request must be >= 1 and --max-seqs-per-key >= it")
+    if args.max_request_bytes < 1024:
+        raise ConfigError("--max-request-bytes must be at least 1024")
     if args.max_queue < 1 or args.request_timeout <= 0 or args.max_retries < 0 or args.heartbeat_misses < 1:
         raise ConfigError("--max-queue and --heartbeat-misses must be >= 1, --request-timeout > 0, "
                           "--max-retries >= 0")
@@ -55,7 +65,9 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     return ProxyConfig(
         model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
         node_events=tuple(args.node), redis_url=args.redis_url, api_key=args.api_key,
-        max_model_len=args.max_model_len, max_queue=args.max_queue, request_timeout_s=args.request_timeout,
+        max_model_len=args.max_model_len, max_queue=args.max_queue,
+        max_request_bytes=args.max_request_bytes, max_seqs_per_request=args.max_seqs_per_request,
+        max_seqs_per_key=args.max_seqs_per_key, request_timeout_s=args.request_timeout,
         max_retries=args.max_retries, heartbeat_misses=args.heartbeat_misses, kv_secret=args.kv_secret or "",
         router=RouterConfig(policy=args.routing, disagg_min_tokens=args.disagg_min_tokens,
                             log_decisions=args.log_routing))

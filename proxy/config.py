@@ -42,6 +42,9 @@ class ProxyConfig:
     api_key: str = ""
     max_model_len: int = 0  # 0: from the checkpoint's config.json
     max_queue: int = 1024  # requests in flight in this proxy before 429
+    max_request_bytes: int = 8 << 20  # a larger body is a 413 before it is read whole
+    max_seqs_per_request: int = 256  # prompts x n in one request (400 above)
+    max_seqs_per_key: int = 2048  # concurrent sequences of one API key (429 above)
     request_timeout_s: float = 600.0  # whole request budget; the nodes get it as deadline_s
     first_message_timeout_s: float = 0.0  # 0: request_timeout_s
     max_retries: int = 2  # re-sends to another prefill node after a retryable error before the first token

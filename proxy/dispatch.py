@@ -21,6 +21,7 @@ from typing import Optional
 
 from kvconnector.hashing import external_block_hash, hash_prompt_blocks
 from kvconnector.node_messages import Error, Generate, Tokens
+from kvconnector.wire import FrameTooLarge
 from proxy.config import ProxyConfig
 from proxy.errors import APIError
 from proxy.metrics import ProxyMetrics
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class NodeLost:
     node_id: str
+
+
+_DEADLINE = object()  # queued by a run's deadline timer
 
 
 def prompt_block_hashes(token_ids: list[int], block_size: int) -> list[int]:
@@ -123,6 +127,11 @@ class ChoiceRun:
             try:
                 await self.d.rpc.send(decision.decode.rpc, msg)
                 return
+            except FrameTooLarge as exc:  # the request itself is too big to carry: no node could take it
+                self._detach()
+                self.ended = True
+                raise APIError(413, f"the request is too large for the node wire ({exc})",
+                               code="request_too_large") from None
             except NodeUnreachable as exc:
                 self._detach()
                 decision = await self._reroute("unreachable", exclude=[decision.decode],
@@ -173,15 +182,11 @@ class ChoiceRun:
         while True:
             if self.ended:  # aborted (client gone, stop string) while a reader still waited
                 raise APIError(499, "the request was aborted", code="aborted")
-            remaining = self.deadline - time.monotonic()
-            try:
-                if remaining <= 0:
-                    raise asyncio.TimeoutError
-                item = await asyncio.wait_for(self.queue.get(), remaining)
-            except asyncio.TimeoutError:
+            item = await self._get_before_deadline()
+            if item is _DEADLINE:
                 self.abort("timeout")
                 raise APIError(504, f"the request did not finish within {self.d.config.request_timeout_s:g}s",
-                               code="timeout") from None
+                               code="timeout")
             if isinstance(item, Tokens):
                 if item.token_ids and not self.got_tokens:
                     self.got_tokens = True
@@ -194,6 +199,22 @@ class ChoiceRun:
                 await self._on_error(item)
             elif isinstance(item, NodeLost):
                 await self._on_node_lost(item.node_id)
+
+    async def _get_before_deadline(self):
+        """The next queued item, or _DEADLINE. Not asyncio.wait_for: on Python 3.11 it swallows a cancellation
+        that lands in the iteration the queue.get() completes, and a client that left then went unnoticed (its
+        node generated to max_tokens). A timer that queues a marker keeps cancellation with the plain await."""
+        if not self.queue.empty():
+            return self.queue.get_nowait()
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            return _DEADLINE
+        queue = self.queue
+        timer = asyncio.get_running_loop().call_later(remaining, queue.put_nowait, _DEADLINE)
+        try:
+            return await queue.get()
+        finally:
+            timer.cancel()
 
     async def _on_error(self, err: Error) -> None:
         self.d.metrics.node_errors.labels(str(err.status)).inc()
@@ -214,6 +235,8 @@ class ChoiceRun:
     async def _on_node_lost(self, node_id: str) -> None:
         dec = self.decision
         if dec.decode.node_id == node_id:
+            # Declared dead on silence, it may still be alive and generating for nobody: tell it to stop.
+            self.d.rpc.abort_soon(dec.decode.rpc, self.node_rid, "decode node declared dead")
             self._detach()
             if not self.got_tokens:
                 decision = await self._reroute("decode_node_lost", [dec.decode], APIError(

@@ -5,7 +5,8 @@ arrived on does, once that endpoint's first heartbeat has told us the node id (b
 most `MAX_PENDING`). A sequence number that goes backwards means the node restarted with an empty cache, so its
 entries are dropped. Malformed messages are counted by reason, logged once per endpoint and reason, and dropped.
 
-A reaper declares nodes dead after `misses` silent heartbeat intervals; the registry's listeners then drop their
+A reaper declares nodes dead after `misses` silent heartbeat intervals (of time the proxy was listening: a tick
+that comes late means the loop stalled, and silence restarts from then); the registry's listeners then drop their
 index entries (here) and fail or re-route their requests (the dispatcher).
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from proxy.prefix_index import PrefixIndex
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 256
+STALL_FRACTION = 0.25  # a reaper tick this late (in node timeouts) means the proxy itself was not listening
 
 
 class Indexer:
@@ -143,6 +145,14 @@ class Indexer:
 
     async def _reaper(self) -> None:
         interval = max(self.registry.timeout_s / 6, 0.05)
+        loop = asyncio.get_running_loop()
         while True:
+            asked = loop.time()
             await asyncio.sleep(interval)
+            late = loop.time() - asked - interval
+            if late > STALL_FRACTION * self.registry.timeout_s:
+                # The loop was too busy to read heartbeats either: judge nobody on silence we could not hear.
+                log.warning("proxy event loop stalled for %.2fs; node silence is counted from now", late)
+                self.registry.proxy_stalled()
+                continue
             self.registry.reap()

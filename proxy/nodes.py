@@ -3,7 +3,9 @@
 A node is alive from its first heartbeat until it has been silent for `misses` heartbeat intervals (any rpc
 message from it counts as a sign of life too, so a node too busy to publish on time is not declared dead while it
 streams tokens). A dead node is never routed to; listeners (the indexer, the dispatcher) drop its index entries
-and fail or re-route its requests. A dead node that speaks again comes back as a new node.
+and fail or re-route its requests. A dead node that speaks again comes back as a new node. Silence only counts
+while the proxy was listening: after its own event loop stalled (the reaper woke late), every node gets a fresh
+timeout, since its heartbeats may be waiting unread in the socket.
 
 The proxy also counts its own requests per node (`pending_prefill`, `active`): heartbeats are up to an interval
 old, and without these a burst would all go to the node that looked idle half a second ago.
@@ -72,6 +74,7 @@ class NodeState:
 class NodeRegistry:
     def __init__(self, misses: int = 3, interval_s: float = HEARTBEAT_INTERVAL_S):
         self.timeout_s = misses * interval_s
+        self.listening_since = 0.0  # monotonic; see proxy_stalled
         self.nodes: dict[str, NodeState] = {}
         self._by_rpc: dict[str, NodeState] = {}
         self.on_dead: list[Callable[[NodeState], None]] = []
@@ -107,10 +110,16 @@ class NodeRegistry:
     def by_rpc(self, rpc: str) -> Optional[NodeState]:
         return self._by_rpc.get(rpc)
 
+    def proxy_stalled(self, now: Optional[float] = None) -> None:
+        """This proxy could not listen for a while (its event loop was busy): heartbeats may sit unread in its
+        sockets, so silence is counted again from now, not from before the stall."""
+        self.listening_since = time.monotonic() if now is None else now
+
     def reap(self, now: Optional[float] = None) -> list[NodeState]:
         """Declare nodes silent for longer than the timeout dead; returns the newly dead."""
         now = time.monotonic() if now is None else now
-        dead = [n for n in self.nodes.values() if n.alive and now - n.last_seen > self.timeout_s]
+        dead = [n for n in self.nodes.values()
+                if n.alive and now - max(n.last_seen, self.listening_since) > self.timeout_s]
         for node in dead:
             self.kill(node, f"silent for {now - node.last_seen:.2f}s")
         return dead

@@ -5,6 +5,10 @@ Decisions:
   and unknown keys are ignored as OpenAI's API does.
 - Sampling limits are SamplingParams' (engine/sampling_params.py), checked again by the nodes. OpenAI's own
   ranges apply on top where they are narrower: temperature <= 2, n <= 128, at most 16 stop strings.
+- Sizes a client controls are bounded before anything is sent (the node frames have a size limit too, and a
+  frame over it would be a 500 at the wire): stop strings (16, 4 KiB in all), stop_token_ids (256).
+- Every token id a client sends (prompt ids, stop_token_ids) must index the vocabulary: an id past it would raise
+  inside the node's engine step. The nodes check again at their door (a proxy is not trusted to have checked).
 - Completions accept a string, a list of strings (a batch), a list of token ids, or a list of such lists;
   choice i*n + j is the j-th sample of prompt i. Chat renders the checkpoint's chat template.
 - max_tokens: completions default to 16 (OpenAI); chat defaults to what is left of --max-model-len.
@@ -27,6 +31,8 @@ from proxy.errors import bad_request
 
 MAX_N = 128
 MAX_STOP = 16
+MAX_STOP_BYTES = 4096  # all stop strings together, UTF-8
+MAX_STOP_TOKEN_IDS = 256
 MAX_TEMPERATURE = 2.0
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 
@@ -90,7 +96,27 @@ def _stop(body: dict) -> list[str]:
         raise bad_request(f"'stop' may hold at most {MAX_STOP} strings, got {len(stop)}", param="stop")
     if any(not s for s in stop):
         raise bad_request("'stop' strings must not be empty", param="stop")
+    try:
+        size = sum(len(s.encode("utf-8")) for s in stop)
+    except UnicodeEncodeError:
+        raise bad_request("'stop' holds a lone surrogate (not valid Unicode text)", param="stop") from None
+    if size > MAX_STOP_BYTES:
+        raise bad_request(f"'stop' strings may hold at most {MAX_STOP_BYTES} bytes in all, got {size}", param="stop")
     return stop
+
+
+def _stop_token_ids(body: dict, vocab: int) -> list[int]:
+    ids = body.get("stop_token_ids") or []
+    if not isinstance(ids, list) or not all(_is_int(t) for t in ids):
+        raise bad_request("'stop_token_ids' must be a list of integers", param="stop_token_ids")
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise bad_request(f"'stop_token_ids' may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}",
+                          param="stop_token_ids")
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise bad_request(f"'stop_token_ids' holds {bad}, outside the vocabulary (size {vocab})",
+                          param="stop_token_ids")
+    return ids
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -112,7 +138,7 @@ def _refuse_unsupported(body: dict) -> None:
         raise bad_request("only response_format {'type': 'text'} is supported", param="response_format")
 
 
-def _sampling(body: dict, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+def _sampling(body: dict, max_tokens: Optional[int], logprobs: Optional[int], vocab: int) -> SamplingParams:
     n = _get(body, "n", "int", 1)
     if not 1 <= n <= MAX_N:
         raise bad_request(f"'n' must be between 1 and {MAX_N}, got {n}", param="n")
@@ -123,9 +149,7 @@ def _sampling(body: dict, max_tokens: Optional[int], logprobs: Optional[int]) ->
     if not 0 <= temperature <= MAX_TEMPERATURE:
         raise bad_request(f"'temperature' must be between 0 and {MAX_TEMPERATURE:g}, got {temperature}",
                           param="temperature")
-    stop_token_ids = body.get("stop_token_ids") or []
-    if not isinstance(stop_token_ids, list) or not all(_is_int(t) for t in stop_token_ids):
-        raise bad_request("'stop_token_ids' must be a list of integers", param="stop_token_ids")
+    stop_token_ids = _stop_token_ids(body, vocab)
     kwargs = dict(
         n=n, temperature=temperature, top_p=_get(body, "top_p", "num", 1.0), top_k=_get(body, "top_k", "int", 0),
         min_p=_get(body, "min_p", "num", 0.0), seed=_get(body, "seed", "int", None), stop=_stop(body),
@@ -162,21 +186,30 @@ def _max_tokens(body: dict, names: tuple[str, ...]) -> Optional[int]:
 
 # ---------------------------------------------------------------------------------------------------- requests
 
-def parse_completion(body: dict, tokenizer) -> GenerationRequest:
+def _too_long(chars: int, max_prompt_chars: Optional[int], param: str) -> None:
+    """A text with more characters than max_model_len tokens could ever cover is refused before tokenizing it
+    (tokenizing megabytes takes seconds, and its answer is known)."""
+    if max_prompt_chars is not None and chars > max_prompt_chars:
+        raise bad_request(f"This model's maximum context length cannot hold a prompt of {chars} characters "
+                          f"(at most {max_prompt_chars}).", param=param, code="context_length_exceeded")
+
+
+def parse_completion(body: dict, tokenizer, max_prompt_chars: Optional[int] = None) -> GenerationRequest:
     _refuse_unsupported(body)
     stream = _get(body, "stream", "bool", False)
     logprobs = _get(body, "logprobs", "int", None)
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise bad_request(f"'logprobs' must be between 0 and {MAX_LOGPROBS}, got {logprobs}", param="logprobs")
     max_tokens = _max_tokens(body, ("max_tokens",))
-    params = _sampling(body, 16 if max_tokens is None else max_tokens, logprobs)
-    prompts, texts = _completion_prompts(body.get("prompt"), tokenizer)
+    params = _sampling(body, 16 if max_tokens is None else max_tokens, logprobs, len(tokenizer))
+    prompts, texts = _completion_prompts(body.get("prompt"), tokenizer, max_prompt_chars)
     return GenerationRequest("completion", body.get("model"), prompts, params, stream,
-                             _stream_options(body, stream), logprobs, body.get("user"),
+                             _stream_options(body, stream), logprobs, _get(body, "user", "str"),
                              _get(body, "return_token_ids", "bool", False), texts)
 
 
-def _completion_prompts(prompt, tokenizer) -> tuple[list[list[int]], list[Optional[str]]]:
+def _completion_prompts(prompt, tokenizer, max_prompt_chars: Optional[int] = None
+                        ) -> tuple[list[list[int]], list[Optional[str]]]:
     def ids_ok(x) -> bool:
         return isinstance(x, list) and all(_is_int(t) and t >= 0 for t in x)
 
@@ -195,7 +228,11 @@ def _completion_prompts(prompt, tokenizer) -> tuple[list[list[int]], list[Option
     vocab = len(tokenizer)
     for item in items:
         if isinstance(item, str):
-            ids.append(tokenizer.encode(item))
+            _too_long(len(item), max_prompt_chars, "prompt")
+            try:
+                ids.append(tokenizer.encode(item))
+            except (TypeError, ValueError) as exc:  # a lone surrogate, when the body check was bypassed
+                raise bad_request(f"'prompt' cannot be tokenized: {exc}", param="prompt") from None
             texts.append(item)
         else:
             if max(item) >= vocab:
@@ -209,7 +246,7 @@ def _completion_prompts(prompt, tokenizer) -> tuple[list[list[int]], list[Option
     return ids, texts
 
 
-def parse_chat(body: dict, tokenizer) -> GenerationRequest:
+def parse_chat(body: dict, tokenizer, max_prompt_chars: Optional[int] = None) -> GenerationRequest:
     _refuse_unsupported(body)
     stream = _get(body, "stream", "bool", False)
     want_logprobs = _get(body, "logprobs", "bool", False)
@@ -220,6 +257,7 @@ def parse_chat(body: dict, tokenizer) -> GenerationRequest:
         raise bad_request(f"'top_logprobs' must be between 0 and {MAX_LOGPROBS}, got {top}", param="top_logprobs")
     logprobs = (top or 0) if want_logprobs else None
     messages = _messages(body.get("messages"))
+    _too_long(sum(len(_content_text(m.get("content"))) for m in messages), max_prompt_chars, "messages")
     add_generation_prompt = _get(body, "add_generation_prompt", "bool", True)
     try:
         prompt = tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
@@ -227,9 +265,15 @@ def parse_chat(body: dict, tokenizer) -> GenerationRequest:
         raise bad_request(f"the chat template could not render these messages: {exc}", param="messages") from None
     if not prompt:
         raise bad_request("the rendered chat prompt is empty", param="messages")
-    params = _sampling(body, _max_tokens(body, ("max_completion_tokens", "max_tokens")), logprobs)
+    params = _sampling(body, _max_tokens(body, ("max_completion_tokens", "max_tokens")), logprobs, len(tokenizer))
     return GenerationRequest("chat", body.get("model"), [prompt], params, stream, _stream_options(body, stream),
-                             logprobs, body.get("user"), _get(body, "return_token_ids", "bool", False), [None])
+                             logprobs, _get(body, "user", "str"), _get(body, "return_token_ids", "bool", False), [None])
+
+
+def _content_text(content) -> str:
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content)
+    return content or ""
 
 
 def _messages(messages) -> list[dict]:

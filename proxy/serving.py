@@ -43,8 +43,9 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def until_disconnect(request: Request, coro):
-    """Run coro; if the client disconnects first, cancel it and raise ClientGone."""
+async def until_disconnect(request: Request, coro, on_gone=lambda: None):
+    """Run coro; if the client disconnects first, call on_gone (abort the node work at once, whatever the
+    cancelled coroutine still does), cancel coro and raise ClientGone."""
     work = asyncio.ensure_future(coro)
     watch = asyncio.ensure_future(_wait_disconnect(request))
     try:
@@ -56,6 +57,7 @@ async def until_disconnect(request: Request, coro):
         watch.cancel()
     if work.done():
         return work.result()
+    on_gone()
     work.cancel()
     await asyncio.gather(work, return_exceptions=True)
     raise ClientGone
@@ -267,7 +269,7 @@ class RequestJob:
                     break
                 c, d, offset = item
                 choice = self._delta_choice(c, d, offset)
-                if c.done:
+                if d.finish_reason is not None:  # this delta ended it (c.done may already be true for an earlier one)
                     remaining -= 1
                 last = remaining == 0
                 if choice is not None:
@@ -320,12 +322,12 @@ async def serve(served: Served, request: Request, req: GenerationRequest, endpoi
     streaming = False
     try:
         if req.stream:
-            await until_disconnect(request, job.start())
+            await until_disconnect(request, job.start(), on_gone=lambda: job.abort_all("client_gone"))
             headers = {"x-pdserve-route": job.route_header(), "cache-control": "no-cache"}
             streaming = True
             return JobStream(job.stream(), lambda: (job.close(), on_end()), media_type="text/event-stream",
                              headers=headers)
-        body = await until_disconnect(request, _start_and_collect(job))
+        body = await until_disconnect(request, _start_and_collect(job), on_gone=lambda: job.abort_all("client_gone"))
     except ClientGone:
         job.abort_all("client_gone")
         job.record(499)
