@@ -66,8 +66,9 @@ class Node:
         dtype = getattr(torch, layout["dtype"])
         self.cache = torch.randn(shape, device=self.device).to(dtype) if role == "producer" else \
             torch.zeros(shape, dtype=dtype, device=self.device)
-        cfg = ConnectorConfig(model="llama-3.1-8b-shape", kv_connector=transport, secret=secret, timeout=30.0,
-                              **layout)
+        name, _, copy = transport.partition(":")  # cuda_ipc:torch -> {"copy": "torch"} (the plane's option)
+        cfg = ConnectorConfig(model="llama-3.1-8b-shape", kv_connector=name, secret=secret, timeout=30.0,
+                              extra={"copy": copy} if copy else {}, **layout)
         self.blocks = list(range(num_blocks))
         random.Random(0).shuffle(self.blocks)
         if role == "consumer":
@@ -142,21 +143,24 @@ class Node:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t_start = time.monotonic()
-        last = None
+        last, saving = None, 0.0
         for layer in range(conn.config.num_layers):
             if overlapped:
                 self._compute()
                 if layer == conn.config.num_layers - 1 and self.device.type == "cuda":
                     last = torch.cuda.Event()
                     last.record()
+            t0 = time.perf_counter()
             conn.save_layer(layer)
+            saving += time.perf_counter() - t0
         conn.end_step()
+        self.save_layer_us = saving / conn.config.num_layers * 1e6
         if last is not None:
             last.synchronize()
         t_last = time.monotonic()
         if not self.done.wait(60):
             raise RuntimeError(f"{rid}: producer never completed")
-        return t_start, t_last, self.exposed_gpu.pop(rid, None)
+        return t_start, t_last, self.exposed_gpu.pop(rid, None), self.save_layer_us
 
     # ---- ceilings
     def raw_store(self):
@@ -274,19 +278,20 @@ def measure_push(res, prod, cons, transport, case, layout, tokens, iters, ceilin
     params = dict(case=case, transport=transport, tokens=tokens, bytes=nbytes, layers=layout["num_layers"])
     for mode in ("one_block", "back_to_back", "overlapped"):
         n_tok = layout["block_size"] if mode == "one_block" else tokens
-        spans, exposed, exposed_gpu = [], [], []
+        spans, exposed, exposed_gpu, host_us = [], [], [], []
         for i in range(iters + 2):
             rid = f"{mode}-{tokens}-{i}"
             remote = cons.call("expect", rid=rid, tokens=n_tok)
-            t_start, t_last, gpu_ms = prod.call("push", rid=rid, tokens=n_tok, overlapped=mode == "overlapped",
-                                                remote=remote)
+            t_start, t_last, gpu_ms, save_us = prod.call("push", rid=rid, tokens=n_tok,
+                                                         overlapped=mode == "overlapped", remote=remote)
             t_landed = cons.call("wait_landed", rid=rid)
             if i >= 2:
                 spans.append((t_landed - t_start) * 1e3)
                 exposed.append((t_landed - t_last) * 1e3)
+                host_us.append(save_us)
                 if gpu_ms is not None:
                     exposed_gpu.append(gpu_ms)
-        p = dict(params, mode=mode, iters=iters)
+        p = dict(params, mode=mode, iters=iters, save_layer_host_us=round(statistics.median(host_us), 1))
         if mode == "one_block":
             # The fixed per-request cost: one block of every layer (a few KiB) pushed back to back, save_layer of
             # layer 0 to landed on the decode side. Bandwidth plays no part; hand-offs, wakeups and syncs do.

@@ -107,16 +107,37 @@ def scatter_blocks(src: torch.Tensor, block_ids: torch.Tensor, cache: torch.Tens
 
 def copy_blocks(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor, dst_ids: torch.Tensor) -> None:
     """dst[:, dst_ids[i]] = src[:, src_ids[i]] for both caches [P, *, *blk]; dst may be a peer's mapped cache."""
-    check(src_ids.shape == dst_ids.shape, f"{src_ids.shape} source ids, {dst_ids.shape} destination ids")
-    check(src.dim() >= 3 and src.shape[0] == dst.shape[0] and src.shape[2:] == dst.shape[2:]
-          and src.dtype == dst.dtype,
-          f"blocks differ: source {tuple(src.shape)} {src.dtype}, destination {tuple(dst.shape)} {dst.dtype}")
-    for name, t, ids in (("source", src, src_ids), ("destination", dst, dst_ids)):
-        check(ids.dim() == 1 and ids.dtype in (torch.int64, torch.int32) and ids.is_contiguous(),
-              f"{name} ids: expected a contiguous [n] int64 tensor")
-        check(t[0, 0].is_contiguous() if t.shape[1] else True, f"{name}: each block must be contiguous")
-    check_same_device(src, dst, src_ids, dst_ids)
-    _launch(src, dst, src_ids, dst_ids)
+    BlockCopier(src, dst)(src_ids, dst_ids)
+
+
+class BlockCopier:
+    """copy_blocks for one fixed (src, dst) pair: checked and viewed as words once, then each call is one launch
+    with no per-call Python beyond it (the KV connector calls it once per layer on the forward thread)."""
+
+    def __init__(self, src: torch.Tensor, dst: torch.Tensor):
+        check(src.dim() >= 3 and src.shape[0] == dst.shape[0] and src.shape[2:] == dst.shape[2:]
+              and src.dtype == dst.dtype,
+              f"blocks differ: source {tuple(src.shape)} {src.dtype}, destination {tuple(dst.shape)} {dst.dtype}")
+        for name, t in (("source", src), ("destination", dst)):
+            check(t[0, 0].is_contiguous() if t.shape[1] else True, f"{name}: each block must be contiguous")
+        check_same_device(src, dst)
+        self.src_w, self.dst_w = _words(src, dst)
+        self.words = self.src_w.shape[-1]
+        self.block = min(triton.next_power_of_2(max(self.words, 1)), 1024 if interpreting() else 4096)
+        self.strides = (self.src_w.stride(0), self.src_w.stride(1), self.dst_w.stride(0), self.dst_w.stride(1))
+        self.grid_p, self.grid_w = src.shape[0], triton.cdiv(self.words, self.block)
+        self.num_warps = 1 if interpreting() else 8
+        self.empty = src.shape[0] == 0 or self.words == 0
+
+    def __call__(self, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
+        n = src_ids.shape[0]
+        check(dst_ids.shape[0] == n, f"{n} source ids, {dst_ids.shape[0]} destination ids")
+        if n == 0 or self.empty:
+            return
+        _copy_blocks_kernel[(self.grid_p * n, self.grid_w)](
+            self.src_w, self.dst_w, src_ids, dst_ids, *self.strides, n, self.words,
+            SRC_INDEXED=True, DST_INDEXED=True, BLOCK=self.block, num_warps=self.num_warps,
+        )
 
 
 def gather_blocks_ref(cache: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

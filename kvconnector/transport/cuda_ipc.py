@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from kernels.dispatch import copy_blocks
+from kernels.block_copy import BlockCopier
 from kvconnector.transport.base import DataPlane, DataPlaneConfig, Fence, PeerWrites, dtype_name, torch_dtype
 from kvconnector.wire import Handshake
 
@@ -46,7 +46,13 @@ class CudaIpcDataPlane(DataPlane):
         if self.device.type != "cuda":
             raise ValueError("kv_connector cuda_ipc needs the KV cache on a CUDA device")
         self.num_layers = len(self.caches)
-        self._stream = torch.cuda.Stream(self.device)
+        # kv_connector_extra_config {"copy": "triton" | "torch"}: one Triton launch per layer, or torch's
+        # index_select + index_copy_ (two launches through the C++ dispatcher, a local staging copy between)
+        self.copy = str(config.extra.get("copy", "triton"))
+        if self.copy not in ("triton", "torch"):
+            raise ValueError(f'cuda_ipc "copy" must be triton or torch, got {self.copy!r}')
+        # high priority: a layer's copy is small and must not queue behind the next layers' compute kernels
+        self._stream = torch.cuda.Stream(self.device, priority=-1)
         self._ready = [torch.cuda.Event() for _ in self.caches]  # reused each step: a wait captures the state
         self._copied: Optional[torch.cuda.Event] = None  # the copy stream after the last step's writes
         self._last_compute: Optional[torch.cuda.Event] = None  # timing event: the last layer computed
@@ -77,7 +83,15 @@ class CudaIpcDataPlane(DataPlane):
 
     def open(self, link, ours: Handshake, theirs: Handshake, producer: bool) -> None:
         if producer:
-            link.state["peer_cache"] = self._map(theirs.data_plane)
+            peer = self._map(theirs.data_plane)
+            link.state["peer_cache"] = peer
+            link.state["copiers"] = [self._copier(src, dst) for src, dst in zip(self.caches, peer)]
+
+    def _copier(self, src: torch.Tensor, dst: torch.Tensor):
+        if self.copy == "triton":
+            return BlockCopier(src, dst)
+        src_w, dst_w = src.flatten(2).view(torch.int64), dst.flatten(2).view(torch.int64)
+        return lambda src_ids, dst_ids: dst_w.index_copy_(1, dst_ids, src_w.index_select(1, src_ids))
 
     def _map(self, info: dict) -> list[torch.Tensor]:
         """The peer's per-layer caches as tensors of this process, on our device (peer access is enabled by
@@ -98,6 +112,7 @@ class CudaIpcDataPlane(DataPlane):
         return layers
 
     def close_link(self, link) -> None:
+        link.state.pop("copiers", None)
         link.state.pop("peer_cache", None)
 
     # ---- producer: the forward thread -----------------------------------------------------------------------
@@ -113,8 +128,8 @@ class CudaIpcDataPlane(DataPlane):
         writes.src_ids, writes.dst_ids = ids[:n], ids[n:]
 
     def write_layer(self, writes: PeerWrites, layer: int) -> None:
-        peer = writes.link.state.get("peer_cache")
-        if peer is None or writes.link.closed or not writes.num_blocks:
+        copiers = writes.link.state.get("copiers")
+        if copiers is None or writes.link.closed or not writes.num_blocks:
             return
         if layer == self.num_layers - 1:  # a fresh timing event: fences measure the exposed copy against it
             ready = self._last_compute = torch.cuda.Event(enable_timing=True)
@@ -123,7 +138,7 @@ class CudaIpcDataPlane(DataPlane):
         ready.record()
         self._stream.wait_event(ready)
         with torch.cuda.stream(self._stream):
-            copy_blocks(self.caches[layer], writes.src_ids, peer[layer], writes.dst_ids)
+            copiers[layer](writes.src_ids, writes.dst_ids)
             if layer == self.num_layers - 1:
                 self._copied = torch.cuda.Event()
                 self._copied.record()
