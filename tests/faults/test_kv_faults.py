@@ -43,8 +43,11 @@ def assert_all_free(state, rid, cause):
 
 def transfer(prod, cons, rid, address, num_tokens, chunk_tokens, **kw):
     res = cons.call("reserve", rid=rid, num_tokens=num_tokens)
-    return prod.call("transfer", rid=rid, address=address, num_tokens=num_tokens, chunk_tokens=chunk_tokens,
-                     **res, **kw)
+    out = prod.call("transfer", rid=rid, address=address, num_tokens=num_tokens, chunk_tokens=chunk_tokens,
+                    **res, **kw)
+    if not kw.get("background") and "error" not in out:  # the producer is done at its fence; wait for the Done
+        assert cons.call("wait_finished", rid=rid) is not None, f"{rid}: the consumer never completed"
+    return out
 
 
 def start_slow_transfer(prod, cons, transport):

@@ -87,6 +87,14 @@ class Node:
         self.conn.expect(rid, ids)
         return {"remote": ids, "num_cached": num_cached}
 
+    def wait_finished(self, rid: str, timeout: float = 10.0):
+        """Consumer: block until rid completed or failed here (the producer finishes at its own fence, before the
+        consumer has read its Done). -> the finished record, or None on timeout."""
+        deadline = time.monotonic() + timeout
+        while rid not in self.finished and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return self.finished.get(rid)
+
     def forget(self, rid: str):
         """Consumer: the node gives up on rid and frees its blocks."""
         self.conn.forget(rid)

@@ -31,6 +31,7 @@ def run_case(prod, cons, transport, dtype, layout, seed, devices=("cpu", "cpu"))
         res = cons.call("reserve", rid=rid, num_tokens=num_tokens, num_cached=cached)
         out = prod.call("transfer", rid=rid, address=address, num_tokens=num_tokens, chunk_tokens=chunk, **res)
         assert "error" not in out, out
+        assert cons.call("wait_finished", rid=rid) is not None, f"{rid}: the consumer never completed"
         assert out["num_cached"] == cached and len(out["remote"]) == -(-num_tokens // bs) - cached
         sent = prod.call("block_bytes", block_ids=out["local"][cached:])
         got = cons.call("block_bytes", block_ids=out["remote"])
