@@ -9,8 +9,9 @@ One request, in order (DESIGN.md, "A request's way" 4-5):
      link says every layer landed.
   3. `first_token` from the prefill node is forwarded to the proxy at once (TTFT is the prefill's time). If that
      token already ends the request (eos, stop id, max_tokens 1) the request ends here and the transfer is aborted.
-  4. When every layer has landed AND the first token is known, the request joins the running batch (admit); the
-     engine loop streams the rest through the node's sink like a colocated request.
+  4. When every layer has landed AND the first token is known, the scheduler is told (WAITING_FOR_REMOTE_KVS ->
+     ready) and moves the request into the running batch at the next step with a free slot; the engine loop
+     streams the rest through the node's sink like a colocated request.
 Failure before the request joins the batch (prefill node error, killed, silent past --kv-timeout, KV transfer
 failed) sends the proxy an `error`, retryable while no token has reached the proxy. The reserved blocks are freed
 only once the prefill node can no longer write them (a mapped cache is writable by the peer that mapped it): after
@@ -23,7 +24,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -63,7 +63,6 @@ class DisaggDecoder:
         self.core, self.loop, self.rpc = node.core, node.loop, node.rpc
         self.timeout = node.options.kv_timeout
         self.pending: dict[str, Pending] = {}
-        self._ready: deque[Pending] = deque()  # landed + first token, waiting for a slot in the batch (loop thread)
         self.lock = threading.Lock()
         self.quarantine: dict[str, Pending] = {}  # released, blocks held until the writer confirms it stopped
         self.consumer = KVConsumer(connector_config(node), self.core.runner.kv_caches, on_complete=self._on_complete)
@@ -71,7 +70,6 @@ class DisaggDecoder:
         from decode_node.node_server import advertised
 
         self.kv_endpoint = advertised("%s:%d" % self.consumer.address)
-        self.loop.before_step.append(self._admit_ready)
 
     @property
     def num_pending(self) -> int:
@@ -174,31 +172,24 @@ class DisaggDecoder:
         if ready:
             self.loop.call(self._admit, pending)
 
-    def _admit(self, pending: Pending, queued: bool = False) -> None:
-        """Loop thread: into the batch now, or queued (FIFO) until a slot frees (max_num_seqs)."""
-        if pending.admitted or pending.live.ended:
-            return
-        if not ra.can_admit(self.core) or (self._ready and not queued):
-            if not queued:
-                self._ready.append(pending)
-            return
+    def _admit(self, pending: Pending) -> None:
+        """Loop thread: KV landed and first token known; the scheduler moves it into the batch when a slot frees."""
         live = pending.live
-        ra.admit(self.core, pending.reservation.request, pending.num_cached_tokens)
+        if pending.admitted or live.ended or not self.core.remote_kv_ready(live.request_id,
+                                                                            pending.num_cached_tokens):
+            return
         pending.admitted = True
-        live.timings["decode_queue"] = max(time.monotonic() - max(pending.landed_at, live.first_token_at), 0.0)
+        ready_at = time.monotonic()
         self.loop.attach(live.request_id, Sink(
             on_output=lambda out: self._on_output(live, out),
-            on_fail=lambda why: self.node.fail(live, 503, why, retryable=False, cause="error")))
+            on_fail=lambda why: self.node.fail(live, 503, why, retryable=False, cause="error"),
+            on_scheduled=lambda t: live.timings.__setitem__("decode_queue", max(t - ready_at, 0.0))))
 
     def _on_output(self, live, out) -> None:
         if out.finished:
             with self.lock:
                 self.pending.pop(live.request_id, None)
         self.node._on_output(live, out)
-
-    def _admit_ready(self) -> None:
-        while self._ready and ra.can_admit(self.core):
-            self._admit(self._ready.popleft(), queued=True)
 
     # ---- failures and the end ----------------------------------------------------------------------------------
     def _fail(self, pending: Pending, status: int, message: str, retryable: bool, cause: str) -> None:
@@ -235,11 +226,9 @@ class DisaggDecoder:
 
     def _detach_on_loop(self, request_id: str) -> None:
         self.loop.detach(request_id)
-        self._ready = deque(p for p in self._ready if p.live.request_id != request_id)
 
     def _release_on_loop(self, request_id: str) -> None:
         self.loop.detach(request_id)
-        self._ready = deque(p for p in self._ready if p.live.request_id != request_id)
         ra.release(self.core, request_id)
 
     def check_timeouts(self, now: float) -> None:
