@@ -35,6 +35,9 @@ from engine.errors import PromptTooLongError
 log = logging.getLogger(__name__)
 
 QUARANTINE_TIMEOUTS = 3  # a released request's blocks wait this many --kv-timeout for the writer to confirm
+# ...or this many once its prefill node's RPC connection is lost: a producer still alive behind a broken RPC
+# connection stops writing by itself within its own --kv-timeout (no progress -> abort), so this is safe too
+LOST_WRITER_TIMEOUTS = 1.5
 
 
 @dataclass(eq=False)
@@ -52,6 +55,7 @@ class Pending:
     admitted: bool = False
     writer_done: bool = False  # the prefill node can no longer write into the reserved blocks
     released_at: float = 0.0  # the request ended here while the writer might still write (quarantine)
+    writer_lost: bool = False  # the prefill node's RPC connection dropped: a shorter quarantine
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -66,6 +70,7 @@ class DisaggDecoder:
         self.lock = threading.Lock()
         self.quarantine: dict[str, Pending] = {}  # released, blocks held until the writer confirms it stopped
         self.consumer = KVConsumer(connector_config(node), self.core.runner.kv_caches, on_complete=self._on_complete)
+        self.consumer.on_forgotten_end = self._writer_done  # a released request's Done / Abort still frees it
         node.metrics.extra_registries.append(self.consumer.metrics.registry)
         from decode_node.node_server import advertised
 
@@ -99,6 +104,10 @@ class DisaggDecoder:
             self.release(live.request_id)
             return
         self.consumer.expect(live.request_id, res.block_ids)
+        if live.ended:  # released while we registered: nobody has been asked to write yet
+            pending.writer_done = True
+            self.release(live.request_id)
+            return
         self.rpc.send_to(msg.prefill_rpc, Prefill(
             request_id=live.request_id, prompt_token_ids=list(msg.prompt_token_ids), params=msg.params,
             kv_endpoint=self.kv_endpoint, block_ids=res.block_ids, num_cached_blocks=res.num_cached_blocks,
@@ -107,6 +116,9 @@ class DisaggDecoder:
     # ---- 3: the first token ------------------------------------------------------------------------------------
     def on_prefill_message(self, endpoint: str, msg) -> None:
         if isinstance(msg, PrefillDone):
+            if msg.ok:  # the writes are fenced and landed, even if the KV link lost the Done
+                self.consumer.forget(msg.request_id, "landed (told by prefill_done)")
+                self._on_complete(msg.request_id, True, {})
             self._writer_done(msg.request_id)
         with self.lock:
             pending = self.pending.get(msg.request_id)
@@ -164,6 +176,8 @@ class DisaggDecoder:
                        not pending.tokens_sent, "kv")
             return
         with pending.lock:
+            if pending.landed:
+                return
             pending.landed, pending.landed_at = True, time.monotonic()
             ready = pending.first_token is not None
             pending.deadline = pending.landed_at + self.timeout  # the first token must follow within --kv-timeout
@@ -236,8 +250,9 @@ class DisaggDecoder:
         quarantine past their limit are freed (the writer never confirmed: logged, it is the trust boundary)."""
         with self.lock:
             late = [p for p in self.pending.values() if _waiting_on_prefill(p) and now > p.deadline]
-            limit = QUARANTINE_TIMEOUTS * self.timeout
-            stale = [rid for rid, p in self.quarantine.items() if now - p.released_at > limit]
+            stale = [rid for rid, p in self.quarantine.items()
+                     if now - p.released_at > (LOST_WRITER_TIMEOUTS if p.writer_lost else QUARANTINE_TIMEOUTS)
+                     * self.timeout]
         for pending in late:
             self._fail(pending, 504, f"no answer from the prefill node {pending.prefill_rpc} in "
                                      f"{self.timeout:.1f}s", True, "prefill_timeout")
@@ -248,11 +263,10 @@ class DisaggDecoder:
     def on_prefill_node_lost(self, endpoint: str) -> None:
         with self.lock:
             lost = [p for p in self.pending.values() if p.prefill_rpc == endpoint and _waiting_on_prefill(p)]
-            gone = [rid for rid, p in self.quarantine.items() if p.prefill_rpc == endpoint]
-        for rid in gone:  # a lost prefill node writes nothing more
-            self._writer_done(rid)
+            for p in [*lost, *self.quarantine.values()]:
+                if p.prefill_rpc == endpoint:
+                    p.writer_lost = True
         for pending in lost:
-            pending.writer_done = True
             self._fail(pending, 503, f"lost the connection to the prefill node {endpoint}", True, "prefill_lost")
 
 
