@@ -113,9 +113,9 @@ class KVProducer(Endpoint):
     def end_step(self, ok: bool = True) -> None:
         """After the forward. ok False (it raised part way): the step's requests lose layers they will never get
         again, so they fail, once nothing more can be written for them."""
-        plans = self.worker.last_plans if ok else []
-        for plan in plans:
-            self.scheduler.progress(plan.request_id, "last_layer")
+        for plan in self.worker.step_plans if ok else ():
+            if plan.last:
+                self.scheduler.progress(plan.request_id, "last_layer")
         failed = [] if ok else [p.request_id for p in self.worker.step_plans]
         self.worker.end_step(ok)
         for rid in failed:
