@@ -2,9 +2,9 @@
 
 - Timing: CUDA events around each call, after a device sync, so a figure is the call's wall time as the caller sees
   it (host work that enqueues kernels included); warmup calls first, then the median of N. On CPU: perf_counter.
-- Ceilings: device copy bandwidth counts bytes read plus bytes written, as DESIGN.md's figures do (H100 ~3.0 TB/s);
+- Ceilings: device copy bandwidth counts bytes read plus bytes written, as the device's datasheet-style figures do (H100 ~3.0 TB/s);
   matmul rate is a large square bf16 matmul (H100 ~790 TFLOP/s).
-- Results: `<out>/<bench>-<device>-<YYYYMMDD>.json` in DESIGN.md's format, rewritten after every record so a crash
+- Results: `<out>/<bench>-<device>-<YYYYMMDD>.json` in the format of docs/architecture.md, rewritten after every record so a crash
   loses nothing. A file already there is merged into (same metric and params: the newer record wins), so one
   benchmark can be split over several runs on the same day. `python bench/common.py merge A.json B.json -o C.json`
   merges files that came back from different machines' runs.

@@ -1,6 +1,6 @@
 """The decode node's disaggregated path: reserve, drive the prefill node, receive KV, join the running batch.
 
-One request, in order (DESIGN.md, "A request's way" 4-5):
+One request, in order (docs/architecture.md, "A request's way"):
   1. `generate` (mode disaggregated) -> on the engine thread, reserve blocks for the prompt minus our own prefix
      hits (remote_admission.reserve); no room -> 429, retryable.
   2. `prefill` {prompt, params, our KV endpoint, the block ids, how many prompt blocks we already hold} goes to
