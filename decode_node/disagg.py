@@ -21,16 +21,16 @@ request released before that waits in quarantine, at most QUARANTINE_TIMEOUTS x 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 from decode_node import remote_admission as ra
-from decode_node.protocol import Abort, Error, FirstToken, Prefill, PrefillDone, Tokens, plain
+from node_runtime.protocol import Abort, Error, FirstToken, Prefill, PrefillDone, Tokens, plain
 from engine.engine_loop import Sink
 from engine.errors import PromptTooLongError
+from kvconnector.bind import advertised
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class Pending:
 class DisaggDecoder:
     def __init__(self, node):
         from kvconnector.consumer import KVConsumer
+        from node_runtime.connector import connector_config
 
         self.node = node
         self.core, self.loop, self.rpc = node.core, node.loop, node.rpc
@@ -72,8 +73,6 @@ class DisaggDecoder:
         self.consumer = KVConsumer(connector_config(node), self.core.runner.kv_caches, on_complete=self._on_complete)
         self.consumer.on_forgotten_end = self._writer_done  # a released request's Done / Abort still frees it
         node.metrics.extra_registries.append(self.consumer.metrics.registry)
-        from decode_node.node_server import advertised
-
         self.kv_endpoint = advertised("%s:%d" % self.consumer.address)
 
     @property
@@ -116,9 +115,8 @@ class DisaggDecoder:
     # ---- 3: the first token ------------------------------------------------------------------------------------
     def on_prefill_message(self, endpoint: str, msg) -> None:
         if isinstance(msg, PrefillDone):
-            if msg.ok:  # the writes are fenced and landed, even if the KV link lost the Done
-                self.consumer.forget(msg.request_id, "landed (told by prefill_done)")
-                self._on_complete(msg.request_id, True, {})
+            if msg.ok:  # the writes are fenced and landed, even if the KV link lost the Done (it may also still
+                self._on_complete(msg.request_id, True, {})  # be on its way: both come from the prefill node)
             self._writer_done(msg.request_id)
         with self.lock:
             pending = self.pending.get(msg.request_id)
@@ -148,7 +146,7 @@ class DisaggDecoder:
         live.first_token_at = time.monotonic()
         live.timings.update({k: v for k, v in (msg.timings or {}).items() if k in ("prefill_queue", "prefill")})
         finished = status is not None
-        if finished and not self.node._take(live):
+        if finished and not self.node.take(live):
             return
         pending.tokens_sent = True
         self.rpc.send(live.identity, Tokens(
@@ -203,7 +201,7 @@ class DisaggDecoder:
         if out.finished:
             with self.lock:
                 self.pending.pop(live.request_id, None)
-        self.node._on_output(live, out)
+        self.node.on_output(live, out)
 
     # ---- failures and the end ----------------------------------------------------------------------------------
     def _fail(self, pending: Pending, status: int, message: str, retryable: bool, cause: str) -> None:
@@ -273,16 +271,3 @@ class DisaggDecoder:
 def _waiting_on_prefill(pending: Pending) -> bool:
     """Still needs something from the prefill node: its KV, or (KV landed) its first token."""
     return not pending.admitted and (not pending.landed or pending.first_token is None)
-
-
-def connector_config(node):
-    """The connector's config from the engine's: layout from the loaded model, policy from the node's flags."""
-    from kvconnector.connector import ConnectorConfig
-
-    runner, config = node.core.runner, node.config
-    arch = runner.arch
-    return ConnectorConfig.from_kv_transfer(
-        config.kv_transfer, model=os.path.basename(os.path.normpath(config.model.model)), dtype=runner.dtype,
-        block_size=config.cache.block_size, num_layers=arch.num_hidden_layers,
-        num_kv_heads=arch.num_key_value_heads, head_dim=arch.head_dim, secret=node.options.kv_secret,
-        timeout=node.options.kv_timeout)

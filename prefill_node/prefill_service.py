@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from decode_node.protocol import FirstToken, Prefill, PrefillDone, plain
+from node_runtime.protocol import FirstToken, Prefill, PrefillDone, plain
 from engine.engine_loop import Sink
 from engine.errors import PromptTooLongError
 from engine.sampling_params import SamplingParams
@@ -55,7 +55,7 @@ class PrefillJob:
 
 class PrefillService:
     def __init__(self, node):
-        from decode_node.disagg import connector_config
+        from node_runtime.connector import connector_config
         from kvconnector.producer import KVProducer
         from prefill_node.step_hooks import TransferStepHooks
 
