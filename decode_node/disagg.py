@@ -115,8 +115,8 @@ class DisaggDecoder:
     # ---- 3: the first token ------------------------------------------------------------------------------------
     def on_prefill_message(self, endpoint: str, msg) -> None:
         if isinstance(msg, PrefillDone):
-            if msg.ok:  # the writes are fenced and landed, even if the KV link lost the Done (it may also still
-                self._on_complete(msg.request_id, True, {})  # be on its way: both come from the prefill node)
+            if msg.ok and not self.consumer.counted:  # one-sided: its fence means landed, even if the KV link
+                self._on_complete(msg.request_id, True, {})  # lost the Done (over tcp only the Done means that)
             self._writer_done(msg.request_id)
         with self.lock:
             pending = self.pending.get(msg.request_id)
