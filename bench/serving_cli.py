@@ -25,7 +25,7 @@ import time
 from typing import Optional
 
 from bench.common import Results, log
-from bench.serving_client import ClientConfig, RunOutput, run_requests
+from bench.serving_client import ClientConfig, RunOutput, ServerUnusable, run_requests
 from bench.serving_metrics import compute_figures, parse_slos
 from bench.serving_report import figure_records, rate_label, summary_lines
 from bench.workloads import WorkloadError, build_workload, load_tokenizer
@@ -185,7 +185,7 @@ def run_cli(args: argparse.Namespace) -> int:
         label = args.label or args.base_url.split("://")[-1].rstrip("/")
         bench = BenchRun(args, label, slos, results)
         bench.run()
-    except WorkloadError as exc:
+    except (WorkloadError, ServerUnusable) as exc:
         raise ConfigError(str(exc)) from None
     if results is not None:
         log(f"results: {results.path}")
