@@ -136,3 +136,13 @@ def test_token_ids_avoid_special_tokens_and_chat_text_keeps_the_length(tmp_path)
         assert n - 8 <= len(tok.encode(text, add_special_tokens=False).ids) <= n
     with pytest.raises(WorkloadError, match="no tokenizer.json"):
         load_tokenizer(str(tmp_path / "missing"))
+
+
+def test_the_client_imports_no_torch():
+    """`pdserve bench` runs on any client machine, and the proxy's rule (never torch) holds for it too."""
+    import subprocess
+    import sys
+    code = ("import sys, bench.serving_cli, bench.serving_plots, bench.serving_summary, bench.prefix_oracle; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
