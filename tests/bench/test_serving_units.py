@@ -139,10 +139,11 @@ def test_token_ids_avoid_special_tokens_and_chat_text_keeps_the_length(tmp_path)
 
 
 def test_the_client_imports_no_torch():
-    """`pdserve bench` runs on any client machine, and the proxy's rule (never torch) holds for it too."""
+    """`pdserve bench` runs on any client machine, as the proxy does; bench/serving.py must not open a CUDA context
+    on a GPU its nodes use."""
     import subprocess
     import sys
-    code = ("import sys, bench.serving_cli, bench.serving_plots, bench.serving_summary, bench.prefix_oracle; "
+    code = ("import sys, bench.serving, bench.serving_cli, bench.serving_plots, bench.serving_summary; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
