@@ -18,6 +18,7 @@ Each configuration's `pdserve up` loads the model (and captures CUDA graphs) bef
 one call's budget is too short for all sections, run them in separate calls on the same day: the records merge
 into the same file and the report and plot are redrawn from all of them:
     .venv/bin/python bench/serving.py --sections pd ; .venv/bin/python bench/serving.py --sections routing
+On four GPUs the pd section alone is four configurations: run `--sections pd` in a call of its own.
 A configuration that fails to start is logged with its traceback and the others still run (exit status 1).
 CPU smoke (tiny model):
     python bench/serving.py --input-len 64 --output-len 8 --duration-per-rate 3 --rates 2,4 --routing-rate 4 \
@@ -127,7 +128,10 @@ class Runner:
         work = os.path.join(self.opts.work_dir, f"{comparison}-{cfg.run}")
         # Not bench.common.guarded: its CUDA clean-up would open a CUDA context here, on a GPU the nodes use.
         try:
-            with LocalCluster(work, self.model, cfg.prefill, cfg.decode, self.up_flags(cfg), env=env) as cluster:
+            # A cluster still loading when the whole budget is spent would measure nothing: give up on it then.
+            startup_s = max(120.0, self.deadline - time.monotonic())
+            with LocalCluster(work, self.model, cfg.prefill, cfg.decode, self.up_flags(cfg), startup_s,
+                              env=env) as cluster:
                 args = bench_args(self.opts, cluster.url, workload + ["--prefill-workers", str(cfg.prefill_workers)])
                 extra = {"comparison": comparison, "baseline_run": baseline}
                 bench = BenchRun(args, cfg.run, slos, self.results, extra_params=extra)
