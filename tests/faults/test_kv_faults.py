@@ -50,6 +50,21 @@ def transfer(prod, cons, rid, address, num_tokens, chunk_tokens, **kw):
     return out
 
 
+def assert_fresh_peer_transfers(other, fresh_role: str, cfg: dict, address=None, device: str = "cpu", seed: int = 3):
+    """A new process as producer (writing into other's address) or consumer (written by other) moves a 200-token
+    request byte-exact: the survivor of a fault keeps serving."""
+    from tests.kvconnector.node_proc import NodeHandle
+    fresh = NodeHandle()
+    try:
+        opened = fresh.call("open", role=fresh_role, cfg=cfg, num_blocks=64, seed=seed, device=device)
+        prod, cons = (fresh, other) if fresh_role == "producer" else (other, fresh)
+        out = transfer(prod, cons, "s", address if fresh_role == "producer" else opened, 200, 64)
+        assert "error" not in out, out
+        assert prod.call("block_bytes", block_ids=out["local"]) == cons.call("block_bytes", block_ids=out["remote"])
+    finally:
+        fresh.close()
+
+
 def start_slow_transfer(prod, cons, transport):
     cfg = dict(CFG, kv_connector=transport)
     address = cons.call("open", role="consumer", cfg=cfg, num_blocks=64, seed=1)
@@ -83,15 +98,7 @@ def test_producer_killed_mid_transfer(pair):
     state = cons.call("state")
     assert state["held"] == {} and state["active"] == [] and state["finished"] == {}
     assert state["used"] == 0 and state["free"] + state["used"] + state["cached"] == state["total"]
-    from tests.kvconnector.node_proc import NodeHandle
-    fresh = NodeHandle()
-    try:
-        fresh.call("open", role="producer", cfg=dict(CFG, kv_connector="tcp"), num_blocks=64, seed=3)
-        out = transfer(fresh, cons, "s", address, 200, 64)
-        assert "error" not in out, out
-        assert fresh.call("block_bytes", block_ids=out["local"]) == cons.call("block_bytes", block_ids=out["remote"])
-    finally:
-        fresh.close()
+    assert_fresh_peer_transfers(cons, "producer", dict(CFG, kv_connector="tcp"), address)
 
 
 def test_late_writes_of_a_frozen_producer_never_land_in_forgotten_blocks(pair):

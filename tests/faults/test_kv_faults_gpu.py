@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from tests.faults.test_kv_faults import CFG, TIMEOUT, SLACK, assert_all_free, transfer, wait_for
-from tests.kvconnector.node_proc import NodeHandle, pair  # noqa: F401 (a fixture)
+from tests.faults.test_kv_faults import (CFG, SLACK, TIMEOUT, assert_all_free, assert_fresh_peer_transfers, transfer,
+                                        wait_for)
+from tests.kvconnector.node_proc import pair  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -37,14 +38,7 @@ def test_consumer_killed_mid_write_leaves_the_producer_serving(pair):
     assert_all_free(state, "r", ("peer_lost", "timeout"))
     time.sleep(0.6)  # the remaining layers' hooks run against a dropped mapping: no crash, nothing double-freed
     assert_all_free(prod.call("state"), "r", ("peer_lost", "timeout"))
-    fresh = NodeHandle()
-    try:
-        fresh_address = fresh.call("open", role="consumer", cfg=cfg, num_blocks=64, seed=5, device=devices()[1])
-        out = transfer(prod, fresh, "s", fresh_address, 200, 64)
-        assert "error" not in out, out
-        assert prod.call("block_bytes", block_ids=out["local"]) == fresh.call("block_bytes", block_ids=out["remote"])
-    finally:
-        fresh.close()
+    assert_fresh_peer_transfers(prod, "consumer", cfg, device=devices()[1], seed=5)
 
 
 def test_producer_killed_mid_write_then_a_new_producer_writes_byte_exact(pair):
@@ -57,11 +51,4 @@ def test_producer_killed_mid_write_then_a_new_producer_writes_byte_exact(pair):
     state = cons.call("state")
     assert state["held"] == {} and state["used"] == 0
     assert state["free"] + state["used"] + state["cached"] == state["total"]
-    fresh = NodeHandle()
-    try:
-        fresh.call("open", role="producer", cfg=cfg, num_blocks=64, seed=7, device=devices()[0])
-        out = transfer(fresh, cons, "s", address, 200, 64)
-        assert "error" not in out, out
-        assert fresh.call("block_bytes", block_ids=out["local"]) == cons.call("block_bytes", block_ids=out["remote"])
-    finally:
-        fresh.close()
+    assert_fresh_peer_transfers(cons, "producer", cfg, address, device=devices()[0], seed=7)
