@@ -57,7 +57,10 @@ def test_prefill_node_frozen_before_first_token_gives_retryable_error(pair, prox
     assert result.error is not None and result.error.retryable and result.token_ids == []
     assert result.error.status in (503, 504)
     assert time.monotonic() - started < KV_TIMEOUT + 3
-    assert wait_for(lambda: decode.blocks()["used"] == 0)
+    # the frozen prefill node may still write into the reserved blocks when it wakes: they stay in quarantine
+    # until it confirms or 3 x --kv-timeout passes, never handed to another request meanwhile
+    assert decode.blocks()["used"] > 0
+    assert wait_for(lambda: decode.blocks()["used"] == 0, timeout=3 * KV_TIMEOUT + 5)
     assert_blocks_balanced(decode)
 
 
