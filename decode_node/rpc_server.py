@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from kvconnector import curve
 from kvconnector.event_publisher import event_frames
 from kvconnector.wire import DEFAULT_MAX_HEADER, ReplayGuard, WireError
 
@@ -47,11 +48,13 @@ class RpcServer:
                  on_unroutable: Callable[[bytes], None] = lambda identity: None,
                  ticks: Optional[list[tuple[float, Callable[[], None]]]] = None,
                  on_peer_message: Callable[[str, Any], None] = lambda endpoint, msg: None,
-                 on_peer_lost: Callable[[str], None] = lambda endpoint: None, identity: str = ""):
+                 on_peer_lost: Callable[[str], None] = lambda endpoint: None, identity: str = "",
+                 secret: bytes = b""):
         self.codec = codec
         self.on_message, self.on_drop, self.on_unroutable = on_message, on_drop, on_unroutable
         self.on_peer_message, self.on_peer_lost = on_peer_message, on_peer_lost
         self.identity = identity
+        self.secret = secret  # for CURVE keys (kvconnector/curve.py), when $PDSERVE_CURVE=1
         self._dealers: dict[str, zmq.Socket] = {}
         self._monitors: dict[zmq.Socket, str] = {}
         self._poller = zmq.Poller()
@@ -62,6 +65,7 @@ class RpcServer:
         self.router.setsockopt(zmq.SNDHWM, 0)  # never drop a token for a slow reader
         self.router.setsockopt(zmq.RCVHWM, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, MAX_MSG_SIZE)
+        curve.serve(self.router, secret)
         self.router.bind(rpc_address)
         self.rpc_endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.pub = None
@@ -70,6 +74,7 @@ class RpcServer:
             self.pub = self.ctx.socket(zmq.PUB)
             self.pub.setsockopt(zmq.LINGER, 0)
             self.pub.setsockopt(zmq.SNDHWM, 100_000)
+            curve.serve(self.pub, secret)  # subscribers without the secret cannot even connect
             self.pub.bind(events_address)
             self.events_endpoint = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -249,6 +254,7 @@ class RpcServer:
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, MAX_MSG_SIZE)
+            curve.client(sock, self.secret)
             # Frames are signed over this identity, so it is always set (never ZMQ's random one).
             dealer_id = f"{self.identity or 'node'}-{len(self._dealers)}-{os.urandom(4).hex()}".encode()
             sock.setsockopt(zmq.IDENTITY, dealer_id)

@@ -15,6 +15,7 @@ from typing import Callable
 import zmq
 import zmq.asyncio
 
+from kvconnector import curve
 from kvconnector.node_messages import Abort, Error, Tokens
 from kvconnector.wire import DEFAULT_MAX_HEADER, ReplayGuard, SignedCodec, WireError
 
@@ -28,12 +29,13 @@ class NodeUnreachable(Exception):
 class NodeRpc:
     def __init__(self, ctx: zmq.asyncio.Context, codec: SignedCodec, identity: str,
                  on_drop: Callable[[str], None] = lambda reason: None,
-                 on_alive: Callable[[str], None] = lambda rpc: None):
+                 on_alive: Callable[[str], None] = lambda rpc: None, secret: bytes = b""):
         self.ctx = ctx
         self.codec = codec
         self.identity = identity.encode()
         self.on_drop = on_drop
         self.on_alive = on_alive  # any valid frame from a node is a sign of life
+        self.secret = secret  # CURVE keys when $PDSERVE_CURVE=1
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
         self._readers: dict[str, asyncio.Task] = {}
         self._queues: dict[str, asyncio.Queue] = {}
@@ -66,6 +68,7 @@ class NodeRpc:
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, DEFAULT_MAX_HEADER + 4096)
+            curve.client(sock, self.secret)
             sock.connect(endpoint)
             self._sockets[endpoint] = sock
             self._readers[endpoint] = asyncio.create_task(self._read(endpoint, sock), name=f"rpc {endpoint}")
