@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml requirements-cpu.txt
 	else \
 		$(PY) -m venv $(VENV) && \
 		$(BIN)/pip install -q -r requirements-cpu.txt && \
-		$(BIN)/pip install -q -c requirements-cpu.txt -e '.[test,ucx]'; \
+		$(BIN)/pip install -q -c requirements-cpu.txt -e '.[test]'; \
 	fi
 	@touch $(STAMP)
 

@@ -255,11 +255,13 @@ class Results:
     that came later (the Hugging Face baseline runs after our engine has been freed)."""
 
     def __init__(self, bench: str, device, out_dir: str, link: Callable[[list[dict]], None] | None = None,
-                 commit: str | None = None):
-        self.bench, self.device_slug = bench, device_slug(device)
+                 commit: str | None = None, slug: str | None = None, description: str | None = None,
+                 filename: str | None = None):
+        # slug/description: a device named by the caller (a remote server's, or GPUs seen without torch).
+        self.bench, self.device_slug = bench, slug or device_slug(device)
         self.date = _dt.date.today().strftime("%Y%m%d")
         os.makedirs(out_dir, exist_ok=True)
-        self.path = os.path.join(out_dir, f"{bench}-{self.device_slug}-{self.date}.json")
+        self.path = os.path.join(out_dir, filename or f"{bench}-{self.device_slug}-{self.date}.json")
         self.link = link
         self.commit = commit or os.environ.get("PDSERVE_COMMIT") or git_commit()  # a copy without .git: say it
         self.records: list[dict] = []
@@ -275,7 +277,7 @@ class Results:
                 log(f"could not read {self.path} ({exc}); moving it aside")
                 os.replace(self.path, self.path + ".bad")
         self.commands.append(command_line())
-        self.device_description = device_name(device)
+        self.device_description = description or (self.device_slug if slug else device_name(device))
 
     def add(self, metric: str, value, unit: str, ceiling=None, ratio=None, baseline=None, params=None,
             quiet: bool = False) -> dict:

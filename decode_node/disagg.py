@@ -4,14 +4,19 @@ One request, in order (DESIGN.md, "A request's way" 4-5):
   1. `generate` (mode disaggregated) -> on the engine thread, reserve blocks for the prompt minus our own prefix
      hits (remote_admission.reserve); no room -> 429, retryable.
   2. `prefill` {prompt, params, our KV endpoint, the block ids, how many prompt blocks we already hold} goes to
-     the prefill node's ROUTER through our DEALER to it. Its connector then sends Reserve on the KV link; we
-     answer with the same reservation (on_reserve), and KV arrives layer by layer into those blocks.
+     the prefill node's ROUTER through our DEALER to it: the one round trip. Its connector binds those blocks and
+     writes each layer into them as it is computed (one-sided: nothing runs here per layer); its `Done` on the KV
+     link says every layer landed.
   3. `first_token` from the prefill node is forwarded to the proxy at once (TTFT is the prefill's time). If that
      token already ends the request (eos, stop id, max_tokens 1) the request ends here and the transfer is aborted.
-  4. When every layer has landed AND the first token is known, the request joins the running batch (admit); the
-     engine loop streams the rest through the node's sink like a colocated request.
+  4. When every layer has landed AND the first token is known, the scheduler is told (WAITING_FOR_REMOTE_KVS ->
+     ready) and moves the request into the running batch at the next step with a free slot; the engine loop
+     streams the rest through the node's sink like a colocated request.
 Failure before the request joins the batch (prefill node error, killed, silent past --kv-timeout, KV transfer
-failed) frees the reservation and sends the proxy an `error`, retryable while no token has reached the proxy.
+failed) sends the proxy an `error`, retryable while no token has reached the proxy. The reserved blocks are freed
+only once the prefill node can no longer write them (a mapped cache is writable by the peer that mapped it): after
+its `prefill_done` or its KV `Abort` (both sent after its writes are fenced), or once its connection is lost; a
+request released before that waits in quarantine, at most QUARANTINE_TIMEOUTS x --kv-timeout.
 """
 from __future__ import annotations
 
@@ -19,7 +24,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -29,6 +33,8 @@ from engine.engine_loop import Sink
 from engine.errors import PromptTooLongError
 
 log = logging.getLogger(__name__)
+
+QUARANTINE_TIMEOUTS = 3  # a released request's blocks wait this many --kv-timeout for the writer to confirm
 
 
 @dataclass(eq=False)
@@ -44,6 +50,8 @@ class Pending:
     landed: bool = False
     landed_at: float = 0.0
     admitted: bool = False
+    writer_done: bool = False  # the prefill node can no longer write into the reserved blocks
+    released_at: float = 0.0  # the request ended here while the writer might still write (quarantine)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -55,15 +63,13 @@ class DisaggDecoder:
         self.core, self.loop, self.rpc = node.core, node.loop, node.rpc
         self.timeout = node.options.kv_timeout
         self.pending: dict[str, Pending] = {}
-        self._ready: deque[Pending] = deque()  # landed + first token, waiting for a slot in the batch (loop thread)
         self.lock = threading.Lock()
-        self.consumer = KVConsumer(connector_config(node), self.core.runner.kv_caches, on_reserve=self._on_reserve,
-                                   on_free=self._on_free, on_complete=self._on_complete)
+        self.quarantine: dict[str, Pending] = {}  # released, blocks held until the writer confirms it stopped
+        self.consumer = KVConsumer(connector_config(node), self.core.runner.kv_caches, on_complete=self._on_complete)
         node.metrics.extra_registries.append(self.consumer.metrics.registry)
         from decode_node.node_server import advertised
 
         self.kv_endpoint = advertised("%s:%d" % self.consumer.address)
-        self.loop.before_step.append(self._admit_ready)
 
     @property
     def num_pending(self) -> int:
@@ -88,28 +94,20 @@ class DisaggDecoder:
         pending = Pending(live, msg.prefill_rpc, res, time.monotonic() + self.timeout)
         with self.lock:
             self.pending[live.request_id] = pending
-        if live.ended:  # aborted while we reserved
+        if live.ended:  # aborted while we reserved: nobody was asked to write
+            pending.writer_done = True
             self.release(live.request_id)
             return
+        self.consumer.expect(live.request_id, res.block_ids)
         self.rpc.send_to(msg.prefill_rpc, Prefill(
             request_id=live.request_id, prompt_token_ids=list(msg.prompt_token_ids), params=msg.params,
             kv_endpoint=self.kv_endpoint, block_ids=res.block_ids, num_cached_blocks=res.num_cached_blocks,
             decode_node_id=self.node.node_id))
 
-    def _on_reserve(self, request_id: str, num_tokens: int, block_hashes) -> tuple[list[int], int]:
-        """The prefill node's connector asks for the reservation we already made (KV link thread)."""
-        with self.lock:
-            pending = self.pending.get(request_id)
-        if pending is None or pending.live.ended:
-            raise KeyError(f"no reservation for {request_id!r} on this decode node")
-        res = pending.reservation
-        if num_tokens != res.request.num_prompt_tokens:
-            raise ValueError(f"reserve for {num_tokens} tokens, the prompt has {res.request.num_prompt_tokens}")
-        pending.deadline = time.monotonic() + self.timeout
-        return res.block_ids, res.num_cached_blocks
-
     # ---- 3: the first token ------------------------------------------------------------------------------------
     def on_prefill_message(self, endpoint: str, msg) -> None:
+        if isinstance(msg, PrefillDone):
+            self._writer_done(msg.request_id)
         with self.lock:
             pending = self.pending.get(msg.request_id)
         if pending is None:
@@ -154,6 +152,8 @@ class DisaggDecoder:
 
     # ---- 4: KV landed -> the running batch ---------------------------------------------------------------------
     def _on_complete(self, request_id: str, ok: bool, timings: dict) -> None:
+        """KV link thread: the producer's Done (ok) or Abort (it has fenced its writes), or a bad tcp chunk."""
+        self._writer_done(request_id)
         with self.lock:
             pending = self.pending.get(request_id)
         if pending is None:
@@ -172,21 +172,18 @@ class DisaggDecoder:
         if ready:
             self.loop.call(self._admit, pending)
 
-    def _admit(self, pending: Pending, queued: bool = False) -> None:
-        """Loop thread: into the batch now, or queued (FIFO) until a slot frees (max_num_seqs)."""
-        if pending.admitted or pending.live.ended:
-            return
-        if not ra.can_admit(self.core) or (self._ready and not queued):
-            if not queued:
-                self._ready.append(pending)
-            return
+    def _admit(self, pending: Pending) -> None:
+        """Loop thread: KV landed and first token known; the scheduler moves it into the batch when a slot frees."""
         live = pending.live
-        ra.admit(self.core, pending.reservation.request, pending.num_cached_tokens)
+        if pending.admitted or live.ended or not self.core.remote_kv_ready(live.request_id,
+                                                                            pending.num_cached_tokens):
+            return
         pending.admitted = True
-        live.timings["decode_queue"] = max(time.monotonic() - max(pending.landed_at, live.first_token_at), 0.0)
+        ready_at = time.monotonic()
         self.loop.attach(live.request_id, Sink(
             on_output=lambda out: self._on_output(live, out),
-            on_fail=lambda why: self.node.fail(live, 503, why, retryable=False, cause="error")))
+            on_fail=lambda why: self.node.fail(live, 503, why, retryable=False, cause="error"),
+            on_scheduled=lambda t: live.timings.__setitem__("decode_queue", max(t - ready_at, 0.0))))
 
     def _on_output(self, live, out) -> None:
         if out.finished:
@@ -194,55 +191,68 @@ class DisaggDecoder:
                 self.pending.pop(live.request_id, None)
         self.node._on_output(live, out)
 
-    def _admit_ready(self) -> None:
-        while self._ready and ra.can_admit(self.core):
-            self._admit(self._ready.popleft(), queued=True)
-
     # ---- failures and the end ----------------------------------------------------------------------------------
     def _fail(self, pending: Pending, status: int, message: str, retryable: bool, cause: str) -> None:
         if pending.admitted:
             return  # in the batch already: the engine owns it now
         self.node.fail(pending.live, status, message, retryable=retryable and not pending.tokens_sent, cause=cause)
 
-    def _on_free(self, request_id: str) -> None:
-        """The connector gave up on the transfer: the blocks must not wait for the proxy-facing cleanup."""
-        with self.lock:
-            pending = self.pending.get(request_id)
-        if pending is not None and not pending.admitted:
-            self.loop.call(self._free_if_reserved, request_id)
-
-    def _free_if_reserved(self, request_id: str) -> None:
-        if self.core.scheduler.get_request(request_id) is None:
-            self.core.kv_manager.free(request_id)
-
     def release(self, request_id: str) -> None:
-        """End of the request on this node, any state: stop the transfer, tell the prefill node, free blocks."""
+        """End of the request on this node, any state: stop the transfer, tell the prefill node, and free the
+        blocks now if nothing can write them any more, else once the prefill node confirms (quarantine)."""
         with self.lock:
             pending = self.pending.pop(request_id, None)
-        self.consumer.abort(request_id, "request ended on the decode node")
+            hold = pending is not None and not pending.writer_done and not pending.landed
+            if hold:
+                pending.released_at = time.monotonic()
+                self.quarantine[request_id] = pending
+        self.consumer.forget(request_id)
         if pending is not None and not pending.landed:
             self.rpc.send_to(pending.prefill_rpc, Abort(request_id=request_id, reason="ended on the decode node"))
-        self.loop.call(self._release_on_loop, request_id)
+        if hold:
+            self.loop.call(self._detach_on_loop, request_id)
+        else:
+            self.loop.call(self._release_on_loop, request_id)
+
+    def _writer_done(self, request_id: str) -> None:
+        """The prefill node will write nothing more for request_id: free it if it was waiting for that."""
+        with self.lock:
+            pending = self.pending.get(request_id)
+            if pending is not None:
+                pending.writer_done = True
+            held = self.quarantine.pop(request_id, None)
+        if held is not None:
+            self.loop.call(self._release_on_loop, request_id)
+
+    def _detach_on_loop(self, request_id: str) -> None:
+        self.loop.detach(request_id)
 
     def _release_on_loop(self, request_id: str) -> None:
         self.loop.detach(request_id)
-        self._ready = deque(p for p in self._ready if p.live.request_id != request_id)
         ra.release(self.core, request_id)
 
     def check_timeouts(self, now: float) -> None:
-        """RPC thread tick: a prefill node that shows no progress in --kv-timeout fails its requests."""
+        """RPC thread tick: a prefill node that shows no progress in --kv-timeout fails its requests; blocks in
+        quarantine past their limit are freed (the writer never confirmed: logged, it is the trust boundary)."""
         with self.lock:
             late = [p for p in self.pending.values() if _waiting_on_prefill(p) and now > p.deadline]
-        active = set(self.consumer.scheduler.active()) if late else set()
+            limit = QUARANTINE_TIMEOUTS * self.timeout
+            stale = [rid for rid, p in self.quarantine.items() if now - p.released_at > limit]
         for pending in late:
-            if pending.live.request_id not in active:  # while KV moves, the connector's own timeout applies
-                self._fail(pending, 504, f"no answer from the prefill node {pending.prefill_rpc} in "
-                                         f"{self.timeout:.1f}s", True, "prefill_timeout")
+            self._fail(pending, 504, f"no answer from the prefill node {pending.prefill_rpc} in "
+                                     f"{self.timeout:.1f}s", True, "prefill_timeout")
+        for rid in stale:
+            log.warning("freeing the blocks of %s: its prefill node never confirmed it stopped writing", rid)
+            self._writer_done(rid)
 
     def on_prefill_node_lost(self, endpoint: str) -> None:
         with self.lock:
             lost = [p for p in self.pending.values() if p.prefill_rpc == endpoint and _waiting_on_prefill(p)]
+            gone = [rid for rid, p in self.quarantine.items() if p.prefill_rpc == endpoint]
+        for rid in gone:  # a lost prefill node writes nothing more
+            self._writer_done(rid)
         for pending in lost:
+            pending.writer_done = True
             self._fail(pending, 503, f"lost the connection to the prefill node {endpoint}", True, "prefill_lost")
 
 

@@ -1,6 +1,6 @@
 """The decode node's use of the engine core for requests whose prompt KV comes from a prefill node: reserve
-blocks first, admit the request into the running batch once its KV has landed. The engine core does the work
-(`EngineCore.reserve_remote / admit_remote / release`); this module adds the node's checks around it.
+blocks first (the request waits in the scheduler as WAITING_FOR_REMOTE_KVS), tell it when the KV has landed. The
+engine core does the work (`EngineCore.reserve_remote / remote_kv_ready / release`).
 
 Call these on the engine loop thread only (EngineLoop.call / hooks): they touch scheduler state.
 """
@@ -18,18 +18,10 @@ def reserve(core, request_id: str, prompt_token_ids: list[int], params) -> Reser
 def first_token_stop(core, request: Request, token_id: int):
     """Append the prefill node's first token; the final RequestStatus if it ends the request, else None.
 
-    Reads only the scheduler's fixed settings (eos ids, max_model_len), so any thread may call it on a request
-    that is not in the scheduler yet."""
+    Reads only the scheduler's fixed settings (eos ids, max_model_len) and touches a request the scheduler never
+    schedules while it waits for its remote KV, so the RPC thread may call it."""
     request.append_output_token(token_id)
     return core.scheduler.check_stop(request)
-
-
-def can_admit(core) -> bool:
-    return len(core.scheduler.running) < core.scheduler.max_num_seqs
-
-
-def admit(core, request: Request, num_cached_tokens: int) -> None:
-    core.admit_remote(request, num_cached_tokens)
 
 
 def release(core, request_id: str) -> None:

@@ -130,7 +130,9 @@ class RpcServer:
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(timeout=self._poll_timeout_ms()))
-                if self._wake_r in events:
+                # pyzmq reports a plain socket by its fd, not by the object registered: checking the object
+                # never drained the wake pipe, so poll() returned at once forever (a core burnt, the GIL fought)
+                if self._wake_r.fileno() in events:
                     self._drain_wake()
                 for sock in events:
                     if sock is self.router:

@@ -5,8 +5,9 @@
 Steps:
  1. Without --model, write the tiny random-weight Llama (engine.make_model) into a temporary folder.
  2. Place the nodes: CPU when no GPU is visible; on one GPU every node shares it (--gpu-memory-utilization split
-    between them) and KV moves over ucx; with several GPUs nodes get their own (CUDA_VISIBLE_DEVICES), round
-    robin, and KV moves over nccl (ucx wherever two nodes share a device: nccl refuses two ranks on one GPU).
+    between them); with several GPUs nodes get their own, round robin. On GPUs KV moves over cuda_ipc (one-sided
+    writes into the decode node's mapped cache): each node's CUDA_VISIBLE_DEVICES lists its own GPU first (it is
+    cuda:0 there) and then every other GPU of the cluster, so a prefill node can map a decode node's memory.
  3. Make one frame-signing secret (handed to children in $PDSERVE_KV_SECRET, never on a command line), start the
     nodes on port 0 (each reports what it bound in its ready line: picking "free" ports here and binding them there
     raced with other processes' ephemeral ports), then the proxy pointing at every node's events port.
@@ -57,6 +58,12 @@ class Child:
         d = {k: getattr(self, k) for k in ("name", "role", "log_path", "http", "events", "rpc", "gpu")}
         d["pid"] = self.proc.pid if self.proc else None
         return d
+
+
+def own_gpu_first(own: str, cluster: list[str]) -> str:
+    """CUDA_VISIBLE_DEVICES for a node on GPU `own`: it first (cuda:0 in the node), then the cluster's others."""
+    others = [g for g in dict.fromkeys(cluster) if g != own]
+    return ",".join([own, *others])
 
 
 READY_LINE = re.compile(r"pdserve node \S+ ready: rpc (\S+) events (\S+) http (\S+)")
@@ -139,10 +146,7 @@ class Cluster:
             return [""] * n_nodes, a.kv_connector if a.kv_connector != "auto" else "tcp", 0.0
         assigned = [gpus[i % len(gpus)] for i in range(n_nodes)]
         per_gpu = max(assigned.count(g) for g in set(assigned))
-        shared = per_gpu > 1
-        connector = a.kv_connector
-        if connector == "auto":
-            connector = "ucx" if shared else "nccl"
+        connector = "cuda_ipc" if a.kv_connector == "auto" else a.kv_connector
         util = a.gpu_memory_utilization or round(0.85 / per_gpu, 3)
         return assigned, connector, util
 
@@ -168,8 +172,7 @@ class Cluster:
                                                         "kv_ip": host})]
             env = dict(base_env)
             if gpu:
-                env["CUDA_VISIBLE_DEVICES"] = gpu
-                # CUDA_VISIBLE_DEVICES leaves the node one device, so it is cuda:0 in the node.
+                env["CUDA_VISIBLE_DEVICES"] = own_gpu_first(gpu, gpus)
                 argv += ["--device", "cuda:0", "--gpu-memory-utilization", str(util)]
             else:
                 argv += ["--device", "cpu"]
@@ -350,7 +353,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--max-model-len", type=int, default=0)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto (GPUs when visible), cpu or cuda")
-    p.add_argument("--kv-connector", default="auto", choices=["auto", "tcp", "ucx", "nccl"])
+    p.add_argument("--kv-connector", default="auto", choices=["auto", "tcp", "cuda_ipc"],
+                   help="auto: cuda_ipc on GPUs, tcp on CPU")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.0,
                    help="per node (default: 0.85 split among the nodes sharing a GPU)")
     p.add_argument("--kv-secret", default=None, help="frame-signing secret (default: $PDSERVE_KV_SECRET or random)")

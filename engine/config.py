@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from engine.errors import ConfigError
 
+KV_CONNECTORS = ("tcp", "cuda_ipc")  # the data planes kvconnector.transport implements
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -40,7 +42,7 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class KVTransferConfig:
-    kv_connector: str = "tcp"  # tcp | nccl | ucx
+    kv_connector: str = "tcp"  # tcp | cuda_ipc (kvconnector.transport)
     kv_role: str = "kv_both"  # kv_producer | kv_consumer | kv_both
     kv_ip: str = "127.0.0.1"
     kv_port: int = 0
@@ -59,8 +61,8 @@ class KVTransferConfig:
         known = {f.name for f in fields(cls)} - {"extra"}
         cfg = cls(**{k: v for k, v in raw.items() if k in known},
                   extra={k: v for k, v in raw.items() if k not in known})
-        if cfg.kv_connector not in ("tcp", "nccl", "ucx"):
-            raise ConfigError(f"kv_connector must be tcp, nccl or ucx, got {cfg.kv_connector!r}")
+        if cfg.kv_connector not in KV_CONNECTORS:
+            raise ConfigError(f"kv_connector must be one of {', '.join(KV_CONNECTORS)}, got {cfg.kv_connector!r}")
         if cfg.kv_role not in ("kv_producer", "kv_consumer", "kv_both"):
             raise ConfigError(f"kv_role must be kv_producer, kv_consumer or kv_both, got {cfg.kv_role!r}")
         return cfg

@@ -134,27 +134,28 @@ class EngineCore:
         if not kv.allocate_slots(request, request.num_tokens - num_hit_tokens, hits):
             raise NoRoomError(f"no room for {kv.blocks_for_tokens(request.num_tokens) - len(hits)} KV blocks "
                               f"({kv.num_free_blocks} available)")
+        self.scheduler.add_remote(request)
         return Reservation(request, kv.block_table(request)[len(hits):], len(hits))
 
-    def admit_remote(self, request: Request, num_cached_tokens: int) -> None:
-        """Join a reserved request whose prompt KV has landed (first token already appended) to the batch."""
-        request.num_computed_tokens = request.num_prompt_tokens
+    def remote_kv_ready(self, request_id: str, num_cached_tokens: int) -> bool:
+        """A reserved request's prompt KV has landed (its first token already appended): it joins the batch at
+        the next step with a free slot (the scheduler's WAITING_FOR_REMOTE_KVS -> RUNNING). False if unknown."""
+        request = self.scheduler.get_request(request_id)
+        if request is None or not self.scheduler.remote_kv_ready(request_id):
+            return False
         request.num_cached_tokens = num_cached_tokens
         self.kv_manager.cache_blocks(request, request.num_prompt_tokens)  # now prefix hits here, and announced
-        self.scheduler.add_running(request)
         params = request.sampling_params
         if params.seed is not None:
             generator = make_generator(params.seed, self.runner.device)
             if not params.greedy:  # the prefill node's sampler consumed one draw for the first token
                 skip_draw(generator, self.runner.arch.vocab_size, self.runner.device)
             self.generators[request.request_id] = generator
+        return True
 
     def release(self, request_id: str) -> None:
-        """Free a request wherever it is: queued or running (abort), or only reserved."""
-        if self.scheduler.get_request(request_id) is not None:
-            self.abort_request(request_id)
-        else:
-            self.kv_manager.free(request_id)
+        """Free a request wherever it is: queued, running, or waiting for its remote KV."""
+        self.abort_request(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from engine.request import RequestStatus
 from engine.step_isolation import StepFailed
 
 log = logging.getLogger(__name__)
@@ -218,7 +219,9 @@ class EngineLoop:
         scheduler = self.core.scheduler
         for request_id in list(self._unscheduled):
             request = scheduler.get_request(request_id)
-            if request is None or request.num_computed_tokens > 0 or request.num_output_tokens > 0:
+            waiting_remote = request is not None and request.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+            if request is None or not waiting_remote and (request.num_computed_tokens > 0
+                                                          or request.num_output_tokens > 0):
                 self._unscheduled.discard(request_id)
                 sink = self._sinks.get(request_id)
                 if sink is not None and sink.on_scheduled is not None:

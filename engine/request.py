@@ -23,10 +23,11 @@ class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
     PREEMPTED = 2  # back in the waiting queue after its blocks were taken; recomputes from scratch
+    WAITING_FOR_REMOTE_KVS = 3  # blocks held while a prefill node writes the prompt's KV into them (decode node)
     # Every status from here on is final; order matters for is_finished().
-    FINISHED_STOPPED = 3  # eos, a stop token id, or a stop string (reported by the detokenizer)
-    FINISHED_LENGTH = 4  # max_tokens or max_model_len reached
-    FINISHED_ABORTED = 5  # client went away, timeout, or a failure elsewhere
+    FINISHED_STOPPED = 4  # eos, a stop token id, or a stop string (reported by the detokenizer)
+    FINISHED_LENGTH = 5  # max_tokens or max_model_len reached
+    FINISHED_ABORTED = 6  # client went away, timeout, or a failure elsewhere
 
     @property
     def is_finished(self) -> bool:

@@ -10,6 +10,9 @@ Torch-free. Each step:
      overtaking, so a long prompt cannot starve), and is skipped in a step that preempted: the blocks just freed
      belong to the preempted requests, which would otherwise thrash against newcomers.
   3. The output lists decodes first, then prefills (the runner's flat-batch order).
+Before step 1, requests whose prompt KV a prefill node has written (WAITING_FOR_REMOTE_KVS, then marked ready)
+join the running batch in the order they became ready, while `max_num_seqs` allows: the decode node's one table
+of its requests is this scheduler's, with no queue beside it.
 
 Priority is arrival order at this scheduler: `running` is kept sorted by it, so the victim is always the last
 running request, which step 1 has not scheduled yet. A preempted request re-enters the waiting queue ahead of
@@ -47,6 +50,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.waiting: deque[Request] = deque()  # sorted by arrival order
         self.running: list[Request] = []  # sorted by arrival order; the last is the next victim
+        self.remote: dict[str, Request] = {}  # WAITING_FOR_REMOTE_KVS: blocks held, KV arriving from elsewhere
+        self.remote_ready: deque[Request] = deque()  # of those, landed: join `running` in this order
         self._arrival_order: dict[str, int] = {}
         self._next_order = 0
         self._finished_ids: list[str] = []  # since the last schedule(), for the runner to forget
@@ -63,15 +68,32 @@ class Scheduler:
         self._next_order += 1
         self.waiting.append(request)
 
-    def add_running(self, request: Request) -> None:
-        """Join a request whose prompt KV is already in its blocks (computed elsewhere) to the running batch."""
+    def add_remote(self, request: Request) -> None:
+        """Track a request whose blocks the caller allocated and whose prompt KV another node writes into them:
+        never scheduled until `remote_kv_ready`, freed like any other on finish or abort."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in the scheduler")
-        request.status = RequestStatus.RUNNING
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
         self.requests[request.request_id] = request
         self._arrival_order[request.request_id] = self._next_order
         self._next_order += 1
-        bisect.insort(self.running, request, key=self._priority)
+        self.remote[request.request_id] = request
+
+    def remote_kv_ready(self, request_id: str) -> bool:
+        """The prompt's KV has landed (its first token appended): join the batch at the next step with room."""
+        request = self.remote.get(request_id)
+        if request is None or request in self.remote_ready:
+            return False
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.remote_ready.append(request)
+        return True
+
+    def _admit_remote_ready(self) -> None:
+        while self.remote_ready and len(self.running) < self.max_num_seqs:
+            request = self.remote_ready.popleft()
+            del self.remote[request.request_id]
+            request.status = RequestStatus.RUNNING
+            bisect.insort(self.running, request, key=self._priority)
 
     def finish_request(self, request_id: str, status: RequestStatus | str) -> Request | None:
         """End a request from outside (stop string seen by the detokenizer, abort); frees all its blocks.
@@ -87,6 +109,10 @@ class Scheduler:
             raise ValueError(f"finish_request needs a final status, got {status!r}")
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
+        elif request.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+            del self.remote[request_id]
+            if request in self.remote_ready:
+                self.remote_ready.remove(request)
         else:
             self.waiting.remove(request)
         self._release(request, status)
@@ -96,7 +122,8 @@ class Scheduler:
         return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        """Work a step could do: requests waiting for remote KV are not, until it has landed."""
+        return bool(self.waiting or self.running or self.remote_ready)
 
 
     def get_num_unfinished(self) -> int:
@@ -109,6 +136,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
+        # 0. requests whose KV a prefill node wrote, as slots allow
+        self._admit_remote_ready()
         # 1. running requests first: they hold blocks and may preempt younger ones to grow
         budget = self._schedule_running(self.max_num_batched_tokens, scheduled, preempted)
         # 2. newcomers only in a step that took nobody's blocks away

@@ -1,7 +1,11 @@
-"""Copy whole KV blocks between the paged cache and one contiguous buffer (the KV connector's send/receive path).
+"""Copy whole KV blocks: between the paged cache and one contiguous buffer, or from one cache into another.
 
     gather_blocks(cache [P, N, *blk], block_ids [n]) -> out [P, n, *blk]    out[p, i] = cache[p, block_ids[i]]
     scatter_blocks(src [P, n, *blk], block_ids [n], cache [P, N, *blk])      cache[p, block_ids[i]] = src[p, i]
+    copy_blocks(src [P, N, *blk], src_ids [n], dst [P, M, *blk], dst_ids [n])  dst[p, dst_ids[i]] = src[p, src_ids[i]]
+
+copy_blocks is the one-sided KV write: dst may be a peer process's cache mapped into this one (CUDA IPC), so one
+launch moves a layer's blocks straight into the blocks the peer reserved, with no staging buffer on either side.
 
 The engine's per-layer cache is [2, N, B, Hk, D] (P = 2: K then V). A block is copied as a flat run of bytes,
 reinterpreted as the widest integer word its size and alignment allow, so the copy is dtype-blind and vectorised.
@@ -21,21 +25,23 @@ _WORDS = (torch.int64, torch.int32, torch.int16, torch.uint8)
 def _copy_blocks_kernel(
     src_ptr,  # gather: cache [P, N, E]; scatter: buffer [P, n, E]
     dst_ptr,  # gather: buffer [P, n, E]; scatter: cache [P, N, E]
-    ids_ptr,  # [n] block ids into the cache
+    src_ids_ptr,  # [n] block ids into src (read only when SRC_INDEXED)
+    dst_ids_ptr,  # [n] block ids into dst (read only when DST_INDEXED)
     stride_sp, stride_sn, stride_dp, stride_dn,  # strides of the P and block dims, in words
     n, words_per_block,
-    GATHER: tl.constexpr, BLOCK: tl.constexpr,
+    SRC_INDEXED: tl.constexpr, DST_INDEXED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     p = (pid // n).to(tl.int64)
     i = (pid % n).to(tl.int64)
-    blk = tl.load(ids_ptr + i).to(tl.int64)
-    if GATHER:
-        src = src_ptr + p * stride_sp + blk * stride_sn
-        dst = dst_ptr + p * stride_dp + i * stride_dn
-    else:
-        src = src_ptr + p * stride_sp + i * stride_sn
-        dst = dst_ptr + p * stride_dp + blk * stride_dn
+    s_blk = i
+    d_blk = i
+    if SRC_INDEXED:
+        s_blk = tl.load(src_ids_ptr + i).to(tl.int64)
+    if DST_INDEXED:
+        d_blk = tl.load(dst_ids_ptr + i).to(tl.int64)
+    src = src_ptr + p * stride_sp + s_blk * stride_sn
+    dst = dst_ptr + p * stride_dp + d_blk * stride_dn
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < words_per_block
     tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
@@ -65,17 +71,21 @@ def _check_blocks(cache: torch.Tensor, buf: torch.Tensor, block_ids: torch.Tenso
     check_same_device(cache, buf, block_ids)
 
 
-def _launch(src: torch.Tensor, dst: torch.Tensor, block_ids: torch.Tensor, gather: bool) -> None:
-    P, n = (dst if gather else src).shape[:2]
+def _launch(src: torch.Tensor, dst: torch.Tensor, src_ids, dst_ids) -> None:
+    """src_ids / dst_ids: [n] block ids, or None where that side is the contiguous buffer (block i)."""
+    P = src.shape[0]
+    n = (src_ids if src_ids is not None else dst_ids).shape[0]
     if n == 0 or P == 0 or src[0, 0].numel() == 0:
         return
     src_w, dst_w = _words(src, dst)
     words = src_w.shape[-1]
     block = min(triton.next_power_of_2(words), 1024 if interpreting() else 4096)
+    ids = src_ids if src_ids is not None else dst_ids
     _copy_blocks_kernel[(P * n, triton.cdiv(words, block))](
-        src_w, dst_w, block_ids,
+        src_w, dst_w, src_ids if src_ids is not None else ids, dst_ids if dst_ids is not None else ids,
         src_w.stride(0), src_w.stride(1), dst_w.stride(0), dst_w.stride(1),
-        n, words, GATHER=gather, BLOCK=block, num_warps=1 if interpreting() else 8,
+        n, words, SRC_INDEXED=src_ids is not None, DST_INDEXED=dst_ids is not None, BLOCK=block,
+        num_warps=1 if interpreting() else 8,
     )
 
 
@@ -85,14 +95,49 @@ def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, out: torch.Tenso
         shape = (cache.shape[0], block_ids.shape[0], *cache.shape[2:])
         out = torch.empty(shape, dtype=cache.dtype, device=cache.device)
     _check_blocks(cache, out, block_ids)
-    _launch(cache, out, block_ids, gather=True)
+    _launch(cache, out, block_ids, None)
     return out
 
 
 def scatter_blocks(src: torch.Tensor, block_ids: torch.Tensor, cache: torch.Tensor) -> None:
     """src [P, n, *blk] -> cache[:, block_ids] ([P, N, *blk]), in place."""
     _check_blocks(cache, src, block_ids)
-    _launch(src, cache, block_ids, gather=False)
+    _launch(src, cache, None, block_ids)
+
+
+def copy_blocks(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor, dst_ids: torch.Tensor) -> None:
+    """dst[:, dst_ids[i]] = src[:, src_ids[i]] for both caches [P, *, *blk]; dst may be a peer's mapped cache."""
+    BlockCopier(src, dst)(src_ids, dst_ids)
+
+
+class BlockCopier:
+    """copy_blocks for one fixed (src, dst) pair: checked and viewed as words once, then each call is one launch
+    with no per-call Python beyond it (the KV connector calls it once per layer on the forward thread)."""
+
+    def __init__(self, src: torch.Tensor, dst: torch.Tensor):
+        check(src.dim() >= 3 and src.shape[0] == dst.shape[0] and src.shape[2:] == dst.shape[2:]
+              and src.dtype == dst.dtype,
+              f"blocks differ: source {tuple(src.shape)} {src.dtype}, destination {tuple(dst.shape)} {dst.dtype}")
+        for name, t in (("source", src), ("destination", dst)):
+            check(t[0, 0].is_contiguous() if t.shape[1] else True, f"{name}: each block must be contiguous")
+        check_same_device(src, dst)
+        self.src_w, self.dst_w = _words(src, dst)
+        self.words = self.src_w.shape[-1]
+        self.block = min(triton.next_power_of_2(max(self.words, 1)), 1024 if interpreting() else 4096)
+        self.strides = (self.src_w.stride(0), self.src_w.stride(1), self.dst_w.stride(0), self.dst_w.stride(1))
+        self.grid_p, self.grid_w = src.shape[0], triton.cdiv(self.words, self.block)
+        self.num_warps = 1 if interpreting() else 8
+        self.empty = src.shape[0] == 0 or self.words == 0
+
+    def __call__(self, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
+        n = src_ids.shape[0]
+        check(dst_ids.shape[0] == n, f"{n} source ids, {dst_ids.shape[0]} destination ids")
+        if n == 0 or self.empty:
+            return
+        _copy_blocks_kernel[(self.grid_p * n, self.grid_w)](
+            self.src_w, self.dst_w, src_ids, dst_ids, *self.strides, n, self.words,
+            SRC_INDEXED=True, DST_INDEXED=True, BLOCK=self.block, num_warps=self.num_warps,
+        )
 
 
 def gather_blocks_ref(cache: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,3 +152,8 @@ def gather_blocks_ref(cache: torch.Tensor, block_ids: torch.Tensor, out: torch.T
 def scatter_blocks_ref(src: torch.Tensor, block_ids: torch.Tensor, cache: torch.Tensor) -> None:
     """Plain-torch reference; same signature and effect as `scatter_blocks`."""
     cache.index_copy_(1, block_ids.long(), src)
+
+
+def copy_blocks_ref(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor, dst_ids: torch.Tensor) -> None:
+    """Plain-torch reference; same signature and effect as `copy_blocks`."""
+    dst.index_copy_(1, dst_ids.long(), src.index_select(1, src_ids.long()))

@@ -75,7 +75,19 @@ def scatter_blocks(src, block_ids, cache) -> None:
     (block_copy.scatter_blocks if use_triton(src) else block_copy.scatter_blocks_ref)(src, block_ids, cache)
 
 
+def copy_blocks(src, src_ids, dst, dst_ids) -> None:
+    (block_copy.copy_blocks if use_triton(src) else block_copy.copy_blocks_ref)(src, src_ids, dst, dst_ids)
+
+
+def block_copier(src, dst):
+    """A per-(src, dst) copy_blocks (kernels.block_copy.BlockCopier), or the reference where Triton does not run."""
+    if use_triton(src):
+        return block_copy.BlockCopier(src, dst)
+    return lambda src_ids, dst_ids: block_copy.copy_blocks_ref(src, src_ids, dst, dst_ids)
+
+
 __all__ = [
     "linear", "rms_norm", "apply_rotary", "apply_rotary_and_write_kv", "silu_and_mul", "write_kv_cache",
-    "paged_prefill_attention", "paged_decode_attention", "gather_blocks", "scatter_blocks", "use_triton",
+    "paged_prefill_attention", "paged_decode_attention", "gather_blocks", "scatter_blocks", "copy_blocks",
+    "block_copier", "use_triton",
 ]

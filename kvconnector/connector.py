@@ -2,13 +2,12 @@
 
 A node builds `ConnectorConfig` from its engine config and `--kv-transfer-config` (`from_kv_transfer`), then a
 `KVProducer` (prefill node) or `KVConsumer` (decode node); see those modules for the calls. Control messages go
-over signed TCP links; `kv_connector` picks the data plane (tcp | ucx | nccl).
+over signed TCP links; `kv_connector` picks the one-sided data plane (tcp | cuda_ipc, kvconnector.transport).
 Heartbeats: each side sends one on a link idle for `heartbeat` seconds (timeout / 3, at most 1 s) and closes a
 link silent for `timeout`, which aborts that peer's requests; so a frozen peer is caught like a dead one.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import threading
@@ -27,7 +26,6 @@ from kvconnector.wire import DEFAULT_MAX_BODY, Abort, Handshake, Heartbeat, Sign
 
 log = logging.getLogger(__name__)
 
-OnFree = Callable[[str], None]  # (request_id): the connector no longer needs this request's blocks
 OnComplete = Callable[[str, bool, dict], None]  # (request_id, ok, timings incl. "cause"), exactly once
 
 
@@ -46,7 +44,6 @@ class ConnectorConfig:
     timeout: float = DEFAULT_KV_TIMEOUT  # --kv-timeout: seconds without progress before a request is aborted
     engine_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     hash_algorithm: str = HASH_ALGORITHM
-    max_inflight: int = 4
     max_body: int = DEFAULT_MAX_BODY
     extra: dict = field(default_factory=dict)
 
@@ -58,21 +55,14 @@ class ConnectorConfig:
     def from_kv_transfer(cls, kvt, *, model: str, dtype: torch.dtype | str, block_size: int, num_layers: int,
                          num_kv_heads: int, head_dim: int, secret: Optional[str] = None,
                          timeout: Optional[float] = None) -> "ConnectorConfig":
-        """From engine.config.KVTransferConfig; kv_secret / kv_timeout / max_inflight may also sit in its extra."""
+        """From engine.config.KVTransferConfig; kv_secret / kv_timeout may also sit in its extra."""
         extra = dict(kvt.extra)
         return cls(model=model, dtype=dtype if isinstance(dtype, str) else dtype_name(dtype),
                    block_size=block_size, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
                    kv_connector=kvt.kv_connector, kv_ip=kvt.kv_ip, kv_port=kvt.kv_port,
                    secret=secret if secret is not None else extra.pop("kv_secret", None),
                    timeout=float(timeout if timeout is not None else extra.pop("kv_timeout", DEFAULT_KV_TIMEOUT)),
-                   max_inflight=int(extra.pop("max_inflight", 4)), extra=extra)
-
-
-def add_kv_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("kv transfer")
-    g.add_argument("--kv-secret", default=None, help="shared HMAC secret for KV links (else $PDSERVE_KV_SECRET)")
-    g.add_argument("--kv-timeout", type=float, default=DEFAULT_KV_TIMEOUT,
-                   help="seconds without KV progress before a transfer is aborted and its blocks freed")
+                   extra=extra)
 
 
 def caches_by_layer(kv_caches) -> list[torch.Tensor]:
@@ -86,23 +76,24 @@ class Endpoint:
 
     role = "kv_both"
 
-    def __init__(self, config: ConnectorConfig, kv_caches, on_free: OnFree, on_complete: Optional[OnComplete],
-                 registry=None):
+    def __init__(self, config: ConnectorConfig, kv_caches, on_complete: Optional[OnComplete], registry=None):
         self.config = config
         self.caches = caches_by_layer(kv_caches)
         self._check_caches()
-        self.on_free, self.on_complete = on_free, on_complete
+        self.on_complete = on_complete
         self.codec = SignedCodec(resolve_secret(config.secret, config.kv_ip), max_body=config.max_body)
         self.device = self.caches[0].device
+        c = self.caches[0]
+        self.block_bytes = c.shape[0] * c[0, 0].numel() * c.element_size()  # K and V of one block, one layer
         self.data_plane = create_data_plane(config.kv_connector, DataPlaneConfig(
-            config.kv_ip, str(self.device), config.max_inflight, config.extra))
+            config.kv_ip, str(self.device), config.extra), self.caches)
         self.metrics = KVMetrics("producer" if self.role == "kv_producer" else "consumer", config.kv_connector,
                                  registry)
         self.handshake = Handshake(
             engine_id=config.engine_id, role=self.role, model=config.model, dtype=config.dtype,
             block_size=config.block_size, num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
             head_dim=config.head_dim, hash_algorithm=config.hash_algorithm, transport=config.kv_connector,
-            device_uuid=_device_uuid(self.device), data_plane=self.data_plane.local_info())
+            device_uuid=_device_uuid(self.device))  # the consumer adds its data plane's export
         self._closed = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name=f"kv-reaper-{self.role}", daemon=True)
 
@@ -137,8 +128,7 @@ class Endpoint:
 
     def _reap_once(self) -> None:
         for f in self.scheduler.expire():
-            self._send_abort(f)
-            self._finish(f)
+            self._end_failed(f)
         now = time.monotonic()
         for link in list(self.links()):
             if link.closed or link.peer is None:
@@ -159,19 +149,17 @@ class Endpoint:
             except ConnectionError:
                 pass
 
+    def _end_failed(self, f: Finished) -> None:
+        raise NotImplementedError
+
     def _on_drop(self, link, reason: str) -> None:
         self.metrics.dropped(reason)
 
-    def _notify(self, f: Finished, nbytes: int, free: bool) -> None:
+    def _notify(self, f: Finished, nbytes: int) -> None:
         self.metrics.inflight.dec()
         timings = self.metrics.finished(f.request_id, f.ok, f.cause, f.timings, nbytes)
         if not f.ok:
             log.warning("KV transfer of %s failed (%s): %s", f.request_id, f.cause, f.detail)
-        if free:
-            try:
-                self.on_free(f.request_id)
-            except Exception:
-                log.exception("on_free(%s) failed", f.request_id)
         if self.on_complete is not None:
             try:
                 self.on_complete(f.request_id, f.ok, timings)
@@ -183,12 +171,11 @@ class Endpoint:
         return self.metrics.timings(request_id)
 
     def abort(self, request_id: str, reason: str = "abort") -> bool:
-        """Abort at any point: free here, tell the peer. False when the request is unknown or already finished."""
+        """Abort at any point. False when the request is unknown or already finished."""
         f = self.scheduler.abort(request_id, "abort", reason)
         if f is None:
             return False
-        self._send_abort(f)
-        self._finish(f)
+        self._end_failed(f)
         return True
 
     def close(self) -> None:

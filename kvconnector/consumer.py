@@ -1,40 +1,41 @@
-"""The decode node's side of the connector: listen, reserve blocks on request, receive and scatter KV.
+"""The decode node's side of the connector: listen, export the cache to authenticated producers, complete on Done.
 
-    consumer = KVConsumer(config, kv_caches, on_reserve=..., on_free=..., on_complete=...)
-    consumer.address                                   # (ip, port) the proxy hands to prefill nodes
-on_reserve(request_id, num_tokens, block_hashes) -> (block_ids, num_cached_blocks): allocate blocks for prompt
-blocks num_cached_blocks.. (the first num_cached_blocks are its own prefix hits); raise to refuse (the producer
-gets an Abort with the message). on_complete(rid, True, timings) fires once every layer of every block landed:
-the blocks are the node's now. On any failure (timeout, producer lost, abort, bad chunk) on_free(rid) and then
-on_complete(rid, False, timings) fire, exactly once.
+    consumer = KVConsumer(config, kv_caches, on_complete=...)
+    consumer.address                       # (ip, port) the decode node hands to prefill nodes with its blocks
+    consumer.expect(rid, block_ids)        # before asking a prefill node: these blocks will be written
+    consumer.forget(rid)                   # the node gave up on rid (it frees the blocks once the producer is done)
+on_complete(rid, True, timings) fires on the producer's Done: every layer of every block landed, the blocks are the
+node's now. on_complete(rid, False, timings) fires when the producer aborted (it has fenced its writes, so the
+blocks may be freed) or a tcp chunk was bad. Either fires at most once; never after forget(rid).
+
+Per layer the consumer's host does nothing on a one-sided plane (cuda_ipc); over tcp its link thread writes each
+chunk into the reserved blocks after checking them against the reservation.
 """
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from kvconnector import link as links
-from kvconnector.connector import ConnectorConfig, Endpoint, OnComplete, OnFree
+from kvconnector.connector import ConnectorConfig, Endpoint, OnComplete
 from kvconnector.scheduler_side import ConsumerScheduler, Finished
-from kvconnector.wire import Abort, Done, Handshake, Heartbeat, KVChunk, Reserve, Reserved
+from kvconnector.wire import Abort, Done, Handshake, Heartbeat, KVChunk
 from kvconnector.worker_side import ConsumerWorker
 
 log = logging.getLogger(__name__)
-
-OnReserve = Callable[[str, int, Sequence[bytes]], tuple[Sequence[int], int]]
 
 
 class KVConsumer(Endpoint):
     role = "kv_consumer"
 
-    def __init__(self, config: ConnectorConfig, kv_caches, on_reserve: OnReserve, on_free: OnFree,
-                 on_complete: Optional[OnComplete] = None, registry=None):
-        super().__init__(config, kv_caches, on_free, on_complete, registry)
-        self.on_reserve = on_reserve
+    def __init__(self, config: ConnectorConfig, kv_caches, on_complete: Optional[OnComplete] = None, registry=None):
+        super().__init__(config, kv_caches, on_complete, registry)
         self.scheduler = ConsumerScheduler(config.num_layers, config.timeout)
-        self.worker = ConsumerWorker(self.caches, full=kv_caches if hasattr(kv_caches, "dim") else None)
+        self.worker = ConsumerWorker(self.caches)
+        self.counted = self.data_plane.name == "tcp"  # the bytes pass through us, so Done can be checked
         self._bytes: dict[str, int] = defaultdict(int)
+        self.handshake.data_plane = self.data_plane.local_info()
         self.listener = links.Listener(config.kv_ip, config.kv_port, self.codec, self._on_message,
                                        self._on_close, self._on_drop)
         self.address = self.listener.address
@@ -43,6 +44,26 @@ class KVConsumer(Endpoint):
 
     def links(self):
         return list(self.listener.links)
+
+    # ------------------------------------------------------------------------------------------------ requests
+
+    def expect(self, request_id: str, block_ids: Sequence[int]) -> None:
+        """rid's uncached prompt blocks will be written into block_ids (raises ValueError on a bad reservation)."""
+        self.scheduler.reserve(request_id, [int(b) for b in block_ids])
+        self.metrics.inflight.inc()
+
+    def forget(self, request_id: str, reason: str = "ended on the decode node") -> bool:
+        """Stop expecting rid (no callback follows). False when it had already completed or failed."""
+        f = self.scheduler.abort(request_id, "abort", reason)
+        if f is None:
+            return False
+        self.metrics.inflight.dec()
+        self.metrics.failure("abort")
+        self._bytes.pop(request_id, None)
+        return True
+
+    def _end_failed(self, f: Finished) -> None:
+        self._notify(f, self._bytes.pop(f.request_id, 0))
 
     # ------------------------------------------------------------------------------------------------ messages
 
@@ -53,24 +74,17 @@ class KVConsumer(Endpoint):
             self._on_drop(link, "schema")
             link.close(f"{type(msg).__name__} before the handshake")
         elif isinstance(msg, KVChunk):
-            try:
-                self.data_plane.receive(link, msg, body,
-                                        deliver=lambda tensor: self._land(link, msg, tensor),
-                                        fail=lambda exc: self._fail(msg.request_id, f"receive failed: {exc}"))
-            except Exception as exc:  # the data plane's state with this peer is unknown now: drop the link
-                log.exception("receiving a chunk of %s failed", msg.request_id)
-                self._fail(msg.request_id, f"receive failed: {exc}")
-                link.close(f"data plane failed: {exc}")
-        elif isinstance(msg, Reserve):
-            self._on_reserve(link, msg)
+            self._on_chunk(link, msg, body)
         elif isinstance(msg, Done):
-            f = self.scheduler.complete_if_empty(msg.request_id)
+            f = self.scheduler.done(msg.request_id, self.counted)
             if f is not None:
-                self._finish(f)
+                nbytes = self._bytes.pop(f.request_id, 0) if self.counted else msg.nbytes
+                self.metrics.bytes_received.inc(nbytes)
+                self._notify(f, nbytes)
         elif isinstance(msg, Abort):
             f = self.scheduler.abort(msg.request_id, "remote_abort", msg.reason)
             if f is not None:
-                self._finish(f)
+                self._end_failed(f)
         elif not isinstance(msg, Heartbeat):
             self._on_drop(link, "schema")
 
@@ -81,72 +95,47 @@ class KVConsumer(Endpoint):
         why = self.check_peer(theirs)
         if why:
             log.error("refusing KV peer %s (%s): %s", theirs.engine_id, link.name, why)
+            refusal = Handshake(**{**_fields(self.handshake), "data_plane": {}, "accept": False, "error": why})
             try:
-                link.send(Handshake(**{**_fields(self.handshake), "accept": False, "error": why}))
+                link.send(refusal)
             finally:
                 link.close("handshake refused")
             return
+        # Only now, to a peer whose frame carried a valid MAC, does our exported cache leave this process.
         link.send(self.handshake)
         self.data_plane.open(link, self.handshake, theirs, producer=False)
         link.peer = theirs
 
-    def _on_reserve(self, link, msg: Reserve) -> None:
-        rid = msg.request_id
-        if rid in self.scheduler.active():
-            link.send(Abort(request_id=rid, reason="request id already has a reservation"))
-            return
-        try:
-            block_ids, num_cached = self.on_reserve(rid, msg.num_tokens, msg.block_hashes)
-            block_ids = [int(b) for b in block_ids]
-        except Exception as exc:
-            log.info("reservation of %s refused: %s", rid, exc)
-            link.send(Abort(request_id=rid, reason=f"reserve refused: {exc}"))
-            return
-        self.scheduler.reserve(rid, link, block_ids)
-        self.metrics.inflight.inc()
-        link.send(Reserved(request_id=rid, block_ids=block_ids, num_cached_blocks=int(num_cached)))
-
-    def _land(self, link, header: KVChunk, tensor) -> None:
-        """Bytes of one chunk are here: check them against the reservation, scatter, count."""
+    def _on_chunk(self, link, header: KVChunk, body) -> None:
+        """tcp: one chunk's bytes; check them against the reservation, write them into the cache, count."""
         rid = header.request_id
+        try:
+            tensor = self.data_plane.receive(header, body)
+        except (TypeError, ValueError) as exc:
+            self._on_drop(link, "schema")
+            link.close(f"bad chunk: {exc}")
+            return
         with self.scheduler.lock:
             why = self.scheduler.check_chunk(rid, header.first_layer, header.num_layers, header.block_ids)
             if why == "unknown or finished request":
                 log.debug("chunk for %s ignored: %s", rid, why)
                 return
             why = why or self.worker.check(header, tensor)
-            if why:
-                f = self.scheduler.abort(rid, "error", f"bad chunk: {why}")
-            else:
-                self.worker.scatter(header, tensor)
-                nbytes = tensor.numel() * tensor.element_size()
-                self._bytes[rid] += nbytes
-                self.metrics.bytes_received.inc(nbytes)
-                f = self.scheduler.landed(rid, header.first_layer, header.num_layers, header.block_ids)
+            if not why:
+                self.worker.write(header, tensor)
+                self._bytes[rid] += tensor.numel() * tensor.element_size()
+                self.scheduler.landed(rid, header.first_layer, header.num_layers, header.block_ids)
+                return
+            f = self.scheduler.abort(rid, "error", f"bad chunk: {why}")
         if f is not None:
-            if not f.ok:
-                self._send_abort(f)
-            self._finish(f)
-
-    def _fail(self, request_id: str, detail: str) -> None:
-        f = self.scheduler.abort(request_id, "error", detail)
-        if f is not None:
-            self._send_abort(f)
-            self._finish(f)
+            try:
+                link.send(Abort(request_id=rid, reason=f"bad chunk: {why}"))
+            except ConnectionError:
+                pass
+            self._end_failed(f)
 
     def _on_close(self, link, why: str) -> None:
         self.data_plane.close_link(link)
-        for f in self.scheduler.peer_lost(link, why):
-            self._finish(f)
-
-    def _finish(self, f: Finished) -> None:
-        # The node hears first (its KV is ready: that is the exposed transfer), then the producer's Done.
-        self._notify(f, self._bytes.pop(f.request_id, 0), free=not f.ok)
-        if f.ok and f.peer is not None and not f.peer.closed:
-            try:
-                f.peer.send(Done(request_id=f.request_id))
-            except ConnectionError:
-                pass
 
     def close(self) -> None:
         super().close()

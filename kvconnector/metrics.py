@@ -1,6 +1,6 @@
 """Transfer metrics (prometheus-client) and per-request transfer timings kept for the proxy (torch-free).
 
-Series (label `role`: producer | consumer; `transport`: tcp | ucx | nccl):
+Series (label `role`: producer | consumer; `transport`: tcp | cuda_ipc):
     pdserve_kv_bytes_sent_total / pdserve_kv_bytes_received_total      counters
     pdserve_kv_chunk_seconds                                           histogram, one data-plane chunk
     pdserve_kv_transfer_seconds                                        histogram, a request's first chunk to done
@@ -78,8 +78,11 @@ class KVMetrics:
             self.transfer_seconds.observe(t["transfer_s"])
             if t["transfer_s"] > 0 and nbytes:
                 self.gbps.set(nbytes / t["transfer_s"] / 1e9)
-        if ok and end is not None and "last_layer" in t:
+        if ok and "exposed_gpu_s" in t:  # measured on the device: last layer computed -> last copy landed
+            t["exposed_s"] = t["exposed_gpu_s"]
+        elif ok and end is not None and "last_layer" in t:
             t["exposed_s"] = max(end - t["last_layer"], 0.0)
+        if "exposed_s" in t:
             self.exposed_seconds.observe(t["exposed_s"])
         if not ok:
             self.failure(cause or "error")

@@ -1,37 +1,31 @@
-"""The prefill node's side of the connector: reserve on a decode node, then push KV layer by layer.
+"""The prefill node's side of the connector: bind the decode node's reserved blocks, write KV layer by layer.
 
-    producer = KVProducer(config, kv_caches, on_free=..., on_complete=...)
-    res = producer.reserve(rid, decode_addr, num_tokens, block_hashes).result()   # Reservation
+    producer = KVProducer(config, kv_caches, on_complete=...)
+    producer.bind(rid, decode_kv_address, num_tokens, block_ids, num_cached_blocks)   # no round trip after a
+                                                                                        # first handshake
     # each engine step that runs rid (chunked prefill: several):
     producer.start_step([StepProgress(rid, num_computed_tokens_after_step, block_table, prompt_done)])
     for layer in range(L):  ... forward layer ...;  producer.save_layer(layer)
     producer.end_step()
-on_free(rid) fires once the connector no longer needs rid's blocks (after the consumer's Done, or on any
-failure); on_complete(rid, ok, timings) fires exactly once. abort(rid) works at any point.
+on_complete(rid, ok, timings) fires exactly once: ok once the fence after the request's last write completed (the
+consumer then gets `Done`); not ok after a failure, once nothing more can be written for rid (the consumer gets
+`Abort` at that moment, so it may free the blocks). abort(rid) works at any point.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import logging
 import threading
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from kvconnector import link as links
-from kvconnector.connector import ConnectorConfig, Endpoint, OnComplete, OnFree
+from kvconnector.connector import ConnectorConfig, Endpoint, OnComplete
 from kvconnector.scheduler_side import Finished, ProducerScheduler, SendPlan
-from kvconnector.wire import Abort, Done, Handshake, Heartbeat, LayoutMismatch, Reserve, Reserved
+from kvconnector.wire import Abort, Done, Handshake, Heartbeat, LayoutMismatch
 from kvconnector.worker_side import ProducerWorker
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    request_id: str
-    block_ids: list[int]  # the consumer's blocks for prompt blocks num_cached_blocks..
-    num_cached_blocks: int  # prompt blocks the consumer already holds (not sent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,18 +39,13 @@ class StepProgress:
 class KVProducer(Endpoint):
     role = "kv_producer"
 
-    def __init__(self, config: ConnectorConfig, kv_caches, on_free: OnFree, on_complete: Optional[OnComplete] = None,
-                 registry=None):
-        super().__init__(config, kv_caches, on_free, on_complete, registry)
+    def __init__(self, config: ConnectorConfig, kv_caches, on_complete: Optional[OnComplete] = None, registry=None):
+        super().__init__(config, kv_caches, on_complete, registry)
         self.scheduler = ProducerScheduler(config.block_size, config.timeout)
-        self.worker = ProducerWorker(self.caches, self.data_plane, link_of=lambda link: link,
-                                     is_active=self.scheduler.is_active, on_progress=self._progress,
-                                     on_all_sent=lambda rid, n: self.scheduler.all_sent(rid),
-                                     max_inflight=1 if config.kv_connector == "tcp" else config.max_inflight)
+        self.worker = ProducerWorker(self.data_plane, on_landed=self._landed,
+                                     on_first_write=lambda rid: self.scheduler.progress(rid, "first_send"))
         self._links: dict[tuple[str, int], links.Link] = {}
         self._connect_lock = threading.Lock()
-        self._pending: dict[str, concurrent.futures.Future] = {}
-        self._bytes: dict[str, int] = defaultdict(int)
         self._reaper.start()
 
     def links(self):
@@ -94,25 +83,20 @@ class KVProducer(Endpoint):
 
     # ------------------------------------------------------------------------------------------------ requests
 
-    def reserve(self, request_id: str, address: tuple[str, int], num_tokens: int,
-                block_hashes: Iterable[bytes] = ()) -> "concurrent.futures.Future[Reservation]":
-        """Ask the consumer at address to hold blocks for the prompt. The future fails if it refuses or times out
-        (the request is then finished: on_free and on_complete have fired)."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
+    def bind(self, request_id: str, address: tuple[str, int], num_tokens: int, block_ids: Sequence[int],
+             num_cached_blocks: int) -> None:
+        """Write rid's prompt blocks num_cached_blocks.. into the consumer's blocks block_ids as they are computed.
+        Raises (ConnectionError, LayoutMismatch, TimeoutError, ValueError) when that cannot start."""
         link = self.connect(address)
-        self.scheduler.add(request_id, link, num_tokens)
+        self.scheduler.bind(request_id, link, num_tokens, [int(b) for b in block_ids], int(num_cached_blocks))
         self.metrics.inflight.inc()
-        self._pending[request_id] = future
-        try:
-            link.send(Reserve(request_id=request_id, num_tokens=num_tokens, block_hashes=list(block_hashes)))
-        except ConnectionError as exc:
-            f = self.scheduler.abort(request_id, "peer_lost", str(exc))
-            if f is not None:
-                self._finish(f)
-        return future
+
+    def begin_step(self) -> None:
+        """Before every forward of the engine, transferring or not (see DataPlane.begin_step)."""
+        self.data_plane.begin_step()
 
     def start_step(self, progress: Iterable[StepProgress]) -> list[SendPlan]:
-        """Before a step's forward: which blocks of the listed requests become final in it; binds them."""
+        """Before a step's forward: which blocks of the listed requests become final in it."""
         plans = []
         for p in progress:
             plan = self.scheduler.plan(p.request_id, p.num_computed_tokens, list(p.block_ids), p.prompt_done)
@@ -125,17 +109,38 @@ class KVProducer(Endpoint):
         self.worker.save_layer(layer)
 
     def end_step(self) -> None:
+        for plan in self.worker.last_plans:
+            self.scheduler.progress(plan.request_id, "last_layer")
         self.worker.end_step()
 
-    # ------------------------------------------------------------------------------------------------ events
+    # ------------------------------------------------------------------------------------------------ ends
 
-    def _progress(self, request_id: str, mark: str, nbytes: int) -> None:
-        if mark == "chunk":
-            self._bytes[request_id] += nbytes
-            self.metrics.bytes_sent.inc(nbytes)
-            self.scheduler.progress(request_id)
-        else:
-            self.scheduler.progress(request_id, mark)
+    def _landed(self, request_id: str, exposed_s: Optional[float]) -> None:
+        """Completion thread: the fence after rid's last write completed."""
+        f = self.scheduler.done(request_id)
+        if f is None:
+            return  # aborted meanwhile: its own end runs
+        nbytes = self._nbytes(f)
+        self.metrics.bytes_sent.inc(nbytes)
+        if exposed_s is not None:
+            f.timings["exposed_gpu_s"] = exposed_s
+        try:
+            f.peer.send(Done(request_id=request_id, nbytes=nbytes))
+        except ConnectionError as exc:  # the consumer is gone; its node learns that on its own
+            log.debug("Done for %s not sent: %s", request_id, exc)
+        self._notify(f, nbytes)
+
+    def _end_failed(self, f: Finished) -> None:
+        """After every write already issued for the request: tell the consumer (it may free now), then us."""
+        def ended(_fence) -> None:
+            self._send_abort(f)
+            self._notify(f, 0)
+        self.worker.after_writes(f.request_id, f.peer, ended)
+
+    def _nbytes(self, f: Finished) -> int:
+        return f.timings.get("blocks", 0) * self.block_bytes * self.config.num_layers
+
+    # ------------------------------------------------------------------------------------------------ events
 
     def _on_message(self, link, msg, body) -> None:
         if isinstance(msg, Handshake):
@@ -145,22 +150,10 @@ class KVProducer(Endpoint):
         elif link.peer is None:
             self._on_drop(link, "schema")
             link.close(f"{type(msg).__name__} before the handshake")
-        elif isinstance(msg, Reserved):
-            f = self.scheduler.reserved(msg.request_id, msg.block_ids, msg.num_cached_blocks)
-            fut = self._pending.pop(msg.request_id, None)
-            if f is not None:
-                self._send_abort(f)
-                self._finish(f, fut)
-            elif fut is not None and not fut.done():
-                fut.set_result(Reservation(msg.request_id, list(msg.block_ids), msg.num_cached_blocks))
         elif isinstance(msg, Abort):
             f = self.scheduler.abort(msg.request_id, "remote_abort", msg.reason)
             if f is not None:
-                self._finish(f)
-        elif isinstance(msg, Done):
-            f = self.scheduler.done(msg.request_id)
-            if f is not None:
-                self._finish(f)
+                self._end_failed(f)
         elif not isinstance(msg, Heartbeat):
             self._on_drop(link, "schema")
 
@@ -171,16 +164,9 @@ class KVProducer(Endpoint):
         fut = link.state.get("handshake")
         if fut is not None and not fut.done():
             fut.set_exception(ConnectionError(f"link closed during the handshake: {why}"))
-        self.worker.drop_peer(link)
         self.data_plane.close_link(link)
         for f in self.scheduler.peer_lost(link, why):
-            self._finish(f)
-
-    def _finish(self, f: Finished, fut: Optional[concurrent.futures.Future] = None) -> None:
-        fut = fut or self._pending.pop(f.request_id, None)
-        if fut is not None and not fut.done():
-            fut.set_exception(ConnectionAbortedError(f"reservation of {f.request_id} failed ({f.cause}): {f.detail}"))
-        self._notify(f, self._bytes.pop(f.request_id, 0), free=True)
+            self._end_failed(f)
 
     def close(self) -> None:
         super().close()

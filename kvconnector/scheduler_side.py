@@ -1,9 +1,11 @@
 """The connector's scheduler side: which blocks of which request go where, and each request's state (torch-free).
 
 Producer (prefill node), per request:
-    RESERVING --reserved()--> TRANSFERRING --all chunks handed to the data plane--> SENT --consumer's Done--> DONE
+    bind() --> TRANSFERRING --the fence after its last blocks' last layer completed--> DONE
 Consumer (decode node), per request:
-    WAITING --first chunk--> RECEIVING --every (layer, block) landed--> DONE
+    reserve() --> WAITING --(tcp: first chunk) RECEIVING--> the producer's Done --> DONE
+There is one reservation round trip, and it is the decode node's: its message asking for the prefill carries the
+reserved block ids, and the prefill node binds them (`bind`) without asking the consumer again.
 Any state --abort() / timeout / peer lost--> ABORTED. A terminal transition removes the request from the table
 under the lock, so exactly one caller gets its `Finished` record and the completion is notified exactly once.
 
@@ -12,8 +14,9 @@ for i >= num_cached (the consumer already holds the first num_cached as prefix h
 it is final: full after this step, or the prompt's last (partial) block when the prompt finishes. Blocks the
 producer had cached are final from the first step, so they go with the first step's layers.
 
-Timeouts are inactivity timeouts (`--kv-timeout`): every sign of progress pushes the deadline out, so a long
-prefill is not cut off while its layers keep arriving, but a stuck or silent peer is.
+The producer's timeouts are inactivity timeouts (`--kv-timeout`): every sign of progress pushes the deadline out,
+so a long prefill is not cut off while its layers go out, but a stuck one is. The consumer keeps no deadline of
+its own: its node decides when to give up, and frees the blocks only once the producer can no longer write them.
 """
 from __future__ import annotations
 
@@ -27,9 +30,7 @@ DEFAULT_KV_TIMEOUT = 10.0
 
 
 class State(enum.Enum):
-    RESERVING = "reserving"
     TRANSFERRING = "transferring"
-    SENT = "sent"
     WAITING = "waiting"
     RECEIVING = "receiving"
     DONE = "done"
@@ -63,7 +64,7 @@ class _ProducerRequest:
     peer: Hashable
     num_tokens: int
     deadline: float
-    state: State = State.RESERVING
+    state: State = State.TRANSFERRING
     remote_block_ids: list[int] = field(default_factory=list)
     num_cached: int = 0
     planned_upto: int = 0  # prompt blocks [0, planned_upto) are planned
@@ -120,31 +121,21 @@ class ProducerScheduler(_RequestTable):
     def num_blocks(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def add(self, request_id: str, peer: Hashable, num_tokens: int) -> None:
+    def bind(self, request_id: str, peer: Hashable, num_tokens: int, remote_block_ids: list[int],
+             num_cached: int) -> None:
+        """The consumer's blocks for prompt blocks num_cached.. (it holds the first num_cached). Raises ValueError
+        when they do not cover the prompt or the request is already transferring."""
+        need = self.num_blocks(num_tokens) - num_cached
+        if num_tokens < 1 or num_cached < 0 or len(remote_block_ids) != need:
+            raise ValueError(f"the consumer reserved {len(remote_block_ids)} blocks + {num_cached} cached, the "
+                             f"prompt of {num_tokens} tokens needs {self.num_blocks(num_tokens)}")
         with self.lock:
             if request_id in self._reqs:
                 raise ValueError(f"request {request_id!r} is already transferring")
-            now = self.clock()
-            self._reqs[request_id] = _ProducerRequest(request_id, peer, num_tokens, now + self.timeout,
-                                                      timings={"reserve_start": time.time()})
-
-    def reserved(self, request_id: str, remote_block_ids: list[int], num_cached: int) -> Optional[Finished]:
-        """The consumer's answer. A reply that does not cover the prompt aborts the request."""
-        with self.lock:
-            req = self._reqs.get(request_id)
-            if req is None or req.state is not State.RESERVING:
-                return None
-            need = self.num_blocks(req.num_tokens) - num_cached
-            if num_cached < 0 or len(remote_block_ids) != need:
-                return self._finish(req, False, "error",
-                                    f"consumer reserved {len(remote_block_ids)} blocks + {num_cached} cached, "
-                                    f"the prompt needs {self.num_blocks(req.num_tokens)}")
-            req.remote_block_ids, req.num_cached = list(remote_block_ids), num_cached
-            req.planned_upto = num_cached
-            req.state = State.TRANSFERRING
-            req.deadline = self.clock() + self.timeout
-            req.timings["reserved"] = time.time()
-            return None
+            self._reqs[request_id] = _ProducerRequest(
+                request_id, peer, num_tokens, self.clock() + self.timeout, remote_block_ids=list(remote_block_ids),
+                num_cached=num_cached, planned_upto=num_cached,
+                timings={"bound": time.time(), "blocks": len(remote_block_ids)})
 
     def plan(self, request_id: str, num_computed_tokens: int, block_ids: list[int],
              prompt_done: bool) -> Optional[SendPlan]:
@@ -172,7 +163,7 @@ class ProducerScheduler(_RequestTable):
     def is_active(self, request_id: str) -> bool:
         with self.lock:
             req = self._reqs.get(request_id)
-            return req is not None and req.state in (State.TRANSFERRING, State.SENT)
+            return req is not None
 
     def progress(self, request_id: str, mark: Optional[str] = None) -> None:
         with self.lock:
@@ -182,19 +173,11 @@ class ProducerScheduler(_RequestTable):
                 if mark and mark not in req.timings:
                     req.timings[mark] = time.time()
 
-    def all_sent(self, request_id: str) -> None:
-        with self.lock:
-            req = self._reqs.get(request_id)
-            if req is not None and req.state is State.TRANSFERRING:
-                req.state = State.SENT
-                req.deadline = self.clock() + self.timeout
-                req.timings["all_sent"] = time.time()
-
     def done(self, request_id: str) -> Optional[Finished]:
-        """The consumer says every layer of every block landed."""
+        """Every layer of every block landed in the consumer's cache (the fence after the last write completed)."""
         with self.lock:
             req = self._reqs.get(request_id)
-            if req is None or req.state not in (State.TRANSFERRING, State.SENT) or not req.final_planned:
+            if req is None or not req.final_planned:
                 return None
             req.timings["done"] = time.time()
             return self._finish(req, True)
@@ -221,19 +204,19 @@ class ConsumerScheduler(_RequestTable):
         self.lock = threading.RLock()
         self._reqs: dict[str, _ConsumerRequest] = {}
 
-    def reserve(self, request_id: str, peer: Hashable, block_ids: list[int]) -> Optional[Finished]:
-        """Blocks the node allocated for this request (excluding its prefix hits). None blocks: done at once."""
+    def reserve(self, request_id: str, block_ids: list[int]) -> None:
+        """Blocks the node allocated for this request (excluding its prefix hits); the producer learns them from
+        the node's prefill request, not from us. No deadline: the node gives up, not the table."""
         with self.lock:
             if request_id in self._reqs:
                 raise ValueError(f"request {request_id!r} already has a reservation")
             n = len(block_ids)
             if len(set(block_ids)) != n:
                 raise ValueError(f"request {request_id!r}: duplicate block ids in the reservation")
-            req = _ConsumerRequest(request_id, peer, {b: i for i, b in enumerate(block_ids)},
-                                   [0] * self.num_layers, self.num_layers * n,
-                                   self.clock() + self.timeout, timings={"reserved": time.time()})
+            req = _ConsumerRequest(request_id, None, {b: i for i, b in enumerate(block_ids)},
+                                   [0] * self.num_layers, self.num_layers * n, float("inf"),
+                                   timings={"reserved": time.time()})
             self._reqs[request_id] = req
-            return None
 
     def check_chunk(self, request_id: str, first_layer: int, num_layers: int, block_ids: list[int]) -> str:
         """'' when the chunk may be scattered, else why not (unknown request, foreign blocks, bad layers)."""
@@ -248,12 +231,12 @@ class ConsumerScheduler(_RequestTable):
             return ""
 
     def landed(self, request_id: str, first_layer: int, num_layers: int,
-               block_ids: list[int]) -> Optional[Finished]:
-        """A chunk was scattered into the cache. Returns the DONE record when it was the last missing piece."""
+               block_ids: list[int]) -> None:
+        """A tcp chunk was written into the cache: count it (the producer's Done completes the request)."""
         with self.lock:
             req = self._reqs.get(request_id)
             if req is None:
-                return None
+                return
             # O(blocks + layers) per chunk, not O(blocks x layers): a chunk of 24 layers x 512 blocks landing
             # at the end of a transfer must not cost milliseconds of Python before the request completes.
             mask = 0
@@ -265,18 +248,17 @@ class ConsumerScheduler(_RequestTable):
                     req.landed[layer] |= new
                     req.remaining -= new.bit_count()
             req.state = State.RECEIVING
-            req.deadline = self.clock() + self.timeout
             req.timings.setdefault("first_chunk", time.time())
-            if req.remaining == 0:
-                req.timings["landed"] = time.time()
-                return self._finish(req, True)
-            return None
 
-    def complete_if_empty(self, request_id: str) -> Optional[Finished]:
-        """A reservation with nothing to receive (the consumer held the whole prompt) completes on Done."""
+    def done(self, request_id: str, counted: bool) -> Optional[Finished]:
+        """The producer's Done: every write landed. counted: the plane's bytes passed through us (tcp), so every
+        (layer, block) must have been seen; a one-sided plane's writes are the producer's word alone."""
         with self.lock:
             req = self._reqs.get(request_id)
-            if req is not None and req.remaining == 0:
-                return self._finish(req, True)
-            return None
+            if req is None:
+                return None
+            if counted and req.remaining:
+                return self._finish(req, False, "error", f"Done with {req.remaining} (layer, block) pieces missing")
+            req.timings["landed"] = time.time()
+            return self._finish(req, True)
 

@@ -318,9 +318,9 @@ class Handshake(Message, tag="handshake"):
     num_kv_heads: int
     head_dim: int
     hash_algorithm: str
-    transport: str  # tcp | ucx | nccl
-    device_uuid: str = ""  # the GPU's UUID, "" on CPU: nccl refuses two ranks on one device
-    data_plane: dict[str, Any] = {}  # transport specifics: ucx worker address, nccl store port
+    transport: str  # tcp | cuda_ipc
+    device_uuid: str = ""  # the GPU's UUID, "" on CPU: cuda_ipc maps the peer's GPU by it
+    data_plane: dict[str, Any] = {}  # transport specifics: the consumer's exported cache (cuda_ipc)
     accept: bool = True
     error: str = ""
 
@@ -342,34 +342,12 @@ class Handshake(Message, tag="handshake"):
         return "; ".join(diffs)
 
 
-class Reserve(Message, tag="reserve"):
-    """Producer -> consumer: hold blocks for this prompt. block_hashes (full blocks) let it find prefix hits."""
-    request_id: str
-    num_tokens: int
-    block_hashes: list[bytes] = []
-
-    def check(self) -> None:
-        if not 0 < len(self.request_id) <= 256 or self.num_tokens < 1:
-            raise ValueError("bad request_id or num_tokens")
-
-
-class Reserved(Message, tag="reserved"):
-    """Consumer -> producer: block ids for prompt blocks num_cached_blocks.., the first num_cached_blocks it holds."""
-    request_id: str
-    block_ids: list[int]
-    num_cached_blocks: int
-
-    def check(self) -> None:
-        if self.num_cached_blocks < 0 or any(b < 0 for b in self.block_ids):
-            raise ValueError("negative block id or cached count")
-
-
 class KVChunk(Message, tag="kv_chunk"):
     """Layers [first_layer, first_layer + num_layers) of some blocks; the tensor is [num_layers, 2, n, *block].
 
-    Over tcp the tensor is this frame's body; over ucx and nccl it travels on the data plane, matched by seq."""
+    Only the tcp data plane sends it: the tensor is this frame's body."""
     request_id: str
-    seq: int  # per link, increasing: the ucx tag and the nccl order
+    seq: int  # reserved (0)
     first_layer: int
     num_layers: int
     block_ids: list[int]  # the consumer's block ids
@@ -385,16 +363,10 @@ class KVChunk(Message, tag="kv_chunk"):
         self.tensor.nbytes()
 
 
-class LayerReady(Message, tag="layer_ready"):
-    """Producer -> consumer: every block of the request is sent up to this layer (progress, for timing)."""
-    request_id: str
-    layer: int
-
-
 class Done(Message, tag="done"):
-    """Producer -> consumer: nothing more will be sent (num_chunks in all). Consumer -> producer: all landed."""
+    """Producer -> consumer: every write of the request has landed in the consumer's cache (nbytes in all)."""
     request_id: str
-    num_chunks: int = 0
+    nbytes: int = 0
 
 
 class Abort(Message, tag="abort"):
@@ -407,7 +379,7 @@ class Heartbeat(Message, tag="heartbeat"):
     ts: float
 
 
-KV_SCHEMA = Schema("kv", 1, [Handshake, Reserve, Reserved, KVChunk, LayerReady, Done, Abort, Heartbeat])
+KV_SCHEMA = Schema("kv", 2, [Handshake, KVChunk, Done, Abort, Heartbeat])
 
 
 def body_limit(msg: msgspec.Struct) -> int:

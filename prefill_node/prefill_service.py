@@ -3,15 +3,17 @@
 One request, in order:
   1. `prefill` {prompt, params, the decode node's KV endpoint and reserved blocks} arrives on our ROUTER from the
      decode node's DEALER. Checked (params, vocabulary, queue depth); a refusal is an `error` back to it.
-  2. On a worker thread: the connector's handshake with that decode node (once per node) and Reserve/Reserved,
-     which binds our transfer to the blocks the decode node reserved (they must be the ones `prefill` named).
-  3. Only then the prompt enters the engine (chunked prefill over our prefix cache) with max_tokens 1: the
-     transfer hooks (step_hooks.py) push each layer's final blocks while later layers compute.
+  2. On a worker thread: the connector's handshake with that decode node (once per node, the only round trip
+     on the KV link), then `bind`: our writes go into the blocks `prefill` named. No second reservation exchange.
+  3. The prompt enters the engine (chunked prefill over our prefix cache) with max_tokens 1: the transfer hooks
+     (step_hooks.py) write each layer's final blocks into the decode node's cache while later layers compute.
   4. The sampled first token goes to the decode node at once as `first_token`, with prefill_queue / prefill
-     timings. The engine request has finished then: its blocks are released into our prefix cache (the worker
-     already staged their KV, so the transfer no longer reads them).
-  5. The connector's completion (the decode node's Done, or any failure) sends `prefill_done` with the transfer
-     timings and forgets the request. A failure before the first token also aborts the engine request.
+     timings: TTFT is the prefill's time, not the transfer's. The engine request has finished then and its blocks
+     go to our prefix cache; the data plane keeps the next step from overwriting them before they are copied.
+  5. The connector's completion (the fence after the last write, or a failure once nothing more can be written)
+     sends `prefill_done` with the transfer timings. Every `prefill` gets exactly one `prefill_done`, always last:
+     the decode node frees a released request's blocks on it. A failure before the first token also aborts the
+     engine request.
 An `abort` from the decode node (or its DEALER going away) stops the prefill and the transfer at any point.
 """
 from __future__ import annotations
@@ -60,8 +62,8 @@ class PrefillService:
         self.core, self.loop, self.rpc = node.core, node.loop, node.rpc
         self.lock = threading.Lock()
         self.jobs: dict[str, PrefillJob] = {}
-        self.producer = KVProducer(connector_config(node), self.core.runner.kv_caches, on_free=lambda rid: None,
-                                   on_complete=self._on_complete)
+        self.bound: dict[str, bytes] = {}  # requests the connector may write for -> the decode node's identity
+        self.producer = KVProducer(connector_config(node), self.core.runner.kv_caches, on_complete=self._on_complete)
         node.metrics.extra_registries.append(self.producer.metrics.registry)
         self.hooks = TransferStepHooks(self.core, self.producer, self.transfer_id)
         self.executor = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="prefill-reserve")
@@ -103,15 +105,12 @@ class PrefillService:
     def _reserve_and_run(self, job: PrefillJob) -> None:
         msg = job.msg
         try:
-            address = parse_endpoint(msg.kv_endpoint)
-            res = self.producer.reserve(job.request_id, address, len(msg.prompt_token_ids)).result(
-                self.producer.config.timeout)
-        except Exception as exc:  # unreachable decode node, layout refused, reservation refused or late
-            self.producer.abort(job.request_id, f"reserve failed: {exc}")
+            self.producer.bind(job.request_id, parse_endpoint(msg.kv_endpoint), len(msg.prompt_token_ids),
+                               msg.block_ids, msg.num_cached_blocks)
+        except Exception as exc:  # unreachable decode node, layout refused, a reservation that does not fit
             return self._fail(job, 503, f"KV link to the decode node failed: {exc}", retryable=True)
-        if list(res.block_ids) != list(msg.block_ids) or res.num_cached_blocks != msg.num_cached_blocks:
-            self.producer.abort(job.request_id, "reservation mismatch")
-            return self._fail(job, 503, "the decode node's reservation does not match the prefill request", True)
+        with self.lock:
+            self.bound[job.request_id] = job.identity
         with self.lock:  # abort() reads in_engine under the same lock: one of the two sees the other
             if not job.ended:
                 job.in_engine = True
@@ -145,20 +144,21 @@ class PrefillService:
 
     # ---- 5: the transfer's end -----------------------------------------------------------------------------------
     def _on_complete(self, request_id: str, ok: bool, timings: dict) -> None:
+        """The connector is done with request_id: nothing more will be written for it."""
         with self.lock:
             job = self.jobs.pop(request_id, None)
-        if job is None:
-            return
-        if job.ended:
-            return
-        if not ok:
+            identity = self.bound.pop(request_id, None)
+        if job is not None and not ok and not job.ended:
             job.ended = True  # no first token after a failed transfer: the decode node cannot use it
             if not job.first_token_sent:
                 self.loop.abort(job.engine_id)
-        self.rpc.send(job.identity, PrefillDone(
-            request_id=request_id, ok=ok, cause=str(timings.get("cause", "")),
-            timings={"transfer": float(timings.get("transfer_s", 0.0)),
-                     "exposed_transfer": float(timings.get("exposed_s", 0.0))}))
+        if identity is not None:
+            exposed = timings.get("exposed_gpu_s", timings.get("exposed_s", 0.0))
+            self._prefill_done(identity, request_id, ok, str(timings.get("cause", "")),
+                               {"transfer": float(timings.get("transfer_s", 0.0)), "exposed_transfer": float(exposed)})
+
+    def _prefill_done(self, identity: bytes, request_id: str, ok: bool, cause: str, timings: dict) -> None:
+        self.rpc.send(identity, PrefillDone(request_id=request_id, ok=ok, cause=cause, timings=timings))
 
     # ---- ends from outside -------------------------------------------------------------------------------------
     def abort(self, request_id: str, reason: str) -> None:
@@ -182,13 +182,17 @@ class PrefillService:
         with self.lock:
             if self.jobs.get(job.request_id) is job:
                 del self.jobs[job.request_id]
+            bound = job.request_id in self.bound
         if job.ended:
             return
         job.ended = True
         if job.in_engine:
             self.loop.abort(job.engine_id)
-        self.producer.abort(job.request_id, message)
         self.node.reject(job.identity, job.request_id, status, message, retryable)
+        if bound:  # the connector's completion sends prefill_done once its writes are fenced
+            self.producer.abort(job.request_id, message)
+        else:
+            self._prefill_done(job.identity, job.request_id, False, "error", {})
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:

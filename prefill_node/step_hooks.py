@@ -24,6 +24,7 @@ class TransferStepHooks:
         core.step_observers.append(self)
 
     def before_forward(self, plan) -> None:
+        self.producer.begin_step()  # every step: it may reuse blocks whose copies to a peer are still queued
         scheduler = self.core.scheduler
         progress = []
         for item in plan.scheduled:

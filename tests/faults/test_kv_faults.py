@@ -1,7 +1,9 @@
 """KV transfer faults with real processes: a peer killed or frozen mid-transfer, malformed frames.
 
-Each test checks that the surviving node frees the request's blocks within --kv-timeout (plus slack), notifies
-completion exactly once, keeps serving, and that its block accounting holds (free + used + cached == total).
+The producer frees a request's blocks within --kv-timeout (plus slack) of losing its consumer and notifies
+completion exactly once. The consumer keeps no deadline of its own (its node gives up and `forget`s the request);
+what it must guarantee is that nothing lands in blocks it has forgotten. Block accounting holds on both sides
+(free + used + cached == total) and both keep serving.
 """
 import os
 import signal
@@ -39,22 +41,28 @@ def assert_all_free(state, rid, cause):
     assert state["used"] == 0 and state["free"] + state["used"] + state["cached"] == state["total"]
 
 
+def transfer(prod, cons, rid, address, num_tokens, chunk_tokens, **kw):
+    res = cons.call("reserve", rid=rid, num_tokens=num_tokens)
+    out = prod.call("transfer", rid=rid, address=address, num_tokens=num_tokens, chunk_tokens=chunk_tokens,
+                    **res, **kw)
+    if not kw.get("background") and "error" not in out:  # the producer is done at its fence; wait for the Done
+        assert cons.call("wait_finished", rid=rid) is not None, f"{rid}: the consumer never completed"
+    return out
+
+
 def start_slow_transfer(prod, cons, transport):
     cfg = dict(CFG, kv_connector=transport)
     address = cons.call("open", role="consumer", cfg=cfg, num_blocks=64, seed=1)
     prod.call("open", role="producer", cfg=cfg, num_blocks=64, seed=2)
     # 8 layers x 0.25 s per layer: the transfer is under way for 2 s
-    prod.call("transfer", rid="r", address=address, num_tokens=200, chunk_tokens=200, layer_delay=0.25,
-              background=True)
-    wait_for(cons, lambda s: s["held"].get("r"), 10)
+    transfer(prod, cons, "r", address, 200, 200, layer_delay=0.25, background=True)
     time.sleep(0.6)  # a couple of layers have landed
     return address
 
 
-@pytest.mark.parametrize("transport", ["tcp", "ucx"])
-def test_consumer_killed_mid_transfer(pair, transport):
+def test_consumer_killed_mid_transfer(pair):
     prod, cons = pair
-    start_slow_transfer(prod, cons, transport)
+    start_slow_transfer(prod, cons, "tcp")
     assert cons.call("state")["finished"] == {}
     cons.kill()
     t0 = time.monotonic()
@@ -65,32 +73,45 @@ def test_consumer_killed_mid_transfer(pair, transport):
     assert_all_free(prod.call("state"), "r", ("peer_lost", "timeout"))
 
 
-@pytest.mark.parametrize("transport", ["tcp", "ucx"])
-def test_producer_killed_mid_transfer(pair, transport):
+def test_producer_killed_mid_transfer(pair):
+    """The node gives up on the request and forgets it: its blocks are free again and the consumer keeps serving
+    (a new producer transfers into the same blocks, byte-exact)."""
     prod, cons = pair
-    start_slow_transfer(prod, cons, transport)
+    address = start_slow_transfer(prod, cons, "tcp")
     prod.kill()
-    t0 = time.monotonic()
-    state = wait_for(cons, lambda s: "r" in s["finished"], TIMEOUT + SLACK)
-    assert time.monotonic() - t0 <= TIMEOUT + SLACK
-    assert_all_free(state, "r", ("peer_lost", "timeout"))
+    cons.call("forget", rid="r")
+    state = cons.call("state")
+    assert state["held"] == {} and state["active"] == [] and state["finished"] == {}
+    assert state["used"] == 0 and state["free"] + state["used"] + state["cached"] == state["total"]
+    from tests.kvconnector.node_proc import NodeHandle
+    fresh = NodeHandle()
+    try:
+        fresh.call("open", role="producer", cfg=dict(CFG, kv_connector="tcp"), num_blocks=64, seed=3)
+        out = transfer(fresh, cons, "s", address, 200, 64)
+        assert "error" not in out, out
+        assert fresh.call("block_bytes", block_ids=out["local"]) == cons.call("block_bytes", block_ids=out["remote"])
+    finally:
+        fresh.close()
 
 
-def test_producer_frozen_times_out(pair):
-    """SIGSTOP: the connection stays open but nothing arrives; the inactivity timeout frees the reservation."""
+def test_late_writes_of_a_frozen_producer_never_land_in_forgotten_blocks(pair):
+    """SIGSTOP mid-transfer; the node gives up (forget) and hands the same blocks to another request; when the
+    producer wakes up and finishes, nothing it writes for the forgotten request lands."""
     prod, cons = pair
-    start_slow_transfer(prod, cons, "tcp")
+    address = start_slow_transfer(prod, cons, "tcp")
     os.kill(prod.proc.pid, signal.SIGSTOP)
     try:
-        t0 = time.monotonic()
-        state = wait_for(cons, lambda s: "r" in s["finished"], TIMEOUT + SLACK)
-        assert time.monotonic() - t0 <= TIMEOUT + SLACK
-        assert_all_free(state, "r", ("timeout", "peer_lost"))
+        cons.call("forget", rid="r")
+        res = cons.call("reserve", rid="s", num_tokens=64 * 16)  # every block, those r was given among them
+        before = cons.call("block_bytes", block_ids=res["remote"])
     finally:
         os.kill(prod.proc.pid, signal.SIGCONT)
-    # the producer wakes up, learns the request is gone, and frees its side too
-    state = wait_for(prod, lambda s: "r" in s["finished"], TIMEOUT + SLACK)
-    assert_all_free(state, "r", ("timeout", "peer_lost", "remote_abort"))
+    wait_for(prod, lambda s: "r" in s["finished"], TIMEOUT + SLACK)
+    time.sleep(0.3)
+    assert cons.call("block_bytes", block_ids=res["remote"]) == before
+    state = cons.call("state")
+    assert "r" not in state["finished"] and state["used"] == len(res["remote"])
+    assert state["free"] + state["used"] + state["cached"] == state["total"]
 
 
 def send_raw(address, data: bytes) -> None:
@@ -111,11 +132,11 @@ def test_malformed_frames_are_dropped_and_node_keeps_serving(pair):
     for kind in ("version", "oversized", "truncated", "hmac", "schema"):
         send_raw(address, stranger_hello() + bad_frame(kind))
     # 2. the real producer's live link: frames signed outside the session close it; the producer reconnects
-    out = prod.call("transfer", rid="good0", address=address, num_tokens=40, chunk_tokens=40)
+    out = transfer(prod, cons, "good0", address, 40, 40)
     assert "error" not in out
     for kind in ("hmac", "schema", "schema_version", "hmac"):
         assert prod.call("inject", address=address, kind=kind), kind
-    out = prod.call("transfer", rid="good1", address=address, num_tokens=70, chunk_tokens=32)
+    out = transfer(prod, cons, "good1", address, 70, 32)
     assert "error" not in out, out
     assert prod.call("block_bytes", block_ids=out["local"]) == cons.call("block_bytes", block_ids=out["remote"])
     want = {"garbage": 1, "version": 1, "oversized": 0, "truncated": 0, "hmac": 8, "schema": 0}

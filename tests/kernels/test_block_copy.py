@@ -3,7 +3,8 @@ engine's [2, N, B, Hk, D] layout and for odd block sizes that force narrower cop
 import pytest
 import torch
 
-from kernels.block_copy import gather_blocks, gather_blocks_ref, scatter_blocks, scatter_blocks_ref
+from kernels.block_copy import (copy_blocks, copy_blocks_ref, gather_blocks, gather_blocks_ref, scatter_blocks,
+                                scatter_blocks_ref)
 
 LAYOUTS = {
     "kv-cache": (16, 3, 16),  # [B, Hk, D]
@@ -46,6 +47,37 @@ def test_triton_matches_ref(layout, dtype):
     assert torch.equal(got, want)
 
 
+def test_copy_ref_matches_indexing():
+    src, dst = _cache((4, 3), torch.float32, N=7, seed=4), torch.zeros((2, 11, 4, 3))
+    src_ids, dst_ids = torch.tensor([5, 0, 3]), torch.tensor([10, 2, 7])
+    copy_blocks_ref(src, src_ids, dst, dst_ids)
+    for s_blk, d_blk in zip(src_ids.tolist(), dst_ids.tolist()):
+        assert torch.equal(dst[:, d_blk], src[:, s_blk])
+    untouched = [b for b in range(11) if b not in dst_ids.tolist()]
+    assert not dst[:, untouched].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_copy_triton_matches_ref(layout, dtype):
+    # cache to cache of another size (a peer's cache has its own block count), both sides indexed
+    src = _cache(LAYOUTS[layout], dtype, N=9, seed=5)
+    src_ids, dst_ids = torch.tensor([8, 1, 4, 0]), torch.tensor([2, 12, 5, 9])
+    want = _cache(LAYOUTS[layout], dtype, N=13, seed=6)
+    got = want.clone()
+    copy_blocks_ref(src, src_ids, want, dst_ids)
+    copy_blocks(src, src_ids, got, dst_ids)
+    assert torch.equal(got, want)
+
+
+def test_copy_refuses_mismatched_blocks():
+    with pytest.raises(ValueError, match="blocks differ"):
+        copy_blocks(_cache((4, 3), torch.float32), torch.tensor([0]), _cache((4, 2), torch.float32), torch.tensor([0]))
+    with pytest.raises(ValueError, match="ids"):
+        copy_blocks(_cache((4, 3), torch.float32), torch.tensor([0, 1]), _cache((4, 3), torch.float32),
+                    torch.tensor([0]))
+
+
 def test_empty_block_list():
     cache = _cache((4, 3), torch.float16)
     ids = torch.zeros(0, dtype=torch.long)
@@ -64,4 +96,10 @@ def test_triton_matches_ref_gpu(blk, blocks):
     want, got = cache.clone(), cache.clone()
     scatter_blocks_ref(src, ids, want)
     scatter_blocks(src, ids, got)
+    assert torch.equal(got, want)
+    dst = _cache(blk, torch.bfloat16, N=blocks + 17, seed=4, device="cuda")
+    dst_ids = torch.randperm(blocks + 17, device="cuda")[:blocks]
+    want, got = dst.clone(), dst.clone()
+    copy_blocks_ref(cache, ids, want, dst_ids)
+    copy_blocks(cache, ids, got, dst_ids)
     assert torch.equal(got, want)

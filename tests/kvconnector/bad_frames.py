@@ -4,7 +4,7 @@ import hmac
 import os
 
 from kvconnector.link import HELLO, HELLO_MAGIC
-from kvconnector.wire import FRAME_VERSION, MAGIC, PREFIX, SignedCodec, Heartbeat, Reserve
+from kvconnector.wire import FRAME_VERSION, MAGIC, PREFIX, Heartbeat, KVChunk, SignedCodec, TensorMeta
 
 GOOD_SECRET = b"test-secret"
 
@@ -32,8 +32,9 @@ def bad_frame(kind: str, secret: bytes = GOOD_SECRET) -> bytes:
         return signed_prefix(secret, 100, 0) + b"\x81"
     if kind == "hmac":
         return SignedCodec(b"wrong-secret").encode_bytes(Heartbeat(engine_id="evil", ts=0.0))
-    if kind == "schema":  # correctly signed, but num_tokens must be >= 1
-        return good.encode_bytes(Reserve(request_id="evil", num_tokens=0))
+    if kind == "schema":  # correctly signed, but a layer index must be >= 0
+        return good.encode_bytes(KVChunk(request_id="evil", seq=0, first_layer=-1, num_layers=1, block_ids=[0],
+                                         tensor=TensorMeta("float16", [1, 2, 1, 4])))
     if kind == "schema_version":
         frame = good.encode(Heartbeat(engine_id="x", ts=0.0))
         return b"".join(SignedCodec(secret).frames.encode(frame[2], b"", schema_version=99))

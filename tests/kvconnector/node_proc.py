@@ -30,7 +30,7 @@ class Node:
 
     # ------------------------------------------------------------------------------------------------ setup
 
-    def open(self, role: str, cfg: dict, num_blocks: int, seed: int):
+    def open(self, role: str, cfg: dict, num_blocks: int, seed: int, device: str = "cpu"):
         import torch
 
         from engine.block_pool import BlockPool
@@ -42,7 +42,9 @@ class Node:
         dtype = getattr(torch, cfg["dtype"])
         shape = (cfg["num_layers"], 2, num_blocks, cfg["block_size"], cfg["num_kv_heads"], cfg["head_dim"])
         self.cache = (torch.randn(shape, dtype=torch.float32).to(dtype) if role == "producer"
-                      else torch.zeros(shape, dtype=dtype))
+                      else torch.zeros(shape, dtype=dtype)).to(device)
+        if self.cache.is_cuda:
+            torch.cuda.set_device(self.cache.device)
         self.pool = BlockPool(num_blocks, enable_caching=False, block_size=cfg["block_size"])
         everything = self.pool.allocate(num_blocks)
         random.shuffle(everything)
@@ -50,22 +52,14 @@ class Node:
             self.pool.free([b])
         self.blocks, self.finished, self.free_calls = {}, {}, {}
         config = ConnectorConfig(**cfg)
+        self.role = role
         if role == "producer":
             from kvconnector.producer import KVProducer
-            self.conn = KVProducer(config, self.cache, on_free=self._on_free, on_complete=self._on_complete)
+            self.conn = KVProducer(config, self.cache, on_complete=self._on_complete)
             return None
         from kvconnector.consumer import KVConsumer
-        self.conn = KVConsumer(config, self.cache, on_reserve=self._on_reserve, on_free=self._on_free,
-                               on_complete=self._on_complete)
+        self.conn = KVConsumer(config, self.cache, on_complete=self._on_complete)
         return list(self.conn.address)
-
-    def _on_reserve(self, rid, num_tokens, hashes):
-        bs = self.pool.block_size
-        cached = self.cached_for.get(rid, 0)
-        with self.lock:
-            blocks = self.pool.allocate(-(-num_tokens // bs) - cached)
-            self.blocks[rid] = blocks
-        return [b.block_id for b in blocks], cached
 
     def _on_free(self, rid):
         with self.lock:
@@ -78,15 +72,38 @@ class Node:
         with self.lock:
             self.finished.setdefault(rid, {"ok": ok, "cause": timings.get("cause"), "calls": 0})
             self.finished[rid]["calls"] += 1
+        # a producer's blocks are free once its writes are done; a consumer's stay with the request unless it failed
+        if self.role == "producer" or not ok:
+            self._on_free(rid)
 
     # ------------------------------------------------------------------------------------------------ commands
 
-    def expect(self, rid: str, num_cached: int):
-        self.cached_for[rid] = num_cached
+    def reserve(self, rid: str, num_tokens: int, num_cached: int = 0):
+        """Consumer: allocate the blocks for prompt blocks num_cached.. and expect them (the decode node's part)."""
+        with self.lock:
+            blocks = self.pool.allocate(-(-num_tokens // self.pool.block_size) - num_cached)
+            self.blocks[rid] = blocks
+        ids = [b.block_id for b in blocks]
+        self.conn.expect(rid, ids)
+        return {"remote": ids, "num_cached": num_cached}
 
-    def transfer(self, rid: str, address, num_tokens: int, chunk_tokens: int, layer_delay: float = 0.0,
-                 background: bool = False):
-        """Producer: reserve, then 'prefill' in chunks of chunk_tokens, saving each layer; wait for completion."""
+    def wait_finished(self, rid: str, timeout: float = 10.0):
+        """Consumer: block until rid completed or failed here (the producer finishes at its own fence, before the
+        consumer has read its Done). -> the finished record, or None on timeout."""
+        deadline = time.monotonic() + timeout
+        while rid not in self.finished and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return self.finished.get(rid)
+
+    def forget(self, rid: str):
+        """Consumer: the node gives up on rid and frees its blocks."""
+        self.conn.forget(rid)
+        self._on_free(rid)
+
+    def transfer(self, rid: str, address, num_tokens: int, chunk_tokens: int, remote: list, num_cached: int = 0,
+                 layer_delay: float = 0.0, background: bool = False):
+        """Producer: bind the consumer's blocks, then 'prefill' in chunks of chunk_tokens, saving each layer; wait
+        for completion."""
         from kvconnector.producer import StepProgress
         with self.lock:
             blocks = self.pool.allocate(-(-num_tokens // self.pool.block_size))
@@ -95,7 +112,7 @@ class Node:
 
         def run():
             try:
-                res = self.conn.reserve(rid, tuple(address), num_tokens).result(self.conn.config.timeout + 5)
+                self.conn.bind(rid, tuple(address), num_tokens, remote, num_cached)
             except Exception as exc:
                 with self.lock:  # a refused handshake never reached the connector: give the blocks back here
                     held = self.blocks.pop(rid, None) if rid not in self.finished else None
@@ -105,13 +122,14 @@ class Node:
             done = 0
             while done < num_tokens:
                 done = min(done + chunk_tokens, num_tokens)
+                self.conn.begin_step()
                 self.conn.start_step([StepProgress(rid, done, local, done == num_tokens)])
                 for layer in range(self.conn.config.num_layers):
                     if layer_delay:
                         time.sleep(layer_delay)
                     self.conn.save_layer(layer)
                 self.conn.end_step()
-            return {"local": local, "remote": res.block_ids, "num_cached": res.num_cached_blocks}
+            return {"local": local, "remote": remote, "num_cached": num_cached}
 
         if background:
             threading.Thread(target=run, daemon=True).start()
@@ -136,8 +154,8 @@ class Node:
     def block_bytes(self, block_ids: list[int]) -> bytes:
         """Raw bytes of blocks (all layers, K and V) in the given order."""
         import torch
-        ids = torch.tensor(block_ids, dtype=torch.int64)
-        return self.cache.index_select(2, ids).contiguous().view(torch.uint8).numpy().tobytes()
+        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.cache.device)
+        return self.cache.index_select(2, ids).contiguous().view(torch.uint8).cpu().numpy().tobytes()
 
     def state(self):
         pool = self.pool
@@ -187,7 +205,7 @@ class NodeHandle:
     def __init__(self, env: dict | None = None):
         ctx = mp.get_context("spawn")
         self.pipe, child = ctx.Pipe()
-        env = {"UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo", "UCX_WARN_UNUSED_ENV_VARS": "n", **(env or {})}
+        env = dict(env or {})
         self.proc = ctx.Process(target=serve, args=(child, env), daemon=True)
         self.proc.start()
         child.close()

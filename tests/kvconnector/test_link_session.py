@@ -131,8 +131,9 @@ def test_a_declared_4_gib_body_on_a_type_without_one_allocates_nothing(listener)
     before = rss_mib()
     link = connect(listener.address, SignedCodec(SECRET), lambda *a: None)
     link._session.wait(5)
-    header = SignedCodec(SECRET).schema.encode(Heartbeat("x", 1.0))
-    prefix = PREFIX.pack(MAGIC, FRAME_VERSION, 0, 1, len(header), 4 << 30, 0)
+    schema = SignedCodec(SECRET).schema
+    header = schema.encode(Heartbeat("x", 1.0))
+    prefix = PREFIX.pack(MAGIC, FRAME_VERSION, 0, schema.version, len(header), 4 << 30, 0)
     mac = hmac.new(link._tx_key, b"\x00\x00" + prefix, hashlib.sha256)  # signed as the session's frame 0
     tag1 = mac.copy().digest()
     mac.update(header)

@@ -10,7 +10,7 @@ import pytest
 
 from kvconnector import wire
 from kvconnector.link import Listener
-from kvconnector.wire import (BadMAC, FrameTooLarge, GarbageFrame, Handshake, Heartbeat, KVChunk, Reserve, Reserved,
+from kvconnector.wire import (BadMAC, FrameTooLarge, GarbageFrame, Handshake, Heartbeat, KVChunk, Done,
                               SchemaError, SignedCodec, TensorMeta, TruncatedFrame, VersionMismatch)
 from tests.kvconnector.bad_frames import bad_frame
 
@@ -30,8 +30,8 @@ def test_round_trip_with_body():
     body = bytes(range(32))
     msg, got = codec.decode_bytes(codec.encode_bytes(chunk, body))
     assert msg == chunk and bytes(got) == body
-    for m in (handshake(data_plane={"address": b"\x00\x01", "tag_base": 7}), Reserved("r", [1, 2], 3),
-              Reserve("r", 40, [b"h" * 32]), Heartbeat("e", 1.5)):
+    for m in (handshake(data_plane={"ipc": [0, b"\x00\x01", 7], "host": "h"}), Done("r", 1 << 40),
+              Heartbeat("e", 1.5)):
         assert codec.decode_bytes(codec.encode_bytes(m))[0] == m
 
 
@@ -47,7 +47,7 @@ def test_each_bad_frame_raises_its_error(kind, exc):
 
 def test_tampered_and_truncated_whole_frames():
     codec = SignedCodec(SECRET)
-    frame = bytearray(codec.encode_bytes(Reserved("r", [1, 2, 3], 0)))
+    frame = bytearray(codec.encode_bytes(Done("r", 3)))
     with pytest.raises(TruncatedFrame):
         codec.decode_bytes(bytes(frame[:-5]))
     with pytest.raises(GarbageFrame):
@@ -64,11 +64,14 @@ def test_schema_violations():
     enc = msgspec.msgpack.encode
 
     def signed(obj):
-        return b"".join(bytes(p) for p in codec.frames.encode(enc(obj), b"", schema_version=1))
+        return b"".join(bytes(p) for p in codec.frames.encode(enc(obj), b"", schema_version=wire.KV_SCHEMA.version))
 
-    bad = [{"type": "reserved", "request_id": "r", "block_ids": [-1], "num_cached_blocks": 0},
-           {"type": "reserved", "request_id": "r", "block_ids": ["x"], "num_cached_blocks": 0},
-           {"type": "reserved", "request_id": "r", "block_ids": [1], "num_cached_blocks": 0, "extra": 1},
+    chunk = {"type": "kv_chunk", "request_id": "r", "seq": 0, "first_layer": 0, "num_layers": 1,
+             "tensor": ["float16", [1, 2, 1, 4]]}
+    bad = [{**chunk, "block_ids": [-1]},
+           {**chunk, "block_ids": ["x"]},
+           {**chunk, "block_ids": [1], "extra": 1},
+           {"type": "reserve", "request_id": "r", "num_tokens": 4},  # gone with the one round trip
            {"type": "no_such_message"},
            {"type": "kv_chunk", "request_id": "r", "seq": 0, "first_layer": 0, "num_layers": 2, "block_ids": [1],
             "tensor": ["float16", [1, 2, 1, 4]]},

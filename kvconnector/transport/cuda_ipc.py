@@ -1,0 +1,157 @@
+"""cuda_ipc data plane: the producer writes straight into the consumer's KV cache, mapped over CUDA IPC.
+
+Fabric: GPUs of one host. Between two GPUs the copy kernel's stores cross NVLink (or PCIe) as peer writes; when
+both processes share one GPU they are plain stores into the same HBM.
+
+Consumer: exports its whole cache once (`local_info`: the IPC handle of the cache's allocation, offsets, layout)
+and sends it only in its answer to a handshake whose frame carried a valid MAC (the trust boundary: a peer
+holding the mapping can write anywhere in our cache, not only into the blocks it was given).
+Producer, per layer, on the forward thread: record the compute stream's position, make the copy stream wait for
+it, launch one `copy_blocks` on the copy stream (local blocks -> the peer's reserved blocks, every request of the
+step for that peer at once). A fence is a blocking-sync event on the copy stream: its waiter sleeps, no spinning.
+The next step's forward waits for the copy stream first, because the engine frees a prefilled request's blocks at
+once and a later step may reuse them (the wait costs at most the last layer's copy).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from kernels.block_copy import BlockCopier
+from kvconnector.transport.base import DataPlane, DataPlaneConfig, Fence, PeerWrites, dtype_name, torch_dtype
+from kvconnector.wire import Handshake
+
+
+class _EventFence(Fence):
+    def __init__(self, event: torch.cuda.Event, last_compute: Optional[torch.cuda.Event]):
+        self.event, self.last_compute = event, last_compute
+
+    def wait(self) -> None:
+        self.event.synchronize()  # blocking-sync event: the thread sleeps with the GIL released
+
+    def exposed_s(self) -> Optional[float]:
+        if self.last_compute is None:
+            return None
+        return max(self.last_compute.elapsed_time(self.event), 0.0) / 1e3
+
+
+class CudaIpcDataPlane(DataPlane):
+    name = "cuda_ipc"
+
+    def __init__(self, config: DataPlaneConfig, caches: Sequence[torch.Tensor]):
+        super().__init__(config, caches)
+        self.device = self.caches[0].device
+        if self.device.type != "cuda":
+            raise ValueError("kv_connector cuda_ipc needs the KV cache on a CUDA device")
+        self.num_layers = len(self.caches)
+        # kv_connector_extra_config {"copy": "triton" | "torch"}: one Triton launch per layer, or torch's
+        # index_select + index_copy_ (two launches through the C++ dispatcher, a local staging copy between)
+        self.copy = str(config.extra.get("copy", "triton"))
+        if self.copy not in ("triton", "torch"):
+            raise ValueError(f'cuda_ipc "copy" must be triton or torch, got {self.copy!r}')
+        # high priority: a layer's copy is small and must not queue behind the next layers' compute kernels
+        self._stream = torch.cuda.Stream(self.device, priority=-1)
+        self._ready = [torch.cuda.Event() for _ in self.caches]  # reused each step: a wait captures the state
+        self._copied: Optional[torch.cuda.Event] = None  # the copy stream after the last step's writes
+        self._last_compute: Optional[torch.cuda.Event] = None  # timing event: the last layer computed
+
+    # ---- consumer: export -----------------------------------------------------------------------------------
+    def local_info(self) -> dict:
+        first = self.caches[0]
+        storage = first.untyped_storage()
+        ipc = list(storage._share_cuda_())  # device, handle, size, offset, refcount file + offset, event, sync
+        elem = first.element_size()
+        return {"host": os.uname().nodename, "ipc": ipc, "dtype": dtype_name(first.dtype),
+                "shape": list(first.shape), "stride": list(first.stride()),
+                "layer_offsets": [c.storage_offset() * elem for c in self.caches]}
+
+    # ---- producer: map --------------------------------------------------------------------------------------
+    def check_peer(self, ours: Handshake, theirs: Handshake) -> str:
+        info = theirs.data_plane or {}
+        if theirs.role == "kv_consumer" and info.get("host") not in (None, os.uname().nodename):
+            return f"cuda_ipc needs both nodes on one host (peer on {info.get('host')!r})"
+        if theirs.device_uuid and peer_device_index(theirs.device_uuid) is None:
+            return (f"the peer's GPU {theirs.device_uuid} is not visible to this process: CUDA_VISIBLE_DEVICES "
+                    f"must list every GPU of the nodes this one exchanges KV with")
+        index = peer_device_index(theirs.device_uuid) if theirs.device_uuid else None
+        if index is not None and index != self.device.index and not torch.cuda.can_device_access_peer(
+                self.device, index):
+            return f"GPU {self.device} cannot access the peer's GPU {index} (no P2P path)"
+        return ""
+
+    def open(self, link, ours: Handshake, theirs: Handshake, producer: bool) -> None:
+        if producer:
+            peer = self._map(theirs.data_plane)
+            link.state["peer_cache"] = peer
+            link.state["copiers"] = [self._copier(src, dst) for src, dst in zip(self.caches, peer)]
+
+    def _copier(self, src: torch.Tensor, dst: torch.Tensor):
+        if self.copy == "triton":
+            return BlockCopier(src, dst)
+        src_w, dst_w = src.flatten(2).view(torch.int64), dst.flatten(2).view(torch.int64)
+        return lambda src_ids, dst_ids: dst_w.index_copy_(1, dst_ids, src_w.index_select(1, src_ids))
+
+    def _map(self, info: dict) -> list[torch.Tensor]:
+        """The peer's per-layer caches as tensors of this process, on our device (peer access is enabled by
+        opening the handle here: CUDA maps the peer GPU's memory into our device's address space)."""
+        device, handle, size, offset, ref_handle, ref_offset, event, sync = info["ipc"]
+        storage = torch.UntypedStorage._new_shared_cuda(self.device.index, handle, size, offset, ref_handle,
+                                                        ref_offset, event, sync)
+        dtype, elem = torch_dtype(info["dtype"]), torch_dtype(info["dtype"]).itemsize
+        layers = []
+        for byte_offset in info["layer_offsets"]:
+            t = torch.empty(0, dtype=dtype, device=self.device)
+            t.set_(storage, byte_offset // elem, info["shape"], info["stride"])
+            layers.append(t)
+        ours = self.caches[0]
+        if len(layers) != self.num_layers or (layers[0].shape[0], *layers[0].shape[2:]) != (
+                ours.shape[0], *ours.shape[2:]):
+            raise ValueError(f"the peer's cache {tuple(layers[0].shape)} x {len(layers)} does not fit ours")
+        return layers
+
+    def close_link(self, link) -> None:
+        link.state.pop("copiers", None)
+        link.state.pop("peer_cache", None)
+
+    # ---- producer: the forward thread -----------------------------------------------------------------------
+    def begin_step(self) -> None:
+        if self._copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._copied)
+            self._copied = None
+
+    def stage(self, writes: PeerWrites) -> None:
+        ids = torch.tensor([b for s in writes.src for b in s] + [b for d in writes.dst for b in d],
+                           dtype=torch.int64).pin_memory().to(self.device, non_blocking=True)
+        n = writes.num_blocks
+        writes.src_ids, writes.dst_ids = ids[:n], ids[n:]
+
+    def write_layer(self, writes: PeerWrites, layer: int) -> None:
+        copiers = writes.link.state.get("copiers")
+        if copiers is None or writes.link.closed or not writes.num_blocks:
+            return
+        if layer == self.num_layers - 1:  # a fresh timing event: fences measure the exposed copy against it
+            ready = self._last_compute = torch.cuda.Event(enable_timing=True)
+        else:
+            ready = self._ready[layer]
+        ready.record()
+        self._stream.wait_event(ready)
+        with torch.cuda.stream(self._stream):
+            copiers[layer](writes.src_ids, writes.dst_ids)
+            if layer == self.num_layers - 1:
+                self._copied = torch.cuda.Event()
+                self._copied.record()
+
+    def fence(self, link) -> Fence:
+        event = torch.cuda.Event(blocking=True, enable_timing=True)
+        event.record(self._stream)
+        return _EventFence(event, self._last_compute)
+
+
+def peer_device_index(uuid: str) -> Optional[int]:
+    """The local index of the GPU with this UUID, None when this process cannot see it."""
+    for i in range(torch.cuda.device_count()):
+        if str(torch.cuda.get_device_properties(i).uuid) == uuid:
+            return i
+    return None

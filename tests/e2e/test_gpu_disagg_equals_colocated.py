@@ -1,0 +1,52 @@
+"""On GPUs, 1P1D (prefill on one node, KV written over cuda_ipc into the decode node's cache) gives the same greedy
+tokens as 0P2D (two colocated replicas) for the same prompts, over HTTP (httpx: the GPU machines have no openai
+package; the CPU end-to-end tests use the official client).
+
+Prompts go one at a time so both clusters run the same shapes; a Qwen2.5-0.5B-shaped random model in bf16.
+"""
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.conftest import UpCluster, needs_nodes
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow, needs_nodes, pytest.mark.timeout(900)]
+
+PROMPTS = [[(7 * i + 13 * j) % 900 + 10 for j in range(n)] for i, n in enumerate((3, 17, 64, 200, 517, 1000))]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from engine.make_model import make_model
+    path = str(tmp_path_factory.mktemp("gpu-model") / "qwen-0.5b")
+    make_model(path, family="qwen2", preset="qwen2.5-0.5b")
+    return path
+
+
+def greedy_ids(cluster: UpCluster, prompts) -> list[list[int]]:
+    import httpx
+    with httpx.Client(base_url=cluster.base_url, timeout=300) as client:
+        name = client.get("/models").json()["data"][0]["id"]
+        out = []
+        for ids in prompts:
+            r = client.post("/completions", json={"model": name, "prompt": ids, "max_tokens": 24, "temperature": 0,
+                                                  "ignore_eos": True, "return_token_ids": True})
+            assert r.status_code == 200, r.text
+            out.append(r.json()["choices"][0]["token_ids"])
+    return out
+
+
+def test_1p1d_equals_0p2d(tmp_path, model):
+    disagg = UpCluster(tmp_path / "1p1d", model, 1, 1)
+    try:
+        assert disagg.info["kv_connector"] == "cuda_ipc"
+        got = greedy_ids(disagg, PROMPTS)
+    finally:
+        disagg.stop()
+    colocated = UpCluster(tmp_path / "0p2d", model, 0, 2)
+    try:
+        want = greedy_ids(colocated, PROMPTS)
+    finally:
+        colocated.stop()
+    assert all(len(g) == 24 for g in got)
+    assert got == want
