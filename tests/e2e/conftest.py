@@ -505,6 +505,15 @@ class UpCluster:
         assert not alive, f"processes left running after pdserve up stopped: {alive}"
 
 
+@contextlib.contextmanager
+def running(cluster: UpCluster):
+    """Yield the cluster, stop it however the block ends (a module-scoped fixture's body)."""
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
