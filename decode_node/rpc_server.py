@@ -33,7 +33,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from kvconnector import curve
 from kvconnector.event_publisher import event_frames
-from kvconnector.wire import DEFAULT_MAX_HEADER, ReplayGuard, WireError
+from kvconnector.replay import ReplayGuard
+from kvconnector.wire import DEFAULT_MAX_HEADER, WireError
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class RpcServer:
         self._ticks = [[period, fn, 0.0] for period, fn in (ticks or [])]
         self._seq: dict[bytes, int] = {}
         self._replay = ReplayGuard()
+        self._sign_lock = threading.Lock()
         self._dealer_ids: dict[str, bytes] = {}
         self._logged: set[tuple[bytes, str]] = set()
         self._stop = threading.Event()
@@ -102,7 +104,8 @@ class RpcServer:
     # ---- any thread ------------------------------------------------------------------------------------------
     def send(self, identity: bytes, msg) -> None:
         """Queue one message for the DEALER behind identity."""
-        self._outbox.put(("rpc", identity, b"".join(self.codec.encode(msg, context=b"to:" + identity))))
+        with self._sign_lock:  # frames must join the outbox in the order of their sequence numbers
+            self._outbox.put(("rpc", identity, b"".join(self.codec.encode(msg, context=b"to:" + identity))))
         self._wake()
 
     def send_to(self, endpoint: str, msg) -> None:

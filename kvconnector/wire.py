@@ -18,7 +18,7 @@ Two layers, so other links (proxy <-> node) reuse the first with their own schem
    Replay: the sequence number is inside every tag. A KV link (kvconnector/link.py) signs with per-session keys
    derived from a nonce from each side, and wants sequence numbers 0, 1, 2, ... in order, so a frame replayed or
    reordered on that link, or a captured handshake replayed on a new one, fails. ZMQ sockets (node RPC) put the
-   sender's identity in `context` and use `ReplayGuard`: time-based sequence numbers, strictly increasing per
+   sender's identity in `context` and use `kvconnector.replay.ReplayGuard`: time-based sequence numbers, strictly increasing per
    sender, within a window of the receiver's clock.
 2. `Schema`: a set of msgspec Struct types (tagged unions) with a schema version; decoding validates types and
    ranges and raises `SchemaError` on violation.
@@ -40,6 +40,7 @@ import hmac
 import logging
 import os
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence, Union
@@ -56,7 +57,6 @@ PREFIX = struct.Struct("!4sBBHIQQ")
 PREFIX_SIZE = PREFIX.size  # 28
 MAC_SIZE = 32
 SIGNED_PREFIX_SIZE = PREFIX_SIZE + MAC_SIZE  # what a stream reader reads before it trusts anything
-REPLAY_WINDOW_S = 300.0  # ZMQ frames older than this (sender's clock vs ours) are refused
 DEFAULT_MAX_HEADER = 1 << 20  # 1 MiB of msgpack is far more than any control message needs
 DEFAULT_MAX_BODY = 4 << 30  # one contiguous KV chunk; 8192 tokens of Llama-8B KV is 1 GiB
 SECRET_ENV = "PDSERVE_KV_SECRET"
@@ -141,6 +141,7 @@ class FrameCodec:
         self.max_header = max_header
         self.max_body = max_body
         self._last_seq = 0
+        self._seq_lock = threading.Lock()  # several threads sign frames with one codec
 
     def derive(self, label: bytes, *parts: bytes) -> bytes:
         """A key for one purpose (a link session, one direction) from the shared secret."""
@@ -151,8 +152,9 @@ class FrameCodec:
 
     def next_seq(self) -> int:
         """A time-based, strictly increasing sequence number (ns): a restarted sender still counts upward."""
-        self._last_seq = max(time.time_ns(), self._last_seq + 1)
-        return self._last_seq
+        with self._seq_lock:
+            self._last_seq = max(time.time_ns(), self._last_seq + 1)
+            return self._last_seq
 
     def encode(self, header: bytes, body: Any = b"", schema_version: int = 0, flags: int = 0,
                seq: int | None = None, key: bytes | None = None, context: bytes = b"") -> list:
@@ -217,29 +219,6 @@ class FrameCodec:
         body = view[b0:b0 + pre.body_len]
         self.check_tag(mac, body, view[end - MAC_SIZE:end], "body")
         return pre, header, body
-
-
-class ReplayGuard:
-    """Per sender, sequence numbers must rise, and lie within REPLAY_WINDOW_S of our clock (time-based ns).
-
-    Senders silent for longer than the window are forgotten: their old frames are refused by age anyway."""
-
-    def __init__(self, window_s: float = REPLAY_WINDOW_S):
-        self.window_ns = int(window_s * 1e9)
-        self._last: dict[bytes, int] = {}
-
-    def check(self, sender: bytes, seq: int, now_ns: int | None = None) -> None:
-        now_ns = time.time_ns() if now_ns is None else now_ns
-        if abs(now_ns - seq) > self.window_ns:
-            raise ReplayedFrame(f"frame sequence {seq} is {abs(now_ns - seq) / 1e9:.0f}s off this node's clock "
-                                f"(window {self.window_ns / 1e9:.0f}s): replayed, or clocks out of sync")
-        last = self._last.get(sender)
-        if last is not None and seq <= last:
-            raise ReplayedFrame(f"frame sequence {seq} not above the last one seen from this sender ({last}): "
-                                "replayed or reordered")
-        self._last[sender] = seq
-        if len(self._last) > 4096:
-            self._last = {k: v for k, v in self._last.items() if now_ns - v <= self.window_ns}
 
 
 # ---------------------------------------------------------------------------------------------------- schemas

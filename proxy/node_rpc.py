@@ -17,7 +17,8 @@ import zmq.asyncio
 
 from kvconnector import curve
 from kvconnector.node_messages import Abort, Error, Tokens
-from kvconnector.wire import DEFAULT_MAX_HEADER, ReplayGuard, SignedCodec, WireError
+from kvconnector.replay import ReplayGuard
+from kvconnector.wire import DEFAULT_MAX_HEADER, SignedCodec, WireError
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,13 @@ class NodeRpc:
 
     async def send(self, endpoint: str, msg, timeout_s: float = 1.0) -> None:
         """Send one message; NodeUnreachable when no connection to the node completes within timeout_s."""
-        frame = self.codec.encode_bytes(msg, context=b"from:" + self.identity)
         sock = self._socket(endpoint)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
+            # Signed at each try: another send may have gone out while this one waited, and the node wants
+            # this proxy's sequence numbers in the order its frames arrive.
+            frame = self.codec.encode_bytes(msg, context=b"from:" + self.identity)
             try:
                 await sock.send(frame, zmq.NOBLOCK)
                 return

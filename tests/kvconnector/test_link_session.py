@@ -12,8 +12,9 @@ import time
 import pytest
 
 from kvconnector.link import Listener, connect
+from kvconnector.replay import ReplayGuard
 from kvconnector.wire import (FRAME_VERSION, MAGIC, PREFIX, BadMAC, Handshake, Heartbeat, KVChunk, ReplayedFrame,
-                              ReplayGuard, SignedCodec, TensorMeta)
+                              SignedCodec, TensorMeta)
 from tests.kvconnector.bad_frames import stranger_hello
 
 SECRET = b"session-secret"
