@@ -2,9 +2,9 @@
 
 - Timing: CUDA events around each call, after a device sync, so a figure is the call's wall time as the caller sees
   it (host work that enqueues kernels included); warmup calls first, then the median of N. On CPU: perf_counter.
-- Ceilings: device copy bandwidth counts bytes read plus bytes written, as DESIGN.md's figures do (H100 ~3.0 TB/s);
+- Ceilings: device copy bandwidth counts bytes read plus bytes written, as the device's datasheet-style figures do (H100 ~3.0 TB/s);
   matmul rate is a large square bf16 matmul (H100 ~790 TFLOP/s).
-- Results: `<out>/<bench>-<device>-<YYYYMMDD>.json` in DESIGN.md's format, rewritten after every record so a crash
+- Results: `<out>/<bench>-<device>-<YYYYMMDD>.json` in the format of docs/architecture.md, rewritten after every record so a crash
   loses nothing. A file already there is merged into (same metric and params: the newer record wins), so one
   benchmark can be split over several runs on the same day. `python bench/common.py merge A.json B.json -o C.json`
   merges files that came back from different machines' runs.
@@ -339,15 +339,24 @@ def merge_files(paths: list[str], out: str, link: Callable[[list[dict]], None] |
 
 # --------------------------------------------------------------------------------------------------- plots
 
-def plot_ratios(json_path: str, png_path: str | None = None) -> str | None:
-    """A bar chart of every record's ratio to its ceiling (and its speedup over the baseline, where there is one).
-    Returns the PNG's path, or None when matplotlib is not importable."""
+def pyplot_or_none(hint: str):
+    """matplotlib.pyplot on the file-only backend, or None (with a line saying so and `hint`) where it is absent:
+    matplotlib is not a dependency, and a benchmark's JSON must not be lost for want of a plot."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:
-        log("matplotlib is not importable: no plot (run `python bench/common.py plot FILE.json` where it is)")
+        log(f"matplotlib is not importable: no plot ({hint})")
+        return None
+    return plt
+
+
+def plot_ratios(json_path: str, png_path: str | None = None) -> str | None:
+    """A bar chart of every record's ratio to its ceiling (and its speedup over the baseline, where there is one).
+    Returns the PNG's path, or None when matplotlib is not importable."""
+    plt = pyplot_or_none("run `python bench/common.py plot FILE.json` where it is")
+    if plt is None:
         return None
     with open(json_path, encoding="utf-8") as f:
         doc = json.load(f)

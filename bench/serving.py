@@ -12,8 +12,14 @@ Sections (--sections; the default follows the GPU count):
 Each configuration's first rate is preceded by warm-up requests. A record of a non-baseline run carries the
 baseline's figure from the same run. --time-budget stops starting new rates once spent (results so far are kept).
 
-GPU (two H100s; writes the random-weight llama-3.1-8b into models/ first if --model is not given):
-    python bench/serving.py
+GPU (two H100s; writes the random-weight llama-3.1-8b into models/ first if --model is not given, ~1 min):
+    .venv/bin/python bench/serving.py
+Each configuration's `pdserve up` loads the model (and captures CUDA graphs) before it measures anything, so if
+one call's budget is too short for all sections, run them in separate calls on the same day: the records merge
+into the same file and the report and plot are redrawn from all of them:
+    .venv/bin/python bench/serving.py --sections pd ; .venv/bin/python bench/serving.py --sections routing
+On four GPUs the pd section alone is four configurations: run `--sections pd` in a call of its own.
+A configuration that fails to start is logged with its traceback and the others still run (exit status 1).
 CPU smoke (tiny model):
     python bench/serving.py --input-len 64 --output-len 8 --duration-per-rate 3 --rates 2,4 --routing-rate 4 \
         --routing-prefix-len 64 --routing-unique-len 16 --routing-groups 4 --out /tmp/serving
@@ -26,6 +32,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 if __package__ in (None, ""):
@@ -101,6 +108,7 @@ class Runner:
         self.opts, self.model, self.gpus, self.results = opts, model, gpus, results
         self.deadline = started + opts.time_budget  # from the script's start: writing the model counts too
         self.configs_left = 0  # set before the sections run: each configuration gets its share of the budget
+        self.failures: list[str] = []
 
     def up_flags(self, cfg: Config) -> tuple:
         flags = ["--block-size", str(BLOCK_SIZE)]
@@ -112,18 +120,28 @@ class Runner:
                    slos: dict, env: dict | None = None) -> BenchRun | None:
         if time.monotonic() > self.deadline:
             log(f"time budget spent: {cfg.run} ({comparison}) skipped")
+            self.failures.append(f"{comparison} {cfg.run}: skipped, time budget spent")
             return None
         # An equal share of what is left, so a sweep that runs long cannot starve the baseline after it.
         share_ends = time.monotonic() + (self.deadline - time.monotonic()) / max(self.configs_left, 1)
         self.configs_left -= 1
         work = os.path.join(self.opts.work_dir, f"{comparison}-{cfg.run}")
-        with LocalCluster(work, self.model, cfg.prefill, cfg.decode, self.up_flags(cfg), env=env) as cluster:
-            args = bench_args(self.opts, cluster.url, workload + ["--prefill-workers", str(cfg.prefill_workers)])
-            extra = {"comparison": comparison, "baseline_run": baseline}
-            bench = BenchRun(args, cfg.run, slos, self.results, extra_params=extra)
-            bench.deadline = share_ends
-            bench.run()
-        return bench
+        # Not bench.common.guarded: its CUDA clean-up would open a CUDA context here, on a GPU the nodes use.
+        try:
+            # A cluster still loading when the whole budget is spent would measure nothing: give up on it then.
+            startup_s = max(120.0, self.deadline - time.monotonic())
+            with LocalCluster(work, self.model, cfg.prefill, cfg.decode, self.up_flags(cfg), startup_s,
+                              env=env) as cluster:
+                args = bench_args(self.opts, cluster.url, workload + ["--prefill-workers", str(cfg.prefill_workers)])
+                extra = {"comparison": comparison, "baseline_run": baseline}
+                bench = BenchRun(args, cfg.run, slos, self.results, extra_params=extra)
+                bench.deadline = share_ends
+                bench.run()
+            return bench
+        except Exception as exc:  # noqa: BLE001 - one configuration's failure must not lose the others
+            self.failures.append(f"{comparison} {cfg.run}: {exc!r}")
+            log(f"!!! {comparison} {cfg.run} FAILED:\n{traceback.format_exc()}")
+            return None
 
     def pd(self) -> None:
         n = 4 if len(self.gpus) >= 4 else 2
@@ -218,26 +236,30 @@ def main(argv=None) -> int:
     started = time.monotonic()
     opts = parse_options(argv)
     gpus = visible_gpus()
+    sections = [s.strip() for s in (opts.sections or default_sections(gpus)).split(",") if s.strip()]
+    unknown = set(sections) - set(CONFIGS_PER_SECTION)
+    if unknown:
+        raise SystemExit(f"--sections: unknown {', '.join(sorted(unknown))} (pd, routing, shared)")
     if opts.max_model_len < 0:
         opts.max_model_len = 4096 if gpus else 0
     if not opts.work_dir:
         import tempfile
         opts.work_dir = tempfile.mkdtemp(prefix="pdserve-serving-bench-")
     slug, description = gpu_slug(gpus)
-    log(f"devices: {description}; cluster logs in {opts.work_dir}")
+    log(f"devices: {description}; sections {','.join(sections)}; cluster logs in {opts.work_dir}")
     model = ensure_model(opts, gpus)
     results = Results("serving", None, opts.out, link=link_baselines, slug=slug, description=description)
     runner = Runner(opts, model, gpus, results, started)
-    sections = [s.strip() for s in (opts.sections or default_sections(gpus)).split(",") if s.strip()]
-    unknown = set(sections) - set(CONFIGS_PER_SECTION)
-    if unknown:
-        raise SystemExit(f"--sections: unknown {', '.join(sorted(unknown))} (pd, routing, shared)")
     runner.configs_left = sum(CONFIGS_PER_SECTION[s] if s != "pd" else (4 if len(gpus) >= 4 else 2)
                               for s in sections)
-    for section in sections:
-        getattr(runner, section)()
-    write_outputs(results)
-    return 0
+    try:
+        for section in sections:
+            getattr(runner, section)()
+    finally:
+        write_outputs(results)
+    for failure in runner.failures:
+        log(f"NOT MEASURED: {failure}")
+    return 1 if runner.failures else 0
 
 
 def write_outputs(results: Results) -> None:

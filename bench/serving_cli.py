@@ -25,7 +25,7 @@ import time
 from typing import Optional
 
 from bench.common import Results, log
-from bench.serving_client import ClientConfig, RunOutput, run_requests
+from bench.serving_client import ClientConfig, RunOutput, ServerUnusable, run_requests
 from bench.serving_metrics import compute_figures, parse_slos
 from bench.serving_report import figure_records, rate_label, summary_lines
 from bench.workloads import WorkloadError, build_workload, load_tokenizer
@@ -89,10 +89,13 @@ class BenchRun:
         by_slo = {name: compute_figures(out.results, out.duration_s, slo, self.args.prefill_workers)
                   for name, slo in (self.slos or {"": {}}).items()}
         self.figures.append((rate, by_slo))
-        for name, fig in by_slo.items():
-            if name == next(iter(by_slo)) or fig.get("goodput") is not None:
-                lines = summary_lines(fig, self.label + (f" [{name}]" if name else ""), rate)
-                print("\n".join(lines), flush=True)
+        names = list(by_slo)
+        lines = summary_lines(by_slo[names[0]], self.label + (f" [{names[0]}]" if names[0] else ""), rate)
+        for name in names[1:]:  # the other SLOs change only goodput: one line each, not the whole table again
+            fig = by_slo[name]
+            lines.append(f"Goodput under [{name}]: {fig['goodput']:.2f} req/s, SLO attainment "
+                         f"{fig['slo_attainment']:.2f}")
+        print("\n".join(lines), flush=True)
         self._record(rate, by_slo)
         return by_slo
 
@@ -169,7 +172,7 @@ def slo_from_args(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 
 def open_results(args: argparse.Namespace) -> Optional[Results]:
-    if not (args.save_result or args.result_dir or args.result_filename):
+    if not (args.save_result or args.result_dir or args.result_filename or args.plot):
         return None
     results = Results("serving", None, args.result_dir or ".", slug=args.device_label,
                       filename=args.result_filename or None)
@@ -185,7 +188,7 @@ def run_cli(args: argparse.Namespace) -> int:
         label = args.label or args.base_url.split("://")[-1].rstrip("/")
         bench = BenchRun(args, label, slos, results)
         bench.run()
-    except WorkloadError as exc:
+    except (WorkloadError, ServerUnusable) as exc:
         raise ConfigError(str(exc)) from None
     if results is not None:
         log(f"results: {results.path}")

@@ -105,12 +105,20 @@ def prompt_text(cfg: ClientConfig, req: BenchRequest) -> str:
     return tok.decode(ids, skip_special_tokens=True)
 
 
+class ServerUnusable(Exception):
+    """The server cannot be benchmarked at all (unreachable, or no model to name): one line for the user."""
+
+
 async def resolve_model(client: httpx.AsyncClient, cfg: ClientConfig) -> str:
     """The first model /v1/models lists, when --model was not given."""
-    root = cfg.url[: -len(cfg.endpoint)]
-    r = await client.get(root + "/v1/models", headers=_headers(cfg))
-    r.raise_for_status()
-    return r.json()["data"][0]["id"]
+    url = cfg.url[: -len(cfg.endpoint)] + "/v1/models"
+    try:
+        r = await client.get(url, headers=_headers(cfg))
+        r.raise_for_status()
+        return r.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ServerUnusable(f"could not read the model name from {url} ({exc!r}); is the server up? "
+                             "(--model NAME skips this)") from None
 
 
 def _headers(cfg: ClientConfig) -> dict:

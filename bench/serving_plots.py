@@ -7,7 +7,7 @@ import json
 import math
 from collections import defaultdict
 
-from bench.common import log
+from bench.common import log, pyplot_or_none
 from bench.serving_metrics import LATENCIES, PHASES
 
 LATENCY_TITLES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E latency"}
@@ -31,12 +31,8 @@ def series(records: list[dict], metric: str, **match) -> dict[str, list[tuple[fl
 
 
 def plot_serving(json_path: str, png_path: str) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        log("matplotlib is not importable: no plot (the JSON file has every figure)")
+    plt = pyplot_or_none("the JSON file has every figure")
+    if plt is None:
         return None
     with open(json_path, encoding="utf-8") as f:
         doc = json.load(f)

@@ -1,1 +1,1 @@
-"""The decode server (see DESIGN.md, "A request's way")."""
+"""The decode server (see docs/architecture.md, "A request's way")."""

@@ -2,8 +2,19 @@
 from __future__ import annotations
 
 
+from node_runtime import roles
+
+
+def _decode_part(node):
+    from decode_node.disagg import DisaggDecoder
+    return DisaggDecoder(node)
+
+
+roles.register(roles.DECODE, _decode_part)
+
+
 def register_cli(subparsers) -> None:
-    from decode_node.node_cli import register_role
+    from node_runtime.node_cli import register_role
 
     register_role(subparsers, "decode", "run a decode node (receives KV, continuous batching, streams tokens)",
                   default_role="kv_consumer")

@@ -1,6 +1,6 @@
 """The decode node's disaggregated path: reserve, drive the prefill node, receive KV, join the running batch.
 
-One request, in order (DESIGN.md, "A request's way" 4-5):
+One request, in order (docs/architecture.md, "A request's way"):
   1. `generate` (mode disaggregated) -> on the engine thread, reserve blocks for the prompt minus our own prefix
      hits (remote_admission.reserve); no room -> 429, retryable.
   2. `prefill` {prompt, params, our KV endpoint, the block ids, how many prompt blocks we already hold} goes to
@@ -21,20 +21,23 @@ request released before that waits in quarantine, at most QUARANTINE_TIMEOUTS x 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 from decode_node import remote_admission as ra
-from decode_node.protocol import Abort, Error, FirstToken, Prefill, PrefillDone, Tokens, plain
+from node_runtime.protocol import Abort, Error, FirstToken, Prefill, PrefillDone, Tokens, plain
 from engine.engine_loop import Sink
 from engine.errors import PromptTooLongError
+from kvconnector.bind import advertised
 
 log = logging.getLogger(__name__)
 
 QUARANTINE_TIMEOUTS = 3  # a released request's blocks wait this many --kv-timeout for the writer to confirm
+# ...or this many once its prefill node's RPC connection is lost: a producer still alive behind a broken RPC
+# connection stops writing by itself within its own --kv-timeout (no progress -> abort), so this is safe too
+LOST_WRITER_TIMEOUTS = 1.5
 
 
 @dataclass(eq=False)
@@ -52,12 +55,14 @@ class Pending:
     admitted: bool = False
     writer_done: bool = False  # the prefill node can no longer write into the reserved blocks
     released_at: float = 0.0  # the request ended here while the writer might still write (quarantine)
+    writer_lost: bool = False  # the prefill node's RPC connection dropped: a shorter quarantine
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class DisaggDecoder:
     def __init__(self, node):
         from kvconnector.consumer import KVConsumer
+        from node_runtime.connector import connector_config
 
         self.node = node
         self.core, self.loop, self.rpc = node.core, node.loop, node.rpc
@@ -66,9 +71,8 @@ class DisaggDecoder:
         self.lock = threading.Lock()
         self.quarantine: dict[str, Pending] = {}  # released, blocks held until the writer confirms it stopped
         self.consumer = KVConsumer(connector_config(node), self.core.runner.kv_caches, on_complete=self._on_complete)
+        self.consumer.on_forgotten_end = self._writer_done  # a released request's Done / Abort still frees it
         node.metrics.extra_registries.append(self.consumer.metrics.registry)
-        from decode_node.node_server import advertised
-
         self.kv_endpoint = advertised("%s:%d" % self.consumer.address)
 
     @property
@@ -99,6 +103,10 @@ class DisaggDecoder:
             self.release(live.request_id)
             return
         self.consumer.expect(live.request_id, res.block_ids)
+        if live.ended:  # released while we registered: nobody has been asked to write yet
+            pending.writer_done = True
+            self.release(live.request_id)
+            return
         self.rpc.send_to(msg.prefill_rpc, Prefill(
             request_id=live.request_id, prompt_token_ids=list(msg.prompt_token_ids), params=msg.params,
             kv_endpoint=self.kv_endpoint, block_ids=res.block_ids, num_cached_blocks=res.num_cached_blocks,
@@ -107,6 +115,8 @@ class DisaggDecoder:
     # ---- 3: the first token ------------------------------------------------------------------------------------
     def on_prefill_message(self, endpoint: str, msg) -> None:
         if isinstance(msg, PrefillDone):
+            if msg.ok and not self.consumer.counted:  # one-sided: its fence means landed, even if the KV link
+                self._on_complete(msg.request_id, True, {})  # lost the Done (over tcp only the Done means that)
             self._writer_done(msg.request_id)
         with self.lock:
             pending = self.pending.get(msg.request_id)
@@ -136,7 +146,7 @@ class DisaggDecoder:
         live.first_token_at = time.monotonic()
         live.timings.update({k: v for k, v in (msg.timings or {}).items() if k in ("prefill_queue", "prefill")})
         finished = status is not None
-        if finished and not self.node._take(live):
+        if finished and not self.node.take(live):
             return
         pending.tokens_sent = True
         self.rpc.send(live.identity, Tokens(
@@ -164,6 +174,8 @@ class DisaggDecoder:
                        not pending.tokens_sent, "kv")
             return
         with pending.lock:
+            if pending.landed:
+                return
             pending.landed, pending.landed_at = True, time.monotonic()
             ready = pending.first_token is not None
             pending.deadline = pending.landed_at + self.timeout  # the first token must follow within --kv-timeout
@@ -189,7 +201,7 @@ class DisaggDecoder:
         if out.finished:
             with self.lock:
                 self.pending.pop(live.request_id, None)
-        self.node._on_output(live, out)
+        self.node.on_output(live, out)
 
     # ---- failures and the end ----------------------------------------------------------------------------------
     def _fail(self, pending: Pending, status: int, message: str, retryable: bool, cause: str) -> None:
@@ -236,8 +248,9 @@ class DisaggDecoder:
         quarantine past their limit are freed (the writer never confirmed: logged, it is the trust boundary)."""
         with self.lock:
             late = [p for p in self.pending.values() if _waiting_on_prefill(p) and now > p.deadline]
-            limit = QUARANTINE_TIMEOUTS * self.timeout
-            stale = [rid for rid, p in self.quarantine.items() if now - p.released_at > limit]
+            stale = [rid for rid, p in self.quarantine.items()
+                     if now - p.released_at > (LOST_WRITER_TIMEOUTS if p.writer_lost else QUARANTINE_TIMEOUTS)
+                     * self.timeout]
         for pending in late:
             self._fail(pending, 504, f"no answer from the prefill node {pending.prefill_rpc} in "
                                      f"{self.timeout:.1f}s", True, "prefill_timeout")
@@ -248,27 +261,13 @@ class DisaggDecoder:
     def on_prefill_node_lost(self, endpoint: str) -> None:
         with self.lock:
             lost = [p for p in self.pending.values() if p.prefill_rpc == endpoint and _waiting_on_prefill(p)]
-            gone = [rid for rid, p in self.quarantine.items() if p.prefill_rpc == endpoint]
-        for rid in gone:  # a lost prefill node writes nothing more
-            self._writer_done(rid)
+            for p in [*lost, *self.quarantine.values()]:
+                if p.prefill_rpc == endpoint:
+                    p.writer_lost = True
         for pending in lost:
-            pending.writer_done = True
             self._fail(pending, 503, f"lost the connection to the prefill node {endpoint}", True, "prefill_lost")
 
 
 def _waiting_on_prefill(pending: Pending) -> bool:
     """Still needs something from the prefill node: its KV, or (KV landed) its first token."""
     return not pending.admitted and (not pending.landed or pending.first_token is None)
-
-
-def connector_config(node):
-    """The connector's config from the engine's: layout from the loaded model, policy from the node's flags."""
-    from kvconnector.connector import ConnectorConfig
-
-    runner, config = node.core.runner, node.config
-    arch = runner.arch
-    return ConnectorConfig.from_kv_transfer(
-        config.kv_transfer, model=os.path.basename(os.path.normpath(config.model.model)), dtype=runner.dtype,
-        block_size=config.cache.block_size, num_layers=arch.num_hidden_layers,
-        num_kv_heads=arch.num_key_value_heads, head_dim=arch.head_dim, secret=node.options.kv_secret,
-        timeout=node.options.kv_timeout)

@@ -26,8 +26,8 @@ from engine.step_isolation import StepFailed, sample_rows_isolated
 class StepObserver(Protocol):
     def before_forward(self, plan: SchedulerOutput) -> None: ...
 
-    def after_forward(self) -> None:
-        """Runs even when the forward raised."""
+    def after_forward(self, ok: bool) -> None:
+        """Runs even when the forward raised (ok False)."""
 
 
 class NoRoomError(RuntimeError):
@@ -174,11 +174,13 @@ class EngineCore:
         try:
             for observer in self.step_observers:
                 observer.before_forward(plan)
+            ok = False
             try:
                 logits = self.runner.execute(plan.scheduled, rows)
+                ok = True
             finally:
                 for observer in self.step_observers:
-                    observer.after_forward()
+                    observer.after_forward(ok)
         except Exception as exc:
             raise StepFailed(ids, retryable=True, cause=exc) from exc
         # 3. Sample (per-request failures isolated), then let the scheduler advance, stop and free.

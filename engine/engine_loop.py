@@ -184,6 +184,8 @@ class EngineLoop:
             return []
         if self._unscheduled:
             self._mark_scheduled(started)
+        # before any sink sends a token: a client that saw its last token then reads /health sees its blocks freed
+        self._take_snapshot()
         for out in outputs:
             sink = self._sinks.get(out.request_id)
             if out.finished:

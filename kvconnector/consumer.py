@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from kvconnector import link as links
 from kvconnector.connector import ConnectorConfig, Endpoint, OnComplete
@@ -34,6 +34,8 @@ class KVConsumer(Endpoint):
         self.scheduler = ConsumerScheduler(config.num_layers, config.timeout)
         self.worker = ConsumerWorker(self.caches)
         self.counted = self.data_plane.name == "tcp"  # the bytes pass through us, so Done can be checked
+        # (request_id): the producer's Done or Abort for a request forgotten here: its writes are over
+        self.on_forgotten_end: Optional[Callable[[str], None]] = None
         self._bytes: dict[str, int] = defaultdict(int)
         self.handshake.data_plane = self.data_plane.local_info()
         self.listener = links.Listener(config.kv_ip, config.kv_port, self.codec, self._on_message,
@@ -77,16 +79,27 @@ class KVConsumer(Endpoint):
             self._on_chunk(link, msg, body)
         elif isinstance(msg, Done):
             f = self.scheduler.done(msg.request_id, self.counted)
-            if f is not None:
+            if f is None:
+                self._forgotten_end(msg.request_id)
+            else:
                 nbytes = self._bytes.pop(f.request_id, 0) if self.counted else msg.nbytes
                 self.metrics.bytes_received.inc(nbytes)
                 self._notify(f, nbytes)
         elif isinstance(msg, Abort):
             f = self.scheduler.abort(msg.request_id, "remote_abort", msg.reason)
-            if f is not None:
+            if f is None:
+                self._forgotten_end(msg.request_id)
+            else:
                 self._end_failed(f)
         elif not isinstance(msg, Heartbeat):
             self._on_drop(link, "schema")
+
+    def _forgotten_end(self, request_id: str) -> None:
+        if self.on_forgotten_end is not None:
+            try:
+                self.on_forgotten_end(request_id)
+            except Exception:
+                log.exception("on_forgotten_end(%s) failed", request_id)
 
     def _on_handshake(self, link, theirs: Handshake) -> None:
         if link.peer is not None:

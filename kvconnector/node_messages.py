@@ -12,7 +12,7 @@ Sockets. Every rpc frame is wire.py's signed frame (magic, versions, msgpack hea
   A reader takes the first part as topic and the last as payload. A seq that goes backwards means the node
   restarted (its cache is empty).
 
-Flow (DESIGN.md "A request's way"):
+Flow (docs/architecture.md, "A request's way"):
     proxy  -> node      Generate (to the decode node; to any node in colocated mode), Abort
     node   -> proxy     Tokens (a stream; the last has finished=True and timings), Error
     decode -> prefill   Prefill, Abort

@@ -97,6 +97,8 @@ class KVProducer(Endpoint):
 
     def start_step(self, progress: Iterable[StepProgress]) -> list[SendPlan]:
         """Before a step's forward: which blocks of the listed requests become final in it."""
+        progress = list(progress)
+        self.worker.begin_planning(p.request_id for p in progress)
         plans = []
         for p in progress:
             plan = self.scheduler.plan(p.request_id, p.num_computed_tokens, list(p.block_ids), p.prompt_done)
@@ -108,10 +110,16 @@ class KVProducer(Endpoint):
     def save_layer(self, layer: int) -> None:
         self.worker.save_layer(layer)
 
-    def end_step(self) -> None:
-        for plan in self.worker.last_plans:
-            self.scheduler.progress(plan.request_id, "last_layer")
-        self.worker.end_step()
+    def end_step(self, ok: bool = True) -> None:
+        """After the forward. ok False (it raised part way): the step's requests lose layers they will never get
+        again, so they fail, once nothing more can be written for them."""
+        for plan in self.worker.step_plans if ok else ():
+            if plan.last:
+                self.scheduler.progress(plan.request_id, "last_layer")
+        failed = [] if ok else [p.request_id for p in self.worker.step_plans]
+        self.worker.end_step(ok)
+        for rid in failed:
+            self.abort(rid, "the forward failed during the transfer")
 
     # ------------------------------------------------------------------------------------------------ ends
 

@@ -3,9 +3,10 @@
 Producer, on the forward thread (inside the engine step):
     start_step(plans)   group the step's plans by peer (one `PeerWrites` each) and stage their block ids
     save_layer(l)       after layer l wrote its KV: one `write_layer` per peer (cuda_ipc: an event record and
-                        one kernel launch; no locks, no thread hand-offs, no host syncs, no Python per block)
-    end_step()          for each request whose last blocks went out in this step: take a fence on its peer's
-                        plane and hand it to the completion thread
+                        one kernel launch; no locks, no thread hand-offs, no host syncs, no Python per block);
+                        after the last layer, for each request whose last blocks went out in this step, a fence
+                        on its peer's plane, handed to the completion thread
+    end_step(ok)        the step is over (a failed forward fenced nobody: its requests are aborted by the caller)
 `after_writes(rid, fn)` (any thread) runs fn once nothing more can be written for rid: after the step in
 progress if it writes rid, then after a fence. An aborted request's blocks on the consumer are freed only then.
 
@@ -67,12 +68,19 @@ class ProducerWorker:
         self.on_landed, self.on_first_write = on_landed, on_first_write
         self.completions = CompletionThread()
         self._writes: list[PeerWrites] = []
+        self.step_plans: list[SendPlan] = []
         self.last_plans: list[SendPlan] = []  # this step's plans that finish their request
         self._step_rids: frozenset = frozenset()
         self._deferred: list[tuple[str, object, Callable[[Fence], None]]] = []
         self._lock = threading.Lock()  # taken twice a step (never per layer), against after_writes
 
     # ------------------------------------------------------------------------------------------------ per step
+
+    def begin_planning(self, request_ids) -> None:
+        """Before the step's plans are made: an abort of any of these from now on waits for the step's end (an
+        abort that came earlier has already taken the request out of the plan)."""
+        with self._lock:
+            self._step_rids = frozenset(request_ids)
 
     def start_step(self, plans: Sequence[SendPlan]) -> None:
         by_peer: dict[int, PeerWrites] = {}
@@ -89,23 +97,26 @@ class ProducerWorker:
             self.plane.stage(w)
             for rid in w.request_ids:
                 self.on_first_write(rid)
+        self.step_plans = list(plans)
         self.last_plans = [p for p in plans if p.last]
-        with self._lock:
-            self._step_rids = frozenset(p.request_id for p in plans)
 
     def save_layer(self, layer: int) -> None:
         for w in self._writes:
             self.plane.write_layer(w, layer)
+        if layer == self.num_layers - 1:  # fence right behind the last copies: the host may reach end_step late
+            for plan in self.last_plans:
+                self.completions.after(self.plane.fence(plan.peer),
+                                       lambda fence, rid=plan.request_id: self.on_landed(rid, fence.exposed_s()))
+            self.last_plans = []
 
-    def end_step(self) -> None:
+    def end_step(self, ok: bool = True) -> None:
+        """ok False: the forward failed part way; no request of the step is complete (the caller aborts them)."""
+        self.plane.end_step()
         with self._lock:
             self._step_rids, deferred, self._deferred = frozenset(), self._deferred, []
-        for plan in self.last_plans:
-            self.completions.after(self.plane.fence(plan.peer),
-                                   lambda fence, rid=plan.request_id: self.on_landed(rid, fence.exposed_s()))
         for _, peer, fn in deferred:
             self.completions.after(self.plane.fence(peer), fn)
-        self._writes, self.last_plans = [], []
+        self._writes, self.step_plans, self.last_plans = [], [], []
 
     # ------------------------------------------------------------------------------------------------ ends
 

@@ -1,1 +1,1 @@
-"""The prefill server (see DESIGN.md, "A request's way")."""
+"""The prefill server (see docs/architecture.md, "A request's way")."""

@@ -2,8 +2,19 @@
 from __future__ import annotations
 
 
+from node_runtime import roles
+
+
+def _prefill_part(node):
+    from prefill_node.prefill_service import PrefillService
+    return PrefillService(node)
+
+
+roles.register(roles.PREFILL, _prefill_part)
+
+
 def register_cli(subparsers) -> None:
-    from decode_node.node_cli import register_role
+    from node_runtime.node_cli import register_role
 
     register_role(subparsers, "prefill", "run a prefill node (chunked prefill, pushes KV layer by layer)",
                   default_role="kv_producer")

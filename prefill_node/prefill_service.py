@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from decode_node.protocol import FirstToken, Prefill, PrefillDone, plain
+from node_runtime.protocol import FirstToken, Prefill, PrefillDone, plain
 from engine.engine_loop import Sink
 from engine.errors import PromptTooLongError
 from engine.sampling_params import SamplingParams
@@ -50,11 +50,12 @@ class PrefillJob:
         return self.request_id + ENGINE_ID_SUFFIX
     first_token_sent: bool = False
     ended: bool = False  # aborted or failed (a finished transfer is not an end: the first token may still come)
+    done_sent: bool = False  # prefill_done went out: the decode node may free the blocks
 
 
 class PrefillService:
     def __init__(self, node):
-        from decode_node.disagg import connector_config
+        from node_runtime.connector import connector_config
         from kvconnector.producer import KVProducer
         from prefill_node.step_hooks import TransferStepHooks
 
@@ -62,7 +63,7 @@ class PrefillService:
         self.core, self.loop, self.rpc = node.core, node.loop, node.rpc
         self.lock = threading.Lock()
         self.jobs: dict[str, PrefillJob] = {}
-        self.bound: dict[str, bytes] = {}  # requests the connector may write for -> the decode node's identity
+        self.bound: dict[str, PrefillJob] = {}  # requests the connector may write for (from just before bind)
         self.producer = KVProducer(connector_config(node), self.core.runner.kv_caches, on_complete=self._on_complete)
         node.metrics.extra_registries.append(self.producer.metrics.registry)
         self.hooks = TransferStepHooks(self.core, self.producer, self.transfer_id)
@@ -90,8 +91,8 @@ class PrefillService:
     def on_message(self, identity: bytes, msg: Prefill) -> None:
         rid, node = msg.request_id, self.node
         params = node.admit_or_reject(identity, rid, msg.params, msg.prompt_token_ids)
-        if params is None:
-            return
+        if params is None:  # refused at the door: nothing will be written, the decode node may free at once
+            return self.rpc.send(identity, PrefillDone(request_id=rid, ok=False, cause="rejected"))
         # This node samples only the first token; the decode node continues.
         engine_params = params.clone(max_tokens=1, min_tokens=min(params.min_tokens, 1))
         job = PrefillJob(rid, identity, msg, engine_params)
@@ -104,13 +105,15 @@ class PrefillService:
     # ---- 2-3: bind the decode node's reservation, then prefill ---------------------------------------------------
     def _reserve_and_run(self, job: PrefillJob) -> None:
         msg = job.msg
+        with self.lock:  # before bind: an abort racing the bind then finds it and aborts in the connector
+            self.bound[job.request_id] = job
         try:
             self.producer.bind(job.request_id, parse_endpoint(msg.kv_endpoint), len(msg.prompt_token_ids),
                                msg.block_ids, msg.num_cached_blocks)
         except Exception as exc:  # unreachable decode node, layout refused, a reservation that does not fit
+            with self.lock:
+                self.bound.pop(job.request_id, None)
             return self._fail(job, 503, f"KV link to the decode node failed: {exc}", retryable=True)
-        with self.lock:
-            self.bound[job.request_id] = job.identity
         with self.lock:  # abort() reads in_engine under the same lock: one of the two sees the other
             if not job.ended:
                 job.in_engine = True
@@ -146,19 +149,25 @@ class PrefillService:
     def _on_complete(self, request_id: str, ok: bool, timings: dict) -> None:
         """The connector is done with request_id: nothing more will be written for it."""
         with self.lock:
-            job = self.jobs.pop(request_id, None)
-            identity = self.bound.pop(request_id, None)
-        if job is not None and not ok and not job.ended:
+            self.jobs.pop(request_id, None)
+            job = self.bound.pop(request_id, None)
+        if job is None:
+            return
+        if not ok and not job.ended:
             job.ended = True  # no first token after a failed transfer: the decode node cannot use it
             if not job.first_token_sent:
                 self.loop.abort(job.engine_id)
-        if identity is not None:
-            exposed = timings.get("exposed_gpu_s", timings.get("exposed_s", 0.0))
-            self._prefill_done(identity, request_id, ok, str(timings.get("cause", "")),
-                               {"transfer": float(timings.get("transfer_s", 0.0)), "exposed_transfer": float(exposed)})
+        exposed = timings.get("exposed_gpu_s", timings.get("exposed_s", 0.0))
+        self._prefill_done(job, ok, str(timings.get("cause", "")),
+                           {"transfer": float(timings.get("transfer_s", 0.0)), "exposed_transfer": float(exposed)})
 
-    def _prefill_done(self, identity: bytes, request_id: str, ok: bool, cause: str, timings: dict) -> None:
-        self.rpc.send(identity, PrefillDone(request_id=request_id, ok=ok, cause=cause, timings=timings))
+    def _prefill_done(self, job: PrefillJob, ok: bool, cause: str, timings: dict) -> None:
+        """Exactly once per job, and only once nothing more will be written for it."""
+        with self.lock:
+            if job.done_sent:
+                return
+            job.done_sent = True
+        self.rpc.send(job.identity, PrefillDone(request_id=job.request_id, ok=ok, cause=cause, timings=timings))
 
     # ---- ends from outside -------------------------------------------------------------------------------------
     def abort(self, request_id: str, reason: str) -> None:
@@ -182,17 +191,16 @@ class PrefillService:
         with self.lock:
             if self.jobs.get(job.request_id) is job:
                 del self.jobs[job.request_id]
-            bound = job.request_id in self.bound
-        if job.ended:
-            return
-        job.ended = True
-        if job.in_engine:
-            self.loop.abort(job.engine_id)
-        self.node.reject(job.identity, job.request_id, status, message, retryable)
+            bound = self.bound.get(job.request_id) is job
+            first_end, job.ended = not job.ended, True
+        if first_end:
+            if job.in_engine:
+                self.loop.abort(job.engine_id)
+            self.node.reject(job.identity, job.request_id, status, message, retryable)
         if bound:  # the connector's completion sends prefill_done once its writes are fenced
             self.producer.abort(job.request_id, message)
         else:
-            self._prefill_done(job.identity, job.request_id, False, "error", {})
+            self._prefill_done(job, False, "error", {})
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:

@@ -43,8 +43,8 @@ class TransferStepHooks:
     def _layer_done(self, layer: int) -> None:
         self.producer.save_layer(layer)
 
-    def after_forward(self) -> None:
+    def after_forward(self, ok: bool) -> None:
         self.core.runner.on_layer_done = None
         if self._planned:
             self._planned = False
-            self.producer.end_step()
+            self.producer.end_step(ok)

@@ -3,6 +3,7 @@
 Producer (prefill node), all on the forward thread except `fence`:
     begin_step()                 before a step's forward: nothing may overwrite source blocks an earlier step's
                                  writes have not read yet (the engine frees a prefilled request's blocks at once)
+    end_step()                   after it, whether or not the forward completed
     stage(writes)                after the step's plan: per peer, its requests' local -> remote block ids
     write_layer(writes, layer)   after layer `layer` wrote its KV: put that layer's blocks into the peer's blocks
     fence(link) -> Fence         completes once every write issued so far to that peer has landed there
@@ -81,6 +82,9 @@ class DataPlane(abc.ABC):
     @abc.abstractmethod
     def write_layer(self, writes: PeerWrites, layer: int) -> None:
         """Forward thread: layer `layer` of writes' blocks into the peer's blocks."""
+
+    def end_step(self) -> None:
+        """Forward thread, after the step's forward (whether or not it completed)."""
 
     @abc.abstractmethod
     def fence(self, link) -> Fence:

@@ -55,6 +55,9 @@ class CudaIpcDataPlane(DataPlane):
         self._stream = torch.cuda.Stream(self.device, priority=-1)
         self._ready = [torch.cuda.Event() for _ in self.caches]  # reused each step: a wait captures the state
         self._copied: Optional[torch.cuda.Event] = None  # the copy stream after the last step's writes
+        self._wrote = False  # this step launched copies
+        self._retired: list = []  # mappings of closed links, released once the copy stream is past them
+        self._retiring: list[tuple[torch.cuda.Event, list]] = []
         self._last_compute: Optional[torch.cuda.Event] = None  # timing event: the last layer computed
 
     # ---- consumer: export -----------------------------------------------------------------------------------
@@ -69,6 +72,9 @@ class CudaIpcDataPlane(DataPlane):
 
     # ---- producer: map --------------------------------------------------------------------------------------
     def check_peer(self, ours: Handshake, theirs: Handshake) -> str:
+        """Producer side only: the consumer never touches the producer's GPU."""
+        if ours.role == "kv_consumer":
+            return ""
         info = theirs.data_plane or {}
         if theirs.role == "kv_consumer" and info.get("host") not in (None, os.uname().nodename):
             return f"cuda_ipc needs both nodes on one host (peer on {info.get('host')!r})"
@@ -112,18 +118,32 @@ class CudaIpcDataPlane(DataPlane):
         return layers
 
     def close_link(self, link) -> None:
-        link.state.pop("copiers", None)
-        link.state.pop("peer_cache", None)
+        """Any thread. The mapping is not dropped here: copies the forward thread launched into it may still be
+        queued, and unmapping under them would fault this process's context. begin_step retires it."""
+        self._retired.append((link.state.pop("copiers", None), link.state.pop("peer_cache", None)))
 
     # ---- producer: the forward thread -----------------------------------------------------------------------
     def begin_step(self) -> None:
         if self._copied is not None:
             torch.cuda.current_stream(self.device).wait_event(self._copied)
             self._copied = None
+        if self._retired or self._retiring:
+            self._retire_mappings()
+
+    def _retire_mappings(self) -> None:
+        """Forward thread (the only one that launches copies): drop mappings once the copy stream has passed
+        every copy launched before their link closed, so a dead peer's memory is let go (its GPU needs it back)."""
+        if self._retired:
+            retired, self._retired = self._retired, []
+            passed = torch.cuda.Event()
+            passed.record(self._stream)
+            self._retiring.append((passed, retired))
+        self._retiring = [(ev, maps) for ev, maps in self._retiring if not ev.query()]
 
     def stage(self, writes: PeerWrites) -> None:
         ids = torch.tensor([b for s in writes.src for b in s] + [b for d in writes.dst for b in d],
                            dtype=torch.int64).pin_memory().to(self.device, non_blocking=True)
+        ids.record_stream(self._stream)  # read by the copy stream, possibly after the step has let go of it
         n = writes.num_blocks
         writes.src_ids, writes.dst_ids = ids[:n], ids[n:]
 
@@ -139,9 +159,13 @@ class CudaIpcDataPlane(DataPlane):
         self._stream.wait_event(ready)
         with torch.cuda.stream(self._stream):
             copiers[layer](writes.src_ids, writes.dst_ids)
-            if layer == self.num_layers - 1:
-                self._copied = torch.cuda.Event()
-                self._copied.record()
+        self._wrote = True
+
+    def end_step(self) -> None:
+        if self._wrote:  # the next forward waits for these copies (see begin_step), even after a failed forward
+            self._wrote = False
+            self._copied = torch.cuda.Event()
+            self._copied.record(self._stream)
 
     def fence(self, link) -> Fence:
         event = torch.cuda.Event(blocking=True, enable_timing=True)

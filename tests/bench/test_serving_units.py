@@ -119,3 +119,31 @@ def test_rate_lists_and_bad_rates():
             parse_rates(bad)
     with pytest.raises(ConfigError, match="sweep needs --goodput"):
         _bench_run(["--request-rate", "sweep"])
+
+
+def test_token_ids_avoid_special_tokens_and_chat_text_keeps_the_length(tmp_path):
+    from bench.serving_client import ClientConfig, prompt_text
+    from bench.workloads import BenchRequest, load_tokenizer
+    from engine.make_tokenizer import write_tokenizer_files
+
+    write_tokenizer_files(str(tmp_path), vocab_size=1024, family="llama", model_max_length=256)
+    tok = load_tokenizer(str(tmp_path))
+    ids = TokenSource(0, tok).ids(2000)
+    assert min(ids) >= 5 and max(ids) < 1024  # ids 0..4 are the special tokens
+    cfg = ClientConfig("http://x", endpoint="/v1/chat/completions", tokenizer=tok)
+    for n in (16, 100):
+        text = prompt_text(cfg, BenchRequest(TokenSource(n, tok).ids(n), None, 4))
+        assert n - 8 <= len(tok.encode(text, add_special_tokens=False).ids) <= n
+    with pytest.raises(WorkloadError, match="no tokenizer.json"):
+        load_tokenizer(str(tmp_path / "missing"))
+
+
+def test_the_client_imports_no_torch():
+    """`pdserve bench` runs on any client machine, as the proxy does; bench/serving.py must not open a CUDA context
+    on a GPU its nodes use."""
+    import subprocess
+    import sys
+    code = ("import sys, bench.serving, bench.serving_cli, bench.serving_plots, bench.serving_summary; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

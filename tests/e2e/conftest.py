@@ -376,7 +376,7 @@ def proxy_factory(tokenizer_dir, monkeypatch):
 
 def nodes_missing() -> Optional[str]:
     import importlib.util
-    for name in ("prefill_node.cli", "decode_node.cli", "decode_node.node_server"):
+    for name in ("prefill_node.cli", "decode_node.cli", "node_runtime.node_server"):
         try:
             if importlib.util.find_spec(name) is None:
                 return name

@@ -64,7 +64,7 @@ def values(doc: dict, metric: str, **params) -> dict[str, float]:
 def test_counts_equal_what_the_proxy_counted_and_one_result_per_rate(cluster, tmp_path):
     before = proxy_counts(cluster.url)
     doc = bench(cluster.url, tmp_path, "--dataset-name", "prefix", "--prefix-groups", "2", "--prefix-len", "32",
-                "--input-len", "16", "--num-prompts", "6", "--request-rate", "20,inf",
+                "--input-len", "16", "--num-prompts", "6", "--request-rate", "20,inf", "--max-concurrency", "1",
                 "--goodput", "ttft:5000", "tpot:1000", "itl:2000")
     after = proxy_counts(cluster.url)
     delta = {k: after[k] - before[k] for k in before}
@@ -72,7 +72,8 @@ def test_counts_equal_what_the_proxy_counted_and_one_result_per_rate(cluster, tm
     assert set(completed) == {"20", "inf"} and set(values(doc, "request_throughput")) == {"20", "inf"}
     assert sum(completed.values()) == delta["ok"] == 12
     hit = values(doc, "prefix_hit_fraction")
-    assert all(0 < h < 1 for h in hit.values()), hit  # groups repeat, so some prompt tokens come from cache
+    # One request at a time, so every repeat of a group finds its prefix cached, whatever the machine's speed.
+    assert all(0 < h < 1 for h in hit.values()), hit
     totals = tokens_in(doc)
     assert totals == {"prompt": delta["prompt"], "generated": delta["generated"], "cached": delta["cached"]}
     assert totals["generated"] == 12 * 6 and totals["prompt"] == 12 * 48

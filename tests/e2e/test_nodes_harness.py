@@ -138,7 +138,7 @@ class FakeProxy:
     """A DEALER per node, signing frames like the proxy does."""
 
     def __init__(self, secret: str = SECRET):
-        from decode_node.protocol import make_codec
+        from node_runtime.protocol import make_codec
 
         self.codec = make_codec(secret.encode())
         self.ctx = zmq.Context()
@@ -160,7 +160,7 @@ class FakeProxy:
 
     def generate(self, node: NodeProcess, prompt: list[int], mode: str = "colocated", prefill: NodeProcess = None,
                  request_id: str | None = None, deadline_s: float = 0.0, **params) -> str:
-        from decode_node.protocol import Generate
+        from node_runtime.protocol import Generate
         from engine.sampling_params import SamplingParams
 
         rid = request_id or uuid.uuid4().hex
@@ -175,7 +175,7 @@ class FakeProxy:
         return request_id
 
     def abort(self, node: NodeProcess, request_id: str) -> None:
-        from decode_node.protocol import Abort
+        from node_runtime.protocol import Abort
 
         self.send(node, Abort(request_id=request_id))
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-OUR_PACKAGES = ("engine", "kernels", "kvconnector", "prefill_node", "decode_node", "proxy", "bench")
+OUR_PACKAGES = ("engine", "kernels", "kvconnector", "node_runtime", "prefill_node", "decode_node", "proxy", "bench")
 
 
 def test_transformers_imports_and_generates_beside_our_packages(model_dirs):

@@ -95,7 +95,7 @@ def test_decode_node_killed_mid_request_frees_the_prefill_nodes_blocks(pair, pro
 
 
 def _bad_frames(proxy) -> dict[str, bytes]:
-    from decode_node.protocol import Generate, make_codec
+    from node_runtime.protocol import Generate, make_codec
     from engine.sampling_params import SamplingParams
 
     msg = Generate(request_id="evil", prompt_token_ids=[1, 2, 3], params=SamplingParams(max_tokens=2).to_dict())
@@ -132,3 +132,22 @@ def test_malformed_and_unsigned_frames_are_dropped_and_the_node_keeps_serving(pa
     assert dropped >= 6
     assert wait_for(lambda: node.blocks()["used"] == 0)
     assert_blocks_balanced(node)
+
+
+def test_prefill_door_rejection_frees_the_decode_nodes_blocks_at_once(model_dir, logs, proxy):
+    """A prefill node that refuses at its door (queue full: 429) writes nothing, says so with prefill_done, and
+    the decode node frees the reserved blocks then, not after its quarantine (3 x --kv-timeout)."""
+    prefill = start_node("prefill", model_dir, logs, kv_timeout=KV_TIMEOUT, extra=["--max-num-waiting", "0"])
+    decode = start_node("decode", model_dir, logs, kv_timeout=KV_TIMEOUT)
+    try:
+        wait_healthy(prefill, decode)
+        started = time.monotonic()
+        result, = proxy.wait(proxy.generate(decode, prompt(60, 2), mode="disaggregated", prefill=prefill,
+                                            max_tokens=5), timeout=10)
+        assert result.error is not None and result.error.status == 429 and result.error.retryable
+        assert wait_for(lambda: decode.blocks()["used"] == 0, timeout=KV_TIMEOUT)
+        assert time.monotonic() - started < KV_TIMEOUT
+        assert_blocks_balanced(decode)
+    finally:
+        prefill.stop()
+        decode.stop()

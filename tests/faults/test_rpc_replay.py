@@ -28,7 +28,7 @@ def dropped(node, reason: str) -> float:
 
 
 def test_a_replayed_generate_runs_once(decode, proxy):  # noqa: F811 (proxy: a fixture)
-    from decode_node.protocol import Generate
+    from node_runtime.protocol import Generate
     from engine.sampling_params import SamplingParams
 
     sock = proxy.socket(decode.rpc)

@@ -1,4 +1,4 @@
-"""bench/kv_transfer.py's --smoke mode (CPU, tcp, tiny shape) runs and writes DESIGN.md's result format."""
+"""bench/kv_transfer.py's --smoke mode (CPU, tcp, tiny shape) runs and writes the result format of docs/architecture.md."""
 import json
 import os
 import subprocess

@@ -65,6 +65,7 @@ def test_an_abort_during_a_step_waits_for_the_end_of_the_step_then_for_a_fence()
     plane = RecordingPlane()
     w = ProducerWorker(plane, on_landed=lambda rid, exposed: None, on_first_write=lambda rid: None)
     ended = threading.Event()
+    w.begin_planning(p.request_id for p in plans())
     w.start_step(plans())
     w.save_layer(0)
     w.after_writes("b", "peer1", lambda _: ended.set())  # b is in the step: layers 1 and 2 will still be written
@@ -97,3 +98,39 @@ def test_completion_thread_keeps_order_and_survives_a_failing_callback():
     gate.gate.set()
     assert done.wait(5) and seen == [1, 3]
     t.close()
+
+
+def test_an_abort_while_the_step_is_being_planned_waits_for_the_step_too():
+    """The abort lands after the producer published the step's candidates but before the writes were staged:
+    it must still end after them (else the consumer would free blocks the step then writes)."""
+    plane = RecordingPlane()
+    w = ProducerWorker(plane, on_landed=lambda rid, exposed: None, on_first_write=lambda rid: None)
+    order = []
+    w.begin_planning(["a", "b"])
+    w.after_writes("b", "peer1", lambda _: order.append("ended"))
+    w.start_step(plans())
+    for layer in range(3):
+        w.save_layer(layer)
+    order.append("written")
+    w.end_step()
+    for f in plane.fences:
+        f.gate.set()
+    done = threading.Event()
+    w.completions.after(Fence(), lambda _: done.set())
+    assert done.wait(5) and order == ["written", "ended"]
+    w.close()
+
+
+def test_a_failed_forward_completes_nobody():
+    plane = RecordingPlane()
+    landed = []
+    w = ProducerWorker(plane, on_landed=lambda rid, exposed: landed.append(rid), on_first_write=lambda rid: None)
+    w.begin_planning(p.request_id for p in plans())
+    w.start_step(plans())
+    w.save_layer(0)  # the forward raises in layer 1
+    w.end_step(ok=False)
+    assert plane.fences == [] and w.step_plans == []
+    done = threading.Event()
+    w.completions.after(Fence(), lambda _: done.set())
+    assert done.wait(5) and landed == []
+    w.close()

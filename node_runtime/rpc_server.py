@@ -7,7 +7,7 @@ socketpair that its poller watches, so a token leaves the node as soon as it is 
 Every received frame is checked (signature, versions, schema) before anything reads it; a bad one is dropped,
 counted by reason and logged once per sender and reason, and the node keeps serving. Frames are signed over the
 sender's ZMQ identity ("from:" + identity towards a ROUTER, "to:" + identity from one) and carry time-based
-sequence numbers that must rise per sender (kvconnector.wire.ReplayGuard), so a captured frame replayed to this
+sequence numbers that must rise per sender (kvconnector.replay.ReplayGuard), so a captured frame replayed to this
 socket, under any identity, is refused. ZMQ itself drops a peer that sends a message over MAXMSGSIZE before we
 ever see it (a 100 MB frame used to be received whole and then dropped). A reply to a proxy that has
 gone away (ROUTER_MANDATORY reports the identity unroutable) calls `on_unroutable(identity)` so the node can abort

@@ -49,7 +49,7 @@ def kv_transfer_json(args: argparse.Namespace, default_role: str) -> str:
 
 
 def run_node(args: argparse.Namespace, default_role: str) -> int:
-    from decode_node.node_server import NodeOptions, NodeServer
+    from node_runtime.node_server import NodeOptions, NodeServer
     from engine.config import engine_config_from_args
 
     args.kv_transfer_config = kv_transfer_json(args, default_role)

@@ -20,15 +20,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from decode_node.http_server import HttpServer
-from decode_node.node_metrics import NodeMetrics
-from decode_node.protocol import (HEARTBEAT_INTERVAL_S, TOPIC_HEARTBEAT, TOPIC_KV_EVENTS, Abort, Error, Generate,
+from node_runtime.http_server import HttpServer
+from node_runtime.node_metrics import NodeMetrics
+from node_runtime.protocol import (HEARTBEAT_INTERVAL_S, TOPIC_HEARTBEAT, TOPIC_KV_EVENTS, Abort, Error, Generate,
                                   NodeHeartbeat, Tokens, encode_heartbeat, make_codec, plain)
-from decode_node.rpc_server import RpcServer
+from node_runtime.rpc_server import RpcServer
 from engine.engine_loop import EngineLoop, Sink
 from engine.errors import ConfigError, PromptTooLongError
 from engine.sampling_params import SamplingParams
 from kvconnector.bind import advertised
+from node_runtime import roles
 from kvconnector.events import KVEventBatch, encode_batch
 
 log = logging.getLogger(__name__)
@@ -90,13 +91,9 @@ class NodeServer:
             on_peer_lost=self._on_peer_lost, identity=self.node_id, secret=self.secret,
             ticks=[(HEARTBEAT_INTERVAL_S, self._heartbeat), (0.05, self._check_deadlines)])
         self.http = HttpServer(host, options.http_port, self._health, self.metrics.render)
-        self.decode = self.prefill = None
-        if self.role in ("kv_consumer", "kv_both"):
-            from decode_node.disagg import DisaggDecoder
-            self.decode = DisaggDecoder(self)
-        if self.role in ("kv_producer", "kv_both"):
-            from prefill_node.prefill_service import PrefillService
-            self.prefill = PrefillService(self)
+        parts = roles.PARTS_BY_KV_ROLE[self.role]
+        self.decode = roles.build(roles.DECODE, self) if roles.DECODE in parts else None
+        self.prefill = roles.build(roles.PREFILL, self) if roles.PREFILL in parts else None
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
     @property
@@ -172,7 +169,7 @@ class NodeServer:
             self._generate_colocated(live, msg, params)
 
     def _generate_colocated(self, live: LiveRequest, msg: Generate, params: SamplingParams) -> None:
-        sink = Sink(on_output=lambda out: self._on_output(live, out),
+        sink = Sink(on_output=lambda out: self.on_output(live, out),
                     on_fail=lambda why: self.fail(live, 503, why, retryable=False, cause="error"),
                     on_scheduled=lambda t: setattr(live, "scheduled_at", t))
         future = self.loop.add_request(live.request_id, msg.prompt_token_ids, params, sink)
@@ -211,7 +208,7 @@ class NodeServer:
             self.decode.check_timeouts(now)
 
     # ---- outgoing ---------------------------------------------------------------------------------------------
-    def _on_output(self, live: LiveRequest, out) -> None:
+    def on_output(self, live: LiveRequest, out) -> None:
         """A StepOutput of a request running in this engine (loop thread)."""
         if live.ended:
             return
@@ -220,7 +217,7 @@ class NodeServer:
         timings = None
         if out.finished:
             timings = self.final_timings(live)
-            if not self._take(live):
+            if not self.take(live):
                 return
             self.metrics.finished.labels(out.finish_reason or "stop").inc()
         self.rpc.send(live.identity, Tokens(
@@ -256,7 +253,7 @@ class NodeServer:
         self.metrics.rejected.labels(str(status)).inc()
         self.rpc.send(identity, Error(request_id=request_id, status=status, message=message, retryable=retryable))
 
-    def _take(self, live: LiveRequest) -> bool:
+    def take(self, live: LiveRequest) -> bool:
         """Mark live ended; True for exactly one caller."""
         with self.lock:
             if live.ended:
@@ -268,7 +265,7 @@ class NodeServer:
 
     def end(self, live: LiveRequest, finish_reason: str, cause: str, notify: bool = True) -> None:
         """End early (abort, client gone): free everything; tell the proxy with a final Tokens message."""
-        if not self._take(live):
+        if not self.take(live):
             return
         self.metrics.aborted.labels(cause).inc()
         self.metrics.finished.labels(finish_reason).inc()
@@ -280,7 +277,7 @@ class NodeServer:
     def fail(self, live: LiveRequest, status: int, message: str, retryable: bool, cause: str,
              count_abort: bool = True) -> None:
         """End with an error: free everything; tell the proxy with an Error message."""
-        if not self._take(live):
+        if not self.take(live):
             return
         if count_abort:
             self.metrics.aborted.labels(cause).inc()

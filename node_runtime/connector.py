@@ -1,0 +1,16 @@
+"""The KV connector's config for a node: the layout from the loaded model, the policy from the node's flags."""
+from __future__ import annotations
+
+import os
+
+
+def connector_config(node):
+    from kvconnector.connector import ConnectorConfig
+
+    runner, config = node.core.runner, node.config
+    arch = runner.arch
+    return ConnectorConfig.from_kv_transfer(
+        config.kv_transfer, model=os.path.basename(os.path.normpath(config.model.model)), dtype=runner.dtype,
+        block_size=config.cache.block_size, num_layers=arch.num_hidden_layers,
+        num_kv_heads=arch.num_key_value_heads, head_dim=arch.head_dim, secret=node.options.kv_secret,
+        timeout=node.options.kv_timeout)
