@@ -158,6 +158,8 @@ class Cluster:
         self.connector = connector
         base_env = dict(os.environ, PDSERVE_KV_SECRET=self.secret, PYTHONUNBUFFERED="1")
         base_env.pop("PDSERVE_API_KEY", None)  # only the proxy gets it
+        if a.curve:
+            base_env["PDSERVE_CURVE"] = "1"  # kvconnector/curve.py: every ZMQ socket encrypted
         counts = {"prefill": 0, "decode": 0}
         for role, gpu in zip(roles, gpus):
             name = f"{role}-{counts[role]}"
@@ -359,6 +361,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--node-arg", action="append", default=[], help="extra flag for every node (repeatable), "
                    "e.g. --node-arg=--max-num-seqs=64")
     p.add_argument("--proxy-arg", action="append", default=[], help="extra flag for the proxy (repeatable)")
+    p.add_argument("--curve", action="store_true",
+                   help="encrypt node RPC and events sockets with ZMQ CURVE (keys derived from the secret)")
     p.add_argument("--log-dir", default="", help="per-process logs (default: a temporary folder)")
     p.add_argument("--log-level-children", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--startup-timeout", type=float, default=600.0)

@@ -4,17 +4,28 @@ Every transport uses it for control messages (handshake, reserve, chunk headers,
 transport also carries KV bytes in frame bodies. A malformed frame is dropped, counted by reason and logged once
 per peer and reason; when the stream can no longer be trusted (bad magic, wrong version, oversized, truncated)
 the connection is closed, and the listener keeps accepting others.
+
+Sessions: before any frame, each side sends a hello (magic, frame version, 32 random bytes). Both derive one key
+per direction from the shared secret and the two nonces, and sign every frame with the sending direction's key
+and its sequence number (0, 1, 2, ... per direction). A frame replayed or reordered on a link, a frame from
+another session (a captured handshake replayed on a new connection: the other side's nonce differs), or one from
+a peer without the secret fails its MAC or its sequence, and the link is closed. Frames are read as the wire layer
+allows (kvconnector/wire.py): the fixed signed prefix first, then the header within its limit, then the body in
+bounded chunks and only as large as its message type allows, so an unauthenticated peer makes us allocate nothing.
 """
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import struct
 import threading
 import time
 from typing import Any, Callable, Optional
 
 from kvconnector.bind import warn_if_wildcard
-from kvconnector.wire import MAC_SIZE, PREFIX_SIZE, SignedCodec, TruncatedFrame, WireError
+from kvconnector.wire import (FRAME_VERSION, MAC_SIZE, SIGNED_PREFIX_SIZE, FrameTooLarge, GarbageFrame,
+                              ReplayedFrame, SignedCodec, TruncatedFrame, VersionMismatch, WireError, body_limit)
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +33,18 @@ OnMessage = Callable[["Link", Any, memoryview], None]  # (link, message struct, 
 OnClose = Callable[["Link", str], None]  # (link, why)
 OnDrop = Callable[["Link", str], None]  # (link, reason)
 
+HELLO = struct.Struct("!4sB32s")  # magic, frame version, nonce
+HELLO_MAGIC = b"PDSH"
+HELLO_TIMEOUT_S = 10.0
+RECV_CHUNK = 16 << 20  # a body arrives in reads of at most this much
+
 
 class Link:
     """One TCP connection carrying signed frames both ways. send() is thread-safe; receiving runs on a thread."""
 
     def __init__(self, sock: socket.socket, codec: SignedCodec, on_message: OnMessage,
-                 on_close: Optional[OnClose] = None, on_drop: Optional[OnDrop] = None, name: str = ""):
+                 on_close: Optional[OnClose] = None, on_drop: Optional[OnDrop] = None, name: str = "",
+                 initiator: bool = False):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock, self.codec = sock, codec
         self.on_message, self.on_close, self.on_drop = on_message, on_close, on_drop
@@ -42,6 +59,10 @@ class Link:
         self.closed = False
         self._send_lock = threading.Lock()
         self._logged: set[str] = set()
+        self.initiator = initiator  # the connecting side; the session keys differ per direction
+        self._session = threading.Event()
+        self._tx_key = self._rx_key = b""
+        self._tx_seq = self._rx_seq = 0
         self._thread = threading.Thread(target=self._read_loop, name=f"kv-link-{self.name}", daemon=True)
 
     def start(self) -> "Link":
@@ -54,12 +75,18 @@ class Link:
         """Send one message (+ raw body). Raises ConnectionError when the link is closed or breaks.
 
         blocking=False (heartbeats) gives up at once, returning False, while another send holds the link."""
-        parts = self.codec.encode(msg, body)
+        if not self._session.wait(HELLO_TIMEOUT_S if blocking else 0):
+            if not blocking and not self.closed:
+                return False
+            raise ConnectionError(f"link {self.name}: no session (the peer's hello never came)")
         if not self._send_lock.acquire(blocking=blocking):
             return False
         try:
             if self.closed:
                 raise ConnectionError(f"link {self.name} is closed")
+            # Signed under the lock: sequence numbers must go out in the order they were given.
+            parts = self.codec.encode(msg, body, seq=self._tx_seq, key=self._tx_key)
+            self._tx_seq += 1
             try:
                 _sendall_parts(self.sock, parts)
             except OSError as exc:
@@ -71,15 +98,44 @@ class Link:
             self._send_lock.release()
 
     def send_raw(self, data: bytes) -> None:
-        """Tests only: put arbitrary bytes on the wire."""
+        """Tests only: put arbitrary bytes on the wire (after the session's hello)."""
+        self._session.wait(HELLO_TIMEOUT_S)
         with self._send_lock:
             self.sock.sendall(data)
 
     # ------------------------------------------------------------------------------------------------ receiving
 
+    def _hello(self) -> None:
+        """Exchange nonces and derive this session's keys (on the reader thread, before any frame)."""
+        nonce = os.urandom(32)
+        self.sock.settimeout(HELLO_TIMEOUT_S)
+        try:
+            self.sock.sendall(HELLO.pack(HELLO_MAGIC, FRAME_VERSION, nonce))
+            theirs = _recv_exact(self.sock, HELLO.size, eof_ok=True)
+        except socket.timeout:
+            raise TruncatedFrame(f"no hello from the peer in {HELLO_TIMEOUT_S:g}s") from None
+        if theirs is None:
+            raise EOFError
+        magic, version, peer_nonce = HELLO.unpack(bytes(theirs))
+        if magic != HELLO_MAGIC:
+            raise GarbageFrame(f"bad hello magic {magic!r}")
+        if version != FRAME_VERSION:
+            raise VersionMismatch(f"peer speaks frame version {version}, this node {FRAME_VERSION}")
+        self.sock.settimeout(None)
+        ours_first = (nonce, peer_nonce) if self.initiator else (peer_nonce, nonce)
+        forward = self.codec.frames.derive(b"pdserve-link initiator->acceptor", *ours_first)
+        backward = self.codec.frames.derive(b"pdserve-link acceptor->initiator", *ours_first)
+        self._tx_key, self._rx_key = (forward, backward) if self.initiator else (backward, forward)
+        self._session.set()
+
     def _read_loop(self) -> None:
         why = "peer closed"
         try:
+            try:
+                self._hello()
+            except WireError as exc:
+                self._dropped(exc)
+                raise EOFError from None
             while True:
                 try:
                     msg, body = self._read_frame()
@@ -96,22 +152,40 @@ class Link:
                     self.on_message(self, msg, body)
                 except Exception:  # a handler bug must not kill the link silently
                     log.exception("link %s: handling %s failed", self.name, type(msg).__name__)
+        except EOFError:
+            why = "no session"
         except OSError as exc:
             why = f"socket error: {exc}"
         self.close(why)
 
     def _read_frame(self):
-        first = _recv_exact(self.sock, PREFIX_SIZE, eof_ok=True)
+        first = _recv_exact(self.sock, SIGNED_PREFIX_SIZE, eof_ok=True)
         if first is None:
             raise EOFError
-        prefix = bytes(first)
-        pre = self.codec.frames.decode_prefix(prefix)
+        frames = self.codec.frames
+        pre, mac = frames.open_prefix(bytes(first), key=self._rx_key)  # nothing is believed before this
+        if pre.seq != self._rx_seq:
+            raise ReplayedFrame(f"frame sequence {pre.seq}, expected {self._rx_seq}: replayed or reordered")
+        self._rx_seq += 1
         header = bytes(_recv_exact(self.sock, pre.header_len))
+        frames.check_tag(mac, header, bytes(_recv_exact(self.sock, MAC_SIZE)), "header")
+        try:
+            msg = self.codec.schema.decode(header, pre.schema_version)
+        except WireError as exc:
+            if exc.recoverable:  # an authenticated frame this node cannot use: step over it, keep the link
+                self._skip(pre.body_len + MAC_SIZE)
+            raise
+        if pre.body_len and pre.body_len != body_limit(msg):
+            raise FrameTooLarge(f"{type(msg).__name__} declares a {pre.body_len}-byte body; its type allows "
+                                f"{body_limit(msg)}")
         body = memoryview(_recv_exact(self.sock, pre.body_len, progress=self._alive)) if pre.body_len \
             else memoryview(b"")
-        mac = bytes(_recv_exact(self.sock, MAC_SIZE))
-        self.codec.frames.verify(prefix, header, body, mac)
-        return self.codec.schema.decode(header, pre.schema_version), body
+        frames.check_tag(mac, body, bytes(_recv_exact(self.sock, MAC_SIZE)), "body")
+        return msg, body
+
+    def _skip(self, n: int) -> None:
+        while n > 0:
+            n -= len(_recv_exact(self.sock, min(n, RECV_CHUNK)))
 
     def _alive(self) -> None:  # a long body is still arriving: the peer is not silent
         self.last_rx = time.monotonic()
@@ -164,7 +238,7 @@ def _recv_exact(sock: socket.socket, n: int, eof_ok: bool = False,
     view = memoryview(buf)
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:], min(n - got, 16 << 20))
+        k = sock.recv_into(view[got:], min(n - got, RECV_CHUNK))
         if k == 0:
             if eof_ok and got == 0:
                 return None
@@ -179,7 +253,7 @@ def connect(address: tuple[str, int], codec: SignedCodec, on_message: OnMessage,
             on_drop: Optional[OnDrop] = None, timeout: float = 5.0) -> Link:
     sock = socket.create_connection(address, timeout=timeout)
     sock.settimeout(None)
-    return Link(sock, codec, on_message, on_close, on_drop).start()
+    return Link(sock, codec, on_message, on_close, on_drop, initiator=True).start()
 
 
 class Listener:

@@ -3,21 +3,35 @@
 Two layers, so other links (proxy <-> node) reuse the first with their own schemas:
 
 1. `FrameCodec`: one frame is
-       prefix  !4sBBHIQ  magic b"PDSV", frame version, flags, schema version, header length, body length  (20 bytes)
+       prefix  !4sBBHIQQ  magic b"PDSV", frame version, flags, schema version, header length, body length,
+                          sequence number  (28 bytes, fixed)
+       tag1    HMAC-SHA256(key, context + prefix)                   (32 bytes)
        header  msgpack map (a msgspec Struct tagged by "type")
+       tag2    HMAC-SHA256(key, context + prefix + header)          (32 bytes)
        body    raw bytes (a tensor's bytes; dtype and shape travel in the header), possibly empty
-       mac     HMAC-SHA256(secret, prefix + header + body)  (32 bytes)
-   Lengths are checked against limits before anything is read or allocated, and the MAC is checked before the
-   header is decoded, so a peer without the secret cannot make us parse anything. Nothing is unpickled.
+       tag3    HMAC-SHA256(key, context + prefix + header + body)   (32 bytes)
+   A stream reader reads the fixed 60 bytes, checks tag1, and only then trusts the lengths: a peer without the key
+   makes it allocate nothing (a 36-byte prefix declaring a 4 GiB body used to be allocated and zeroed before the
+   MAC was checked). The header is read within its limit and decoded only after tag2; the body's size must then
+   be what that message type allows (`body_limit`) and is read in bounded chunks before tag3 is checked. Nothing
+   is unpickled.
+   Replay: the sequence number is inside every tag. A KV link (kvconnector/link.py) signs with per-session keys
+   derived from a nonce from each side, and wants sequence numbers 0, 1, 2, ... in order, so a frame replayed or
+   reordered on that link, or a captured handshake replayed on a new one, fails. ZMQ sockets (node RPC) put the
+   sender's identity in `context` and use `kvconnector.replay.ReplayGuard`: time-based sequence numbers, strictly increasing per
+   sender, within a window of the receiver's clock.
 2. `Schema`: a set of msgspec Struct types (tagged unions) with a schema version; decoding validates types and
    ranges and raises `SchemaError` on violation.
 
 Every failure is a `WireError` subclass with a `reason` string that metrics count by (`truncated`, `version`,
-`oversized`, `hmac`, `schema`, `garbage`). `recoverable` says whether a stream can go on after it: a bad MAC or
-a schema violation leaves the frame boundaries intact; a bad magic, a wrong frame version, an oversized length or
-a truncated frame do not, so a stream reader closes that connection (the node keeps serving the others).
+`oversized`, `hmac`, `schema`, `garbage`, `replay`). `recoverable` says whether a stream can go on after it: a
+schema violation in an authenticated frame leaves the stream intact; anything else (a bad tag, a bad magic, a
+wrong frame version, an oversized length, a truncated frame, a replay) does not, so a stream reader closes that
+connection (the node keeps serving the others).
 
 The shared secret: `--kv-secret`, else env `PDSERVE_KV_SECRET`, else a fixed development secret with a warning.
+Confidentiality: frames are authenticated, not encrypted. Prompt token ids (Generate, Prefill, Reserve's block
+hashes) and KV bytes travel in clear; run the node network on a trusted segment.
 """
 from __future__ import annotations
 
@@ -26,6 +40,8 @@ import hmac
 import logging
 import os
 import struct
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence, Union
 
@@ -36,10 +52,11 @@ from kvconnector.bind import is_loopback
 log = logging.getLogger(__name__)
 
 MAGIC = b"PDSV"
-FRAME_VERSION = 1
-PREFIX = struct.Struct("!4sBBHIQ")
-PREFIX_SIZE = PREFIX.size  # 20
+FRAME_VERSION = 2
+PREFIX = struct.Struct("!4sBBHIQQ")
+PREFIX_SIZE = PREFIX.size  # 28
 MAC_SIZE = 32
+SIGNED_PREFIX_SIZE = PREFIX_SIZE + MAC_SIZE  # what a stream reader reads before it trusts anything
 DEFAULT_MAX_HEADER = 1 << 20  # 1 MiB of msgpack is far more than any control message needs
 DEFAULT_MAX_BODY = 4 << 30  # one contiguous KV chunk; 8192 tokens of Llama-8B KV is 1 GiB
 SECRET_ENV = "PDSERVE_KV_SECRET"
@@ -67,7 +84,6 @@ class FrameTooLarge(WireError):
 
 class BadMAC(WireError):
     reason = "hmac"
-    recoverable = True
 
 
 class SchemaError(WireError):
@@ -77,6 +93,10 @@ class SchemaError(WireError):
 
 class GarbageFrame(WireError):
     reason = "garbage"
+
+
+class ReplayedFrame(WireError):
+    reason = "replay"
 
 
 class LayoutMismatch(Exception):
@@ -106,6 +126,11 @@ class FramePrefix:
     schema_version: int
     header_len: int
     body_len: int
+    seq: int = 0
+
+
+def _context(context: bytes) -> bytes:
+    return struct.pack("!H", len(context)) + context  # length-prefixed: no two contexts read the same
 
 
 class FrameCodec:
@@ -115,52 +140,84 @@ class FrameCodec:
         self._secret = secret
         self.max_header = max_header
         self.max_body = max_body
+        self._last_seq = 0
+        self._seq_lock = threading.Lock()  # several threads sign frames with one codec
 
-    def _mac(self, parts: Iterable) -> hmac.HMAC:
-        mac = hmac.new(self._secret, digestmod=hashlib.sha256)
+    def derive(self, label: bytes, *parts: bytes) -> bytes:
+        """A key for one purpose (a link session, one direction) from the shared secret."""
+        mac = hmac.new(self._secret, _context(label), hashlib.sha256)
         for p in parts:
-            mac.update(p)
-        return mac
+            mac.update(_context(p))
+        return mac.digest()
 
-    def encode(self, header: bytes, body: Any = b"", schema_version: int = 0, flags: int = 0) -> list:
-        """-> [prefix, header, body?, mac]; body is anything exposing the buffer protocol (bytes, memoryview)."""
+    def next_seq(self) -> int:
+        """A time-based, strictly increasing sequence number (ns): a restarted sender still counts upward."""
+        with self._seq_lock:
+            self._last_seq = max(time.time_ns(), self._last_seq + 1)
+            return self._last_seq
+
+    def encode(self, header: bytes, body: Any = b"", schema_version: int = 0, flags: int = 0,
+               seq: int | None = None, key: bytes | None = None, context: bytes = b"") -> list:
+        """-> [prefix, tag1, header, tag2, body?, tag3]; body is anything exposing the buffer protocol."""
         body = memoryview(body).cast("B") if not isinstance(body, (bytes, bytearray)) else body
         if len(header) > self.max_header or len(body) > self.max_body:
             raise FrameTooLarge(f"frame of {len(header)}+{len(body)} bytes exceeds the limits "
                                 f"({self.max_header}, {self.max_body})")
-        prefix = PREFIX.pack(MAGIC, FRAME_VERSION, flags, schema_version, len(header), len(body))
-        parts = [prefix, header, body] if len(body) else [prefix, header]
-        return parts + [self._mac(parts).digest()]
+        seq = self.next_seq() if seq is None else seq
+        prefix = PREFIX.pack(MAGIC, FRAME_VERSION, flags, schema_version, len(header), len(body), seq)
+        mac = hmac.new(key or self._secret, _context(context), hashlib.sha256)
+        mac.update(prefix)
+        tag1 = mac.copy().digest()
+        mac.update(header)
+        tag2 = mac.copy().digest()
+        if len(body):
+            mac.update(body)
+            return [prefix, tag1, header, tag2, body, mac.digest()]
+        return [prefix, tag1, header, tag2, mac.digest()]
 
-    def decode_prefix(self, prefix: bytes) -> FramePrefix:
-        if len(prefix) < PREFIX_SIZE:
-            raise TruncatedFrame(f"frame prefix of {len(prefix)} bytes, need {PREFIX_SIZE}")
-        magic, version, flags, schema_version, hlen, blen = PREFIX.unpack_from(prefix)
+    def open_prefix(self, signed_prefix: bytes, key: bytes | None = None, context: bytes = b""
+                    ) -> tuple[FramePrefix, "hmac.HMAC"]:
+        """Check the fixed-size signed prefix (tag1) before any length in it is believed."""
+        if len(signed_prefix) < SIGNED_PREFIX_SIZE:
+            raise TruncatedFrame(f"signed frame prefix of {len(signed_prefix)} bytes, need {SIGNED_PREFIX_SIZE}")
+        prefix, tag1 = bytes(signed_prefix[:PREFIX_SIZE]), bytes(signed_prefix[PREFIX_SIZE:SIGNED_PREFIX_SIZE])
+        magic, version, flags, schema_version, hlen, blen, seq = PREFIX.unpack(prefix)
         if magic != MAGIC:
             raise GarbageFrame(f"bad magic {magic!r}")
         if version != FRAME_VERSION:
             raise VersionMismatch(f"frame version {version}, this node speaks {FRAME_VERSION}")
+        mac = hmac.new(key or self._secret, _context(context), hashlib.sha256)
+        mac.update(prefix)
+        if not hmac.compare_digest(mac.digest(), tag1):
+            raise BadMAC("frame prefix MAC does not verify (wrong --kv-secret, another session, or tampered)")
         if hlen > self.max_header or blen > self.max_body:
             raise FrameTooLarge(f"frame declares {hlen}+{blen} bytes, limits are {self.max_header}+{self.max_body}")
-        return FramePrefix(flags, schema_version, hlen, blen)
+        return FramePrefix(flags, schema_version, hlen, blen, seq), mac
 
-    def verify(self, prefix: bytes, header: bytes, body: Any, mac: bytes) -> None:
-        parts = [prefix, header, body] if len(body) else [prefix, header]
-        if len(mac) != MAC_SIZE or not hmac.compare_digest(self._mac(parts).digest(), mac):
-            raise BadMAC("frame MAC does not verify (wrong --kv-secret, or tampered)")
+    @staticmethod
+    def check_tag(mac: "hmac.HMAC", data: Any, tag: bytes, what: str) -> None:
+        """Extend the running MAC by data and check tag (tag2 after the header, tag3 after the body)."""
+        if len(data):
+            mac.update(data)
+        if len(tag) != MAC_SIZE or not hmac.compare_digest(mac.copy().digest(), bytes(tag)):
+            raise BadMAC(f"frame {what} MAC does not verify (tampered)")
 
-    def split(self, frame: bytes | memoryview) -> tuple[FramePrefix, bytes, memoryview]:
-        """Check one whole frame held in memory (ZMQ, UCX messages) -> (prefix, header bytes, body view)."""
+    def split(self, frame: bytes | memoryview, key: bytes | None = None, context: bytes = b""
+              ) -> tuple[FramePrefix, bytes, memoryview]:
+        """Check one whole frame held in memory (ZMQ messages) -> (prefix, header bytes, body view)."""
         view = memoryview(frame).cast("B")
-        pre = self.decode_prefix(bytes(view[:PREFIX_SIZE]))
-        end = PREFIX_SIZE + pre.header_len + pre.body_len
-        if len(view) < end + MAC_SIZE:
-            raise TruncatedFrame(f"frame of {len(view)} bytes, header declares {end + MAC_SIZE}")
-        if len(view) > end + MAC_SIZE:
-            raise GarbageFrame(f"{len(view) - end - MAC_SIZE} trailing bytes after the frame")
-        header = bytes(view[PREFIX_SIZE:PREFIX_SIZE + pre.header_len])
-        body = view[PREFIX_SIZE + pre.header_len:end]
-        self.verify(bytes(view[:PREFIX_SIZE]), header, body, bytes(view[end:]))
+        pre, mac = self.open_prefix(bytes(view[:SIGNED_PREFIX_SIZE]), key, context)
+        h0 = SIGNED_PREFIX_SIZE
+        b0 = h0 + pre.header_len + MAC_SIZE
+        end = b0 + pre.body_len + MAC_SIZE
+        if len(view) < end:
+            raise TruncatedFrame(f"frame of {len(view)} bytes, its prefix declares {end}")
+        if len(view) > end:
+            raise GarbageFrame(f"{len(view) - end} trailing bytes after the frame")
+        header = bytes(view[h0:h0 + pre.header_len])
+        self.check_tag(mac, header, view[b0 - MAC_SIZE:b0], "header")
+        body = view[b0:b0 + pre.body_len]
+        self.check_tag(mac, body, view[end - MAC_SIZE:end], "body")
         return pre, header, body
 
 
@@ -304,6 +361,13 @@ class Heartbeat(Message, tag="heartbeat"):
 KV_SCHEMA = Schema("kv", 2, [Handshake, KVChunk, Done, Abort, Heartbeat])
 
 
+def body_limit(msg: msgspec.Struct) -> int:
+    """How many body bytes a message of this type may carry: a KV chunk its tensor's bytes, anything else none."""
+    if isinstance(msg, KVChunk):
+        return msg.tensor.nbytes()
+    return 0
+
+
 class SignedCodec:
     """FrameCodec + Schema: message (+ body) <-> frame parts. The unit a link sends and receives."""
 
@@ -312,12 +376,30 @@ class SignedCodec:
         self.frames = FrameCodec(secret, max_header, max_body)
         self.schema = schema
 
-    def encode(self, msg: msgspec.Struct, body: Any = b"") -> list:
-        return self.frames.encode(self.schema.encode(msg), body, self.schema.version)
+    def encode(self, msg: msgspec.Struct, body: Any = b"", **sign) -> list:
+        """sign: seq, key, context (FrameCodec.encode)."""
+        return self.frames.encode(self.schema.encode(msg), body, self.schema.version, **sign)
 
-    def encode_bytes(self, msg: msgspec.Struct, body: Any = b"") -> bytes:
-        return b"".join(bytes(p) for p in self.encode(msg, body))
+    def encode_bytes(self, msg: msgspec.Struct, body: Any = b"", **sign) -> bytes:
+        return b"".join(bytes(p) for p in self.encode(msg, body, **sign))
 
-    def decode_bytes(self, frame: bytes | memoryview) -> tuple[msgspec.Struct, memoryview]:
-        pre, header, body = self.frames.split(frame)
-        return self.schema.decode(header, pre.schema_version), body
+    def decode_frame(self, frame: bytes | memoryview, key: bytes | None = None, context: bytes = b""
+                     ) -> tuple[msgspec.Struct, memoryview, int]:
+        """-> (message, body, sequence number); the caller checks the sequence (ReplayGuard)."""
+        pre, header, body = self.frames.split(frame, key, context)
+        msg = self.schema.decode(header, pre.schema_version)
+        check_body(msg, len(body))
+        return msg, body, pre.seq
+
+    def decode_bytes(self, frame: bytes | memoryview, key: bytes | None = None, context: bytes = b""
+                     ) -> tuple[msgspec.Struct, memoryview]:
+        msg, body, _ = self.decode_frame(frame, key, context)
+        return msg, body
+
+
+def check_body(msg: msgspec.Struct, body_len: int) -> None:
+    """A body only where the message type carries one, of exactly the size it declares (0: none over tcp's
+    control link when the bytes travel on another data plane)."""
+    if body_len and body_len != body_limit(msg):
+        raise SchemaError(f"{type(msg).__name__} carries a {body_len}-byte body; its type allows "
+                          f"{body_limit(msg)}")

@@ -88,7 +88,7 @@ class NodeServer:
             f"tcp://{host}:{options.events_port}" if options.events_port >= 0 else None,
             on_message=self._on_message, on_drop=lambda reason: self.metrics.dropped.labels(reason).inc(),
             on_unroutable=self._on_unroutable, on_peer_message=self._on_peer_message,
-            on_peer_lost=self._on_peer_lost, identity=self.node_id,
+            on_peer_lost=self._on_peer_lost, identity=self.node_id, secret=self.secret,
             ticks=[(HEARTBEAT_INTERVAL_S, self._heartbeat), (0.05, self._check_deadlines)])
         self.http = HttpServer(host, options.http_port, self._health, self.metrics.render)
         parts = roles.PARTS_BY_KV_ROLE[self.role]

@@ -5,7 +5,11 @@ KV connector's callbacks) call `send()` / `publish()`, which queue the message a
 socketpair that its poller watches, so a token leaves the node as soon as it is sampled (no polling interval).
 
 Every received frame is checked (signature, versions, schema) before anything reads it; a bad one is dropped,
-counted by reason and logged once per sender and reason, and the node keeps serving. A reply to a proxy that has
+counted by reason and logged once per sender and reason, and the node keeps serving. Frames are signed over the
+sender's ZMQ identity ("from:" + identity towards a ROUTER, "to:" + identity from one) and carry time-based
+sequence numbers that must rise per sender (kvconnector.replay.ReplayGuard), so a captured frame replayed to this
+socket, under any identity, is refused. ZMQ itself drops a peer that sends a message over MAXMSGSIZE before we
+ever see it (a 100 MB frame used to be received whole and then dropped). A reply to a proxy that has
 gone away (ROUTER_MANDATORY reports the identity unroutable) calls `on_unroutable(identity)` so the node can abort
 that proxy's requests: a client that is gone frees its blocks.
 
@@ -17,6 +21,7 @@ A socket monitor on each DEALER reports a dropped connection (a killed prefill n
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import socket
 import threading
@@ -26,13 +31,16 @@ from typing import Any, Callable, Optional
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from kvconnector import curve
 from kvconnector.event_publisher import event_frames
-from kvconnector.wire import WireError
+from kvconnector.replay import ReplayGuard
+from kvconnector.wire import DEFAULT_MAX_HEADER, WireError
 
 log = logging.getLogger(__name__)
 
 OnMessage = Callable[[bytes, Any], None]  # (sender identity, decoded message)
 MAX_LOGGED_SENDERS = 1024
+MAX_MSG_SIZE = DEFAULT_MAX_HEADER + 4096  # a control frame: header limit plus prefix and tags, no body
 
 
 class RpcServer:
@@ -41,11 +49,13 @@ class RpcServer:
                  on_unroutable: Callable[[bytes], None] = lambda identity: None,
                  ticks: Optional[list[tuple[float, Callable[[], None]]]] = None,
                  on_peer_message: Callable[[str, Any], None] = lambda endpoint, msg: None,
-                 on_peer_lost: Callable[[str], None] = lambda endpoint: None, identity: str = ""):
+                 on_peer_lost: Callable[[str], None] = lambda endpoint: None, identity: str = "",
+                 secret: bytes = b""):
         self.codec = codec
         self.on_message, self.on_drop, self.on_unroutable = on_message, on_drop, on_unroutable
         self.on_peer_message, self.on_peer_lost = on_peer_message, on_peer_lost
         self.identity = identity
+        self.secret = secret  # for CURVE keys (kvconnector/curve.py), when $PDSERVE_CURVE=1
         self._dealers: dict[str, zmq.Socket] = {}
         self._monitors: dict[zmq.Socket, str] = {}
         self._poller = zmq.Poller()
@@ -55,6 +65,8 @@ class RpcServer:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.SNDHWM, 0)  # never drop a token for a slow reader
         self.router.setsockopt(zmq.RCVHWM, 0)
+        self.router.setsockopt(zmq.MAXMSGSIZE, MAX_MSG_SIZE)
+        curve.serve(self.router, secret)
         self.router.bind(rpc_address)
         self.rpc_endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.pub = None
@@ -63,6 +75,7 @@ class RpcServer:
             self.pub = self.ctx.socket(zmq.PUB)
             self.pub.setsockopt(zmq.LINGER, 0)
             self.pub.setsockopt(zmq.SNDHWM, 100_000)
+            curve.serve(self.pub, secret)  # subscribers without the secret cannot even connect
             self.pub.bind(events_address)
             self.events_endpoint = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -71,6 +84,9 @@ class RpcServer:
         self._wake_w.setblocking(False)
         self._ticks = [[period, fn, 0.0] for period, fn in (ticks or [])]
         self._seq: dict[bytes, int] = {}
+        self._replay = ReplayGuard()
+        self._sign_lock = threading.Lock()
+        self._dealer_ids: dict[str, bytes] = {}
         self._logged: set[tuple[bytes, str]] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="node-rpc", daemon=True)
@@ -88,12 +104,13 @@ class RpcServer:
     # ---- any thread ------------------------------------------------------------------------------------------
     def send(self, identity: bytes, msg) -> None:
         """Queue one message for the DEALER behind identity."""
-        self._outbox.put(("rpc", identity, b"".join(self.codec.encode(msg))))
+        with self._sign_lock:  # frames must join the outbox in the order of their sequence numbers
+            self._outbox.put(("rpc", identity, b"".join(self.codec.encode(msg, context=b"to:" + identity))))
         self._wake()
 
     def send_to(self, endpoint: str, msg) -> None:
         """Queue one message for the node whose ROUTER listens at endpoint (tcp://host:port)."""
-        self._outbox.put(("dealer", endpoint, b"".join(self.codec.encode(msg))))
+        self._outbox.put(("dealer", endpoint, msg))  # signed on the I/O thread, which names the DEALER
         self._wake()
 
     def publish(self, topic: bytes, payload: bytes) -> None:
@@ -177,7 +194,11 @@ class RpcServer:
                 self._dropped(identity, "garbage", "a message without a payload part")
                 continue
             try:
-                msg, _ = self.codec.decode_bytes(payload)
+                if endpoint is None:
+                    msg, _, seq = self.codec.decode_frame(payload, context=b"from:" + identity)
+                else:
+                    msg, _, seq = self.codec.decode_frame(payload, context=b"to:" + self._dealer_ids[endpoint])
+                self._replay.check((b"r:" if endpoint is None else b"d:") + identity, seq)
             except WireError as exc:
                 self._dropped(identity, exc.reason, str(exc))
                 continue
@@ -216,7 +237,9 @@ class RpcServer:
                         log.warning("rpc send to %r failed: %s", key, exc)
             elif kind == "dealer":
                 try:
-                    self._dealer(key).send(data, zmq.NOBLOCK)
+                    sock = self._dealer(key)
+                    frame = self.codec.encode_bytes(data, context=b"from:" + self._dealer_ids[key])
+                    sock.send(frame, zmq.NOBLOCK)
                 except zmq.ZMQError as exc:
                     log.warning("send to %s failed: %s", key, exc)
                     self._peer_lost(key)
@@ -235,8 +258,12 @@ class RpcServer:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
-            if self.identity:
-                sock.setsockopt(zmq.IDENTITY, f"{self.identity}-{len(self._dealers)}".encode())
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_MSG_SIZE)
+            curve.client(sock, self.secret)
+            # Frames are signed over this identity, so it is always set (never ZMQ's random one).
+            dealer_id = f"{self.identity or 'node'}-{len(self._dealers)}-{os.urandom(4).hex()}".encode()
+            sock.setsockopt(zmq.IDENTITY, dealer_id)
+            self._dealer_ids[endpoint] = dealer_id
             monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             sock.connect(endpoint)
             self._dealers[endpoint] = sock

@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kvconnector import curve
 from kvconnector.node_messages import make_codec
 from kvconnector.wire import resolve_secret
 from proxy.config import ProxyConfig
@@ -89,12 +90,15 @@ class ProxyState:
                 lambda role=role: sum(1 for n in self.registry.live() if n.role == role))
         proxy_id = cfg.proxy_id or f"proxy-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         drop = lambda reason: self.metrics.dropped_frames.labels(reason).inc()  # noqa: E731
-        self.rpc = NodeRpc(self.ctx, make_codec(resolve_secret(cfg.kv_secret or None, cfg.host)), proxy_id, on_drop=drop,
-                           on_alive=self._rpc_alive)
+        secret = resolve_secret(cfg.kv_secret or None, cfg.host)
+        curve.check_available()
+        self.rpc = NodeRpc(self.ctx, make_codec(secret), proxy_id, on_drop=drop, on_alive=self._rpc_alive,
+                           secret=secret)
         self.registry.on_up.append(lambda node: self.rpc.connect(node.rpc))
         self.router = Router(cfg.router)
         self.dispatcher = Dispatcher(cfg, self.registry, self.index, self.router, self.rpc, self.metrics)
-        self.indexer = Indexer(self.ctx, list(cfg.node_events), self.registry, self.index, on_drop=drop)
+        self.indexer = Indexer(self.ctx, list(cfg.node_events), self.registry, self.index, on_drop=drop,
+                               secret=secret)
         self.indexer.start()
         self.served = Served(self.dispatcher, self.tokenizer, self.metrics, self.model_name, cfg.request_timeout_s)
         log.info("proxy %s: model %s (max_model_len %d), %d node endpoint(s), routing %s, index %s", proxy_id,

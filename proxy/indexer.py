@@ -18,6 +18,7 @@ from typing import Callable
 import zmq
 import zmq.asyncio
 
+from kvconnector import curve
 from kvconnector.events import decode_batch
 from kvconnector.node_messages import TOPIC_HEARTBEAT, TOPIC_KV_EVENTS, decode_heartbeat
 from proxy.nodes import NodeRegistry, NodeState
@@ -31,12 +32,13 @@ STALL_FRACTION = 0.25  # a reaper tick this late (in node timeouts) means the pr
 
 class Indexer:
     def __init__(self, ctx: zmq.asyncio.Context, endpoints: list[str], registry: NodeRegistry, index: PrefixIndex,
-                 on_drop: Callable[[str], None] = lambda reason: None):
+                 on_drop: Callable[[str], None] = lambda reason: None, secret: bytes = b""):
         self.ctx = ctx
         self.endpoints = list(endpoints)
         self.registry = registry
         self.index = index
         self.on_drop = on_drop
+        self.secret = secret  # CURVE keys when $PDSERVE_CURVE=1
         self._node_of: dict[str, str] = {}  # endpoint -> node id
         self._pending: dict[str, list] = {}  # endpoint -> batches before the first heartbeat
         self._last_seq: dict[tuple[str, bytes], int] = {}
@@ -52,6 +54,7 @@ class Indexer:
             sock = self.ctx.socket(zmq.SUB)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVHWM, 100_000)
+            curve.client(sock, self.secret)
             sock.setsockopt(zmq.SUBSCRIBE, TOPIC_KV_EVENTS)
             sock.setsockopt(zmq.SUBSCRIBE, TOPIC_HEARTBEAT)
             sock.connect(endpoint)

@@ -1,7 +1,8 @@
 """The proxy's side of the node rpc sockets: one DEALER per node, replies routed to per-request queues.
 
-Every frame is signed and schema-checked (kvconnector.node_messages); a bad one is counted, logged once per node
-and reason, and dropped. Replies for a request nobody waits for any more (aborted, finished) are ignored.
+Every frame is signed over this proxy's DEALER identity and schema-checked (kvconnector.node_messages), and its
+sequence number must rise per node (kvconnector.wire.ReplayGuard); a bad one is counted, logged once per node and
+reason, and dropped. ZMQ drops a node that sends a message over MAXMSGSIZE. Replies for a request nobody waits for any more (aborted, finished) are ignored.
 Sockets are made on first use and set IMMEDIATE, so a send to a node with no live connection fails at once
 (zmq.Again -> NodeUnreachable) instead of queueing behind a dead peer. Everything runs on the event loop.
 """
@@ -14,8 +15,10 @@ from typing import Callable
 import zmq
 import zmq.asyncio
 
+from kvconnector import curve
 from kvconnector.node_messages import Abort, Error, Tokens
-from kvconnector.wire import SignedCodec, WireError
+from kvconnector.replay import ReplayGuard
+from kvconnector.wire import DEFAULT_MAX_HEADER, SignedCodec, WireError
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +30,19 @@ class NodeUnreachable(Exception):
 class NodeRpc:
     def __init__(self, ctx: zmq.asyncio.Context, codec: SignedCodec, identity: str,
                  on_drop: Callable[[str], None] = lambda reason: None,
-                 on_alive: Callable[[str], None] = lambda rpc: None):
+                 on_alive: Callable[[str], None] = lambda rpc: None, secret: bytes = b""):
         self.ctx = ctx
         self.codec = codec
         self.identity = identity.encode()
         self.on_drop = on_drop
         self.on_alive = on_alive  # any valid frame from a node is a sign of life
+        self.secret = secret  # CURVE keys when $PDSERVE_CURVE=1
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
         self._readers: dict[str, asyncio.Task] = {}
         self._queues: dict[str, asyncio.Queue] = {}
         self._logged: set[tuple[str, str]] = set()
         self._background: set[asyncio.Task] = set()
+        self._replay = ReplayGuard()
 
     # ---- streams ------------------------------------------------------------------------------------------------
     def open(self, request_id: str) -> asyncio.Queue:
@@ -63,6 +68,8 @@ class NodeRpc:
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, DEFAULT_MAX_HEADER + 4096)
+            curve.client(sock, self.secret)
             sock.connect(endpoint)
             self._sockets[endpoint] = sock
             self._readers[endpoint] = asyncio.create_task(self._read(endpoint, sock), name=f"rpc {endpoint}")
@@ -74,11 +81,13 @@ class NodeRpc:
 
     async def send(self, endpoint: str, msg, timeout_s: float = 1.0) -> None:
         """Send one message; NodeUnreachable when no connection to the node completes within timeout_s."""
-        frame = self.codec.encode_bytes(msg)
         sock = self._socket(endpoint)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
+            # Signed at each try: another send may have gone out while this one waited, and the node wants
+            # this proxy's sequence numbers in the order its frames arrive.
+            frame = self.codec.encode_bytes(msg, context=b"from:" + self.identity)
             try:
                 await sock.send(frame, zmq.NOBLOCK)
                 return
@@ -106,7 +115,8 @@ class NodeRpc:
             if not parts:
                 continue
             try:
-                msg, _ = self.codec.decode_bytes(parts[-1])
+                msg, _, seq = self.codec.decode_frame(parts[-1], context=b"to:" + self.identity)
+                self._replay.check(endpoint.encode(), seq)
             except WireError as exc:
                 self._dropped(endpoint, exc.reason, str(exc))
                 continue

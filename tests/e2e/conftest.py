@@ -219,7 +219,7 @@ class FakeNode:
                     continue  # aborted meanwhile
                 if isinstance(msg, Tokens) and msg.finished:
                     self.active[msg.request_id] = False
-                self.router.send_multipart([identity, self.codec.encode_bytes(msg)])
+                self.router.send_multipart([identity, self.codec.encode_bytes(msg, context=b"to:" + identity)])
             if dict(poller.poll(10)):
                 while True:
                     try:
@@ -228,7 +228,7 @@ class FakeNode:
                         break
                     identity, frame = parts[0], parts[-1]
                     try:
-                        msg, _ = self.codec.decode_bytes(frame)
+                        msg, _ = self.codec.decode_bytes(frame, context=b"from:" + identity)
                     except Exception as exc:  # noqa: BLE001
                         self.received.append(exc)
                         continue
@@ -503,6 +503,15 @@ class UpCluster:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         assert not alive, f"processes left running after pdserve up stopped: {alive}"
+
+
+@contextlib.contextmanager
+def running(cluster: UpCluster):
+    """Yield the cluster, stop it however the block ends (a module-scoped fixture's body)."""
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def _alive(pid: int) -> bool:

@@ -144,13 +144,16 @@ class FakeProxy:
         self.ctx = zmq.Context()
         self.sockets: dict[str, zmq.Socket] = {}
         self.results: dict[str, Result] = {}
+        self.identities: dict[zmq.Socket, bytes] = {}
 
     def socket(self, endpoint: str) -> zmq.Socket:
         sock = self.sockets.get(endpoint)
         if sock is None:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IDENTITY, f"proxy-{uuid.uuid4().hex[:8]}".encode())
+            identity = f"proxy-{uuid.uuid4().hex[:8]}".encode()
+            sock.setsockopt(zmq.IDENTITY, identity)
+            self.identities[sock] = identity  # frames are signed over it
             sock.connect(endpoint)
             self.sockets[endpoint] = sock
         return sock
@@ -177,7 +180,8 @@ class FakeProxy:
         self.send(node, Abort(request_id=request_id))
 
     def send(self, node: NodeProcess, msg) -> None:
-        self.socket(node.rpc).send(self.codec.encode_bytes(msg))
+        sock = self.socket(node.rpc)
+        sock.send(self.codec.encode_bytes(msg, context=b"from:" + self.identities[sock]))
 
     def send_raw(self, node: NodeProcess, data: bytes) -> None:
         self.socket(node.rpc).send(data)
@@ -192,7 +196,7 @@ class FakeProxy:
                     payload = sock.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                msg, _ = self.codec.decode_bytes(payload)
+                msg, _ = self.codec.decode_bytes(payload, context=b"to:" + self.identities[sock])
                 self._record(msg)
 
     def _record(self, msg) -> None:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from proxy.dispatch import ChoiceRun
-from tests.e2e.conftest import UpCluster, needs_nodes, wait_for
+from tests.e2e.conftest import UpCluster, needs_nodes, running, wait_for
 
 LONG = "A long prompt so that the request is disaggregated and its KV moves between the nodes. " * 3
 
@@ -45,11 +45,8 @@ def used_blocks(metrics: str) -> float:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, model_dir):
-    c = UpCluster(tmp_path_factory.mktemp("disconnects-1p1d"), model_dir, 1, 1)
-    try:
+    with running(UpCluster(tmp_path_factory.mktemp("disconnects-1p1d"), model_dir, 1, 1)) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.mark.slow
@@ -59,11 +56,16 @@ def test_fifty_non_streaming_disconnects_end_their_node_work(cluster):
     assert httpx.post(url, json={"prompt": "warm up", "max_tokens": 2}, timeout=60).status_code == 200
     finished_by_length = {name: counter(cluster.node_metrics(name), "pdserve_node_requests_finished_total",
                                         'reason="length"') for name in ("decode-0", "prefill-0")}
+    outcomes = []
     for trial in range(50):
         body = {"prompt": LONG if trial % 2 else "Hello there", "max_tokens": 400, "n": 1 if trial < 25 else 8,
                 "temperature": 0.7, "ignore_eos": True}
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(url, json=body, timeout=httpx.Timeout(60, read=0.4))  # leaves mid-generation
+        try:
+            r = httpx.post(url, json=body, timeout=httpx.Timeout(60, read=0.4))  # leaves mid-generation
+            outcomes.append(r.status_code)  # refused at once (a node still freeing the last one's blocks)
+        except httpx.ReadTimeout:
+            outcomes.append("left")
+    assert outcomes.count("left") >= 40 and 200 not in outcomes, outcomes
     for name in ("decode-0", "prefill-0"):
         wait_for(lambda: used_blocks(cluster.node_metrics(name)) == 0, 10, what=f"{name} back to idle")
         metrics = cluster.node_metrics(name)
@@ -71,4 +73,4 @@ def test_fifty_non_streaming_disconnects_end_their_node_work(cluster):
         assert counter(metrics, "pdserve_node_requests_finished_total", 'reason="length"') \
             == finished_by_length[name], name
     proxy_metrics = httpx.get(cluster.url + "/metrics").text
-    assert counter(proxy_metrics, "pdserve_proxy_aborts_total", 'reason="client_gone"') >= 50
+    assert counter(proxy_metrics, "pdserve_proxy_aborts_total", 'reason="client_gone"') >= outcomes.count("left")

@@ -10,8 +10,9 @@ import threading
 import httpx
 import pytest
 
-from tests.e2e.conftest import UpCluster, needs_nodes
-from tests.e2e.test_nodes_harness import proxy, prompts, start_node, wait_for, wait_healthy  # noqa: F401
+from tests.e2e.conftest import UpCluster, needs_nodes, running
+from tests.e2e.test_nodes_disagg import nodes  # noqa: F401 (a fixture: a prefill and a decode node)
+from tests.e2e.test_nodes_harness import proxy, prompts, wait_for  # noqa: F401
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 
@@ -19,20 +20,8 @@ POISONS = [{"min_tokens": 1, "stop_token_ids": [5000]}, {"stop_token_ids": [1024
 LONG = ("The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun. " * 3).strip()
 
 
-@pytest.fixture
-def pair(model_dir, tmp_path):
-    prefill = start_node("prefill", model_dir, str(tmp_path))
-    decode = start_node("decode", model_dir, str(tmp_path))
-    try:
-        wait_healthy(prefill, decode)
-        yield prefill, decode
-    finally:
-        prefill.stop()
-        decode.stop()
-
-
-def test_node_door_refuses_poison_among_eight_requests(pair, proxy):  # noqa: F811 (proxy: a fixture)
-    prefill, decode = pair
+def test_node_door_refuses_poison_among_eight_requests(nodes, proxy):  # noqa: F811 (fixtures)
+    prefill, decode = nodes
     good = []
     for i, p in enumerate(prompts(3, [40, 12, 40, 12, 40, 12, 40, 12])):
         mode = "disaggregated" if i % 2 == 0 else "colocated"
@@ -56,11 +45,8 @@ def test_node_door_refuses_poison_among_eight_requests(pair, proxy):  # noqa: F8
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, model_dir):
-    c = UpCluster(tmp_path_factory.mktemp("poison-1p1d"), model_dir, 1, 1)
-    try:
+    with running(UpCluster(tmp_path_factory.mktemp("poison-1p1d"), model_dir, 1, 1)) as c:
         yield c
-    finally:
-        c.stop()
 
 
 def stream(url: str, body: dict, out: list) -> None:

@@ -140,10 +140,16 @@ class Node:
             time.sleep(0.005)
         return out
 
-    def inject(self, address, kind: str):
-        """Producer: put a malformed frame on the live, handshaken link to address."""
+    def inject(self, address, kind: str) -> bool:
+        """Producer: put a malformed frame on the live, handshaken link to address; whether the link then closed
+        (within a bounded wait: the consumer refuses it and hangs up)."""
         from tests.kvconnector.bad_frames import bad_frame
-        self.conn.connect(tuple(address)).send_raw(bad_frame(kind))
+        link = self.conn.connect(tuple(address))
+        link.send_raw(bad_frame(kind))
+        deadline = time.monotonic() + 5
+        while not link.closed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return link.closed
 
     def block_bytes(self, block_ids: list[int]) -> bytes:
         """Raw bytes of blocks (all layers, K and V) in the given order."""

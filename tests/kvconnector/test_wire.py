@@ -42,7 +42,7 @@ def test_each_bad_frame_raises_its_error(kind, exc):
     with pytest.raises(exc) as info:
         SignedCodec(SECRET).decode_bytes(bad_frame(kind))
     assert info.value.reason == {"schema_version": "version"}.get(kind, kind)
-    assert info.value.recoverable == (kind in ("hmac", "schema", "schema_version"))
+    assert info.value.recoverable == (kind in ("schema", "schema_version"))
 
 
 def test_tampered_and_truncated_whole_frames():
@@ -52,9 +52,11 @@ def test_tampered_and_truncated_whole_frames():
         codec.decode_bytes(bytes(frame[:-5]))
     with pytest.raises(GarbageFrame):
         codec.decode_bytes(bytes(frame) + b"x")
-    frame[wire.PREFIX_SIZE + 3] ^= 1
-    with pytest.raises(BadMAC):
-        codec.decode_bytes(bytes(frame))
+    for offset in (10, wire.PREFIX_SIZE + 3, wire.SIGNED_PREFIX_SIZE + 1, len(frame) - 1):  # prefix..tag3
+        tampered = bytearray(frame)
+        tampered[offset] ^= 1
+        with pytest.raises(BadMAC):
+            codec.decode_bytes(bytes(tampered))
 
 
 def test_schema_violations():
@@ -106,24 +108,43 @@ def test_secret_resolution(monkeypatch, caplog):
     assert "development secret" in caplog.text
 
 
-def test_listener_drops_bad_frames_logs_once_per_peer_and_keeps_the_link(caplog):
+def test_listener_refuses_bad_frames_logs_once_per_reason_and_keeps_accepting(caplog):
+    """Each stranger is refused and its connection closed (a frame outside the session cannot be skipped safely);
+    the listener logs once per peer and reason, and a real link still works."""
+    from kvconnector.link import connect
+    from tests.kvconnector.bad_frames import stranger_hello
+
     got, drops = [], []
     listener = Listener("127.0.0.1", 0, SignedCodec(SECRET), lambda link, msg, body: got.append(msg),
                         on_drop=lambda link, reason: drops.append(reason))
     try:
         assert listener.address[0] == "127.0.0.1"
-        with caplog.at_level(logging.WARNING, logger="kvconnector.link"), \
-                socket.create_connection(listener.address) as s:
+        with caplog.at_level(logging.WARNING, logger="kvconnector.link"):
             for _ in range(3):
-                s.sendall(bad_frame("hmac"))
-            s.sendall(SignedCodec(SECRET).encode_bytes(Heartbeat("ok", 1.0)))
+                with socket.create_connection(listener.address) as s:
+                    s.sendall(stranger_hello() + bad_frame("hmac"))
+                    assert s.recv(4096)  # our hello
+                    s.settimeout(5)
+                    assert _closed(s)
+            link = connect(listener.address, SignedCodec(SECRET), lambda *a: None)
+            link.send(Heartbeat("ok", 1.0))
             deadline = time.monotonic() + 5
             while not got and time.monotonic() < deadline:
                 time.sleep(0.01)
+            link.close()
         assert got == [Heartbeat("ok", 1.0)] and drops == ["hmac"] * 3
-        assert caplog.text.count("dropped a frame (hmac)") == 1
+        assert caplog.text.count("dropped a frame (hmac)") == 3  # once per peer
     finally:
         listener.close()
+
+
+def _closed(s: socket.socket) -> bool:
+    try:
+        while s.recv(4096):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
 
 
 def test_torch_free_modules_stay_torch_free():
