@@ -9,7 +9,7 @@ For each model shape (random weights, written once by `pdserve make-model`'s cod
   hf          the same shapes with transformers (bf16, sdpa): prefill, a decode step on a DynamicCache, generate
 and `kernels`: each Triton kernel beside its torch reference at real shapes. Ceilings (copy bandwidth, bf16 matmul
 rate) are measured first, in the same run. Every figure is logged as it is measured and the result file
-(bench/results/engine-<device>-<date>.json, DESIGN.md's format) is rewritten after each, so a crash loses nothing;
+(bench/results/engine-<device>-<date>.json, the format in docs/architecture.md) is rewritten after each, so a crash loses nothing;
 each section catches its own errors.
 
     python bench/engine.py                                   # everything, both models (H100: ~8-9 min)

@@ -19,7 +19,7 @@ tiny shape on CPU over tcp (the test suite runs it).
   python bench/kv_transfer.py                      # 2 GPUs: cuda_ipc, 2048 and 8192 tokens
   python bench/kv_transfer.py --gpus 1             # one GPU, two processes
   python bench/kv_transfer.py --smoke --out /tmp/x # CPU, tcp, seconds
-Results: bench/results/kv_transfer-<device>-<YYYYMMDD>.json (DESIGN.md's format) and a PNG beside it.
+Results: bench/results/kv_transfer-<device>-<YYYYMMDD>.json (the format in docs/architecture.md) and a PNG beside it.
 """
 from __future__ import annotations
 
