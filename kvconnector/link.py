@@ -23,6 +23,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+from kvconnector import link_tls
 from kvconnector.bind import warn_if_wildcard
 from kvconnector.wire import (FRAME_VERSION, MAC_SIZE, SIGNED_PREFIX_SIZE, FrameTooLarge, GarbageFrame,
                               ReplayedFrame, SignedCodec, TruncatedFrame, VersionMismatch, WireError, body_limit)
@@ -60,6 +61,7 @@ class Link:
         self._send_lock = threading.Lock()
         self._logged: set[str] = set()
         self.initiator = initiator  # the connecting side; the session keys differ per direction
+        self.encrypted = link_tls.enabled()  # TLS under the session (kvconnector/link_tls.py), set up first
         self._session = threading.Event()
         self._tx_key = self._rx_key = b""
         self._tx_seq = self._rx_seq = 0
@@ -106,7 +108,13 @@ class Link:
     # ------------------------------------------------------------------------------------------------ receiving
 
     def _hello(self) -> None:
-        """Exchange nonces and derive this session's keys (on the reader thread, before any frame)."""
+        """Exchange nonces and derive this session's keys (on the reader thread, before any frame); with
+        encryption on, over TLS, and the keys bound to that TLS channel."""
+        if self.encrypted:
+            try:
+                self.sock = link_tls.wrap(self.sock, server=not self.initiator)
+            except (OSError, ValueError) as exc:
+                raise GarbageFrame(f"no TLS session: {exc}") from None
         nonce = os.urandom(32)
         self.sock.settimeout(HELLO_TIMEOUT_S)
         try:
@@ -123,8 +131,10 @@ class Link:
             raise VersionMismatch(f"peer speaks frame version {version}, this node {FRAME_VERSION}")
         self.sock.settimeout(None)
         ours_first = (nonce, peer_nonce) if self.initiator else (peer_nonce, nonce)
-        forward = self.codec.frames.derive(b"pdserve-link initiator->acceptor", *ours_first)
-        backward = self.codec.frames.derive(b"pdserve-link acceptor->initiator", *ours_first)
+        channel = link_tls.binding(self.sock)
+        parts = (*ours_first, channel) if channel is not None else ours_first
+        forward = self.codec.frames.derive(b"pdserve-link initiator->acceptor", *parts)
+        backward = self.codec.frames.derive(b"pdserve-link acceptor->initiator", *parts)
         self._tx_key, self._rx_key = (forward, backward) if self.initiator else (backward, forward)
         self._session.set()
 
@@ -221,6 +231,10 @@ class Link:
 
 def _sendall_parts(sock: socket.socket, parts: list) -> None:
     views = [memoryview(p).cast("B") for p in parts if len(p)]
+    if link_tls.is_tls(sock):  # no scatter-gather send over TLS: one record stream per part
+        for view in views:
+            sock.sendall(view)
+        return
     while views:
         sent = sock.sendmsg(views[:64])
         while sent:
