@@ -140,7 +140,8 @@ class FakeProxy:
     def __init__(self, secret: str = SECRET):
         from node_runtime.protocol import make_codec
 
-        self.codec = make_codec(secret.encode())
+        self.secret = secret.encode()
+        self.codec = make_codec(self.secret)
         self.ctx = zmq.Context()
         self.sockets: dict[str, zmq.Socket] = {}
         self.results: dict[str, Result] = {}
@@ -151,6 +152,8 @@ class FakeProxy:
         if sock is None:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            from kvconnector import curve
+            curve.client(sock, self.secret)  # a node under $PDSERVE_CURVE=1 takes CURVE clients only
             identity = f"proxy-{uuid.uuid4().hex[:8]}".encode()
             sock.setsockopt(zmq.IDENTITY, identity)
             self.identities[sock] = identity  # frames are signed over it
