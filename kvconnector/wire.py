@@ -43,7 +43,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Sequence, Union
 
 import msgspec
 

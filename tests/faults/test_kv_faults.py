@@ -105,7 +105,7 @@ def test_late_writes_of_a_frozen_producer_never_land_in_forgotten_blocks(pair):
     """SIGSTOP mid-transfer; the node gives up (forget) and hands the same blocks to another request; when the
     producer wakes up and finishes, nothing it writes for the forgotten request lands."""
     prod, cons = pair
-    address = start_slow_transfer(prod, cons, "tcp")
+    start_slow_transfer(prod, cons, "tcp")
     os.kill(prod.proc.pid, signal.SIGSTOP)
     try:
         cons.call("forget", rid="r")
