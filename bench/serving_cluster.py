@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -64,14 +63,10 @@ class LocalCluster:
             return ""
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        from engine.cluster_cli import stop_up_process
+
+        if self.proc is not None:
+            stop_up_process(self.proc)
 
     def __enter__(self) -> "LocalCluster":
         return self.start()

@@ -66,6 +66,19 @@ def own_gpu_first(own: str, cluster: list[str]) -> str:
     return ",".join([own, *others])
 
 
+def stop_up_process(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """Stop a `pdserve up` started in a session of its own: SIGTERM (it stops its children itself), then, after
+    grace_s, SIGKILL to its whole process group."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 READY_LINE = re.compile(r"pdserve node \S+ ready: rpc (\S+) events (\S+) http (\S+)")
 
 

@@ -31,13 +31,12 @@ class DataPlaneConfig:
 @dataclass(slots=True, eq=False)
 class PeerWrites:
     """One step's blocks bound for one peer. request_ids[i]'s local blocks src[i] go to the peer's dst[i];
-    src_ids / dst_ids are their concatenations on the cache's device ([n] int64), for planes that copy on it."""
+    `staged` is what the plane's stage() prepared from them (block ids on the device)."""
     link: object
     request_ids: list[str]
     src: list[list[int]]
     dst: list[list[int]]
-    src_ids: Optional[torch.Tensor] = None
-    dst_ids: Optional[torch.Tensor] = None
+    staged: object = None
 
     @property
     def num_blocks(self) -> int:

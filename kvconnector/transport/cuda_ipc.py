@@ -145,7 +145,7 @@ class CudaIpcDataPlane(DataPlane):
                            dtype=torch.int64).pin_memory().to(self.device, non_blocking=True)
         ids.record_stream(self._stream)  # read by the copy stream, possibly after the step has let go of it
         n = writes.num_blocks
-        writes.src_ids, writes.dst_ids = ids[:n], ids[n:]
+        writes.staged = (ids[:n], ids[n:])  # source ids, destination ids: every request of the peer at once
 
     def write_layer(self, writes: PeerWrites, layer: int) -> None:
         copiers = writes.link.state.get("copiers")
@@ -158,7 +158,7 @@ class CudaIpcDataPlane(DataPlane):
         ready.record()
         self._stream.wait_event(ready)
         with torch.cuda.stream(self._stream):
-            copiers[layer](writes.src_ids, writes.dst_ids)
+            copiers[layer](*writes.staged)
         self._wrote = True
 
     def end_step(self) -> None:

@@ -20,13 +20,13 @@ class TcpDataPlane(DataPlane):
 
     def stage(self, writes: PeerWrites) -> None:
         device = self.caches[0].device
-        writes.src_ids = [torch.tensor(s, dtype=torch.int64, device=device) for s in writes.src]
+        writes.staged = [torch.tensor(s, dtype=torch.int64, device=device) for s in writes.src]  # per request
 
     def write_layer(self, writes: PeerWrites, layer: int) -> None:
         link = writes.link
         if link.closed:
             return
-        for rid, src_ids, dst in zip(writes.request_ids, writes.src_ids, writes.dst):
+        for rid, src_ids, dst in zip(writes.request_ids, writes.staged, writes.dst):
             if not dst:
                 continue
             blocks = gather_blocks(self.caches[layer], src_ids).unsqueeze(0)  # [1, 2, n, *block]

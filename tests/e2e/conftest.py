@@ -485,13 +485,8 @@ class UpCluster:
             return f.read()
 
     def stop(self, check: bool = True) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        from engine.cluster_cli import stop_up_process
+        stop_up_process(self.proc)
         if not check:
             return
         deadline = time.monotonic() + 15
