@@ -9,6 +9,7 @@
   benchmark can be split over several runs on the same day. `python bench/common.py merge A.json B.json -o C.json`
   merges files that came back from different machines' runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,6 +56,7 @@ def elapsed() -> float:
 
 # --------------------------------------------------------------------------------------------------- devices
 
+
 def is_cuda(device) -> bool:
     return str(device).startswith("cuda")
 
@@ -62,6 +64,7 @@ def is_cuda(device) -> bool:
 def sync(device) -> None:
     if is_cuda(device):
         import torch
+
         torch.cuda.synchronize(device)
 
 
@@ -70,6 +73,7 @@ def device_slug(device) -> str:
     if not is_cuda(device):
         return "cpu"
     import torch
+
     name = torch.cuda.get_device_name(device).lower()
     for token in name.replace("-", " ").split():
         if token[:1] in "habvl" and token[1:].isdigit():
@@ -80,8 +84,10 @@ def device_slug(device) -> str:
 def device_name(device) -> str:
     if not is_cuda(device):
         import platform
+
         return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     import torch
+
     props = torch.cuda.get_device_properties(device)
     return f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"
 
@@ -91,6 +97,7 @@ def free_memory(device=None) -> None:
     gc.collect()
     try:
         import torch
+
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
@@ -120,14 +127,17 @@ def gpu_memory_gib(device) -> str:
     if not is_cuda(device):
         return "n/a"
     import torch
+
     free, total = torch.cuda.mem_get_info(device)
     return f"{(total - free) / 2**30:.1f}/{total / 2**30:.1f} GiB used"
 
 
 # --------------------------------------------------------------------------------------------------- timing
 
-def time_fn(fn: Callable[[], object], device, warmup: int = 3, iters: int = 10,
-            max_seconds: float | None = None) -> dict:
+
+def time_fn(
+    fn: Callable[[], object], device, warmup: int = 3, iters: int = 10, max_seconds: float | None = None
+) -> dict:
     """Median (and min, max) milliseconds of `fn()`; each call timed alone after a device sync.
 
     max_seconds bounds the measured loop (at least 3 timed calls, or all of them if fewer were asked)."""
@@ -138,6 +148,7 @@ def time_fn(fn: Callable[[], object], device, warmup: int = 3, iters: int = 10,
     started = time.perf_counter()
     if is_cuda(device):
         import torch
+
         stream = torch.cuda.current_stream(device)
         for i in range(iters):
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -147,23 +158,38 @@ def time_fn(fn: Callable[[], object], device, warmup: int = 3, iters: int = 10,
             end.record(stream)
             end.synchronize()
             times.append(begin.elapsed_time(end))
-            if max_seconds is not None and i + 1 >= min(3, iters) and time.perf_counter() - started > max_seconds:
+            if (
+                max_seconds is not None
+                and i + 1 >= min(3, iters)
+                and time.perf_counter() - started > max_seconds
+            ):
                 break
     else:
         for i in range(iters):
             t = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t) * 1e3)
-            if max_seconds is not None and i + 1 >= min(3, iters) and time.perf_counter() - started > max_seconds:
+            if (
+                max_seconds is not None
+                and i + 1 >= min(3, iters)
+                and time.perf_counter() - started > max_seconds
+            ):
                 break
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "n": len(times)}
+    return {
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "n": len(times),
+    }
 
 
 # --------------------------------------------------------------------------------------------------- ceilings
 
+
 def capture_graph(fn: Callable[[], object], device=None):
     """fn() run once on a side stream (Triton compiles, cuBLAS settles its kernels), then captured in a CUDA graph."""
     import torch
+
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -178,6 +204,7 @@ def capture_graph(fn: Callable[[], object], device=None):
 def device_ms(fn: Callable[[], object], calls: int) -> float:
     """Device milliseconds per fn() over `calls` calls issued back to back (no sync between them)."""
     import torch
+
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
     for _ in range(calls):
@@ -190,6 +217,7 @@ def device_ms(fn: Callable[[], object], calls: int) -> float:
 def measure_copy_bandwidth(device, nbytes: int | None = None) -> float:
     """Device-to-device copy, bytes/s with read and write both counted (1 GiB on a GPU)."""
     import torch
+
     nbytes = nbytes or ((1 << 30) if is_cuda(device) else (64 << 20))
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     src.fill_(1)
@@ -201,6 +229,7 @@ def measure_copy_bandwidth(device, nbytes: int | None = None) -> float:
 def measure_matmul_rate(device, n: int | None = None, dtype=None) -> float:
     """FLOP/s of a square matmul (8192^3 bf16 on a GPU; 512^3 fp32 on CPU)."""
     import torch
+
     if is_cuda(device):
         n, dtype = n or 8192, dtype or torch.bfloat16
     else:
@@ -209,30 +238,59 @@ def measure_matmul_rate(device, n: int | None = None, dtype=None) -> float:
     b = torch.randn(n, n, device=device, dtype=dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
     t = time_fn(lambda: torch.matmul(a, b, out=out), device, warmup=10 if is_cuda(device) else 2, iters=30)
-    return 2 * n ** 3 / (t["median_ms"] / 1e3)
+    return 2 * n**3 / (t["median_ms"] / 1e3)
 
 
 # --------------------------------------------------------------------------------------------------- results
 
+
 def git_commit() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return (sha or "unknown") + ("-dirty" if dirty else "")
     except Exception:
         return "unknown"
 
 
 def command_line() -> str:
-    return " ".join([os.path.relpath(sys.argv[0], REPO_ROOT) if sys.argv and os.path.isabs(sys.argv[0])
-                     else (sys.argv[0] if sys.argv else "")] + sys.argv[1:])
+    return " ".join(
+        [
+            os.path.relpath(sys.argv[0], REPO_ROOT)
+            if sys.argv and os.path.isabs(sys.argv[0])
+            else (sys.argv[0] if sys.argv else "")
+        ]
+        + sys.argv[1:]
+    )
 
 
 # Params that are measured or derived rather than chosen: not part of a record's identity.
-VOLATILE_PARAMS = frozenset({"n", "steps", "seconds", "min_ms", "max_ms", "new_tokens_run", "speedup_vs_hf",
-                             "hf_capped", "capped", "matches_ref", "skipped", "note", "max_abs_diff", "ref_max_abs"})
+VOLATILE_PARAMS = frozenset(
+    {
+        "n",
+        "steps",
+        "seconds",
+        "min_ms",
+        "max_ms",
+        "new_tokens_run",
+        "speedup_vs_hf",
+        "hf_capped",
+        "capped",
+        "matches_ref",
+        "skipped",
+        "note",
+        "max_abs_diff",
+        "ref_max_abs",
+    }
+)
 
 
 def record_key(record: dict) -> str:
@@ -244,8 +302,15 @@ def record_key(record: dict) -> str:
 
 
 def make_record(metric: str, value, unit: str, ceiling=None, ratio=None, baseline=None, params=None) -> dict:
-    return {"metric": metric, "value": value, "unit": unit, "ceiling": ceiling, "ratio": ratio,
-            "baseline": baseline, "params": dict(params or {})}
+    return {
+        "metric": metric,
+        "value": value,
+        "unit": unit,
+        "ceiling": ceiling,
+        "ratio": ratio,
+        "baseline": baseline,
+        "params": dict(params or {}),
+    }
 
 
 class Results:
@@ -254,16 +319,26 @@ class Results:
     `link` (optional) is called with the record list before each write, to fill `baseline` fields from records
     that came later (the Hugging Face baseline runs after our engine has been freed)."""
 
-    def __init__(self, bench: str, device, out_dir: str, link: Callable[[list[dict]], None] | None = None,
-                 commit: str | None = None, slug: str | None = None, description: str | None = None,
-                 filename: str | None = None):
+    def __init__(
+        self,
+        bench: str,
+        device,
+        out_dir: str,
+        link: Callable[[list[dict]], None] | None = None,
+        commit: str | None = None,
+        slug: str | None = None,
+        description: str | None = None,
+        filename: str | None = None,
+    ):
         # slug/description: a device named by the caller (a remote server's, or GPUs seen without torch).
         self.bench, self.device_slug = bench, slug or device_slug(device)
         self.date = _dt.date.today().strftime("%Y%m%d")
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, filename or f"{bench}-{self.device_slug}-{self.date}.json")
         self.link = link
-        self.commit = commit or os.environ.get("PDSERVE_COMMIT") or git_commit()  # a copy without .git: say it
+        self.commit = (
+            commit or os.environ.get("PDSERVE_COMMIT") or git_commit()
+        )  # a copy without .git: say it
         self.records: list[dict] = []
         self.commands: list[str] = []
         if os.path.exists(self.path):
@@ -279,14 +354,25 @@ class Results:
         self.commands.append(command_line())
         self.device_description = description or (self.device_slug if slug else device_name(device))
 
-    def add(self, metric: str, value, unit: str, ceiling=None, ratio=None, baseline=None, params=None,
-            quiet: bool = False) -> dict:
+    def add(
+        self,
+        metric: str,
+        value,
+        unit: str,
+        ceiling=None,
+        ratio=None,
+        baseline=None,
+        params=None,
+        quiet: bool = False,
+    ) -> dict:
         rec = make_record(metric, value, unit, ceiling, ratio, baseline, params)
         key = record_key(rec)
         self.records = [r for r in self.records if record_key(r) != key] + [rec]
         if not quiet:
-            log(f"  RESULT {metric} = {fmt(value)} {unit}  (ceiling {fmt(ceiling)}, ratio {fmt(ratio)}, "
-                f"baseline {fmt(baseline)})  {json.dumps(rec['params'], default=str)}")
+            log(
+                f"  RESULT {metric} = {fmt(value)} {unit}  (ceiling {fmt(ceiling)}, ratio {fmt(ratio)}, "
+                f"baseline {fmt(baseline)})  {json.dumps(rec['params'], default=str)}"
+            )
         self.save()
         return rec
 
@@ -296,9 +382,15 @@ class Results:
                 self.link(self.records)
             except Exception as exc:
                 log(f"  (linking baselines failed: {exc!r})")
-        doc = {"bench": self.bench, "device": self.device_slug, "date": self.date, "commit": self.commit,
-               "command": " ; ".join(self.commands), "device_name": self.device_description,
-               "records": self.records}
+        doc = {
+            "bench": self.bench,
+            "device": self.device_slug,
+            "date": self.date,
+            "commit": self.commit,
+            "command": " ; ".join(self.commands),
+            "device_name": self.device_description,
+            "records": self.records,
+        }
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1, default=str)
@@ -339,11 +431,13 @@ def merge_files(paths: list[str], out: str, link: Callable[[list[dict]], None] |
 
 # --------------------------------------------------------------------------------------------------- plots
 
+
 def pyplot_or_none(hint: str):
     """matplotlib.pyplot on the file-only backend, or None (with a line saying so and `hint`) where it is absent:
     matplotlib is not a dependency, and a benchmark's JSON must not be lost for want of a plot."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:
@@ -360,17 +454,28 @@ def plot_ratios(json_path: str, png_path: str | None = None) -> str | None:
         return None
     with open(json_path, encoding="utf-8") as f:
         doc = json.load(f)
-    recs = [r for r in doc["records"] if isinstance(r.get("ratio"), (int, float)) and not r["metric"].startswith("hf_")]
+    recs = [
+        r
+        for r in doc["records"]
+        if isinstance(r.get("ratio"), (int, float)) and not r["metric"].startswith("hf_")
+    ]
     if not recs:
         return None
     labels = [short_label(r) for r in recs]
     fig, ax = plt.subplots(figsize=(max(8, 0.28 * len(recs)), 5.5))
-    ax.bar(range(len(recs)), [r["ratio"] for r in recs], color="tab:blue", label="fraction of floor (1.0 = at limit)")
+    ax.bar(
+        range(len(recs)),
+        [r["ratio"] for r in recs],
+        color="tab:blue",
+        label="fraction of floor (1.0 = at limit)",
+    )
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(range(len(recs)))
     ax.set_xticklabels(labels, rotation=90, fontsize=6)
     ax.set_ylabel("value vs ceiling measured in the same run")
-    ax.set_title(f"{doc['bench']} on {doc.get('device_name', doc['device'])} ({doc['date']}, {doc['commit'][:12]})")
+    ax.set_title(
+        f"{doc['bench']} on {doc.get('device_name', doc['device'])} ({doc['date']}, {doc['commit'][:12]})"
+    )
     ax.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
     png_path = png_path or os.path.splitext(json_path)[0] + ".png"

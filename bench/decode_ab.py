@@ -5,6 +5,7 @@ batch 1 (GPU only).
   python bench/decode_ab.py models/bench/llama-3.1-8b     # a checkpoint bench/engine.py wrote
 Logged: bench/results/decode_ab-h100-20261123.log
 """
+
 from __future__ import annotations
 
 import os
@@ -39,16 +40,29 @@ def measure(runner, tag: str, rng: random.Random) -> None:
         step = device_ms(lambda: runner.execute(chunks, rows), 5)  # warm up
         step = device_ms(lambda: runner.execute(chunks, rows), 50)
         graph = runner.graphs.graphs[next(size for size in runner.graphs.buckets if size >= batch)]
-        print(f"=== {tag} b{batch} ctx{ctx}: step {step:.3f} ms, replay only {device_ms(graph.replay, 50):.3f} ms")
+        print(
+            f"=== {tag} b{batch} ctx{ctx}: step {step:.3f} ms, replay only {device_ms(graph.replay, 50):.3f} ms"
+        )
         if batch == 1:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 device_ms(graph.replay, 10)
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=50))
+            print(
+                prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=50)
+            )
 
 
 def main(path: str) -> None:
-    llm = LLM(model=path, device="cuda", dtype="bfloat16", block_size=16, max_model_len=8320, max_num_seqs=64,
-              max_num_batched_tokens=8192, enable_prefix_caching=False, gpu_memory_utilization=0.9)
+    llm = LLM(
+        model=path,
+        device="cuda",
+        dtype="bfloat16",
+        block_size=16,
+        max_model_len=8320,
+        max_num_seqs=64,
+        max_num_batched_tokens=8192,
+        enable_prefix_caching=False,
+        gpu_memory_utilization=0.9,
+    )
     runner, rng = llm.core.runner, random.Random(0)
     measure(runner, "skinny", rng)
     recapture(runner, SKINNY_OFF)

@@ -19,6 +19,7 @@ each section catches its own errors.
     python bench/engine.py --quick                           # a fast subset
     python bench/engine.py --smoke                           # CPU, tiny model, toy sizes (CI)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,19 @@ REPO_ROOT = os.path.dirname(_HERE)
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 sys.path.insert(0, REPO_ROOT)
 
-from bench.common import (Results, fmt, free_memory, gpu_memory_gib, guarded, is_cuda, log,  # noqa: E402
-                          measure_copy_bandwidth, measure_matmul_rate, plot_ratios, set_log_file)
+from bench.common import (  # noqa: E402
+    Results,
+    fmt,
+    free_memory,
+    gpu_memory_gib,
+    guarded,
+    is_cuda,
+    log,
+    measure_copy_bandwidth,
+    measure_matmul_rate,
+    plot_ratios,
+    set_log_file,
+)
 from bench.engine_floors import Shape, link_baselines  # noqa: E402
 
 MODELS = {  # --models name -> (family, make-model preset)
@@ -56,7 +68,9 @@ class Sizes:
     gen_batch: int = 64
     gen_input: int = 512
     gen_output: int = 256
-    hf_gen_output_cap: int | None = None  # fewer new tokens for transformers' generate (the rest extrapolated)
+    hf_gen_output_cap: int | None = (
+        None  # fewer new tokens for transformers' generate (the rest extrapolated)
+    )
     hf_gen_max_s: float = 60.0  # cap transformers' generate so it runs about this long at most
     warmup: int = 3
     iters: int = 10  # prefill (bounded by time too)
@@ -67,11 +81,32 @@ class Sizes:
 
 def sizes_for(args) -> Sizes:
     if args.smoke:
-        return Sizes([16, 64], [1, 4], [32], gen_batch=4, gen_input=16, gen_output=8, hf_gen_max_s=10,
-                     warmup=1, iters=2, decode_iters=3, kernel_iters=2, kernel_scale="toy")
+        return Sizes(
+            [16, 64],
+            [1, 4],
+            [32],
+            gen_batch=4,
+            gen_input=16,
+            gen_output=8,
+            hf_gen_max_s=10,
+            warmup=1,
+            iters=2,
+            decode_iters=3,
+            kernel_iters=2,
+            kernel_scale="toy",
+        )
     if args.quick:
-        return Sizes([512, 2048], [1, 64], [2048], hf_gen_output_cap=64, hf_gen_max_s=30, warmup=2, iters=5,
-                     decode_iters=10, kernel_iters=10)
+        return Sizes(
+            [512, 2048],
+            [1, 64],
+            [2048],
+            hf_gen_output_cap=64,
+            hf_gen_max_s=30,
+            warmup=2,
+            iters=5,
+            decode_iters=10,
+            kernel_iters=10,
+        )
     return Sizes([512, 2048, 8192], [1, 8, 64, 256], [512, 2048])
 
 
@@ -96,7 +131,10 @@ class Bench:
     @property
     def torch_dtype(self):
         import torch
-        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[self.dtype_name]
+
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
+            self.dtype_name
+        ]
 
 
 def section(bench: Bench, name: str):
@@ -104,6 +142,7 @@ def section(bench: Bench, name: str):
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
+
 
 def ensure_checkpoint(bench: Bench, name: str) -> str:
     """The model's random-weight checkpoint under --model-dir, written once (a marker file says it is whole)."""
@@ -113,6 +152,7 @@ def ensure_checkpoint(bench: Bench, name: str) -> str:
         log(f"reusing checkpoint {path}")
         return path
     from engine.make_model import make_model
+
     dtype = "float32" if preset == "tiny" else "bfloat16"
     log(f"writing {name} checkpoint ({family}, preset {preset}, {dtype}) to {path} ...")
     started = time.perf_counter()
@@ -125,39 +165,59 @@ def ensure_checkpoint(bench: Bench, name: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ ceilings
 
+
 def measure_ceilings(bench: Bench) -> None:
     with section(bench, "ceilings"):
         bench.copy_bw = measure_copy_bandwidth(bench.device)
-        bench.results.add("copy_bandwidth_GBps", round(bench.copy_bw / 1e9, 1), "GB/s",
-                          params={"what": "device copy of 1 GiB (64 MiB on CPU), read + write bytes counted",
-                                  "design_md_h100": 3000})
+        bench.results.add(
+            "copy_bandwidth_GBps",
+            round(bench.copy_bw / 1e9, 1),
+            "GB/s",
+            params={
+                "what": "device copy of 1 GiB (64 MiB on CPU), read + write bytes counted",
+                "design_md_h100": 3000,
+            },
+        )
         bench.matmul_rate = measure_matmul_rate(bench.device)
-        bench.results.add("matmul_TFLOPs", round(bench.matmul_rate / 1e12, 1), "TFLOP/s",
-                          params={"what": "square matmul 8192^3 bf16 (512^3 fp32 on CPU)", "design_md_h100": "786-798"})
+        bench.results.add(
+            "matmul_TFLOPs",
+            round(bench.matmul_rate / 1e12, 1),
+            "TFLOP/s",
+            params={"what": "square matmul 8192^3 bf16 (512^3 fp32 on CPU)", "design_md_h100": "786-798"},
+        )
     if not bench.copy_bw or not bench.matmul_rate:
         raise SystemExit("could not measure the ceilings; nothing else would mean anything")
 
 
 # ------------------------------------------------------------------------------------------------ our engine
 
+
 def build_llm(bench: Bench, path: str):
     """One LLM per model: its runner serves the direct prefill/decode benchmarks too (prefix caching off, so
     writing into its blocks directly can never poison a cached prefix)."""
     from engine import LLM
+
     s = bench.sizes
     max_len = max(s.prefill_tokens + [max(s.decode_contexts) + 16, s.gen_input + s.gen_output]) + 64
-    kwargs = dict(device=str(bench.device), dtype=bench.dtype_name, block_size=16, max_model_len=max_len,
-                  max_num_seqs=max(s.decode_batches + [s.gen_batch]),
-                  max_num_batched_tokens=max(s.prefill_tokens + [2048]),
-                  enable_prefix_caching=False)
+    kwargs = dict(
+        device=str(bench.device),
+        dtype=bench.dtype_name,
+        block_size=16,
+        max_model_len=max_len,
+        max_num_seqs=max(s.decode_batches + [s.gen_batch]),
+        max_num_batched_tokens=max(s.prefill_tokens + [2048]),
+        enable_prefix_caching=False,
+    )
     if is_cuda(bench.device):
         kwargs["gpu_memory_utilization"] = bench.args.gpu_memory_utilization
     log(f"starting LLM({os.path.basename(path)}, {kwargs}) ...")
     started = time.perf_counter()
     llm = LLM(model=path, **kwargs)
     runner = llm.core.runner
-    log(f"LLM ready in {time.perf_counter() - started:.1f} s: {runner.num_blocks} KV blocks of {runner.block_size}, "
-        f"CUDA graphs {'on' if getattr(runner, 'graphs', None) is not None else 'off'} ({gpu_memory_gib(bench.device)})")
+    log(
+        f"LLM ready in {time.perf_counter() - started:.1f} s: {runner.num_blocks} KV blocks of {runner.block_size}, "
+        f"CUDA graphs {'on' if getattr(runner, 'graphs', None) is not None else 'off'} ({gpu_memory_gib(bench.device)})"
+    )
     return llm, kwargs
 
 
@@ -168,6 +228,7 @@ def run_ours(bench: Bench, name: str, path: str, shape: Shape, sections: set[str
     if llm is None:
         return
     from bench import engine_ours
+
     if "throughput" in sections:  # first: it needs the engine's blocks untouched
         with section(bench, f"{name}: throughput (LLM.generate)"):
             engine_ours.bench_throughput(bench, llm, name, shape, engine_args)
@@ -196,28 +257,45 @@ def run_model(bench: Bench, name: str, sections: set[str]) -> None:
         run_ours(bench, name, path, shape, sections)
     if "hf" in sections:
         from bench import engine_hf
+
         with section(bench, f"{name}: transformers baseline"):
             engine_hf.run_hf(bench, name, path, shape)
 
 
 # ------------------------------------------------------------------------------------------------ main
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="llama-3.1-8b,qwen2.5-0.5b", help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
-    p.add_argument("--model-dir", default=os.path.join(REPO_ROOT, "models", "bench"),
-                   help="where checkpoints are written once and reused")
-    p.add_argument("--out", default=None, help="result folder (default bench/results; a temp folder with --smoke)")
+    p.add_argument(
+        "--model-dir",
+        default=os.path.join(REPO_ROOT, "models", "bench"),
+        help="where checkpoints are written once and reused",
+    )
+    p.add_argument(
+        "--out", default=None, help="result folder (default bench/results; a temp folder with --smoke)"
+    )
     p.add_argument("--quick", action="store_true", help="a fast subset of the shapes")
-    p.add_argument("--smoke", action="store_true", help="CPU, tiny model, toy sizes: checks the code, not speed")
+    p.add_argument(
+        "--smoke", action="store_true", help="CPU, tiny model, toy sizes: checks the code, not speed"
+    )
     p.add_argument("--device", default="auto")
-    p.add_argument("--time-budget", type=float, default=540.0,
-                   help="seconds; measurements after this are skipped (logged) so the run ends in time")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=540.0,
+        help="seconds; measurements after this are skipped (logged) so the run ends in time",
+    )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--commit", default=None, help="the commit to record, where the copy has no .git "
-                   "(default: git rev-parse HEAD, or $PDSERVE_COMMIT)")
+    p.add_argument(
+        "--commit",
+        default=None,
+        help="the commit to record, where the copy has no .git "
+        "(default: git rev-parse HEAD, or $PDSERVE_COMMIT)",
+    )
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.sections = {s.strip() for s in args.sections.split(",") if s.strip()}
@@ -245,24 +323,39 @@ def main(argv=None) -> int:
     if args.device == "cpu" or not _cuda_visible():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TQDM_MININTERVAL", "10")  # progress bars every 10 s, not 10 per second, in captured logs
+    os.environ.setdefault(
+        "TQDM_MININTERVAL", "10"
+    )  # progress bars every 10 s, not 10 per second, in captured logs
     import torch
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     os.makedirs(args.out, exist_ok=True)
     results = Results("engine", device, args.out, link=link_baselines, commit=args.commit)
     set_log_file(os.path.splitext(results.path)[0] + ".log")
-    bench = Bench(args, device, "bfloat16" if is_cuda(device) else "float32", sizes_for(args), results,
-                  deadline=started + args.time_budget)
-    log(f"engine bench on {results.device_description}; torch {torch.__version__}; models {args.models}; "
+    bench = Bench(
+        args,
+        device,
+        "bfloat16" if is_cuda(device) else "float32",
+        sizes_for(args),
+        results,
+        deadline=started + args.time_budget,
+    )
+    log(
+        f"engine bench on {results.device_description}; torch {torch.__version__}; models {args.models}; "
         f"sections {sorted(args.sections)}; {'smoke' if args.smoke else 'quick' if args.quick else 'full'} sizes; "
-        f"results -> {results.path}")
+        f"results -> {results.path}"
+    )
     measure_ceilings(bench)
     if args.sections & {"prefill", "decode", "throughput", "hf"}:
         for name in args.models:
             run_model(bench, name, args.sections)
     if "kernels" in args.sections:
         from bench import engine_kernels
+
         with section(bench, "kernels"):
             engine_kernels.run_kernels(bench)
     results.save()
@@ -285,14 +378,18 @@ def summarize(records: list[dict]) -> None:
         if r["metric"].startswith("hf_") or r["value"] is None:
             continue
         p = r["params"]
-        shape = " ".join(f"{k}={p[k]}" for k in ("model", "kernel", "case", "tokens", "batch", "context", "mode")
-                         if k in p)
-        log(f"  {r['metric']:<20} {shape:<58} {fmt(r['value']):>9} {r['unit']:<6} | {fmt(r['ceiling']):>9} | "
-            f"{fmt(r['ratio']):>7} | {fmt(r['baseline']):>9} | {fmt(p.get('speedup_vs_hf', p.get('speedup_vs_ref')))}")
+        shape = " ".join(
+            f"{k}={p[k]}" for k in ("model", "kernel", "case", "tokens", "batch", "context", "mode") if k in p
+        )
+        log(
+            f"  {r['metric']:<20} {shape:<58} {fmt(r['value']):>9} {r['unit']:<6} | {fmt(r['ceiling']):>9} | "
+            f"{fmt(r['ratio']):>7} | {fmt(r['baseline']):>9} | {fmt(p.get('speedup_vs_hf', p.get('speedup_vs_ref')))}"
+        )
 
 
 def _cuda_visible() -> bool:
     import shutil
+
     return bool(shutil.which("nvidia-smi"))
 
 

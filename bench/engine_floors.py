@@ -11,6 +11,7 @@ must read at the copy rate, so its floor is the larger of the two.
   embeddings the table is read once, as the output head) and each sequence's K and V for C+1 tokens; bytes at the
   copy rate, where the copy rate counts read + write bytes (a read-only stream cannot beat a copy's total rate).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,13 +36,19 @@ class Shape:
     @classmethod
     def from_config(cls, name: str, config: dict, dtype_bytes: int = 2) -> "Shape":
         heads = config["num_attention_heads"]
-        return cls(name=name, hidden=config["hidden_size"], layers=config["num_hidden_layers"], q_heads=heads,
-                   kv_heads=config.get("num_key_value_heads") or heads,
-                   head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-                   intermediate=config["intermediate_size"], vocab=config["vocab_size"],
-                   tied=bool(config.get("tie_word_embeddings", False)),
-                   qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias")),
-                   dtype_bytes=dtype_bytes)
+        return cls(
+            name=name,
+            hidden=config["hidden_size"],
+            layers=config["num_hidden_layers"],
+            q_heads=heads,
+            kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            intermediate=config["intermediate_size"],
+            vocab=config["vocab_size"],
+            tied=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias")),
+            dtype_bytes=dtype_bytes,
+        )
 
     @classmethod
     def from_dir(cls, name: str, path: str, dtype_bytes: int = 2) -> "Shape":
@@ -96,12 +103,18 @@ class Shape:
         return self.weight_bytes_per_step + batch * (context + 1) * self.kv_bytes_per_token
 
     def decode_flop(self, batch: int, context: int) -> float:
-        return 2.0 * (self.layer_linear_params + self.head_params) * batch + batch * self.attention_flop(1, context)
+        return 2.0 * (self.layer_linear_params + self.head_params) * batch + batch * self.attention_flop(
+            1, context
+        )
 
     def decode_floor_s(self, batch: int, context: int, matmul_rate: float, copy_bw: float) -> float:
-        return max(self.decode_bytes(batch, context) / copy_bw, self.decode_flop(batch, context) / matmul_rate)
+        return max(
+            self.decode_bytes(batch, context) / copy_bw, self.decode_flop(batch, context) / matmul_rate
+        )
 
-    def generate_floor_s(self, batch: int, prompt: int, output: int, matmul_rate: float, copy_bw: float) -> float:
+    def generate_floor_s(
+        self, batch: int, prompt: int, output: int, matmul_rate: float, copy_bw: float
+    ) -> float:
         """Prefill every prompt (as one batch), then output-1 decode steps of the whole batch."""
         total = self.prefill_floor_s(prompt, matmul_rate, copy_bw, sequences=batch)
         for step in range(output - 1):
@@ -109,16 +122,26 @@ class Shape:
         return total
 
     def describe(self) -> dict:
-        return {"params_b": round(self.total_params / 1e9, 3), "weight_gb_per_step": round(self.weight_bytes_per_step / 1e9, 3),
-                "kv_kib_per_token": self.kv_bytes_per_token / 1024, "layers": self.layers, "hidden": self.hidden,
-                "q_heads": self.q_heads, "kv_heads": self.kv_heads, "head_dim": self.head_dim}
+        return {
+            "params_b": round(self.total_params / 1e9, 3),
+            "weight_gb_per_step": round(self.weight_bytes_per_step / 1e9, 3),
+            "kv_kib_per_token": self.kv_bytes_per_token / 1024,
+            "layers": self.layers,
+            "hidden": self.hidden,
+            "q_heads": self.q_heads,
+            "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+        }
 
 
 # ------------------------------------------------------------------------------------------------ baselines
 
 # our metric -> the Hugging Face metric measured at the same shape; the params that name a shape
-BASELINES = {"prefill_ms": "hf_prefill_ms", "decode_step_ms": "hf_decode_step_ms",
-             "throughput_tok_s": "hf_throughput_tok_s"}
+BASELINES = {
+    "prefill_ms": "hf_prefill_ms",
+    "decode_step_ms": "hf_decode_step_ms",
+    "throughput_tok_s": "hf_throughput_tok_s",
+}
 SHAPE_KEYS = ("model", "tokens", "batch", "context", "input_len", "output_len")
 
 
@@ -133,7 +156,11 @@ def link_baselines(records: list[dict]) -> None:
     hf = {(r["metric"], _shape_key(r)): r for r in records if r["metric"].startswith("hf_")}
     for rec in records:
         twin = hf.get((BASELINES.get(rec["metric"]), _shape_key(rec)))
-        if twin is None or not isinstance(twin.get("value"), (int, float)) or not isinstance(rec.get("value"), (int, float)):
+        if (
+            twin is None
+            or not isinstance(twin.get("value"), (int, float))
+            or not isinstance(rec.get("value"), (int, float))
+        ):
             continue
         rec["baseline"] = twin["value"]
         if rec["value"] and twin["value"]:

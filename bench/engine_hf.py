@@ -9,11 +9,12 @@
   the steps left out are counted at the per-step cost measured from two short runs; params say so (`capped`).
 Records are named hf_*; bench/engine_floors.link_baselines copies them into our records' `baseline`.
 """
+
 from __future__ import annotations
 
 import time
 
-from bench.common import free_memory, guarded, gpu_memory_gib, is_cuda, log, sync, time_fn
+from bench.common import free_memory, gpu_memory_gib, guarded, is_cuda, log, sync, time_fn
 from bench.engine_floors import Shape
 from bench.engine_ours import FIRST_ID, add_decode_record, add_prefill_record
 
@@ -25,10 +26,13 @@ def load_hf(path: str, bench):
     started = time.perf_counter()
     kwargs = {"attn_implementation": "sdpa"}
     model = None
-    if is_cuda(bench.device):  # straight onto the GPU where this transformers can (no 16 GB stop in host memory)
+    if is_cuda(
+        bench.device
+    ):  # straight onto the GPU where this transformers can (no 16 GB stop in host memory)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=bench.torch_dtype, device_map=str(bench.device),
-                                                         **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=bench.torch_dtype, device_map=str(bench.device), **kwargs
+            )
         except Exception as exc:
             log(f"  (device_map load failed: {exc!r}; loading on the host, then moving)")
             model = None
@@ -44,8 +48,10 @@ def load_hf(path: str, bench):
     if where != {str(bench.device)} and not (is_cuda(bench.device) and where <= {"cuda:0", "cuda"}):
         raise RuntimeError(f"transformers' weights ended up on {sorted(where)}, not {bench.device}")
     sync(bench.device)
-    log(f"transformers {model.__class__.__name__} loaded in {time.perf_counter() - started:.1f} s "
-        f"(attn {getattr(model.config, '_attn_implementation', '?')}, {gpu_memory_gib(bench.device)})")
+    log(
+        f"transformers {model.__class__.__name__} loaded in {time.perf_counter() - started:.1f} s "
+        f"(attn {getattr(model.config, '_attn_implementation', '?')}, {gpu_memory_gib(bench.device)})"
+    )
     torch.manual_seed(0)
     return model
 
@@ -73,6 +79,7 @@ def run_hf(bench, name: str, path: str, shape: Shape) -> None:
 def _forward_kwargs(model, **kwargs) -> dict:
     """logits_to_keep=1 where this transformers has it (it skips the vocab projection of all but the last row)."""
     import inspect
+
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
     return kwargs
@@ -90,8 +97,13 @@ def _hf_prefill_one(bench, model, name: str, shape: Shape, tokens: int) -> None:
 
     ids = torch.randint(FIRST_ID, shape.vocab, (1, tokens), device=bench.device)
     kwargs = _forward_kwargs(model, input_ids=ids, use_cache=False)
-    t = time_fn(lambda: model(**kwargs), bench.device, warmup=bench.sizes.warmup, iters=bench.sizes.iters,
-                max_seconds=8.0)
+    t = time_fn(
+        lambda: model(**kwargs),
+        bench.device,
+        warmup=bench.sizes.warmup,
+        iters=bench.sizes.iters,
+        max_seconds=8.0,
+    )
     add_prefill_record(bench, "hf_prefill_ms", name, shape, tokens, t, impl="transformers sdpa")
 
 
@@ -105,7 +117,9 @@ def make_cache(model, shape: Shape, batch: int, context: int, bench):
     except TypeError:
         cache = DynamicCache()
     for layer in range(shape.layers):
-        k = torch.randn(batch, shape.kv_heads, context, shape.head_dim, dtype=bench.torch_dtype, device=bench.device)
+        k = torch.randn(
+            batch, shape.kv_heads, context, shape.head_dim, dtype=bench.torch_dtype, device=bench.device
+        )
         cache.update(k, torch.randn_like(k), layer)
     return cache
 
@@ -114,6 +128,7 @@ def _fits(bench, nbytes: float) -> bool:
     if not is_cuda(bench.device):
         return True
     import torch
+
     free, _ = torch.cuda.mem_get_info(bench.device)
     return nbytes < 0.85 * free
 
@@ -137,16 +152,30 @@ def _hf_decode_one(bench, model, name: str, shape: Shape, batch: int, context: i
     if not _fits(bench, need):
         reason = f"a {need / 2**30:.1f} GiB DynamicCache does not fit beside transformers' weights"
         log(f"  SKIPPED transformers decode b{batch} ctx{context}: {reason}")
-        bench.results.add("hf_decode_step_ms", None, "ms", params={"model": name, "batch": batch,
-                                                                  "context": context, "skipped": reason})
+        bench.results.add(
+            "hf_decode_step_ms",
+            None,
+            "ms",
+            params={"model": name, "batch": batch, "context": context, "skipped": reason},
+        )
         return
     cache = make_cache(model, shape, batch, context, bench)
     ids = torch.randint(FIRST_ID, shape.vocab, (batch, 1), device=bench.device)
     kwargs = _forward_kwargs(model, input_ids=ids, past_key_values=cache, use_cache=True)
-    t = time_fn(lambda: model(**kwargs), bench.device, warmup=bench.sizes.warmup, iters=iters, max_seconds=6.0)
-    add_decode_record(bench, "hf_decode_step_ms", name, shape, batch, context, t,
-                      impl="transformers sdpa, DynamicCache",
-                      note=f"the cache grows by one token per call (to <= {grown})")
+    t = time_fn(
+        lambda: model(**kwargs), bench.device, warmup=bench.sizes.warmup, iters=iters, max_seconds=6.0
+    )
+    add_decode_record(
+        bench,
+        "hf_decode_step_ms",
+        name,
+        shape,
+        batch,
+        context,
+        t,
+        impl="transformers sdpa, DynamicCache",
+        note=f"the cache grows by one token per call (to <= {grown})",
+    )
 
 
 def hf_generate(bench, model, name: str, shape: Shape) -> None:
@@ -163,8 +192,14 @@ def hf_generate(bench, model, name: str, shape: Shape) -> None:
         ids = torch.randint(FIRST_ID, shape.vocab, (s.gen_batch, s.gen_input), device=bench.device)
         sync(bench.device)
         started = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
         sync(bench.device)
         seconds = time.perf_counter() - started
         assert out.shape[1] == s.gen_input + new_tokens, f"generate returned {tuple(out.shape)}"
@@ -179,8 +214,10 @@ def hf_generate(bench, model, name: str, shape: Shape) -> None:
     new_tokens = min(s.gen_output, s.hf_gen_output_cap or s.gen_output)
     if prefill_s + per_token * new_tokens > s.hf_gen_max_s:
         new_tokens = max(probe, int((s.hf_gen_max_s - prefill_s) / per_token))
-    log(f"  transformers generate: prefill ~{prefill_s:.2f} s, ~{per_token * 1e3:.1f} ms per step; "
-        f"running {new_tokens} new tokens")
+    log(
+        f"  transformers generate: prefill ~{prefill_s:.2f} s, ~{per_token * 1e3:.1f} ms per step; "
+        f"running {new_tokens} new tokens"
+    )
     # 2. The timed run; if capped, the missing steps are added at the measured per-step cost (which favours
     #    transformers slightly: its later steps read a longer cache).
     seconds = run(new_tokens) if new_tokens != probe else probe_s
@@ -188,13 +225,29 @@ def hf_generate(bench, model, name: str, shape: Shape) -> None:
     value = s.gen_batch * s.gen_output / full_seconds
     floor_s = shape.generate_floor_s(s.gen_batch, s.gen_input, s.gen_output, bench.matmul_rate, bench.copy_bw)
     ceiling = s.gen_batch * s.gen_output / floor_s
-    params = {"model": name, "batch": s.gen_batch, "input_len": s.gen_input, "output_len": s.gen_output,
-              "new_tokens_run": new_tokens, "seconds": round(full_seconds, 3), "prefill_s": round(prefill_s, 3),
-              "step_ms": round(per_token * 1e3, 2), "impl": "transformers generate, sdpa, greedy"}
+    params = {
+        "model": name,
+        "batch": s.gen_batch,
+        "input_len": s.gen_input,
+        "output_len": s.gen_output,
+        "new_tokens_run": new_tokens,
+        "seconds": round(full_seconds, 3),
+        "prefill_s": round(prefill_s, 3),
+        "step_ms": round(per_token * 1e3, 2),
+        "impl": "transformers generate, sdpa, greedy",
+    }
     if new_tokens < s.gen_output:
-        params["capped"] = (f"ran {new_tokens} of {s.gen_output} new tokens (--quick or time cap); the other "
-                            f"{s.gen_output - new_tokens} steps counted at the measured {per_token * 1e3:.1f} ms each")
+        params["capped"] = (
+            f"ran {new_tokens} of {s.gen_output} new tokens (--quick or time cap); the other "
+            f"{s.gen_output - new_tokens} steps counted at the measured {per_token * 1e3:.1f} ms each"
+        )
         params["measured_tok_s"] = round(s.gen_batch * new_tokens / seconds, 2)
         log(f"  transformers generate capped: {params['capped']}")
-    bench.results.add("hf_throughput_tok_s", round(value, 2), "tok/s", ceiling=round(ceiling, 1),
-                      ratio=round(value / ceiling, 4), params=params)
+    bench.results.add(
+        "hf_throughput_tok_s",
+        round(value, 2),
+        "tok/s",
+        ceiling=round(ceiling, 1),
+        ratio=round(value / ceiling, 4),
+        params=params,
+    )

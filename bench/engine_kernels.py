@@ -7,6 +7,7 @@ and the largest difference from the reference on the same inputs (fresh copies f
 Gather/scatter of 2048 tokens of KV (256 MiB over 32 layers, or one layer's 8 MiB) also get a GB/s record beside
 the copy ceiling.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,9 @@ from typing import Callable
 
 from bench.common import capture_graph, log, time_fn
 
-REAL = dict(hq=32, hk=8, d=128, bs=16, hidden=4096, inter=14336, tokens=2048, ctx=2048, batches=(1, 64), layers=32)
+REAL = dict(
+    hq=32, hk=8, d=128, bs=16, hidden=4096, inter=14336, tokens=2048, ctx=2048, batches=(1, 64), layers=32
+)
 TOY = dict(hq=4, hk=2, d=16, bs=16, hidden=64, inter=96, tokens=48, ctx=64, batches=(1, 3), layers=2)
 
 
@@ -54,11 +57,17 @@ def attention_cases(torch, s: dict, dtype, device) -> list[Case]:
         lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
         q = torch.randn(batch, hq, d, dtype=dtype, device=device)
         args = (q, k, v, table, lens, scale)
-        cases.append(Case("decode_attention", f"b{batch} ctx{ctx}", lambda a=args: da.paged_decode_attention(*a),
-                          lambda a=args: da.paged_decode_attention_ref(*a),
-                          lambda a=args: _diff(da.paged_decode_attention(*a), da.paged_decode_attention_ref(*a)),
-                          nbytes=2 * batch * ctx * hk * d * es + 2 * q.numel() * es,
-                          flop=4.0 * batch * ctx * hq * d))
+        cases.append(
+            Case(
+                "decode_attention",
+                f"b{batch} ctx{ctx}",
+                lambda a=args: da.paged_decode_attention(*a),
+                lambda a=args: da.paged_decode_attention_ref(*a),
+                lambda a=args: _diff(da.paged_decode_attention(*a), da.paged_decode_attention_ref(*a)),
+                nbytes=2 * batch * ctx * hk * d * es + 2 * q.numel() * es,
+                flop=4.0 * batch * ctx * hq * d,
+            )
+        )
     for prefix, tokens in ((0, s["tokens"]), (s["tokens"] * 3 // 4, s["tokens"] // 4)):
         ctx = prefix + tokens
         nb = math.ceil(ctx / bs)
@@ -70,10 +79,17 @@ def attention_cases(torch, s: dict, dtype, device) -> list[Case]:
         q = torch.randn(tokens, hq, d, dtype=dtype, device=device)
         args = (q, k, v, table, cu, lens, scale)
         pairs = tokens * prefix + tokens * (tokens + 1) / 2
-        cases.append(Case("prefill_attention", f"{tokens} tokens after {prefix}",
-                          lambda a=args: pa.paged_prefill_attention(*a), lambda a=args: pa.paged_prefill_attention_ref(*a),
-                          lambda a=args: _diff(pa.paged_prefill_attention(*a), pa.paged_prefill_attention_ref(*a)),
-                          nbytes=2 * ctx * hk * d * es + 2 * q.numel() * es, flop=4.0 * pairs * hq * d))
+        cases.append(
+            Case(
+                "prefill_attention",
+                f"{tokens} tokens after {prefix}",
+                lambda a=args: pa.paged_prefill_attention(*a),
+                lambda a=args: pa.paged_prefill_attention_ref(*a),
+                lambda a=args: _diff(pa.paged_prefill_attention(*a), pa.paged_prefill_attention_ref(*a)),
+                nbytes=2 * ctx * hk * d * es + 2 * q.numel() * es,
+                flop=4.0 * pairs * hq * d,
+            )
+        )
     return cases
 
 
@@ -89,10 +105,22 @@ def elementwise_cases(torch, s: dict, dtype, device) -> list[Case]:
     w = torch.randn(H, dtype=dtype, device=device)
     gate_up = torch.randn(T, 2 * inter, dtype=dtype, device=device)
     cases = [
-        Case("rms_norm", f"{T}x{H} +residual", lambda: rn.rms_norm(x, w, 1e-5, res), lambda: rn.rms_norm_ref(x, w, 1e-5, res),
-             lambda: _diff(rn.rms_norm(x, w, 1e-5, res)[0], rn.rms_norm_ref(x, w, 1e-5, res)[0]), nbytes=4 * T * H * es),
-        Case("silu_and_mul", f"{T}x{inter}", lambda: sm.silu_and_mul(gate_up), lambda: sm.silu_and_mul_ref(gate_up),
-             lambda: _diff(sm.silu_and_mul(gate_up), sm.silu_and_mul_ref(gate_up)), nbytes=3 * T * inter * es),
+        Case(
+            "rms_norm",
+            f"{T}x{H} +residual",
+            lambda: rn.rms_norm(x, w, 1e-5, res),
+            lambda: rn.rms_norm_ref(x, w, 1e-5, res),
+            lambda: _diff(rn.rms_norm(x, w, 1e-5, res)[0], rn.rms_norm_ref(x, w, 1e-5, res)[0]),
+            nbytes=4 * T * H * es,
+        ),
+        Case(
+            "silu_and_mul",
+            f"{T}x{inter}",
+            lambda: sm.silu_and_mul(gate_up),
+            lambda: sm.silu_and_mul_ref(gate_up),
+            lambda: _diff(sm.silu_and_mul(gate_up), sm.silu_and_mul_ref(gate_up)),
+            nbytes=3 * T * inter * es,
+        ),
     ]
     # rotary, alone and fused with the KV write; the KV write alone
     positions = torch.arange(T, dtype=torch.int64, device=device)
@@ -114,8 +142,12 @@ def elementwise_cases(torch, s: dict, dtype, device) -> list[Case]:
             else:
                 fn(positions, qc, kc, cos_sin)
             return torch.cat([qc.flatten(), kc.flatten(), kcache.flatten(), vcache.flatten()])
-        t_fn, r_fn = ((ro.apply_rotary_and_write_kv, ro.apply_rotary_and_write_kv_ref) if fused
-                      else (ro.apply_rotary, ro.apply_rotary_ref))
+
+        t_fn, r_fn = (
+            (ro.apply_rotary_and_write_kv, ro.apply_rotary_and_write_kv_ref)
+            if fused
+            else (ro.apply_rotary, ro.apply_rotary_ref)
+        )
         return lambda: _diff(go(t_fn), go(r_fn))
 
     def write_pair():
@@ -123,18 +155,35 @@ def elementwise_cases(torch, s: dict, dtype, device) -> list[Case]:
             kcache, vcache = k_cache.clone(), v_cache.clone()
             fn(k, v, kcache, vcache, slots)
             return torch.cat([kcache.flatten(), vcache.flatten()])
+
         return lambda: _diff(go(kw.write_kv_cache), go(kw.write_kv_cache_ref))
 
     qk_bytes = 2 * (q.numel() + k.numel()) * es + T * d * 4
     cases += [
-        Case("rotary", f"{T} tokens q{hq} k{hk}", lambda: ro.apply_rotary(positions, q, k, cos_sin),
-             lambda: ro.apply_rotary_ref(positions, q, k, cos_sin), rotary_pair(False), nbytes=qk_bytes),
-        Case("rotary_and_write_kv", f"{T} tokens q{hq} k{hk}",
-             lambda: ro.apply_rotary_and_write_kv(positions, q, k, v, k_cache, v_cache, slots, cos_sin),
-             lambda: ro.apply_rotary_and_write_kv_ref(positions, q, k, v, k_cache, v_cache, slots, cos_sin),
-             rotary_pair(True), nbytes=qk_bytes + 3 * k.numel() * es),
-        Case("kv_cache_write", f"{T} tokens kv{hk}", lambda: kw.write_kv_cache(k, v, k_cache, v_cache, slots),
-             lambda: kw.write_kv_cache_ref(k, v, k_cache, v_cache, slots), write_pair(), nbytes=4 * k.numel() * es),
+        Case(
+            "rotary",
+            f"{T} tokens q{hq} k{hk}",
+            lambda: ro.apply_rotary(positions, q, k, cos_sin),
+            lambda: ro.apply_rotary_ref(positions, q, k, cos_sin),
+            rotary_pair(False),
+            nbytes=qk_bytes,
+        ),
+        Case(
+            "rotary_and_write_kv",
+            f"{T} tokens q{hq} k{hk}",
+            lambda: ro.apply_rotary_and_write_kv(positions, q, k, v, k_cache, v_cache, slots, cos_sin),
+            lambda: ro.apply_rotary_and_write_kv_ref(positions, q, k, v, k_cache, v_cache, slots, cos_sin),
+            rotary_pair(True),
+            nbytes=qk_bytes + 3 * k.numel() * es,
+        ),
+        Case(
+            "kv_cache_write",
+            f"{T} tokens kv{hk}",
+            lambda: kw.write_kv_cache(k, v, k_cache, v_cache, slots),
+            lambda: kw.write_kv_cache_ref(k, v, k_cache, v_cache, slots),
+            write_pair(),
+            nbytes=4 * k.numel() * es,
+        ),
     ]
     return cases
 
@@ -152,6 +201,7 @@ def _replayed(device, calls: Callable[[], object]) -> Callable[[], object]:
         if graph is None:
             graph = capture_graph(calls, device)
         graph.replay()
+
     return replay
 
 
@@ -170,9 +220,16 @@ def linear_cases(torch, s: dict, dtype, device) -> list[Case]:
         x = torch.randn(1, k, dtype=dtype, device=device)
         ours = _replayed(device, lambda ws=weights, x=x: [sl.skinny_linear(x, w) for w in ws])
         ref = _replayed(device, lambda ws=weights, x=x: [F.linear(x, w) for w in ws])
-        cases.append(Case("skinny_linear", f"1x{k} @ {n}x{k} ({label}), x{copies} weights", ours, ref,
-                          lambda w=weights[0], x=x: _diff(sl.skinny_linear(x, w), F.linear(x, w)),
-                          nbytes=copies * (n * k + k + n) * es))
+        cases.append(
+            Case(
+                "skinny_linear",
+                f"1x{k} @ {n}x{k} ({label}), x{copies} weights",
+                ours,
+                ref,
+                lambda w=weights[0], x=x: _diff(sl.skinny_linear(x, w), F.linear(x, w)),
+                nbytes=copies * (n * k + k + n) * es,
+            )
+        )
     return cases
 
 
@@ -198,12 +255,22 @@ def block_copy_cases(torch, s: dict, dtype, device) -> list[Case]:
             return _diff(a, b)
 
         cases += [
-            Case("gather_blocks", f"{s['tokens']} tokens, {label} ({mib:.0f} MiB)",
-                 lambda v=view, o=out: bc.gather_blocks(v, ids, o), lambda v=view, o=out: bc.gather_blocks_ref(v, ids, o),
-                 lambda v=view: _diff(bc.gather_blocks(v, ids), bc.gather_blocks_ref(v, ids)), nbytes=moved),
-            Case("scatter_blocks", f"{s['tokens']} tokens, {label} ({mib:.0f} MiB)",
-                 lambda v=view, x=src: bc.scatter_blocks(x, ids, v), lambda v=view, x=src: bc.scatter_blocks_ref(x, ids, v),
-                 scatter_cmp, nbytes=moved),
+            Case(
+                "gather_blocks",
+                f"{s['tokens']} tokens, {label} ({mib:.0f} MiB)",
+                lambda v=view, o=out: bc.gather_blocks(v, ids, o),
+                lambda v=view, o=out: bc.gather_blocks_ref(v, ids, o),
+                lambda v=view: _diff(bc.gather_blocks(v, ids), bc.gather_blocks_ref(v, ids)),
+                nbytes=moved,
+            ),
+            Case(
+                "scatter_blocks",
+                f"{s['tokens']} tokens, {label} ({mib:.0f} MiB)",
+                lambda v=view, x=src: bc.scatter_blocks(x, ids, v),
+                lambda v=view, x=src: bc.scatter_blocks_ref(x, ids, v),
+                scatter_cmp,
+                nbytes=moved,
+            ),
         ]
     return cases
 
@@ -220,20 +287,45 @@ def run_case(bench, case: Case, dtype_name: str) -> None:
     r = time_fn(case.ref, bench.device, warmup=min(warm, 1), iters=min(iters, 5), max_seconds=3.0)
     floor_s = max(case.nbytes / bench.copy_bw, case.flop / bench.matmul_rate)
     ms = t["median_ms"]
-    params = {"kernel": case.kernel, "case": case.case, "dtype": dtype_name, "ref_ms": round(r["median_ms"], 4),
-              "speedup_vs_ref": round(r["median_ms"] / ms, 2), "achieved_GBps": round(case.nbytes / (ms / 1e3) / 1e9, 1),
-              "max_abs_diff": diff, "ref_max_abs": scale, "matches_ref": matches, "n": t["n"],
-              "floor": "max(bytes read + written / copy bandwidth, FLOP / matmul rate)"}
+    params = {
+        "kernel": case.kernel,
+        "case": case.case,
+        "dtype": dtype_name,
+        "ref_ms": round(r["median_ms"], 4),
+        "speedup_vs_ref": round(r["median_ms"] / ms, 2),
+        "achieved_GBps": round(case.nbytes / (ms / 1e3) / 1e9, 1),
+        "max_abs_diff": diff,
+        "ref_max_abs": scale,
+        "matches_ref": matches,
+        "n": t["n"],
+        "floor": "max(bytes read + written / copy bandwidth, FLOP / matmul rate)",
+    }
     if case.flop:
         params["achieved_tflops"] = round(case.flop / (ms / 1e3) / 1e12, 2)
-    bench.results.add("kernel_ms", round(ms, 5), "ms", ceiling=round(floor_s * 1e3, 5),
-                      ratio=round(floor_s * 1e3 / ms, 4), baseline=round(r["median_ms"], 5), params=params)
+    bench.results.add(
+        "kernel_ms",
+        round(ms, 5),
+        "ms",
+        ceiling=round(floor_s * 1e3, 5),
+        ratio=round(floor_s * 1e3 / ms, 4),
+        baseline=round(r["median_ms"], 5),
+        params=params,
+    )
     if case.kernel in ("gather_blocks", "scatter_blocks"):
         gbps, ref_gbps = case.nbytes / (ms / 1e3) / 1e9, case.nbytes / (r["median_ms"] / 1e3) / 1e9
-        bench.results.add("kv_block_copy_GBps", round(gbps, 1), "GB/s", ceiling=round(bench.copy_bw / 1e9, 1),
-                          ratio=round(gbps * 1e9 / bench.copy_bw, 4), baseline=round(ref_gbps, 1),
-                          params={"kernel": case.kernel, "case": case.case,
-                                  "what": "bytes read + written per second, as the copy ceiling counts them"})
+        bench.results.add(
+            "kv_block_copy_GBps",
+            round(gbps, 1),
+            "GB/s",
+            ceiling=round(bench.copy_bw / 1e9, 1),
+            ratio=round(gbps * 1e9 / bench.copy_bw, 4),
+            baseline=round(ref_gbps, 1),
+            params={
+                "kernel": case.kernel,
+                "case": case.case,
+                "what": "bytes read + written per second, as the copy ceiling counts them",
+            },
+        )
 
 
 def run_kernels(bench) -> None:

@@ -1,6 +1,7 @@
 """Our engine's figures: prefill and decode steps driven through ModelRunner.execute with synthetic block tables,
 and end-to-end throughput through LLM.generate. `bench` is bench/engine.py's Bench (args, device, sizes, results,
 measured ceilings)."""
+
 from __future__ import annotations
 
 import math
@@ -29,10 +30,21 @@ def bench_prefill(bench, runner, name: str, shape: Shape) -> None:
         if blocks > runner.num_blocks:
             log(f"  SKIPPED prefill {tokens}: needs {blocks} blocks, the cache has {runner.num_blocks}")
             continue
-        chunk = ScheduledRequest(request_id="bench-prefill", token_ids=random_ids(rng, tokens, shape.vocab),
-                                 num_computed_tokens=0, block_ids=list(range(blocks)), is_decode=False, samples=True)
-        t = time_fn(lambda: runner.execute([chunk], [0]), bench.device, warmup=bench.sizes.warmup,
-                    iters=bench.sizes.iters, max_seconds=8.0)
+        chunk = ScheduledRequest(
+            request_id="bench-prefill",
+            token_ids=random_ids(rng, tokens, shape.vocab),
+            num_computed_tokens=0,
+            block_ids=list(range(blocks)),
+            is_decode=False,
+            samples=True,
+        )
+        t = time_fn(
+            lambda: runner.execute([chunk], [0]),
+            bench.device,
+            warmup=bench.sizes.warmup,
+            iters=bench.sizes.iters,
+            max_seconds=8.0,
+        )
         add_prefill_record(bench, "prefill_ms", name, shape, tokens, t)
 
 
@@ -40,12 +52,24 @@ def add_prefill_record(bench, metric: str, name: str, shape: Shape, tokens: int,
     floor_s = shape.prefill_floor_s(tokens, bench.matmul_rate, bench.copy_bw)
     flop = shape.prefill_flop(tokens)
     ms = t["median_ms"]
-    bench.results.add(metric, round(ms, 4), "ms", ceiling=round(floor_s * 1e3, 4), ratio=round(floor_s * 1e3 / ms, 4),
-                      params={"model": name, "tokens": tokens, "tflop": round(flop / 1e12, 3),
-                              "flop_2NT_tflop": round(2 * shape.total_params * tokens / 1e12, 3),
-                              "achieved_tflops": round(flop / (ms / 1e3) / 1e12, 1),
-                              "floor": "matmul FLOP (linear + causal attention) / measured matmul rate",
-                              "min_ms": round(t["min_ms"], 4), "n": t["n"], **extra})
+    bench.results.add(
+        metric,
+        round(ms, 4),
+        "ms",
+        ceiling=round(floor_s * 1e3, 4),
+        ratio=round(floor_s * 1e3 / ms, 4),
+        params={
+            "model": name,
+            "tokens": tokens,
+            "tflop": round(flop / 1e12, 3),
+            "flop_2NT_tflop": round(2 * shape.total_params * tokens / 1e12, 3),
+            "achieved_tflops": round(flop / (ms / 1e3) / 1e12, 1),
+            "floor": "matmul FLOP (linear + causal attention) / measured matmul rate",
+            "min_ms": round(t["min_ms"], 4),
+            "n": t["n"],
+            **extra,
+        },
+    )
 
 
 def decode_chunks(batch: int, context: int, block_size: int, vocab: int, rng: random.Random):
@@ -53,9 +77,17 @@ def decode_chunks(batch: int, context: int, block_size: int, vocab: int, rng: ra
     from engine.scheduler_output import ScheduledRequest
 
     per_seq = math.ceil((context + 1) / block_size)
-    return [ScheduledRequest(request_id=f"bench-decode-{i}", token_ids=[rng.randrange(FIRST_ID, vocab)],
-                             num_computed_tokens=context, block_ids=list(range(i * per_seq, (i + 1) * per_seq)),
-                             is_decode=True, samples=True) for i in range(batch)], batch * per_seq
+    return [
+        ScheduledRequest(
+            request_id=f"bench-decode-{i}",
+            token_ids=[rng.randrange(FIRST_ID, vocab)],
+            num_computed_tokens=context,
+            block_ids=list(range(i * per_seq, (i + 1) * per_seq)),
+            is_decode=True,
+            samples=True,
+        )
+        for i in range(batch)
+    ], batch * per_seq
 
 
 def bench_decode(bench, runner, name: str, shape: Shape) -> None:
@@ -67,11 +99,17 @@ def bench_decode(bench, runner, name: str, shape: Shape) -> None:
                 return
             chunks, blocks = decode_chunks(batch, context, runner.block_size, shape.vocab, rng)
             if blocks > runner.num_blocks:
-                reason = (f"needs {blocks} blocks ({blocks * shape.kv_bytes_per_token * runner.block_size / 2**30:.1f} "
-                          f"GiB of KV), the cache holds {runner.num_blocks}: does not fit beside the weights")
+                reason = (
+                    f"needs {blocks} blocks ({blocks * shape.kv_bytes_per_token * runner.block_size / 2**30:.1f} "
+                    f"GiB of KV), the cache holds {runner.num_blocks}: does not fit beside the weights"
+                )
                 log(f"  SKIPPED decode b{batch} ctx{context}: {reason}")
-                bench.results.add("decode_step_ms", None, "ms", params={"model": name, "batch": batch,
-                                                                       "context": context, "skipped": reason})
+                bench.results.add(
+                    "decode_step_ms",
+                    None,
+                    "ms",
+                    params={"model": name, "batch": batch, "context": context, "skipped": reason},
+                )
                 continue
             rows = list(range(batch))
             for mode in ("graph", "eager"):
@@ -80,25 +118,46 @@ def bench_decode(bench, runner, name: str, shape: Shape) -> None:
                     continue
                 runner.graphs = graphs if mode == "graph" else None  # None: the path --enforce-eager takes
                 try:
-                    t = time_fn(lambda: runner.execute(chunks, rows), bench.device, warmup=bench.sizes.warmup,
-                                iters=bench.sizes.decode_iters, max_seconds=5.0)
+                    t = time_fn(
+                        lambda: runner.execute(chunks, rows),
+                        bench.device,
+                        warmup=bench.sizes.warmup,
+                        iters=bench.sizes.decode_iters,
+                        max_seconds=5.0,
+                    )
                 finally:
                     runner.graphs = graphs
                 used_graph = mode == "graph" and graphs.fits(batch)
-                add_decode_record(bench, "decode_step_ms", name, shape, batch, context, t, mode=mode,
-                                  cuda_graphs=used_graph)
+                add_decode_record(
+                    bench, "decode_step_ms", name, shape, batch, context, t, mode=mode, cuda_graphs=used_graph
+                )
 
 
-def add_decode_record(bench, metric: str, name: str, shape: Shape, batch: int, context: int, t: dict, **extra):
+def add_decode_record(
+    bench, metric: str, name: str, shape: Shape, batch: int, context: int, t: dict, **extra
+):
     floor_s = shape.decode_floor_s(batch, context, bench.matmul_rate, bench.copy_bw)
     nbytes = shape.decode_bytes(batch, context)
     ms = t["median_ms"]
-    bench.results.add(metric, round(ms, 4), "ms", ceiling=round(floor_s * 1e3, 4), ratio=round(floor_s * 1e3 / ms, 4),
-                      params={"model": name, "batch": batch, "context": context, **extra,
-                              "gb_read": round(nbytes / 1e9, 3), "achieved_GBps": round(nbytes / (ms / 1e3) / 1e9, 1),
-                              "tok_s": round(batch / (ms / 1e3), 1),
-                              "floor": "max(weights + KV bytes / copy bandwidth, FLOP / matmul rate)",
-                              "min_ms": round(t["min_ms"], 4), "n": t["n"]})
+    bench.results.add(
+        metric,
+        round(ms, 4),
+        "ms",
+        ceiling=round(floor_s * 1e3, 4),
+        ratio=round(floor_s * 1e3 / ms, 4),
+        params={
+            "model": name,
+            "batch": batch,
+            "context": context,
+            **extra,
+            "gb_read": round(nbytes / 1e9, 3),
+            "achieved_GBps": round(nbytes / (ms / 1e3) / 1e9, 1),
+            "tok_s": round(batch / (ms / 1e3), 1),
+            "floor": "max(weights + KV bytes / copy bandwidth, FLOP / matmul rate)",
+            "min_ms": round(t["min_ms"], 4),
+            "n": t["n"],
+        },
+    )
 
 
 def bench_throughput(bench, llm, name: str, shape: Shape, engine_args: dict) -> None:
@@ -130,11 +189,22 @@ def bench_throughput(bench, llm, name: str, shape: Shape, engine_args: dict) -> 
     floor_s = shape.generate_floor_s(s.gen_batch, s.gen_input, s.gen_output, bench.matmul_rate, bench.copy_bw)
     ceiling = s.gen_batch * s.gen_output / floor_s
     value = produced / seconds
-    bench.results.add("throughput_tok_s", round(value, 1), "tok/s", ceiling=round(ceiling, 1),
-                      ratio=round(value / ceiling, 4),
-                      params={"model": name, "batch": s.gen_batch, "input_len": s.gen_input,
-                              "output_len": s.gen_output, "seconds": round(seconds, 3),
-                              "total_tok_s": round(s.gen_batch * (s.gen_input + s.gen_output) / seconds, 1),
-                              "steps": llm.core.stats.steps - steps_before, "engine_args": engine_args,
-                              "floor": "prefill floor + (output-1) decode-step floors, as output tokens/s",
-                              "note": "LLM.generate end to end: scheduling, sampling and detokenization included"})
+    bench.results.add(
+        "throughput_tok_s",
+        round(value, 1),
+        "tok/s",
+        ceiling=round(ceiling, 1),
+        ratio=round(value / ceiling, 4),
+        params={
+            "model": name,
+            "batch": s.gen_batch,
+            "input_len": s.gen_input,
+            "output_len": s.gen_output,
+            "seconds": round(seconds, 3),
+            "total_tok_s": round(s.gen_batch * (s.gen_input + s.gen_output) / seconds, 1),
+            "steps": llm.core.stats.steps - steps_before,
+            "engine_args": engine_args,
+            "floor": "prefill floor + (output-1) decode-step floors, as output tokens/s",
+            "note": "LLM.generate end to end: scheduling, sampling and detokenization included",
+        },
+    )

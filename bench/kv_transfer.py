@@ -21,6 +21,7 @@ tiny shape on CPU over tcp (the test suite runs it).
   python bench/kv_transfer.py --smoke --out /tmp/x # CPU, tcp, seconds
 Results: bench/results/kv_transfer-<device>-<YYYYMMDD>.json (the format in docs/architecture.md) and a PNG beside it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,11 +44,13 @@ TINY = dict(num_layers=4, num_kv_heads=2, head_dim=16, block_size=16, dtype="flo
 
 # ---------------------------------------------------------------------------------------------- node process
 
+
 class Node:
     """One side, driven over a Pipe: ('cmd', kwargs) -> ('ok', value) | ('error', traceback)."""
 
     def __init__(self, device: str):
         import torch
+
         self.torch, self.device = torch, torch.device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -58,24 +61,42 @@ class Node:
 
     def open(self, role, transport, layout, num_blocks, address=None, secret="bench"):
         from kvconnector.connector import ConnectorConfig
+
         torch = self.torch
         if self.conn is not None:
             self.conn.close()
-        shape = (layout["num_layers"], 2, num_blocks, layout["block_size"], layout["num_kv_heads"],
-                 layout["head_dim"])
+        shape = (
+            layout["num_layers"],
+            2,
+            num_blocks,
+            layout["block_size"],
+            layout["num_kv_heads"],
+            layout["head_dim"],
+        )
         dtype = getattr(torch, layout["dtype"])
-        self.cache = torch.randn(shape, device=self.device).to(dtype) if role == "producer" else \
-            torch.zeros(shape, dtype=dtype, device=self.device)
+        self.cache = (
+            torch.randn(shape, device=self.device).to(dtype)
+            if role == "producer"
+            else torch.zeros(shape, dtype=dtype, device=self.device)
+        )
         name, _, copy = transport.partition(":")  # cuda_ipc:torch -> {"copy": "torch"} (the plane's option)
-        cfg = ConnectorConfig(model="llama-3.1-8b-shape", kv_connector=name, secret=secret, timeout=30.0,
-                              extra={"copy": copy} if copy else {}, **layout)
+        cfg = ConnectorConfig(
+            model="llama-3.1-8b-shape",
+            kv_connector=name,
+            secret=secret,
+            timeout=30.0,
+            extra={"copy": copy} if copy else {},
+            **layout,
+        )
         self.blocks = list(range(num_blocks))
         random.Random(0).shuffle(self.blocks)
         if role == "consumer":
             from kvconnector.consumer import KVConsumer
+
             self.conn = KVConsumer(cfg, self.cache, on_complete=self._complete)
             return list(self.conn.address)
         from kvconnector.producer import KVProducer
+
         self.conn = KVProducer(cfg, self.cache, on_complete=self._complete)
         self.address = tuple(address)
         self.conn.connect(self.address)
@@ -84,7 +105,7 @@ class Node:
     def expect(self, rid, tokens):
         """Consumer: reserve blocks for tokens (a shuffled, scattered set, as a busy pool hands out)."""
         n = -(-tokens // self.conn.config.block_size)
-        blocks = self.blocks[len(self.blocks) - n:]
+        blocks = self.blocks[len(self.blocks) - n :]
         self.conn.expect(rid, blocks)
         return blocks
 
@@ -134,6 +155,7 @@ class Node:
         """Bind the consumer's blocks, then save every layer (after simulated compute if overlapped).
         -> (t_start, t_last, exposed ms on the device clock or None)."""
         from kvconnector.producer import StepProgress
+
         torch, conn = self.torch, self.conn
         n = -(-tokens // conn.config.block_size)
         self.done.clear()
@@ -165,12 +187,14 @@ class Node:
     # ---- ceilings
     def raw_store(self):
         import torch.distributed as dist
+
         self.store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
         return int(self.store.port)
 
     def raw_nccl(self, rank, port, nbytes, iters):
         """One buffer of nbytes, rank 0 -> rank 1, iters times back to back; -> ms per send (median)."""
         import torch.distributed as dist
+
         torch = self.torch
         store = self.store if rank == 1 else dist.TCPStore("127.0.0.1", port, None, False)
         pg = dist.ProcessGroupNCCL(dist.PrefixStore("raw", store), rank, 2)
@@ -263,17 +287,28 @@ class Proc:
 
 # ---------------------------------------------------------------------------------------------- the run
 
+
 def kv_bytes(layout, tokens):
     n = -(-tokens // layout["block_size"])
     item = 2 if layout["dtype"] in ("bfloat16", "float16") else 4
-    return layout["num_layers"] * 2 * n * layout["block_size"] * layout["num_kv_heads"] * layout["head_dim"] * item
+    return (
+        layout["num_layers"]
+        * 2
+        * n
+        * layout["block_size"]
+        * layout["num_kv_heads"]
+        * layout["head_dim"]
+        * item
+    )
 
 
 def measure_push(res, prod, cons, transport, case, layout, tokens, iters, ceiling_ms, layer_ms):
     nbytes = kv_bytes(layout, tokens)
     n_blocks = 2 * -(-tokens // layout["block_size"]) + 8
     address = cons.call("open", role="consumer", transport=transport, layout=layout, num_blocks=n_blocks)
-    prod.call("open", role="producer", transport=transport, layout=layout, num_blocks=n_blocks, address=address)
+    prod.call(
+        "open", role="producer", transport=transport, layout=layout, num_blocks=n_blocks, address=address
+    )
     prod.call("calibrate", layer_ms=layer_ms, tokens=tokens)
     params = dict(case=case, transport=transport, tokens=tokens, bytes=nbytes, layers=layout["num_layers"])
     for mode in ("one_block", "back_to_back", "overlapped"):
@@ -282,8 +317,9 @@ def measure_push(res, prod, cons, transport, case, layout, tokens, iters, ceilin
         for i in range(iters + 2):
             rid = f"{mode}-{tokens}-{i}"
             remote = cons.call("expect", rid=rid, tokens=n_tok)
-            t_start, t_last, gpu_ms, save_us = prod.call("push", rid=rid, tokens=n_tok,
-                                                         overlapped=mode == "overlapped", remote=remote)
+            t_start, t_last, gpu_ms, save_us = prod.call(
+                "push", rid=rid, tokens=n_tok, overlapped=mode == "overlapped", remote=remote
+            )
             t_landed = cons.call("wait_landed", rid=rid)
             if i >= 2:
                 spans.append((t_landed - t_start) * 1e3)
@@ -296,26 +332,60 @@ def measure_push(res, prod, cons, transport, case, layout, tokens, iters, ceilin
             # The fixed per-request cost: one block of every layer (a few KiB) pushed back to back, save_layer of
             # layer 0 to landed on the decode side. Bandwidth plays no part; hand-offs, wakeups and syncs do.
             ms = statistics.median(spans)
-            res.add("push_one_block_ms", round(ms, 4), "ms",
-                    params=dict(p, tokens=n_tok, bytes=kv_bytes(layout, n_tok), min_ms=round(min(spans), 4),
-                                max_ms=round(max(spans), 4)))
+            res.add(
+                "push_one_block_ms",
+                round(ms, 4),
+                "ms",
+                params=dict(
+                    p,
+                    tokens=n_tok,
+                    bytes=kv_bytes(layout, n_tok),
+                    min_ms=round(min(spans), 4),
+                    max_ms=round(max(spans), 4),
+                ),
+            )
         elif mode == "back_to_back":
             ms = statistics.median(spans)
-            res.add("push_all_layers_ms", round(ms, 4), "ms", ceiling=round(ceiling_ms, 4),
-                    ratio=round(ceiling_ms / ms, 3), params=dict(p, gbps=round(nbytes / ms / 1e6, 2), goal_ratio=0.75))
+            res.add(
+                "push_all_layers_ms",
+                round(ms, 4),
+                "ms",
+                ceiling=round(ceiling_ms, 4),
+                ratio=round(ceiling_ms / ms, 3),
+                params=dict(p, gbps=round(nbytes / ms / 1e6, 2), goal_ratio=0.75),
+            )
         else:
             ms = statistics.median(exposed)
             floor = ceiling_ms / layout["num_layers"]  # the last layer's bytes alone at the raw rate
-            res.add("exposed_transfer_ms", round(ms, 4), "ms", ceiling=round(floor, 4),
-                    ratio=round(min(floor / ms, 1.0), 3) if ms > 0 else 1.0,
-                    params=dict(p, layer_ms=layer_ms, total_ms=round(statistics.median(spans), 3), goal_ms=0.2,
-                                clock="host: last layer computed -> decode side completed"))
+            res.add(
+                "exposed_transfer_ms",
+                round(ms, 4),
+                "ms",
+                ceiling=round(floor, 4),
+                ratio=round(min(floor / ms, 1.0), 3) if ms > 0 else 1.0,
+                params=dict(
+                    p,
+                    layer_ms=layer_ms,
+                    total_ms=round(statistics.median(spans), 3),
+                    goal_ms=0.2,
+                    clock="host: last layer computed -> decode side completed",
+                ),
+            )
             if exposed_gpu:
                 ms = statistics.median(exposed_gpu)
-                res.add("exposed_transfer_gpu_ms", round(ms, 4), "ms", ceiling=round(floor, 4),
-                        ratio=round(min(floor / ms, 1.0), 3) if ms > 0 else 1.0,
-                        params=dict(p, layer_ms=layer_ms, goal_ms=0.2,
-                                    clock="device: last layer computed -> last copy landed"))
+                res.add(
+                    "exposed_transfer_gpu_ms",
+                    round(ms, 4),
+                    "ms",
+                    ceiling=round(floor, 4),
+                    ratio=round(min(floor / ms, 1.0), 3) if ms > 0 else 1.0,
+                    params=dict(
+                        p,
+                        layer_ms=layer_ms,
+                        goal_ms=0.2,
+                        clock="device: last layer computed -> last copy landed",
+                    ),
+                )
 
 
 def main(argv=None) -> int:
@@ -324,15 +394,23 @@ def main(argv=None) -> int:
     ap.add_argument("--gpus", type=int, default=2, choices=(1, 2))
     ap.add_argument("--tokens", type=int, nargs="+", default=None)
     ap.add_argument("--transports", nargs="+", default=None)
-    ap.add_argument("--iters", type=int, default=None, help="measured iterations per figure (default 5; smoke 3)")
-    ap.add_argument("--layer-ms", type=float, default=None, help="simulated compute per layer per 2048 tokens")
+    ap.add_argument(
+        "--iters", type=int, default=None, help="measured iterations per figure (default 5; smoke 3)"
+    )
+    ap.add_argument(
+        "--layer-ms", type=float, default=None, help="simulated compute per layer per 2048 tokens"
+    )
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     args.iters_set = args.iters is not None
     args.iters = args.iters if args.iters_set else 5
     if args.smoke:
         layout, tokens, transports = TINY, args.tokens or [64], args.transports or ["tcp"]
-        devices, iters, layer_ms_2048 = ("cpu", "cpu"), args.iters if args.iters_set else 3, args.layer_ms or 20.0
+        devices, iters, layer_ms_2048 = (
+            ("cpu", "cpu"),
+            args.iters if args.iters_set else 3,
+            args.layer_ms or 20.0,
+        )
     else:
         layout, tokens = LLAMA8B, args.tokens or [2048, 8192]
         transports = args.transports or ["cuda_ipc"]
@@ -352,16 +430,38 @@ def main(argv=None) -> int:
                 cons.send("raw_nccl", rank=1, port=port, nbytes=nbytes, iters=iters)
                 prod.send("raw_nccl", rank=0, port=port, nbytes=nbytes, iters=iters)
                 ceiling, _ = prod.get(), cons.get()
-                res.add("raw_nccl_one_buffer_ms", round(ceiling, 4), "ms",
-                        params=dict(case=case_gpus, tokens=t, bytes=nbytes, gbps=round(nbytes / ceiling / 1e6, 2)))
+                res.add(
+                    "raw_nccl_one_buffer_ms",
+                    round(ceiling, 4),
+                    "ms",
+                    params=dict(
+                        case=case_gpus, tokens=t, bytes=nbytes, gbps=round(nbytes / ceiling / 1e6, 2)
+                    ),
+                )
             else:
                 ceiling = prod.call("copy_ms", nbytes=nbytes, iters=10 * iters)
-                res.add("device_copy_ms", round(ceiling, 4), "ms",
-                        params=dict(case=case_gpus, tokens=t, bytes=nbytes, gbps=round(nbytes / ceiling / 1e6, 2)))
+                res.add(
+                    "device_copy_ms",
+                    round(ceiling, 4),
+                    "ms",
+                    params=dict(
+                        case=case_gpus, tokens=t, bytes=nbytes, gbps=round(nbytes / ceiling / 1e6, 2)
+                    ),
+                )
             for transport in transports:
                 with guarded(f"{transport} {t} tokens", failures):
-                    measure_push(res, prod, cons, transport, f"{transport}-{case_gpus}", layout, t, iters,
-                                 ceiling, layer_ms_2048 * t / 2048)
+                    measure_push(
+                        res,
+                        prod,
+                        cons,
+                        transport,
+                        f"{transport}-{case_gpus}",
+                        layout,
+                        t,
+                        iters,
+                        ceiling,
+                        layer_ms_2048 * t / 2048,
+                    )
     finally:
         prod.close()
         cons.close()

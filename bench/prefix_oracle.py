@@ -11,6 +11,7 @@ so a request hits on the longest run of leading blocks some node still holds.
 Neither counts a prompt's last token as cacheable differently from the others; engines that recompute it differ
 by at most one block per request.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -21,7 +22,7 @@ def block_chain(prompt: list[int], block_size: int) -> list[int]:
     """Hashes of the prompt's full blocks, each covering its prefix."""
     out, parent = [], 0
     for start in range(0, len(prompt) - block_size + 1, block_size):
-        parent = hash((parent, tuple(prompt[start:start + block_size])))
+        parent = hash((parent, tuple(prompt[start : start + block_size])))
         out.append(parent)
     return out
 
@@ -61,8 +62,9 @@ class LRUCache:
             self.blocks.popitem(last=False)
 
 
-def lru_oracle_hit_fraction(prompts: Iterable[list[int]], block_size: int, nodes: int,
-                            blocks_per_node: int) -> float:
+def lru_oracle_hit_fraction(
+    prompts: Iterable[list[int]], block_size: int, nodes: int, blocks_per_node: int
+) -> float:
     caches = [LRUCache(blocks_per_node) for _ in range(nodes)]
     hit = total = 0
     for prompt in prompts:

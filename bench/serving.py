@@ -24,6 +24,7 @@ CPU smoke (tiny model):
     python bench/serving.py --input-len 64 --output-len 8 --duration-per-rate 3 --rates 2,4 --routing-rate 4 \
         --routing-prefix-len 64 --routing-unique-len 16 --routing-groups 4 --out /tmp/serving
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,10 @@ from bench.serving_summary import link_baselines, markdown_report  # noqa: E402
 from engine.cluster_cli import visible_gpus  # noqa: E402
 
 SLOS = {"loose": {"ttft": 1.0, "tpot": 0.050}, "pacing": {"ttft": 1.0, "itl": 0.025}}
-SLO_TEXT = {"loose": "TTFT <= 1 s and TPOT <= 50 ms", "pacing": "TTFT <= 1 s and each request's p99 ITL <= 25 ms"}
+SLO_TEXT = {
+    "loose": "TTFT <= 1 s and TPOT <= 50 ms",
+    "pacing": "TTFT <= 1 s and each request's p99 ITL <= 25 ms",
+}
 BLOCK_SIZE = 16
 CONFIGS_PER_SECTION = {"pd": 2, "routing": 2, "shared": 2}  # pd: 4 on four GPUs
 
@@ -68,12 +72,18 @@ def gpu_slug(gpus: list[str]) -> tuple[str, str]:
     if not gpus:
         return "cpu", f"cpu ({os.cpu_count()} cores)"
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20).stdout.splitlines()
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout.splitlines()
         name = out[int(gpus[0])].strip() if out else "cuda"
     except (OSError, subprocess.TimeoutExpired, IndexError, ValueError):
         name = "cuda"
-    slug = next((t for t in name.lower().replace("-", " ").split() if t[:1] in "habvl" and t[1:].isdigit()), "cuda")
+    slug = next(
+        (t for t in name.lower().replace("-", " ").split() if t[:1] in "habvl" and t[1:].isdigit()), "cuda"
+    )
     return slug, f"{name} x{len(gpus)}"
 
 
@@ -84,18 +94,33 @@ def ensure_model(opts, gpus: list[str]) -> str:
     path = os.path.join(REPO_ROOT, "models", "llama-3.1-8b-random" if gpus else "tiny-llama")
     if not os.path.exists(os.path.join(path, "config.json")):
         log(f"writing the random-weight {preset} checkpoint to {os.path.relpath(path, REPO_ROOT)}")
-        subprocess.run([sys.executable, "-m", "engine.cli", "make-model", path, "--family", "llama", "--preset",
-                        preset], check=True, cwd=REPO_ROOT)
+        subprocess.run(
+            [sys.executable, "-m", "engine.cli", "make-model", path, "--family", "llama", "--preset", preset],
+            check=True,
+            cwd=REPO_ROOT,
+        )
     return path
 
 
 def bench_args(opts, url: str, argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    common = ["--base-url", url, "--duration", str(opts.duration_per_rate), "--num-warmups", str(opts.warmups),
-              "--seed", str(opts.seed), "--min-prompts", str(opts.min_prompts), "--request-timeout",
-              str(opts.request_timeout), "--drain-timeout",
-              str(opts.drain_timeout or max(10.0, opts.duration_per_rate))]
+    common = [
+        "--base-url",
+        url,
+        "--duration",
+        str(opts.duration_per_rate),
+        "--num-warmups",
+        str(opts.warmups),
+        "--seed",
+        str(opts.seed),
+        "--min-prompts",
+        str(opts.min_prompts),
+        "--request-timeout",
+        str(opts.request_timeout),
+        "--drain-timeout",
+        str(opts.drain_timeout or max(10.0, opts.duration_per_rate)),
+    ]
     if opts.disable_tqdm:
         common.append("--disable-tqdm")
     return parser.parse_args(common + argv)
@@ -116,8 +141,15 @@ class Runner:
             flags += ["--max-model-len", str(self.opts.max_model_len)]
         return (*flags, *cfg.extra)
 
-    def run_config(self, cfg: Config, comparison: str, baseline: str, workload: list[str],
-                   slos: dict, env: dict | None = None) -> BenchRun | None:
+    def run_config(
+        self,
+        cfg: Config,
+        comparison: str,
+        baseline: str,
+        workload: list[str],
+        slos: dict,
+        env: dict | None = None,
+    ) -> BenchRun | None:
         if time.monotonic() > self.deadline:
             log(f"time budget spent: {cfg.run} ({comparison}) skipped")
             self.failures.append(f"{comparison} {cfg.run}: skipped, time budget spent")
@@ -130,9 +162,12 @@ class Runner:
         try:
             # A cluster still loading when the whole budget is spent would measure nothing: give up on it then.
             startup_s = max(120.0, self.deadline - time.monotonic())
-            with LocalCluster(work, self.model, cfg.prefill, cfg.decode, self.up_flags(cfg), startup_s,
-                              env=env) as cluster:
-                args = bench_args(self.opts, cluster.url, workload + ["--prefill-workers", str(cfg.prefill_workers)])
+            with LocalCluster(
+                work, self.model, cfg.prefill, cfg.decode, self.up_flags(cfg), startup_s, env=env
+            ) as cluster:
+                args = bench_args(
+                    self.opts, cluster.url, workload + ["--prefill-workers", str(cfg.prefill_workers)]
+                )
                 extra = {"comparison": comparison, "baseline_run": baseline}
                 bench = BenchRun(args, cfg.run, slos, self.results, extra_params=extra)
                 bench.deadline = share_ends
@@ -145,8 +180,11 @@ class Runner:
 
     def pd(self) -> None:
         n = 4 if len(self.gpus) >= 4 else 2
-        configs = ([Config("1P1D", 1, 1), Config("0P2D", 0, 2)] if n == 2 else
-                   [Config("1P3D", 1, 3), Config("2P2D", 2, 2), Config("3P1D", 3, 1), Config("0P4D", 0, 4)])
+        configs = (
+            [Config("1P1D", 1, 1), Config("0P2D", 0, 2)]
+            if n == 2
+            else [Config("1P3D", 1, 3), Config("2P2D", 2, 2), Config("3P1D", 3, 1), Config("0P4D", 0, 4)]
+        )
         baseline = configs[-1].run
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(self.gpus[:n])) if self.gpus else None
         for cfg in configs:
@@ -159,19 +197,52 @@ class Runner:
 
     def random_workload(self) -> list[str]:
         o = self.opts
-        rates = ["--request-rate", o.rates] if o.rates != "sweep" else [
-            "--request-rate", "sweep", "--sweep-start", str(o.sweep_start), "--sweep-max-rates", str(o.sweep_max_rates)]
-        return ["--dataset-name", "random", "--input-len", str(o.input_len), "--output-len", str(o.output_len), *rates]
+        rates = (
+            ["--request-rate", o.rates]
+            if o.rates != "sweep"
+            else [
+                "--request-rate",
+                "sweep",
+                "--sweep-start",
+                str(o.sweep_start),
+                "--sweep-max-rates",
+                str(o.sweep_max_rates),
+            ]
+        )
+        return [
+            "--dataset-name",
+            "random",
+            "--input-len",
+            str(o.input_len),
+            "--output-len",
+            str(o.output_len),
+            *rates,
+        ]
 
     def routing(self) -> None:
         o = self.opts
         working_set = o.routing_groups * math.ceil(o.routing_prefix_len / BLOCK_SIZE)
-        per_node = max(math.ceil(working_set * 0.7), math.ceil((o.routing_prefix_len + o.routing_unique_len
-                                                                 + o.output_len) / BLOCK_SIZE) + 2)
-        log(f"routing: working set {working_set} blocks; {per_node} blocks per node (two nodes: {2 * per_node})")
-        workload = ["--dataset-name", "prefix", "--prefix-groups", str(o.routing_groups), "--prefix-len",
-                    str(o.routing_prefix_len), "--input-len", str(o.routing_unique_len), "--output-len",
-                    str(o.output_len), "--request-rate", str(o.routing_rate)]
+        per_node = max(
+            math.ceil(working_set * 0.7),
+            math.ceil((o.routing_prefix_len + o.routing_unique_len + o.output_len) / BLOCK_SIZE) + 2,
+        )
+        log(
+            f"routing: working set {working_set} blocks; {per_node} blocks per node (two nodes: {2 * per_node})"
+        )
+        workload = [
+            "--dataset-name",
+            "prefix",
+            "--prefix-groups",
+            str(o.routing_groups),
+            "--prefix-len",
+            str(o.routing_prefix_len),
+            "--input-len",
+            str(o.routing_unique_len),
+            "--output-len",
+            str(o.output_len),
+            "--request-rate",
+            str(o.routing_rate),
+        ]
         node_flag = f"--node-arg=--num-gpu-blocks-override={per_node}"
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(self.gpus[:2])) if self.gpus else None
         for policy in ("cache_aware", "round_robin"):
@@ -191,8 +262,11 @@ class Runner:
             self.results.add("prefix_hit_upper_bound", upper, "fraction", params=params)
             for rec in self.results.records:
                 p = rec["params"]
-                if rec["metric"] == "prefix_hit_fraction" and p.get("comparison") == "routing" \
-                        and p.get("request_rate") == params["request_rate"]:
+                if (
+                    rec["metric"] == "prefix_hit_fraction"
+                    and p.get("comparison") == "routing"
+                    and p.get("request_rate") == params["request_rate"]
+                ):
                     rec["ceiling"], rec["ratio"] = lru, (rec["value"] / lru if lru else None)
             self.results.save()
 
@@ -217,15 +291,25 @@ def parse_options(argv=None) -> argparse.Namespace:
     p.add_argument("--warmups", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--request-timeout", type=float, default=120.0)
-    p.add_argument("--drain-timeout", type=float, default=0.0, help="seconds a rate waits for its last requests "
-                   "after the last arrival (default: the larger of 10 s and --duration-per-rate)")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=0.0,
+        help="seconds a rate waits for its last requests "
+        "after the last arrival (default: the larger of 10 s and --duration-per-rate)",
+    )
     p.add_argument("--routing-rate", type=float, default=4.0)
     p.add_argument("--routing-groups", type=int, default=16)
     p.add_argument("--routing-prefix-len", type=int, default=1024)
     p.add_argument("--routing-unique-len", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=-1, help="default: 4096 on GPU, the model's on CPU")
-    p.add_argument("--time-budget", type=float, default=450.0, help="seconds from the start; no new rate or "
-                   "configuration starts after it (a started one still takes up to two durations and a shutdown)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=450.0,
+        help="seconds from the start; no new rate or "
+        "configuration starts after it (a started one still takes up to two durations and a shutdown)",
+    )
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results"))
     p.add_argument("--work-dir", default="", help="cluster logs (default: a folder under --out's parent tmp)")
     p.add_argument("--disable-tqdm", action="store_true")
@@ -244,14 +328,16 @@ def main(argv=None) -> int:
         opts.max_model_len = 4096 if gpus else 0
     if not opts.work_dir:
         import tempfile
+
         opts.work_dir = tempfile.mkdtemp(prefix="pdserve-serving-bench-")
     slug, description = gpu_slug(gpus)
     log(f"devices: {description}; sections {','.join(sections)}; cluster logs in {opts.work_dir}")
     model = ensure_model(opts, gpus)
     results = Results("serving", None, opts.out, link=link_baselines, slug=slug, description=description)
     runner = Runner(opts, model, gpus, results, started)
-    runner.configs_left = sum(CONFIGS_PER_SECTION[s] if s != "pd" else (4 if len(gpus) >= 4 else 2)
-                              for s in sections)
+    runner.configs_left = sum(
+        CONFIGS_PER_SECTION[s] if s != "pd" else (4 if len(gpus) >= 4 else 2) for s in sections
+    )
     try:
         for section in sections:
             getattr(runner, section)()

@@ -15,6 +15,7 @@ Arrivals: gaps drawn from a gamma distribution with shape `burstiness` and mean 
 process; below 1 is burstier), all at once for rate inf; --max-concurrency caps requests in flight, and a request
 waiting for a slot is timed from when it is actually sent. Conversation turns wait for their session's previous turn.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -74,8 +75,13 @@ class ClientConfig:
 
 
 def request_body(cfg: ClientConfig, req: BenchRequest) -> dict:
-    body = {"model": cfg.model, "max_tokens": req.output_len, "stream": True, "temperature": 0.0,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": cfg.model,
+        "max_tokens": req.output_len,
+        "stream": True,
+        "temperature": 0.0,
+        "stream_options": {"include_usage": True},
+    }
     if cfg.ignore_eos:
         body["ignore_eos"] = True  # vLLM's extension: every request makes exactly output_len tokens
     if cfg.chat:
@@ -117,8 +123,9 @@ async def resolve_model(client: httpx.AsyncClient, cfg: ClientConfig) -> str:
         r.raise_for_status()
         return r.json()["data"][0]["id"]
     except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
-        raise ServerUnusable(f"could not read the model name from {url} ({exc!r}); is the server up? "
-                             "(--model NAME skips this)") from None
+        raise ServerUnusable(
+            f"could not read the model name from {url} ({exc!r}); is the server up? (--model NAME skips this)"
+        ) from None
 
 
 def _headers(cfg: ClientConfig) -> dict:
@@ -126,6 +133,7 @@ def _headers(cfg: ClientConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ one request
+
 
 class _Stream:
     """What one SSE stream told us so far."""
@@ -173,7 +181,9 @@ class _Stream:
         return None
 
 
-async def send_one(client: httpx.AsyncClient, cfg: ClientConfig, req: BenchRequest, t0: float) -> RequestResult:
+async def send_one(
+    client: httpx.AsyncClient, cfg: ClientConfig, req: BenchRequest, t0: float
+) -> RequestResult:
     started = time.perf_counter()
     st = _Stream(started)
     try:
@@ -217,6 +227,7 @@ def _failed(st: _Stream, started: float, t0: float, kind: str, message: str) -> 
 
 # ------------------------------------------------------------------------------------------------ a whole run
 
+
 def arrival_gaps(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
     """Seconds between consecutive sends: gamma(shape=burstiness, mean 1/rate); zeros for an infinite rate."""
     if math.isinf(rate):
@@ -232,14 +243,22 @@ class RunOutput:
     duration_s: float  # first send to last answer
 
 
-async def run_requests(cfg: ClientConfig, requests: list[BenchRequest], rate: float, burstiness: float = 1.0,
-                       max_concurrency: Optional[int] = None, seed: int = 0,
-                       on_done: Callable[[RequestResult], None] = lambda r: None,
-                       drain_timeout_s: Optional[float] = None) -> RunOutput:
+async def run_requests(
+    cfg: ClientConfig,
+    requests: list[BenchRequest],
+    rate: float,
+    burstiness: float = 1.0,
+    max_concurrency: Optional[int] = None,
+    seed: int = 0,
+    on_done: Callable[[RequestResult], None] = lambda r: None,
+    drain_timeout_s: Optional[float] = None,
+) -> RunOutput:
     """Send `requests` on their arrival schedule and wait for every answer, or, with drain_timeout_s, at most that
     long after the last arrival: requests still running then are cancelled and count as `unfinished` (an
     overloaded server would otherwise make one rate of a sweep take minutes)."""
-    limits = httpx.Limits(max_connections=max_concurrency or None, max_keepalive_connections=max_concurrency or 100)
+    limits = httpx.Limits(
+        max_connections=max_concurrency or None, max_keepalive_connections=max_concurrency or 100
+    )
     timeout = httpx.Timeout(cfg.request_timeout_s, connect=30.0)
     slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     turn_done: dict[tuple[int, int], asyncio.Event] = {}  # (session, turn) -> finished
@@ -268,7 +287,9 @@ async def run_requests(cfg: ClientConfig, requests: list[BenchRequest], rate: fl
                 turn_done[(req.session, req.turn)] = asyncio.Event()
         tasks, due = [], 0.0
         for req, gap in zip(requests, arrival_gaps(len(requests), rate, burstiness, seed)):
-            due += gap  # sleep to an absolute schedule, so the time spent starting tasks does not lower the rate
+            due += (
+                gap  # sleep to an absolute schedule, so the time spent starting tasks does not lower the rate
+            )
             wait = due - (time.perf_counter() - t0)
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -283,5 +304,7 @@ async def run_requests(cfg: ClientConfig, requests: list[BenchRequest], rate: fl
 
 def _outcome(task: asyncio.Task) -> RequestResult:
     if task.cancelled():
-        return RequestResult(ok=False, error_kind="unfinished", error="still running when the drain timeout ended")
+        return RequestResult(
+            ok=False, error_kind="unfinished", error="still running when the drain timeout ended"
+        )
     return task.result()

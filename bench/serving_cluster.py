@@ -1,5 +1,6 @@
 """A `pdserve up` cluster started by a benchmark: one subprocess, ready once its --state-file appears, stopped
 with SIGTERM (then SIGKILL of its process group) however the benchmark ends."""
+
 from __future__ import annotations
 
 import json
@@ -20,16 +21,41 @@ def free_port() -> int:
 
 
 class LocalCluster:
-    def __init__(self, work_dir: str, model: str, prefill: int, decode: int, extra: tuple[str, ...] = (),
-                 startup_timeout_s: float = 900.0, env: Optional[dict] = None):
+    def __init__(
+        self,
+        work_dir: str,
+        model: str,
+        prefill: int,
+        decode: int,
+        extra: tuple[str, ...] = (),
+        startup_timeout_s: float = 900.0,
+        env: Optional[dict] = None,
+    ):
         self.work_dir = work_dir
         os.makedirs(work_dir, exist_ok=True)
         self.state_file = os.path.join(work_dir, "cluster.json")
         self.out_path = os.path.join(work_dir, "up.out")
-        self.argv = [sys.executable, "-m", "engine.cli", "up", "--prefill", str(prefill), "--decode", str(decode),
-                     "--model", model, "--port", str(free_port()), "--state-file", self.state_file,
-                     "--log-dir", os.path.join(work_dir, "logs"), "--startup-timeout", str(startup_timeout_s),
-                     *extra]
+        self.argv = [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "up",
+            "--prefill",
+            str(prefill),
+            "--decode",
+            str(decode),
+            "--model",
+            model,
+            "--port",
+            str(free_port()),
+            "--state-file",
+            self.state_file,
+            "--log-dir",
+            os.path.join(work_dir, "logs"),
+            "--startup-timeout",
+            str(startup_timeout_s),
+            *extra,
+        ]
         self.startup_timeout_s = startup_timeout_s
         self.env = env
         self.proc: Optional[subprocess.Popen] = None
@@ -42,8 +68,9 @@ class LocalCluster:
     def start(self) -> "LocalCluster":
         log(f"starting: {' '.join(self.argv[3:])}")
         with open(self.out_path, "wb") as out:
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env=self.env)
+            self.proc = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
+            )
         deadline = time.monotonic() + self.startup_timeout_s + 30
         while not os.path.exists(self.state_file):
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -9,6 +9,7 @@ definitions, plus the token-pacing SLO and the server-reported phases pdserve ad
   the prefill side saturates at this prompt length if it ran requests one after another; None when the server
   reports no prefill times.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -58,40 +59,58 @@ def request_p99_itl(r: RequestResult) -> float:
 def meets_slos(r: RequestResult, slos: dict[str, float]) -> bool:
     if not r.ok:
         return False
-    figures = {"ttft": r.ttft if r.ttft is not None else r.e2e, "tpot": r.tpot or 0.0,
-               "itl": request_p99_itl(r), "e2el": r.e2e}
+    figures = {
+        "ttft": r.ttft if r.ttft is not None else r.e2e,
+        "tpot": r.tpot or 0.0,
+        "itl": request_p99_itl(r),
+        "e2el": r.e2e,
+    }
     return all(figures[k] <= bound for k, bound in slos.items())
 
 
 def latency_samples(ok: list[RequestResult]) -> dict[str, list[float]]:
-    return {"ttft": [r.ttft for r in ok if r.ttft is not None],
-            "tpot": [r.tpot for r in ok if r.tpot is not None],
-            "itl": [gap for r in ok for gap in r.itls],
-            "e2el": [r.e2e for r in ok]}
+    return {
+        "ttft": [r.ttft for r in ok if r.ttft is not None],
+        "tpot": [r.tpot for r in ok if r.tpot is not None],
+        "itl": [gap for r in ok for gap in r.itls],
+        "e2el": [r.e2e for r in ok],
+    }
 
 
 def summarize(values: list[float]) -> dict[str, Optional[float]]:
     """mean and percentiles, in milliseconds; None when there is no sample."""
     if not values:
         return {"mean": None, **{f"p{q}": None for q in PERCENTILES}}
-    return {"mean": statistics.fmean(values) * 1e3, **{f"p{q}": percentile(values, q) * 1e3 for q in PERCENTILES}}
+    return {
+        "mean": statistics.fmean(values) * 1e3,
+        **{f"p{q}": percentile(values, q) * 1e3 for q in PERCENTILES},
+    }
 
 
-def compute_figures(results: list[RequestResult], duration_s: float, slos: dict[str, float],
-                    prefill_workers: int = 1) -> dict:
+def compute_figures(
+    results: list[RequestResult], duration_s: float, slos: dict[str, float], prefill_workers: int = 1
+) -> dict:
     ok = [r for r in results if r.ok]
     duration_s = max(duration_s, 1e-9)
     prompt = sum(r.prompt_tokens or 0 for r in ok)
     output = sum(r.output_tokens for r in ok)
     good = sum(1 for r in ok if meets_slos(r, slos))
-    fig = {"requests": len(results), "completed": len(ok), "failed": len(results) - len(ok),
-           "errors": dict(Counter(r.error_kind for r in results if not r.ok)), "duration_s": duration_s,
-           "prompt_tokens": prompt, "output_tokens": output,
-           "request_throughput": len(ok) / duration_s, "output_throughput": output / duration_s,
-           "total_token_throughput": (prompt + output) / duration_s,
-           "good_requests": good, "goodput": good / duration_s if slos else None,
-           "slo_attainment": good / len(results) if slos and results else None,
-           "latency_ms": {name: summarize(v) for name, v in latency_samples(ok).items()}}
+    fig = {
+        "requests": len(results),
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": dict(Counter(r.error_kind for r in results if not r.ok)),
+        "duration_s": duration_s,
+        "prompt_tokens": prompt,
+        "output_tokens": output,
+        "request_throughput": len(ok) / duration_s,
+        "output_throughput": output / duration_s,
+        "total_token_throughput": (prompt + output) / duration_s,
+        "good_requests": good,
+        "goodput": good / duration_s if slos else None,
+        "slo_attainment": good / len(results) if slos and results else None,
+        "latency_ms": {name: summarize(v) for name, v in latency_samples(ok).items()},
+    }
     fig.update(cache_figures(ok))
     fig.update(phase_figures(ok, prefill_workers))
     return fig
@@ -101,8 +120,10 @@ def cache_figures(ok: list[RequestResult]) -> dict:
     reported = [r for r in ok if r.cached_tokens is not None and r.prompt_tokens]
     cached = sum(r.cached_tokens for r in reported)
     prompt = sum(r.prompt_tokens for r in reported)
-    return {"cached_tokens": cached if reported else None,
-            "prefix_hit_fraction": cached / prompt if prompt else None}
+    return {
+        "cached_tokens": cached if reported else None,
+        "prefix_hit_fraction": cached / prompt if prompt else None,
+    }
 
 
 def phase_figures(ok: list[RequestResult], prefill_workers: int) -> dict:

@@ -1,6 +1,7 @@
 """Plots of serving results files: latency percentiles and goodput against request rate (one line per run), and
 the server-reported phases per run and rate as stacked bars. Needs matplotlib; without it nothing is drawn and a
 line says so (the JSON holds every figure)."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,13 @@ def _rate_value(text: str, finite_max: float) -> float:
 
 def series(records: list[dict], metric: str, **match) -> dict[str, list[tuple[float, float]]]:
     """run -> [(rate, value)] sorted by rate, for the records of `metric` whose params contain `match`."""
-    picked = [r for r in records if r["metric"] == metric and r.get("value") is not None
-              and all(r["params"].get(k) == v for k, v in match.items())]
+    picked = [
+        r
+        for r in records
+        if r["metric"] == metric
+        and r.get("value") is not None
+        and all(r["params"].get(k) == v for k, v in match.items())
+    ]
     finite = [float(r["params"]["request_rate"]) for r in picked if r["params"]["request_rate"] != "inf"]
     finite_max = max(finite, default=1.0)
     out: dict[str, list[tuple[float, float]]] = defaultdict(list)
@@ -50,7 +56,9 @@ def plot_serving(json_path: str, png_path: str) -> str | None:
         _phase_panel(row[5], recs)
         for ax in row:
             ax.set_title(f"{comparison} {ax.get_title()}".strip(), fontsize=9)
-    fig.suptitle(f"{doc['bench']} on {doc.get('device_name', doc['device'])} ({doc['date']}, {doc['commit'][:12]})")
+    fig.suptitle(
+        f"{doc['bench']} on {doc.get('device_name', doc['device'])} ({doc['date']}, {doc['commit'][:12]})"
+    )
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
@@ -62,8 +70,9 @@ def _latency_panel(ax, recs: list[dict], name: str) -> None:
     colors = {}
     for stat, style in (("p99", "-"), ("p50", "--")):
         for run, points in series(recs, f"{name}_ms", stat=stat).items():
-            line, = ax.plot(*zip(*points), style, marker="o", ms=3, color=colors.get(run),
-                            label=f"{run} {stat}")
+            (line,) = ax.plot(
+                *zip(*points), style, marker="o", ms=3, color=colors.get(run), label=f"{run} {stat}"
+            )
             colors[run] = line.get_color()
     ax.set_title(f"{LATENCY_TITLES[name]} (p99 solid, p50 dashed)")
     ax.set_xlabel("request rate (req/s)")

@@ -7,6 +7,7 @@ cuBLAS's. Prints a table; the chosen config is then written into `skinny_linear.
 
   python bench/skinny_linear_sweep.py > bench/results/skinny_linear-<device>-<YYYYMMDD>.log
 """
+
 from __future__ import annotations
 
 import os
@@ -20,9 +21,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels.skinny_linear as sk  # noqa: E402
 from bench.common import capture_graph, device_ms  # noqa: E402
 
-SHAPES = {"llama qkv": (6144, 4096), "llama o": (4096, 4096), "llama gate_up": (28672, 4096),
-          "llama down": (4096, 14336), "llama lm_head": (128256, 4096), "qwen qkv": (1152, 896),
-          "qwen o": (896, 896), "qwen gate_up": (9728, 896), "qwen down": (896, 4864)}
+SHAPES = {
+    "llama qkv": (6144, 4096),
+    "llama o": (4096, 4096),
+    "llama gate_up": (28672, 4096),
+    "llama down": (4096, 14336),
+    "llama lm_head": (128256, 4096),
+    "qwen qkv": (1152, 896),
+    "qwen o": (896, 896),
+    "qwen gate_up": (9728, 896),
+    "qwen down": (896, 4864),
+}
 CONFIGS = [(bn, bk, w, s) for bn in (8, 16, 32) for bk in (256, 512) for w in (4, 8) for s in (3, 4)]
 
 
@@ -40,12 +49,14 @@ def copy_gbps() -> float:
 
 
 def main() -> None:
-    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; device copy {copy_gbps():.0f} GB/s "
-          f"(read + write counted); columns: time per call and weight bytes / time")
+    print(
+        f"{torch.cuda.get_device_name()}; torch {torch.__version__}; device copy {copy_gbps():.0f} GB/s "
+        f"(read + write counted); columns: time per call and weight bytes / time"
+    )
     for name, (n, k) in SHAPES.items():
         nbytes = n * k * 2
         copies = max(2, min(16, -(-120_000_000 // nbytes)))
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5 for _ in range(copies)]
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
         for rows in (1, 8):
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             want = F.linear(x, weights[0])
@@ -54,12 +65,17 @@ def main() -> None:
             for config in CONFIGS:
                 sk._blocks = lambda n_, k_, c=config: c
                 err = (sk.skinny_linear(x, weights[0]).float() - want.float()).abs().max().item()
-                results.append((graph_us(lambda: [sk.skinny_linear(x, w) for w in weights], copies), config, err))
+                results.append(
+                    (graph_us(lambda: [sk.skinny_linear(x, w) for w in weights], copies), config, err)
+                )
             best = min(results)
             chosen = next(r for r in results if r[1] == (32, 512, 4, 3))
-            print(f"{name:14s} M={rows} N={n:6d} K={k:5d}: cublas {cublas:7.2f} us ({nbytes / cublas / 1e3:5.0f} GB/s)"
-                  f" | best {best[0]:7.2f} us ({nbytes / best[0] / 1e3:5.0f} GB/s) {best[1]}"
-                  f" | chosen (32, 512, 4, 3) {chosen[0]:7.2f} us, max |diff| vs cublas {chosen[2]:.3g}", flush=True)
+            print(
+                f"{name:14s} M={rows} N={n:6d} K={k:5d}: cublas {cublas:7.2f} us ({nbytes / cublas / 1e3:5.0f} GB/s)"
+                f" | best {best[0]:7.2f} us ({nbytes / best[0] / 1e3:5.0f} GB/s) {best[1]}"
+                f" | chosen (32, 512, 4, 3) {chosen[0]:7.2f} us, max |diff| vs cublas {chosen[2]:.3g}",
+                flush=True,
+            )
         del weights
 
 

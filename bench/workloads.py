@@ -13,6 +13,7 @@
 Token ids are drawn from the tokenizer's vocabulary minus its special tokens when --tokenizer is given, else from
 [100, 1000), which every real vocabulary and the tiny test model's 1024-entry one contain.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,9 @@ def random_workload(num: int, input_len: int, output_len: int, tokens: TokenSour
     return [BenchRequest(tokens.ids(input_len), None, output_len) for _ in range(num)]
 
 
-def prefix_workload(num: int, groups: int, prefix_len: int, unique_len: int, output_len: int,
-                    tokens: TokenSource) -> list[BenchRequest]:
+def prefix_workload(
+    num: int, groups: int, prefix_len: int, unique_len: int, output_len: int, tokens: TokenSource
+) -> list[BenchRequest]:
     _positive(prefix_groups=groups, prefix_len=prefix_len, output_len=output_len)
     prefixes = [tokens.ids(prefix_len) for _ in range(groups)]
     out = []
@@ -79,8 +81,9 @@ def prefix_workload(num: int, groups: int, prefix_len: int, unique_len: int, out
     return out
 
 
-def conversation_workload(num: int, turns: int, turn_len: int, output_len: int,
-                          tokens: TokenSource) -> list[BenchRequest]:
+def conversation_workload(
+    num: int, turns: int, turn_len: int, output_len: int, tokens: TokenSource
+) -> list[BenchRequest]:
     """`num` requests in sessions of `turns` turns (the last session may be shorter), session-major order."""
     _positive(conversation_turns=turns, input_len=turn_len, output_len=output_len)
     out: list[BenchRequest] = []
@@ -97,7 +100,9 @@ def conversation_workload(num: int, turns: int, turn_len: int, output_len: int,
     return out
 
 
-def jsonl_workload(path: str, num: Optional[int], default_output_len: int, tokens: TokenSource) -> list[BenchRequest]:
+def jsonl_workload(
+    path: str, num: Optional[int], default_output_len: int, tokens: TokenSource
+) -> list[BenchRequest]:
     """The file's prompts in order (cycled to `num` requests when num is larger; all of them when num is None)."""
     if not os.path.isfile(path):
         raise WorkloadError(f"--dataset-path {path!r} is not a file")
@@ -127,8 +132,11 @@ def _jsonl_row(line: str, where: str, default_output_len: int) -> BenchRequest:
         raise WorkloadError(f"{where}: 'output_len' must be a positive integer, got {out_len!r}")
     if isinstance(prompt, str) and prompt:
         return BenchRequest(None, prompt, out_len)
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                   for t in prompt):
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
+    ):
         return BenchRequest(list(prompt), None, out_len)
     raise WorkloadError(f"{where}: 'prompt' must be a non-empty string or a list of token ids")
 
@@ -158,7 +166,9 @@ def build_workload(args, num: int, tokenizer=None, seed_offset: int = 0) -> list
     if name == "random":
         return random_workload(num, args.input_len, args.output_len, tokens)
     if name == "prefix":
-        return prefix_workload(num, args.prefix_groups, args.prefix_len, args.input_len, args.output_len, tokens)
+        return prefix_workload(
+            num, args.prefix_groups, args.prefix_len, args.input_len, args.output_len, tokens
+        )
     if name == "conversation":
         return conversation_workload(num, args.conversation_turns, args.input_len, args.output_len, tokens)
     if name == "jsonl":

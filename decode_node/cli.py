@@ -1,12 +1,13 @@
 """`pdserve decode`: a decode node (kv_consumer by default; kv_both also prefills by itself)."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 from node_runtime import roles
 
 
 def _decode_part(node):
     from decode_node.disagg import DisaggDecoder
+
     return DisaggDecoder(node)
 
 
@@ -16,5 +17,9 @@ roles.register(roles.DECODE, _decode_part)
 def register_cli(subparsers) -> None:
     from node_runtime.node_cli import register_role
 
-    register_role(subparsers, "decode", "run a decode node (receives KV, continuous batching, streams tokens)",
-                  default_role="kv_consumer")
+    register_role(
+        subparsers,
+        "decode",
+        "run a decode node (receives KV, continuous batching, streams tokens)",
+        default_role="kv_consumer",
+    )

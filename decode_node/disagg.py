@@ -18,6 +18,7 @@ only once the prefill node can no longer write them (a mapped cache is writable 
 its `prefill_done` or its KV `Abort` (both sent after its writes are fenced), or once its connection is lost; a
 request released before that waits in quarantine, at most QUARANTINE_TIMEOUTS x --kv-timeout.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,10 +28,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from decode_node import remote_admission as ra
-from node_runtime.protocol import Abort, Error, FirstToken, Prefill, PrefillDone, Tokens, plain
 from engine.engine_loop import Sink
 from engine.errors import PromptTooLongError
 from kvconnector.bind import advertised
+from node_runtime.protocol import Abort, Error, FirstToken, Prefill, PrefillDone, Tokens, plain
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,9 @@ class DisaggDecoder:
         self.pending: dict[str, Pending] = {}
         self.lock = threading.Lock()
         self.quarantine: dict[str, Pending] = {}  # released, blocks held until the writer confirms it stopped
-        self.consumer = KVConsumer(connector_config(node), self.core.runner.kv_caches, on_complete=self._on_complete)
+        self.consumer = KVConsumer(
+            connector_config(node), self.core.runner.kv_caches, on_complete=self._on_complete
+        )
         self.consumer.on_forgotten_end = self._writer_done  # a released request's Done / Abort still frees it
         node.metrics.extra_registries.append(self.consumer.metrics.registry)
         self.kv_endpoint = advertised("%s:%d" % self.consumer.address)
@@ -90,9 +93,16 @@ class DisaggDecoder:
     def _reserved(self, live, msg, future) -> None:
         exc = future.exception()
         if exc is not None:
-            status = 429 if isinstance(exc, ra.NoRoomError) else 400 if isinstance(
-                exc, (PromptTooLongError, ValueError)) else 503
-            self.node.fail(live, status, str(exc), retryable=status != 400, cause="rejected", count_abort=False)
+            status = (
+                429
+                if isinstance(exc, ra.NoRoomError)
+                else 400
+                if isinstance(exc, (PromptTooLongError, ValueError))
+                else 503
+            )
+            self.node.fail(
+                live, status, str(exc), retryable=status != 400, cause="rejected", count_abort=False
+            )
             return
         res: ra.Reservation = future.result()
         pending = Pending(live, msg.prefill_rpc, res, time.monotonic() + self.timeout)
@@ -107,16 +117,26 @@ class DisaggDecoder:
             pending.writer_done = True
             self.release(live.request_id)
             return
-        self.rpc.send_to(msg.prefill_rpc, Prefill(
-            request_id=live.request_id, prompt_token_ids=list(msg.prompt_token_ids), params=msg.params,
-            kv_endpoint=self.kv_endpoint, block_ids=res.block_ids, num_cached_blocks=res.num_cached_blocks,
-            decode_node_id=self.node.node_id))
+        self.rpc.send_to(
+            msg.prefill_rpc,
+            Prefill(
+                request_id=live.request_id,
+                prompt_token_ids=list(msg.prompt_token_ids),
+                params=msg.params,
+                kv_endpoint=self.kv_endpoint,
+                block_ids=res.block_ids,
+                num_cached_blocks=res.num_cached_blocks,
+                decode_node_id=self.node.node_id,
+            ),
+        )
 
     # ---- 3: the first token ------------------------------------------------------------------------------------
     def on_prefill_message(self, endpoint: str, msg) -> None:
         if isinstance(msg, PrefillDone):
             if msg.ok and not self.consumer.counted:  # one-sided: its fence means landed, even if the KV link
-                self._on_complete(msg.request_id, True, {})  # lost the Done (over tcp only the Done means that)
+                self._on_complete(
+                    msg.request_id, True, {}
+                )  # lost the Done (over tcp only the Done means that)
             self._writer_done(msg.request_id)
         with self.lock:
             pending = self.pending.get(msg.request_id)
@@ -129,8 +149,9 @@ class DisaggDecoder:
         elif isinstance(msg, Error):
             self._fail(pending, msg.status, f"prefill node: {msg.message}", msg.retryable, "prefill_failed")
         elif isinstance(msg, PrefillDone):
-            pending.live.timings.update({k: v for k, v in (msg.timings or {}).items()
-                                         if k in ("transfer", "exposed_transfer")})
+            pending.live.timings.update(
+                {k: v for k, v in (msg.timings or {}).items() if k in ("transfer", "exposed_transfer")}
+            )
             if not msg.ok:
                 self._fail(pending, 503, f"prefill node's KV transfer failed ({msg.cause})", True, "kv")
 
@@ -144,16 +165,25 @@ class DisaggDecoder:
             pending.num_cached_tokens = msg.num_cached_tokens
             pending.deadline = time.monotonic() + self.timeout
         live.first_token_at = time.monotonic()
-        live.timings.update({k: v for k, v in (msg.timings or {}).items() if k in ("prefill_queue", "prefill")})
+        live.timings.update(
+            {k: v for k, v in (msg.timings or {}).items() if k in ("prefill_queue", "prefill")}
+        )
         finished = status is not None
         if finished and not self.node.take(live):
             return
         pending.tokens_sent = True
-        self.rpc.send(live.identity, Tokens(
-            request_id=live.request_id, token_ids=[msg.token],
-            logprobs=[plain(msg.logprobs)] if msg.logprobs is not None else None, finished=finished,
-            finish_reason=status.finish_reason if finished else None, num_cached_tokens=msg.num_cached_tokens,
-            timings=self.node.final_timings(live) if finished else None))
+        self.rpc.send(
+            live.identity,
+            Tokens(
+                request_id=live.request_id,
+                token_ids=[msg.token],
+                logprobs=[plain(msg.logprobs)] if msg.logprobs is not None else None,
+                finished=finished,
+                finish_reason=status.finish_reason if finished else None,
+                num_cached_tokens=msg.num_cached_tokens,
+                timings=self.node.final_timings(live) if finished else None,
+            ),
+        )
         if finished:
             self.node.metrics.finished.labels(status.finish_reason).inc()
             self.release(live.request_id)
@@ -170,15 +200,22 @@ class DisaggDecoder:
             return
         if not ok:
             cause = timings.get("cause", "error")
-            self._fail(pending, 504 if cause == "timeout" else 503, f"KV transfer failed ({cause})",
-                       not pending.tokens_sent, "kv")
+            self._fail(
+                pending,
+                504 if cause == "timeout" else 503,
+                f"KV transfer failed ({cause})",
+                not pending.tokens_sent,
+                "kv",
+            )
             return
         with pending.lock:
             if pending.landed:
                 return
             pending.landed, pending.landed_at = True, time.monotonic()
             ready = pending.first_token is not None
-            pending.deadline = pending.landed_at + self.timeout  # the first token must follow within --kv-timeout
+            pending.deadline = (
+                pending.landed_at + self.timeout
+            )  # the first token must follow within --kv-timeout
         if "transfer_s" in timings:
             pending.live.timings.setdefault("transfer", timings["transfer_s"])
         if ready:
@@ -187,15 +224,22 @@ class DisaggDecoder:
     def _admit(self, pending: Pending) -> None:
         """Loop thread: KV landed and first token known; the scheduler moves it into the batch when a slot frees."""
         live = pending.live
-        if pending.admitted or live.ended or not self.core.remote_kv_ready(live.request_id,
-                                                                            pending.num_cached_tokens):
+        if (
+            pending.admitted
+            or live.ended
+            or not self.core.remote_kv_ready(live.request_id, pending.num_cached_tokens)
+        ):
             return
         pending.admitted = True
         ready_at = time.monotonic()
-        self.loop.attach(live.request_id, Sink(
-            on_output=lambda out: self._on_output(live, out),
-            on_fail=lambda why: self.node.fail(live, 503, why, retryable=False, cause="error"),
-            on_scheduled=lambda t: live.timings.__setitem__("decode_queue", max(t - ready_at, 0.0))))
+        self.loop.attach(
+            live.request_id,
+            Sink(
+                on_output=lambda out: self._on_output(live, out),
+                on_fail=lambda why: self.node.fail(live, 503, why, retryable=False, cause="error"),
+                on_scheduled=lambda t: live.timings.__setitem__("decode_queue", max(t - ready_at, 0.0)),
+            ),
+        )
 
     def _on_output(self, live, out) -> None:
         if out.finished:
@@ -207,7 +251,9 @@ class DisaggDecoder:
     def _fail(self, pending: Pending, status: int, message: str, retryable: bool, cause: str) -> None:
         if pending.admitted:
             return  # in the batch already: the engine owns it now
-        self.node.fail(pending.live, status, message, retryable=retryable and not pending.tokens_sent, cause=cause)
+        self.node.fail(
+            pending.live, status, message, retryable=retryable and not pending.tokens_sent, cause=cause
+        )
 
     def release(self, request_id: str) -> None:
         """End of the request on this node, any state: stop the transfer, tell the prefill node, and free the
@@ -220,7 +266,9 @@ class DisaggDecoder:
                 self.quarantine[request_id] = pending
         self.consumer.forget(request_id)
         if pending is not None and not pending.landed:
-            self.rpc.send_to(pending.prefill_rpc, Abort(request_id=request_id, reason="ended on the decode node"))
+            self.rpc.send_to(
+                pending.prefill_rpc, Abort(request_id=request_id, reason="ended on the decode node")
+            )
         if hold:
             self.loop.call(self._detach_on_loop, request_id)
         else:
@@ -248,12 +296,20 @@ class DisaggDecoder:
         quarantine past their limit are freed (the writer never confirmed: logged, it is the trust boundary)."""
         with self.lock:
             late = [p for p in self.pending.values() if _waiting_on_prefill(p) and now > p.deadline]
-            stale = [rid for rid, p in self.quarantine.items()
-                     if now - p.released_at > (LOST_WRITER_TIMEOUTS if p.writer_lost else QUARANTINE_TIMEOUTS)
-                     * self.timeout]
+            stale = [
+                rid
+                for rid, p in self.quarantine.items()
+                if now - p.released_at
+                > (LOST_WRITER_TIMEOUTS if p.writer_lost else QUARANTINE_TIMEOUTS) * self.timeout
+            ]
         for pending in late:
-            self._fail(pending, 504, f"no answer from the prefill node {pending.prefill_rpc} in "
-                                     f"{self.timeout:.1f}s", True, "prefill_timeout")
+            self._fail(
+                pending,
+                504,
+                f"no answer from the prefill node {pending.prefill_rpc} in {self.timeout:.1f}s",
+                True,
+                "prefill_timeout",
+            )
         for rid in stale:
             log.warning("freeing the blocks of %s: its prefill node never confirmed it stopped writing", rid)
             self._writer_done(rid)
@@ -265,7 +321,9 @@ class DisaggDecoder:
                 if p.prefill_rpc == endpoint:
                     p.writer_lost = True
         for pending in lost:
-            self._fail(pending, 503, f"lost the connection to the prefill node {endpoint}", True, "prefill_lost")
+            self._fail(
+                pending, 503, f"lost the connection to the prefill node {endpoint}", True, "prefill_lost"
+            )
 
 
 def _waiting_on_prefill(pending: Pending) -> bool:

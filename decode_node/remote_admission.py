@@ -4,6 +4,7 @@ engine core does the work (`EngineCore.reserve_remote / remote_kv_ready / releas
 
 Call these on the engine loop thread only (EngineLoop.call / hooks): they touch scheduler state.
 """
+
 from __future__ import annotations
 
 from engine.engine_core import NoRoomError, Reservation  # noqa: F401  (re-exported for the node)

@@ -3,6 +3,7 @@
 `from engine import LLM, SamplingParams` is the offline API. Names resolve lazily so that torch-free modules
 (engine.tokenizer, engine.detokenizer, engine.sampling_params) can be imported by the proxy without torch.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -4,6 +4,7 @@ A step's tokens are flattened into one sequence of T tokens, decode requests fir
 prefill chunks. Every layer writes the step's K/V through `slot_mapping` before attending, so attention reads
 the chunk's own keys from the paged cache like any cached prefix.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int32
     decode_seq_lens: torch.Tensor  # [num_decodes] int32, context length including the new token
     prefill_block_tables: torch.Tensor  # [num_prefills, max_blocks] int32
-    prefill_cu_query_lens: torch.Tensor  # [num_prefills + 1] int32, offsets into the prefill part of the tokens
+    prefill_cu_query_lens: (
+        torch.Tensor
+    )  # [num_prefills + 1] int32, offsets into the prefill part of the tokens
     prefill_seq_lens: torch.Tensor  # [num_prefills] int32, context length including this chunk
     max_prefill_query_len: int = 0
 

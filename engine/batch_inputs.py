@@ -3,6 +3,7 @@
 Tokens of all scheduled requests are laid end to end, decodes first (one token each), then prefill chunks, as
 `engine/attention_metadata.py` describes. Built on the host with numpy, copied to the device once.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,10 +46,16 @@ def decode_rows(chunks: list[ScheduledRequest], block_size: int) -> DecodeRows:
     n = len(chunks)
     positions = np.fromiter((c.num_computed_tokens for c in chunks), dtype=np.int64, count=n)
     table = _block_table(chunks)
-    slots = table[np.arange(n), positions // block_size].astype(np.int64) * block_size + positions % block_size
-    return DecodeRows(input_ids=np.fromiter((c.token_ids[0] for c in chunks), dtype=np.int64, count=n),
-                      positions=positions, slot_mapping=slots, seq_lens=(positions + 1).astype(np.int32),
-                      block_tables=table)
+    slots = (
+        table[np.arange(n), positions // block_size].astype(np.int64) * block_size + positions % block_size
+    )
+    return DecodeRows(
+        input_ids=np.fromiter((c.token_ids[0] for c in chunks), dtype=np.int64, count=n),
+        positions=positions,
+        slot_mapping=slots,
+        seq_lens=(positions + 1).astype(np.int32),
+        block_tables=table,
+    )
 
 
 def _slot_mapping(chunks: list[ScheduledRequest], block_size: int) -> np.ndarray:
@@ -68,7 +75,9 @@ def build_batch_inputs(chunks: list[ScheduledRequest], block_size: int, device: 
 
     # 1. Flat token ids and their positions.
     input_ids = np.fromiter((t for c in chunks for t in c.token_ids), dtype=np.int64)
-    positions = np.concatenate([np.arange(c.num_computed_tokens, c.num_computed_tokens + len(c.token_ids)) for c in chunks])
+    positions = np.concatenate(
+        [np.arange(c.num_computed_tokens, c.num_computed_tokens + len(c.token_ids)) for c in chunks]
+    )
     # 2. Where each token's K/V goes.
     slots = _slot_mapping(chunks, block_size)
     # 3. Per-sequence tables and lengths for the two attention kernels.
@@ -87,8 +96,14 @@ def build_batch_inputs(chunks: list[ScheduledRequest], block_size: int, device: 
         decode_seq_lens=dev(decode.seq_lens),
         prefill_block_tables=dev(_block_table(prefills)),
         prefill_cu_query_lens=dev(cu_q),
-        prefill_seq_lens=dev(np.array([c.num_computed_tokens + len(c.token_ids) for c in prefills], dtype=np.int32)),
+        prefill_seq_lens=dev(
+            np.array([c.num_computed_tokens + len(c.token_ids) for c in prefills], dtype=np.int32)
+        ),
         max_prefill_query_len=int(q_lens.max()) if len(q_lens) else 0,
     )
-    return BatchInputs(input_ids=dev(input_ids), positions=dev(positions.astype(np.int64)), attn=attn,
-                       last_token_index=dev(ends.astype(np.int64)))
+    return BatchInputs(
+        input_ids=dev(input_ids),
+        positions=dev(positions.astype(np.int64)),
+        attn=attn,
+        last_token_index=dev(ends.astype(np.int64)),
+    )

@@ -15,6 +15,7 @@ blocks serve every request sharing any part of the prefix and should live longes
 One hash maps to one block; the first block registered under a hash wins. A duplicate (two requests computed the
 same prefix in the same step) stays unhashed and returns to the free state when released.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -56,8 +57,9 @@ class PrefixCacheStats:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_caching: bool = True, block_size: int = 16,
-                 emit_events: bool = False) -> None:
+    def __init__(
+        self, num_blocks: int, enable_caching: bool = True, block_size: int = 16, emit_events: bool = False
+    ) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -137,8 +139,14 @@ class BlockPool:
             return None
         return self._by_hash.get(block_hash)
 
-    def cache_full_blocks(self, block_hashes: Sequence[BlockHash], blocks: Sequence[Block], num_cached_blocks: int,
-                          num_full_blocks: int, token_ids: Sequence[int]) -> None:
+    def cache_full_blocks(
+        self,
+        block_hashes: Sequence[BlockHash],
+        blocks: Sequence[Block],
+        num_cached_blocks: int,
+        num_full_blocks: int,
+        token_ids: Sequence[int],
+    ) -> None:
         """Register blocks[num_cached_blocks:num_full_blocks] under block_hashes at the same indices.
 
         blocks is one request's block table and token_ids its tokens, so block i holds
@@ -183,21 +191,25 @@ class BlockPool:
         block.block_hash = None
         return block_hash
 
-    def _emit_stored(self, block_hashes: Sequence[BlockHash], start: int, end: int,
-                     token_ids: Sequence[int]) -> None:
+    def _emit_stored(
+        self, block_hashes: Sequence[BlockHash], start: int, end: int, token_ids: Sequence[int]
+    ) -> None:
         if not self.emit_events:
             return
         size = self.block_size
-        self._events.append(BlockStored(
-            block_hashes=[external_block_hash(h) for h in block_hashes[start:end]],
-            parent_block_hash=external_block_hash(block_hashes[start - 1]) if start > 0 else None,
-            token_ids=list(token_ids[start * size:end * size]),
-            block_size=size,
-        ))
+        self._events.append(
+            BlockStored(
+                block_hashes=[external_block_hash(h) for h in block_hashes[start:end]],
+                parent_block_hash=external_block_hash(block_hashes[start - 1]) if start > 0 else None,
+                token_ids=list(token_ids[start * size : end * size]),
+                block_size=size,
+            )
+        )
 
     # ---- checking ---------------------------------------------------------------------------------------------
     def check_invariants(self) -> None:
         """Raise AssertionError on any accounting inconsistency (explicit raises: they survive `python -O`)."""
+
         def fail(msg: str) -> None:
             raise AssertionError(f"BlockPool: {msg}")
 

@@ -9,6 +9,7 @@ so when the window is smaller than max_position_embeddings we lower `ArchConfig.
 longest context the engine will allow) to the window. Within the window full attention is exact; sequences never
 grow past it. `config_max_position_embeddings` keeps the value config.json states.
 """
+
 from __future__ import annotations
 
 import json
@@ -93,11 +94,16 @@ def _rope(config: dict, path: str) -> tuple[float, RopeScaling | None]:
     theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise CheckpointError(f"{path}: rope type {rope_type!r} is not supported "
-                              f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        raise CheckpointError(
+            f"{path}: rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
     if rope_type == "default":
         return theta, None
-    keys = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if rope_type == "llama3" else ()
+    keys = (
+        ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if rope_type == "llama3"
+        else ()
+    )
     try:
         extra = {k: params[k] for k in keys}
         return theta, RopeScaling(rope_type=rope_type, factor=float(params["factor"]), **extra)
@@ -135,8 +141,10 @@ def load_arch_config(model_dir: str) -> ArchConfig:
     archs = config.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
-        raise CheckpointError(f"{path}: architecture {', '.join(archs) or '(none given)'} is not supported "
-                              f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        raise CheckpointError(
+            f"{path}: architecture {', '.join(archs) or '(none given)'} is not supported "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
     act = config.get("hidden_act", config.get("hidden_activation", "silu"))
     if act != "silu":
         raise CheckpointError(f"{path}: hidden_act {act!r} is not supported (only silu)")
@@ -147,17 +155,24 @@ def load_arch_config(model_dir: str) -> ArchConfig:
         max_pos = int(config.get("max_position_embeddings", 2048))
         attention_bias = bool(config.get("attention_bias", False))
         arch_config = ArchConfig(
-            architecture=arch, model_type=str(config.get("model_type", "")),
-            vocab_size=int(config["vocab_size"]), hidden_size=hidden,
+            architecture=arch,
+            model_type=str(config.get("model_type", "")),
+            vocab_size=int(config["vocab_size"]),
+            hidden_size=hidden,
             intermediate_size=int(config["intermediate_size"]),
-            num_hidden_layers=int(config["num_hidden_layers"]), num_attention_heads=heads,
+            num_hidden_layers=int(config["num_hidden_layers"]),
+            num_attention_heads=heads,
             num_key_value_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
             max_position_embeddings=min(max_pos, window) if window else max_pos,
-            config_max_position_embeddings=max_pos, sliding_window=window,
+            config_max_position_embeddings=max_pos,
+            sliding_window=window,
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias, o_bias=attention_bias,
+            qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
+            o_bias=attention_bias,
             mlp_bias=bool(config.get("mlp_bias", False)),
             bos_token_id=config.get("bos_token_id"),
             eos_token_ids=frozenset(_ids(config.get("eos_token_id")) | _generation_eos(model_dir)),
@@ -168,8 +183,12 @@ def load_arch_config(model_dir: str) -> ArchConfig:
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: a field has the wrong type ({exc})") from None
     if window and window < max_pos:
-        log.warning("sliding_window %d < max_position_embeddings %d: context limited to %d tokens",
-                    window, max_pos, window)
+        log.warning(
+            "sliding_window %d < max_position_embeddings %d: context limited to %d tokens",
+            window,
+            max_pos,
+            window,
+        )
     if arch_config.num_attention_heads % arch_config.num_key_value_heads:
         raise CheckpointError(f"{path}: num_attention_heads must be a multiple of num_key_value_heads")
     return arch_config
@@ -204,7 +223,9 @@ def _open(path: str):
     try:
         return safe_open(path, framework="pt", device="cpu")
     except Exception as exc:  # SafetensorError, OSError: a truncated or foreign file
-        raise CheckpointError(f"{path}: not a readable safetensors file, corrupt or truncated ({exc})") from None
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file, corrupt or truncated ({exc})"
+        ) from None
 
 
 def iter_tensors(model_dir: str, dtype=None, progress: bool = True) -> Iterator[tuple[str, "object"]]:
@@ -220,6 +241,8 @@ def iter_tensors(model_dir: str, dtype=None, progress: bool = True) -> Iterator[
                 try:
                     tensor = handle.get_tensor(name)
                 except Exception as exc:
-                    raise CheckpointError(f"{path}: tensor {name} cannot be read, file corrupt ({exc})") from None
+                    raise CheckpointError(
+                        f"{path}: tensor {name} cannot be read, file corrupt ({exc})"
+                    ) from None
                 yield name, (tensor.to(dtype) if dtype is not None else tensor)
                 bar.update(1)

@@ -2,6 +2,7 @@
 
 User errors (PdserveError, bad flags) print one line and exit 2; only bugs print tracebacks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    args.argv = argv[argv.index(args.command):] if args.command in argv else argv  # for results files
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    args.argv = argv[argv.index(args.command) :] if args.command in argv else argv  # for results files
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     try:
         return int(args.func(args) or 0)
     except PdserveError as exc:

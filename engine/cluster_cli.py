@@ -20,12 +20,13 @@ Each process logs to its own file under --log-dir (default: a temporary folder, 
 previous run's file is kept as *.log.prev), so only this run's ready lines are ever read. The API key reaches the
 proxy in $PDSERVE_API_KEY, never on its command line.
 """
+
 from __future__ import annotations
 
 import argparse
-import re
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -112,6 +113,7 @@ def _set_pdeathsig() -> None:
     """In the child, before exec: die with SIGTERM when the parent dies (Linux)."""
     try:
         import ctypes
+
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except Exception:  # noqa: BLE001 - not Linux: the parent's own cleanup still runs
         pass
@@ -144,7 +146,10 @@ class Cluster:
         from engine.make_model import make_model
 
         self.tmp_model = tempfile.mkdtemp(prefix="pdserve-tiny-llama-")
-        print(f"pdserve up: no --model given; writing the tiny random-weight llama to {self.tmp_model}", flush=True)
+        print(
+            f"pdserve up: no --model given; writing the tiny random-weight llama to {self.tmp_model}",
+            flush=True,
+        )
         make_model(self.tmp_model, family="llama", preset="tiny")
         return self.tmp_model
 
@@ -178,11 +183,30 @@ class Cluster:
             name = f"{role}-{counts[role]}"
             counts[role] += 1
             kv_role = "kv_producer" if role == "prefill" else "kv_consumer"
-            argv = [sys.executable, "-m", "engine.cli", "--log-level", a.log_level_children, role,
-                    "--model", model, "--host", host, "--rpc-port", "0", "--events-port", "0",
-                    "--http-port", "0", "--node-id", name, "--block-size", str(a.block_size),
-                    "--kv-transfer-config", json.dumps({"kv_connector": connector, "kv_role": kv_role,
-                                                        "kv_ip": host})]
+            argv = [
+                sys.executable,
+                "-m",
+                "engine.cli",
+                "--log-level",
+                a.log_level_children,
+                role,
+                "--model",
+                model,
+                "--host",
+                host,
+                "--rpc-port",
+                "0",
+                "--events-port",
+                "0",
+                "--http-port",
+                "0",
+                "--node-id",
+                name,
+                "--block-size",
+                str(a.block_size),
+                "--kv-transfer-config",
+                json.dumps({"kv_connector": connector, "kv_role": kv_role, "kv_ip": host}),
+            ]
             env = dict(base_env)
             if gpu:
                 env["CUDA_VISIBLE_DEVICES"] = own_gpu_first(gpu, gpus)
@@ -193,10 +217,25 @@ class Cluster:
             if a.max_model_len:
                 argv += ["--max-model-len", str(a.max_model_len)]
             argv += a.node_arg
-            self.children.append(Child(name, role, argv, env, os.path.join(self.log_dir, f"{name}.log"),
-                                       http="", gpu=gpu))  # endpoints come from its ready line
-        proxy_argv = [sys.executable, "-m", "engine.cli", "--log-level", a.log_level_children, "proxy",
-                      "--model", model, "--host", host, "--port", str(a.port), "--routing", a.routing]
+            self.children.append(
+                Child(name, role, argv, env, os.path.join(self.log_dir, f"{name}.log"), http="", gpu=gpu)
+            )  # endpoints come from its ready line
+        proxy_argv = [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "--log-level",
+            a.log_level_children,
+            "proxy",
+            "--model",
+            model,
+            "--host",
+            host,
+            "--port",
+            str(a.port),
+            "--routing",
+            a.routing,
+        ]
         # The tiny model lives in a temporary folder; give it a stable name clients can use.
         served = a.served_model_name or ("tiny-llama" if self.tmp_model else "")
         for flag, value in (("--redis-url", a.redis_url), ("--served-model-name", served)):
@@ -209,8 +248,16 @@ class Cluster:
         proxy_argv += a.proxy_arg
         # The API key goes in the proxy's environment: an argv is readable by every user (ps, /proc/*/cmdline).
         proxy_env = dict(base_env, CUDA_VISIBLE_DEVICES="", PDSERVE_API_KEY=a.api_key)
-        self.children.append(Child("proxy", "proxy", proxy_argv, proxy_env, os.path.join(self.log_dir, "proxy.log"),
-                                   f"http://{host}:{a.port}"))
+        self.children.append(
+            Child(
+                "proxy",
+                "proxy",
+                proxy_argv,
+                proxy_env,
+                os.path.join(self.log_dir, "proxy.log"),
+                f"http://{host}:{a.port}",
+            )
+        )
 
     def spawn(self, child: Child) -> None:
         # A fresh log per run: a reused --log-dir held the last run's ready line, which was read first and
@@ -218,9 +265,15 @@ class Cluster:
         if os.path.exists(child.log_path):
             os.replace(child.log_path, child.log_path + ".prev")
         log = open(child.log_path, "wb", buffering=0)
-        child.proc = subprocess.Popen(child.argv, env=child.env, stdout=log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True,
-                                      preexec_fn=_set_pdeathsig)
+        child.proc = subprocess.Popen(
+            child.argv,
+            env=child.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_set_pdeathsig,
+        )
         log.close()
 
     # ---- 4. readiness -----------------------------------------------------------------------------------------
@@ -230,8 +283,10 @@ class Cluster:
         while pending:
             for c in list(pending):
                 if c.proc.poll() is not None:
-                    raise PdserveError(f"{c.name} exited with status {c.proc.returncode} while starting; its log "
-                                       f"({c.log_path}) ends with:\n{tail(c.log_path)}")
+                    raise PdserveError(
+                        f"{c.name} exited with status {c.proc.returncode} while starting; its log "
+                        f"({c.log_path}) ends with:\n{tail(c.log_path)}"
+                    )
                 if not c.http and not read_ready_line(c):
                     continue
                 if _healthy(c.http + "/health") and (not proxy or self._proxy_sees_all(c)):
@@ -251,17 +306,27 @@ class Cluster:
 
     def describe(self) -> dict:
         proxy = self.children[-1]
-        return {"url": proxy.http, "openai_base_url": proxy.http + "/v1", "log_dir": self.log_dir,
-                "model": self.model_dir, "kv_connector": self.connector, "pid": os.getpid(),
-                "nodes": [c.describe() for c in self.children[:-1]], "proxy": proxy.describe()}
+        return {
+            "url": proxy.http,
+            "openai_base_url": proxy.http + "/v1",
+            "log_dir": self.log_dir,
+            "model": self.model_dir,
+            "kv_connector": self.connector,
+            "pid": os.getpid(),
+            "nodes": [c.describe() for c in self.children[:-1]],
+            "proxy": proxy.describe(),
+        }
 
     # ---- 5. run and stop --------------------------------------------------------------------------------------
     def run(self) -> int:
         self.model_dir = self.model()
         self.plan(self.model_dir)
         nodes, proxy = self.children[:-1], self.children[-1]
-        print(f"pdserve up: starting {self.args.prefill} prefill + {self.args.decode} decode node(s) "
-              f"(kv over {self.connector}); logs in {self.log_dir}", flush=True)
+        print(
+            f"pdserve up: starting {self.args.prefill} prefill + {self.args.decode} decode node(s) "
+            f"(kv over {self.connector}); logs in {self.log_dir}",
+            flush=True,
+        )
         for c in nodes:
             self.spawn(c)
         self.wait_healthy(nodes, self.args.startup_timeout)
@@ -276,11 +341,18 @@ class Cluster:
                 json.dump(info, f, indent=2)
             os.replace(tmp, self.args.state_file)
         for c in nodes:
-            print(f"  {c.name:<10} rpc {c.rpc}  events {c.events}  http {c.http}"
-                  + (f"  gpu {c.gpu}" if c.gpu else ""), flush=True)
-        name = self.args.served_model_name or ("tiny-llama" if self.tmp_model else os.path.basename(self.model_dir))
-        print(f"pdserve up: ready. OpenAI API at {proxy.http}/v1 (model {name}); "
-              f"Ctrl-C stops everything", flush=True)
+            print(
+                f"  {c.name:<10} rpc {c.rpc}  events {c.events}  http {c.http}"
+                + (f"  gpu {c.gpu}" if c.gpu else ""),
+                flush=True,
+            )
+        name = self.args.served_model_name or (
+            "tiny-llama" if self.tmp_model else os.path.basename(self.model_dir)
+        )
+        print(
+            f"pdserve up: ready. OpenAI API at {proxy.http}/v1 (model {name}); Ctrl-C stops everything",
+            flush=True,
+        )
         self.supervise()
         return 0
 
@@ -290,8 +362,10 @@ class Cluster:
             for c in self.children:
                 if c.name not in reported and c.proc.poll() is not None:
                     reported.add(c.name)
-                    print(f"pdserve up: {c.name} (pid {c.proc.pid}) exited with status {c.proc.returncode}",
-                          flush=True)
+                    print(
+                        f"pdserve up: {c.name} (pid {c.proc.pid}) exited with status {c.proc.returncode}",
+                        flush=True,
+                    )
                     if c.role == "proxy":
                         print("pdserve up: the proxy is gone; stopping the cluster", flush=True)
                         return
@@ -350,9 +424,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("up", help="start a local cluster: proxy + prefill and decode nodes",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prefill", type=int, default=1, help="prefill nodes (0: decode nodes prefill themselves)")
+    p = subparsers.add_parser(
+        "up",
+        help="start a local cluster: proxy + prefill and decode nodes",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--prefill", type=int, default=1, help="prefill nodes (0: decode nodes prefill themselves)"
+    )
     p.add_argument("--decode", type=int, default=1, help="decode nodes")
     p.add_argument("--model", default=None, help="checkpoint folder (default: write the tiny llama)")
     p.add_argument("--host", default="127.0.0.1")
@@ -360,22 +440,42 @@ def register_cli(subparsers) -> None:
     p.add_argument("--redis-url", default="", help="keep the proxy's prefix index in Redis")
     p.add_argument("--routing", default="cache_aware", choices=["cache_aware", "round_robin"])
     p.add_argument("--log-routing", action="store_true")
-    p.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY", ""),
-                   help="the proxy's API key (default: $PDSERVE_API_KEY; the proxy gets it in its environment)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("PDSERVE_API_KEY", ""),
+        help="the proxy's API key (default: $PDSERVE_API_KEY; the proxy gets it in its environment)",
+    )
     p.add_argument("--served-model-name", default="")
     p.add_argument("--max-model-len", type=int, default=0)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto (GPUs when visible), cpu or cuda")
-    p.add_argument("--kv-connector", default="auto", choices=["auto", "tcp", "cuda_ipc"],
-                   help="auto: cuda_ipc on GPUs, tcp on CPU")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.0,
-                   help="per node (default: 0.85 split among the nodes sharing a GPU)")
-    p.add_argument("--kv-secret", default=None, help="frame-signing secret (default: $PDSERVE_KV_SECRET or random)")
-    p.add_argument("--node-arg", action="append", default=[], help="extra flag for every node (repeatable), "
-                   "e.g. --node-arg=--max-num-seqs=64")
+    p.add_argument(
+        "--kv-connector",
+        default="auto",
+        choices=["auto", "tcp", "cuda_ipc"],
+        help="auto: cuda_ipc on GPUs, tcp on CPU",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.0,
+        help="per node (default: 0.85 split among the nodes sharing a GPU)",
+    )
+    p.add_argument(
+        "--kv-secret", default=None, help="frame-signing secret (default: $PDSERVE_KV_SECRET or random)"
+    )
+    p.add_argument(
+        "--node-arg",
+        action="append",
+        default=[],
+        help="extra flag for every node (repeatable), e.g. --node-arg=--max-num-seqs=64",
+    )
     p.add_argument("--proxy-arg", action="append", default=[], help="extra flag for the proxy (repeatable)")
-    p.add_argument("--curve", action="store_true",
-                   help="encrypt node RPC and events sockets with ZMQ CURVE (keys derived from the secret)")
+    p.add_argument(
+        "--curve",
+        action="store_true",
+        help="encrypt node RPC and events sockets with ZMQ CURVE (keys derived from the secret)",
+    )
     p.add_argument("--log-dir", default="", help="per-process logs (default: a temporary folder)")
     p.add_argument("--log-level-children", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--startup-timeout", type=float, default=600.0)

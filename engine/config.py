@@ -3,6 +3,7 @@
 Every node role and the offline LLM build an EngineConfig through `EngineConfig.create(**kwargs)` (Python) or
 `EngineConfig.from_cli_args(args)` after `add_engine_args(parser)` (CLI), so defaults and validation live here once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,10 +60,14 @@ class KVTransferConfig:
         if not isinstance(raw, dict):
             raise ConfigError("--kv-transfer-config must be a JSON object")
         known = {f.name for f in fields(cls)} - {"extra"}
-        cfg = cls(**{k: v for k, v in raw.items() if k in known},
-                  extra={k: v for k, v in raw.items() if k not in known})
+        cfg = cls(
+            **{k: v for k, v in raw.items() if k in known},
+            extra={k: v for k, v in raw.items() if k not in known},
+        )
         if cfg.kv_connector not in KV_CONNECTORS:
-            raise ConfigError(f"kv_connector must be one of {', '.join(KV_CONNECTORS)}, got {cfg.kv_connector!r}")
+            raise ConfigError(
+                f"kv_connector must be one of {', '.join(KV_CONNECTORS)}, got {cfg.kv_connector!r}"
+            )
         if cfg.kv_role not in ("kv_producer", "kv_consumer", "kv_both"):
             raise ConfigError(f"kv_role must be kv_producer, kv_consumer or kv_both, got {cfg.kv_role!r}")
         return cfg
@@ -93,9 +98,12 @@ class EngineConfig:
                 top["kv_transfer"] = _kv_transfer_config(value)
             else:
                 raise ConfigError(f"unknown engine argument {key!r}")
-        config = cls(model=ModelConfig(model=model, **parts["model"]),
-                     cache=CacheConfig(**parts["cache"]),
-                     scheduler=SchedulerConfig(**parts["scheduler"]), **top)
+        config = cls(
+            model=ModelConfig(model=model, **parts["model"]),
+            cache=CacheConfig(**parts["cache"]),
+            scheduler=SchedulerConfig(**parts["scheduler"]),
+            **top,
+        )
         config.validate()
         return config
 
@@ -142,15 +150,25 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    g.add_argument("--kv-transfer-config", default=None, help='JSON, e.g. {"kv_connector":"tcp","kv_role":"kv_both"}')
+    g.add_argument(
+        "--kv-transfer-config", default=None, help='JSON, e.g. {"kv_connector":"tcp","kv_role":"kv_both"}'
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig.create(
-        model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
-        block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
+        model=args.model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        seed=args.seed,
+        block_size=args.block_size,
+        enable_prefix_caching=args.enable_prefix_caching,
         gpu_memory_utilization=args.gpu_memory_utilization,
-        num_gpu_blocks_override=args.num_gpu_blocks_override, kv_cache_memory=args.kv_cache_memory,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        device=args.device, enforce_eager=args.enforce_eager, kv_transfer_config=args.kv_transfer_config,
+        num_gpu_blocks_override=args.num_gpu_blocks_override,
+        kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        device=args.device,
+        enforce_eager=args.enforce_eager,
+        kv_transfer_config=args.kv_transfer_config,
     )

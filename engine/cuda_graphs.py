@@ -5,6 +5,7 @@ the per-kernel launch cost. Inputs live in static device buffers that each step 
 to its bucket with dummy rows whose slot is -1 (no cache write) and whose context is one token of block 0.
 Prefill and mixed steps stay eager.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,8 +41,12 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.buckets):  # largest first: the smaller graphs fit in its pool
             self._capture(size)
-        log.info("captured %d decode CUDA graphs (batch %s) in %.1f s", len(self.buckets),
-                 self.buckets, time.perf_counter() - started)
+        log.info(
+            "captured %d decode CUDA graphs (batch %s) in %.1f s",
+            len(self.buckets),
+            self.buckets,
+            time.perf_counter() - started,
+        )
 
     def _allocate_static_buffers(self) -> None:
         n, dev = self.max_batch, self.device
@@ -54,21 +59,34 @@ class DecodeGraphs:
         self.empty_lens = torch.zeros(0, dtype=torch.int32, device=dev)
         self.zero_cu = torch.zeros(1, dtype=torch.int32, device=dev)
         # Host staging, pinned so the copies are asynchronous.
-        self.host = {name: torch.zeros_like(t, device="cpu").pin_memory()
-                     for name, t in (("input_ids", self.input_ids), ("positions", self.positions),
-                                     ("slot_mapping", self.slot_mapping), ("block_tables", self.block_tables),
-                                     ("seq_lens", self.seq_lens))}
+        self.host = {
+            name: torch.zeros_like(t, device="cpu").pin_memory()
+            for name, t in (
+                ("input_ids", self.input_ids),
+                ("positions", self.positions),
+                ("slot_mapping", self.slot_mapping),
+                ("block_tables", self.block_tables),
+                ("seq_lens", self.seq_lens),
+            )
+        }
 
     def _metadata(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:size], num_decode_tokens=size,
-            decode_block_tables=self.block_tables[:size], decode_seq_lens=self.seq_lens[:size],
-            prefill_block_tables=self.empty_table, prefill_cu_query_lens=self.zero_cu,
-            prefill_seq_lens=self.empty_lens, max_prefill_query_len=0)
+            slot_mapping=self.slot_mapping[:size],
+            num_decode_tokens=size,
+            decode_block_tables=self.block_tables[:size],
+            decode_seq_lens=self.seq_lens[:size],
+            prefill_block_tables=self.empty_table,
+            prefill_cu_query_lens=self.zero_cu,
+            prefill_seq_lens=self.empty_lens,
+            max_prefill_query_len=0,
+        )
 
     def _forward(self, size: int) -> torch.Tensor:
         model = self.runner.model
-        hidden = model(self.input_ids[:size], self.positions[:size], self.runner.kv_caches, self._metadata(size))
+        hidden = model(
+            self.input_ids[:size], self.positions[:size], self.runner.kv_caches, self._metadata(size)
+        )
         return model.compute_logits(hidden)
 
     @torch.inference_mode()
@@ -92,13 +110,22 @@ class DecodeGraphs:
         n = len(chunks)
         size = next(s for s in self.buckets if s >= n)
         h = self.host
-        ids, pos, slots, lens = (h["input_ids"].numpy(), h["positions"].numpy(), h["slot_mapping"].numpy(),
-                                 h["seq_lens"].numpy())
+        ids, pos, slots, lens = (
+            h["input_ids"].numpy(),
+            h["positions"].numpy(),
+            h["slot_mapping"].numpy(),
+            h["seq_lens"].numpy(),
+        )
         table = h["block_tables"].numpy()
         # 1. Fill the host staging rows (padding rows stay inert: slot -1, one token of context).
         rows = decode_rows(chunks, self.block_size)
         ids[n:size], pos[n:size], slots[n:size], lens[n:size] = 0, 0, -1, 1
-        ids[:n], pos[:n], slots[:n], lens[:n] = rows.input_ids, rows.positions, rows.slot_mapping, rows.seq_lens
+        ids[:n], pos[:n], slots[:n], lens[:n] = (
+            rows.input_ids,
+            rows.positions,
+            rows.slot_mapping,
+            rows.seq_lens,
+        )
         width = rows.block_tables.shape[1]
         table[:n, :width] = rows.block_tables
         # 2. One async copy per buffer, then replay.

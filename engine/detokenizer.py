@@ -22,6 +22,7 @@ Stop strings:
 - With stop strings, tokens passed together to `add()` are processed one at a time so that `num_tokens` says exactly
   which token completed the stop (the engine keeps that token and drops the ones after it, as vLLM does).
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Protocol, Sequence
@@ -35,9 +36,14 @@ class Decoder(Protocol):
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Decoder, prompt_token_ids: Sequence[int] = (),
-                 skip_special_tokens: bool = True, stop: Iterable[str] | str | None = None,
-                 include_stop_str_in_output: bool = False):
+    def __init__(
+        self,
+        tokenizer: Decoder,
+        prompt_token_ids: Sequence[int] = (),
+        skip_special_tokens: bool = True,
+        stop: Iterable[str] | str | None = None,
+        include_stop_str_in_output: bool = False,
+    ):
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         self._stops = [stop] if isinstance(stop, str) else [s for s in (stop or ()) if s]
@@ -63,7 +69,7 @@ class IncrementalDetokenizer:
     @property
     def token_ids(self) -> list[int]:
         """Generated tokens accepted so far (up to and including the one that completed a stop string)."""
-        return self._ids[self._num_context:]
+        return self._ids[self._num_context :]
 
     @property
     def num_tokens(self) -> int:
@@ -108,12 +114,12 @@ class IncrementalDetokenizer:
 
     def _decode_new(self, final: bool) -> str:
         """New complete text since the last settled token; "" while a character is still incomplete."""
-        full = self._decode(self._ids[self._prefix_off:])
+        full = self._decode(self._ids[self._prefix_off :])
         if len(full) <= len(self._prefix_text) or (full.endswith(REPLACEMENT_CHAR) and not final):
             return ""
-        new = full[len(self._prefix_text):]
+        new = full[len(self._prefix_text) :]
         self._prefix_off, self._read_off = self._read_off, len(self._ids)
-        self._prefix_text = self._decode(self._ids[self._prefix_off:self._read_off])
+        self._prefix_text = self._decode(self._ids[self._prefix_off : self._read_off])
         return new
 
     def _append(self, new: str) -> None:
@@ -136,7 +142,7 @@ class IncrementalDetokenizer:
         if best is None:
             return
         end, pos, stop = best
-        self._text = self._text[:end if self._include_stop else pos]
+        self._text = self._text[: end if self._include_stop else pos]
         self.stopped = stop
         self.finished = True
 
@@ -144,7 +150,7 @@ class IncrementalDetokenizer:
         limit = len(self._text) if self.finished else len(self._text) - self._stop_prefix_len()
         if limit <= self._emitted:
             return ""
-        delta = self._text[self._emitted:limit]
+        delta = self._text[self._emitted : limit]
         self._emitted = limit
         return delta
 

@@ -3,6 +3,7 @@
 Text (detokenization, stop strings) is the caller's business: the offline LLM's output processor here, the
 proxy when serving. They finish a request early through `finish_request`.
 """
+
 from __future__ import annotations
 
 import time
@@ -63,16 +64,22 @@ class EngineStats:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int] = frozenset(),
-                 emit_kv_events: bool = False):
+    def __init__(
+        self, config: EngineConfig, eos_token_ids: frozenset[int] = frozenset(), emit_kv_events: bool = False
+    ):
         self.config = config
         self.runner = ModelRunner(config)
         max_model_len = self._max_model_len()
-        self.block_pool = BlockPool(self.runner.num_blocks, enable_caching=config.cache.enable_prefix_caching,
-                                    block_size=config.cache.block_size, emit_events=emit_kv_events)
+        self.block_pool = BlockPool(
+            self.runner.num_blocks,
+            enable_caching=config.cache.enable_prefix_caching,
+            block_size=config.cache.block_size,
+            emit_events=emit_kv_events,
+        )
         self.kv_manager = KVCacheManager(self.block_pool, config.cache.block_size, max_model_len)
-        self.scheduler = Scheduler(config.scheduler, self.kv_manager, max_model_len=max_model_len,
-                                   eos_token_ids=eos_token_ids)
+        self.scheduler = Scheduler(
+            config.scheduler, self.kv_manager, max_model_len=max_model_len, eos_token_ids=eos_token_ids
+        )
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
         self.stats = EngineStats()
@@ -88,7 +95,10 @@ class EngineCore:
         asked = self.config.model.max_model_len
         if asked is not None and asked > arch_len:
             from engine.errors import ConfigError
-            raise ConfigError(f"--max-model-len {asked} exceeds the model's max_position_embeddings {arch_len}")
+
+            raise ConfigError(
+                f"--max-model-len {asked} exceeds the model's max_position_embeddings {arch_len}"
+            )
         return asked or arch_len
 
     def check_token_ids(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -104,7 +114,9 @@ class EngineCore:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         self.check_token_ids(prompt_token_ids, params)
-        request = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params)
+        request = Request(
+            request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params
+        )
         self.scheduler.add_request(request)
         if params.seed is not None:
             self.generators[request_id] = make_generator(params.seed, self.runner.device)
@@ -119,23 +131,31 @@ class EngineCore:
         self.generators.pop(request_id, None)
 
     # ---- requests whose prompt KV is computed elsewhere (the decode node's side of disaggregation) ----------
-    def reserve_remote(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Reservation:
+    def reserve_remote(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> Reservation:
         """Hold blocks for the prompt minus this node's own prefix hits, without queueing the request.
 
         Raises PromptTooLongError / ValueError (bad request) or NoRoomError (retry later); takes nothing then."""
         kv = self.kv_manager
         self.check_token_ids(prompt_token_ids, params)
-        request = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params,
-                          block_size=kv.block_size)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            sampling_params=params,
+            block_size=kv.block_size,
+        )
         self.scheduler.validate(request)
         if kv.num_blocks_held(request_id) or self.scheduler.get_request(request_id) is not None:
             raise ValueError(f"request id {request_id!r} is already in use")
         hits, num_hit_tokens = kv.get_computed_blocks(request)
         if not kv.allocate_slots(request, request.num_tokens - num_hit_tokens, hits):
-            raise NoRoomError(f"no room for {kv.blocks_for_tokens(request.num_tokens) - len(hits)} KV blocks "
-                              f"({kv.num_free_blocks} available)")
+            raise NoRoomError(
+                f"no room for {kv.blocks_for_tokens(request.num_tokens) - len(hits)} KV blocks "
+                f"({kv.num_free_blocks} available)"
+            )
         self.scheduler.add_remote(request)
-        return Reservation(request, kv.block_table(request)[len(hits):], len(hits))
+        return Reservation(request, kv.block_table(request)[len(hits) :], len(hits))
 
     def remote_kv_ready(self, request_id: str, num_cached_tokens: int) -> bool:
         """A reserved request's prompt KV has landed (its first token already appended): it joins the batch at
@@ -144,7 +164,9 @@ class EngineCore:
         if request is None or not self.scheduler.remote_kv_ready(request_id):
             return False
         request.num_cached_tokens = num_cached_tokens
-        self.kv_manager.cache_blocks(request, request.num_prompt_tokens)  # now prefix hits here, and announced
+        self.kv_manager.cache_blocks(
+            request, request.num_prompt_tokens
+        )  # now prefix hits here, and announced
         params = request.sampling_params
         if params.seed is not None:
             generator = make_generator(params.seed, self.runner.device)
@@ -189,16 +211,21 @@ class EngineCore:
         for request_id in failed:
             self.abort_request(request_id)  # update_from_output skips requests no longer in the scheduler
         try:
-            finished = self.scheduler.update_from_output(plan, {rid: tok for rid, (tok, _) in sampled.items()})
+            finished = self.scheduler.update_from_output(
+                plan, {rid: tok for rid, (tok, _) in sampled.items()}
+            )
         except Exception as exc:
             raise StepFailed(ids, retryable=False, cause=exc) from exc
         self.stats.steps += 1
         self.stats.tokens_computed += plan.num_scheduled_tokens
         return self._outputs(sampled, finished) + [
-            StepOutput(rid, [], finished=True, finish_reason="abort", error=why) for rid, why in failed.items()]
+            StepOutput(rid, [], finished=True, finish_reason="abort", error=why)
+            for rid, why in failed.items()
+        ]
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]
-                ) -> tuple[dict[str, tuple[int, tuple | None]], dict[str, str]]:
+    def _sample(
+        self, logits: torch.Tensor, requests: list[Request]
+    ) -> tuple[dict[str, tuple[int, tuple | None]], dict[str, str]]:
         """({request id: (token, logprob row)}, {request id: error}) - the batch at once, or row by row after
         the batch raised, so one request's bad parameters fail only that request."""
         if not requests:
@@ -207,8 +234,12 @@ class EngineCore:
         generators = [self.generators.get(r.request_id) for r in requests]
         try:
             blocked = self._blocked_before_min_tokens(requests)
-            out = self.sampler.sample(logits, params, generators,  # logprob width comes from the rows that ask
-                                      blocked_token_ids=blocked)
+            out = self.sampler.sample(
+                logits,
+                params,
+                generators,  # logprob width comes from the rows that ask
+                blocked_token_ids=blocked,
+            )
             tokens = out.token_ids.tolist()
             lp_rows = list(zip(*out.logprobs.tolists())) if out.logprobs is not None else None
         except Exception:  # noqa: BLE001 - find the row(s) at fault; the others still get their token
@@ -219,14 +250,19 @@ class EngineCore:
             result[request.request_id] = (tokens[i], logprob)
         return result, {}
 
-    def _sample_one_by_one(self, logits: torch.Tensor, requests: list[Request]
-                           ) -> tuple[dict[str, tuple[int, tuple | None]], dict[str, str]]:
+    def _sample_one_by_one(
+        self, logits: torch.Tensor, requests: list[Request]
+    ) -> tuple[dict[str, tuple[int, tuple | None]], dict[str, str]]:
         def sample_one(row: int) -> tuple[int, tuple | None]:
             request = requests[row]
             params = request.sampling_params
             blocked = self._blocked_before_min_tokens([request])
-            out = self.sampler.sample(logits[row:row + 1], [params], [self.generators.get(request.request_id)],
-                                      blocked_token_ids=blocked)
+            out = self.sampler.sample(
+                logits[row : row + 1],
+                [params],
+                [self.generators.get(request.request_id)],
+                blocked_token_ids=blocked,
+            )
             logprob = None
             if out.logprobs is not None and params.logprobs is not None:
                 logprob = next(zip(*out.logprobs.tolists()))
@@ -254,12 +290,26 @@ class EngineCore:
         outputs = []
         for request_id, (token, logprob) in sampled.items():
             request = done.pop(request_id, None) or self.scheduler.get_request(request_id)
-            outputs.append(StepOutput(request_id, [token], [logprob] if logprob is not None else None,
-                                      finished=request.is_finished(), finish_reason=request.finish_reason,
-                                      num_cached_tokens=request.num_cached_tokens))
+            outputs.append(
+                StepOutput(
+                    request_id,
+                    [token],
+                    [logprob] if logprob is not None else None,
+                    finished=request.is_finished(),
+                    finish_reason=request.finish_reason,
+                    num_cached_tokens=request.num_cached_tokens,
+                )
+            )
         for request_id, request in done.items():  # finished without sampling this step
-            outputs.append(StepOutput(request_id, [], finished=True, finish_reason=request.finish_reason,
-                                      num_cached_tokens=request.num_cached_tokens))
+            outputs.append(
+                StepOutput(
+                    request_id,
+                    [],
+                    finished=True,
+                    finish_reason=request.finish_reason,
+                    num_cached_tokens=request.num_cached_tokens,
+                )
+            )
         for request in finished:
             self.generators.pop(request.request_id, None)
         return outputs

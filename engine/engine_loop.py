@@ -14,6 +14,7 @@ outbox), never block. A request whose own work fails inside a step (engine/step_
 nothing moved yet; if it fails again every in-flight request is aborted (its sink's `on_fail` is called, its
 blocks freed), the error is counted, and the loop keeps serving new requests.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -36,6 +37,7 @@ STALLED_WAIT_S = 0.002  # unfinished requests but nothing schedulable (blocks he
 @dataclass(slots=True)
 class Sink:
     """Where one request's outputs go. on_output(StepOutput) per step; on_fail(message) if the engine failed it."""
+
     on_output: Callable[[Any], None]
     on_fail: Callable[[str], None] = lambda message: None
     on_scheduled: Optional[Callable[[float], None]] = None  # first time a step computes any of its tokens
@@ -44,6 +46,7 @@ class Sink:
 @dataclass(slots=True, frozen=True)
 class LoopSnapshot:
     """One consistent view of the engine, taken on the loop thread after each turn (read from any thread)."""
+
     num_waiting: int = 0
     num_running: int = 0
     num_free_blocks: int = 0
@@ -100,8 +103,9 @@ class EngineLoop:
         self._commands.put((fn, args, kwargs, future))
         return future
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params,
-                    sink: Sink) -> concurrent.futures.Future:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params, sink: Sink
+    ) -> concurrent.futures.Future:
         """Queue a request in the core (on the loop thread); the Future raises what add_request raised."""
         return self.call(self._add, request_id, prompt_token_ids, params, sink)
 
@@ -205,8 +209,13 @@ class EngineLoop:
                 return self.core.step()
             except StepFailed as exc:
                 self.step_failures += 1
-                log.error("engine step failed (attempt %d) with requests %s in the batch: %s", attempt,
-                          ", ".join(exc.request_ids) or "-", exc, exc_info=exc.cause)
+                log.error(
+                    "engine step failed (attempt %d) with requests %s in the batch: %s",
+                    attempt,
+                    ", ".join(exc.request_ids) or "-",
+                    exc,
+                    exc_info=exc.cause,
+                )
                 if not exc.retryable:
                     break
             except Exception:
@@ -222,8 +231,11 @@ class EngineLoop:
         for request_id in list(self._unscheduled):
             request = scheduler.get_request(request_id)
             waiting_remote = request is not None and request.status == RequestStatus.WAITING_FOR_REMOTE_KVS
-            if request is None or not waiting_remote and (request.num_computed_tokens > 0
-                                                          or request.num_output_tokens > 0):
+            if (
+                request is None
+                or not waiting_remote
+                and (request.num_computed_tokens > 0 or request.num_output_tokens > 0)
+            ):
                 self._unscheduled.discard(request_id)
                 sink = self._sinks.get(request_id)
                 if sink is not None and sink.on_scheduled is not None:
@@ -261,8 +273,16 @@ class EngineLoop:
         free, cached = pool.num_free, pool.num_cached
         stats = pool.stats
         self.snapshot = LoopSnapshot(
-            num_waiting=len(scheduler.waiting), num_running=len(scheduler.running),
-            num_free_blocks=free, num_used_blocks=pool.num_blocks - free - cached, num_cached_blocks=cached,
-            num_total_blocks=pool.num_blocks, block_size=pool.block_size,
-            num_preemptions=scheduler.num_preemptions, prefix_queried_tokens=stats.queried_tokens,
-            prefix_hit_tokens=stats.hit_tokens, steps=core.stats.steps, ts=time.time())
+            num_waiting=len(scheduler.waiting),
+            num_running=len(scheduler.running),
+            num_free_blocks=free,
+            num_used_blocks=pool.num_blocks - free - cached,
+            num_cached_blocks=cached,
+            num_total_blocks=pool.num_blocks,
+            block_size=pool.block_size,
+            num_preemptions=scheduler.num_preemptions,
+            prefix_queried_tokens=stats.queried_tokens,
+            prefix_hit_tokens=stats.hit_tokens,
+            steps=core.stats.steps,
+            ts=time.time(),
+        )

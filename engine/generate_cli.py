@@ -1,4 +1,5 @@
 """`pdserve generate`: offline, colocated generation from the command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,15 +29,29 @@ def run(args: argparse.Namespace) -> int:
     from engine.sampling_params import SamplingParams
 
     config = engine_config_from_args(args)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens, seed=args.sampling_seed, ignore_eos=args.ignore_eos,
-                            stop=args.stop)
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        seed=args.sampling_seed,
+        ignore_eos=args.ignore_eos,
+        stop=args.stop,
+    )
     llm = LLM.from_config(config)
     for output in llm.generate(args.prompt, params):
         completion = output.outputs[0]
         if args.json:
-            print(json.dumps({"prompt": output.prompt, "text": completion.text, "token_ids": completion.token_ids,
-                              "finish_reason": completion.finish_reason}))
+            print(
+                json.dumps(
+                    {
+                        "prompt": output.prompt,
+                        "text": completion.text,
+                        "token_ids": completion.token_ids,
+                        "finish_reason": completion.finish_reason,
+                    }
+                )
+            )
         else:
             print(f"{output.prompt!r} -> {completion.text!r} ({completion.finish_reason})")
     return 0

@@ -5,6 +5,7 @@ attention kernels read and the KV connector gathers from. The number of blocks c
 --num-gpu-blocks-override if given, else --kv-cache-memory, else on GPU from --gpu-memory-utilization of the
 device's memory minus what the weights and a profiling forward already hold, and on CPU from 256 MiB.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,9 @@ class KVCacheShape:
 
 
 def bytes_per_block(arch, block_size: int, dtype: torch.dtype) -> int:
-    return KVCacheShape(arch.num_hidden_layers, 1, block_size, arch.num_key_value_heads,
-                        arch.head_dim).bytes_per_block(dtype)
+    return KVCacheShape(
+        arch.num_hidden_layers, 1, block_size, arch.num_key_value_heads, arch.head_dim
+    ).bytes_per_block(dtype)
 
 
 def decide_num_blocks(arch, cache_config, dtype: torch.dtype, device: torch.device) -> int:
@@ -53,7 +55,8 @@ def decide_num_blocks(arch, cache_config, dtype: torch.dtype, device: torch.devi
     if num_blocks < 1:
         raise ConfigError(
             f"no room for a single KV block ({per_block} bytes each, budget {budget} bytes): raise "
-            "--gpu-memory-utilization or --kv-cache-memory, or lower --block-size")
+            "--gpu-memory-utilization or --kv-cache-memory, or lower --block-size"
+        )
     return int(num_blocks)
 
 
@@ -63,17 +66,33 @@ def _gpu_kv_budget(utilization: float, device: torch.device) -> int:
     and never more than is free now, less a margin for allocator slack and the CUDA graphs."""
     free, total = torch.cuda.mem_get_info(device)
     share = int(total * utilization) - torch.cuda.max_memory_allocated(device)
-    headroom = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) - GPU_MARGIN_BYTES
+    headroom = (
+        free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) - GPU_MARGIN_BYTES
+    )
     if share > headroom:
-        log.warning("--gpu-memory-utilization %.2f asks for more than is free (other processes hold memory): "
-                    "the KV cache takes the %.1f GiB that is", utilization, max(headroom, 0) / 2**30)
+        log.warning(
+            "--gpu-memory-utilization %.2f asks for more than is free (other processes hold memory): "
+            "the KV cache takes the %.1f GiB that is",
+            utilization,
+            max(headroom, 0) / 2**30,
+        )
     return min(share, headroom)
 
 
-def allocate_kv_cache(arch, block_size: int, num_blocks: int, dtype: torch.dtype,
-                      device: torch.device) -> torch.Tensor:
-    shape = KVCacheShape(arch.num_hidden_layers, num_blocks, block_size, arch.num_key_value_heads, arch.head_dim)
-    log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, block_size,
-             num_blocks * shape.bytes_per_block(dtype) / 2**20)
-    return torch.zeros((shape.num_layers, 2, num_blocks, block_size, shape.num_kv_heads, shape.head_dim),
-                       dtype=dtype, device=device)
+def allocate_kv_cache(
+    arch, block_size: int, num_blocks: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    shape = KVCacheShape(
+        arch.num_hidden_layers, num_blocks, block_size, arch.num_key_value_heads, arch.head_dim
+    )
+    log.info(
+        "KV cache: %d blocks of %d tokens (%.1f MiB)",
+        num_blocks,
+        block_size,
+        num_blocks * shape.bytes_per_block(dtype) / 2**20,
+    )
+    return torch.zeros(
+        (shape.num_layers, 2, num_blocks, block_size, shape.num_kv_heads, shape.head_dim),
+        dtype=dtype,
+        device=device,
+    )

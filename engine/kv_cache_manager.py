@@ -4,6 +4,7 @@ Torch-free. A request's block table covers its computed tokens plus those schedu
 request's tokens [i*block_size, (i+1)*block_size). The same calls serve a request whose KV is computed here and
 one whose KV arrives from another node (allocate slots for its tokens, then cache_blocks once they have landed).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -24,7 +25,9 @@ class KVCacheManager:
         self.block_size = block_size
         self.max_model_len = max_model_len
         self._blocks: dict[str, list[Block]] = {}  # request_id -> block table
-        self._num_hashed: dict[str, int] = {}  # request_id -> leading blocks already offered to the prefix cache
+        self._num_hashed: dict[
+            str, int
+        ] = {}  # request_id -> leading blocks already offered to the prefix cache
 
     # ---- capacity ---------------------------------------------------------------------------------------------
     @property
@@ -68,8 +71,9 @@ class KVCacheManager:
         self.pool.stats.record(request.num_tokens, num_hit_tokens)
 
     # ---- slots ------------------------------------------------------------------------------------------------
-    def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks: Sequence[Block] = ()) -> bool:
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, new_computed_blocks: Sequence[Block] = ()
+    ) -> bool:
         """Make the block table cover request.num_computed_tokens + hits + num_new_tokens tokens.
 
         new_computed_blocks are prefix hits from get_computed_blocks (only for a request holding no blocks yet);
@@ -81,8 +85,9 @@ class KVCacheManager:
         num_hit_tokens = len(new_computed_blocks) * self.block_size
         total = request.num_computed_tokens + num_hit_tokens + num_new_tokens
         if total > self.max_model_len:
-            raise ValueError(f"request {request.request_id} would hold {total} tokens > max_model_len "
-                             f"{self.max_model_len}")
+            raise ValueError(
+                f"request {request.request_id} would hold {total} tokens > max_model_len {self.max_model_len}"
+            )
         num_new_blocks = max(0, cdiv(total, self.block_size) - len(table) - len(new_computed_blocks))
         # Hits sitting in the cached queue stop being allocatable once touched, so they count against capacity.
         num_revived = sum(1 for b in new_computed_blocks if b.ref_count == 0)

@@ -1,4 +1,5 @@
 """The offline API, shaped like vLLM's: `LLM(model=DIR, ...).generate(prompts, SamplingParams(...))`."""
+
 from __future__ import annotations
 
 import itertools
@@ -8,8 +9,8 @@ from engine.checkpoint import load_arch_config
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore
 from engine.output_processor import OutputProcessor
-from engine.request import Request
 from engine.outputs import RequestOutput
+from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import load_tokenizer
 
@@ -44,12 +45,18 @@ class LLM:
             return prompt.get("prompt"), list(prompt["prompt_token_ids"])
         raise TypeError("a prompt is a string or {'prompt_token_ids': [...]}")
 
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        params_list = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
-                       else [sampling_params or SamplingParams()] * len(prompts))
+        params_list = (
+            list(sampling_params)
+            if isinstance(sampling_params, (list, tuple))
+            else [sampling_params or SamplingParams()] * len(prompts)
+        )
         if len(params_list) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
         processor = OutputProcessor(self.core, self.tokenizer)
@@ -57,8 +64,14 @@ class LLM:
         #    also refuses a request that could never fit the whole KV cache).
         parsed = [self._prompt_ids(p) for p in prompts]
         for (_, ids), params in zip(parsed, params_list):
-            self.core.scheduler.validate(Request(request_id="check", prompt_token_ids=ids, sampling_params=params,
-                                                 block_size=self.config.cache.block_size))
+            self.core.scheduler.validate(
+                Request(
+                    request_id="check",
+                    prompt_token_ids=ids,
+                    sampling_params=params,
+                    block_size=self.config.cache.block_size,
+                )
+            )
         # 2. Queue n children per prompt; a seed gives child i the seed + i, so each sample differs yet repeats.
         parents = []
         try:
@@ -84,6 +97,14 @@ class LLM:
         for parent_id, text, ids, children in parents:
             cached = processor.cached_tokens(children[0])
             outputs = [processor.completion(c) for c in children]
-            results.append(RequestOutput(request_id=parent_id, prompt=text, prompt_token_ids=ids,
-                                         outputs=outputs, finished=True, num_cached_tokens=cached))
+            results.append(
+                RequestOutput(
+                    request_id=parent_id,
+                    prompt=text,
+                    prompt_token_ids=ids,
+                    outputs=outputs,
+                    finished=True,
+                    num_cached_tokens=cached,
+                )
+            )
         return results

@@ -3,6 +3,7 @@
 The runner knows nothing of requests' lifecycles: it gets the step's chunks (engine/batch_inputs.py) and says
 which rows to produce logits for. Sampling and bookkeeping stay in the engine core.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,6 +29,7 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         from engine.errors import ConfigError
+
         raise ConfigError(f"--device {name}: no CUDA device is visible")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -56,11 +58,14 @@ class ModelRunner:
         if self.device.type == "cuda":
             self._profile_peak_memory()
         self.num_blocks = decide_num_blocks(self.arch, config.cache, self.dtype, self.device)
-        self.kv_cache = allocate_kv_cache(self.arch, self.block_size, self.num_blocks, self.dtype, self.device)
+        self.kv_cache = allocate_kv_cache(
+            self.arch, self.block_size, self.num_blocks, self.dtype, self.device
+        )
         self.kv_caches = list(self.kv_cache.unbind(0))  # per layer [2, N, B, Hk, D] views
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             from engine.cuda_graphs import DecodeGraphs
+
             self.graphs = DecodeGraphs(self, max_batch=config.scheduler.max_num_seqs)
 
     @torch.inference_mode()
@@ -69,7 +74,9 @@ class ModelRunner:
         tokens = self.config.scheduler.max_num_batched_tokens
         blocks = -(-tokens // self.block_size)
         scratch = allocate_kv_cache(self.arch, self.block_size, blocks, self.dtype, self.device)
-        chunk = ScheduledRequest("profile", [0] * tokens, 0, list(range(blocks)), is_decode=False, samples=False)
+        chunk = ScheduledRequest(
+            "profile", [0] * tokens, 0, list(range(blocks)), is_decode=False, samples=False
+        )
         self._forward([chunk], list(scratch.unbind(0)))
         del scratch
         if self.device.type == "cuda":
@@ -77,7 +84,9 @@ class ModelRunner:
 
     def _forward(self, chunks: list[ScheduledRequest], kv_caches) -> tuple[torch.Tensor, torch.Tensor]:
         batch = build_batch_inputs(chunks, self.block_size, self.device)
-        hidden = self.model(batch.input_ids, batch.positions, kv_caches, batch.attn, layer_done=self.on_layer_done)
+        hidden = self.model(
+            batch.input_ids, batch.positions, kv_caches, batch.attn, layer_done=self.on_layer_done
+        )
         return hidden, batch.last_token_index
 
     @torch.inference_mode()

@@ -3,6 +3,7 @@
 Stop strings are found here, on the detokenized text; a request that hits one is finished in the core at once
 so its blocks are freed without waiting for max_tokens.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,12 +35,21 @@ class OutputProcessor:
         self.tracked: dict[str, _Tracked] = {}
 
     def add(self, child_id: str, parent_id: str, index: int, prompt_ids: list[int], params: SamplingParams):
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
-                                       stop=params.stop,
-                                       include_stop_str_in_output=params.include_stop_str_in_output)
-        self.tracked[child_id] = _Tracked(parent_id, index, params, detok,
-                                          logprobs=[] if params.logprobs is not None else None,
-                                          cumulative_logprob=0.0 if params.logprobs is not None else None)
+        detok = IncrementalDetokenizer(
+            self.tokenizer,
+            prompt_ids,
+            skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+        )
+        self.tracked[child_id] = _Tracked(
+            parent_id,
+            index,
+            params,
+            detok,
+            logprobs=[] if params.logprobs is not None else None,
+            cumulative_logprob=0.0 if params.logprobs is not None else None,
+        )
 
     def process(self, outputs: list[StepOutput]) -> list[str]:
         """Apply one step's outputs; return the child ids that finished."""
@@ -83,9 +93,15 @@ class OutputProcessor:
 
     def completion(self, child_id: str) -> CompletionOutput:
         s = self.tracked.pop(child_id)
-        return CompletionOutput(index=s.index, text=s.detokenizer.text, token_ids=s.token_ids,
-                                cumulative_logprob=s.cumulative_logprob, logprobs=s.logprobs,
-                                finish_reason=s.finish_reason, stop_reason=s.stop_reason)
+        return CompletionOutput(
+            index=s.index,
+            text=s.detokenizer.text,
+            token_ids=s.token_ids,
+            cumulative_logprob=s.cumulative_logprob,
+            logprobs=s.logprobs,
+            finish_reason=s.finish_reason,
+            stop_reason=s.stop_reason,
+        )
 
     def cached_tokens(self, child_id: str) -> int:
         return self.tracked[child_id].num_cached_tokens

@@ -4,6 +4,7 @@ Torch-free (plain Python values only), so the proxy can build the same objects f
 Logprobs are a list with one entry per generated token; each entry maps token id -> `Logprob` and always holds the
 sampled token (with its rank) plus the top-k tokens asked for.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,9 +21,14 @@ class Logprob:
 SampleLogprobs = list[dict[int, Logprob]]  # one dict per generated token
 
 
-def make_logprob_entry(sampled_id: int, sampled_logprob: float, sampled_rank: int,
-                       topk_ids: Sequence[int], topk_logprobs: Sequence[float],
-                       num_logprobs: int) -> dict[int, Logprob]:
+def make_logprob_entry(
+    sampled_id: int,
+    sampled_logprob: float,
+    sampled_rank: int,
+    topk_ids: Sequence[int],
+    topk_logprobs: Sequence[float],
+    num_logprobs: int,
+) -> dict[int, Logprob]:
     """One generated token's entry: the sampled token first, then the row's first `num_logprobs` top entries
     (ranked 1..k). A sampled token that is also in the top k appears once, under its own rank."""
     entry = {int(sampled_id): Logprob(float(sampled_logprob), int(sampled_rank))}
@@ -39,7 +45,9 @@ class CompletionOutput:
     cumulative_logprob: float | None = None  # sum of the sampled tokens' logprobs, when logprobs were asked
     logprobs: SampleLogprobs | None = None
     finish_reason: str | None = None  # None while running; "stop" | "length" | "abort"
-    stop_reason: int | str | None = None  # the stop string or stop token id that ended it; None for EOS/length
+    stop_reason: int | str | None = (
+        None  # the stop string or stop token id that ended it; None for EOS/length
+    )
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -9,6 +9,7 @@ chunks, a decode (one token outstanding) and a recompute after preemption (promp
 Block hashes are chained over prompt and output tokens alike (`kvconnector.hashing.hash_block`) and computed
 incrementally as each block of `block_size` tokens fills, so a preempted request can hit its own output blocks.
 """
+
 from __future__ import annotations
 
 import enum
@@ -23,7 +24,9 @@ class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
     PREEMPTED = 2  # back in the waiting queue after its blocks were taken; recomputes from scratch
-    WAITING_FOR_REMOTE_KVS = 3  # blocks held while a prefill node writes the prompt's KV into them (decode node)
+    WAITING_FOR_REMOTE_KVS = (
+        3  # blocks held while a prefill node writes the prompt's KV into them (decode node)
+    )
     # Every status from here on is final; order matters for is_finished().
     FINISHED_STOPPED = 4  # eos, a stop token id, or a stop string (reported by the detokenizer)
     FINISHED_LENGTH = 5  # max_tokens or max_model_len reached
@@ -51,7 +54,9 @@ STATUS_BY_REASON = {reason: status for status, reason in _FINISH_REASONS.items()
 class Request:
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: Any  # opaque here; read: max_tokens, ignore_eos, stop_token_ids, min_tokens (all optional)
+    sampling_params: (
+        Any  # opaque here; read: max_tokens, ignore_eos, stop_token_ids, min_tokens (all optional)
+    )
     arrival_time: float = field(default_factory=time.monotonic)
     block_size: int | None = None  # None: the scheduler sets the KV cache's on add; else it must match
     extra_keys: tuple = ()  # folded into every block hash (e.g. a LoRA name or cache salt)
@@ -110,7 +115,9 @@ class Request:
     def set_block_size(self, block_size: int) -> None:
         """Adopt the KV cache's block size (once, before scheduling) and hash the blocks filled so far."""
         if self.block_size is not None and self.block_size != block_size:
-            raise ValueError(f"request {self.request_id} hashes blocks of {self.block_size}, cache uses {block_size}")
+            raise ValueError(
+                f"request {self.request_id} hashes blocks of {self.block_size}, cache uses {block_size}"
+            )
         self.block_size = block_size
         self._hash_full_blocks()
 
@@ -122,4 +129,4 @@ class Request:
         while (len(hashes) + 1) * size <= len(tokens):
             start = len(hashes) * size
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, tokens[start:start + size], self.extra_keys))
+            hashes.append(hash_block(parent, tokens[start : start + size], self.extra_keys))

@@ -5,6 +5,7 @@ range, then the raw bytes. Shapes and dtypes are known before any tensor exists,
 and each tensor is produced, written and dropped in turn. Files above `max_shard_bytes` are split into
 `model-0000i-of-0000n.safetensors` shards with `model.safetensors.index.json`, as Hugging Face lays them out.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,16 +56,20 @@ def _header(specs: list[TensorSpec], dtype: torch.dtype) -> bytes:
     offset = 0
     for spec in specs:
         end = offset + spec.numel * itemsize
-        header[spec.name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(spec.shape),
-                             "data_offsets": [offset, end]}
+        header[spec.name] = {
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, end],
+        }
         offset = end
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as the reference writer does
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _produce(specs: list[TensorSpec], make_tensor: Callable[[TensorSpec], torch.Tensor],
-             workers: int) -> Iterator[torch.Tensor]:
+def _produce(
+    specs: list[TensorSpec], make_tensor: Callable[[TensorSpec], torch.Tensor], workers: int
+) -> Iterator[torch.Tensor]:
     """make_tensor over specs, in order, `workers` tensors ahead of the writer (torch releases the GIL)."""
     if workers <= 1:
         yield from (make_tensor(spec) for spec in specs)
@@ -79,9 +84,14 @@ def _produce(specs: list[TensorSpec], make_tensor: Callable[[TensorSpec], torch.
             yield pending.popleft().result()
 
 
-def write_file(path: str, specs: list[TensorSpec], dtype: torch.dtype,
-               make_tensor: Callable[[TensorSpec], torch.Tensor], on_bytes: Callable[[int], None],
-               workers: int = 1) -> None:
+def write_file(
+    path: str,
+    specs: list[TensorSpec],
+    dtype: torch.dtype,
+    make_tensor: Callable[[TensorSpec], torch.Tensor],
+    on_bytes: Callable[[int], None],
+    workers: int = 1,
+) -> None:
     """Write one safetensors file; `make_tensor(spec)` must return a CPU tensor of `dtype` and `spec.shape`."""
     tmp = path + ".partial"  # a crash never leaves a file that looks complete
     with open(tmp, "wb") as f:
@@ -89,8 +99,9 @@ def write_file(path: str, specs: list[TensorSpec], dtype: torch.dtype,
         for spec, tensor in zip(specs, _produce(specs, make_tensor, workers)):
             tensor = tensor.contiguous()
             if tensor.dtype != dtype or tuple(tensor.shape) != spec.shape:
-                raise ValueError(f"{spec.name}: made {tensor.dtype} {tuple(tensor.shape)}, "
-                                 f"planned {dtype} {spec.shape}")
+                raise ValueError(
+                    f"{spec.name}: made {tensor.dtype} {tuple(tensor.shape)}, planned {dtype} {spec.shape}"
+                )
             data = tensor.view(torch.uint8).numpy() if tensor.numel() else b""
             f.write(memoryview(data))
             on_bytes(spec.numel * tensor.element_size())
@@ -98,9 +109,15 @@ def write_file(path: str, specs: list[TensorSpec], dtype: torch.dtype,
     os.replace(tmp, path)
 
 
-def write_checkpoint(folder: str, specs: list[TensorSpec], dtype: torch.dtype,
-                     make_tensor: Callable[[TensorSpec], torch.Tensor], max_shard_bytes: int,
-                     on_bytes: Callable[[int], None] = lambda n: None, workers: int = 1) -> list[str]:
+def write_checkpoint(
+    folder: str,
+    specs: list[TensorSpec],
+    dtype: torch.dtype,
+    make_tensor: Callable[[TensorSpec], torch.Tensor],
+    max_shard_bytes: int,
+    on_bytes: Callable[[int], None] = lambda n: None,
+    workers: int = 1,
+) -> list[str]:
     """Write all tensors into `folder`; returns the file names written (index included when sharded).
     `workers` threads make tensors ahead of the writer (memory: up to workers + 1 tensors at once)."""
     itemsize = torch.empty((), dtype=dtype).element_size()

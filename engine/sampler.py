@@ -14,6 +14,7 @@ Decisions:
 - Filtering happens in descending-sorted order (one sort per step, only when a row uses top_k or top_p), so ties at
   the top_k boundary keep exactly k tokens.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,8 +43,12 @@ class SamplerLogprobs:
 
     def tolists(self) -> tuple[list[list[int]], list[list[float]], list[float], list[int]]:
         """Host lists for the wire / for outputs.make_logprob_entry (one device->host copy each)."""
-        return (self.topk_ids.tolist(), self.topk_logprobs.tolist(),
-                self.sampled_logprobs.tolist(), self.sampled_ranks.tolist())
+        return (
+            self.topk_ids.tolist(),
+            self.topk_logprobs.tolist(),
+            self.sampled_logprobs.tolist(),
+            self.sampled_ranks.tolist(),
+        )
 
 
 @dataclass(slots=True)
@@ -55,10 +60,14 @@ class SamplerOutput:
 class Sampler:
     """Stateless; per-request state (the generators) is owned by the caller and passed in each step."""
 
-    def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams],
-               generators: Sequence[torch.Generator | None] | None = None,
-               num_logprobs: int | None = None,
-               blocked_token_ids: Sequence[Sequence[int] | None] | None = None) -> SamplerOutput:
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None] | None = None,
+        num_logprobs: int | None = None,
+        blocked_token_ids: Sequence[Sequence[int] | None] | None = None,
+    ) -> SamplerOutput:
         """logits [n, V]; params, generators, blocked_token_ids: one per row.
 
         num_logprobs: top-k width to return; None derives it from the rows' `logprobs` (no logprobs if no row asked).
@@ -99,8 +108,13 @@ class Sampler:
             out.logprobs = _gather_logprobs(raw_logprobs, token_ids, num_logprobs)
         return out
 
-    def _sample_rows(self, logits: torch.Tensor, params: Sequence[SamplingParams],
-                     generators: Sequence[torch.Generator | None], rows: list[int]) -> torch.Tensor:
+    def _sample_rows(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        rows: list[int],
+    ) -> torch.Tensor:
         device = logits.device
         sub = [params[i] for i in rows]
         idx = torch.tensor(rows, device=device)
@@ -159,8 +173,9 @@ def skip_draw(generator: torch.Generator | None, vocab_size: int, device: torch.
         torch.empty(vocab_size, device=device).exponential_(generator=generator)
 
 
-def _exponential_noise(shape: torch.Size, generators: Sequence[torch.Generator | None],
-                       device: torch.device) -> torch.Tensor:
+def _exponential_noise(
+    shape: torch.Size, generators: Sequence[torch.Generator | None], device: torch.device
+) -> torch.Tensor:
     """Exp(1) noise [m, V]: seeded rows from their own generator, the rest from one shared draw."""
     noise = torch.empty(shape, device=device)
     seeded = [i for i, g in enumerate(generators) if g is not None]
@@ -182,5 +197,6 @@ def _gather_logprobs(raw_logprobs: torch.Tensor, token_ids: torch.Tensor, k: int
         n = raw_logprobs.shape[0]
         top_vals = raw_logprobs.new_empty((n, 0))
         top_ids = torch.empty((n, 0), dtype=torch.int64, device=raw_logprobs.device)
-    return SamplerLogprobs(topk_ids=top_ids, topk_logprobs=top_vals,
-                           sampled_logprobs=sampled.squeeze(1), sampled_ranks=ranks)
+    return SamplerLogprobs(
+        topk_ids=top_ids, topk_logprobs=top_vals, sampled_logprobs=sampled.squeeze(1), sampled_ranks=ranks
+    )

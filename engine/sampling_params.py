@@ -13,6 +13,7 @@ Decisions:
 - `from_dict` rejects unknown keys: a node silently ignoring a sampling field a newer proxy sent would produce
   output the user did not ask for.
 """
+
 from __future__ import annotations
 
 import math
@@ -88,7 +89,9 @@ class SamplingParams:
             bad(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+        if self.logprobs is not None and (
+            not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
             bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
@@ -128,7 +131,9 @@ class SamplingParams:
         data = dict(data)
         version = data.pop("version", WIRE_VERSION)
         if version != WIRE_VERSION:
-            raise ValueError(f"sampling params wire version {version!r} is not supported (expected {WIRE_VERSION})")
+            raise ValueError(
+                f"sampling params wire version {version!r} is not supported (expected {WIRE_VERSION})"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known, key=str)
         if unknown:

@@ -21,6 +21,7 @@ every request that arrived after it (so at the front, behind only older preempte
 A request can never be stuck forever: add_request rejects one whose prompt plus max_tokens needs more KV blocks
 than the whole cache, so the oldest running request always fits once everything younger is preempted.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -39,8 +40,13 @@ class RequestTooLargeError(PromptTooLongError):
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager, max_model_len: int,
-                 eos_token_ids: Iterable[int] = ()) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_cache_manager: KVCacheManager,
+        max_model_len: int,
+        eos_token_ids: Iterable[int] = (),
+    ) -> None:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.enable_chunked_prefill = config.enable_chunked_prefill
@@ -50,7 +56,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.waiting: deque[Request] = deque()  # sorted by arrival order
         self.running: list[Request] = []  # sorted by arrival order; the last is the next victim
-        self.remote: dict[str, Request] = {}  # WAITING_FOR_REMOTE_KVS: blocks held, KV arriving from elsewhere
+        self.remote: dict[
+            str, Request
+        ] = {}  # WAITING_FOR_REMOTE_KVS: blocks held, KV arriving from elsewhere
         self.remote_ready: deque[Request] = deque()  # of those, landed: join `running` in this order
         self._arrival_order: dict[str, int] = {}
         self._next_order = 0
@@ -125,7 +133,6 @@ class Scheduler:
         """Work a step could do: requests waiting for remote KV are not, until it has landed."""
         return bool(self.waiting or self.running or self.remote_ready)
 
-
     def get_num_unfinished(self) -> int:
         return len(self.requests)
 
@@ -148,9 +155,12 @@ class Scheduler:
         prefills = [s for s in scheduled if not s.is_decode]
         finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(
-            scheduled=decodes + prefills, num_decodes=len(decodes),
+            scheduled=decodes + prefills,
+            num_decodes=len(decodes),
             num_scheduled_tokens=sum(s.num_new_tokens for s in scheduled),
-            preempted_request_ids=preempted, finished_request_ids=finished)
+            preempted_request_ids=preempted,
+            finished_request_ids=finished,
+        )
 
     def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance the scheduled requests by the step's results; return those that finished (blocks freed).
@@ -161,15 +171,20 @@ class Scheduler:
         finished: list[Request] = []
         for item in output.scheduled:
             request = self.requests.get(item.request_id)
-            if (request is None or request.status != RequestStatus.RUNNING
-                    or request.num_computed_tokens != item.num_computed_tokens):
+            if (
+                request is None
+                or request.status != RequestStatus.RUNNING
+                or request.num_computed_tokens != item.num_computed_tokens
+            ):
                 continue
             # 1. the step's K/V is in the cache now
             request.num_computed_tokens += item.num_new_tokens
             # 2. a chunk that completes the request's tokens produced a new one
             if item.samples:
                 if item.request_id not in sampled:
-                    raise KeyError(f"step scheduled request {item.request_id} to sample, but no token came back")
+                    raise KeyError(
+                        f"step scheduled request {item.request_id} to sample, but no token came back"
+                    )
                 request.append_output_token(sampled[item.request_id])
             # 3. newly full blocks become prefix hits for others
             self.kv.cache_blocks(request, request.num_computed_tokens)
@@ -211,8 +226,11 @@ class Scheduler:
             num_remaining = request.num_tokens - num_hit_tokens
             num_new = min(num_remaining, budget)
             # Chunking off: wait for a step with room for all of it, unless it never fits one (a long recompute).
-            if (num_new < num_remaining and not self.enable_chunked_prefill
-                    and num_remaining <= self.max_num_batched_tokens):
+            if (
+                num_new < num_remaining
+                and not self.enable_chunked_prefill
+                and num_remaining <= self.max_num_batched_tokens
+            ):
                 break
             if not self.kv.allocate_slots(request, num_new, hits):
                 break
@@ -262,8 +280,9 @@ class Scheduler:
                 request.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
         max_tokens = request.max_tokens
-        if (max_tokens is not None and request.num_output_tokens >= max_tokens) \
-                or request.num_tokens >= self.max_model_len:
+        if (
+            max_tokens is not None and request.num_output_tokens >= max_tokens
+        ) or request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
@@ -291,26 +310,35 @@ class Scheduler:
         if wanted > self.max_model_len:
             raise PromptTooLongError(
                 f"prompt of {prompt_len} tokens plus max_tokens {max_tokens or 1} exceeds --max-model-len "
-                f"{self.max_model_len}")
-        final_len = min(prompt_len + max_tokens, self.max_model_len) if max_tokens is not None \
-            else self.max_model_len
+                f"{self.max_model_len}"
+            )
+        final_len = (
+            min(prompt_len + max_tokens, self.max_model_len) if max_tokens is not None else self.max_model_len
+        )
         # The last sampled token is never fed back, so the KV cache holds at most final_len - 1 tokens.
         needed = self.kv.blocks_for_tokens(max(final_len - 1, prompt_len))
         if needed > self.kv.num_blocks:
             raise RequestTooLargeError(
                 f"request {rid} needs {needed} KV blocks for {final_len} tokens, but the whole cache has "
-                f"{self.kv.num_blocks}; lower max_tokens or give the KV cache more memory")
+                f"{self.kv.num_blocks}; lower max_tokens or give the KV cache more memory"
+            )
         if not self.enable_chunked_prefill and request.num_tokens > self.max_num_batched_tokens:
-            raise PromptTooLongError(f"prompt of {prompt_len} tokens exceeds --max-num-batched-tokens "
-                                     f"{self.max_num_batched_tokens} with chunked prefill off")
+            raise PromptTooLongError(
+                f"prompt of {prompt_len} tokens exceeds --max-num-batched-tokens "
+                f"{self.max_num_batched_tokens} with chunked prefill off"
+            )
 
     # ---- gauges -----------------------------------------------------------------------------------------------
     def make_stats(self) -> SchedulerStats:
         stats = self.kv.pool.stats
         return SchedulerStats(
-            num_running=len(self.running), num_waiting=len(self.waiting), kv_cache_usage=self.kv.usage,
-            prefix_cache_queried_tokens=stats.queried_tokens, prefix_cache_hit_tokens=stats.hit_tokens,
-            num_preemptions=self.num_preemptions)
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.kv.usage,
+            prefix_cache_queried_tokens=stats.queried_tokens,
+            prefix_cache_hit_tokens=stats.hit_tokens,
+            num_preemptions=self.num_preemptions,
+        )
 
     def reset_prefix_cache(self) -> bool:
         return self.kv.reset_prefix_cache()

@@ -6,6 +6,7 @@ then prefill chunks, matching `engine/attention_metadata.py`. For each entry it 
 from the chunk's last row when `samples` is True. It returns `{request_id: token_id}` for exactly those entries
 to `Scheduler.update_from_output`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -49,11 +50,11 @@ class SchedulerOutput:
 
     @property
     def decodes(self) -> list[ScheduledRequest]:
-        return self.scheduled[:self.num_decodes]
+        return self.scheduled[: self.num_decodes]
 
     @property
     def prefills(self) -> list[ScheduledRequest]:
-        return self.scheduled[self.num_decodes:]
+        return self.scheduled[self.num_decodes :]
 
 
 @dataclass(slots=True)

@@ -8,6 +8,7 @@ Two kinds of failure inside `EngineCore.step`:
   whether the step may be retried (nothing was advanced yet) so the loop can try it once more before it aborts
   anything, and log who was in the batch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,9 @@ class StepFailed(RuntimeError):
         self.cause = cause
 
 
-def sample_rows_isolated(sample_one: Callable[[int], tuple[int, object]], request_ids: Sequence[str]
-                         ) -> tuple[dict[int, tuple[int, object]], dict[str, str]]:
+def sample_rows_isolated(
+    sample_one: Callable[[int], tuple[int, object]], request_ids: Sequence[str]
+) -> tuple[dict[int, tuple[int, object]], dict[str, str]]:
     """Run `sample_one(row)` for every row; returns ({row: (token, logprob)}, {request id: error message}).
 
     The fallback after a batched sample raised: a row whose own work raises is reported with its error, the
@@ -38,7 +40,11 @@ def sample_rows_isolated(sample_one: Callable[[int], tuple[int, object]], reques
         try:
             results[row] = sample_one(row)
         except Exception as exc:  # noqa: BLE001 - whatever one request's parameters provoke fails only it
-            log.error("request %s failed while sampling (%s: %s); the rest of its batch goes on", request_id,
-                      type(exc).__name__, exc)
+            log.error(
+                "request %s failed while sampling (%s: %s); the rest of its batch goes on",
+                request_id,
+                type(exc).__name__,
+                exc,
+            )
             failed[request_id] = f"sampling failed for this request: {type(exc).__name__}: {exc}"
     return results, failed

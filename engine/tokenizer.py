@@ -13,6 +13,7 @@ chat_template.jinja if present, and config.json / generation_config.json for the
 - `eos_token_ids` is the union of config.json's and generation_config.json's `eos_token_id` (int or list) and
   tokenizer_config's `eos_token`: generation stops on any of them.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,7 +73,8 @@ class Tokenizer:
         self.eos_token_ids = frozenset(self._eos_ids())
         self.vocab_size = self._backend.get_vocab_size(with_added_tokens=True)
         self.all_special_ids = frozenset(
-            i for i, tok in self._backend.get_added_tokens_decoder().items() if tok.special)
+            i for i, tok in self._backend.get_added_tokens_decoder().items() if tok.special
+        )
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._backend.token_to_id(token)
@@ -111,8 +113,12 @@ class Tokenizer:
         """The most characters one token decodes to: a text of c characters has at least c / this many tokens,
         so a text too long for the context can be refused without tokenizing it."""
         vocab = self._backend.get_vocab(with_added_tokens=True)
-        return max((len(self._backend.decode([i], skip_special_tokens=False)) for i in vocab.values()), default=1) \
+        return (
+            max(
+                (len(self._backend.decode([i], skip_special_tokens=False)) for i in vocab.values()), default=1
+            )
             or 1
+        )
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
@@ -146,8 +152,9 @@ class Tokenizer:
 
         def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
             # jinja's own tojson escapes <, > and & for HTML; chat templates expect plain JSON
-            return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                              sort_keys=sort_keys)
+            return json.dumps(
+                value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+            )
 
         def strftime_now(fmt):
             return datetime.now().strftime(fmt)
@@ -162,11 +169,16 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
         """Render messages ([{"role", "content"}]) to the prompt text; `extra` reaches the template as variables."""
-        variables = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
-                     "pad_token": self.pad_token or "", "unk_token": self.unk_token or ""}
+        variables = {
+            "bos_token": self.bos_token or "",
+            "eos_token": self.eos_token or "",
+            "pad_token": self.pad_token or "",
+            "unk_token": self.unk_token or "",
+        }
         variables.update(extra)
-        return self._compiled_template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                              **variables)
+        return self._compiled_template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **variables
+        )
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> list[int]:
         """The prompt ids for a chat: the rendered text already holds any bos, so none is added again."""

@@ -1,4 +1,5 @@
 """Small helpers the kernel wrappers share: backend detection and argument checks."""
+
 from __future__ import annotations
 
 import functools

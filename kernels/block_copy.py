@@ -10,6 +10,7 @@ launch moves a layer's blocks straight into the blocks the peer reserved, with n
 The engine's per-layer cache is [2, N, B, Hk, D] (P = 2: K then V). A block is copied as a flat run of bytes,
 reinterpreted as the widest integer word its size and alignment allow, so the copy is dtype-blind and vectorised.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,9 +28,15 @@ def _copy_blocks_kernel(
     dst_ptr,  # gather: buffer [P, n, E]; scatter: cache [P, N, E]
     src_ids_ptr,  # [n] block ids into src (read only when SRC_INDEXED)
     dst_ids_ptr,  # [n] block ids into dst (read only when DST_INDEXED)
-    stride_sp, stride_sn, stride_dp, stride_dn,  # strides of the P and block dims, in words
-    n, words_per_block,
-    SRC_INDEXED: tl.constexpr, DST_INDEXED: tl.constexpr, BLOCK: tl.constexpr,
+    stride_sp,
+    stride_sn,
+    stride_dp,
+    stride_dn,  # strides of the P and block dims, in words
+    n,
+    words_per_block,
+    SRC_INDEXED: tl.constexpr,
+    DST_INDEXED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     p = (pid // n).to(tl.int64)
@@ -52,8 +59,11 @@ def _words(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     and offsets allow (int64 for any real KV block)."""
     fa, fb = a.flatten(2), b.flatten(2)
     for word in _WORDS:
-        fits = all(x * a.element_size() % word.itemsize == 0 for f in (fa, fb)
-                   for x in (f.shape[-1], f.stride(0), f.stride(1), f.storage_offset()))
+        fits = all(
+            x * a.element_size() % word.itemsize == 0
+            for f in (fa, fb)
+            for x in (f.shape[-1], f.stride(0), f.stride(1), f.storage_offset())
+        )
         if fits:
             return fa.view(word), fb.view(word)
     raise AssertionError("unreachable: bytes always fit")
@@ -61,11 +71,18 @@ def _words(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def _check_blocks(cache: torch.Tensor, buf: torch.Tensor, block_ids: torch.Tensor) -> None:
     check(cache.dim() >= 3, f"cache: expected [P, N, *blk], got {tuple(cache.shape)}")
-    check(buf.shape[0] == cache.shape[0] and buf.shape[2:] == cache.shape[2:], "buffer and cache blocks differ")
-    check(buf.shape[1] == block_ids.shape[0], f"buffer holds {buf.shape[1]} blocks, {block_ids.shape[0]} ids given")
+    check(
+        buf.shape[0] == cache.shape[0] and buf.shape[2:] == cache.shape[2:], "buffer and cache blocks differ"
+    )
+    check(
+        buf.shape[1] == block_ids.shape[0],
+        f"buffer holds {buf.shape[1]} blocks, {block_ids.shape[0]} ids given",
+    )
     check(buf.dtype == cache.dtype, f"dtype: buffer {buf.dtype}, cache {cache.dtype}")
-    check(block_ids.dim() == 1 and block_ids.dtype in (torch.int64, torch.int32) and block_ids.is_contiguous(),
-          "block_ids: expected a contiguous [n] int64 tensor")
+    check(
+        block_ids.dim() == 1 and block_ids.dtype in (torch.int64, torch.int32) and block_ids.is_contiguous(),
+        "block_ids: expected a contiguous [n] int64 tensor",
+    )
     for name, t in (("cache", cache), ("buffer", buf)):
         check(t[0, 0].is_contiguous() if t.shape[1] else True, f"{name}: each block must be contiguous")
     check_same_device(cache, buf, block_ids)
@@ -82,14 +99,26 @@ def _launch(src: torch.Tensor, dst: torch.Tensor, src_ids, dst_ids) -> None:
     block = min(triton.next_power_of_2(words), 1024 if interpreting() else 4096)
     ids = src_ids if src_ids is not None else dst_ids
     _copy_blocks_kernel[(P * n, triton.cdiv(words, block))](
-        src_w, dst_w, src_ids if src_ids is not None else ids, dst_ids if dst_ids is not None else ids,
-        src_w.stride(0), src_w.stride(1), dst_w.stride(0), dst_w.stride(1),
-        n, words, SRC_INDEXED=src_ids is not None, DST_INDEXED=dst_ids is not None, BLOCK=block,
+        src_w,
+        dst_w,
+        src_ids if src_ids is not None else ids,
+        dst_ids if dst_ids is not None else ids,
+        src_w.stride(0),
+        src_w.stride(1),
+        dst_w.stride(0),
+        dst_w.stride(1),
+        n,
+        words,
+        SRC_INDEXED=src_ids is not None,
+        DST_INDEXED=dst_ids is not None,
+        BLOCK=block,
         num_warps=1 if interpreting() else 8,
     )
 
 
-def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def gather_blocks(
+    cache: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """cache [P, N, *blk], block_ids [n] -> out [P, n, *blk] (allocated when not given)."""
     if out is None:
         shape = (cache.shape[0], block_ids.shape[0], *cache.shape[2:])
@@ -115,16 +144,25 @@ class BlockCopier:
     with no per-call Python beyond it (the KV connector calls it once per layer on the forward thread)."""
 
     def __init__(self, src: torch.Tensor, dst: torch.Tensor):
-        check(src.dim() >= 3 and src.shape[0] == dst.shape[0] and src.shape[2:] == dst.shape[2:]
-              and src.dtype == dst.dtype,
-              f"blocks differ: source {tuple(src.shape)} {src.dtype}, destination {tuple(dst.shape)} {dst.dtype}")
+        check(
+            src.dim() >= 3
+            and src.shape[0] == dst.shape[0]
+            and src.shape[2:] == dst.shape[2:]
+            and src.dtype == dst.dtype,
+            f"blocks differ: source {tuple(src.shape)} {src.dtype}, destination {tuple(dst.shape)} {dst.dtype}",
+        )
         for name, t in (("source", src), ("destination", dst)):
             check(t[0, 0].is_contiguous() if t.shape[1] else True, f"{name}: each block must be contiguous")
         check_same_device(src, dst)
         self.src_w, self.dst_w = _words(src, dst)
         self.words = self.src_w.shape[-1]
         self.block = min(triton.next_power_of_2(max(self.words, 1)), 1024 if interpreting() else 4096)
-        self.strides = (self.src_w.stride(0), self.src_w.stride(1), self.dst_w.stride(0), self.dst_w.stride(1))
+        self.strides = (
+            self.src_w.stride(0),
+            self.src_w.stride(1),
+            self.dst_w.stride(0),
+            self.dst_w.stride(1),
+        )
         self.grid_p, self.grid_w = src.shape[0], triton.cdiv(self.words, self.block)
         self.num_warps = 1 if interpreting() else 8
         self.empty = src.shape[0] == 0 or self.words == 0
@@ -135,12 +173,23 @@ class BlockCopier:
         if n == 0 or self.empty:
             return
         _copy_blocks_kernel[(self.grid_p * n, self.grid_w)](
-            self.src_w, self.dst_w, src_ids, dst_ids, *self.strides, n, self.words,
-            SRC_INDEXED=True, DST_INDEXED=True, BLOCK=self.block, num_warps=self.num_warps,
+            self.src_w,
+            self.dst_w,
+            src_ids,
+            dst_ids,
+            *self.strides,
+            n,
+            self.words,
+            SRC_INDEXED=True,
+            DST_INDEXED=True,
+            BLOCK=self.block,
+            num_warps=self.num_warps,
         )
 
 
-def gather_blocks_ref(cache: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def gather_blocks_ref(
+    cache: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Plain-torch reference; same signature and results as `gather_blocks`."""
     picked = cache.index_select(1, block_ids.long())
     if out is None:
@@ -154,6 +203,8 @@ def scatter_blocks_ref(src: torch.Tensor, block_ids: torch.Tensor, cache: torch.
     cache.index_copy_(1, block_ids.long(), src)
 
 
-def copy_blocks_ref(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor, dst_ids: torch.Tensor) -> None:
+def copy_blocks_ref(
+    src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor, dst_ids: torch.Tensor
+) -> None:
     """Plain-torch reference; same signature and effect as `copy_blocks`."""
     dst.index_copy_(1, dst_ids.long(), src.index_select(1, src_ids.long()))

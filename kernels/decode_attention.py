@@ -7,6 +7,7 @@ No host sync and CUDA-graph safe: the number of partitions depends only on shape
 table's width); each sequence then cuts its own context into that many equal partitions inside the kernel, so a
 short context in a wide table still spreads over every partition instead of landing whole in the first one.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,17 +30,32 @@ def _partition_len(seq_len, num_splits, BLOCK_N: tl.constexpr):
 @triton.jit
 def _decode_partial_kernel(
     q_ptr,  # [S, Hq, D]
-    k_cache_ptr, v_cache_ptr,  # [N, B, Hk, D]
+    k_cache_ptr,
+    v_cache_ptr,  # [N, B, Hk, D]
     bt_ptr,  # [S, max_blocks] int32
     seq_lens_ptr,  # [S] int32
     part_out_ptr,  # [S, Hq, SPLITS, D] fp32, unnormalised
     part_ml_ptr,  # [2, S, Hq, SPLITS] fp32: running max (log2 units), then running sum
     out_ptr,  # [S, Hq, D]: written here, normalised, when DIRECT (one partition: no reduce needed)
     scale_log2e,
-    stride_qs, stride_qh, stride_os, stride_oh, stride_cn, stride_cb, stride_ch, stride_bt,
-    num_seqs, num_q_heads, group, block_size, num_splits,
-    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    FP32_DOT: tl.constexpr, DIRECT: tl.constexpr,
+    stride_qs,
+    stride_qh,
+    stride_os,
+    stride_oh,
+    stride_cn,
+    stride_cb,
+    stride_ch,
+    stride_bt,
+    num_seqs,
+    num_q_heads,
+    group,
+    block_size,
+    num_splits,
+    D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     s = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
@@ -49,7 +65,9 @@ def _decode_partial_kernel(
     g_ok = g < group
     heads = kv_head * group + g
     dims = tl.arange(0, D)
-    q = tl.load(q_ptr + s * stride_qs + heads[:, None] * stride_qh + dims[None, :], mask=g_ok[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + s * stride_qs + heads[:, None] * stride_qh + dims[None, :], mask=g_ok[:, None], other=0.0
+    )
     partition = _partition_len(seq_len, num_splits, BLOCK_N)
     start = split * partition
     end = tl.minimum(start + partition, seq_len)
@@ -58,14 +76,33 @@ def _decode_partial_kernel(
     acc = tl.zeros([BLOCK_G, D], tl.float32)
     q_pos = tl.zeros([BLOCK_G], tl.int32) + seq_len - 1
     m_i, l_i, acc = attend_tile(
-        q, m_i, l_i, acc, q_pos, k_cache_ptr, v_cache_ptr, bt_ptr + s * stride_bt,
-        kv_head, stride_cn, stride_cb, stride_ch, block_size, start, end, scale_log2e,
-        D=D, BLOCK_N=BLOCK_N, FP32_DOT=FP32_DOT,
+        q,
+        m_i,
+        l_i,
+        acc,
+        q_pos,
+        k_cache_ptr,
+        v_cache_ptr,
+        bt_ptr + s * stride_bt,
+        kv_head,
+        stride_cn,
+        stride_cb,
+        stride_ch,
+        block_size,
+        start,
+        end,
+        scale_log2e,
+        D=D,
+        BLOCK_N=BLOCK_N,
+        FP32_DOT=FP32_DOT,
     )
     if DIRECT:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + s * stride_os + heads[:, None] * stride_oh + dims[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+        tl.store(
+            out_ptr + s * stride_os + heads[:, None] * stride_oh + dims[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=g_ok[:, None],
+        )
     else:
         row = (s * num_q_heads + heads) * num_splits + split  # [BLOCK_G] index into [S, Hq, SPLITS]
         tl.store(part_out_ptr + row[:, None] * D + dims[None, :], acc, mask=g_ok[:, None])
@@ -79,9 +116,14 @@ def _decode_reduce_kernel(
     part_ml_ptr,  # [2, S, Hq, SPLITS] fp32
     seq_lens_ptr,  # [S] int32
     out_ptr,  # [S, Hq, D]
-    stride_os, stride_oh,
-    num_seqs, num_q_heads, num_splits,
-    D: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_os,
+    stride_oh,
+    num_seqs,
+    num_q_heads,
+    num_splits,
+    D: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     s = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -103,7 +145,9 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + s * stride_os + head * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
 
 
-def plan_splits(num_seqs: int, num_kv_heads: int, max_context: int, block_n: int, device: torch.device) -> int:
+def plan_splits(
+    num_seqs: int, num_kv_heads: int, max_context: int, block_n: int, device: torch.device
+) -> int:
     """Split-K partitions per (sequence, kv head): enough programs to fill the device about twice over, but no more
     than the longest possible context has tiles."""
     want_splits = max(1, math.ceil(2 * num_sms(device) / max(num_seqs * num_kv_heads, 1)))
@@ -135,18 +179,52 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
     part_out = torch.empty((S, Hq, 0 if direct else splits, D), dtype=torch.float32, device=q.device)
     part_ml = torch.empty((2, S, Hq, 0 if direct else splits), dtype=torch.float32, device=q.device)
     _decode_partial_kernel[(S, Hk, splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_ml, out, float(scale) * LOG2E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        S, Hq, group, block_size, splits,
-        D=D, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n,
-        FP32_DOT=interpreting() or q.dtype == torch.float32, DIRECT=direct, num_warps=warps, num_stages=2,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        part_out,
+        part_ml,
+        out,
+        float(scale) * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        S,
+        Hq,
+        group,
+        block_size,
+        splits,
+        D=D,
+        BLOCK_G=max(16, next_pow2(group)),
+        BLOCK_N=block_n,
+        FP32_DOT=interpreting() or q.dtype == torch.float32,
+        DIRECT=direct,
+        num_warps=warps,
+        num_stages=2,
     )
     if direct:
         return out
     _decode_reduce_kernel[(S, Hq)](
-        part_out, part_ml, seq_lens, out, out.stride(0), out.stride(1), S, Hq, splits,
-        D=D, BLOCK_SPLITS=next_pow2(splits), BLOCK_N=block_n, num_warps=1 if interpreting() else 4,
+        part_out,
+        part_ml,
+        seq_lens,
+        out,
+        out.stride(0),
+        out.stride(1),
+        S,
+        Hq,
+        splits,
+        D=D,
+        BLOCK_SPLITS=next_pow2(splits),
+        BLOCK_N=block_n,
+        num_warps=1 if interpreting() else 4,
     )
     return out
 
@@ -162,7 +240,9 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scal
         return out
     max_len = int(seq_lens.max())
     nblocks = math.ceil(max_len / block_size)
-    tables = block_tables[:, :nblocks].long().clamp(0, N - 1)  # padding entries may hold anything; masked below
+    tables = (
+        block_tables[:, :nblocks].long().clamp(0, N - 1)
+    )  # padding entries may hold anything; masked below
     k = k_cache[tables].flatten(1, 2)[:, :max_len].float()  # [S, L, Hk, D]
     v = v_cache[tables].flatten(1, 2)[:, :max_len].float()
     qf = q.float().view(S, Hk, Hq // Hk, 1, D)

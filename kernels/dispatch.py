@@ -1,13 +1,15 @@
 """The kernel entry points the engine calls: each runs the Triton kernel when its first tensor is on CUDA, else the
 plain-torch reference. `PDSERVE_KERNELS=triton|ref|auto` (default auto) overrides, read at every call, so tests can
 force Triton under TRITON_INTERPRET on CPU."""
+
 from __future__ import annotations
 
 import os
 
 import torch
 
-from kernels import block_copy, decode_attention, kv_cache_write, prefill_attention, rms_norm as _rms, rotary
+from kernels import block_copy, decode_attention, kv_cache_write, prefill_attention, rotary
+from kernels import rms_norm as _rms
 from kernels import silu_and_mul as _silu
 from kernels import skinny_linear as _skinny
 
@@ -30,7 +32,9 @@ def rms_norm(x, weight, eps: float, residual=None):
 
 
 def apply_rotary(positions, q, k, cos_sin_cache) -> None:
-    (rotary.apply_rotary if use_triton(positions) else rotary.apply_rotary_ref)(positions, q, k, cos_sin_cache)
+    (rotary.apply_rotary if use_triton(positions) else rotary.apply_rotary_ref)(
+        positions, q, k, cos_sin_cache
+    )
 
 
 def apply_rotary_and_write_kv(positions, q, k, v, k_cache, v_cache, slot_mapping, cos_sin_cache) -> None:
@@ -40,8 +44,13 @@ def apply_rotary_and_write_kv(positions, q, k, v, k_cache, v_cache, slot_mapping
 
 def linear(x, weight, bias=None):
     """y = x W^T + b: the skinny Triton kernel for a few rows of x against a big weight, else cuBLAS/torch."""
-    if (x.dim() == 2 and x.shape[0] <= _skinny.MAX_ROWS and weight.numel() >= SKINNY_MIN_WEIGHT
-            and x.dtype == weight.dtype and use_triton(x)):
+    if (
+        x.dim() == 2
+        and x.shape[0] <= _skinny.MAX_ROWS
+        and weight.numel() >= SKINNY_MIN_WEIGHT
+        and x.dtype == weight.dtype
+        and use_triton(x)
+    ):
         return _skinny.skinny_linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
@@ -55,7 +64,9 @@ def write_kv_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
     fn(key, value, k_cache, v_cache, slot_mapping)
 
 
-def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_query_lens, seq_lens, scale: float, out=None):
+def paged_prefill_attention(
+    q, k_cache, v_cache, block_tables, cu_query_lens, seq_lens, scale: float, out=None
+):
     m = prefill_attention
     fn = m.paged_prefill_attention if use_triton(q) else m.paged_prefill_attention_ref
     return fn(q, k_cache, v_cache, block_tables, cu_query_lens, seq_lens, scale, out)
@@ -68,7 +79,9 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
 
 
 def gather_blocks(cache, block_ids, out=None):
-    return (block_copy.gather_blocks if use_triton(cache) else block_copy.gather_blocks_ref)(cache, block_ids, out)
+    return (block_copy.gather_blocks if use_triton(cache) else block_copy.gather_blocks_ref)(
+        cache, block_ids, out
+    )
 
 
 def scatter_blocks(src, block_ids, cache) -> None:
@@ -87,7 +100,17 @@ def block_copier(src, dst):
 
 
 __all__ = [
-    "linear", "rms_norm", "apply_rotary", "apply_rotary_and_write_kv", "silu_and_mul", "write_kv_cache",
-    "paged_prefill_attention", "paged_decode_attention", "gather_blocks", "scatter_blocks", "copy_blocks",
-    "block_copier", "use_triton",
+    "linear",
+    "rms_norm",
+    "apply_rotary",
+    "apply_rotary_and_write_kv",
+    "silu_and_mul",
+    "write_kv_cache",
+    "paged_prefill_attention",
+    "paged_decode_attention",
+    "gather_blocks",
+    "scatter_blocks",
+    "copy_blocks",
+    "block_copier",
+    "use_triton",
 ]

@@ -2,6 +2,7 @@
 
 slot = block_id * block_size + offset; a negative slot (padding) is skipped.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,9 +19,15 @@ def _write_kv_cache_kernel(
     k_cache_ptr,  # [N, B, Hk, D]
     v_cache_ptr,  # [N, B, Hk, D]
     slot_ptr,  # [T] int64
-    stride_kt, stride_kh, stride_vt, stride_vh,  # key/value strides, in elements
-    stride_cn, stride_cb, stride_ch,  # cache strides (shared by k_cache and v_cache)
-    Hk, block_size,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,  # key/value strides, in elements
+    stride_cn,
+    stride_cb,
+    stride_ch,  # cache strides (shared by k_cache and v_cache)
+    Hk,
+    block_size,
     D: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -41,12 +48,22 @@ def _write_kv_cache_kernel(
 
 
 def check_kv_cache_args(key, value, k_cache, v_cache, slot_mapping) -> None:
-    for name, t, nd in (("key", key, 3), ("value", value, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4)):
+    for name, t, nd in (
+        ("key", key, 3),
+        ("value", value, 3),
+        ("k_cache", k_cache, 4),
+        ("v_cache", v_cache, 4),
+    ):
         check_rows(name, t, nd)
         check_float(name, t)
     check(key.shape == value.shape, f"key {tuple(key.shape)} and value {tuple(value.shape)} differ")
-    check(k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), "k_cache and v_cache differ")
-    check(k_cache.shape[2:] == key.shape[1:], f"cache {tuple(k_cache.shape)} does not fit key {tuple(key.shape)}")
+    check(
+        k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), "k_cache and v_cache differ"
+    )
+    check(
+        k_cache.shape[2:] == key.shape[1:],
+        f"cache {tuple(k_cache.shape)} does not fit key {tuple(key.shape)}",
+    )
     check(slot_mapping.shape == (key.shape[0],), f"slot_mapping: expected [{key.shape[0]}]")
     check(slot_mapping.dtype in (torch.int64, torch.int32), "slot_mapping must be int64 or int32")
     check(slot_mapping.is_contiguous(), "slot_mapping must be contiguous")
@@ -63,11 +80,23 @@ def write_kv_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
         return
     block_h = min(next_pow2(Hk), max(1, 4096 // D))
     _write_kv_cache_kernel[(T,)](
-        key, value, k_cache, v_cache, slot_mapping,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        Hk, k_cache.shape[1],
-        D=D, BLOCK_H=block_h, num_warps=4,
+        key,
+        value,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        Hk,
+        k_cache.shape[1],
+        D=D,
+        BLOCK_H=block_h,
+        num_warps=4,
     )
 
 

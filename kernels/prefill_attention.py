@@ -8,6 +8,7 @@ The Triton grid needs no host sync: tiles of BLOCK_M query rows are numbered so 
 cu_query_lens[s] // BLOCK_M + s, an upper bound on the tiles before it; the grid is T // BLOCK_M + S tiles and the
 few spare tiles do nothing.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,11 +24,25 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def attend_tile(
-    q, m_i, l_i, acc,  # q [M, D]; running max (log2 units), sum and output [M, D], fp32
+    q,
+    m_i,
+    l_i,
+    acc,  # q [M, D]; running max (log2 units), sum and output [M, D], fp32
     q_pos,  # [M] position of each query row; keys at positions <= q_pos are visible
-    k_cache_ptr, v_cache_ptr, bt_row_ptr,  # cache [N, B, Hk, D]; this sequence's block table row
-    kv_head, stride_cn, stride_cb, stride_ch, block_size, start, end, scale_log2e,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
+    k_cache_ptr,
+    v_cache_ptr,
+    bt_row_ptr,  # cache [N, B, Hk, D]; this sequence's block table row
+    kv_head,
+    stride_cn,
+    stride_cb,
+    stride_ch,
+    block_size,
+    start,
+    end,
+    scale_log2e,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     """Online-softmax update over keys start..end (end <= context length), BLOCK_N keys per step."""
     dims = tl.arange(0, D)
@@ -60,15 +75,28 @@ def attend_tile(
 @triton.jit
 def _prefill_kernel(
     q_ptr,  # [T, Hq, D]
-    k_cache_ptr, v_cache_ptr,  # [N, B, Hk, D]
+    k_cache_ptr,
+    v_cache_ptr,  # [N, B, Hk, D]
     bt_ptr,  # [S, max_blocks] int32
     cu_ptr,  # [S + 1] int32
     seq_lens_ptr,  # [S] int32
     out_ptr,  # [T, Hq, D]
     scale_log2e,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_cn, stride_cb, stride_ch, stride_bt,
-    num_seqs, group, block_size,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cn,
+    stride_cb,
+    stride_ch,
+    stride_bt,
+    num_seqs,
+    group,
+    block_size,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -92,33 +120,61 @@ def _prefill_kernel(
     # 3. Attend, then normalise and store.
     dims = tl.arange(0, D)
     tok = (q_start + rows).to(tl.int64)
-    q = tl.load(q_ptr + tok[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + tok[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
+    )
     m_i = tl.full([BLOCK_M], -1e30, tl.float32)  # finite: a row with nothing visible yet must not make NaNs
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     m_i, l_i, acc = attend_tile(
-        q, m_i, l_i, acc, q_pos, k_cache_ptr, v_cache_ptr, bt_ptr + s.to(tl.int64) * stride_bt,
-        kv_head, stride_cn, stride_cb, stride_ch, block_size, 0, kv_end, scale_log2e,
-        D=D, BLOCK_N=BLOCK_N, FP32_DOT=FP32_DOT,
+        q,
+        m_i,
+        l_i,
+        acc,
+        q_pos,
+        k_cache_ptr,
+        v_cache_ptr,
+        bt_ptr + s.to(tl.int64) * stride_bt,
+        kv_head,
+        stride_cn,
+        stride_cb,
+        stride_ch,
+        block_size,
+        0,
+        kv_end,
+        scale_log2e,
+        D=D,
+        BLOCK_N=BLOCK_N,
+        FP32_DOT=FP32_DOT,
     )
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + tok[:, None] * stride_ot + head * stride_oh + dims[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(
+        out_ptr + tok[:, None] * stride_ot + head * stride_oh + dims[None, :],
+        o.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
 
 
 def check_paged_args(q, k_cache, v_cache, block_tables, seq_lens, out) -> None:
     for name, t, nd in (("q", q, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4)):
         check_rows(name, t, nd)
         check_float(name, t)
-    check(k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), "k_cache and v_cache differ")
+    check(
+        k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), "k_cache and v_cache differ"
+    )
     hq, d = q.shape[1], q.shape[2]
     hk = k_cache.shape[2]
     check(k_cache.shape[3] == d, f"head dim: q has {d}, cache has {k_cache.shape[3]}")
     check(d >= 16 and d & (d - 1) == 0, f"head dim {d} must be a power of two >= 16")
     check(hq % hk == 0, f"{hq} q heads are not a multiple of {hk} kv heads")
-    check(block_tables.dim() == 2 and block_tables.dtype == torch.int32 and block_tables.stride(1) == 1,
-          "block_tables: expected [S, max_blocks] int32 with contiguous rows")
-    check(seq_lens.dim() == 1 and seq_lens.dtype == torch.int32 and seq_lens.is_contiguous(), "seq_lens: [S] int32")
+    check(
+        block_tables.dim() == 2 and block_tables.dtype == torch.int32 and block_tables.stride(1) == 1,
+        "block_tables: expected [S, max_blocks] int32 with contiguous rows",
+    )
+    check(
+        seq_lens.dim() == 1 and seq_lens.dtype == torch.int32 and seq_lens.is_contiguous(),
+        "seq_lens: [S] int32",
+    )
     check(seq_lens.shape[0] == block_tables.shape[0], "seq_lens and block_tables disagree on S")
     if out is not None:
         check_rows("out", out, 3)
@@ -135,12 +191,18 @@ def _blocks(num_tokens: int, num_seqs: int, head_dim: int) -> tuple[int, int, in
     return block_m, 64, 4 if block_m <= 64 else 8
 
 
-def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_query_lens, seq_lens, scale: float, out=None):
+def paged_prefill_attention(
+    q, k_cache, v_cache, block_tables, cu_query_lens, seq_lens, scale: float, out=None
+):
     """q [T, Hq, D] -> out [T, Hq, D]; see the module doc for the other arguments."""
     check_paged_args(q, k_cache, v_cache, block_tables, seq_lens, out)
     S = seq_lens.shape[0]
-    check(cu_query_lens.shape == (S + 1,) and cu_query_lens.dtype == torch.int32 and cu_query_lens.is_contiguous(),
-          f"cu_query_lens: expected [{S + 1}] int32")
+    check(
+        cu_query_lens.shape == (S + 1,)
+        and cu_query_lens.dtype == torch.int32
+        and cu_query_lens.is_contiguous(),
+        f"cu_query_lens: expected [{S + 1}] int32",
+    )
     T, Hq, D = q.shape
     if out is None:
         out = torch.empty_like(q)
@@ -149,12 +211,32 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_query_lens, se
     block_m, block_n, warps = _blocks(T, S, D)
     grid = (T // block_m + S, Hq)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, cu_query_lens, seq_lens, out, float(scale) * LOG2E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        S, Hq // k_cache.shape[2], k_cache.shape[1],
-        D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=next_pow2(S),
-        FP32_DOT=interpreting() or q.dtype == torch.float32, num_warps=warps, num_stages=2,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        cu_query_lens,
+        seq_lens,
+        out,
+        float(scale) * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        S,
+        Hq // k_cache.shape[2],
+        k_cache.shape[1],
+        D=D,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_S=next_pow2(S),
+        FP32_DOT=interpreting() or q.dtype == torch.float32,
+        num_warps=warps,
+        num_stages=2,
     )
     return out
 
@@ -165,7 +247,9 @@ def gather_context(cache: torch.Tensor, table_row: torch.Tensor, length: int) ->
     return cache[table_row[:nblocks].long()].flatten(0, 1)[:length]
 
 
-def attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
+def attend_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float
+) -> torch.Tensor:
     """q [M, Hq, D], k/v [L, Hk, D], q_pos [M] -> [M, Hq, D] in fp32; key j is visible to row i when j <= q_pos[i]."""
     M, Hq, D = q.shape
     L, Hk, _ = k.shape
@@ -178,7 +262,9 @@ def attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
     return (probs @ vf).permute(2, 0, 1, 3).reshape(M, Hq, D)
 
 
-def paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_query_lens, seq_lens, scale: float, out=None):
+def paged_prefill_attention_ref(
+    q, k_cache, v_cache, block_tables, cu_query_lens, seq_lens, scale: float, out=None
+):
     """Plain-torch reference; same signature and results as `paged_prefill_attention`."""
     if out is None:
         out = torch.empty_like(q)

@@ -5,6 +5,7 @@
 
 The output has x's dtype (the engine keeps weights in the activation dtype, where HF's promotion is a no-op).
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,12 @@ def _rms_norm_kernel(
     w_ptr,  # [H]
     out_ptr,  # [T, H] normalised output
     res_out_ptr,  # [T, H] x + residual (written only when HAS_RESIDUAL)
-    stride_x, stride_res, stride_out, stride_res_out,  # row strides, in elements
-    H, eps,
+    stride_x,
+    stride_res,
+    stride_out,
+    stride_res_out,  # row strides, in elements
+    H,
+    eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -49,14 +54,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     check_rows("x", x, 2)
     check_float("x", x)
     T, H = x.shape
-    check(weight.shape == (H,) and weight.is_contiguous(),
-          f"weight: expected contiguous [{H}], got {tuple(weight.shape)}")
+    check(
+        weight.shape == (H,) and weight.is_contiguous(),
+        f"weight: expected contiguous [{H}], got {tuple(weight.shape)}",
+    )
     check(H <= MAX_HIDDEN, f"hidden size {H} above {MAX_HIDDEN}")
     out = torch.empty((T, H), dtype=x.dtype, device=x.device)
     has_residual = residual is not None
     if has_residual:
         check_rows("residual", residual, 2)
-        check(residual.shape == x.shape and residual.dtype == x.dtype, "residual must match x in shape and dtype")
+        check(
+            residual.shape == x.shape and residual.dtype == x.dtype,
+            "residual must match x in shape and dtype",
+        )
         check_same_device(x, weight, residual)
         new_residual = torch.empty_like(out)
     else:
@@ -66,10 +76,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         return (out, new_residual) if has_residual else out
     block_h = next_pow2(H)
     _rms_norm_kernel[(T,)](
-        x, residual, weight, out, new_residual,
-        x.stride(0), residual.stride(0), out.stride(0), new_residual.stride(0),
-        H, float(eps),
-        HAS_RESIDUAL=has_residual, BLOCK_H=block_h,
+        x,
+        residual,
+        weight,
+        out,
+        new_residual,
+        x.stride(0),
+        residual.stride(0),
+        out.stride(0),
+        new_residual.stride(0),
+        H,
+        float(eps),
+        HAS_RESIDUAL=has_residual,
+        BLOCK_H=block_h,
         num_warps=min(max(block_h // 256, 1), 16),
     )
     return (out, new_residual) if has_residual else out

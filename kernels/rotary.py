@@ -7,6 +7,7 @@
 (slices of a fused qkv projection): only their last dim must be contiguous. `apply_rotary_and_write_kv` also writes
 the rotated k and v into the paged cache in the same pass (one read of k instead of two).
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,9 +20,23 @@ from kernels.kv_cache_write import check_kv_cache_args, write_kv_cache_ref
 
 @triton.jit
 def _rotate_heads(
-    x_ptr, tok, stride_t, stride_h, num_heads, cos, sin,  # x [T, H, D]; cos/sin [HALF] fp32
-    cache_ptr, blk, off, stride_cn, stride_cb, stride_ch, do_write,  # optional copy of the result into the cache
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, WRITE: tl.constexpr,
+    x_ptr,
+    tok,
+    stride_t,
+    stride_h,
+    num_heads,
+    cos,
+    sin,  # x [T, H, D]; cos/sin [HALF] fp32
+    cache_ptr,
+    blk,
+    off,
+    stride_cn,
+    stride_cb,
+    stride_ch,
+    do_write,  # optional copy of the result into the cache
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    WRITE: tl.constexpr,
 ):
     heads = tl.arange(0, BLOCK_H)
     dims = tl.arange(0, HALF)
@@ -48,12 +63,25 @@ def _rotary_kernel(
     k_ptr,  # [T, Hk, D], rotated in place
     cs_ptr,  # [max_pos, D] fp32: cos then sin
     v_ptr,  # [T, Hk, D] (read only when WRITE_KV)
-    k_cache_ptr, v_cache_ptr,  # [N, B, Hk, D] (written only when WRITE_KV)
+    k_cache_ptr,
+    v_cache_ptr,  # [N, B, Hk, D] (written only when WRITE_KV)
     slot_ptr,  # [T] int64 (read only when WRITE_KV)
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
-    stride_cn, stride_cb, stride_ch,  # cache strides (shared by k_cache and v_cache)
-    Hq, Hk, block_size,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, WRITE_KV: tl.constexpr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cs,
+    stride_cn,
+    stride_cb,
+    stride_ch,  # cache strides (shared by k_cache and v_cache)
+    Hq,
+    Hk,
+    block_size,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    WRITE_KV: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
@@ -66,12 +94,44 @@ def _rotary_kernel(
     blk = slot // block_size
     off = slot % block_size
     do_write = slot >= 0
-    _rotate_heads(q_ptr, tok, stride_qt, stride_qh, Hq, cos, sin,
-                  k_cache_ptr, blk, off, stride_cn, stride_cb, stride_ch, do_write,
-                  HALF=HALF, BLOCK_H=BLOCK_H, WRITE=False)
-    _rotate_heads(k_ptr, tok, stride_kt, stride_kh, Hk, cos, sin,
-                  k_cache_ptr, blk, off, stride_cn, stride_cb, stride_ch, do_write,
-                  HALF=HALF, BLOCK_H=BLOCK_H, WRITE=WRITE_KV)
+    _rotate_heads(
+        q_ptr,
+        tok,
+        stride_qt,
+        stride_qh,
+        Hq,
+        cos,
+        sin,
+        k_cache_ptr,
+        blk,
+        off,
+        stride_cn,
+        stride_cb,
+        stride_ch,
+        do_write,
+        HALF=HALF,
+        BLOCK_H=BLOCK_H,
+        WRITE=False,
+    )
+    _rotate_heads(
+        k_ptr,
+        tok,
+        stride_kt,
+        stride_kh,
+        Hk,
+        cos,
+        sin,
+        k_cache_ptr,
+        blk,
+        off,
+        stride_cn,
+        stride_cb,
+        stride_ch,
+        do_write,
+        HALF=HALF,
+        BLOCK_H=BLOCK_H,
+        WRITE=WRITE_KV,
+    )
     if WRITE_KV:
         heads = tl.arange(0, BLOCK_H)
         full = tl.arange(0, 2 * HALF)
@@ -91,10 +151,16 @@ def _check_rotary_args(positions, q, k, cos_sin_cache) -> None:
     T, _, D = q.shape
     check(k.shape[0] == T and k.shape[2] == D, f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree")
     check(D >= 2 and D & (D - 1) == 0, f"head dim {D} must be a power of two")
-    check(positions.shape == (T,) and positions.dtype in (torch.int64, torch.int32), "positions: expected [T] int")
+    check(
+        positions.shape == (T,) and positions.dtype in (torch.int64, torch.int32),
+        "positions: expected [T] int",
+    )
     check(positions.is_contiguous(), "positions must be contiguous")
     check(cos_sin_cache.dim() == 2 and cos_sin_cache.shape[1] == D, f"cos_sin_cache: expected [max_pos, {D}]")
-    check(cos_sin_cache.dtype == torch.float32 and cos_sin_cache.stride(1) == 1, "cos_sin_cache: contiguous fp32")
+    check(
+        cos_sin_cache.dtype == torch.float32 and cos_sin_cache.stride(1) == 1,
+        "cos_sin_cache: contiguous fp32",
+    )
     check_same_device(positions, q, k, cos_sin_cache)
 
 
@@ -105,11 +171,31 @@ def _launch(positions, q, k, cos_sin_cache, v, k_cache, v_cache, slot_mapping, w
         return
     block_h = min(next_pow2(max(Hq, Hk)), max(1, 4096 // D))
     _rotary_kernel[(T,)](
-        positions, q, k, cos_sin_cache, v, k_cache, v_cache, slot_mapping,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        Hq, Hk, k_cache.shape[1],
-        HALF=D // 2, BLOCK_H=block_h, WRITE_KV=write_kv, num_warps=4,
+        positions,
+        q,
+        k,
+        cos_sin_cache,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        cos_sin_cache.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        Hq,
+        Hk,
+        k_cache.shape[1],
+        HALF=D // 2,
+        BLOCK_H=block_h,
+        WRITE_KV=write_kv,
+        num_warps=4,
     )
 
 

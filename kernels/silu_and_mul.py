@@ -1,4 +1,5 @@
 """SiLU-and-mul, the gated MLP's activation: silu(x[:, :I]) * x[:, I:], computed in fp32, returned in x.dtype."""
+
 from __future__ import annotations
 
 import torch
@@ -13,7 +14,8 @@ from kernels._common import check, check_float, check_rows, interpreting, next_p
 def _silu_and_mul_kernel(
     x_ptr,  # [T, 2I]: gate columns then up columns
     out_ptr,  # [T, I]
-    stride_x, stride_out,  # row strides, in elements
+    stride_x,
+    stride_out,  # row strides, in elements
     I,
     BLOCK: tl.constexpr,
 ):
@@ -38,7 +40,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(next_pow2(inter), 256 if interpreting() else 2048)
     _silu_and_mul_kernel[(T, triton.cdiv(inter, block))](
-        x, out, x.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4,
+        x,
+        out,
+        x.stride(0),
+        out.stride(0),
+        inter,
+        BLOCK=block,
+        num_warps=4,
     )
     return out
 

@@ -8,6 +8,7 @@ BLOCK_N=32 x BLOCK_K=512 tiles, 3 stages deep, keep enough bytes in flight: o_pr
 Products accumulate in fp32 (tl.dot on 16-row tiles, the padding rows masked) and the result is rounded once to
 the output dtype, as cuBLAS does. For M <= MAX_ROWS only; `kernels.dispatch.linear` decides when it is used.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,9 +27,16 @@ def _skinny_linear_kernel(
     w_ptr,  # [N, K]
     b_ptr,  # [N] or a dummy when not HAS_BIAS
     out_ptr,  # [M, N]
-    M, N, K,
-    stride_xm, stride_wn, stride_om,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -43,16 +51,23 @@ def _skinny_linear_kernel(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + ks
         k_ok = k < K
-        w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
-        x = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        w = tl.load(
+            w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0
+        )  # [BLOCK_N, BLOCK_K]
+        x = tl.load(
+            x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )  # [BLOCK_M, BLOCK_K]
         if FP32_DOT:
             acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         else:
             acc += tl.dot(x, tl.trans(w))
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(
+        out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
 def _blocks(n: int, k: int) -> tuple[int, int, int, int]:
@@ -78,14 +93,29 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return out
     block_n, block_k, warps, stages = _blocks(N, K)
     _skinny_linear_kernel[(triton.cdiv(N, block_n),)](
-        x, weight, bias if bias is not None else weight, out, M, N, K,
-        x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
-        FP32_DOT=interpreting() or x.dtype == torch.float32, num_warps=warps, num_stages=stages,
+        x,
+        weight,
+        bias if bias is not None else weight,
+        out,
+        M,
+        N,
+        K,
+        x.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_M=16,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        FP32_DOT=interpreting() or x.dtype == torch.float32,
+        num_warps=warps,
+        num_stages=stages,
     )
     return out
 
 
-def skinny_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def skinny_linear_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """Plain-torch reference; same signature and results as `skinny_linear`."""
     return F.linear(x, weight, bias)

@@ -3,6 +3,7 @@
 Everything binds to the address given, loopback by default. A wildcard bind happens only when asked for; it is
 logged, and the address advertised to peers is then this host's own, since nobody can dial a wildcard.
 """
+
 from __future__ import annotations
 
 import ipaddress

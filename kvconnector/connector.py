@@ -6,6 +6,7 @@ over signed TCP links; `kv_connector` picks the one-sided data plane (tcp | cuda
 Heartbeats: each side sends one on a link idle for `heartbeat` seconds (timeout / 3, at most 1 s) and closes a
 link silent for `timeout`, which aborts that peer's requests; so a frozen peer is caught like a dead one.
 """
+
 from __future__ import annotations
 
 import logging
@@ -52,23 +53,44 @@ class ConnectorConfig:
         return min(1.0, self.timeout / 3)
 
     @classmethod
-    def from_kv_transfer(cls, kvt, *, model: str, dtype: torch.dtype | str, block_size: int, num_layers: int,
-                         num_kv_heads: int, head_dim: int, secret: Optional[str] = None,
-                         timeout: Optional[float] = None) -> "ConnectorConfig":
+    def from_kv_transfer(
+        cls,
+        kvt,
+        *,
+        model: str,
+        dtype: torch.dtype | str,
+        block_size: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        secret: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> "ConnectorConfig":
         """From engine.config.KVTransferConfig; kv_secret / kv_timeout may also sit in its extra."""
         extra = dict(kvt.extra)
-        return cls(model=model, dtype=dtype if isinstance(dtype, str) else dtype_name(dtype),
-                   block_size=block_size, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                   kv_connector=kvt.kv_connector, kv_ip=kvt.kv_ip, kv_port=kvt.kv_port,
-                   secret=secret if secret is not None else extra.pop("kv_secret", None),
-                   timeout=float(timeout if timeout is not None else extra.pop("kv_timeout", DEFAULT_KV_TIMEOUT)),
-                   extra=extra)
+        return cls(
+            model=model,
+            dtype=dtype if isinstance(dtype, str) else dtype_name(dtype),
+            block_size=block_size,
+            num_layers=num_layers,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            kv_connector=kvt.kv_connector,
+            kv_ip=kvt.kv_ip,
+            kv_port=kvt.kv_port,
+            secret=secret if secret is not None else extra.pop("kv_secret", None),
+            timeout=float(timeout if timeout is not None else extra.pop("kv_timeout", DEFAULT_KV_TIMEOUT)),
+            extra=extra,
+        )
 
 
 def caches_by_layer(kv_caches) -> list[torch.Tensor]:
     """The engine's one tensor [L, 2, N, bs, h, d] or a list of per-layer [2, N, bs, h, d] -> list of layers."""
-    return list(kv_caches.unbind(0)) if isinstance(kv_caches, torch.Tensor) and kv_caches.dim() == 6 \
+    return (
+        list(kv_caches.unbind(0))
+        if isinstance(kv_caches, torch.Tensor) and kv_caches.dim() == 6
         else list(kv_caches)
+    )
 
 
 class Endpoint:
@@ -85,15 +107,25 @@ class Endpoint:
         self.device = self.caches[0].device
         c = self.caches[0]
         self.block_bytes = c.shape[0] * c[0, 0].numel() * c.element_size()  # K and V of one block, one layer
-        self.data_plane = create_data_plane(config.kv_connector, DataPlaneConfig(
-            config.kv_ip, str(self.device), config.extra), self.caches)
-        self.metrics = KVMetrics("producer" if self.role == "kv_producer" else "consumer", config.kv_connector,
-                                 registry)
+        self.data_plane = create_data_plane(
+            config.kv_connector, DataPlaneConfig(config.kv_ip, str(self.device), config.extra), self.caches
+        )
+        self.metrics = KVMetrics(
+            "producer" if self.role == "kv_producer" else "consumer", config.kv_connector, registry
+        )
         self.handshake = Handshake(
-            engine_id=config.engine_id, role=self.role, model=config.model, dtype=config.dtype,
-            block_size=config.block_size, num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
-            head_dim=config.head_dim, hash_algorithm=config.hash_algorithm, transport=config.kv_connector,
-            device_uuid=_device_uuid(self.device))  # the consumer adds its data plane's export
+            engine_id=config.engine_id,
+            role=self.role,
+            model=config.model,
+            dtype=config.dtype,
+            block_size=config.block_size,
+            num_layers=config.num_layers,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            hash_algorithm=config.hash_algorithm,
+            transport=config.kv_connector,
+            device_uuid=_device_uuid(self.device),
+        )  # the consumer adds its data plane's export
         self._closed = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name=f"kv-reaper-{self.role}", daemon=True)
 
@@ -102,9 +134,11 @@ class Endpoint:
         want = (2, cfg.block_size, cfg.num_kv_heads, cfg.head_dim)
         got = (c[0].shape[0], *c[0].shape[2:]) if c else ()
         if len(c) != cfg.num_layers or tuple(got) != want or dtype_name(c[0].dtype) != cfg.dtype:
-            raise ValueError(f"KV caches ({len(c)} layers of {[tuple(c[0].shape)] if c else []} "
-                             f"{c[0].dtype if c else ''}) do not match the config ({cfg.num_layers} layers, "
-                             f"per block {want}, {cfg.dtype})")
+            raise ValueError(
+                f"KV caches ({len(c)} layers of {[tuple(c[0].shape)] if c else []} "
+                f"{c[0].dtype if c else ''}) do not match the config ({cfg.num_layers} layers, "
+                f"per block {want}, {cfg.dtype})"
+            )
 
     def check_peer(self, theirs: Handshake) -> str:
         """'' when we can work with this peer, else why not (layout differences, transport refusal)."""

@@ -11,6 +11,7 @@ blocks may be freed) or a tcp chunk was bad. Either fires at most once; never af
 Per layer the consumer's host does nothing on a one-sided plane (cuda_ipc); over tcp its link thread writes each
 chunk into the reserved blocks after checking them against the reservation.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,7 +30,9 @@ log = logging.getLogger(__name__)
 class KVConsumer(Endpoint):
     role = "kv_consumer"
 
-    def __init__(self, config: ConnectorConfig, kv_caches, on_complete: Optional[OnComplete] = None, registry=None):
+    def __init__(
+        self, config: ConnectorConfig, kv_caches, on_complete: Optional[OnComplete] = None, registry=None
+    ):
         super().__init__(config, kv_caches, on_complete, registry)
         self.scheduler = ConsumerScheduler(config.num_layers, config.timeout)
         self.worker = ConsumerWorker(self.caches)
@@ -38,11 +41,14 @@ class KVConsumer(Endpoint):
         self.on_forgotten_end: Optional[Callable[[str], None]] = None
         self._bytes: dict[str, int] = defaultdict(int)
         self.handshake.data_plane = self.data_plane.local_info()
-        self.listener = links.Listener(config.kv_ip, config.kv_port, self.codec, self._on_message,
-                                       self._on_close, self._on_drop)
+        self.listener = links.Listener(
+            config.kv_ip, config.kv_port, self.codec, self._on_message, self._on_close, self._on_drop
+        )
         self.address = self.listener.address
         self._reaper.start()
-        log.info("KV consumer %s listening on %s:%d (%s)", config.engine_id, *self.address, config.kv_connector)
+        log.info(
+            "KV consumer %s listening on %s:%d (%s)", config.engine_id, *self.address, config.kv_connector
+        )
 
     def links(self):
         return list(self.listener.links)
@@ -108,7 +114,9 @@ class KVConsumer(Endpoint):
         why = self.check_peer(theirs)
         if why:
             log.error("refusing KV peer %s (%s): %s", theirs.engine_id, link.name, why)
-            refusal = Handshake(**{**_fields(self.handshake), "data_plane": {}, "accept": False, "error": why})
+            refusal = Handshake(
+                **{**_fields(self.handshake), "data_plane": {}, "accept": False, "error": why}
+            )
             try:
                 link.send(refusal)
             finally:

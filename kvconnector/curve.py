@@ -6,6 +6,7 @@ only processes holding the secret can connect at all: an events subscriber witho
 prompt ids in Generate frames no longer travel in clear. Clients use a fresh key pair per socket. The same switch
 puts the KV control links under TLS (kvconnector/link_tls.py).
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -12,6 +12,7 @@ Subscriber (the proxy's indexer): `KVEventSubscriber(endpoints, on_batch=fn)` su
 runs a thread calling `fn(topic, seq, batch)`; or call `poll(timeout)` yourself. Malformed messages are dropped, counted and logged
 once per reason.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,9 +38,14 @@ def event_frames(topic: bytes, seq: int, payload: bytes) -> list[bytes]:
 
 
 class KVEventPublisher:
-    def __init__(self, endpoint: str = "tcp://127.0.0.1:5557", topic: bytes | str = DEFAULT_TOPIC,
-                 data_parallel_rank: Optional[int] = None, hwm: int = 100_000,
-                 context: Optional[zmq.Context] = None):
+    def __init__(
+        self,
+        endpoint: str = "tcp://127.0.0.1:5557",
+        topic: bytes | str = DEFAULT_TOPIC,
+        data_parallel_rank: Optional[int] = None,
+        hwm: int = 100_000,
+        context: Optional[zmq.Context] = None,
+    ):
         warn_if_wildcard("KV event publisher", endpoint)
         self.topic = topic.encode() if isinstance(topic, str) else topic
         self.dp_rank = data_parallel_rank
@@ -55,14 +61,21 @@ class KVEventPublisher:
 
     def publish(self, events: Iterable[AnyKVEvent] | KVEventBatch, ts: Optional[float] = None) -> int:
         """Send one batch; returns its sequence number (or -1 when the HWM made ZMQ drop it)."""
-        batch = events if isinstance(events, KVEventBatch) else KVEventBatch(
-            ts=time.time() if ts is None else ts, events=list(events), data_parallel_rank=self.dp_rank)
+        batch = (
+            events
+            if isinstance(events, KVEventBatch)
+            else KVEventBatch(
+                ts=time.time() if ts is None else ts, events=list(events), data_parallel_rank=self.dp_rank
+            )
+        )
         payload = encode_batch(batch)
         with self._lock:
             seq = self.seq
             self.seq += 1
             try:
-                self._sock.send_multipart(event_frames(self.topic, seq, payload), flags=zmq.NOBLOCK, copy=False)
+                self._sock.send_multipart(
+                    event_frames(self.topic, seq, payload), flags=zmq.NOBLOCK, copy=False
+                )
             except zmq.Again:
                 self.dropped += 1
                 return -1
@@ -79,9 +92,13 @@ class KVEventPublisher:
 class KVEventSubscriber:
     """SUB to one or more nodes' publishers; decodes and checks every batch."""
 
-    def __init__(self, endpoints: Sequence[str] | str, topic: bytes | str = DEFAULT_TOPIC,
-                 on_batch: Optional[Callable[[bytes, int, KVEventBatch], None]] = None,
-                 context: Optional[zmq.Context] = None):
+    def __init__(
+        self,
+        endpoints: Sequence[str] | str,
+        topic: bytes | str = DEFAULT_TOPIC,
+        on_batch: Optional[Callable[[bytes, int, KVEventBatch], None]] = None,
+        context: Optional[zmq.Context] = None,
+    ):
         self.topic = topic.encode() if isinstance(topic, str) else topic
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.SUB)
@@ -131,7 +148,9 @@ class KVEventSubscriber:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         if reason not in self._logged:
             self._logged.add(reason)
-            log.warning("dropped a malformed KV event message (%s): %s; further ones are not logged", reason, exc)
+            log.warning(
+                "dropped a malformed KV event message (%s): %s; further ones are not logged", reason, exc
+            )
 
     def _loop(self) -> None:
         while not self._stop.is_set():

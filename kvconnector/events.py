@@ -7,6 +7,7 @@ spare our own callers from spelling them.) Block hashes are the 64-bit integers 
 `kvconnector.hashing.external_block_hash`. A BlockStored covers consecutive blocks of one prefix chain, so
 `len(token_ids) == block_size * len(block_hashes)`.
 """
+
 from __future__ import annotations
 
 from typing import Union
@@ -58,8 +59,11 @@ def decode_batch(payload: bytes) -> KVEventBatch:
     """Decode and check one batch; raises msgspec.ValidationError / DecodeError on anything malformed."""
     batch = _decoder.decode(payload)
     for event in batch.events:
-        if isinstance(event, BlockStored) and len(event.token_ids) != event.block_size * len(event.block_hashes):
+        if isinstance(event, BlockStored) and len(event.token_ids) != event.block_size * len(
+            event.block_hashes
+        ):
             raise msgspec.ValidationError(
                 f"BlockStored carries {len(event.token_ids)} token ids for {len(event.block_hashes)} blocks "
-                f"of {event.block_size}")
+                f"of {event.block_size}"
+            )
     return batch

@@ -4,6 +4,7 @@ h_i = sha256(msgpack([h_{i-1}, token ids of block i, extra keys])). The first pa
 same tokens hash the same in every process and on every machine (Python's hash() is salted per process).
 A hash covers the whole prefix up to and including its block, so equal hashes mean equal prefixes.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -13,6 +13,7 @@ a peer without the secret fails its MAC or its sequence, and the link is closed.
 allows (kvconnector/wire.py): the fixed signed prefix first, then the header within its limit, then the body in
 bounded chunks and only as large as its message type allows, so an unauthenticated peer makes us allocate nothing.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,19 @@ from typing import Any, Callable, Optional
 
 from kvconnector import link_tls
 from kvconnector.bind import warn_if_wildcard
-from kvconnector.wire import (FRAME_VERSION, MAC_SIZE, SIGNED_PREFIX_SIZE, FrameTooLarge, GarbageFrame,
-                              ReplayedFrame, SignedCodec, TruncatedFrame, VersionMismatch, WireError, body_limit)
+from kvconnector.wire import (
+    FRAME_VERSION,
+    MAC_SIZE,
+    SIGNED_PREFIX_SIZE,
+    FrameTooLarge,
+    GarbageFrame,
+    ReplayedFrame,
+    SignedCodec,
+    TruncatedFrame,
+    VersionMismatch,
+    WireError,
+    body_limit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +55,16 @@ RECV_CHUNK = 16 << 20  # a body arrives in reads of at most this much
 class Link:
     """One TCP connection carrying signed frames both ways. send() is thread-safe; receiving runs on a thread."""
 
-    def __init__(self, sock: socket.socket, codec: SignedCodec, on_message: OnMessage,
-                 on_close: Optional[OnClose] = None, on_drop: Optional[OnDrop] = None, name: str = "",
-                 initiator: bool = False):
+    def __init__(
+        self,
+        sock: socket.socket,
+        codec: SignedCodec,
+        on_message: OnMessage,
+        on_close: Optional[OnClose] = None,
+        on_drop: Optional[OnDrop] = None,
+        name: str = "",
+        initiator: bool = False,
+    ):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock, self.codec = sock, codec
         self.on_message, self.on_close, self.on_drop = on_message, on_close, on_drop
@@ -186,10 +205,14 @@ class Link:
                 self._skip(pre.body_len + MAC_SIZE)
             raise
         if pre.body_len and pre.body_len != body_limit(msg):
-            raise FrameTooLarge(f"{type(msg).__name__} declares a {pre.body_len}-byte body; its type allows "
-                                f"{body_limit(msg)}")
-        body = memoryview(_recv_exact(self.sock, pre.body_len, progress=self._alive)) if pre.body_len \
+            raise FrameTooLarge(
+                f"{type(msg).__name__} declares a {pre.body_len}-byte body; its type allows {body_limit(msg)}"
+            )
+        body = (
+            memoryview(_recv_exact(self.sock, pre.body_len, progress=self._alive))
+            if pre.body_len
             else memoryview(b"")
+        )
         frames.check_tag(mac, body, bytes(_recv_exact(self.sock, MAC_SIZE)), "body")
         return msg, body
 
@@ -205,8 +228,13 @@ class Link:
             self.on_drop(self, exc.reason)
         if exc.reason not in self._logged:
             self._logged.add(exc.reason)
-            log.warning("link %s: dropped a frame (%s): %s; further %s drops from this peer are not logged",
-                        self.name, exc.reason, exc, exc.reason)
+            log.warning(
+                "link %s: dropped a frame (%s): %s; further %s drops from this peer are not logged",
+                self.name,
+                exc.reason,
+                exc,
+                exc.reason,
+            )
 
     # ------------------------------------------------------------------------------------------------ closing
 
@@ -246,8 +274,9 @@ def _sendall_parts(sock: socket.socket, parts: list) -> None:
                 sent = 0
 
 
-def _recv_exact(sock: socket.socket, n: int, eof_ok: bool = False,
-                progress: Optional[Callable[[], None]] = None) -> Optional[bytearray]:
+def _recv_exact(
+    sock: socket.socket, n: int, eof_ok: bool = False, progress: Optional[Callable[[], None]] = None
+) -> Optional[bytearray]:
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -263,8 +292,14 @@ def _recv_exact(sock: socket.socket, n: int, eof_ok: bool = False,
     return buf
 
 
-def connect(address: tuple[str, int], codec: SignedCodec, on_message: OnMessage, on_close: Optional[OnClose] = None,
-            on_drop: Optional[OnDrop] = None, timeout: float = 5.0) -> Link:
+def connect(
+    address: tuple[str, int],
+    codec: SignedCodec,
+    on_message: OnMessage,
+    on_close: Optional[OnClose] = None,
+    on_drop: Optional[OnDrop] = None,
+    timeout: float = 5.0,
+) -> Link:
     sock = socket.create_connection(address, timeout=timeout)
     sock.settimeout(None)
     return Link(sock, codec, on_message, on_close, on_drop, initiator=True).start()
@@ -273,9 +308,16 @@ def connect(address: tuple[str, int], codec: SignedCodec, on_message: OnMessage,
 class Listener:
     """Accepts connections on (ip, port) (port 0: ephemeral) and runs a Link for each."""
 
-    def __init__(self, ip: str, port: int, codec: SignedCodec, on_message: OnMessage,
-                 on_close: Optional[OnClose] = None, on_drop: Optional[OnDrop] = None,
-                 on_accept: Optional[Callable[[Link], None]] = None):
+    def __init__(
+        self,
+        ip: str,
+        port: int,
+        codec: SignedCodec,
+        on_message: OnMessage,
+        on_close: Optional[OnClose] = None,
+        on_drop: Optional[OnDrop] = None,
+        on_accept: Optional[Callable[[Link], None]] = None,
+    ):
         warn_if_wildcard("KV listener", ip)
         self.sock = socket.create_server((ip, port), reuse_port=False)
         self.address: tuple[str, int] = self.sock.getsockname()[:2]

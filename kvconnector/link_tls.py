@@ -6,6 +6,7 @@ keys from the shared secret, their two nonces AND the TLS channel's binding (RFC
 middle, who must run two TLS channels with two different bindings, cannot produce one valid frame. Stdlib only:
 no certificate to issue, rotate or ship; the secret that signs frames is the one credential.
 """
+
 from __future__ import annotations
 
 import socket
@@ -24,7 +25,9 @@ def enabled() -> bool:
 
 def _context(server: bool) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2  # TLS 1.3 has no certificate-less suites
+    ctx.minimum_version = ctx.maximum_version = (
+        ssl.TLSVersion.TLSv1_2
+    )  # TLS 1.3 has no certificate-less suites
     ctx.set_ciphers(_CIPHERS)
     ctx.set_ecdh_curve("prime256v1")
     if not server:

@@ -12,6 +12,7 @@ Series (label `role`: producer | consumer; `transport`: tcp | cuda_ipc):
 Each connector gets its own CollectorRegistry unless one is passed (several connectors in one test process would
 otherwise collide); a node passes prometheus_client.REGISTRY, or its own, to serve them on /metrics.
 """
+
 from __future__ import annotations
 
 import threading
@@ -25,8 +26,13 @@ _SECONDS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 
 
 
 class KVMetrics:
-    def __init__(self, role: str, transport: str, registry: Optional[CollectorRegistry] = None,
-                 keep_timings: int = 10000):
+    def __init__(
+        self,
+        role: str,
+        transport: str,
+        registry: Optional[CollectorRegistry] = None,
+        keep_timings: int = 10000,
+    ):
         self.registry = registry if registry is not None else CollectorRegistry()
         labels = {"role": role, "transport": transport}
         names = list(labels)
@@ -38,17 +44,29 @@ class KVMetrics:
 
         self.bytes_sent = make(Counter, "pdserve_kv_bytes_sent", "KV bytes handed to the data plane")
         self.bytes_received = make(Counter, "pdserve_kv_bytes_received", "KV bytes received and scattered")
-        self.chunk_seconds = make(Histogram, "pdserve_kv_chunk_seconds", "one chunk on the data plane",
-                                  buckets=_SECONDS)
-        self.transfer_seconds = make(Histogram, "pdserve_kv_transfer_seconds",
-                                     "a request's KV transfer, first chunk to done", buckets=_SECONDS)
-        self.exposed_seconds = make(Histogram, "pdserve_kv_exposed_transfer_seconds",
-                                    "transfer left after the prefill's last layer", buckets=_SECONDS)
+        self.chunk_seconds = make(
+            Histogram, "pdserve_kv_chunk_seconds", "one chunk on the data plane", buckets=_SECONDS
+        )
+        self.transfer_seconds = make(
+            Histogram,
+            "pdserve_kv_transfer_seconds",
+            "a request's KV transfer, first chunk to done",
+            buckets=_SECONDS,
+        )
+        self.exposed_seconds = make(
+            Histogram,
+            "pdserve_kv_exposed_transfer_seconds",
+            "transfer left after the prefill's last layer",
+            buckets=_SECONDS,
+        )
         self.gbps = make(Gauge, "pdserve_kv_achieved_gbps", "the last finished request's transfer rate, GB/s")
         self.inflight = make(Gauge, "pdserve_kv_inflight_transfers", "requests with a transfer under way")
-        self._failures = make(Counter, "pdserve_kv_failures", "transfers that failed, by cause", extra=("cause",))
-        self._drops = make(Counter, "pdserve_kv_dropped_frames", "malformed frames dropped, by reason",
-                           extra=("reason",))
+        self._failures = make(
+            Counter, "pdserve_kv_failures", "transfers that failed, by cause", extra=("cause",)
+        )
+        self._drops = make(
+            Counter, "pdserve_kv_dropped_frames", "malformed frames dropped, by reason", extra=("reason",)
+        )
         self._labels = labels
         self._timings: OrderedDict[str, dict] = OrderedDict()
         self._keep = keep_timings
@@ -61,11 +79,18 @@ class KVMetrics:
         self._drops.labels(reason=reason, **self._labels).inc()
 
     def failures(self, cause: str) -> float:
-        return self.registry.get_sample_value("pdserve_kv_failures_total", {"cause": cause, **self._labels}) or 0.0
+        return (
+            self.registry.get_sample_value("pdserve_kv_failures_total", {"cause": cause, **self._labels})
+            or 0.0
+        )
 
     def drops(self, reason: str) -> float:
-        return self.registry.get_sample_value("pdserve_kv_dropped_frames_total",
-                                              {"reason": reason, **self._labels}) or 0.0
+        return (
+            self.registry.get_sample_value(
+                "pdserve_kv_dropped_frames_total", {"reason": reason, **self._labels}
+            )
+            or 0.0
+        )
 
     def finished(self, request_id: str, ok: bool, cause: str, timings: dict, nbytes: int) -> dict:
         """Record a request's end; returns its timings with the derived figures (seconds)."""

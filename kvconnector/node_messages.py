@@ -30,6 +30,7 @@ Field conventions:
 - `finish_reason`: "stop" (EOS or a stop token), "length" (max_tokens or the context is full), "abort".
   Stop *strings* are the proxy's: it detokenizes, cuts the text and sends Abort.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
@@ -54,19 +55,23 @@ MAX_ID_LEN = 256
 def _check_request(request_id: str, prompt_token_ids: Optional[list[int]] = None) -> None:
     if not 0 < len(request_id) <= MAX_ID_LEN:
         raise ValueError(f"request_id must be 1..{MAX_ID_LEN} characters")
-    if prompt_token_ids is not None and (not 0 < len(prompt_token_ids) <= MAX_PROMPT_TOKENS
-                                         or min(prompt_token_ids) < 0):
+    if prompt_token_ids is not None and (
+        not 0 < len(prompt_token_ids) <= MAX_PROMPT_TOKENS or min(prompt_token_ids) < 0
+    ):
         raise ValueError("prompt_token_ids must be a non-empty list of non-negative ids")
 
 
 # ------------------------------------------------------------------------------------------ proxy <-> node
+
 
 class Generate(Message, tag="generate"):
     request_id: str
     prompt_token_ids: list[int]
     params: dict[str, Any]  # SamplingParams.to_dict()
     mode: str = "colocated"  # colocated | disaggregated
-    prefill_rpc: str = ""  # disaggregated: the prefill node's rpc endpoint (tcp://host:port) the decode node drives
+    prefill_rpc: str = (
+        ""  # disaggregated: the prefill node's rpc endpoint (tcp://host:port) the decode node drives
+    )
     deadline_s: float = 0.0  # seconds from arrival; 0 = none
 
     def check(self) -> None:
@@ -122,6 +127,7 @@ class Error(Message, tag="error"):
 
 # ------------------------------------------------------------------------------------------ decode <-> prefill
 
+
 class Prefill(Message, tag="prefill"):
     request_id: str
     prompt_token_ids: list[int]
@@ -152,13 +158,16 @@ class FirstToken(Message, tag="first_token"):
 
 class PrefillDone(Message, tag="prefill_done"):
     """Prefill -> decode: the KV transfer ended (ok or not); D learns P's view of a failure quickly."""
+
     request_id: str
     ok: bool
     cause: str = ""
     timings: Optional[dict[str, float]] = None
 
 
-NODE_SCHEMA = Schema("node", SCHEMA_VERSION, [Generate, Abort, Tokens, Error, Prefill, FirstToken, PrefillDone])
+NODE_SCHEMA = Schema(
+    "node", SCHEMA_VERSION, [Generate, Abort, Tokens, Error, Prefill, FirstToken, PrefillDone]
+)
 
 
 def make_codec(secret: bytes) -> SignedCodec:
@@ -196,8 +205,10 @@ def logprob_entry(raw: Any) -> LogprobEntry:
 
 # ------------------------------------------------------------------------------------------ events socket
 
+
 class NodeHeartbeat(msgspec.Struct, forbid_unknown_fields=False):
     """A node's liveness and load, published on its events socket (unknown keys are ignored: newer nodes)."""
+
     node_id: str
     role: str  # prefill | decode | both
     rpc: str  # tcp://host:port of the ROUTER socket

@@ -11,6 +11,7 @@ on_complete(rid, ok, timings) fires exactly once: ok once the fence after the re
 consumer then gets `Done`); not ok after a failure, once nothing more can be written for rid (the consumer gets
 `Abort` at that moment, so it may free the blocks). abort(rid) works at any point.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -39,11 +40,16 @@ class StepProgress:
 class KVProducer(Endpoint):
     role = "kv_producer"
 
-    def __init__(self, config: ConnectorConfig, kv_caches, on_complete: Optional[OnComplete] = None, registry=None):
+    def __init__(
+        self, config: ConnectorConfig, kv_caches, on_complete: Optional[OnComplete] = None, registry=None
+    ):
         super().__init__(config, kv_caches, on_complete, registry)
         self.scheduler = ProducerScheduler(config.block_size, config.timeout)
-        self.worker = ProducerWorker(self.data_plane, on_landed=self._landed,
-                                     on_first_write=lambda rid: self.scheduler.progress(rid, "first_send"))
+        self.worker = ProducerWorker(
+            self.data_plane,
+            on_landed=self._landed,
+            on_first_write=lambda rid: self.scheduler.progress(rid, "first_send"),
+        )
         self._links: dict[tuple[str, int], links.Link] = {}
         self._connect_lock = threading.Lock()
         self._reaper.start()
@@ -60,8 +66,14 @@ class KVProducer(Endpoint):
             link = self._links.get(address)
             if link is not None and not link.closed:
                 return link
-            link = links.connect(address, self.codec, self._on_message, self._on_close, self._on_drop,
-                                 timeout=self.config.timeout)
+            link = links.connect(
+                address,
+                self.codec,
+                self._on_message,
+                self._on_close,
+                self._on_drop,
+                timeout=self.config.timeout,
+            )
             link.state["handshake"] = concurrent.futures.Future()
             try:
                 link.send(self.handshake)
@@ -83,8 +95,14 @@ class KVProducer(Endpoint):
 
     # ------------------------------------------------------------------------------------------------ requests
 
-    def bind(self, request_id: str, address: tuple[str, int], num_tokens: int, block_ids: Sequence[int],
-             num_cached_blocks: int) -> None:
+    def bind(
+        self,
+        request_id: str,
+        address: tuple[str, int],
+        num_tokens: int,
+        block_ids: Sequence[int],
+        num_cached_blocks: int,
+    ) -> None:
         """Write rid's prompt blocks num_cached_blocks.. into the consumer's blocks block_ids as they are computed.
         Raises (ConnectionError, LayoutMismatch, TimeoutError, ValueError) when that cannot start."""
         link = self.connect(address)
@@ -140,9 +158,11 @@ class KVProducer(Endpoint):
 
     def _end_failed(self, f: Finished) -> None:
         """After every write already issued for the request: tell the consumer (it may free now), then us."""
+
         def ended(_fence) -> None:
             self._send_abort(f)
             self._notify(f, 0)
+
         self.worker.after_writes(f.request_id, f.peer, ended)
 
     def _nbytes(self, f: Finished) -> int:

@@ -18,6 +18,7 @@ The producer's timeouts are inactivity timeouts (`--kv-timeout`): every sign of 
 so a long prefill is not cut off while its layers go out, but a stuck one is. The consumer keeps no deadline of
 its own: its node decides when to give up, and frees the blocks only once the producer can no longer write them.
 """
+
 from __future__ import annotations
 
 import enum
@@ -40,6 +41,7 @@ class State(enum.Enum):
 @dataclass(slots=True)
 class Finished:
     """A request's one terminal record: ok, or why not (cause is the metrics label)."""
+
     request_id: str
     ok: bool
     cause: str = ""  # "", abort, timeout, peer_lost, remote_abort, error
@@ -51,6 +53,7 @@ class Finished:
 @dataclass(slots=True)
 class SendPlan:
     """One step's blocks of one request: local block ids -> the consumer's block ids. Shapes: both [n]."""
+
     request_id: str
     peer: Hashable
     local_block_ids: list[int]
@@ -90,9 +93,15 @@ class _RequestTable:
         with self.lock:
             now = self.clock()
             late = [r for r in self._reqs.values() if r.deadline <= now]
-            return [self._finish(r, False, "timeout",
-                                 self._timeout_detail.format(timeout=self.timeout, state=r.state.value))
-                    for r in late]
+            return [
+                self._finish(
+                    r,
+                    False,
+                    "timeout",
+                    self._timeout_detail.format(timeout=self.timeout, state=r.state.value),
+                )
+                for r in late
+            ]
 
     def peer_lost(self, peer: Hashable, detail: str = "") -> list[Finished]:
         with self.lock:
@@ -112,8 +121,12 @@ class _RequestTable:
 
 
 class ProducerScheduler(_RequestTable):
-    def __init__(self, block_size: int, timeout: float = DEFAULT_KV_TIMEOUT,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        block_size: int,
+        timeout: float = DEFAULT_KV_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.block_size, self.timeout, self.clock = block_size, timeout, clock
         self.lock = threading.RLock()
         self._reqs: dict[str, _ProducerRequest] = {}
@@ -121,24 +134,34 @@ class ProducerScheduler(_RequestTable):
     def num_blocks(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def bind(self, request_id: str, peer: Hashable, num_tokens: int, remote_block_ids: list[int],
-             num_cached: int) -> None:
+    def bind(
+        self, request_id: str, peer: Hashable, num_tokens: int, remote_block_ids: list[int], num_cached: int
+    ) -> None:
         """The consumer's blocks for prompt blocks num_cached.. (it holds the first num_cached). Raises ValueError
         when they do not cover the prompt or the request is already transferring."""
         need = self.num_blocks(num_tokens) - num_cached
         if num_tokens < 1 or num_cached < 0 or len(remote_block_ids) != need:
-            raise ValueError(f"the consumer reserved {len(remote_block_ids)} blocks + {num_cached} cached, the "
-                             f"prompt of {num_tokens} tokens needs {self.num_blocks(num_tokens)}")
+            raise ValueError(
+                f"the consumer reserved {len(remote_block_ids)} blocks + {num_cached} cached, the "
+                f"prompt of {num_tokens} tokens needs {self.num_blocks(num_tokens)}"
+            )
         with self.lock:
             if request_id in self._reqs:
                 raise ValueError(f"request {request_id!r} is already transferring")
             self._reqs[request_id] = _ProducerRequest(
-                request_id, peer, num_tokens, self.clock() + self.timeout, remote_block_ids=list(remote_block_ids),
-                num_cached=num_cached, planned_upto=num_cached,
-                timings={"bound": time.time(), "blocks": len(remote_block_ids)})
+                request_id,
+                peer,
+                num_tokens,
+                self.clock() + self.timeout,
+                remote_block_ids=list(remote_block_ids),
+                num_cached=num_cached,
+                planned_upto=num_cached,
+                timings={"bound": time.time(), "blocks": len(remote_block_ids)},
+            )
 
-    def plan(self, request_id: str, num_computed_tokens: int, block_ids: list[int],
-             prompt_done: bool) -> Optional[SendPlan]:
+    def plan(
+        self, request_id: str, num_computed_tokens: int, block_ids: list[int], prompt_done: bool
+    ) -> Optional[SendPlan]:
         """After a step's schedule: the blocks that become final in it (None when none, or not transferring).
 
         block_ids is the request's local block table (at least the blocks computed so far)."""
@@ -150,14 +173,16 @@ class ProducerScheduler(_RequestTable):
             prompt_done = prompt_done or num_computed_tokens >= req.num_tokens
             upto = total if prompt_done else min(num_computed_tokens // self.block_size, total)
             if len(block_ids) < upto:
-                raise ValueError(f"request {request_id!r}: block table has {len(block_ids)} blocks, need {upto}")
+                raise ValueError(
+                    f"request {request_id!r}: block table has {len(block_ids)} blocks, need {upto}"
+                )
             first = req.planned_upto
             if upto <= first and not prompt_done:
                 return None
             req.planned_upto = max(upto, first)
             req.final_planned = prompt_done
             local = list(block_ids[first:upto])
-            remote = req.remote_block_ids[first - req.num_cached:upto - req.num_cached]
+            remote = req.remote_block_ids[first - req.num_cached : upto - req.num_cached]
             return SendPlan(request_id, req.peer, local, remote, prompt_done)
 
     def is_active(self, request_id: str) -> bool:
@@ -198,8 +223,12 @@ class _ConsumerRequest:
 class ConsumerScheduler(_RequestTable):
     _timeout_detail = "no KV for {timeout:.1f}s in {state}"
 
-    def __init__(self, num_layers: int, timeout: float = DEFAULT_KV_TIMEOUT,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        num_layers: int,
+        timeout: float = DEFAULT_KV_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.num_layers, self.timeout, self.clock = num_layers, timeout, clock
         self.lock = threading.RLock()
         self._reqs: dict[str, _ConsumerRequest] = {}
@@ -213,9 +242,15 @@ class ConsumerScheduler(_RequestTable):
             n = len(block_ids)
             if len(set(block_ids)) != n:
                 raise ValueError(f"request {request_id!r}: duplicate block ids in the reservation")
-            req = _ConsumerRequest(request_id, None, {b: i for i, b in enumerate(block_ids)},
-                                   [0] * self.num_layers, self.num_layers * n, float("inf"),
-                                   timings={"reserved": time.time()})
+            req = _ConsumerRequest(
+                request_id,
+                None,
+                {b: i for i, b in enumerate(block_ids)},
+                [0] * self.num_layers,
+                self.num_layers * n,
+                float("inf"),
+                timings={"reserved": time.time()},
+            )
             self._reqs[request_id] = req
 
     def check_chunk(self, request_id: str, first_layer: int, num_layers: int, block_ids: list[int]) -> str:
@@ -230,8 +265,7 @@ class ConsumerScheduler(_RequestTable):
                 return "blocks outside the reservation"
             return ""
 
-    def landed(self, request_id: str, first_layer: int, num_layers: int,
-               block_ids: list[int]) -> None:
+    def landed(self, request_id: str, first_layer: int, num_layers: int, block_ids: list[int]) -> None:
         """A tcp chunk was written into the cache: count it (the producer's Done completes the request)."""
         with self.lock:
             req = self._reqs.get(request_id)
@@ -258,7 +292,8 @@ class ConsumerScheduler(_RequestTable):
             if req is None:
                 return None
             if counted and req.remaining:
-                return self._finish(req, False, "error", f"Done with {req.remaining} (layer, block) pieces missing")
+                return self._finish(
+                    req, False, "error", f"Done with {req.remaining} (layer, block) pieces missing"
+                )
             req.timings["landed"] = time.time()
             return self._finish(req, True)
-

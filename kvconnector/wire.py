@@ -33,6 +33,7 @@ The shared secret: `--kv-secret`, else env `PDSERVE_KV_SECRET`, else a fixed dev
 Confidentiality: frames are authenticated, not encrypted. Prompt token ids (Generate, Prefill, Reserve's block
 hashes) and KV bytes travel in clear; run the node network on a trusted segment.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,6 +65,7 @@ _DEV_SECRET = b"pdserve-dev-secret-do-not-use-in-production"
 
 
 # ---------------------------------------------------------------------------------------------------- errors
+
 
 class WireError(Exception):
     reason = "garbage"
@@ -110,15 +112,21 @@ def resolve_secret(secret: str | bytes | None = None, bind_host: str = "127.0.0.
         secret = os.environ.get(SECRET_ENV)
     if not secret:
         if not is_loopback(bind_host):
-            raise ValueError(f"binding {bind_host} needs a frame-signing secret: pass --kv-secret or set "
-                             f"${SECRET_ENV} (the same on every process)")
-        log.warning("no --kv-secret or $%s given: KV frames are signed with the public development secret "
-                    "(loopback only)", SECRET_ENV)
+            raise ValueError(
+                f"binding {bind_host} needs a frame-signing secret: pass --kv-secret or set "
+                f"${SECRET_ENV} (the same on every process)"
+            )
+        log.warning(
+            "no --kv-secret or $%s given: KV frames are signed with the public development secret "
+            "(loopback only)",
+            SECRET_ENV,
+        )
         return _DEV_SECRET
     return secret.encode() if isinstance(secret, str) else bytes(secret)
 
 
 # ---------------------------------------------------------------------------------------------------- frames
+
 
 @dataclass(slots=True)
 class FramePrefix:
@@ -156,13 +164,23 @@ class FrameCodec:
             self._last_seq = max(time.time_ns(), self._last_seq + 1)
             return self._last_seq
 
-    def encode(self, header: bytes, body: Any = b"", schema_version: int = 0, flags: int = 0,
-               seq: int | None = None, key: bytes | None = None, context: bytes = b"") -> list:
+    def encode(
+        self,
+        header: bytes,
+        body: Any = b"",
+        schema_version: int = 0,
+        flags: int = 0,
+        seq: int | None = None,
+        key: bytes | None = None,
+        context: bytes = b"",
+    ) -> list:
         """-> [prefix, tag1, header, tag2, body?, tag3]; body is anything exposing the buffer protocol."""
         body = memoryview(body).cast("B") if not isinstance(body, (bytes, bytearray)) else body
         if len(header) > self.max_header or len(body) > self.max_body:
-            raise FrameTooLarge(f"frame of {len(header)}+{len(body)} bytes exceeds the limits "
-                                f"({self.max_header}, {self.max_body})")
+            raise FrameTooLarge(
+                f"frame of {len(header)}+{len(body)} bytes exceeds the limits "
+                f"({self.max_header}, {self.max_body})"
+            )
         seq = self.next_seq() if seq is None else seq
         prefix = PREFIX.pack(MAGIC, FRAME_VERSION, flags, schema_version, len(header), len(body), seq)
         mac = hmac.new(key or self._secret, _context(context), hashlib.sha256)
@@ -175,12 +193,18 @@ class FrameCodec:
             return [prefix, tag1, header, tag2, body, mac.digest()]
         return [prefix, tag1, header, tag2, mac.digest()]
 
-    def open_prefix(self, signed_prefix: bytes, key: bytes | None = None, context: bytes = b""
-                    ) -> tuple[FramePrefix, "hmac.HMAC"]:
+    def open_prefix(
+        self, signed_prefix: bytes, key: bytes | None = None, context: bytes = b""
+    ) -> tuple[FramePrefix, "hmac.HMAC"]:
         """Check the fixed-size signed prefix (tag1) before any length in it is believed."""
         if len(signed_prefix) < SIGNED_PREFIX_SIZE:
-            raise TruncatedFrame(f"signed frame prefix of {len(signed_prefix)} bytes, need {SIGNED_PREFIX_SIZE}")
-        prefix, tag1 = bytes(signed_prefix[:PREFIX_SIZE]), bytes(signed_prefix[PREFIX_SIZE:SIGNED_PREFIX_SIZE])
+            raise TruncatedFrame(
+                f"signed frame prefix of {len(signed_prefix)} bytes, need {SIGNED_PREFIX_SIZE}"
+            )
+        prefix, tag1 = (
+            bytes(signed_prefix[:PREFIX_SIZE]),
+            bytes(signed_prefix[PREFIX_SIZE:SIGNED_PREFIX_SIZE]),
+        )
         magic, version, flags, schema_version, hlen, blen, seq = PREFIX.unpack(prefix)
         if magic != MAGIC:
             raise GarbageFrame(f"bad magic {magic!r}")
@@ -191,7 +215,9 @@ class FrameCodec:
         if not hmac.compare_digest(mac.digest(), tag1):
             raise BadMAC("frame prefix MAC does not verify (wrong --kv-secret, another session, or tampered)")
         if hlen > self.max_header or blen > self.max_body:
-            raise FrameTooLarge(f"frame declares {hlen}+{blen} bytes, limits are {self.max_header}+{self.max_body}")
+            raise FrameTooLarge(
+                f"frame declares {hlen}+{blen} bytes, limits are {self.max_header}+{self.max_body}"
+            )
         return FramePrefix(flags, schema_version, hlen, blen, seq), mac
 
     @staticmethod
@@ -202,8 +228,9 @@ class FrameCodec:
         if len(tag) != MAC_SIZE or not hmac.compare_digest(mac.copy().digest(), bytes(tag)):
             raise BadMAC(f"frame {what} MAC does not verify (tampered)")
 
-    def split(self, frame: bytes | memoryview, key: bytes | None = None, context: bytes = b""
-              ) -> tuple[FramePrefix, bytes, memoryview]:
+    def split(
+        self, frame: bytes | memoryview, key: bytes | None = None, context: bytes = b""
+    ) -> tuple[FramePrefix, bytes, memoryview]:
         """Check one whole frame held in memory (ZMQ messages) -> (prefix, header bytes, body view)."""
         view = memoryview(frame).cast("B")
         pre, mac = self.open_prefix(bytes(view[:SIGNED_PREFIX_SIZE]), key, context)
@@ -214,14 +241,15 @@ class FrameCodec:
             raise TruncatedFrame(f"frame of {len(view)} bytes, its prefix declares {end}")
         if len(view) > end:
             raise GarbageFrame(f"{len(view) - end} trailing bytes after the frame")
-        header = bytes(view[h0:h0 + pre.header_len])
-        self.check_tag(mac, header, view[b0 - MAC_SIZE:b0], "header")
-        body = view[b0:b0 + pre.body_len]
-        self.check_tag(mac, body, view[end - MAC_SIZE:end], "body")
+        header = bytes(view[h0 : h0 + pre.header_len])
+        self.check_tag(mac, header, view[b0 - MAC_SIZE : b0], "header")
+        body = view[b0 : b0 + pre.body_len]
+        self.check_tag(mac, body, view[end - MAC_SIZE : end], "body")
         return pre, header, body
 
 
 # ---------------------------------------------------------------------------------------------------- schemas
+
 
 class Schema:
     """A versioned set of tagged msgspec Structs. decode() checks the schema version, then types and ranges."""
@@ -238,7 +266,9 @@ class Schema:
 
     def decode(self, header: bytes, schema_version: int) -> msgspec.Struct:
         if schema_version != self.version:
-            exc = VersionMismatch(f"{self.name} schema version {schema_version}, this node speaks {self.version}")
+            exc = VersionMismatch(
+                f"{self.name} schema version {schema_version}, this node speaks {self.version}"
+            )
             exc.recoverable = True  # the frame itself was sound: the stream can go on
             raise exc
         try:
@@ -264,12 +294,22 @@ class Message(msgspec.Struct, tag_field="type", tag=True, forbid_unknown_fields=
 UInt = msgspec.Meta(ge=0)
 Id = msgspec.Meta(min_length=1, max_length=256)
 
-DTYPE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
-                  "uint8": 1, "int8": 1, "int32": 4, "int64": 8}
+DTYPE_ITEMSIZE = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "uint8": 1,
+    "int8": 1,
+    "int32": 4,
+    "int64": 8,
+}
 
 
 class TensorMeta(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     """How to view a raw body: dtype name (torch's, without the prefix) and shape."""
+
     dtype: str
     shape: list[int]
 
@@ -286,8 +326,10 @@ class TensorMeta(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
 
 # ---------------------------------------------------------------------------------------------------- KV schema
 
+
 class Handshake(Message, tag="handshake"):
     """Sent by each side first; `accept` in the answer. The layout fields must match exactly."""
+
     engine_id: str
     role: str  # kv_producer | kv_consumer | kv_both
     model: str
@@ -303,8 +345,16 @@ class Handshake(Message, tag="handshake"):
     accept: bool = True
     error: str = ""
 
-    LAYOUT = ("model", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim", "hash_algorithm",
-              "transport")
+    LAYOUT = (
+        "model",
+        "dtype",
+        "block_size",
+        "num_layers",
+        "num_kv_heads",
+        "head_dim",
+        "hash_algorithm",
+        "transport",
+    )
 
     def check(self) -> None:
         if self.role not in ("kv_producer", "kv_consumer", "kv_both"):
@@ -316,8 +366,11 @@ class Handshake(Message, tag="handshake"):
 
     def layout_mismatch(self, other: "Handshake") -> str:
         """'' when the KV layouts agree, else which fields differ (ours vs theirs)."""
-        diffs = [f"{f}: ours {getattr(self, f)!r}, peer {getattr(other, f)!r}" for f in self.LAYOUT
-                 if getattr(self, f) != getattr(other, f)]
+        diffs = [
+            f"{f}: ours {getattr(self, f)!r}, peer {getattr(other, f)!r}"
+            for f in self.LAYOUT
+            if getattr(self, f) != getattr(other, f)
+        ]
         return "; ".join(diffs)
 
 
@@ -325,6 +378,7 @@ class KVChunk(Message, tag="kv_chunk"):
     """Layers [first_layer, first_layer + num_layers) of some blocks; the tensor is [num_layers, 2, n, *block].
 
     Only the tcp data plane sends it: the tensor is this frame's body."""
+
     request_id: str
     seq: int  # reserved (0)
     first_layer: int
@@ -337,13 +391,15 @@ class KVChunk(Message, tag="kv_chunk"):
             raise ValueError("negative seq/layer/block id")
         shape = self.tensor.shape
         if len(shape) < 3 or shape[0] != self.num_layers or shape[1] != 2 or shape[2] != len(self.block_ids):
-            raise ValueError(f"tensor shape {shape} does not match {self.num_layers} layers x "
-                             f"{len(self.block_ids)} blocks")
+            raise ValueError(
+                f"tensor shape {shape} does not match {self.num_layers} layers x {len(self.block_ids)} blocks"
+            )
         self.tensor.nbytes()
 
 
 class Done(Message, tag="done"):
     """Producer -> consumer: every write of the request has landed in the consumer's cache (nbytes in all)."""
+
     request_id: str
     nbytes: int = 0
 
@@ -371,8 +427,13 @@ def body_limit(msg: msgspec.Struct) -> int:
 class SignedCodec:
     """FrameCodec + Schema: message (+ body) <-> frame parts. The unit a link sends and receives."""
 
-    def __init__(self, secret: bytes, schema: Schema = KV_SCHEMA, max_header: int = DEFAULT_MAX_HEADER,
-                 max_body: int = DEFAULT_MAX_BODY):
+    def __init__(
+        self,
+        secret: bytes,
+        schema: Schema = KV_SCHEMA,
+        max_header: int = DEFAULT_MAX_HEADER,
+        max_body: int = DEFAULT_MAX_BODY,
+    ):
         self.frames = FrameCodec(secret, max_header, max_body)
         self.schema = schema
 
@@ -383,16 +444,18 @@ class SignedCodec:
     def encode_bytes(self, msg: msgspec.Struct, body: Any = b"", **sign) -> bytes:
         return b"".join(bytes(p) for p in self.encode(msg, body, **sign))
 
-    def decode_frame(self, frame: bytes | memoryview, key: bytes | None = None, context: bytes = b""
-                     ) -> tuple[msgspec.Struct, memoryview, int]:
+    def decode_frame(
+        self, frame: bytes | memoryview, key: bytes | None = None, context: bytes = b""
+    ) -> tuple[msgspec.Struct, memoryview, int]:
         """-> (message, body, sequence number); the caller checks the sequence (ReplayGuard)."""
         pre, header, body = self.frames.split(frame, key, context)
         msg = self.schema.decode(header, pre.schema_version)
         check_body(msg, len(body))
         return msg, body, pre.seq
 
-    def decode_bytes(self, frame: bytes | memoryview, key: bytes | None = None, context: bytes = b""
-                     ) -> tuple[msgspec.Struct, memoryview]:
+    def decode_bytes(
+        self, frame: bytes | memoryview, key: bytes | None = None, context: bytes = b""
+    ) -> tuple[msgspec.Struct, memoryview]:
         msg, body, _ = self.decode_frame(frame, key, context)
         return msg, body
 
@@ -401,5 +464,6 @@ def check_body(msg: msgspec.Struct, body_len: int) -> None:
     """A body only where the message type carries one, of exactly the size it declares (0: none over tcp's
     control link when the bytes travel on another data plane)."""
     if body_len and body_len != body_limit(msg):
-        raise SchemaError(f"{type(msg).__name__} carries a {body_len}-byte body; its type allows "
-                          f"{body_limit(msg)}")
+        raise SchemaError(
+            f"{type(msg).__name__} carries a {body_len}-byte body; its type allows {body_limit(msg)}"
+        )

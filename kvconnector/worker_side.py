@@ -12,6 +12,7 @@ progress if it writes rid, then after a fence. An aborted request's blocks on th
 
 Consumer: `write(header, tensor)` copies a tcp chunk [1, 2, n, *block] into its reserved blocks.
 """
+
 from __future__ import annotations
 
 import logging
@@ -103,10 +104,14 @@ class ProducerWorker:
     def save_layer(self, layer: int) -> None:
         for w in self._writes:
             self.plane.write_layer(w, layer)
-        if layer == self.num_layers - 1:  # fence right behind the last copies: the host may reach end_step late
+        if (
+            layer == self.num_layers - 1
+        ):  # fence right behind the last copies: the host may reach end_step late
             for plan in self.last_plans:
-                self.completions.after(self.plane.fence(plan.peer),
-                                       lambda fence, rid=plan.request_id: self.on_landed(rid, fence.exposed_s()))
+                self.completions.after(
+                    self.plane.fence(plan.peer),
+                    lambda fence, rid=plan.request_id: self.on_landed(rid, fence.exposed_s()),
+                )
             self.last_plans = []
 
     def end_step(self, ok: bool = True) -> None:

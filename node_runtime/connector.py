@@ -1,4 +1,5 @@
 """The KV connector's config for a node: the layout from the loaded model, the policy from the node's flags."""
+
 from __future__ import annotations
 
 import os
@@ -10,7 +11,13 @@ def connector_config(node):
     runner, config = node.core.runner, node.config
     arch = runner.arch
     return ConnectorConfig.from_kv_transfer(
-        config.kv_transfer, model=os.path.basename(os.path.normpath(config.model.model)), dtype=runner.dtype,
-        block_size=config.cache.block_size, num_layers=arch.num_hidden_layers,
-        num_kv_heads=arch.num_key_value_heads, head_dim=arch.head_dim, secret=node.options.kv_secret,
-        timeout=node.options.kv_timeout)
+        config.kv_transfer,
+        model=os.path.basename(os.path.normpath(config.model.model)),
+        dtype=runner.dtype,
+        block_size=config.cache.block_size,
+        num_layers=arch.num_hidden_layers,
+        num_kv_heads=arch.num_key_value_heads,
+        head_dim=arch.head_dim,
+        secret=node.options.kv_secret,
+        timeout=node.options.kv_timeout,
+    )

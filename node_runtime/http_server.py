@@ -3,6 +3,7 @@
 A full ASGI stack is not needed for two read-only endpoints; this keeps the node's dependencies and threads small.
 /health answers 200 with the node's gauges while the engine loop and the RPC thread are alive, 503 otherwise.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,9 @@ log = logging.getLogger(__name__)
 
 
 class HttpServer:
-    def __init__(self, host: str, port: int, health: Callable[[], tuple[bool, dict]], metrics: Callable[[], bytes]):
+    def __init__(
+        self, host: str, port: int, health: Callable[[], tuple[bool, dict]], metrics: Callable[[], bytes]
+    ):
         handler = _make_handler(health, metrics)
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True

@@ -6,15 +6,16 @@ Flags: the engine's (`engine.config.add_engine_args`, including --kv-transfer-co
 (prefill: kv_producer, decode: kv_consumer) unless --kv-transfer-config names one; kv_both serves colocated and
 disaggregated requests alike. SIGINT/SIGTERM stop the node cleanly.
 """
-from __future__ import annotations
 
-from kvconnector.bind import advertised
+from __future__ import annotations
 
 import argparse
 import json
 import logging
 import signal
 import threading
+
+from kvconnector.bind import advertised
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +25,29 @@ def add_node_args(parser: argparse.ArgumentParser) -> None:
 
     add_engine_args(parser)  # torch-free: `pdserve proxy` builds this parser too and must not import torch
     k = parser.add_argument_group("kv transfer")
-    k.add_argument("--kv-secret", default=None,
-                   help="shared HMAC secret for KV links and node RPC frames (else $PDSERVE_KV_SECRET)")
-    k.add_argument("--kv-timeout", type=float, default=10.0,
-                   help="seconds without KV progress before a transfer is aborted and its blocks freed")
+    k.add_argument(
+        "--kv-secret",
+        default=None,
+        help="shared HMAC secret for KV links and node RPC frames (else $PDSERVE_KV_SECRET)",
+    )
+    k.add_argument(
+        "--kv-timeout",
+        type=float,
+        default=10.0,
+        help="seconds without KV progress before a transfer is aborted and its blocks freed",
+    )
     g = parser.add_argument_group("node")
     g.add_argument("--host", default="127.0.0.1", help="address every socket binds (loopback by default)")
     g.add_argument("--rpc-port", type=int, default=0, help="ZMQ ROUTER for proxies and decode nodes (0: any)")
     g.add_argument("--events-port", type=int, default=0, help="ZMQ PUB of KV events and heartbeats (0: any)")
     g.add_argument("--http-port", type=int, default=0, help="/health and /metrics (0: any)")
     g.add_argument("--node-id", default="", help="name in heartbeats and logs (default: role-host-rpcport)")
-    g.add_argument("--max-num-waiting", type=int, default=1024,
-                   help="engine queue depth beyond which new requests get 429")
+    g.add_argument(
+        "--max-num-waiting",
+        type=int,
+        default=1024,
+        help="engine queue depth beyond which new requests get 429",
+    )
 
 
 def kv_transfer_json(args: argparse.Namespace, default_role: str) -> str:
@@ -43,28 +55,39 @@ def kv_transfer_json(args: argparse.Namespace, default_role: str) -> str:
     raw = json.loads(args.kv_transfer_config) if args.kv_transfer_config else {}
     if not isinstance(raw, dict):
         from engine.errors import ConfigError
+
         raise ConfigError("--kv-transfer-config must be a JSON object")
     raw.setdefault("kv_role", default_role)
     return json.dumps(raw)
 
 
 def run_node(args: argparse.Namespace, default_role: str) -> int:
-    from node_runtime.node_server import NodeOptions, NodeServer
     from engine.config import engine_config_from_args
+    from node_runtime.node_server import NodeOptions, NodeServer
 
     args.kv_transfer_config = kv_transfer_json(args, default_role)
     config = engine_config_from_args(args)
-    options = NodeOptions(host=args.host, rpc_port=args.rpc_port, events_port=args.events_port,
-                          http_port=args.http_port, node_id=args.node_id, role=config.kv_transfer.kv_role,
-                          kv_timeout=args.kv_timeout, kv_secret=args.kv_secret,
-                          max_num_waiting=args.max_num_waiting)
+    options = NodeOptions(
+        host=args.host,
+        rpc_port=args.rpc_port,
+        events_port=args.events_port,
+        http_port=args.http_port,
+        node_id=args.node_id,
+        role=config.kv_transfer.kv_role,
+        kv_timeout=args.kv_timeout,
+        kv_secret=args.kv_secret,
+        max_num_waiting=args.max_num_waiting,
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     node = NodeServer(config, options).start()
     # `pdserve up` reads the bound endpoints from this line (nodes it starts bind port 0: no port races).
-    print(f"pdserve node {node.node_id} ready: rpc {node.rpc_endpoint} events {advertised(node.rpc.events_endpoint)} "
-          f"http {node.http_url}", flush=True)
+    print(
+        f"pdserve node {node.node_id} ready: rpc {node.rpc_endpoint} events {advertised(node.rpc.events_endpoint)} "
+        f"http {node.http_url}",
+        flush=True,
+    )
     try:
         node.serve_forever(stop)
     finally:

@@ -15,6 +15,7 @@ Counters:
     pdserve_node_preemptions_total, pdserve_node_prefix_cache_queried_tokens_total / _hit_tokens_total
 The KV connector's own series (kvconnector.metrics) are appended to /metrics from its registry.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterable
@@ -28,14 +29,21 @@ class NodeMetrics:
         self.registry = CollectorRegistry()
         self.extra_registries: list[CollectorRegistry] = []
         reg = self.registry
-        self.finished = Counter("pdserve_node_requests_finished", "requests that ended, by finish reason",
-                                ["finish_reason"], registry=reg)
-        self.aborted = Counter("pdserve_node_requests_aborted", "requests ended early, by cause", ["cause"],
-                               registry=reg)
-        self.rejected = Counter("pdserve_node_requests_rejected", "requests refused, by status", ["status"],
-                                registry=reg)
-        self.dropped = Counter("pdserve_node_dropped_frames", "malformed or unsigned frames dropped", ["reason"],
-                               registry=reg)
+        self.finished = Counter(
+            "pdserve_node_requests_finished",
+            "requests that ended, by finish reason",
+            ["finish_reason"],
+            registry=reg,
+        )
+        self.aborted = Counter(
+            "pdserve_node_requests_aborted", "requests ended early, by cause", ["cause"], registry=reg
+        )
+        self.rejected = Counter(
+            "pdserve_node_requests_rejected", "requests refused, by status", ["status"], registry=reg
+        )
+        self.dropped = Counter(
+            "pdserve_node_dropped_frames", "malformed or unsigned frames dropped", ["reason"], registry=reg
+        )
         reg.register(_SnapshotCollector(snapshot, extra_gauges))
 
     def render(self) -> bytes:
@@ -55,13 +63,16 @@ class _SnapshotCollector:
             "pdserve_node_kv_blocks_used": ("KV blocks held by requests", s.num_used_blocks),
             "pdserve_node_kv_blocks_cached": ("KV blocks kept only as prefix hits", s.num_cached_blocks),
             "pdserve_node_kv_blocks_total": ("KV blocks in the cache", s.num_total_blocks),
-            "pdserve_node_kv_cache_usage": ("used / total KV blocks",
-                                            s.num_used_blocks / s.num_total_blocks if s.num_total_blocks else 0.0),
+            "pdserve_node_kv_cache_usage": (
+                "used / total KV blocks",
+                s.num_used_blocks / s.num_total_blocks if s.num_total_blocks else 0.0,
+            ),
         }
         for name, (doc, value) in {**gauges, **self.extra_gauges()}.items():
             yield GaugeMetricFamily(name, doc, value=value)
         for name, doc, value in (
-                ("pdserve_node_preemptions", "requests preempted by recompute", s.num_preemptions),
-                ("pdserve_node_prefix_cache_queried_tokens", "prompt tokens looked up", s.prefix_queried_tokens),
-                ("pdserve_node_prefix_cache_hit_tokens", "prompt tokens found cached", s.prefix_hit_tokens)):
+            ("pdserve_node_preemptions", "requests preempted by recompute", s.num_preemptions),
+            ("pdserve_node_prefix_cache_queried_tokens", "prompt tokens looked up", s.prefix_queried_tokens),
+            ("pdserve_node_prefix_cache_hit_tokens", "prompt tokens found cached", s.prefix_hit_tokens),
+        ):
             yield CounterMetricFamily(name, doc, value=value)

@@ -11,6 +11,7 @@ the KV connector has its own. The request table is guarded by `self.lock`; nothi
 A request the node serves for a proxy ends exactly once (`_end`): finished, aborted by the proxy, past its
 deadline, its proxy gone (unroutable), or failed (engine error, KV transfer failure). Each path frees its blocks.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,17 +21,28 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from node_runtime.http_server import HttpServer
-from node_runtime.node_metrics import NodeMetrics
-from node_runtime.protocol import (HEARTBEAT_INTERVAL_S, TOPIC_HEARTBEAT, TOPIC_KV_EVENTS, Abort, Error, Generate,
-                                  NodeHeartbeat, Tokens, encode_heartbeat, make_codec, plain)
-from node_runtime.rpc_server import RpcServer
 from engine.engine_loop import EngineLoop, Sink
 from engine.errors import ConfigError, PromptTooLongError
 from engine.sampling_params import SamplingParams
 from kvconnector.bind import advertised
-from node_runtime import roles
 from kvconnector.events import KVEventBatch, encode_batch
+from node_runtime import roles
+from node_runtime.http_server import HttpServer
+from node_runtime.node_metrics import NodeMetrics
+from node_runtime.protocol import (
+    HEARTBEAT_INTERVAL_S,
+    TOPIC_HEARTBEAT,
+    TOPIC_KV_EVENTS,
+    Abort,
+    Error,
+    Generate,
+    NodeHeartbeat,
+    Tokens,
+    encode_heartbeat,
+    make_codec,
+    plain,
+)
+from node_runtime.rpc_server import RpcServer
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +65,7 @@ class NodeOptions:
 @dataclass(eq=False)
 class LiveRequest:
     """A request this node serves for a proxy (generate), from arrival to its one end."""
+
     request_id: str
     identity: bytes  # the proxy's DEALER
     mode: str
@@ -69,7 +82,9 @@ class NodeServer:
         from kvconnector.wire import resolve_secret
 
         self.config, self.options = config, options
-        self.node_id = options.node_id or f"{ROLE_NAMES[options.role]}-{socket.gethostname()}-{options.rpc_port}"
+        self.node_id = (
+            options.node_id or f"{ROLE_NAMES[options.role]}-{socket.gethostname()}-{options.rpc_port}"
+        )
         self.role = options.role
         try:
             self.secret = resolve_secret(options.kv_secret, options.host)
@@ -84,12 +99,18 @@ class NodeServer:
         self.vocab_size = getattr(self.core.runner.arch, "vocab_size", None)
         host = options.host
         self.rpc = RpcServer(
-            make_codec(self.secret), f"tcp://{host}:{options.rpc_port}",
+            make_codec(self.secret),
+            f"tcp://{host}:{options.rpc_port}",
             f"tcp://{host}:{options.events_port}" if options.events_port >= 0 else None,
-            on_message=self._on_message, on_drop=lambda reason: self.metrics.dropped.labels(reason).inc(),
-            on_unroutable=self._on_unroutable, on_peer_message=self._on_peer_message,
-            on_peer_lost=self._on_peer_lost, identity=self.node_id, secret=self.secret,
-            ticks=[(HEARTBEAT_INTERVAL_S, self._heartbeat), (0.05, self._check_deadlines)])
+            on_message=self._on_message,
+            on_drop=lambda reason: self.metrics.dropped.labels(reason).inc(),
+            on_unroutable=self._on_unroutable,
+            on_peer_message=self._on_peer_message,
+            on_peer_lost=self._on_peer_lost,
+            identity=self.node_id,
+            secret=self.secret,
+            ticks=[(HEARTBEAT_INTERVAL_S, self._heartbeat), (0.05, self._check_deadlines)],
+        )
         self.http = HttpServer(host, options.http_port, self._health, self.metrics.render)
         parts = roles.PARTS_BY_KV_ROLE[self.role]
         self.decode = roles.build(roles.DECODE, self) if roles.DECODE in parts else None
@@ -109,9 +130,15 @@ class NodeServer:
         self.loop.start()
         self.rpc.start()
         self.http.start()
-        log.info("node %s (%s) serving: rpc %s, events %s, http %s%s", self.node_id, self.role,
-                 self.rpc.rpc_endpoint, self.rpc.events_endpoint or "-", self.http.url,
-                 f", kv {self.decode.kv_endpoint}" if self.decode is not None else "")
+        log.info(
+            "node %s (%s) serving: rpc %s, events %s, http %s%s",
+            self.node_id,
+            self.role,
+            self.rpc.rpc_endpoint,
+            self.rpc.events_endpoint or "-",
+            self.http.url,
+            f", kv {self.decode.kv_endpoint}" if self.decode is not None else "",
+        )
         return self
 
     def stop(self) -> None:
@@ -154,8 +181,13 @@ class NodeServer:
         if params is None:
             return
         if msg.mode == "disaggregated" and self.decode is None:
-            return self.reject(identity, rid, 503, f"node {self.node_id} ({self.role}) does not decode for "
-                                                   "prefill nodes", retryable=True)
+            return self.reject(
+                identity,
+                rid,
+                503,
+                f"node {self.node_id} ({self.role}) does not decode for prefill nodes",
+                retryable=True,
+            )
         live = LiveRequest(rid, identity, msg.mode)
         if msg.deadline_s > 0:
             live.deadline = live.arrival + msg.deadline_s
@@ -169,9 +201,11 @@ class NodeServer:
             self._generate_colocated(live, msg, params)
 
     def _generate_colocated(self, live: LiveRequest, msg: Generate, params: SamplingParams) -> None:
-        sink = Sink(on_output=lambda out: self.on_output(live, out),
-                    on_fail=lambda why: self.fail(live, 503, why, retryable=False, cause="error"),
-                    on_scheduled=lambda t: setattr(live, "scheduled_at", t))
+        sink = Sink(
+            on_output=lambda out: self.on_output(live, out),
+            on_fail=lambda why: self.fail(live, 503, why, retryable=False, cause="error"),
+            on_scheduled=lambda t: setattr(live, "scheduled_at", t),
+        )
         future = self.loop.add_request(live.request_id, msg.prompt_token_ids, params, sink)
         future.add_done_callback(lambda f: self._added(live, f))
 
@@ -220,14 +254,27 @@ class NodeServer:
             if not self.take(live):
                 return
             self.metrics.finished.labels(out.finish_reason or "stop").inc()
-        self.rpc.send(live.identity, Tokens(
-            request_id=live.request_id, token_ids=list(out.new_token_ids),
-            logprobs=plain(out.new_logprobs) if out.new_logprobs is not None else None,
-            finished=out.finished, finish_reason=out.finish_reason,
-            num_cached_tokens=max(out.num_cached_tokens, 0), timings=timings))
+        self.rpc.send(
+            live.identity,
+            Tokens(
+                request_id=live.request_id,
+                token_ids=list(out.new_token_ids),
+                logprobs=plain(out.new_logprobs) if out.new_logprobs is not None else None,
+                finished=out.finished,
+                finish_reason=out.finish_reason,
+                num_cached_tokens=max(out.num_cached_tokens, 0),
+                timings=timings,
+            ),
+        )
 
     def final_timings(self, live: LiveRequest) -> dict:
-        t = {"prefill_queue": 0.0, "prefill": 0.0, "transfer": 0.0, "exposed_transfer": 0.0, "decode_queue": 0.0}
+        t = {
+            "prefill_queue": 0.0,
+            "prefill": 0.0,
+            "transfer": 0.0,
+            "exposed_transfer": 0.0,
+            "decode_queue": 0.0,
+        }
         if live.mode == "colocated":
             scheduled = live.scheduled_at or live.arrival
             t["prefill_queue"] = max(scheduled - live.arrival, 0.0)
@@ -235,8 +282,9 @@ class NodeServer:
         t.update(live.timings)
         return t
 
-    def admit_or_reject(self, identity: bytes, request_id: str, params: dict,
-                        prompt_token_ids: list[int]) -> SamplingParams | None:
+    def admit_or_reject(
+        self, identity: bytes, request_id: str, params: dict, prompt_token_ids: list[int]
+    ) -> SamplingParams | None:
         """The checks every request meets at a node's door; None once it was rejected (and answered)."""
         try:
             parsed = SamplingParams.from_dict(params)
@@ -246,12 +294,18 @@ class NodeServer:
         if problem:
             return self.reject(identity, request_id, 400, problem)
         if self.loop.snapshot.num_waiting >= self.options.max_num_waiting:
-            return self.reject(identity, request_id, 429, f"node {self.node_id}'s queue is full", retryable=True)
+            return self.reject(
+                identity, request_id, 429, f"node {self.node_id}'s queue is full", retryable=True
+            )
         return parsed
 
-    def reject(self, identity: bytes, request_id: str, status: int, message: str, retryable: bool = False) -> None:
+    def reject(
+        self, identity: bytes, request_id: str, status: int, message: str, retryable: bool = False
+    ) -> None:
         self.metrics.rejected.labels(str(status)).inc()
-        self.rpc.send(identity, Error(request_id=request_id, status=status, message=message, retryable=retryable))
+        self.rpc.send(
+            identity, Error(request_id=request_id, status=status, message=message, retryable=retryable)
+        )
 
     def take(self, live: LiveRequest) -> bool:
         """Mark live ended; True for exactly one caller."""
@@ -271,11 +325,26 @@ class NodeServer:
         self.metrics.finished.labels(finish_reason).inc()
         self._release(live)
         if notify:
-            self.rpc.send(live.identity, Tokens(request_id=live.request_id, token_ids=[], finished=True,
-                                                finish_reason=finish_reason, timings=self.final_timings(live)))
+            self.rpc.send(
+                live.identity,
+                Tokens(
+                    request_id=live.request_id,
+                    token_ids=[],
+                    finished=True,
+                    finish_reason=finish_reason,
+                    timings=self.final_timings(live),
+                ),
+            )
 
-    def fail(self, live: LiveRequest, status: int, message: str, retryable: bool, cause: str,
-             count_abort: bool = True) -> None:
+    def fail(
+        self,
+        live: LiveRequest,
+        status: int,
+        message: str,
+        retryable: bool,
+        cause: str,
+        count_abort: bool = True,
+    ) -> None:
         """End with an error: free everything; tell the proxy with an Error message."""
         if not self.take(live):
             return
@@ -298,29 +367,53 @@ class NodeServer:
 
     def _heartbeat(self) -> None:
         s = self.loop.snapshot
-        self.rpc.publish(TOPIC_HEARTBEAT, encode_heartbeat(NodeHeartbeat(
-            node_id=self.node_id, role=ROLE_NAMES[self.role], rpc=self.rpc_endpoint, http=self.http_url,
-            num_waiting=s.num_waiting, num_running=s.num_running,
-            free_blocks=s.num_free_blocks + s.num_cached_blocks, total_blocks=s.num_total_blocks,
-            block_size=s.block_size, ts=time.time())))
+        self.rpc.publish(
+            TOPIC_HEARTBEAT,
+            encode_heartbeat(
+                NodeHeartbeat(
+                    node_id=self.node_id,
+                    role=ROLE_NAMES[self.role],
+                    rpc=self.rpc_endpoint,
+                    http=self.http_url,
+                    num_waiting=s.num_waiting,
+                    num_running=s.num_running,
+                    free_blocks=s.num_free_blocks + s.num_cached_blocks,
+                    total_blocks=s.num_total_blocks,
+                    block_size=s.block_size,
+                    ts=time.time(),
+                )
+            ),
+        )
 
     def _extra_gauges(self) -> dict:
         gauges = {}
         if self.decode is not None:
-            gauges["pdserve_node_requests_pending_kv"] = ("decode: reserved, waiting for KV",
-                                                          self.decode.num_pending)
+            gauges["pdserve_node_requests_pending_kv"] = (
+                "decode: reserved, waiting for KV",
+                self.decode.num_pending,
+            )
         if self.prefill is not None:
-            gauges["pdserve_node_requests_prefilling"] = ("prefill: prefilling or transferring",
-                                                          self.prefill.num_active)
+            gauges["pdserve_node_requests_prefilling"] = (
+                "prefill: prefilling or transferring",
+                self.prefill.num_active,
+            )
         return gauges
 
     def _health(self) -> tuple[bool, dict]:
         s = self.loop.snapshot
         ok = self.loop.alive and self.rpc._thread.is_alive()
-        return ok, {"status": "ok" if ok else "unhealthy", "node_id": self.node_id, "role": ROLE_NAMES[self.role],
-                    "rpc": self.rpc_endpoint, "num_waiting": s.num_waiting, "num_running": s.num_running,
-                    "num_free_blocks": s.num_free_blocks, "num_used_blocks": s.num_used_blocks,
-                    "num_cached_blocks": s.num_cached_blocks, "num_total_blocks": s.num_total_blocks}
+        return ok, {
+            "status": "ok" if ok else "unhealthy",
+            "node_id": self.node_id,
+            "role": ROLE_NAMES[self.role],
+            "rpc": self.rpc_endpoint,
+            "num_waiting": s.num_waiting,
+            "num_running": s.num_running,
+            "num_free_blocks": s.num_free_blocks,
+            "num_used_blocks": s.num_used_blocks,
+            "num_cached_blocks": s.num_cached_blocks,
+            "num_total_blocks": s.num_total_blocks,
+        }
 
 
 def check_token_ids(prompt: list, stop_token_ids: list[int], vocab_size: Optional[int]) -> str:
@@ -346,6 +439,7 @@ def _build_core(config):
 
     try:
         from engine.tokenizer import load_tokenizer
+
         eos = frozenset(load_tokenizer(config.model.model).eos_token_ids)
     except Exception as exc:  # a checkpoint without tokenizer files still serves token ids
         log.warning("no tokenizer for EOS ids (%s); only stop_token_ids and max_tokens end requests", exc)

@@ -9,6 +9,7 @@ What the runtime calls on each part:
 What a part may call on the node: the public methods of node_runtime.node_server.NodeServer (take, on_output,
 fail, end, reject, admit_or_reject, final_timings) and its core, loop, rpc, metrics, options, config.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -31,6 +32,8 @@ def register(part: str, factory: Callable[[object], object]) -> None:
 def build(part: str, node) -> object:
     factory = _factories.get(part)
     if factory is None:
-        raise ConfigError(f"this node's kv_role needs the {part} role, which is not installed (import "
-                          f"{part}_node.cli first)")
+        raise ConfigError(
+            f"this node's kv_role needs the {part} role, which is not installed (import "
+            f"{part}_node.cli first)"
+        )
     return factory(node)

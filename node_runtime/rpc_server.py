@@ -18,6 +18,7 @@ endpoint (made on first use, owned by the same I/O thread); replies arrive at `o
 A socket monitor on each DEALER reports a dropped connection (a killed prefill node) at once through
 `on_peer_lost(endpoint)`, so its requests fail fast instead of waiting for their timeout.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,13 +45,20 @@ MAX_MSG_SIZE = DEFAULT_MAX_HEADER + 4096  # a control frame: header limit plus p
 
 
 class RpcServer:
-    def __init__(self, codec, rpc_address: str, events_address: Optional[str], on_message: OnMessage,
-                 on_drop: Callable[[str], None] = lambda reason: None,
-                 on_unroutable: Callable[[bytes], None] = lambda identity: None,
-                 ticks: Optional[list[tuple[float, Callable[[], None]]]] = None,
-                 on_peer_message: Callable[[str, Any], None] = lambda endpoint, msg: None,
-                 on_peer_lost: Callable[[str], None] = lambda endpoint: None, identity: str = "",
-                 secret: bytes = b""):
+    def __init__(
+        self,
+        codec,
+        rpc_address: str,
+        events_address: Optional[str],
+        on_message: OnMessage,
+        on_drop: Callable[[str], None] = lambda reason: None,
+        on_unroutable: Callable[[bytes], None] = lambda identity: None,
+        ticks: Optional[list[tuple[float, Callable[[], None]]]] = None,
+        on_peer_message: Callable[[str, Any], None] = lambda endpoint, msg: None,
+        on_peer_lost: Callable[[str], None] = lambda endpoint: None,
+        identity: str = "",
+        secret: bytes = b"",
+    ):
         self.codec = codec
         self.on_message, self.on_drop, self.on_unroutable = on_message, on_drop, on_unroutable
         self.on_peer_message, self.on_peer_lost = on_peer_message, on_peer_lost
@@ -197,7 +205,9 @@ class RpcServer:
                 if endpoint is None:
                     msg, _, seq = self.codec.decode_frame(payload, context=b"from:" + identity)
                 else:
-                    msg, _, seq = self.codec.decode_frame(payload, context=b"to:" + self._dealer_ids[endpoint])
+                    msg, _, seq = self.codec.decode_frame(
+                        payload, context=b"to:" + self._dealer_ids[endpoint]
+                    )
                 self._replay.check((b"r:" if endpoint is None else b"d:") + identity, seq)
             except WireError as exc:
                 self._dropped(identity, exc.reason, str(exc))
@@ -218,8 +228,13 @@ class RpcServer:
         key = (identity, reason)
         if key not in self._logged and len(self._logged) < MAX_LOGGED_SENDERS:
             self._logged.add(key)
-            log.warning("dropped a frame from %r (%s): %s; further %s drops from it are not logged",
-                        identity, reason, detail, reason)
+            log.warning(
+                "dropped a frame from %r (%s): %s; further %s drops from it are not logged",
+                identity,
+                reason,
+                detail,
+                reason,
+            )
 
     def _flush_outbox(self) -> None:
         while True:

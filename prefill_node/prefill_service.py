@@ -16,6 +16,7 @@ One request, in order:
      engine request.
 An `abort` from the decode node (or its DEALER going away) stops the prefill and the transfer at any point.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -25,10 +26,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from node_runtime.protocol import FirstToken, Prefill, PrefillDone, plain
 from engine.engine_loop import Sink
 from engine.errors import PromptTooLongError
 from engine.sampling_params import SamplingParams
+from node_runtime.protocol import FirstToken, Prefill, PrefillDone, plain
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +49,18 @@ class PrefillJob:
     @property
     def engine_id(self) -> str:
         return self.request_id + ENGINE_ID_SUFFIX
+
     first_token_sent: bool = False
-    ended: bool = False  # aborted or failed (a finished transfer is not an end: the first token may still come)
+    ended: bool = (
+        False  # aborted or failed (a finished transfer is not an end: the first token may still come)
+    )
     done_sent: bool = False  # prefill_done went out: the decode node may free the blocks
 
 
 class PrefillService:
     def __init__(self, node):
-        from node_runtime.connector import connector_config
         from kvconnector.producer import KVProducer
+        from node_runtime.connector import connector_config
         from prefill_node.step_hooks import TransferStepHooks
 
         self.node = node
@@ -64,7 +68,9 @@ class PrefillService:
         self.lock = threading.Lock()
         self.jobs: dict[str, PrefillJob] = {}
         self.bound: dict[str, PrefillJob] = {}  # requests the connector may write for (from just before bind)
-        self.producer = KVProducer(connector_config(node), self.core.runner.kv_caches, on_complete=self._on_complete)
+        self.producer = KVProducer(
+            connector_config(node), self.core.runner.kv_caches, on_complete=self._on_complete
+        )
         node.metrics.extra_registries.append(self.producer.metrics.registry)
         self.hooks = TransferStepHooks(self.core, self.producer, self.transfer_id)
         self.executor = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="prefill-reserve")
@@ -73,7 +79,7 @@ class PrefillService:
         """Engine request ids carry a suffix, so a kv_both node can prefill for itself without a clash."""
         if not engine_request_id.endswith(ENGINE_ID_SUFFIX):
             return None
-        rid = engine_request_id[:-len(ENGINE_ID_SUFFIX)]
+        rid = engine_request_id[: -len(ENGINE_ID_SUFFIX)]
         return rid if self.producer.scheduler.is_active(rid) else None
 
     @property
@@ -108,8 +114,13 @@ class PrefillService:
         with self.lock:  # before bind: an abort racing the bind then finds it and aborts in the connector
             self.bound[job.request_id] = job
         try:
-            self.producer.bind(job.request_id, parse_endpoint(msg.kv_endpoint), len(msg.prompt_token_ids),
-                               msg.block_ids, msg.num_cached_blocks)
+            self.producer.bind(
+                job.request_id,
+                parse_endpoint(msg.kv_endpoint),
+                len(msg.prompt_token_ids),
+                msg.block_ids,
+                msg.num_cached_blocks,
+            )
         except Exception as exc:  # unreachable decode node, layout refused, a reservation that does not fit
             with self.lock:
                 self.bound.pop(job.request_id, None)
@@ -120,9 +131,11 @@ class PrefillService:
         if not job.in_engine:
             self.producer.abort(job.request_id, "aborted")
             return
-        sink = Sink(on_output=lambda out: self._on_output(job, out),
-                    on_fail=lambda why: self._fail(job, 503, why, retryable=True),
-                    on_scheduled=lambda t: setattr(job, "scheduled_at", t))
+        sink = Sink(
+            on_output=lambda out: self._on_output(job, out),
+            on_fail=lambda why: self._fail(job, 503, why, retryable=True),
+            on_scheduled=lambda t: setattr(job, "scheduled_at", t),
+        )
         future = self.loop.add_request(job.engine_id, msg.prompt_token_ids, job.params, sink)
         future.add_done_callback(lambda f: self._added(job, f))
 
@@ -139,11 +152,19 @@ class PrefillService:
         job.first_token_sent = True
         now = time.monotonic()
         scheduled = job.scheduled_at or job.arrival
-        self.rpc.send(job.identity, FirstToken(
-            request_id=job.request_id, token=out.new_token_ids[0],
-            logprobs=plain(out.new_logprobs[0]) if out.new_logprobs else None,
-            num_cached_tokens=max(out.num_cached_tokens, 0),
-            timings={"prefill_queue": max(scheduled - job.arrival, 0.0), "prefill": max(now - scheduled, 0.0)}))
+        self.rpc.send(
+            job.identity,
+            FirstToken(
+                request_id=job.request_id,
+                token=out.new_token_ids[0],
+                logprobs=plain(out.new_logprobs[0]) if out.new_logprobs else None,
+                num_cached_tokens=max(out.num_cached_tokens, 0),
+                timings={
+                    "prefill_queue": max(scheduled - job.arrival, 0.0),
+                    "prefill": max(now - scheduled, 0.0),
+                },
+            ),
+        )
 
     # ---- 5: the transfer's end -----------------------------------------------------------------------------------
     def _on_complete(self, request_id: str, ok: bool, timings: dict) -> None:
@@ -158,8 +179,12 @@ class PrefillService:
             if not job.first_token_sent:
                 self.loop.abort(job.engine_id)
         exposed = timings.get("exposed_gpu_s", timings.get("exposed_s", 0.0))
-        self._prefill_done(job, ok, str(timings.get("cause", "")),
-                           {"transfer": float(timings.get("transfer_s", 0.0)), "exposed_transfer": float(exposed)})
+        self._prefill_done(
+            job,
+            ok,
+            str(timings.get("cause", "")),
+            {"transfer": float(timings.get("transfer_s", 0.0)), "exposed_transfer": float(exposed)},
+        )
 
     def _prefill_done(self, job: PrefillJob, ok: bool, cause: str, timings: dict) -> None:
         """Exactly once per job, and only once nothing more will be written for it."""
@@ -167,7 +192,9 @@ class PrefillService:
             if job.done_sent:
                 return
             job.done_sent = True
-        self.rpc.send(job.identity, PrefillDone(request_id=job.request_id, ok=ok, cause=cause, timings=timings))
+        self.rpc.send(
+            job.identity, PrefillDone(request_id=job.request_id, ok=ok, cause=cause, timings=timings)
+        )
 
     # ---- ends from outside -------------------------------------------------------------------------------------
     def abort(self, request_id: str, reason: str) -> None:

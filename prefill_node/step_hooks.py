@@ -6,6 +6,7 @@ request that is transferring (start_step) and sets the runner's `on_layer_done`,
 while later layers compute; `after_forward` ends the step. The hook is set only for steps that move KV, since a
 set hook keeps the runner off its CUDA graphs. Runs on the engine loop thread, inside `core.step()`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,7 +34,9 @@ class TransferStepHooks:
             if request is None:
                 continue
             computed = item.num_computed_tokens + item.num_new_tokens
-            progress.append(StepProgress(rid, computed, list(item.block_ids), computed >= request.num_prompt_tokens))
+            progress.append(
+                StepProgress(rid, computed, list(item.block_ids), computed >= request.num_prompt_tokens)
+            )
         plans = self.producer.start_step(progress) if progress else []
         self._planned = bool(plans)
         if not plans and progress:

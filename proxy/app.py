@@ -8,6 +8,7 @@ slow request never delays /health, heartbeats or other streams. A bug answers 50
 the handler, so uvicorn keeps the keep-alive connection usable.
 /health and /metrics need no key (probes and scrapers). Never imports torch (a test checks).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,11 +34,11 @@ from proxy.config import ProxyConfig
 from proxy.dispatch import Dispatcher
 from proxy.errors import APIError, bad_request
 from proxy.indexer import Indexer
+from proxy.limits import SequenceLimits
 from proxy.metrics import ProxyMetrics
 from proxy.node_rpc import NodeRpc
 from proxy.nodes import NodeRegistry
 from proxy.prefix_index import InProcessPrefixIndex
-from proxy.limits import SequenceLimits
 from proxy.protocol import check_length, parse_chat, parse_completion
 from proxy.request_body import read_json_object
 from proxy.router import Router
@@ -80,6 +81,7 @@ class ProxyState:
         self.registry = NodeRegistry(misses=cfg.heartbeat_misses)
         if cfg.redis_url:
             from proxy.redis_index import RedisPrefixIndex
+
             self.index = RedisPrefixIndex(cfg.redis_url)
             self.metrics.watch_redis(lambda: self.index.up, lambda: self.index.errors)
         else:
@@ -87,23 +89,34 @@ class ProxyState:
         self.metrics.watch_index(self.index.num_blocks)
         for role in ("prefill", "decode", "both"):
             self.metrics.nodes_live.labels(role).set_function(
-                lambda role=role: sum(1 for n in self.registry.live() if n.role == role))
+                lambda role=role: sum(1 for n in self.registry.live() if n.role == role)
+            )
         proxy_id = cfg.proxy_id or f"proxy-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         drop = lambda reason: self.metrics.dropped_frames.labels(reason).inc()  # noqa: E731
         secret = resolve_secret(cfg.kv_secret or None, cfg.host)
         curve.check_available()
-        self.rpc = NodeRpc(self.ctx, make_codec(secret), proxy_id, on_drop=drop, on_alive=self._rpc_alive,
-                           secret=secret)
+        self.rpc = NodeRpc(
+            self.ctx, make_codec(secret), proxy_id, on_drop=drop, on_alive=self._rpc_alive, secret=secret
+        )
         self.registry.on_up.append(lambda node: self.rpc.connect(node.rpc))
         self.router = Router(cfg.router)
         self.dispatcher = Dispatcher(cfg, self.registry, self.index, self.router, self.rpc, self.metrics)
-        self.indexer = Indexer(self.ctx, list(cfg.node_events), self.registry, self.index, on_drop=drop,
-                               secret=secret)
+        self.indexer = Indexer(
+            self.ctx, list(cfg.node_events), self.registry, self.index, on_drop=drop, secret=secret
+        )
         self.indexer.start()
-        self.served = Served(self.dispatcher, self.tokenizer, self.metrics, self.model_name, cfg.request_timeout_s)
-        log.info("proxy %s: model %s (max_model_len %d), %d node endpoint(s), routing %s, index %s", proxy_id,
-                 self.model_name, self.max_model_len, len(cfg.node_events), cfg.router.policy,
-                 f"redis {cfg.redis_url}" if cfg.redis_url else "in-process")
+        self.served = Served(
+            self.dispatcher, self.tokenizer, self.metrics, self.model_name, cfg.request_timeout_s
+        )
+        log.info(
+            "proxy %s: model %s (max_model_len %d), %d node endpoint(s), routing %s, index %s",
+            proxy_id,
+            self.model_name,
+            self.max_model_len,
+            len(cfg.node_events),
+            cfg.router.policy,
+            f"redis {cfg.redis_url}" if cfg.redis_url else "in-process",
+        )
 
     def _rpc_alive(self, rpc: str) -> None:
         node = self.registry.by_rpc(rpc)
@@ -123,9 +136,14 @@ class ProxyState:
         if self.config.redis_url:
             redis = "up" if self.index.up else "down"
         ok = bool(decoders)
-        return (200 if ok else 503), {"status": "ok" if ok else "no_live_node", "model": self.model_name,
-                                      "live_nodes": len(self.registry.live()), "redis": redis,
-                                      "inflight": self.inflight, "nodes": nodes}
+        return (200 if ok else 503), {
+            "status": "ok" if ok else "no_live_node",
+            "model": self.model_name,
+            "live_nodes": len(self.registry.live()),
+            "redis": redis,
+            "inflight": self.inflight,
+            "nodes": nodes,
+        }
 
 
 class AsciiJSONResponse(JSONResponse):
@@ -177,17 +195,26 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
-            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), config.api_key.encode()
+        ):
+            raise APIError(
+                401,
+                "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                code="invalid_api_key",
+            )
 
     def check_model(body: dict) -> None:
         model = body.get("model")
         if model is None:
             return  # lenient: the one model we serve
         if model not in (state.model_name, config.model):
-            raise APIError(404, f"The model '{model}' does not exist; this server serves '{state.model_name}'.",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model '{model}' does not exist; this server serves '{state.model_name}'.",
+                param="model",
+                code="model_not_found",
+            )
 
     async def generate(request: Request, endpoint: str, parse) -> Response:
         try:
@@ -205,8 +232,11 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
             body = await read_json_object(request, config.max_request_bytes)
             check_model(body)
             if state.inflight >= config.max_queue:
-                raise APIError(429, f"the proxy's queue is full ({config.max_queue} requests in flight); "
-                                    "retry later", code="queue_full")
+                raise APIError(
+                    429,
+                    f"the proxy's queue is full ({config.max_queue} requests in flight); retry later",
+                    code="queue_full",
+                )
             # Tokenizing (or templating) a long prompt takes long: off the event loop.
             req = await asyncio.to_thread(parse, body, state.tokenizer, state.max_prompt_chars)
             check_length(req, state.max_model_len)
@@ -218,8 +248,13 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
             raise
         state.inflight += 1
         state.metrics.inflight.inc()
-        return await serve(state.served, request, req, endpoint,
-                           on_end=lambda: (state.limits.release(key, sequences), _done()))
+        return await serve(
+            state.served,
+            request,
+            req,
+            endpoint,
+            on_end=lambda: (state.limits.release(key, sequences), _done()),
+        )
 
     def _done() -> None:
         state.inflight -= 1
@@ -236,9 +271,19 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         check_auth(request)
-        return {"object": "list", "data": [{
-            "id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "pdserve",
-            "root": config.model, "max_model_len": state.max_model_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.model_name,
+                    "object": "model",
+                    "created": int(state.started),
+                    "owned_by": "pdserve",
+                    "root": config.model,
+                    "max_model_len": state.max_model_len,
+                }
+            ],
+        }
 
     @app.get("/health")
     async def health():
@@ -248,6 +293,7 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST
+
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -5,6 +5,7 @@ at stop strings (then the node is told to abort: the proxy owns stop strings) an
 that completed the stop, so completion_tokens and logprobs match the text. Logprob records are shaped for the
 two OpenAI endpoints by `completion_logprobs` / `chat_logprobs`.
 """
+
 from __future__ import annotations
 
 import math
@@ -92,6 +93,7 @@ def completion_logprobs(tokenizer, ids: list[int], entries: list[LogprobEntry], 
 
 def chat_logprobs(tokenizer, ids: list[int], entries: list[LogprobEntry]) -> dict:
     """Chat's shape: content = [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
+
     def item(tid: int, lp: float) -> dict:
         tok = decode_token(tokenizer, tid)
         return {"token": tok, "logprob": _finite(lp), "bytes": list(tok.encode("utf-8"))}

@@ -1,4 +1,5 @@
 """The proxy's settings: one frozen dataclass per component, defaults here, flags in proxy/cli.py."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ class RouterWeights:
     with the defaults, a prefill node holding the whole prompt beats an idle one unless its queue holds ~4 more
     requests than the idle one's.
     """
+
     prefill_hit: float = 1.0  # fraction of the prompt cached on P (compute saved)
     decode_hit: float = 0.5  # fraction of the prompt D already holds (bytes not moved, blocks not reserved)
     prefill_queue: float = 0.25  # per request waiting on P

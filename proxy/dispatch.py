@@ -11,6 +11,7 @@ What cannot be retried becomes an `APIError` with the node's status (the decode 
 the deadline passed: 504, and the node is told to abort). Every end (finish, error, abort) releases the choice's
 per-node counters exactly once, and an abort always reaches the decode node, which frees blocks on both nodes.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -47,8 +48,15 @@ def prompt_block_hashes(token_ids: list[int], block_size: int) -> list[int]:
 
 
 class Dispatcher:
-    def __init__(self, config: ProxyConfig, registry: NodeRegistry, index: PrefixIndex, router: Router,
-                 rpc: NodeRpc, metrics: ProxyMetrics):
+    def __init__(
+        self,
+        config: ProxyConfig,
+        registry: NodeRegistry,
+        index: PrefixIndex,
+        router: Router,
+        rpc: NodeRpc,
+        metrics: ProxyMetrics,
+    ):
         self.config, self.registry, self.index, self.router = config, registry, index, router
         self.rpc, self.metrics = rpc, metrics
         self.inflight: dict[str, "ChoiceRun"] = {}  # current node request id -> run
@@ -63,8 +71,12 @@ class Dispatcher:
     async def route(self, prompt: list[int], exclude: set[str]) -> Decision:
         block_size = self.registry.block_size()
         if block_size is None:
-            raise APIError(503, "no live node can serve this request (no node has sent a heartbeat; are the "
-                                "--node endpoints and --kv-secret right?)", code="no_live_node")
+            raise APIError(
+                503,
+                "no live node can serve this request (no node has sent a heartbeat; are the "
+                "--node endpoints and --kv-secret right?)",
+                code="no_live_node",
+            )
         prefillers, decoders = self.registry.prefillers(), self.registry.decoders()
         hits: dict[str, int] = {}
         if self.router.config.policy == "cache_aware":
@@ -82,7 +94,9 @@ class Dispatcher:
 
 
 class ChoiceRun:
-    def __init__(self, dispatcher: Dispatcher, request_id: str, prompt: list[int], params: dict, deadline: float):
+    def __init__(
+        self, dispatcher: Dispatcher, request_id: str, prompt: list[int], params: dict, deadline: float
+    ):
         self.d = dispatcher
         self.base_id = request_id
         self.node_rid = request_id
@@ -107,7 +121,9 @@ class ChoiceRun:
         dec = self.decision
         if dec is None:
             return "-"
-        return f"{dec.mode}:{dec.prefill.node_id if dec.prefill else dec.decode.node_id}->{dec.decode.node_id}"
+        return (
+            f"{dec.mode}:{dec.prefill.node_id if dec.prefill else dec.decode.node_id}->{dec.decode.node_id}"
+        )
 
     # ---- sending ------------------------------------------------------------------------------------------------
     async def send_first(self) -> None:
@@ -121,21 +137,30 @@ class ChoiceRun:
         while True:
             self._attach(decision)
             remaining = max(self.deadline - time.monotonic(), 0.001)
-            msg = Generate(request_id=self.node_rid, prompt_token_ids=self.prompt, params=self.params,
-                           mode=decision.mode, prefill_rpc=decision.prefill.rpc if decision.prefill else "",
-                           deadline_s=remaining)
+            msg = Generate(
+                request_id=self.node_rid,
+                prompt_token_ids=self.prompt,
+                params=self.params,
+                mode=decision.mode,
+                prefill_rpc=decision.prefill.rpc if decision.prefill else "",
+                deadline_s=remaining,
+            )
             try:
                 await self.d.rpc.send(decision.decode.rpc, msg)
                 return
             except FrameTooLarge as exc:  # the request itself is too big to carry: no node could take it
                 self._detach()
                 self.ended = True
-                raise APIError(413, f"the request is too large for the node wire ({exc})",
-                               code="request_too_large") from None
+                raise APIError(
+                    413, f"the request is too large for the node wire ({exc})", code="request_too_large"
+                ) from None
             except NodeUnreachable as exc:
                 self._detach()
-                decision = await self._reroute("unreachable", exclude=[decision.decode],
-                                               error=APIError(503, str(exc), code="node_unreachable"))
+                decision = await self._reroute(
+                    "unreachable",
+                    exclude=[decision.decode],
+                    error=APIError(503, str(exc), code="node_unreachable"),
+                )
 
     def _attach(self, decision: Decision) -> None:
         self.decision = decision
@@ -172,8 +197,14 @@ class ChoiceRun:
             raise error from None
         self.attempt += 1
         self.d.metrics.retries.labels(reason).inc()
-        log.warning("request %s: %s (%s); re-sending as %s.r%d", self.base_id, reason, error.message,
-                    self.base_id, self.attempt)
+        log.warning(
+            "request %s: %s (%s); re-sending as %s.r%d",
+            self.base_id,
+            reason,
+            error.message,
+            self.base_id,
+            self.attempt,
+        )
         return decision
 
     # ---- receiving ----------------------------------------------------------------------------------------------
@@ -185,8 +216,11 @@ class ChoiceRun:
             item = await self._get_before_deadline()
             if item is _DEADLINE:
                 self.abort("timeout")
-                raise APIError(504, f"the request did not finish within {self.d.config.request_timeout_s:g}s",
-                               code="timeout")
+                raise APIError(
+                    504,
+                    f"the request did not finish within {self.d.config.request_timeout_s:g}s",
+                    code="timeout",
+                )
             if isinstance(item, Tokens):
                 if item.token_ids and not self.got_tokens:
                     self.got_tokens = True
@@ -239,8 +273,11 @@ class ChoiceRun:
             self.d.rpc.abort_soon(dec.decode.rpc, self.node_rid, "decode node declared dead")
             self._detach()
             if not self.got_tokens:
-                decision = await self._reroute("decode_node_lost", [dec.decode], APIError(
-                    503, f"decode node {node_id} stopped responding", code="node_lost"))
+                decision = await self._reroute(
+                    "decode_node_lost",
+                    [dec.decode],
+                    APIError(503, f"decode node {node_id} stopped responding", code="node_lost"),
+                )
                 await self._send(decision)
                 return
             self.ended = True
@@ -248,8 +285,11 @@ class ChoiceRun:
         if dec.prefill is not None and dec.prefill.node_id == node_id and not self.got_tokens:
             self.d.rpc.abort_soon(dec.decode.rpc, self.node_rid, "prefill node lost")
             self._detach()
-            decision = await self._reroute("prefill_node_lost", [dec.prefill], APIError(
-                503, f"prefill node {node_id} stopped responding", code="node_lost"))
+            decision = await self._reroute(
+                "prefill_node_lost",
+                [dec.prefill],
+                APIError(503, f"prefill node {node_id} stopped responding", code="node_lost"),
+            )
             await self._send(decision)
 
     # ---- ending -------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Errors the proxy answers with, in OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}}."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -16,8 +17,14 @@ _TYPES = {
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 type: Optional[str] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        type: Optional[str] = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message

@@ -9,6 +9,7 @@ A reaper declares nodes dead after `misses` silent heartbeat intervals (of time 
 that comes late means the loop stalled, and silence restarts from then); the registry's listeners then drop their
 index entries (here) and fail or re-route their requests (the dispatcher).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,8 +32,15 @@ STALL_FRACTION = 0.25  # a reaper tick this late (in node timeouts) means the pr
 
 
 class Indexer:
-    def __init__(self, ctx: zmq.asyncio.Context, endpoints: list[str], registry: NodeRegistry, index: PrefixIndex,
-                 on_drop: Callable[[str], None] = lambda reason: None, secret: bytes = b""):
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        endpoints: list[str],
+        registry: NodeRegistry,
+        index: PrefixIndex,
+        on_drop: Callable[[str], None] = lambda reason: None,
+        secret: bytes = b"",
+    ):
         self.ctx = ctx
         self.endpoints = list(endpoints)
         self.registry = registry
@@ -119,10 +127,19 @@ class Indexer:
         key = (endpoint, topic)
         last = self._last_seq.get(key)
         self._last_seq[key] = seq
-        if last is None or seq >= last or not topic.startswith(TOPIC_KV_EVENTS) or endpoint not in self._node_of:
+        if (
+            last is None
+            or seq >= last
+            or not topic.startswith(TOPIC_KV_EVENTS)
+            or endpoint not in self._node_of
+        ):
             return False
-        log.warning("KV events from %s restarted at seq %d (was %d): the node restarted; dropping its index "
-                    "entries", endpoint, seq, last)
+        log.warning(
+            "KV events from %s restarted at seq %d (was %d): the node restarted; dropping its index entries",
+            endpoint,
+            seq,
+            last,
+        )
         return True
 
     def _dropped(self, endpoint: str, reason: str, detail: str) -> None:

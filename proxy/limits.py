@@ -5,6 +5,7 @@ to take without bound: one request asking n=128 over a batch of prompts, or one 
 Over the per-request limit: 400 (the request can never run). Over the per-key limit: 429 (retry later).
 Clients are told apart by their bearer token (all clients share one bucket when the proxy has no --api-key).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,12 +27,19 @@ class SequenceLimits:
 
     def acquire(self, key: str, sequences: int) -> None:
         if sequences > self.per_request:
-            raise bad_request(f"this request asks for {sequences} sequences (prompts x n); at most "
-                              f"{self.per_request} are allowed per request", param="n")
+            raise bad_request(
+                f"this request asks for {sequences} sequences (prompts x n); at most "
+                f"{self.per_request} are allowed per request",
+                param="n",
+            )
         used = self.in_use.get(key, 0)
         if used + sequences > self.per_key:
-            raise APIError(429, f"too many concurrent sequences for this API key ({used} running, {sequences} "
-                                f"asked, limit {self.per_key}); retry later", code="too_many_sequences")
+            raise APIError(
+                429,
+                f"too many concurrent sequences for this API key ({used} running, {sequences} "
+                f"asked, limit {self.per_key}); retry later",
+                code="too_many_sequences",
+            )
         self.in_use[key] = used + sequences
 
     def release(self, key: str, sequences: int) -> None:

@@ -6,6 +6,7 @@ reason, and dropped. ZMQ drops a node that sends a message over MAXMSGSIZE. Repl
 Sockets are made on first use and set IMMEDIATE, so a send to a node with no live connection fails at once
 (zmq.Again -> NodeUnreachable) instead of queueing behind a dead peer. Everything runs on the event loop.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,9 +29,15 @@ class NodeUnreachable(Exception):
 
 
 class NodeRpc:
-    def __init__(self, ctx: zmq.asyncio.Context, codec: SignedCodec, identity: str,
-                 on_drop: Callable[[str], None] = lambda reason: None,
-                 on_alive: Callable[[str], None] = lambda rpc: None, secret: bytes = b""):
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        codec: SignedCodec,
+        identity: str,
+        on_drop: Callable[[str], None] = lambda reason: None,
+        on_alive: Callable[[str], None] = lambda rpc: None,
+        secret: bytes = b"",
+    ):
         self.ctx = ctx
         self.codec = codec
         self.identity = identity.encode()
@@ -98,6 +105,7 @@ class NodeRpc:
 
     def abort_soon(self, endpoint: str, request_id: str, reason: str) -> None:
         """Fire-and-forget Abort, safe from `finally` blocks of cancelled tasks."""
+
         async def go():
             try:
                 await self.send(endpoint, Abort(request_id=request_id, reason=reason), timeout_s=0.5)

@@ -10,6 +10,7 @@ timeout, since its heartbeats may be waiting unread in the socket.
 The proxy also counts its own requests per node (`pending_prefill`, `active`): heartbeats are up to an interval
 old, and without these a burst would all go to the node that looked idle half a second ago.
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,12 +64,22 @@ class NodeState:
         return self.free_blocks / self.total_blocks if self.total_blocks else 0.0
 
     def describe(self) -> dict:
-        return {"node_id": self.node_id, "role": self.role, "rpc": self.rpc, "http": self.http,
-                "events": self.events, "alive": self.alive, "num_waiting": self.num_waiting,
-                "num_running": self.num_running, "free_blocks": self.free_blocks,
-                "total_blocks": self.total_blocks, "block_size": self.block_size,
-                "proxy_pending_prefill": self.pending_prefill, "proxy_active": self.active,
-                "silent_s": round(time.monotonic() - self.last_seen, 3)}
+        return {
+            "node_id": self.node_id,
+            "role": self.role,
+            "rpc": self.rpc,
+            "http": self.http,
+            "events": self.events,
+            "alive": self.alive,
+            "num_waiting": self.num_waiting,
+            "num_running": self.num_running,
+            "free_blocks": self.free_blocks,
+            "total_blocks": self.total_blocks,
+            "block_size": self.block_size,
+            "proxy_pending_prefill": self.pending_prefill,
+            "proxy_active": self.active,
+            "silent_s": round(time.monotonic() - self.last_seen, 3),
+        }
 
 
 class NodeRegistry:
@@ -90,8 +101,14 @@ class NodeRegistry:
                 node = NodeState(hb.node_id, events_endpoint, hb.role, hb.rpc, hb.http, hb.block_size)
                 self.nodes[hb.node_id] = node
             node.alive = True
-            log.info("node %s up: role %s, rpc %s, http %s, events %s", hb.node_id, hb.role, hb.rpc, hb.http,
-                     events_endpoint)
+            log.info(
+                "node %s up: role %s, rpc %s, http %s, events %s",
+                hb.node_id,
+                hb.role,
+                hb.rpc,
+                hb.http,
+                events_endpoint,
+            )
             for cb in self.on_up:
                 cb(node)
         node.role, node.rpc, node.http, node.block_size = hb.role, hb.rpc, hb.http, hb.block_size
@@ -118,8 +135,11 @@ class NodeRegistry:
     def reap(self, now: Optional[float] = None) -> list[NodeState]:
         """Declare nodes silent for longer than the timeout dead; returns the newly dead."""
         now = time.monotonic() if now is None else now
-        dead = [n for n in self.nodes.values()
-                if n.alive and now - max(n.last_seen, self.listening_since) > self.timeout_s]
+        dead = [
+            n
+            for n in self.nodes.values()
+            if n.alive and now - max(n.last_seen, self.listening_since) > self.timeout_s
+        ]
         for node in dead:
             self.kill(node, f"silent for {now - node.last_seen:.2f}s")
         return dead
@@ -128,8 +148,13 @@ class NodeRegistry:
         if not node.alive:
             return
         node.alive = False
-        log.warning("node %s (%s, rpc %s) is dead: %s; no longer routed to, its index entries dropped",
-                    node.node_id, node.role, node.rpc, why)
+        log.warning(
+            "node %s (%s, rpc %s) is dead: %s; no longer routed to, its index entries dropped",
+            node.node_id,
+            node.role,
+            node.rpc,
+            why,
+        )
         for cb in self.on_dead:
             cb(node)
 

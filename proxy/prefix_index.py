@@ -9,6 +9,7 @@ Two implementations share the `PrefixIndex` interface (all methods async so a ne
 - `RedisPrefixIndex` (proxy/redis_index.py): several proxies share one index; keeps this one as its fallback.
 The index is a hint, never the truth: a stale entry costs a cache miss, not a wrong answer.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Protocol
@@ -93,7 +94,9 @@ class InProcessPrefixIndex:
         pass
 
 
-def leading_runs(holders_per_block: list[Iterable[str]], node_ids: Iterable[str] | None = None) -> dict[str, int]:
+def leading_runs(
+    holders_per_block: list[Iterable[str]], node_ids: Iterable[str] | None = None
+) -> dict[str, int]:
     """Given the holders of each block in prompt order, each node's count of consecutive blocks from the first."""
     if not holders_per_block:
         return {}

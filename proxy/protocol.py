@@ -21,6 +21,7 @@ Decisions:
 - Unsupported features that would change the output (non-zero penalties, logit_bias, tools, echo,
   best_of > n, suffix) are refused rather than silently ignored.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -76,10 +77,21 @@ def _get(body: dict, name: str, kind: str, default=None):
     value = body.get(name, default)
     if value is None:
         return default
-    ok = {"int": _is_int, "num": _is_num, "bool": lambda v: isinstance(v, bool),
-          "str": lambda v: isinstance(v, str), "dict": lambda v: isinstance(v, dict)}[kind](value)
+    ok = {
+        "int": _is_int,
+        "num": _is_num,
+        "bool": lambda v: isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "dict": lambda v: isinstance(v, dict),
+    }[kind](value)
     if not ok:
-        words = {"int": "an integer", "num": "a number", "bool": "a boolean", "str": "a string", "dict": "an object"}
+        words = {
+            "int": "an integer",
+            "num": "a number",
+            "bool": "a boolean",
+            "str": "a string",
+            "dict": "an object",
+        }
         raise bad_request(f"'{name}' must be {words[kind]}, got {value!r}", param=name)
     return value
 
@@ -101,7 +113,9 @@ def _stop(body: dict) -> list[str]:
     except UnicodeEncodeError:
         raise bad_request("'stop' holds a lone surrogate (not valid Unicode text)", param="stop") from None
     if size > MAX_STOP_BYTES:
-        raise bad_request(f"'stop' strings may hold at most {MAX_STOP_BYTES} bytes in all, got {size}", param="stop")
+        raise bad_request(
+            f"'stop' strings may hold at most {MAX_STOP_BYTES} bytes in all, got {size}", param="stop"
+        )
     return stop
 
 
@@ -110,12 +124,15 @@ def _stop_token_ids(body: dict, vocab: int) -> list[int]:
     if not isinstance(ids, list) or not all(_is_int(t) for t in ids):
         raise bad_request("'stop_token_ids' must be a list of integers", param="stop_token_ids")
     if len(ids) > MAX_STOP_TOKEN_IDS:
-        raise bad_request(f"'stop_token_ids' may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}",
-                          param="stop_token_ids")
+        raise bad_request(
+            f"'stop_token_ids' may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}",
+            param="stop_token_ids",
+        )
     bad = next((t for t in ids if not 0 <= t < vocab), None)
     if bad is not None:
-        raise bad_request(f"'stop_token_ids' holds {bad}, outside the vocabulary (size {vocab})",
-                          param="stop_token_ids")
+        raise bad_request(
+            f"'stop_token_ids' holds {bad}, outside the vocabulary (size {vocab})", param="stop_token_ids"
+        )
     return ids
 
 
@@ -147,16 +164,26 @@ def _sampling(body: dict, max_tokens: Optional[int], logprobs: Optional[int], vo
         raise bad_request("'best_of' other than n is not supported", param="best_of")
     temperature = _get(body, "temperature", "num", 1.0)
     if not 0 <= temperature <= MAX_TEMPERATURE:
-        raise bad_request(f"'temperature' must be between 0 and {MAX_TEMPERATURE:g}, got {temperature}",
-                          param="temperature")
+        raise bad_request(
+            f"'temperature' must be between 0 and {MAX_TEMPERATURE:g}, got {temperature}", param="temperature"
+        )
     stop_token_ids = _stop_token_ids(body, vocab)
     kwargs = dict(
-        n=n, temperature=temperature, top_p=_get(body, "top_p", "num", 1.0), top_k=_get(body, "top_k", "int", 0),
-        min_p=_get(body, "min_p", "num", 0.0), seed=_get(body, "seed", "int", None), stop=_stop(body),
-        stop_token_ids=stop_token_ids, max_tokens=max_tokens, min_tokens=_get(body, "min_tokens", "int", 0),
-        ignore_eos=_get(body, "ignore_eos", "bool", False), logprobs=logprobs,
+        n=n,
+        temperature=temperature,
+        top_p=_get(body, "top_p", "num", 1.0),
+        top_k=_get(body, "top_k", "int", 0),
+        min_p=_get(body, "min_p", "num", 0.0),
+        seed=_get(body, "seed", "int", None),
+        stop=_stop(body),
+        stop_token_ids=stop_token_ids,
+        max_tokens=max_tokens,
+        min_tokens=_get(body, "min_tokens", "int", 0),
+        ignore_eos=_get(body, "ignore_eos", "bool", False),
+        logprobs=logprobs,
         skip_special_tokens=_get(body, "skip_special_tokens", "bool", True),
-        include_stop_str_in_output=_get(body, "include_stop_str_in_output", "bool", False))
+        include_stop_str_in_output=_get(body, "include_stop_str_in_output", "bool", False),
+    )
     try:
         return SamplingParams(**kwargs)
     except ValueError as exc:
@@ -186,12 +213,17 @@ def _max_tokens(body: dict, names: tuple[str, ...]) -> Optional[int]:
 
 # ---------------------------------------------------------------------------------------------------- requests
 
+
 def _too_long(chars: int, max_prompt_chars: Optional[int], param: str) -> None:
     """A text with more characters than max_model_len tokens could ever cover is refused before tokenizing it
     (tokenizing megabytes takes seconds, and its answer is known)."""
     if max_prompt_chars is not None and chars > max_prompt_chars:
-        raise bad_request(f"This model's maximum context length cannot hold a prompt of {chars} characters "
-                          f"(at most {max_prompt_chars}).", param=param, code="context_length_exceeded")
+        raise bad_request(
+            f"This model's maximum context length cannot hold a prompt of {chars} characters "
+            f"(at most {max_prompt_chars}).",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 def parse_completion(body: dict, tokenizer, max_prompt_chars: Optional[int] = None) -> GenerationRequest:
@@ -199,17 +231,29 @@ def parse_completion(body: dict, tokenizer, max_prompt_chars: Optional[int] = No
     stream = _get(body, "stream", "bool", False)
     logprobs = _get(body, "logprobs", "int", None)
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-        raise bad_request(f"'logprobs' must be between 0 and {MAX_LOGPROBS}, got {logprobs}", param="logprobs")
+        raise bad_request(
+            f"'logprobs' must be between 0 and {MAX_LOGPROBS}, got {logprobs}", param="logprobs"
+        )
     max_tokens = _max_tokens(body, ("max_tokens",))
     params = _sampling(body, 16 if max_tokens is None else max_tokens, logprobs, len(tokenizer))
     prompts, texts = _completion_prompts(body.get("prompt"), tokenizer, max_prompt_chars)
-    return GenerationRequest("completion", body.get("model"), prompts, params, stream,
-                             _stream_options(body, stream), logprobs, _get(body, "user", "str"),
-                             _get(body, "return_token_ids", "bool", False), texts)
+    return GenerationRequest(
+        "completion",
+        body.get("model"),
+        prompts,
+        params,
+        stream,
+        _stream_options(body, stream),
+        logprobs,
+        _get(body, "user", "str"),
+        _get(body, "return_token_ids", "bool", False),
+        texts,
+    )
 
 
-def _completion_prompts(prompt, tokenizer, max_prompt_chars: Optional[int] = None
-                        ) -> tuple[list[list[int]], list[Optional[str]]]:
+def _completion_prompts(
+    prompt, tokenizer, max_prompt_chars: Optional[int] = None
+) -> tuple[list[list[int]], list[Optional[str]]]:
     def ids_ok(x) -> bool:
         return isinstance(x, list) and all(_is_int(t) and t >= 0 for t in x)
 
@@ -222,8 +266,11 @@ def _completion_prompts(prompt, tokenizer, max_prompt_chars: Optional[int] = Non
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or (ids_ok(p) and p) for p in prompt):
         items = prompt
     else:
-        raise bad_request("'prompt' must be a string, a list of strings, a list of token ids or a list of such "
-                          "lists (non-empty)", param="prompt")
+        raise bad_request(
+            "'prompt' must be a string, a list of strings, a list of token ids or a list of such "
+            "lists (non-empty)",
+            param="prompt",
+        )
     ids, texts = [], []
     vocab = len(tokenizer)
     for item in items:
@@ -236,8 +283,9 @@ def _completion_prompts(prompt, tokenizer, max_prompt_chars: Optional[int] = Non
             texts.append(item)
         else:
             if max(item) >= vocab:
-                raise bad_request(f"prompt token id {max(item)} is outside the vocabulary (size {vocab})",
-                                  param="prompt")
+                raise bad_request(
+                    f"prompt token id {max(item)} is outside the vocabulary (size {vocab})", param="prompt"
+                )
             ids.append(list(item))
             texts.append(None)
     for p in ids:
@@ -254,7 +302,9 @@ def parse_chat(body: dict, tokenizer, max_prompt_chars: Optional[int] = None) ->
     if top is not None and not want_logprobs:
         raise bad_request("'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
     if top is not None and not 0 <= top <= MAX_LOGPROBS:
-        raise bad_request(f"'top_logprobs' must be between 0 and {MAX_LOGPROBS}, got {top}", param="top_logprobs")
+        raise bad_request(
+            f"'top_logprobs' must be between 0 and {MAX_LOGPROBS}, got {top}", param="top_logprobs"
+        )
     logprobs = (top or 0) if want_logprobs else None
     messages = _messages(body.get("messages"))
     _too_long(sum(len(_content_text(m.get("content"))) for m in messages), max_prompt_chars, "messages")
@@ -262,12 +312,26 @@ def parse_chat(body: dict, tokenizer, max_prompt_chars: Optional[int] = None) ->
     try:
         prompt = tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # noqa: BLE001 - a template may raise anything for odd messages
-        raise bad_request(f"the chat template could not render these messages: {exc}", param="messages") from None
+        raise bad_request(
+            f"the chat template could not render these messages: {exc}", param="messages"
+        ) from None
     if not prompt:
         raise bad_request("the rendered chat prompt is empty", param="messages")
-    params = _sampling(body, _max_tokens(body, ("max_completion_tokens", "max_tokens")), logprobs, len(tokenizer))
-    return GenerationRequest("chat", body.get("model"), [prompt], params, stream, _stream_options(body, stream),
-                             logprobs, _get(body, "user", "str"), _get(body, "return_token_ids", "bool", False), [None])
+    params = _sampling(
+        body, _max_tokens(body, ("max_completion_tokens", "max_tokens")), logprobs, len(tokenizer)
+    )
+    return GenerationRequest(
+        "chat",
+        body.get("model"),
+        [prompt],
+        params,
+        stream,
+        _stream_options(body, stream),
+        logprobs,
+        _get(body, "user", "str"),
+        _get(body, "return_token_ids", "bool", False),
+        [None],
+    )
 
 
 def _content_text(content) -> str:
@@ -285,16 +349,26 @@ def _messages(messages) -> list[dict]:
             raise bad_request(f"messages[{i}] must be an object", param="messages")
         role = m.get("role")
         if role not in CHAT_ROLES:
-            raise bad_request(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
-                              param="messages")
+            raise bad_request(
+                f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}", param="messages"
+            )
         content = m.get("content")
         if isinstance(content, list):
             for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise bad_request(f"messages[{i}].content parts must be {{'type': 'text', 'text': str}} "
-                                      "(only text is supported)", param="messages")
+                if (
+                    not isinstance(part, dict)
+                    or part.get("type") != "text"
+                    or not isinstance(part.get("text"), str)
+                ):
+                    raise bad_request(
+                        f"messages[{i}].content parts must be {{'type': 'text', 'text': str}} "
+                        "(only text is supported)",
+                        param="messages",
+                    )
         elif content is not None and not isinstance(content, str):
-            raise bad_request(f"messages[{i}].content must be a string or a list of text parts", param="messages")
+            raise bad_request(
+                f"messages[{i}].content must be a string or a list of text parts", param="messages"
+            )
         out.append(dict(m))
     return out
 
@@ -303,14 +377,20 @@ def check_length(req: GenerationRequest, max_model_len: int) -> None:
     """400 when a prompt (plus max_tokens) does not fit; fill in chat's default max_tokens."""
     longest = max(len(p) for p in req.prompts)
     if longest >= max_model_len:
-        raise bad_request(f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
-                          f"has {longest} tokens, which leaves no room for a completion.", param="messages"
-                          if req.kind == "chat" else "prompt", code="context_length_exceeded")
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
+            f"has {longest} tokens, which leaves no room for a completion.",
+            param="messages" if req.kind == "chat" else "prompt",
+            code="context_length_exceeded",
+        )
     if req.params.max_tokens is None:
         req.params.max_tokens = max_model_len - longest
         return
     if longest + req.params.max_tokens > max_model_len:
-        raise bad_request(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-                          f"{longest + req.params.max_tokens} tokens ({longest} in the prompt, "
-                          f"{req.params.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
-                          param="max_tokens", code="context_length_exceeded")
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{longest + req.params.max_tokens} tokens ({longest} in the prompt, "
+            f"{req.params.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )

@@ -10,6 +10,7 @@ fails (refused, timeout) the proxy answers from that local view, logs the outage
 `pdserve_proxy_redis_up` to 0 and retries every `retry_s`. When Redis is back, the local view of each node is
 written again (blocks stored or removed while it was down, nodes that died meanwhile), then Redis serves again.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,8 +32,13 @@ class RedisPrefixIndex:
         self.prefix = prefix
         self.retry_s = retry_s
         self.local = InProcessPrefixIndex()
-        self._redis = aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                        retry_on_timeout=False, health_check_interval=0)
+        self._redis = aioredis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
         self.up = True  # optimistic until the first failure
         self.errors = 0  # failed Redis operations (a metric)
         self._retry_at = 0.0
@@ -53,8 +59,14 @@ class RedisPrefixIndex:
         self._retry_at = time.monotonic() + self.retry_s
         if self.up:
             self.up = False
-            log.warning("Redis index at %s is unavailable (%s: %s); serving from the in-process view and "
-                        "retrying every %.1fs", self.url, type(exc).__name__, exc, self.retry_s)
+            log.warning(
+                "Redis index at %s is unavailable (%s: %s); serving from the in-process view and "
+                "retrying every %.1fs",
+                self.url,
+                type(exc).__name__,
+                exc,
+                self.retry_s,
+            )
 
     async def _usable(self) -> bool:
         """True when Redis may be used now; after an outage, resync first."""
@@ -73,8 +85,11 @@ class RedisPrefixIndex:
             self._dirty = False
             if not self.up:
                 self.up = True
-                log.warning("Redis index at %s is reachable again; resynced %d nodes", self.url,
-                            len(self.local.node_ids()))
+                log.warning(
+                    "Redis index at %s is reachable again; resynced %d nodes",
+                    self.url,
+                    len(self.local.node_ids()),
+                )
             return True
 
     async def _resync(self) -> None:

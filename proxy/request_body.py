@@ -7,6 +7,7 @@ parser's recursion: a RecursionError, a 500), and lone surrogates anywhere in it
 is valid JSON but no tokenizer, and no UTF-8 encoder, accepts it). Parsing runs in a worker thread when the body
 is large, so the event loop keeps serving /health and every other request meanwhile.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,15 +21,20 @@ THREAD_PARSE_BYTES = 64 << 10  # parse bodies larger than this off the event loo
 
 
 def too_large(limit: int) -> APIError:
-    return APIError(413, f"the request body is over the {limit}-byte limit (--max-request-bytes)",
-                    code="request_too_large")
+    return APIError(
+        413,
+        f"the request body is over the {limit}-byte limit (--max-request-bytes)",
+        code="request_too_large",
+    )
 
 
 def check_content_type(content_type: str) -> None:
     media = content_type.split(";", 1)[0].strip().lower()
     if media != "application/json":
-        raise bad_request(f"Unsupported Media Type: only 'application/json' is allowed, got {media or 'none'!r}",
-                          code="unsupported_media_type")
+        raise bad_request(
+            f"Unsupported Media Type: only 'application/json' is allowed, got {media or 'none'!r}",
+            code="unsupported_media_type",
+        )
 
 
 async def read_limited(request, limit: int) -> bytes:
@@ -89,7 +95,9 @@ def parse_json_object(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise bad_request(f"the request body is not valid UTF-8 (byte {exc.start})", code="invalid_utf8") from None
+        raise bad_request(
+            f"the request body is not valid UTF-8 (byte {exc.start})", code="invalid_utf8"
+        ) from None
     try:
         body = json.loads(text)
     except RecursionError:
@@ -103,8 +111,9 @@ def parse_json_object(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict:
     where = surrogate_path(body)
     if where is not None:
         param = where.split(".")[0].split("[")[0]
-        raise bad_request(f"'{where}' holds a lone surrogate (not valid Unicode text)", param=param,
-                          code="invalid_unicode")
+        raise bad_request(
+            f"'{where}' holds a lone surrogate (not valid Unicode text)", param=param, code="invalid_unicode"
+        )
     return body
 
 

@@ -11,6 +11,7 @@ holds nearly all of; also when no prefill node is alive. Only nodes with role de
 round_robin (the baseline): decode and prefill nodes each in turn, blind to the cache; short prompts (by length
 alone) stay colocated so the two policies differ only in cache awareness.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,12 +42,14 @@ class PairTerms:
 def score_pair(t: PairTerms, w: RouterWeights) -> float:
     """Higher is better. Hits are fractions of the prompt; loads count requests."""
     n = max(t.prompt_tokens, 1)
-    return (w.prefill_hit * t.prefill_hit_tokens / n
-            + w.decode_hit * t.decode_hit_tokens / n
-            - w.prefill_queue * t.prefill_queue
-            - w.decode_load * t.decode_load
-            + w.decode_free * t.decode_free
-            - (0.0 if t.decode_fits else w.decode_full))
+    return (
+        w.prefill_hit * t.prefill_hit_tokens / n
+        + w.decode_hit * t.decode_hit_tokens / n
+        - w.prefill_queue * t.prefill_queue
+        - w.decode_load * t.decode_load
+        + w.decode_free * t.decode_free
+        - (0.0 if t.decode_fits else w.decode_full)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +68,10 @@ class Decision:
     def describe(self) -> str:
         p = self.prefill.node_id if self.prefill is not None else "-"
         terms = asdict(self.terms) if self.terms is not None else {}
-        return (f"mode={self.mode} prefill={p} decode={self.decode.node_id} score={self.score:.3f} "
-                f"reason={self.reason} terms={terms}")
+        return (
+            f"mode={self.mode} prefill={p} decode={self.decode.node_id} score={self.score:.3f} "
+            f"reason={self.reason} terms={terms}"
+        )
 
 
 class Router:
@@ -78,9 +83,15 @@ class Router:
         self._rr_prefill = 0
         self._tie = 0
 
-    def decide(self, prompt_tokens: int, hits: dict[str, int], block_size: int,
-               prefillers: list[NodeState], decoders: list[NodeState],
-               exclude: Iterable[str] = ()) -> Decision:
+    def decide(
+        self,
+        prompt_tokens: int,
+        hits: dict[str, int],
+        block_size: int,
+        prefillers: list[NodeState],
+        decoders: list[NodeState],
+        exclude: Iterable[str] = (),
+    ) -> Decision:
         """hits: node id -> leading prompt blocks it holds. exclude: node ids not to use (failed this request)."""
         excluded = set(exclude)
         decoders = [d for d in decoders if d.node_id not in excluded]
@@ -91,18 +102,32 @@ class Router:
             return self._round_robin(prompt_tokens, block_size, prefillers, decoders)
         return self._cache_aware(prompt_tokens, hits, block_size, prefillers, decoders)
 
-    def _terms(self, prompt_tokens: int, hits: dict[str, int], block_size: int, p: NodeState,
-               d: NodeState) -> PairTerms:
+    def _terms(
+        self, prompt_tokens: int, hits: dict[str, int], block_size: int, p: NodeState, d: NodeState
+    ) -> PairTerms:
         # The last prompt token is always computed (its logits give the first token), so hits stop before it.
         cap = max(prompt_tokens - 1, 0)
         p_hit = min(hits.get(p.node_id, 0) * block_size, cap)
         d_hit = min(hits.get(d.node_id, 0) * block_size, cap)
         need_blocks = -(-(prompt_tokens - d_hit) // max(block_size, 1))
-        return PairTerms(prompt_tokens, p_hit, d_hit, p.prefill_queue, d.decode_load, d.free_fraction,
-                         d.total_blocks == 0 or d.free_blocks >= need_blocks)
+        return PairTerms(
+            prompt_tokens,
+            p_hit,
+            d_hit,
+            p.prefill_queue,
+            d.decode_load,
+            d.free_fraction,
+            d.total_blocks == 0 or d.free_blocks >= need_blocks,
+        )
 
-    def _cache_aware(self, prompt_tokens: int, hits: dict[str, int], block_size: int,
-                     prefillers: list[NodeState], decoders: list[NodeState]) -> Decision:
+    def _cache_aware(
+        self,
+        prompt_tokens: int,
+        hits: dict[str, int],
+        block_size: int,
+        prefillers: list[NodeState],
+        decoders: list[NodeState],
+    ) -> Decision:
         w, min_tokens = self.config.weights, self.config.disagg_min_tokens
         candidates: list[tuple[float, int, Decision]] = []
         self._tie += 1
@@ -111,11 +136,22 @@ class Router:
             uncached_on_d = prompt_tokens - colocated_terms.decode_hit_tokens
             others = [p for p in prefillers if p is not d]
             if uncached_on_d < min_tokens or not others:
-                reason = ("short" if prompt_tokens < min_tokens else
-                          "decode_holds_prefix" if uncached_on_d < min_tokens else "no_prefill_node")
-                candidates.append((score_pair(colocated_terms, w), 0,
-                                   Decision("colocated", d, None, colocated_terms,
-                                            score_pair(colocated_terms, w), reason)))
+                reason = (
+                    "short"
+                    if prompt_tokens < min_tokens
+                    else "decode_holds_prefix"
+                    if uncached_on_d < min_tokens
+                    else "no_prefill_node"
+                )
+                candidates.append(
+                    (
+                        score_pair(colocated_terms, w),
+                        0,
+                        Decision(
+                            "colocated", d, None, colocated_terms, score_pair(colocated_terms, w), reason
+                        ),
+                    )
+                )
                 continue
             for p in others:
                 t = self._terms(prompt_tokens, hits, block_size, p, d)
@@ -126,8 +162,9 @@ class Router:
         best = max(range(n), key=lambda i: (candidates[i][0], -((i - self._tie) % n)))
         return candidates[best][2]
 
-    def _round_robin(self, prompt_tokens: int, block_size: int, prefillers: list[NodeState],
-                     decoders: list[NodeState]) -> Decision:
+    def _round_robin(
+        self, prompt_tokens: int, block_size: int, prefillers: list[NodeState], decoders: list[NodeState]
+    ) -> Decision:
         d = decoders[self._rr_decode % len(decoders)]
         self._rr_decode += 1
         others = [p for p in prefillers if p is not d]

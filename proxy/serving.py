@@ -8,6 +8,7 @@ Steps for both endpoints:
 A client that disconnects (while waiting, or mid-stream) gets every unfinished choice aborted on its decode node.
 An error after the stream started is sent as an SSE `{"error": ...}` event, then `[DONE]`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -66,6 +67,7 @@ async def until_disconnect(request: Request, coro, on_gone=lambda: None):
 @dataclass
 class Served:
     """What a handler needs from the app."""
+
     dispatcher: Dispatcher
     tokenizer: object
     metrics: ProxyMetrics
@@ -96,8 +98,13 @@ class RequestJob:
         # Each choice is registered before its Generate goes out, so a cancellation at any point can abort it.
         for k, (i, j) in enumerate(specs):
             run = self.s.dispatcher.new_run(f"{self.id}-{k}", req.prompts[i], req.choice_params(j), deadline)
-            detok = IncrementalDetokenizer(self.s.tokenizer, req.prompts[i], req.params.skip_special_tokens,
-                                           req.params.stop, req.params.include_stop_str_in_output)
+            detok = IncrementalDetokenizer(
+                self.s.tokenizer,
+                req.prompts[i],
+                req.params.skip_special_tokens,
+                req.params.stop,
+                req.params.include_stop_str_in_output,
+            )
             self.choices.append(ChoiceState(k, run, detok, req.logprobs is not None))
         results = await asyncio.gather(*(c.run.send_first() for c in self.choices), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
@@ -126,10 +133,17 @@ class RequestJob:
         n = self.req.params.n
         prompt_tokens = sum(len(p) for p in self.req.prompts)
         completion = sum(len(c.token_ids) for c in self.choices)
-        cached = sum(self.choices[i * n].num_cached_tokens for i in range(len(self.req.prompts))
-                     if i * n < len(self.choices))
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+        cached = sum(
+            self.choices[i * n].num_cached_tokens
+            for i in range(len(self.req.prompts))
+            if i * n < len(self.choices)
+        )
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
 
     def timings(self) -> dict:
         first = self.choices[0] if self.choices else None
@@ -175,8 +189,9 @@ class RequestJob:
                     return
                 msg = await c.run.next()
 
-        results = await asyncio.gather(*(drive(c, f) for c, f in zip(self.choices, self.first_items)),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(drive(c, f) for c, f in zip(self.choices, self.first_items)), return_exceptions=True
+        )
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             self.abort_all("error")
@@ -189,27 +204,48 @@ class RequestJob:
         for c in self.choices:
             if self.req.kind == "chat":
                 lp = chat_logprobs(tok, c.token_ids, c.logprobs) if self.req.logprobs is not None else None
-                choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                                "logprobs": lp, "finish_reason": c.finish_reason})
+                choices.append(
+                    {
+                        "index": c.index,
+                        "message": {"role": "assistant", "content": c.text},
+                        "logprobs": lp,
+                        "finish_reason": c.finish_reason,
+                    }
+                )
             else:
-                lp = completion_logprobs(tok, c.token_ids, c.logprobs, 0) if self.req.logprobs is not None \
+                lp = (
+                    completion_logprobs(tok, c.token_ids, c.logprobs, 0)
+                    if self.req.logprobs is not None
                     else None
-                choices.append({"index": c.index, "text": c.text, "logprobs": lp,
-                                "finish_reason": c.finish_reason})
+                )
+                choices.append(
+                    {"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason}
+                )
         if self.req.return_token_ids:
             n = self.req.params.n
             for c, choice in zip(self.choices, choices):
                 choice["token_ids"] = list(c.token_ids)
                 choice["prompt_token_ids"] = self.req.prompts[c.index // n]
         obj = "chat.completion" if self.req.kind == "chat" else "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.s.model_name,
-                "choices": choices, "usage": self.usage()}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.s.model_name,
+            "choices": choices,
+            "usage": self.usage(),
+        }
 
     # ---- 2b. server-sent events ---------------------------------------------------------------------------------
     def _chunk(self, choices: list[dict], usage: Optional[dict] = None) -> str:
         obj = "chat.completion.chunk" if self.req.kind == "chat" else "text_completion"
-        body = {"id": self.id, "object": obj, "created": self.created, "model": self.s.model_name,
-                "choices": choices}
+        body = {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.s.model_name,
+            "choices": choices,
+        }
         if usage is not None or self.req.include_usage:
             body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -257,8 +293,17 @@ class RequestJob:
         status, finished = 200, False
         try:
             if self.req.kind == "chat":
-                yield self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                    "logprobs": None, "finish_reason": None} for c in self.choices])
+                yield self._chunk(
+                    [
+                        {
+                            "index": c.index,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                        for c in self.choices
+                    ]
+                )
             remaining = len(self.choices)
             while remaining:
                 item = await queue.get()
@@ -269,7 +314,9 @@ class RequestJob:
                     break
                 c, d, offset = item
                 choice = self._delta_choice(c, d, offset)
-                if d.finish_reason is not None:  # this delta ended it (c.done may already be true for an earlier one)
+                if (
+                    d.finish_reason is not None
+                ):  # this delta ended it (c.done may already be true for an earlier one)
                     remaining -= 1
                 last = remaining == 0
                 if choice is not None:
@@ -315,8 +362,9 @@ class JobStream(StreamingResponse):
                     pass
 
 
-async def serve(served: Served, request: Request, req: GenerationRequest, endpoint: str,
-                on_end=lambda: None) -> Response:
+async def serve(
+    served: Served, request: Request, req: GenerationRequest, endpoint: str, on_end=lambda: None
+) -> Response:
     """Serve one request; `on_end` runs exactly once, when the response (or stream) is over."""
     job = RequestJob(served, req, endpoint)
     streaming = False
@@ -325,9 +373,12 @@ async def serve(served: Served, request: Request, req: GenerationRequest, endpoi
             await until_disconnect(request, job.start(), on_gone=lambda: job.abort_all("client_gone"))
             headers = {"x-pdserve-route": job.route_header(), "cache-control": "no-cache"}
             streaming = True
-            return JobStream(job.stream(), lambda: (job.close(), on_end()), media_type="text/event-stream",
-                             headers=headers)
-        body = await until_disconnect(request, _start_and_collect(job), on_gone=lambda: job.abort_all("client_gone"))
+            return JobStream(
+                job.stream(), lambda: (job.close(), on_end()), media_type="text/event-stream", headers=headers
+            )
+        body = await until_disconnect(
+            request, _start_and_collect(job), on_gone=lambda: job.abort_all("client_gone")
+        )
     except ClientGone:
         job.abort_all("client_gone")
         job.record(499)
@@ -343,8 +394,10 @@ async def serve(served: Served, request: Request, req: GenerationRequest, endpoi
         if not streaming:
             on_end()
     job.record(200)
-    headers = {"x-pdserve-timings": json.dumps(job.timings(), separators=(",", ":")),
-               "x-pdserve-route": job.route_header()}
+    headers = {
+        "x-pdserve-timings": json.dumps(job.timings(), separators=(",", ":")),
+        "x-pdserve-route": job.route_header(),
+    }
     return JSONResponse(body, headers=headers)
 
 

@@ -1,5 +1,6 @@
 """Suite-wide setup. Triton kernels run under the interpreter without a GPU; that switch must be set before any
 kernel module is imported (triton reads it when @triton.jit decorates), so it is set here, first."""
+
 import os
 import shutil
 
@@ -15,6 +16,7 @@ import pytest  # noqa: E402
 def _has_cuda() -> bool:
     try:
         import torch
+
         return torch.cuda.is_available()
     except Exception:
         return False

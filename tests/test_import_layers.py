@@ -1,5 +1,6 @@
 """The node packages import one way: the runtime never imports a role, the two roles never import each other, and
 engine/kernels import neither (static: every import statement of every module, lazy ones inside functions too)."""
+
 import ast
 import pathlib
 

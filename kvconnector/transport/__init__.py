@@ -7,6 +7,7 @@
               memory (NVLink between GPUs, the same HBM when both processes share a GPU). The GPU default.
 The consumer's host does nothing per layer on either plane: it hears one `Done` per request.
 """
+
 from __future__ import annotations
 
 from engine.config import KV_CONNECTORS
@@ -17,12 +18,22 @@ def create_data_plane(name: str, config: DataPlaneConfig, caches) -> DataPlane:
     """caches: the engine's per-layer [2, N, block_size, kv_heads, head_dim] tensors."""
     if name == "tcp":
         from kvconnector.transport.tcp import TcpDataPlane
+
         return TcpDataPlane(config, caches)
     if name == "cuda_ipc":
         from kvconnector.transport.cuda_ipc import CudaIpcDataPlane
+
         return CudaIpcDataPlane(config, caches)
     raise ValueError(f"kv_connector must be one of {', '.join(KV_CONNECTORS)}, got {name!r}")
 
 
-__all__ = ["DataPlane", "DataPlaneConfig", "Fence", "PeerWrites", "KV_CONNECTORS", "create_data_plane",
-           "dtype_name", "torch_dtype"]
+__all__ = [
+    "DataPlane",
+    "DataPlaneConfig",
+    "Fence",
+    "PeerWrites",
+    "KV_CONNECTORS",
+    "create_data_plane",
+    "dtype_name",
+    "torch_dtype",
+]

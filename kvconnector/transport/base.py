@@ -10,6 +10,7 @@ Producer (prefill node), all on the forward thread except `fence`:
 Consumer (decode node): `local_info()` goes into its handshake (what a producer needs to write into its cache);
 `receive(header, body)` is for planes whose bytes arrive on the control link (tcp) and returns the tensor.
 """
+
 from __future__ import annotations
 
 import abc
@@ -32,6 +33,7 @@ class DataPlaneConfig:
 class PeerWrites:
     """One step's blocks bound for one peer. request_ids[i]'s local blocks src[i] go to the peer's dst[i];
     `staged` is what the plane's stage() prepared from them (block ids on the device)."""
+
     link: object
     request_ids: list[str]
     src: list[list[int]]
@@ -86,8 +88,7 @@ class DataPlane(abc.ABC):
         """Forward thread, after the step's forward (whether or not it completed)."""
 
     @abc.abstractmethod
-    def fence(self, link) -> Fence:
-        ...
+    def fence(self, link) -> Fence: ...
 
     def receive(self, header: KVChunk, body: memoryview) -> torch.Tensor:
         raise TypeError(f"the {self.name} data plane receives no bytes on the control link")
@@ -95,11 +96,11 @@ class DataPlane(abc.ABC):
     def close_link(self, link) -> None:
         """The link is gone: drop what we hold for that peer (a mapping of its cache)."""
 
-    def close(self) -> None:
-        ...
+    def close(self) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------------- tensors
+
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")

@@ -12,6 +12,7 @@ step for that peer at once). A fence is a blocking-sync event on the copy stream
 The next step's forward waits for the copy stream first, because the engine frees a prefilled request's blocks at
 once and a later step may reuse them (the wait costs at most the last layer's copy).
 """
+
 from __future__ import annotations
 
 import os
@@ -64,11 +65,18 @@ class CudaIpcDataPlane(DataPlane):
     def local_info(self) -> dict:
         first = self.caches[0]
         storage = first.untyped_storage()
-        ipc = list(storage._share_cuda_())  # device, handle, size, offset, refcount file + offset, event, sync
+        ipc = list(
+            storage._share_cuda_()
+        )  # device, handle, size, offset, refcount file + offset, event, sync
         elem = first.element_size()
-        return {"host": os.uname().nodename, "ipc": ipc, "dtype": dtype_name(first.dtype),
-                "shape": list(first.shape), "stride": list(first.stride()),
-                "layer_offsets": [c.storage_offset() * elem for c in self.caches]}
+        return {
+            "host": os.uname().nodename,
+            "ipc": ipc,
+            "dtype": dtype_name(first.dtype),
+            "shape": list(first.shape),
+            "stride": list(first.stride()),
+            "layer_offsets": [c.storage_offset() * elem for c in self.caches],
+        }
 
     # ---- producer: map --------------------------------------------------------------------------------------
     def check_peer(self, ours: Handshake, theirs: Handshake) -> str:
@@ -79,11 +87,16 @@ class CudaIpcDataPlane(DataPlane):
         if theirs.role == "kv_consumer" and info.get("host") not in (None, os.uname().nodename):
             return f"cuda_ipc needs both nodes on one host (peer on {info.get('host')!r})"
         if theirs.device_uuid and peer_device_index(theirs.device_uuid) is None:
-            return (f"the peer's GPU {theirs.device_uuid} is not visible to this process: CUDA_VISIBLE_DEVICES "
-                    f"must list every GPU of the nodes this one exchanges KV with")
+            return (
+                f"the peer's GPU {theirs.device_uuid} is not visible to this process: CUDA_VISIBLE_DEVICES "
+                f"must list every GPU of the nodes this one exchanges KV with"
+            )
         index = peer_device_index(theirs.device_uuid) if theirs.device_uuid else None
-        if index is not None and index != self.device.index and not torch.cuda.can_device_access_peer(
-                self.device, index):
+        if (
+            index is not None
+            and index != self.device.index
+            and not torch.cuda.can_device_access_peer(self.device, index)
+        ):
             return f"GPU {self.device} cannot access the peer's GPU {index} (no P2P path)"
         return ""
 
@@ -103,8 +116,9 @@ class CudaIpcDataPlane(DataPlane):
         """The peer's per-layer caches as tensors of this process, on our device (peer access is enabled by
         opening the handle here: CUDA maps the peer GPU's memory into our device's address space)."""
         device, handle, size, offset, ref_handle, ref_offset, event, sync = info["ipc"]
-        storage = torch.UntypedStorage._new_shared_cuda(self.device.index, handle, size, offset, ref_handle,
-                                                        ref_offset, event, sync)
+        storage = torch.UntypedStorage._new_shared_cuda(
+            self.device.index, handle, size, offset, ref_handle, ref_offset, event, sync
+        )
         dtype, elem = torch_dtype(info["dtype"]), torch_dtype(info["dtype"]).itemsize
         layers = []
         for byte_offset in info["layer_offsets"]:
@@ -113,7 +127,9 @@ class CudaIpcDataPlane(DataPlane):
             layers.append(t)
         ours = self.caches[0]
         if len(layers) != self.num_layers or (layers[0].shape[0], *layers[0].shape[2:]) != (
-                ours.shape[0], *ours.shape[2:]):
+            ours.shape[0],
+            *ours.shape[2:],
+        ):
             raise ValueError(f"the peer's cache {tuple(layers[0].shape)} x {len(layers)} does not fit ours")
         return layers
 
@@ -141,8 +157,13 @@ class CudaIpcDataPlane(DataPlane):
         self._retiring = [(ev, maps) for ev, maps in self._retiring if not ev.query()]
 
     def stage(self, writes: PeerWrites) -> None:
-        ids = torch.tensor([b for s in writes.src for b in s] + [b for d in writes.dst for b in d],
-                           dtype=torch.int64).pin_memory().to(self.device, non_blocking=True)
+        ids = (
+            torch.tensor(
+                [b for s in writes.src for b in s] + [b for d in writes.dst for b in d], dtype=torch.int64
+            )
+            .pin_memory()
+            .to(self.device, non_blocking=True)
+        )
         ids.record_stream(self._stream)  # read by the copy stream, possibly after the step has let go of it
         n = writes.num_blocks
         writes.staged = (ids[:n], ids[n:])  # source ids, destination ids: every request of the peer at once
@@ -162,7 +183,9 @@ class CudaIpcDataPlane(DataPlane):
         self._wrote = True
 
     def end_step(self) -> None:
-        if self._wrote:  # the next forward waits for these copies (see begin_step), even after a failed forward
+        if (
+            self._wrote
+        ):  # the next forward waits for these copies (see begin_step), even after a failed forward
             self._wrote = False
             self._copied = torch.cuda.Event()
             self._copied.record(self._stream)

@@ -4,6 +4,7 @@ The producer gathers a request's blocks of the layer and sends them on the calli
 ordered, so by the time the consumer reads the request's `Done` its link thread has written every earlier frame
 into the cache, and a fence is complete as soon as it is taken. Any device works, through host memory.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,14 @@ class TcpDataPlane(DataPlane):
             if not dst:
                 continue
             blocks = gather_blocks(self.caches[layer], src_ids).unsqueeze(0)  # [1, 2, n, *block]
-            header = KVChunk(request_id=rid, seq=0, first_layer=layer, num_layers=1, block_ids=dst,
-                             tensor=tensor_meta(blocks))
+            header = KVChunk(
+                request_id=rid,
+                seq=0,
+                first_layer=layer,
+                num_layers=1,
+                block_ids=dst,
+                tensor=tensor_meta(blocks),
+            )
             try:
                 link.send(header, host_bytes(blocks))
             except ConnectionError:

@@ -1,5 +1,6 @@
 """The serving benchmark's pure parts: workloads (exact lengths, shared prefixes, growing conversations, JSONL
 errors), arrival gaps, percentiles and SLOs, and the prefix-cache oracle."""
+
 import json
 import math
 import statistics
@@ -9,8 +10,14 @@ import pytest
 from bench.prefix_oracle import lru_oracle_hit_fraction, upper_bound_hit_fraction
 from bench.serving_client import RequestResult, arrival_gaps
 from bench.serving_metrics import compute_figures, meets_slos, parse_slos, percentile
-from bench.workloads import (TokenSource, WorkloadError, conversation_workload, jsonl_workload, prefix_workload,
-                             random_workload)
+from bench.workloads import (
+    TokenSource,
+    WorkloadError,
+    conversation_workload,
+    jsonl_workload,
+    prefix_workload,
+    random_workload,
+)
 
 
 def test_random_prompts_have_exact_lengths_and_are_reproducible():
@@ -35,7 +42,7 @@ def test_each_conversation_turn_resends_the_history():
     reqs = conversation_workload(7, turns=3, turn_len=10, output_len=4, tokens=TokenSource(0))
     assert [(r.session, r.turn) for r in reqs] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0)]
     first, second = reqs[0].prompt_ids, reqs[1].prompt_ids
-    assert second[:len(first)] == first and len(second) == len(first) + 4 + 10
+    assert second[: len(first)] == first and len(second) == len(first) + 4 + 10
 
 
 def test_a_bad_jsonl_line_is_named(tmp_path):
@@ -90,6 +97,7 @@ def _bench_run(argv):
     import argparse
 
     from bench.serving_cli import BenchRun, add_arguments, slo_from_args
+
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--base-url", "http://127.0.0.1:9", *argv])
@@ -97,8 +105,20 @@ def _bench_run(argv):
 
 
 def test_a_sweep_climbs_until_every_slo_broke(monkeypatch):
-    bench = _bench_run(["--request-rate", "sweep", "--sweep-start", "1", "--sweep-factor", "2",
-                        "--sweep-max-rates", "8", "--goodput", "ttft:100"])
+    bench = _bench_run(
+        [
+            "--request-rate",
+            "sweep",
+            "--sweep-start",
+            "1",
+            "--sweep-factor",
+            "2",
+            "--sweep-max-rates",
+            "8",
+            "--goodput",
+            "ttft:100",
+        ]
+    )
     attainment = {1.0: 1.0, 2.0: 0.95, 4.0: 0.5, 8.0: 0.1}  # the SLO breaks at 4 req/s
 
     def fake_rate(rate, index):
@@ -112,6 +132,7 @@ def test_a_sweep_climbs_until_every_slo_broke(monkeypatch):
 def test_rate_lists_and_bad_rates():
     from bench.serving_cli import parse_rates
     from engine.errors import ConfigError
+
     assert parse_rates("1,2, 4") == [1.0, 2.0, 4.0] and parse_rates("inf") == [math.inf]
     assert parse_rates("sweep") is None
     for bad in ("0", "x", "", "-1"):
@@ -143,7 +164,10 @@ def test_the_client_imports_no_torch():
     on a GPU its nodes use."""
     import subprocess
     import sys
-    code = ("import sys, bench.serving, bench.serving_cli, bench.serving_plots, bench.serving_summary; "
-            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
+
+    code = (
+        "import sys, bench.serving, bench.serving_cli, bench.serving_plots, bench.serving_summary; "
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -4,6 +4,7 @@ and `pdserve up` clusters of real processes.
 
 Every process and thread started here is stopped in the fixture's teardown.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,8 +27,15 @@ import zmq
 
 from kvconnector.events import BlockRemoved, BlockStored, KVEventBatch, encode_batch
 from kvconnector.hashing import external_block_hash, hash_prompt_blocks
-from kvconnector.node_messages import (Abort, Error, Generate, TOPIC_HEARTBEAT, TOPIC_KV_EVENTS, Tokens,
-                                       make_codec)
+from kvconnector.node_messages import (
+    TOPIC_HEARTBEAT,
+    TOPIC_KV_EVENTS,
+    Abort,
+    Error,
+    Generate,
+    Tokens,
+    make_codec,
+)
 
 SECRET = b"pdserve-test-secret"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,7 +48,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(pred: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+def wait_for(
+    pred: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05, what: str = "condition"
+):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = pred()
@@ -51,6 +61,7 @@ def wait_for(pred: Callable[[], bool], timeout: float = 10.0, interval: float = 
 
 
 # ---------------------------------------------------------------------------------------------------- redis
+
 
 @dataclass
 class RedisServer:
@@ -65,10 +76,25 @@ class RedisServer:
         exe = shutil.which("redis-server")
         if exe is None:
             pytest.skip("redis-server is not installed (make redis / apt-get install redis-server)")
-        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--protected-mode", "yes"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         import redis
+
         client = redis.Redis(host="127.0.0.1", port=self.port)
         wait_for(lambda: _ping(client), 10, what=f"redis-server on {self.port}")
         client.close()
@@ -86,6 +112,7 @@ class RedisServer:
 
     def client(self):
         import redis
+
         return redis.Redis(host="127.0.0.1", port=self.port)
 
 
@@ -107,9 +134,11 @@ def redis_server():
 
 # ---------------------------------------------------------------------------------------------------- fake node
 
+
 @dataclass
 class Script:
     """How a FakeNode answers a Generate."""
+
     tokens: Optional[list[int]] = None  # None: max_tokens ids counting up from 300
     delay_s: float = 0.0  # between token messages
     error: Optional[tuple[int, str, bool]] = None  # (status, message, retryable) instead of tokens
@@ -122,8 +151,15 @@ class Script:
 class FakeNode:
     """A node on real sockets: ROUTER rpc + PUB events, heartbeats, scripted token streams, recorded messages."""
 
-    def __init__(self, node_id: str, role: str = "decode", block_size: int = 16, total_blocks: int = 1000,
-                 heartbeat_s: float = 0.1, secret: bytes = SECRET):
+    def __init__(
+        self,
+        node_id: str,
+        role: str = "decode",
+        block_size: int = 16,
+        total_blocks: int = 1000,
+        heartbeat_s: float = 0.1,
+        secret: bytes = SECRET,
+    ):
         self.node_id, self.role, self.block_size = node_id, role, block_size
         self.total_blocks, self.free_blocks = total_blocks, total_blocks
         self.heartbeat_s = heartbeat_s
@@ -171,8 +207,12 @@ class FakeNode:
         """Publish BlockStored for the prompt's full blocks; returns their external hashes."""
         hashes = [external_block_hash(h) for h in hash_prompt_blocks(token_ids, self.block_size)]
         n = len(hashes) * self.block_size
-        ev = BlockStored(block_hashes=hashes, parent_block_hash=None, token_ids=list(token_ids[:n]),
-                         block_size=self.block_size)
+        ev = BlockStored(
+            block_hashes=hashes,
+            parent_block_hash=None,
+            token_ids=list(token_ids[:n]),
+            block_size=self.block_size,
+        )
         self.publish_events([ev])
         return hashes
 
@@ -181,17 +221,29 @@ class FakeNode:
 
     def publish_events(self, events: list) -> None:
         with self._lock:
-            self._outbox.append(("pub", TOPIC_KV_EVENTS, encode_batch(KVEventBatch(ts=time.time(), events=events))))
+            self._outbox.append(
+                ("pub", TOPIC_KV_EVENTS, encode_batch(KVEventBatch(ts=time.time(), events=events)))
+            )
 
     def messages(self, kind) -> list:
         return [m for m in list(self.received) if isinstance(m, kind)]
 
     # ---- loop ---------------------------------------------------------------------------------------------------
     def _heartbeat(self) -> bytes:
-        return msgpack.packb({"node_id": self.node_id, "role": self.role, "rpc": self.rpc,
-                              "http": "http://127.0.0.1:1", "num_waiting": self.num_waiting,
-                              "num_running": sum(self.active.values()), "free_blocks": self.free_blocks,
-                              "total_blocks": self.total_blocks, "block_size": self.block_size, "ts": time.time()})
+        return msgpack.packb(
+            {
+                "node_id": self.node_id,
+                "role": self.role,
+                "rpc": self.rpc,
+                "http": "http://127.0.0.1:1",
+                "num_waiting": self.num_waiting,
+                "num_running": sum(self.active.values()),
+                "free_blocks": self.free_blocks,
+                "total_blocks": self.total_blocks,
+                "block_size": self.block_size,
+                "ts": time.time(),
+            }
+        )
 
     def _publish(self, topic: bytes, payload: bytes) -> None:
         seq = self._seq[topic]
@@ -219,7 +271,9 @@ class FakeNode:
                     continue  # aborted meanwhile
                 if isinstance(msg, Tokens) and msg.finished:
                     self.active[msg.request_id] = False
-                self.router.send_multipart([identity, self.codec.encode_bytes(msg, context=b"to:" + identity)])
+                self.router.send_multipart(
+                    [identity, self.codec.encode_bytes(msg, context=b"to:" + identity)]
+                )
             if dict(poller.poll(10)):
                 while True:
                     try:
@@ -245,8 +299,13 @@ class FakeNode:
         if isinstance(msg, Abort):
             if self.active.get(msg.request_id):
                 self.active[msg.request_id] = False
-                return [(now, identity, Tokens(request_id=msg.request_id, token_ids=[], finished=True,
-                                               finish_reason="abort"))]
+                return [
+                    (
+                        now,
+                        identity,
+                        Tokens(request_id=msg.request_id, token_ids=[], finished=True, finish_reason="abort"),
+                    )
+                ]
             return []
         if not isinstance(msg, Generate):
             return []
@@ -256,8 +315,13 @@ class FakeNode:
             return []
         if script.error is not None:
             status, text, retryable = script.error
-            return [(now, identity, Error(request_id=msg.request_id, status=status, message=text,
-                                          retryable=retryable))]
+            return [
+                (
+                    now,
+                    identity,
+                    Error(request_id=msg.request_id, status=status, message=text, retryable=retryable),
+                )
+            ]
         self.active[msg.request_id] = True
         params = msg.params
         max_tokens = params.get("max_tokens") or 16
@@ -269,18 +333,37 @@ class FakeNode:
         want = params.get("logprobs")
         out, t = [], now
         for start in range(0, len(tokens), script.per_message):
-            chunk = tokens[start:start + script.per_message]
+            chunk = tokens[start : start + script.per_message]
             last = start + script.per_message >= len(tokens)
             lps = None
             if want is not None:
                 lps = [[[tid, tid + 1][:want], [-0.5, -1.5][:want], -0.5, 1] for tid in chunk]
             t += script.delay_s
-            out.append((t, identity, Tokens(
-                request_id=msg.request_id, token_ids=chunk, logprobs=lps, finished=last,
-                finish_reason=(script.finish_reason if len(tokens) < max_tokens else "length") if last else None,
-                num_cached_tokens=script.cached_tokens,
-                timings={"prefill_queue": 0.001, "prefill": 0.002, "transfer": 0.003, "exposed_transfer": 0.0005,
-                         "decode_queue": 0.0001} if last else None)))
+            out.append(
+                (
+                    t,
+                    identity,
+                    Tokens(
+                        request_id=msg.request_id,
+                        token_ids=chunk,
+                        logprobs=lps,
+                        finished=last,
+                        finish_reason=(script.finish_reason if len(tokens) < max_tokens else "length")
+                        if last
+                        else None,
+                        num_cached_tokens=script.cached_tokens,
+                        timings={
+                            "prefill_queue": 0.001,
+                            "prefill": 0.002,
+                            "transfer": 0.003,
+                            "exposed_transfer": 0.0005,
+                            "decode_queue": 0.0001,
+                        }
+                        if last
+                        else None,
+                    ),
+                )
+            )
         return out
 
 
@@ -302,6 +385,7 @@ def fake_nodes():
 
 # ---------------------------------------------------------------------------------------------------- proxy app
 
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> str:
     """A torch-free model folder: the real tokenizer files make-model writes, and a config.json."""
@@ -321,11 +405,20 @@ class ProxyServer:
         import uvicorn
 
         from proxy.app import create_app
+
         self.app = create_app(config)
         self.port = config.port
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False, lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                self.app,
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+                access_log=False,
+                lifespan="on",
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, name="proxy-uvicorn", daemon=True)
 
     @property
@@ -358,9 +451,14 @@ def proxy_factory(tokenizer_dir, monkeypatch):
 
     def make(nodes=(), **kw) -> ProxyServer:
         router = RouterConfig(**kw.pop("router", {}))
-        config = ProxyConfig(model=kw.pop("model", tokenizer_dir), port=free_port(),
-                             node_events=tuple(n.events if isinstance(n, FakeNode) else n for n in nodes),
-                             kv_secret=SECRET.decode(), router=router, **kw)
+        config = ProxyConfig(
+            model=kw.pop("model", tokenizer_dir),
+            port=free_port(),
+            node_events=tuple(n.events if isinstance(n, FakeNode) else n for n in nodes),
+            kv_secret=SECRET.decode(),
+            router=router,
+            **kw,
+        )
         server = ProxyServer(config).start()
         made.append(server)
         return server
@@ -374,8 +472,10 @@ def proxy_factory(tokenizer_dir, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------- real clusters
 
+
 def nodes_missing() -> Optional[str]:
     import importlib.util
+
     for name in ("prefill_node.cli", "decode_node.cli", "node_runtime.node_server"):
         try:
             if importlib.util.find_spec(name) is None:
@@ -386,8 +486,9 @@ def nodes_missing() -> Optional[str]:
 
 
 _missing = nodes_missing()
-needs_nodes = pytest.mark.skipif(_missing is not None,
-                                 reason=f"the node packages are not there yet ({_missing} is missing)")
+needs_nodes = pytest.mark.skipif(
+    _missing is not None, reason=f"the node packages are not there yet ({_missing} is missing)"
+)
 
 
 @pytest.fixture(scope="session")
@@ -418,8 +519,9 @@ def hf_reference(tiny_model):
                 for _ in range(n):
                     token = int(out.logits[0, -1].argmax())
                     ids.append(token)
-                    out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values,
-                                use_cache=True)
+                    out = model(
+                        input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True
+                    )
             cache[key] = ids
         return list(cache[key])
 
@@ -435,12 +537,30 @@ class UpCluster:
         self.log_dir = str(tmp / "logs")
         self.out_path = str(tmp / "up.out")
         port = free_port()
-        argv = [PY, "-m", "engine.cli", "up", "--prefill", str(prefill), "--decode", str(decode), "--model", model,
-                "--port", str(port), "--state-file", self.state_file, "--log-dir", self.log_dir, "--log-routing",
-                *args]
+        argv = [
+            PY,
+            "-m",
+            "engine.cli",
+            "up",
+            "--prefill",
+            str(prefill),
+            "--decode",
+            str(decode),
+            "--model",
+            model,
+            "--port",
+            str(port),
+            "--state-file",
+            self.state_file,
+            "--log-dir",
+            self.log_dir,
+            "--log-routing",
+            *args,
+        ]
         with open(self.out_path, "wb") as out:
-            self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout_s
         while not os.path.exists(self.state_file):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -464,10 +584,12 @@ class UpCluster:
 
     def node_health(self, name: str) -> dict:
         import httpx
+
         return httpx.get(self.node(name)["http"] + "/health", timeout=5).json()
 
     def node_metrics(self, name: str) -> str:
         import httpx
+
         return httpx.get(self.node(name)["http"] + "/metrics", timeout=5).text
 
     def kill9(self, name: str) -> None:
@@ -486,6 +608,7 @@ class UpCluster:
 
     def stop(self, check: bool = True) -> None:
         from engine.cluster_cli import stop_up_process
+
         stop_up_process(self.proc)
         if not check:
             return

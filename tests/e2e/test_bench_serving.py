@@ -1,6 +1,7 @@
 """`pdserve bench` against real servers: a `pdserve up` cluster on CPU (its counts must equal what the proxy's
 /metrics counted), the same cluster with --prefill 0 standing in for another OpenAI server, and a tiny HTTP server
 of this test that answers like a plain OpenAI server without pdserve's fields, or drops connections."""
+
 from __future__ import annotations
 
 import asyncio
@@ -17,8 +18,18 @@ from tests.e2e.conftest import UpCluster, free_port, needs_nodes, wait_for
 pytestmark = [pytest.mark.slow, needs_nodes]
 TOP_KEYS = {"bench", "device", "date", "commit", "command", "records"}
 RECORD_KEYS = {"metric", "value", "unit", "ceiling", "ratio", "baseline", "params"}
-CORE_METRICS = {"request_throughput", "output_throughput", "total_token_throughput", "completed_requests",
-                "goodput", "slo_attainment", "ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"}
+CORE_METRICS = {
+    "request_throughput",
+    "output_throughput",
+    "total_token_throughput",
+    "completed_requests",
+    "goodput",
+    "slo_attainment",
+    "ttft_ms",
+    "tpot_ms",
+    "itl_ms",
+    "e2el_ms",
+}
 SMALL = ["--input-len", "48", "--output-len", "6", "--disable-tqdm"]
 
 
@@ -33,6 +44,7 @@ def cluster(tmp_path_factory, tiny_model):
 
 def proxy_counts(url: str) -> dict:
     import httpx
+
     counts = {"ok": 0.0, "prompt": 0.0, "cached": 0.0, "generated": 0.0}
     for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
         for s in family.samples:
@@ -57,15 +69,37 @@ def bench(base_url: str, out_dir, *args: str) -> dict:
 
 def values(doc: dict, metric: str, **params) -> dict[str, float]:
     """request rate -> value of the records of `metric` whose params include `params`."""
-    return {r["params"]["request_rate"]: r["value"] for r in doc["records"] if r["metric"] == metric
-            and all(r["params"].get(k) == v for k, v in params.items())}
+    return {
+        r["params"]["request_rate"]: r["value"]
+        for r in doc["records"]
+        if r["metric"] == metric and all(r["params"].get(k) == v for k, v in params.items())
+    }
 
 
 def test_counts_equal_what_the_proxy_counted_and_one_result_per_rate(cluster, tmp_path):
     before = proxy_counts(cluster.url)
-    doc = bench(cluster.url, tmp_path, "--dataset-name", "prefix", "--prefix-groups", "2", "--prefix-len", "32",
-                "--input-len", "16", "--num-prompts", "6", "--request-rate", "20,inf", "--max-concurrency", "1",
-                "--goodput", "ttft:5000", "tpot:1000", "itl:2000")
+    doc = bench(
+        cluster.url,
+        tmp_path,
+        "--dataset-name",
+        "prefix",
+        "--prefix-groups",
+        "2",
+        "--prefix-len",
+        "32",
+        "--input-len",
+        "16",
+        "--num-prompts",
+        "6",
+        "--request-rate",
+        "20,inf",
+        "--max-concurrency",
+        "1",
+        "--goodput",
+        "ttft:5000",
+        "tpot:1000",
+        "itl:2000",
+    )
     after = proxy_counts(cluster.url)
     delta = {k: after[k] - before[k] for k in before}
     completed = values(doc, "completed_requests")
@@ -87,7 +121,11 @@ def tokens_in(doc: dict) -> dict:
     """Token totals over every rate of the run, from its records."""
     out = {"prompt": 0, "generated": 0, "cached": 0}
     for r in doc["records"]:
-        for key, metric in (("prompt", "prompt_tokens"), ("generated", "output_tokens"), ("cached", "cached_tokens")):
+        for key, metric in (
+            ("prompt", "prompt_tokens"),
+            ("generated", "output_tokens"),
+            ("cached", "cached_tokens"),
+        ):
             if r["metric"] == metric:
                 out[key] += r["value"]
     return out
@@ -95,9 +133,24 @@ def tokens_in(doc: dict) -> dict:
 
 def test_warmups_are_not_counted_and_chat_conversations_run_in_turn_order(cluster, tmp_path):
     before = proxy_counts(cluster.url)
-    doc = bench(cluster.url, tmp_path, "--endpoint", "/v1/chat/completions", "--dataset-name", "conversation",
-                "--conversation-turns", "3", "--input-len", "12", "--num-prompts", "6", "--num-warmups", "2",
-                "--request-rate", "inf")
+    doc = bench(
+        cluster.url,
+        tmp_path,
+        "--endpoint",
+        "/v1/chat/completions",
+        "--dataset-name",
+        "conversation",
+        "--conversation-turns",
+        "3",
+        "--input-len",
+        "12",
+        "--num-prompts",
+        "6",
+        "--num-warmups",
+        "2",
+        "--request-rate",
+        "inf",
+    )
     assert values(doc, "completed_requests") == {"inf": 6}
     assert proxy_counts(cluster.url)["ok"] - before["ok"] == 6 + 2
     # Turn k+1 is sent after turn k finished, so it finds the history cached.
@@ -113,12 +166,17 @@ def test_a_400_is_an_error_kind_not_a_crash(cluster, tmp_path):
 def test_a_bad_jsonl_line_is_a_one_line_error(cluster, tmp_path, capsys):
     trace = tmp_path / "trace.jsonl"
     trace.write_text('{"prompt": "hello"}\n{"prompt": 5}\n')
-    rc = pdserve(["bench", "--base-url", cluster.url, "--dataset-name", "jsonl", "--dataset-path", str(trace)])
+    rc = pdserve(
+        ["bench", "--base-url", cluster.url, "--dataset-name", "jsonl", "--dataset-path", str(trace)]
+    )
     assert rc == 2
-    assert "trace.jsonl:2: 'prompt' must be a non-empty string or a list of token ids" in capsys.readouterr().err
+    assert (
+        "trace.jsonl:2: 'prompt' must be a non-empty string or a list of token ids" in capsys.readouterr().err
+    )
 
 
 # ---------------------------------------------------------------------------------------------- other servers
+
 
 class PlainServer:
     """A minimal OpenAI-style streaming server: chunks with text and a final usage (no cached tokens, no pdserve
@@ -138,11 +196,18 @@ class PlainServer:
 
     async def _handle(self, reader, writer) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
-        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(
-            b"content-length")))
+        length = int(
+            next(
+                line.split(b":")[1]
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            )
+        )
         body = json.loads(await reader.readexactly(length))
         number, self.seen = self.seen, self.seen + 1
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
         for i in range(body["max_tokens"]):
             self._event(writer, {"choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}]})
             await writer.drain()
@@ -174,8 +239,16 @@ class PlainServer:
 
 def test_dropped_connections_are_an_error_kind(tmp_path):
     with PlainServer(drop={1, 3}) as server:
-        doc = bench(f"http://127.0.0.1:{server.port}", tmp_path, "--model", "m", "--num-prompts", "5",
-                    "--max-concurrency", "1")
+        doc = bench(
+            f"http://127.0.0.1:{server.port}",
+            tmp_path,
+            "--model",
+            "m",
+            "--num-prompts",
+            "5",
+            "--max-concurrency",
+            "1",
+        )
     assert values(doc, "errors", kind="dropped") == {"inf": 2}
     assert values(doc, "completed_requests") == {"inf": 3}
 
@@ -187,9 +260,19 @@ def test_the_results_need_no_pdserve_field(tiny_model, tmp_path_factory, tmp_pat
     finally:
         colocated.stop()
     with PlainServer() as server:
-        plain = bench(f"http://127.0.0.1:{server.port}", tmp_path / "plain", "--model", "m", "--num-prompts", "4",
-                      "--goodput", "ttft:5000")
-    metrics = {name: {r["metric"] for r in doc["records"]} for name, doc in (("ours", ours), ("plain", plain))}
+        plain = bench(
+            f"http://127.0.0.1:{server.port}",
+            tmp_path / "plain",
+            "--model",
+            "m",
+            "--num-prompts",
+            "4",
+            "--goodput",
+            "ttft:5000",
+        )
+    metrics = {
+        name: {r["metric"] for r in doc["records"]} for name, doc in (("ours", ours), ("plain", plain))
+    }
     assert CORE_METRICS <= metrics["plain"] and CORE_METRICS <= metrics["ours"]
     assert metrics["ours"] - metrics["plain"] == {"phase_ms", "prefix_hit_fraction", "cached_tokens"}
     assert values(plain, "completed_requests") == {"inf": 4} and values(plain, "output_tokens") == {"inf": 24}

@@ -1,6 +1,7 @@
 """CI keeps bench/serving.py working: its routing section on CPU with the tiny model and toy sizes (two
 `pdserve up` clusters, cache_aware then round_robin) writes the JSON and Markdown reports, with the LRU oracle as
 the hit fraction's ceiling and round_robin's figures as cache_aware's baselines."""
+
 import glob
 import json
 import os
@@ -15,10 +16,33 @@ pytestmark = [pytest.mark.slow, needs_nodes]
 
 
 def test_routing_section_writes_reports_with_oracle_and_baselines(tiny_model, tmp_path):
-    argv = [sys.executable, os.path.join(ROOT, "bench", "serving.py"), "--sections", "routing", "--model", tiny_model,
-            "--output-len", "4", "--duration-per-rate", "2", "--routing-rate", "4", "--routing-groups", "4",
-            "--routing-prefix-len", "64", "--routing-unique-len", "16", "--warmups", "1", "--out", str(tmp_path),
-            "--work-dir", str(tmp_path / "work"), "--disable-tqdm"]
+    argv = [
+        sys.executable,
+        os.path.join(ROOT, "bench", "serving.py"),
+        "--sections",
+        "routing",
+        "--model",
+        tiny_model,
+        "--output-len",
+        "4",
+        "--duration-per-rate",
+        "2",
+        "--routing-rate",
+        "4",
+        "--routing-groups",
+        "4",
+        "--routing-prefix-len",
+        "64",
+        "--routing-unique-len",
+        "16",
+        "--warmups",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--disable-tqdm",
+    ]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -32,8 +56,13 @@ def test_routing_section_writes_reports_with_oracle_and_baselines(tiny_model, tm
     (oracle,) = [r["value"] for r in recs if r["metric"] == "prefix_hit_oracle_lru"]
     (upper,) = [r["value"] for r in recs if r["metric"] == "prefix_hit_upper_bound"]
     assert 0 < oracle <= upper < 1
-    assert hits["cache_aware"]["ceiling"] == oracle and hits["cache_aware"]["baseline"] == hits["round_robin"]["value"]
-    throughput = [r for r in recs if r["metric"] == "request_throughput" and r["params"]["run"] == "cache_aware"]
+    assert (
+        hits["cache_aware"]["ceiling"] == oracle
+        and hits["cache_aware"]["baseline"] == hits["round_robin"]["value"]
+    )
+    throughput = [
+        r for r in recs if r["metric"] == "request_throughput" and r["params"]["run"] == "cache_aware"
+    ]
     assert throughput and all(r["baseline"] is not None for r in throughput)
     with open(path[:-5] + ".md") as f:
         report = f.read()

@@ -2,6 +2,7 @@
 End-to-end requests (colocated and disaggregated, streaming or not) give the same greedy tokens as without it; a
 sniffer on loopback finds the prompt's token ids in the node RPC/events traffic without CURVE and not with it;
 an events subscriber without the secret gets nothing."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,11 @@ import zmq
 
 from tests.e2e.conftest import UpCluster, needs_nodes
 
-pytestmark = [pytest.mark.slow, needs_nodes,
-              pytest.mark.skipif(not zmq.has("curve"), reason="pyzmq without CURVE (libsodium)")]
+pytestmark = [
+    pytest.mark.slow,
+    needs_nodes,
+    pytest.mark.skipif(not zmq.has("curve"), reason="pyzmq without CURVE (libsodium)"),
+]
 
 IDS = list(range(700, 760))  # a prompt by token ids: 60 tokens, long enough to be disaggregated
 SHORT = [700, 701, 702]
@@ -60,7 +64,7 @@ class LoopbackSniffer:
             tcp = ip[ihl:]
             sport, dport = struct.unpack("!HH", tcp[:4])
             if sport in self.ports or dport in self.ports:
-                self.data += tcp[(tcp[12] >> 4) * 4:]
+                self.data += tcp[(tcp[12] >> 4) * 4 :]
 
     def close(self):
         self.stop = True
@@ -76,13 +80,22 @@ def run_requests(cluster: UpCluster) -> list:
     url = cluster.url + "/v1/completions"
     out = []
     for prompt in (IDS, SHORT):
-        body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+        body = {
+            "prompt": prompt,
+            "max_tokens": 8,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        }
         r = httpx.post(url, json=body, timeout=60)
         assert r.status_code == 200, r.text
         out.append((r.headers["x-pdserve-route"].split(":")[0], r.json()["choices"][0]["token_ids"]))
         with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as s:
-            events = [json.loads(line[6:]) for line in s.iter_lines()
-                      if line.startswith("data: ") and line != "data: [DONE]"]
+            events = [
+                json.loads(line[6:])
+                for line in s.iter_lines()
+                if line.startswith("data: ") and line != "data: [DONE]"
+            ]
         out.append(("stream", [t for e in events for c in e["choices"] for t in c.get("token_ids", [])]))
     return out
 

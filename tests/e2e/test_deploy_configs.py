@@ -2,6 +2,7 @@
 against the real thing: metric names against the /metrics of a real prefill node, a real decode node and the real
 proxy app; every flag against the real `pdserve` argument parser. (Nothing here applies the manifests to a cluster
 or loads the dashboard into Grafana.)"""
+
 from __future__ import annotations
 
 import glob
@@ -27,18 +28,31 @@ SCRIPTS = {"prefill": "prefill.sh", "decode": "decode.sh", "proxy": "proxy.sh"}
 
 # What the dashboard must show (the brief of deploy/): if a panel loses one of these, this fails.
 REQUIRED_SERIES = {
-    "pdserve_kv_bytes_sent_total", "pdserve_kv_bytes_received_total", "pdserve_kv_achieved_gbps",
-    "pdserve_kv_transfer_seconds_bucket", "pdserve_kv_exposed_transfer_seconds_bucket",
-    "pdserve_kv_inflight_transfers", "pdserve_kv_failures_total", "pdserve_kv_dropped_frames_total",
-    "pdserve_node_dropped_frames_total", "pdserve_proxy_dropped_frames_total",
-    "pdserve_node_kv_blocks_free", "pdserve_node_kv_blocks_used", "pdserve_node_kv_blocks_cached",
-    "pdserve_node_kv_blocks_total", "pdserve_node_requests_waiting", "pdserve_node_requests_running",
-    "pdserve_node_preemptions_total", "pdserve_proxy_requests_total", "pdserve_proxy_request_seconds_bucket",
+    "pdserve_kv_bytes_sent_total",
+    "pdserve_kv_bytes_received_total",
+    "pdserve_kv_achieved_gbps",
+    "pdserve_kv_transfer_seconds_bucket",
+    "pdserve_kv_exposed_transfer_seconds_bucket",
+    "pdserve_kv_inflight_transfers",
+    "pdserve_kv_failures_total",
+    "pdserve_kv_dropped_frames_total",
+    "pdserve_node_dropped_frames_total",
+    "pdserve_proxy_dropped_frames_total",
+    "pdserve_node_kv_blocks_free",
+    "pdserve_node_kv_blocks_used",
+    "pdserve_node_kv_blocks_cached",
+    "pdserve_node_kv_blocks_total",
+    "pdserve_node_requests_waiting",
+    "pdserve_node_requests_running",
+    "pdserve_node_preemptions_total",
+    "pdserve_proxy_requests_total",
+    "pdserve_proxy_request_seconds_bucket",
     "pdserve_proxy_redis_up",
 }
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
 
 def series_names(text: str) -> set[str]:
     """Every series name a Prometheus text exposition offers, including families with no sample yet (a labelled
@@ -108,11 +122,13 @@ def parse_role_args(role: str, args: list[str]):
     assert ns.command == role
     if role in ("prefill", "decode") and ns.kv_transfer_config:
         from engine.config import KVTransferConfig
+
         KVTransferConfig.from_json(ns.kv_transfer_config)  # raises ConfigError when invalid
     return ns
 
 
 # ------------------------------------------------------------------------------------------------ exported names
+
 
 @pytest.fixture
 def exported(tiny_model, proxy_factory) -> set[str]:
@@ -120,8 +136,10 @@ def exported(tiny_model, proxy_factory) -> set[str]:
     (kv_consumer) and the real proxy app with a Redis URL (redis_up only exists then; nothing listens there, the
     index falls back to its local view)."""
     logs = tempfile.mkdtemp(prefix="deploy-cfg-")
-    nodes = [start_node("prefill", tiny_model, logs, kv_role="kv_producer"),
-             start_node("decode", tiny_model, logs, kv_role="kv_consumer")]
+    nodes = [
+        start_node("prefill", tiny_model, logs, kv_role="kv_producer"),
+        start_node("decode", tiny_model, logs, kv_role="kv_consumer"),
+    ]
     try:
         wait_healthy(*nodes, timeout=60)
         proxy = proxy_factory(redis_url=f"redis://127.0.0.1:{free_port()}/0")
@@ -134,18 +152,30 @@ def exported(tiny_model, proxy_factory) -> set[str]:
     # The harness is what it claims to be: each source contributed its own families.
     assert "pdserve_node_requests_prefilling" in series_names(texts["prefill"])
     assert "pdserve_node_requests_pending_kv" in series_names(texts["decode"])
-    assert {"pdserve_kv_transfer_seconds_bucket", "pdserve_kv_failures_total"} <= series_names(texts["decode"])
+    assert {"pdserve_kv_transfer_seconds_bucket", "pdserve_kv_failures_total"} <= series_names(
+        texts["decode"]
+    )
     assert "pdserve_proxy_redis_up" in series_names(texts["proxy"])
     return names
 
 
 def test_series_names_parser():
-    text = ("# TYPE a_seconds histogram\na_seconds_bucket{le=\"1\"} 0\n# TYPE b_total counter\n"
-            "# TYPE c counter\n# TYPE d gauge\nd{x=\"1\"} 2\n")
-    assert series_names(text) == {"a_seconds_bucket", "a_seconds_sum", "a_seconds_count", "b_total", "c_total", "d"}
+    text = (
+        '# TYPE a_seconds histogram\na_seconds_bucket{le="1"} 0\n# TYPE b_total counter\n'
+        '# TYPE c counter\n# TYPE d gauge\nd{x="1"} 2\n'
+    )
+    assert series_names(text) == {
+        "a_seconds_bucket",
+        "a_seconds_sum",
+        "a_seconds_count",
+        "b_total",
+        "c_total",
+        "d",
+    }
 
 
 # ------------------------------------------------------------------------------------------------ Grafana
+
 
 def dashboard_exprs(dash: dict) -> list[str]:
     exprs = []
@@ -164,14 +194,18 @@ def test_dashboard_shape():
         dash = json.load(f)
     assert dash["uid"] and dash["title"] and isinstance(dash["schemaVersion"], int)
     variables = {v["name"]: v for v in dash["templating"]["list"]}
-    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert (
+        variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    )
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     panels = [p for p in dash["panels"] if p["type"] != "row"]
     assert len(panels) >= 12
     for p in panels:
         assert p["datasource"]["uid"] == "${datasource}", p["title"]
-        assert set(p["gridPos"]) == {"h", "w", "x", "y"} and p["gridPos"]["x"] + p["gridPos"]["w"] <= 24, p["title"]
+        assert set(p["gridPos"]) == {"h", "w", "x", "y"} and p["gridPos"]["x"] + p["gridPos"]["w"] <= 24, p[
+            "title"
+        ]
         assert p["targets"], p["title"]
         refs = [t["refId"] for t in p["targets"]]
         assert len(refs) == len(set(refs)), p["title"]
@@ -211,6 +245,7 @@ def test_dashboard_metrics_are_exported(exported):
 
 # ------------------------------------------------------------------------------------------------ Prometheus
 
+
 def test_prometheus_config():
     with open(PROMETHEUS) as f:
         cfg = yaml.safe_load(f)
@@ -231,7 +266,9 @@ def test_prometheus_config():
     # Kubernetes discovery: what it keeps is what the manifests carry.
     (k8s,) = [j for j in jobs.values() if "kubernetes_sd_configs" in j]
     assert k8s["kubernetes_sd_configs"][0]["role"] == "pod"
-    keep = {tuple(r["source_labels"]): r["regex"] for r in k8s["relabel_configs"] if r.get("action") == "keep"}
+    keep = {
+        tuple(r["source_labels"]): r["regex"] for r in k8s["relabel_configs"] if r.get("action") == "keep"
+    }
     for r in k8s["relabel_configs"]:
         assert not re.search(r"\\\d", r.get("regex", "")), "Prometheus regexes are RE2: no backreferences"
         re.compile(r.get("regex", "(.*)"))
@@ -250,6 +287,7 @@ def test_prometheus_config():
 
 
 # ------------------------------------------------------------------------------------------------ Kubernetes
+
 
 def test_k8s_manifests_parse_and_agree():
     docs = load_manifests()
@@ -293,10 +331,12 @@ def test_k8s_manifests_parse_and_agree():
         assert ns.device.startswith("cuda")
     # Disaggregated roles, and the decode node's KV listener reachable from other pods on its declared port.
     from engine.config import KVTransferConfig
+
     kvt = {r: KVTransferConfig.from_json(parsed[r].kv_transfer_config) for r in ("prefill", "decode")}
     assert kvt["prefill"].kv_role == "kv_producer" and kvt["decode"].kv_role == "kv_consumer"
     assert kvt["decode"].kv_ip == "0.0.0.0" and kvt["decode"].kv_port in {
-        p["containerPort"] for p in roles["decode"]["spec"]["template"]["spec"]["containers"][0]["ports"]}
+        p["containerPort"] for p in roles["decode"]["spec"]["template"]["spec"]["containers"][0]["ports"]
+    }
     # The headless Service gives every node pod the DNS name the proxy's --node flags use, and lists every replica.
     expected = set()
     for role in ("prefill", "decode"):
@@ -304,15 +344,21 @@ def test_k8s_manifests_parse_and_agree():
         svc = services[d["spec"]["serviceName"]]
         assert svc["spec"]["clusterIP"] == "None"
         assert svc["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
-        expected |= {f"tcp://{d['metadata']['name']}-{i}.{d['spec']['serviceName']}:{parsed[role].events_port}"
-                     for i in range(d["spec"]["replicas"])}
+        expected |= {
+            f"tcp://{d['metadata']['name']}-{i}.{d['spec']['serviceName']}:{parsed[role].events_port}"
+            for i in range(d["spec"]["replicas"])
+        }
     assert set(parsed["proxy"].node) == expected
     proxy_svc = services["pdserve-proxy"]
-    assert proxy_svc["spec"]["selector"].items() <= roles["proxy"]["spec"]["template"]["metadata"]["labels"].items()
+    assert (
+        proxy_svc["spec"]["selector"].items()
+        <= roles["proxy"]["spec"]["template"]["metadata"]["labels"].items()
+    )
     assert ("Secret", "pdserve-kv-secret") in kinds
 
 
 # ------------------------------------------------------------------------------------------------ launch scripts
+
 
 def script_example(script: str) -> list[str]:
     """The flags of the `deploy/X.sh --flag ...` example in the script's header ([optional] parts included)."""

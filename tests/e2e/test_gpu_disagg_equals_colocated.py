@@ -4,6 +4,7 @@ package; the CPU end-to-end tests use the official client).
 
 Prompts go one at a time so both clusters run the same shapes; a Qwen2.5-0.5B-shaped random model in bf16.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -18,6 +19,7 @@ PROMPTS = [[(7 * i + 13 * j) % 900 + 10 for j in range(n)] for i, n in enumerate
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     from engine.make_model import make_model
+
     path = str(tmp_path_factory.mktemp("gpu-model") / "qwen-0.5b")
     make_model(path, family="qwen2", preset="qwen2.5-0.5b")
     return path
@@ -25,12 +27,22 @@ def model(tmp_path_factory):
 
 def greedy_ids(cluster: UpCluster, prompts) -> list[list[int]]:
     import httpx
+
     with httpx.Client(base_url=cluster.base_url, timeout=300) as client:
         name = client.get("/models").json()["data"][0]["id"]
         out = []
         for ids in prompts:
-            r = client.post("/completions", json={"model": name, "prompt": ids, "max_tokens": 24, "temperature": 0,
-                                                  "ignore_eos": True, "return_token_ids": True})
+            r = client.post(
+                "/completions",
+                json={
+                    "model": name,
+                    "prompt": ids,
+                    "max_tokens": 24,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "return_token_ids": True,
+                },
+            )
             assert r.status_code == 200, r.text
             out.append(r.json()["choices"][0]["token_ids"])
     return out

@@ -4,6 +4,7 @@ Every node's RPC thread once busy-looped (its wake pipe was never drained, so po
 an idle node burnt a whole core and, under load, fought the engine loop for the GIL. Measured from the outside
 over real `pdserve up` processes: CPU seconds (user + system, all threads) per wall second while no request runs.
 """
+
 from __future__ import annotations
 
 import os

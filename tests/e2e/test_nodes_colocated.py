@@ -1,13 +1,21 @@
 """A colocated node (kv_both) as a real process, driven by a DEALER that plays the proxy: greedy tokens equal
 transformers' greedy, prefix hits, abort / deadline / client-gone free every block, heartbeats and KV events."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import msgpack
 import pytest
 import zmq
 
-from tests.e2e.test_nodes_harness import (assert_blocks_balanced, FakeProxy, hf_greedy, prompts, proxy, start_node, wait_for, wait_healthy)  # noqa: F401 (proxy: a fixture)
+from tests.e2e.test_nodes_harness import (
+    FakeProxy,
+    assert_blocks_balanced,
+    hf_greedy,
+    prompts,
+    start_node,
+    wait_for,
+    wait_healthy,
+)  # noqa: F401 (proxy: a fixture)
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 12
@@ -25,8 +33,10 @@ def node(model_dir, tmp_path_factory):
 
 def test_concurrent_greedy_requests_match_transformers(node, proxy, model_dir):
     batch = prompts(1, [3, 17, 33, 50])
-    rids = [proxy.generate(node, p, max_tokens=MAX_TOKENS, logprobs=2 if i == 0 else None)
-            for i, p in enumerate(batch)]
+    rids = [
+        proxy.generate(node, p, max_tokens=MAX_TOKENS, logprobs=2 if i == 0 else None)
+        for i, p in enumerate(batch)
+    ]
     results = proxy.wait(*rids)
     assert [r.token_ids for r in results] == hf_greedy(model_dir, batch, MAX_TOKENS)
     for r in results:
@@ -42,8 +52,8 @@ def test_concurrent_greedy_requests_match_transformers(node, proxy, model_dir):
 
 def test_repeated_long_prompt_hits_the_prefix_cache(node, proxy):
     prompt = prompts(2, [70])[0]
-    first, = proxy.wait(proxy.generate(node, prompt))
-    second, = proxy.wait(proxy.generate(node, prompt))
+    (first,) = proxy.wait(proxy.generate(node, prompt))
+    (second,) = proxy.wait(proxy.generate(node, prompt))
     assert first.num_cached_tokens == 0
     assert second.num_cached_tokens == 64  # four full 16-token blocks; the last token is always computed
     assert first.token_ids == second.token_ids
@@ -55,7 +65,7 @@ def test_abort_mid_stream_frees_every_block(node, proxy):
     proxy.wait_tokens(rid, 3)
     assert node.blocks()["used"] > 0
     proxy.abort(node, rid)
-    result, = proxy.wait(rid)
+    (result,) = proxy.wait(rid)
     assert result.finish_reason == "abort" and result.error is None
     assert wait_for(lambda: node.blocks()["used"] == 0)
     assert_blocks_balanced(node)
@@ -64,7 +74,7 @@ def test_abort_mid_stream_frees_every_block(node, proxy):
 
 def test_deadline_ends_the_request_with_504(node, proxy):
     rid = proxy.generate(node, prompts(4, [20])[0], max_tokens=1000, deadline_s=0.3)
-    result, = proxy.wait(rid, timeout=30)
+    (result,) = proxy.wait(rid, timeout=30)
     assert result.error is not None and result.error.status == 504 and not result.error.retryable
     assert wait_for(lambda: node.blocks()["used"] == 0)
     assert_blocks_balanced(node)
@@ -113,7 +123,9 @@ def test_heartbeats_and_kv_events_are_published(node, proxy):
         stored = []
         while not stored:
             batch = decode_batch(_next(sub, b"kv-events")[-1])
-            stored = [e for e in batch.events if isinstance(e, BlockStored) and e.token_ids[:16] == prompt[:16]]
+            stored = [
+                e for e in batch.events if isinstance(e, BlockStored) and e.token_ids[:16] == prompt[:16]
+            ]
         assert len(stored[0].token_ids) == 16 * len(stored[0].block_hashes)
     finally:
         sub.close(0)
@@ -124,6 +136,7 @@ def _next(sub, topic: bytes, timeout: float = 10.0):
     poller = zmq.Poller()
     poller.register(sub, zmq.POLLIN)
     import time
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if poller.poll(200):

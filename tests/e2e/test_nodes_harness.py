@@ -1,5 +1,6 @@
 """Helpers for the node tests (no tests here): real node processes on free loopback ports, and a tiny ZMQ DEALER
 client that plays the proxy. Imported by tests/e2e/test_nodes_*.py and tests/faults/test_node_*.py."""
+
 from __future__ import annotations
 
 import json
@@ -73,18 +74,52 @@ class NodeProcess:
                 self.proc.wait(10)
 
 
-def start_node(role: str, model: str, log_dir: str, kv_role: str | None = None, extra: list[str] = (),
-               kv_timeout: float = 5.0) -> NodeProcess:
+def start_node(
+    role: str,
+    model: str,
+    log_dir: str,
+    kv_role: str | None = None,
+    extra: list[str] = (),
+    kv_timeout: float = 5.0,
+) -> NodeProcess:
     # Port 0 everywhere: the node reports what it bound (wait_healthy reads it), so no port can be raced for.
     kvt = {"kv_connector": "tcp", "kv_port": 0}
     name = f"{role}-{uuid.uuid4().hex[:8]}"
     if kv_role:
         kvt["kv_role"] = kv_role
-    args = [sys.executable, "-m", "engine.cli", "--log-level", "INFO", role, "--model", model,
-            "--device", "cpu", "--dtype", "float32", "--block-size", "16", "--kv-cache-memory", str(16 << 20),
-            "--rpc-port", "0", "--http-port", "0", "--events-port", "0",
-            "--node-id", name, "--kv-transfer-config", json.dumps(kvt), "--kv-secret", SECRET,
-            "--kv-timeout", str(kv_timeout), *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "--log-level",
+        "INFO",
+        role,
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--block-size",
+        "16",
+        "--kv-cache-memory",
+        str(16 << 20),
+        "--rpc-port",
+        "0",
+        "--http-port",
+        "0",
+        "--events-port",
+        "0",
+        "--node-id",
+        name,
+        "--kv-transfer-config",
+        json.dumps(kvt),
+        "--kv-secret",
+        SECRET,
+        "--kv-timeout",
+        str(kv_timeout),
+        *extra,
+    ]
     log_path = os.path.join(log_dir, f"{name}.log")
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as logf:
@@ -97,7 +132,9 @@ def wait_healthy(*nodes: NodeProcess, timeout: float = 90.0) -> None:
     for node in nodes:
         while True:
             if node.proc.poll() is not None:
-                raise RuntimeError(f"{node.role} node exited with {node.proc.returncode}:\n{node.log()[-3000:]}")
+                raise RuntimeError(
+                    f"{node.role} node exited with {node.proc.returncode}:\n{node.log()[-3000:]}"
+                )
             ready = READY_LINE.search(node.log())
             if ready and not node.rpc:
                 node.rpc, node.events, node.http = ready.groups()
@@ -153,6 +190,7 @@ class FakeProxy:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             from kvconnector import curve
+
             curve.client(sock, self.secret)  # a node under $PDSERVE_CURVE=1 takes CURVE clients only
             identity = f"proxy-{uuid.uuid4().hex[:8]}".encode()
             sock.setsockopt(zmq.IDENTITY, identity)
@@ -161,16 +199,33 @@ class FakeProxy:
             self.sockets[endpoint] = sock
         return sock
 
-    def generate(self, node: NodeProcess, prompt: list[int], mode: str = "colocated", prefill: NodeProcess = None,
-                 request_id: str | None = None, deadline_s: float = 0.0, **params) -> str:
-        from node_runtime.protocol import Generate
+    def generate(
+        self,
+        node: NodeProcess,
+        prompt: list[int],
+        mode: str = "colocated",
+        prefill: NodeProcess = None,
+        request_id: str | None = None,
+        deadline_s: float = 0.0,
+        **params,
+    ) -> str:
         from engine.sampling_params import SamplingParams
+        from node_runtime.protocol import Generate
 
         rid = request_id or uuid.uuid4().hex
         sp = SamplingParams(**{"temperature": 0.0, "max_tokens": 8, "ignore_eos": True, **params})
         self.results[rid] = Result(rid)
-        self.send(node, Generate(request_id=rid, prompt_token_ids=list(prompt), params=sp.to_dict(), mode=mode,
-                                 prefill_rpc=prefill.rpc if prefill else "", deadline_s=deadline_s))
+        self.send(
+            node,
+            Generate(
+                request_id=rid,
+                prompt_token_ids=list(prompt),
+                params=sp.to_dict(),
+                mode=mode,
+                prefill_rpc=prefill.rpc if prefill else "",
+                deadline_s=deadline_s,
+            ),
+        )
         return rid
 
     def track(self, request_id: str) -> str:
@@ -254,7 +309,9 @@ def hf_greedy(model_dir: str, prompts: list[list[int]], max_tokens: int) -> list
             for _ in range(max_tokens):
                 token = int(step.logits[0, -1].argmax())
                 generated.append(token)
-                step = model(input_ids=torch.tensor([[token]]), past_key_values=step.past_key_values, use_cache=True)
+                step = model(
+                    input_ids=torch.tensor([[token]]), past_key_values=step.past_key_values, use_cache=True
+                )
             out.append(generated)
     return out
 

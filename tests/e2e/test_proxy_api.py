@@ -4,6 +4,7 @@ streaming and JSON relaying, n, stop strings, logprobs, usage, timings, disconne
 The nodes here are FakeNodes (real ZMQ sockets and signed frames, scripted answers), so every proxy behaviour is
 checked fast and exactly; test_proxy_cluster.py runs the same paths against real nodes.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,14 +27,16 @@ def sse_events(response) -> list:
     events = []
     for line in response.iter_lines():
         if line.startswith("data: "):
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
 
 def test_proxy_import_is_torch_free():
-    code = ("import sys; import proxy.app, proxy.cli, proxy.redis_index, kvconnector.node_messages; "
-            "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
+    code = (
+        "import sys; import proxy.app, proxy.cli, proxy.redis_index, kvconnector.node_messages; "
+        "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
@@ -48,28 +51,32 @@ def one_node(fake_nodes, proxy_factory):
 
 # ---------------------------------------------------------------------------------------------------- errors
 
-@pytest.mark.parametrize("body,param", [
-    ({"prompt": "hi", "temperature": -1}, "temperature"),
-    ({"prompt": "hi", "temperature": 3}, "temperature"),
-    ({"prompt": "hi", "top_p": 0}, "top_p"),
-    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
-    ({"prompt": "hi", "n": 0}, "n"),
-    ({"prompt": "hi", "logprobs": 50}, "logprobs"),
-    ({"prompt": "hi", "stop": [1, 2]}, "stop"),
-    ({"prompt": "hi", "stop": [""]}, "stop"),
-    ({"prompt": "hi", "seed": "x"}, "seed"),
-    ({"prompt": "hi", "top_k": -5}, "top_k"),
-    ({"prompt": "hi", "seed": 2 ** 70}, "seed"),  # past int64: the wire could not carry it
-    ({"prompt": "hi", "top_k": 2 ** 64}, "top_k"),
-    ({"prompt": "hi", "stop_token_ids": [2 ** 65]}, "stop_token_ids"),
-    ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
-    ({"prompt": "hi", "stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
-    ({"prompt": [[]]}, "prompt"),
-    ({"prompt": 5}, "prompt"),
-    ({"prompt": [1, 2, 99999]}, "prompt"),
-    ({}, "prompt"),
-])
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"prompt": "hi", "temperature": -1}, "temperature"),
+        ({"prompt": "hi", "temperature": 3}, "temperature"),
+        ({"prompt": "hi", "top_p": 0}, "top_p"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
+        ({"prompt": "hi", "n": 0}, "n"),
+        ({"prompt": "hi", "logprobs": 50}, "logprobs"),
+        ({"prompt": "hi", "stop": [1, 2]}, "stop"),
+        ({"prompt": "hi", "stop": [""]}, "stop"),
+        ({"prompt": "hi", "seed": "x"}, "seed"),
+        ({"prompt": "hi", "top_k": -5}, "top_k"),
+        ({"prompt": "hi", "seed": 2**70}, "seed"),  # past int64: the wire could not carry it
+        ({"prompt": "hi", "top_k": 2**64}, "top_k"),
+        ({"prompt": "hi", "stop_token_ids": [2**65]}, "stop_token_ids"),
+        ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+        ({"prompt": "hi", "stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"prompt": [[]]}, "prompt"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": [1, 2, 99999]}, "prompt"),
+        ({}, "prompt"),
+    ],
+)
 def test_completion_bad_params_are_400(one_node, body, param):
     _, server = one_node
     r = post(server, "/v1/completions", body)
@@ -79,14 +86,20 @@ def test_completion_bad_params_are_400(one_node, body, param):
     assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"]
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
-    ({"messages": [{"role": "user", "content": 5}]}, "messages"),
-    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
-    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+            "top_logprobs",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ],
+)
 def test_chat_bad_params_are_400(one_node, body, param):
     _, server = one_node
     r = post(server, "/v1/chat/completions", body)
@@ -96,7 +109,9 @@ def test_chat_bad_params_are_400(one_node, body, param):
 
 def test_malformed_json_is_400(one_node):
     _, server = one_node
-    r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    r = httpx.post(
+        server.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/completions", content=b"[1, 2]")
     assert r.status_code == 400
@@ -108,7 +123,9 @@ def test_unknown_model_is_404(one_node):
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "model_not_found"
     name = server.state.model_name
-    assert post(server, "/v1/completions", {"model": name, "prompt": "hi", "max_tokens": 2}).status_code == 200
+    assert (
+        post(server, "/v1/completions", {"model": name, "prompt": "hi", "max_tokens": 2}).status_code == 200
+    )
 
 
 def test_prompt_over_max_model_len_is_400(one_node):
@@ -150,8 +167,10 @@ def test_queue_full_is_429(fake_nodes, proxy_factory):
     server = proxy_factory([node], max_queue=1)
     server.wait_nodes(1)
     import threading
-    t = threading.Thread(target=lambda: _ignore(lambda: post(server, "/v1/completions", {"prompt": "hi"},
-                                                              timeout=3)))
+
+    t = threading.Thread(
+        target=lambda: _ignore(lambda: post(server, "/v1/completions", {"prompt": "hi"}, timeout=3))
+    )
     t.start()
     wait_for(lambda: server.state.inflight == 1, 5, what="one request in flight")
     r = post(server, "/v1/completions", {"prompt": "hi"})
@@ -190,8 +209,10 @@ def test_models_health_metrics(one_node):
 
 # ---------------------------------------------------------------------------------------------------- relaying
 
+
 def test_completion_json(one_node, tokenizer_dir):
     from engine.tokenizer import load_tokenizer
+
     tok = load_tokenizer(tokenizer_dir)
     node, server = one_node
     node.script = Script(cached_tokens=3)
@@ -202,8 +223,12 @@ def test_completion_json(one_node, tokenizer_dir):
     choice = body["choices"][0]
     assert choice["text"] == tok.decode([300, 301, 302, 303, 304]) and choice["finish_reason"] == "length"
     prompt_len = len(tok.encode("hello world"))
-    assert body["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 5, "total_tokens": prompt_len + 5,
-                             "prompt_tokens_details": {"cached_tokens": 3}}
+    assert body["usage"] == {
+        "prompt_tokens": prompt_len,
+        "completion_tokens": 5,
+        "total_tokens": prompt_len + 5,
+        "prompt_tokens_details": {"cached_tokens": 3},
+    }
     timings = json.loads(r.headers["x-pdserve-timings"])
     assert timings["transfer"] == pytest.approx(0.003) and timings["total"] > 0
     assert "colocated:d0->d0" in r.headers["x-pdserve-route"]
@@ -214,11 +239,16 @@ def test_completion_json(one_node, tokenizer_dir):
 
 def test_chat_stream_with_usage(one_node, tokenizer_dir):
     from engine.tokenizer import load_tokenizer
+
     tok = load_tokenizer(tokenizer_dir)
     node, server = one_node
     node.script = Script(per_message=2, delay_s=0.01)
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 7, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 7,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=10) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r)
@@ -232,16 +262,24 @@ def test_chat_stream_with_usage(one_node, tokenizer_dir):
     usage = chunks[-1]["usage"]
     assert chunks[-1]["choices"] == [] and usage["completion_tokens"] == 7
     assert usage["prompt_tokens"] == len(tok.encode_chat([{"role": "user", "content": "hi"}]))
-    assert set(usage["pdserve_timings"]) >= {"prefill_queue", "prefill", "transfer", "exposed_transfer",
-                                             "decode_queue", "ttft", "total"}
+    assert set(usage["pdserve_timings"]) >= {
+        "prefill_queue",
+        "prefill",
+        "transfer",
+        "exposed_transfer",
+        "decode_queue",
+        "ttft",
+        "total",
+    }
     gen = node.messages(Generate)[-1]
     assert gen.prompt_token_ids == tok.encode_chat([{"role": "user", "content": "hi"}])
 
 
 def test_stream_without_usage_puts_timings_on_the_last_chunk(one_node):
     _, server = one_node
-    with httpx.stream("POST", server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3,
-                                                                     "stream": True}) as r:
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3, "stream": True}
+    ) as r:
         events = sse_events(r)
     last = events[-2]
     assert last["choices"][0]["finish_reason"] == "length" and "pdserve_timings" in last["usage"]
@@ -250,6 +288,7 @@ def test_stream_without_usage_puts_timings_on_the_last_chunk(one_node):
 
 def test_stop_string_cuts_and_aborts(one_node, tokenizer_dir):
     from engine.tokenizer import load_tokenizer
+
     tok = load_tokenizer(tokenizer_dir)
     node, server = one_node
     ids = tok.encode("one two three four five six seven", add_special_tokens=False)
@@ -260,8 +299,11 @@ def test_stop_string_cuts_and_aborts(one_node, tokenizer_dir):
     assert r.json()["usage"]["completion_tokens"] < len(ids)
     wait_for(lambda: node.messages(Abort), 5, what="abort after the stop string")
     # streamed: no delta ever shows text past the stop
-    with httpx.stream("POST", server.url + "/v1/completions",
-                      json={"prompt": "x", "max_tokens": 2 * len(ids), "stop": " four", "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/completions",
+        json={"prompt": "x", "max_tokens": 2 * len(ids), "stop": " four", "stream": True},
+    ) as r:
         events = sse_events(r)
     text = "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
     assert text == "one two three"
@@ -293,12 +335,22 @@ def test_logprobs_shapes(one_node):
     assert len(lp["tokens"]) == 3 and lp["token_logprobs"] == [-0.5] * 3
     assert all(len(t) == 2 for t in lp["top_logprobs"]) and lp["text_offset"][0] == 0
     assert node.messages(Generate)[-1].params["logprobs"] == 2
-    r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
-                                              "logprobs": True, "top_logprobs": 1}).json()
+    r = post(
+        server,
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 3,
+            "logprobs": True,
+            "top_logprobs": 1,
+        },
+    ).json()
     content = r["choices"][0]["logprobs"]["content"]
     assert len(content) == 3 and content[0]["logprob"] == -0.5 and len(content[0]["top_logprobs"]) == 1
     assert isinstance(content[0]["bytes"], list)
-    r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3})
+    r = post(
+        server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
+    )
     assert r.json()["choices"][0]["logprobs"] is None
     assert node.messages(Generate)[-1].params["logprobs"] is None
 
@@ -308,8 +360,9 @@ def test_client_disconnect_aborts(fake_nodes, proxy_factory):
     node.script = Script(delay_s=0.2)
     server = proxy_factory([node])
     server.wait_nodes(1)
-    with httpx.stream("POST", server.url + "/v1/completions",
-                      json={"prompt": "x", "max_tokens": 200, "stream": True}) as r:
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 200, "stream": True}
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 break  # one chunk, then hang up
@@ -331,12 +384,16 @@ def test_retryable_error_goes_to_another_prefill_node(fake_nodes, proxy_factory)
     server.wait_nodes(3)
     ok, fail = Script(), Script(error=(503, "prefill node died before the first token", True))
     d0._script_for = lambda rid: ok if rid.endswith(".r1") else fail
-    r = post(server, "/v1/completions", {"prompt": "a long enough prompt for disaggregation", "max_tokens": 3})
+    r = post(
+        server, "/v1/completions", {"prompt": "a long enough prompt for disaggregation", "max_tokens": 3}
+    )
     assert r.status_code == 200, r.text
     gens = d0.messages(Generate)
     assert len(gens) == 2 and gens[1].request_id == gens[0].request_id + ".r1"
     assert gens[0].mode == gens[1].mode == "disaggregated" and gens[0].prefill_rpc != gens[1].prefill_rpc
-    assert 'pdserve_proxy_retries_total{reason="node_error_503"} 1.0' in httpx.get(server.url + "/metrics").text
+    assert (
+        'pdserve_proxy_retries_total{reason="node_error_503"} 1.0' in httpx.get(server.url + "/metrics").text
+    )
 
 
 def test_dead_decode_node_gives_clear_error(fake_nodes, proxy_factory):
@@ -345,10 +402,13 @@ def test_dead_decode_node_gives_clear_error(fake_nodes, proxy_factory):
     server = proxy_factory([d0], request_timeout_s=30)
     server.wait_nodes(1)
     import threading
+
     result = {}
-    t = threading.Thread(target=lambda: result.setdefault("r", post(server, "/v1/completions",
-                                                                     {"prompt": "x", "max_tokens": 200},
-                                                                     timeout=20)))
+    t = threading.Thread(
+        target=lambda: result.setdefault(
+            "r", post(server, "/v1/completions", {"prompt": "x", "max_tokens": 200}, timeout=20)
+        )
+    )
     t.start()
     wait_for(lambda: d0.messages(Generate), 5, what="the request reaching the node")
     time.sleep(0.2)

@@ -1,5 +1,6 @@
 """Cache-aware routing on a real 2 prefill + 2 decode cluster: a request whose prefix a node holds goes to that
 node (cached_tokens > 0, the Redis index holds the prefix's block hashes); with round_robin it does not."""
+
 from __future__ import annotations
 
 import time
@@ -12,13 +13,16 @@ from tests.e2e.conftest import RedisServer, free_port, needs_nodes, wait_for
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 
-FAMILIES = [f"Family {k} shares this long system preamble about topic number {k} and its many details. " * 4
-            for k in range(3)]
+FAMILIES = [
+    f"Family {k} shares this long system preamble about topic number {k} and its many details. " * 4
+    for k in range(3)
+]
 
 
 def complete(url: str, prompt: str) -> tuple[str, int]:
-    r = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 2, "temperature": 0},
-                   timeout=60)
+    r = httpx.post(
+        url + "/v1/completions", json={"prompt": prompt, "max_tokens": 2, "temperature": 0}, timeout=60
+    )
     assert r.status_code == 200, r.text
     return r.headers["x-pdserve-route"], r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
 
@@ -31,6 +35,7 @@ def nodes_of(route: str) -> set[str]:
 @pytest.mark.parametrize("policy", ["cache_aware", "round_robin"])
 def test_known_prefix_goes_to_its_holder(policy, up_cluster, request, tiny_model):
     from engine.tokenizer import load_tokenizer
+
     tok = load_tokenizer(tiny_model)
     redis = None
     args = ["--routing", policy]
@@ -46,8 +51,11 @@ def test_known_prefix_goes_to_its_holder(policy, up_cluster, request, tiny_model
         hashes = prompt_block_hashes(tok.encode(family), 16)
         if redis is not None:
             client = redis.client()
-            holders = wait_for(lambda: {m.decode() for m in client.smembers(f"pdserve:block:{hashes[-1]}")}, 10,
-                               what="the prefix's hashes in Redis")
+            holders = wait_for(
+                lambda: {m.decode() for m in client.smembers(f"pdserve:block:{hashes[-1]}")},
+                10,
+                what="the prefix's hashes in Redis",
+            )
             assert holders & nodes_of(warm_route), (holders, warm_route)
         else:
             time.sleep(0.5)  # the same settling time for the events to reach the proxy

@@ -2,6 +2,7 @@
 greedy output equals transformers' greedy continuation (disaggregated: prefill node -> KV transfer -> decode
 node; and colocated), streaming and not, chat and completions; seeded n=2; stop strings; logprobs; usage and
 cached tokens; timings; 200 concurrent streams."""
+
 from __future__ import annotations
 
 import asyncio
@@ -30,12 +31,14 @@ def cluster(tmp_path_factory, tiny_model):
 @pytest.fixture(scope="module")
 def tok(tiny_model):
     from engine.tokenizer import load_tokenizer
+
     return load_tokenizer(tiny_model)
 
 
 @pytest.fixture(scope="module")
 def client(cluster):
     from openai import OpenAI
+
     return OpenAI(base_url=cluster.base_url, api_key="unused", max_retries=0, timeout=120)
 
 
@@ -60,15 +63,28 @@ def test_completion_greedy_matches_transformers(client, model_name, tok, hf_refe
     assert r.usage.prompt_tokens == len(tok.encode(prompt)) and r.usage.completion_tokens == N
     assert r.usage.total_tokens == r.usage.prompt_tokens + N
     timings = json.loads(raw.headers["x-pdserve-timings"])
-    assert set(timings) >= {"prefill_queue", "prefill", "transfer", "exposed_transfer", "decode_queue", "ttft"}
+    assert set(timings) >= {
+        "prefill_queue",
+        "prefill",
+        "transfer",
+        "exposed_transfer",
+        "decode_queue",
+        "ttft",
+    }
     if mode == "disaggregated":
         assert timings["transfer"] > 0
 
 
 def test_completion_stream_matches_transformers(client, model_name, tok, hf_reference):
     expected = hf_reference(tok.encode(LONG), N)
-    stream = client.completions.create(model=model_name, prompt=LONG, max_tokens=N, stream=True,
-                                       stream_options={"include_usage": True}, **GREEDY)
+    stream = client.completions.create(
+        model=model_name,
+        prompt=LONG,
+        max_tokens=N,
+        stream=True,
+        stream_options={"include_usage": True},
+        **GREEDY,
+    )
     text, ids, usage, finish = "", [], None, None
     for chunk in stream:
         if chunk.choices:
@@ -87,8 +103,13 @@ def test_chat_greedy_matches_transformers(client, model_name, tok, hf_reference,
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": LONG}]
     expected = hf_reference(tok.encode_chat(messages), N)
     if stream:
-        text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-            model=model_name, messages=messages, max_tokens=N, stream=True, **GREEDY) if c.choices)
+        text = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(
+                model=model_name, messages=messages, max_tokens=N, stream=True, **GREEDY
+            )
+            if c.choices
+        )
     else:
         r = client.chat.completions.create(model=model_name, messages=messages, max_tokens=N, **GREEDY)
         text = r.choices[0].message.content
@@ -112,7 +133,7 @@ def test_stop_string(client, model_name, tok, hf_reference):
     expected = tok.decode(hf_reference(tok.encode(LONG), N))
     # a stop string starting at the text of the 8th token, first found there
     cut = len(tok.decode(hf_reference(tok.encode(LONG), N)[:8]))
-    stop = expected[cut:cut + 3]
+    stop = expected[cut : cut + 3]
     if not stop.strip() or expected.find(stop) != cut:
         pytest.skip(f"greedy text {expected!r} has no clean stop string at {cut}")
     r = client.completions.create(model=model_name, prompt=LONG, max_tokens=N, stop=[stop], **GREEDY)
@@ -127,10 +148,18 @@ def test_logprobs(client, model_name, tok, hf_reference):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == N
     for tok_lp, top in zip(lp.token_logprobs, lp.top_logprobs):
         assert tok_lp <= 0 and 3 <= len(top) <= 4
-        assert tok_lp == pytest.approx(max(top.values()), abs=1e-4)  # greedy: the sampled token is the top one
+        assert tok_lp == pytest.approx(
+            max(top.values()), abs=1e-4
+        )  # greedy: the sampled token is the top one
     assert lp.tokens == [tok.decode([t], skip_special_tokens=False) for t in expected]
-    chat = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": LONG}],
-                                          max_tokens=4, logprobs=True, top_logprobs=2, temperature=0)
+    chat = client.chat.completions.create(
+        model=model_name,
+        messages=[{"role": "user", "content": LONG}],
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=2,
+        temperature=0,
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == 4 and all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
 
@@ -152,14 +181,22 @@ def test_200_concurrent_streams(cluster, model_name, tok, hf_reference):
     expected = [tok.decode(hf_reference(tok.encode(p), 12)) for p in prompts]
 
     async def go():
-        http = httpx.AsyncClient(limits=httpx.Limits(max_connections=250, max_keepalive_connections=250),
-                                 timeout=httpx.Timeout(300.0))
+        http = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=250, max_keepalive_connections=250),
+            timeout=httpx.Timeout(300.0),
+        )
         client = AsyncOpenAI(base_url=cluster.base_url, api_key="unused", max_retries=0, http_client=http)
 
         async def one(k: int) -> tuple[int, str]:
             i = k % len(prompts)
-            stream = await client.completions.create(model=model_name, prompt=prompts[i], max_tokens=12,
-                                                     stream=True, temperature=0, extra_body={"ignore_eos": True})
+            stream = await client.completions.create(
+                model=model_name,
+                prompt=prompts[i],
+                max_tokens=12,
+                stream=True,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
             text = ""
             async for chunk in stream:
                 if chunk.choices:

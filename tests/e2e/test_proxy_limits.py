@@ -1,5 +1,6 @@
 """Concurrent sequences (prompts x n) are bounded per request (400) and per API key (429), and a key's sequences
 are given back when its request ends however it ends (here: the client leaves)."""
+
 from __future__ import annotations
 
 import httpx
@@ -32,8 +33,9 @@ def test_a_key_over_its_sequences_is_429(fake_nodes, proxy_factory):
     server = proxy_factory([node], max_seqs_per_request=4, max_seqs_per_key=4)
     server.wait_nodes(1)
     url = server.url + "/v1/completions"
-    first = threading.Thread(target=lambda: httpx.post(url, json={"prompt": "x", "n": 4, "max_tokens": 3},
-                                                       timeout=30))
+    first = threading.Thread(
+        target=lambda: httpx.post(url, json={"prompt": "x", "n": 4, "max_tokens": 3}, timeout=30)
+    )
     first.start()
     wait_for(lambda: server.state.limits.in_use, 5, what="the first request running")
     r = httpx.post(url, json={"prompt": "y", "max_tokens": 2})

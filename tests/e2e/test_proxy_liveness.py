@@ -1,5 +1,6 @@
 """Node liveness as the proxy judges it: a proxy whose own event loop stalled does not declare healthy nodes dead
 (their heartbeats were waiting unread), and a node declared dead mid-request is told to abort it."""
+
 from __future__ import annotations
 
 import asyncio
@@ -49,8 +50,19 @@ def test_a_reaper_tick_after_a_stall_judges_nobody():
 
 def _hb():
     from kvconnector.node_messages import NodeHeartbeat
-    return NodeHeartbeat(node_id="n", role="decode", rpc="tcp://x:1", http="http://x:2", num_waiting=0,
-                         num_running=0, free_blocks=1, total_blocks=1, block_size=16, ts=0.0)
+
+    return NodeHeartbeat(
+        node_id="n",
+        role="decode",
+        rpc="tcp://x:1",
+        http="http://x:2",
+        num_waiting=0,
+        num_running=0,
+        free_blocks=1,
+        total_blocks=1,
+        block_size=16,
+        ts=0.0,
+    )
 
 
 def test_node_declared_dead_mid_request_is_told_to_abort(fake_nodes, proxy_factory):
@@ -59,8 +71,12 @@ def test_node_declared_dead_mid_request_is_told_to_abort(fake_nodes, proxy_facto
     server = proxy_factory([d0], request_timeout_s=30)
     server.wait_nodes(1)
     result = {}
-    t = threading.Thread(target=lambda: result.setdefault("r", httpx.post(
-        server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 200}, timeout=20)))
+    t = threading.Thread(
+        target=lambda: result.setdefault(
+            "r",
+            httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 200}, timeout=20),
+        )
+    )
     t.start()
     wait_for(lambda: d0.messages(Generate), 5, what="the request reaching the node")
     time.sleep(0.2)
@@ -81,8 +97,12 @@ def test_a_stream_survives_a_stalled_proxy(fake_nodes, proxy_factory):
     server.wait_nodes(1)
     timeout = server.state.registry.timeout_s
     out = {}
-    t = threading.Thread(target=lambda: out.setdefault("r", httpx.post(
-        server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 100}, timeout=30)))
+    t = threading.Thread(
+        target=lambda: out.setdefault(
+            "r",
+            httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 100}, timeout=30),
+        )
+    )
     t.start()
     wait_for(lambda: d0.messages(Generate), 5, what="the request reaching the node")
 

@@ -1,5 +1,6 @@
 """Routing: the pair score, conditional disaggregation, round robin, the prefix index (in process and in a real
 Redis server), the indexer fed by real ZMQ publishers, and routing through the app with FakeNodes."""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +13,7 @@ import pytest
 import zmq
 
 from kvconnector.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch, encode_batch
-from kvconnector.node_messages import Generate, TOPIC_HEARTBEAT, TOPIC_KV_EVENTS, decode_heartbeat
+from kvconnector.node_messages import TOPIC_HEARTBEAT, TOPIC_KV_EVENTS, Generate, decode_heartbeat
 from proxy.config import RouterConfig, RouterWeights
 from proxy.indexer import Indexer
 from proxy.nodes import NodeRegistry, NodeState
@@ -22,11 +23,21 @@ from tests.e2e.conftest import RedisServer, free_port, wait_for
 
 
 def node(node_id, role, **kw) -> NodeState:
-    return NodeState(node_id, "tcp://x", role, f"tcp://{node_id}", "http://x", 16,
-                     free_blocks=kw.pop("free", 100), total_blocks=100, **kw)
+    return NodeState(
+        node_id,
+        "tcp://x",
+        role,
+        f"tcp://{node_id}",
+        "http://x",
+        16,
+        free_blocks=kw.pop("free", 100),
+        total_blocks=100,
+        **kw,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- score
+
 
 def test_score_pair_terms_move_it_the_right_way():
     w = RouterWeights()
@@ -41,8 +52,9 @@ def test_score_pair_terms_move_it_the_right_way():
     assert score_pair(PairTerms(512, 511, 0, 2, 0, 1.0, True), w) > score_pair(base, w)
     assert score_pair(PairTerms(512, 511, 0, 8, 0, 1.0, True), w) < score_pair(base, w)
     # weights come from config
-    assert score_pair(PairTerms(512, 0, 0, 3, 0, 1.0, True), RouterWeights(prefill_queue=0)) == \
-        score_pair(base, RouterWeights(prefill_queue=0))
+    assert score_pair(PairTerms(512, 0, 0, 3, 0, 1.0, True), RouterWeights(prefill_queue=0)) == score_pair(
+        base, RouterWeights(prefill_queue=0)
+    )
 
 
 def test_cache_aware_picks_the_prefill_node_holding_the_prefix():
@@ -90,7 +102,9 @@ def test_exclusions_and_no_route():
 def test_ties_spread_and_round_robin_ignores_the_cache():
     router = Router(RouterConfig(disagg_min_tokens=32))
     ps, ds = [node("p0", "prefill"), node("p1", "prefill")], [node("d0", "decode"), node("d1", "decode")]
-    picks = {(d.prefill.node_id, d.decode.node_id) for d in (router.decide(320, {}, 16, ps, ds) for _ in range(8))}
+    picks = {
+        (d.prefill.node_id, d.decode.node_id) for d in (router.decide(320, {}, 16, ps, ds) for _ in range(8))
+    }
     assert len(picks) >= 2
     rr = Router(RouterConfig(policy="round_robin", disagg_min_tokens=32))
     seq = [rr.decide(320, {"p0": 19}, 16, ps, ds) for _ in range(4)]
@@ -101,6 +115,7 @@ def test_ties_spread_and_round_robin_ignores_the_cache():
 
 # ---------------------------------------------------------------------------------------------------- index
 
+
 def test_leading_runs():
     assert leading_runs([{"a", "b"}, {"a"}, {"a", "b"}]) == {"a": 3, "b": 1}
     assert leading_runs([{"b"}, {"a"}]) == {"b": 1}
@@ -109,8 +124,9 @@ def test_leading_runs():
 
 
 def _stored(hashes, bs=4):
-    return BlockStored(block_hashes=hashes, parent_block_hash=None, token_ids=list(range(bs * len(hashes))),
-                       block_size=bs)
+    return BlockStored(
+        block_hashes=hashes, parent_block_hash=None, token_ids=list(range(bs * len(hashes))), block_size=bs
+    )
 
 
 async def _exercise_index(index):
@@ -127,7 +143,7 @@ async def _exercise_index(index):
     assert await index.match([1, 2, 3]) == {"n1": 1}
     await index.drop_node("n1")
     assert await index.match([1, 2, 3]) == {}
-    big = 2 ** 64 - 1  # hashes are unsigned 64-bit
+    big = 2**64 - 1  # hashes are unsigned 64-bit
     await index.apply("n3", batch(_stored([big])))
     assert await index.match([big]) == {"n3": 1}
 
@@ -165,7 +181,9 @@ def test_redis_outage_falls_back_and_resyncs(redis_server, caplog):
         redis_server.stop()
         with caplog.at_level(logging.WARNING, logger="proxy.redis_index"):
             assert await index.match([1, 2]) == {"n1": 2}  # from the local view
-            await index.apply("n1", KVEventBatch(ts=0.0, events=[_stored([3]), BlockRemoved(block_hashes=[1])]))
+            await index.apply(
+                "n1", KVEventBatch(ts=0.0, events=[_stored([3]), BlockRemoved(block_hashes=[1])])
+            )
             await index.drop_node("gone")
             assert await index.match([1, 2, 3]) == {} and await index.match([2, 3]) == {"n1": 2}  # local view
             assert not index.up and index.errors >= 1
@@ -183,10 +201,22 @@ def test_redis_outage_falls_back_and_resyncs(redis_server, caplog):
 
 # ---------------------------------------------------------------------------------------------------- indexer
 
+
 def _heartbeat(node_id, role="decode", rpc="tcp://127.0.0.1:1"):
-    return msgpack.packb({"node_id": node_id, "role": role, "rpc": rpc, "http": "http://127.0.0.1:2",
-                          "num_waiting": 1, "num_running": 2, "free_blocks": 90, "total_blocks": 100,
-                          "block_size": 4, "ts": time.time()})
+    return msgpack.packb(
+        {
+            "node_id": node_id,
+            "role": role,
+            "rpc": rpc,
+            "http": "http://127.0.0.1:2",
+            "num_waiting": 1,
+            "num_running": 2,
+            "free_blocks": 90,
+            "total_blocks": 100,
+            "block_size": 4,
+            "ts": time.time(),
+        }
+    )
 
 
 def test_indexer_with_a_real_publisher():
@@ -201,6 +231,7 @@ def test_indexer_with_a_real_publisher():
 
     async def go():
         import zmq.asyncio
+
         actx = zmq.asyncio.Context()
         registry = NodeRegistry(misses=3, interval_s=0.1)
         index = InProcessPrefixIndex()
@@ -208,7 +239,9 @@ def test_indexer_with_a_real_publisher():
         indexer = Indexer(actx, [f"tcp://127.0.0.1:{port}"], registry, index, on_drop=drops.append)
         indexer.start()
         await asyncio.sleep(0.3)  # slow joiner
-        send(TOPIC_KV_EVENTS, encode_batch(KVEventBatch(ts=0.0, events=[_stored([1, 2])])))  # before heartbeat
+        send(
+            TOPIC_KV_EVENTS, encode_batch(KVEventBatch(ts=0.0, events=[_stored([1, 2])]))
+        )  # before heartbeat
         send(TOPIC_KV_EVENTS, b"\xc1garbage")
         send(TOPIC_HEARTBEAT, _heartbeat("n1"))
         for _ in range(50):
@@ -227,8 +260,13 @@ def test_indexer_with_a_real_publisher():
         await asyncio.sleep(0.1)
         assert registry.nodes["n1"].alive and await index.match([5]) == {"n1": 1}
         # a sequence number going backwards: the node restarted with an empty cache
-        pub.send_multipart([TOPIC_KV_EVENTS, (0).to_bytes(8, "big"),
-                            encode_batch(KVEventBatch(ts=0.0, events=[_stored([9])]))])
+        pub.send_multipart(
+            [
+                TOPIC_KV_EVENTS,
+                (0).to_bytes(8, "big"),
+                encode_batch(KVEventBatch(ts=0.0, events=[_stored([9])])),
+            ]
+        )
         await asyncio.sleep(0.1)
         assert await index.match([5]) == {} and await index.match([9]) == {"n1": 1}
         await indexer.stop()
@@ -324,8 +362,18 @@ def test_a_node_back_from_silence_keeps_its_in_flight_counts():
     from proxy.nodes import NodeRegistry
 
     registry = NodeRegistry(misses=3, interval_s=0.5)
-    hb = NodeHeartbeat(node_id="d0", role="decode", rpc="tcp://127.0.0.1:1", http="http://127.0.0.1:2",
-                       num_waiting=0, num_running=0, free_blocks=10, total_blocks=10, block_size=16, ts=0.0)
+    hb = NodeHeartbeat(
+        node_id="d0",
+        role="decode",
+        rpc="tcp://127.0.0.1:1",
+        http="http://127.0.0.1:2",
+        num_waiting=0,
+        num_running=0,
+        free_blocks=10,
+        total_blocks=10,
+        block_size=16,
+        ts=0.0,
+    )
     node = registry.heartbeat("tcp://127.0.0.1:3", hb, now=0.0)
     node.active += 2  # two requests in flight hold `node`
     assert registry.reap(now=5.0) == [node] and not node.alive

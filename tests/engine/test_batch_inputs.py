@@ -1,4 +1,5 @@
 """Step inputs: the decode rows that CUDA graphs stage equal what the general path computes for the same chunks."""
+
 import random
 
 import numpy as np
@@ -16,8 +17,9 @@ def random_decodes(seed: int, n: int, block_size: int) -> list[ScheduledRequest]
     for i in range(n):
         computed = rng.randrange(0, 90)
         blocks = [free.pop() for _ in range(computed // block_size + 1)]
-        chunks.append(ScheduledRequest(f"r{i}", [rng.randrange(1000)], computed, blocks, is_decode=True,
-                                       samples=True))
+        chunks.append(
+            ScheduledRequest(f"r{i}", [rng.randrange(1000)], computed, blocks, is_decode=True, samples=True)
+        )
     return chunks
 
 

@@ -1,5 +1,6 @@
 """CI keeps the engine benchmark's code working: `bench/engine.py --smoke` runs every section at toy sizes on CPU
 (tiny model, Triton kernels in the interpreter) and writes a result file in the format of docs/architecture.md."""
+
 import glob
 import json
 import os
@@ -13,8 +14,21 @@ TOP_KEYS = {"bench", "device", "date", "commit", "command", "records"}
 
 def test_engine_bench_smoke_writes_a_valid_result_file(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "engine.py"), "--smoke", "--out", str(tmp_path),
-                           "--no-plot"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "bench", "engine.py"),
+            "--smoke",
+            "--out",
+            str(tmp_path),
+            "--no-plot",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     files = glob.glob(str(tmp_path / "engine-cpu-*.json"))
     assert len(files) == 1, os.listdir(tmp_path)
@@ -26,13 +40,33 @@ def test_engine_bench_smoke_writes_a_valid_result_file(tmp_path):
         assert RECORD_KEYS <= rec.keys(), rec
         assert isinstance(rec["params"], dict)
     metrics = {r["metric"] for r in doc["records"]}
-    for metric in ("copy_bandwidth_GBps", "matmul_TFLOPs", "prefill_ms", "decode_step_ms", "throughput_tok_s",
-                   "hf_prefill_ms", "hf_decode_step_ms", "hf_throughput_tok_s", "kernel_ms", "kv_block_copy_GBps"):
+    for metric in (
+        "copy_bandwidth_GBps",
+        "matmul_TFLOPs",
+        "prefill_ms",
+        "decode_step_ms",
+        "throughput_tok_s",
+        "hf_prefill_ms",
+        "hf_decode_step_ms",
+        "hf_throughput_tok_s",
+        "kernel_ms",
+        "kv_block_copy_GBps",
+    ):
         assert metric in metrics, f"{metric} missing: {sorted(metrics)}"
     ours = [r for r in doc["records"] if r["metric"] in ("prefill_ms", "decode_step_ms", "throughput_tok_s")]
     assert ours and all(r["value"] > 0 and r["ceiling"] > 0 and r["ratio"] > 0 for r in ours)
     assert all(r["baseline"] is not None for r in ours), "transformers' figures should be linked as baselines"
     kernels = {r["params"]["kernel"] for r in doc["records"] if r["metric"] == "kernel_ms"}
-    assert kernels >= {"decode_attention", "prefill_attention", "rms_norm", "silu_and_mul", "rotary",
-                       "rotary_and_write_kv", "kv_cache_write", "skinny_linear", "gather_blocks", "scatter_blocks"}
+    assert kernels >= {
+        "decode_attention",
+        "prefill_attention",
+        "rms_norm",
+        "silu_and_mul",
+        "rotary",
+        "rotary_and_write_kv",
+        "kv_cache_write",
+        "skinny_linear",
+        "gather_blocks",
+        "scatter_blocks",
+    }
     assert all(r["params"]["matches_ref"] for r in doc["records"] if r["metric"] == "kernel_ms")

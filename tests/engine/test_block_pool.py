@@ -3,6 +3,7 @@
 The property test drives random allocate / free / hit / cache / evict / reset sequences against a model of who
 holds which block, and replays the emitted events into an index that must mirror the pool's hashed blocks.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -89,14 +90,20 @@ def test_events_cover_stored_runs_evictions_and_reset():
     pool.cache_full_blocks(hashes, blocks, 0, 2, tokens)
     pool.cache_full_blocks(hashes, blocks, 2, 3, tokens)
     stored1, stored2 = pool.take_events()
-    assert stored1 == BlockStored(block_hashes=[external_block_hash(h) for h in hashes[:2]],
-                                  parent_block_hash=None, token_ids=tokens[:8], block_size=BS)
+    assert stored1 == BlockStored(
+        block_hashes=[external_block_hash(h) for h in hashes[:2]],
+        parent_block_hash=None,
+        token_ids=tokens[:8],
+        block_size=BS,
+    )
     assert stored2.parent_block_hash == external_block_hash(hashes[1]) and stored2.token_ids == tokens[8:]
     assert pool.take_events() == []
     pool.free(blocks)
     pool.allocate(2)
     (removed,) = pool.take_events()
-    assert removed == BlockRemoved(block_hashes=[external_block_hash(hashes[2]), external_block_hash(hashes[1])])
+    assert removed == BlockRemoved(
+        block_hashes=[external_block_hash(hashes[2]), external_block_hash(hashes[1])]
+    )
     assert pool.reset_prefix_cache()
     assert pool.take_events() == [AllBlocksCleared()]
     assert pool.num_cached == 0 and pool.get_cached_block(hashes[0]) is None

@@ -1,5 +1,6 @@
 """Checkpoint reading: ArchConfig from config.json, sharded and single-file weights, and one clear CheckpointError
 line for every way a folder can be wrong."""
+
 import json
 import os
 import shutil
@@ -40,20 +41,37 @@ def load_error(path) -> str:
 def test_arch_config_per_family(model_dirs):
     llama, qwen, mistral = (load_arch_config(model_dirs[f]) for f in ("llama", "qwen2", "mistral"))
     assert (llama.architecture, llama.qkv_bias, llama.o_bias, llama.tie_word_embeddings) == (
-        "LlamaForCausalLM", False, False, False)
+        "LlamaForCausalLM",
+        False,
+        False,
+        False,
+    )
     assert (qwen.architecture, qwen.qkv_bias, qwen.o_bias, qwen.tie_word_embeddings) == (
-        "Qwen2ForCausalLM", True, False, True)
+        "Qwen2ForCausalLM",
+        True,
+        False,
+        True,
+    )
     assert mistral.architecture == "MistralForCausalLM" and mistral.max_position_embeddings == 2048
     assert llama.head_dim == 16 and llama.num_key_value_heads == 2 and llama.rope_scaling is None
-    assert llama.eos_token_ids == frozenset({1, 4})  # <|end_of_text|> from config, <|im_end|> from generation_config
+    assert llama.eos_token_ids == frozenset(
+        {1, 4}
+    )  # <|end_of_text|> from config, <|im_end|> from generation_config
 
 
 def test_llama3_rope_and_v5_rope_parameters_are_read(llama_copy):
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     edit_config(llama_copy, rope_scaling=scaling, rope_theta=500000.0)
     legacy = load_arch_config(llama_copy)
-    edit_config(llama_copy, rope_scaling=None, rope_theta=None, rope_parameters={**scaling, "rope_theta": 500000.0})
+    edit_config(
+        llama_copy, rope_scaling=None, rope_theta=None, rope_parameters={**scaling, "rope_theta": 500000.0}
+    )
     assert load_arch_config(llama_copy) == legacy
     assert legacy.rope_theta == 500000.0 and legacy.rope_scaling.factor == 8.0
 
@@ -153,7 +171,9 @@ def test_missing_tensor(llama_copy):
 def test_shape_mismatch(llama_copy):
     edit_config(llama_copy, intermediate_size=96)
     message = load_error(llama_copy)
-    assert "mlp." in message and "has shape" in message and "config.json implies" in message and "96" in message
+    assert (
+        "mlp." in message and "has shape" in message and "config.json implies" in message and "96" in message
+    )
 
 
 def test_extra_layer_in_weights_is_reported(llama_copy):

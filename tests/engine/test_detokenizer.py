@@ -3,6 +3,7 @@
 Two tokenizers built here with the `tokenizers` library, both splitting CJK and emoji into byte tokens:
 a GPT-2-style byte-level BPE and a Llama-style Metaspace + byte-fallback BPE (which drops the leading space of a
 sequence, so the detokenizer's left context matters)."""
+
 import subprocess
 import sys
 
@@ -19,8 +20,9 @@ def _byte_level() -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     corpus = ["hello world, this is a small corpus", "the quick brown fox jumps over the lazy dog"] * 20
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(corpus, trainer)
     return tok
 
@@ -29,18 +31,62 @@ def _metaspace() -> Tokenizer:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for b in range(256):
         vocab[f"<0x{b:02X}>"] = len(vocab)
-    pieces = ["▁", "h", "e", "l", "o", "w", "r", "d", "k", "n", "▁h", "▁he", "▁hel", "▁hell",
-              "▁hello", "▁w", "▁wo", "▁wor", "▁worl", "▁world", "▁o", "▁ok", "▁d", "▁do", "▁don", "▁done"]
+    pieces = [
+        "▁",
+        "h",
+        "e",
+        "l",
+        "o",
+        "w",
+        "r",
+        "d",
+        "k",
+        "n",
+        "▁h",
+        "▁he",
+        "▁hel",
+        "▁hell",
+        "▁hello",
+        "▁w",
+        "▁wo",
+        "▁wor",
+        "▁worl",
+        "▁world",
+        "▁o",
+        "▁ok",
+        "▁d",
+        "▁do",
+        "▁don",
+        "▁done",
+    ]
     for p in pieces:
         vocab.setdefault(p, len(vocab))
-    merges = [("▁", "h"), ("▁h", "e"), ("▁he", "l"), ("▁hel", "l"), ("▁hell", "o"), ("▁", "w"),
-              ("▁w", "o"), ("▁wo", "r"), ("▁wor", "l"), ("▁worl", "d"), ("▁", "o"), ("▁o", "k"), ("▁", "d"), ("▁d", "o"),
-              ("▁do", "n"), ("▁don", "e")]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    merges = [
+        ("▁", "h"),
+        ("▁h", "e"),
+        ("▁he", "l"),
+        ("▁hel", "l"),
+        ("▁hell", "o"),
+        ("▁", "w"),
+        ("▁w", "o"),
+        ("▁wo", "r"),
+        ("▁wor", "l"),
+        ("▁worl", "d"),
+        ("▁", "o"),
+        ("▁o", "k"),
+        ("▁", "d"),
+        ("▁d", "o"),
+        ("▁do", "n"),
+        ("▁don", "e"),
+    ]
+    tok = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )
     tok.add_special_tokens(["<s>", "</s>"])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     return tok
 
 
@@ -53,16 +99,16 @@ def _split(tok, prompt: str, completion: str):
     """Prompt ids, generated ids, and the generated text as decoding the whole sequence shows it."""
     prompt_ids = tok.encode(prompt).ids
     all_ids = tok.encode(prompt + completion).ids
-    assert all_ids[:len(prompt_ids)] == prompt_ids
-    gen = all_ids[len(prompt_ids):]
-    expected = tok.decode(all_ids)[len(tok.decode(prompt_ids)):]
+    assert all_ids[: len(prompt_ids)] == prompt_ids
+    gen = all_ids[len(prompt_ids) :]
+    expected = tok.decode(all_ids)[len(tok.decode(prompt_ids)) :]
     return prompt_ids, gen, expected
 
 
 def _stream(detok, ids, step=1):
     deltas = []
     for i in range(0, len(ids), step):
-        deltas.append(detok.add(ids[i:i + step]))
+        deltas.append(detok.add(ids[i : i + step]))
         if detok.finished:
             break
     deltas.append(detok.finish())
@@ -115,15 +161,15 @@ def test_stop_string_straddling_tokens_cuts_at_first_occurrence(tok, step):
     assert detok.stopped == stop and detok.finished
     # the token that completed the stop is the last one kept, whatever the batching
     kept = detok.num_tokens
-    assert stop in tok.decode(prompt_ids + gen[:kept])[len(tok.decode(prompt_ids)):]
-    assert stop not in tok.decode(prompt_ids + gen[:kept - 1])[len(tok.decode(prompt_ids)):]
+    assert stop in tok.decode(prompt_ids + gen[:kept])[len(tok.decode(prompt_ids)) :]
+    assert stop not in tok.decode(prompt_ids + gen[: kept - 1])[len(tok.decode(prompt_ids)) :]
     assert detok.add(gen[kept:]) == "" and detok.num_tokens == kept
 
 
 def test_include_stop_str_in_output(tok):
     prompt_ids, gen, expected = _split(tok, "hi", " hello world hello world")
     detok = IncrementalDetokenizer(tok, prompt_ids, stop="world", include_stop_str_in_output=True)
-    assert "".join(_stream(detok, gen)) == detok.text == expected[:expected.index("world") + 5]
+    assert "".join(_stream(detok, gen)) == detok.text == expected[: expected.index("world") + 5]
 
 
 def test_earliest_completed_stop_wins():
@@ -159,20 +205,23 @@ def test_stop_with_multibyte_text(tok):
     prompt_ids, gen, expected = _split(tok, "ok", " 世界 🎉 ok 👩‍💻")
     detok = IncrementalDetokenizer(tok, prompt_ids, stop=["🎉"])
     deltas = _stream(detok, gen)
-    assert "".join(deltas) == detok.text == expected[:expected.index("🎉")]
+    assert "".join(deltas) == detok.text == expected[: expected.index("🎉")]
     assert all("\ufffd" not in d for d in deltas)
 
 
 def test_detokenizer_imports_no_torch():
-    code = ("import sys; import engine.detokenizer, engine.sampling_params, engine.outputs, engine; "
-            "from engine import SamplingParams, RequestOutput; "
-            "assert 'torch' not in sys.modules, 'torch was imported'")
+    code = (
+        "import sys; import engine.detokenizer, engine.sampling_params, engine.outputs, engine; "
+        "from engine import SamplingParams, RequestOutput; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_random_splits_batches_and_stops_match_full_decode(tok):
     """Fuzz (fixed seed): random prompt/output split points, add() batch sizes and stop strings."""
     import random
+
     rng = random.Random(0)
     pieces = ["hello world 世界 🎉 ok", "日本語のテキスト 😀😃 hello", "done 👩‍💻 ok"]
     checked = 0
@@ -184,12 +233,12 @@ def test_random_splits_batches_and_stops_match_full_decode(tok):
             detok = IncrementalDetokenizer(tok, prompt_ids)
             assert "".join(_stream(detok, gen)) == detok.text
             continue
-        expected = tok.decode(ids)[len(tok.decode(prompt_ids)):]
+        expected = tok.decode(ids)[len(tok.decode(prompt_ids)) :]
         stop = None
         if rng.random() < 0.5:
             a = rng.randrange(len(expected))
-            stop = expected[a:a + rng.randint(1, 3)]
-            expected = expected[:expected.index(stop)]
+            stop = expected[a : a + rng.randint(1, 3)]
+            expected = expected[: expected.index(stop)]
         detok = IncrementalDetokenizer(tok, prompt_ids, stop=stop)
         deltas = _stream(detok, gen, step=rng.randint(1, 4))
         assert "".join(deltas) == detok.text == expected

@@ -22,6 +22,7 @@ bound to meet a near tie. Two checks therefore:
 
 Without pytest (a bare GPU machine), `python tests/engine/test_gpu_engine.py` runs the same tests and fixtures.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,6 +43,7 @@ if pytest is not None:
 def module_fixture(fn):
     return pytest.fixture(scope="module")(fn) if pytest is not None else fn
 
+
 STEPS = 32
 PROMPT_LENS = [5, 37, 100, 150, 257, 333]  # 6 sequences: the decode graph of batch 8 runs with 2 padding rows
 VOCAB = 151936
@@ -49,8 +51,16 @@ FIRST_ID = 10  # below: special tokens
 
 
 def _engine_args(**overrides) -> dict:
-    args = dict(device="cuda", dtype="bfloat16", block_size=16, max_model_len=1024, max_num_seqs=8,
-                max_num_batched_tokens=1024, num_gpu_blocks_override=512, enable_prefix_caching=False)
+    args = dict(
+        device="cuda",
+        dtype="bfloat16",
+        block_size=16,
+        max_model_len=1024,
+        max_num_seqs=8,
+        max_num_batched_tokens=1024,
+        num_gpu_blocks_override=512,
+        enable_prefix_caching=False,
+    )
     args.update(overrides)
     return args
 
@@ -80,7 +90,11 @@ def hf(qwen_dir):
     from transformers import AutoModelForCausalLM
 
     def load(dtype):
-        return AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=dtype, attn_implementation="sdpa").to("cuda").eval()
+        return (
+            AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=dtype, attn_implementation="sdpa")
+            .to("cuda")
+            .eval()
+        )
 
     models = {"bf16": load(torch.bfloat16), "fp32": load(torch.float32)}
     yield models
@@ -101,7 +115,9 @@ def llm(qwen_dir):
 
 @torch.inference_mode()
 def hf_last_logits(model, prompts) -> torch.Tensor:
-    return torch.stack([model(input_ids=torch.tensor([p], device="cuda")).logits[0, -1].float() for p in prompts])
+    return torch.stack(
+        [model(input_ids=torch.tensor([p], device="cuda")).logits[0, -1].float() for p in prompts]
+    )
 
 
 @torch.inference_mode()
@@ -112,8 +128,16 @@ def our_prefill_logits(runner, prompts) -> torch.Tensor:
     chunks, first = [], 0
     for i, p in enumerate(prompts):
         blocks = -(-(len(p) + 1) // runner.block_size)
-        chunks.append(ScheduledRequest(request_id=f"p{i}", token_ids=list(p), num_computed_tokens=0,
-                                       block_ids=list(range(first, first + blocks)), is_decode=False, samples=True))
+        chunks.append(
+            ScheduledRequest(
+                request_id=f"p{i}",
+                token_ids=list(p),
+                num_computed_tokens=0,
+                block_ids=list(range(first, first + blocks)),
+                is_decode=False,
+                samples=True,
+            )
+        )
         first += blocks
     return runner.execute(chunks, list(range(len(chunks)))).float(), chunks
 
@@ -126,8 +150,10 @@ def tolerance(hf, prompts) -> dict:
     noise = float((bf16 - ref).abs().max())
     scale = float(ref.abs().max())
     tol = max(3 * noise, scale / 64)
-    print(f"\n[tolerance] transformers bf16 vs fp32: max |diff| {noise:.4f} (logit max {scale:.2f}, "
-          f"std {float(ref.std()):.2f}); TOL = {tol:.4f} ({tol / scale:.2%} of the largest logit)")
+    print(
+        f"\n[tolerance] transformers bf16 vs fp32: max |diff| {noise:.4f} (logit max {scale:.2f}, "
+        f"std {float(ref.std()):.2f}); TOL = {tol:.4f} ({tol / scale:.2%} of the largest logit)"
+    )
     return {"noise": noise, "tol": tol, "scale": scale, "hf_fp32": ref, "hf_bf16": bf16}
 
 
@@ -150,12 +176,17 @@ def test_logits_match_transformers_within_bf16_tolerance(llm, prompts, tolerance
     to_bf16 = (ours - tolerance["hf_bf16"]).abs().amax(dim=-1)
     to_fp32 = (ours - tolerance["hf_fp32"]).abs().amax(dim=-1)
     for i, n in enumerate(PROMPT_LENS):
-        print(f"[logits] prompt {n:4d} tokens: max |ours - hf bf16| {float(to_bf16[i]):.4f}, "
-              f"max |ours - hf fp32| {float(to_fp32[i]):.4f}")
+        print(
+            f"[logits] prompt {n:4d} tokens: max |ours - hf bf16| {float(to_bf16[i]):.4f}, "
+            f"max |ours - hf fp32| {float(to_fp32[i]):.4f}"
+        )
     assert torch.isfinite(ours).all()
-    assert float(to_bf16.max()) <= tolerance["tol"], f"ours vs transformers bf16 {float(to_bf16.max()):.4f} > TOL"
+    assert float(to_bf16.max()) <= tolerance["tol"], (
+        f"ours vs transformers bf16 {float(to_bf16.max()):.4f} > TOL"
+    )
     assert float(to_fp32.max()) <= tolerance["tol"], (
-        f"ours is {float(to_fp32.max()):.4f} from fp32, transformers' bf16 only {tolerance['noise']:.4f}")
+        f"ours is {float(to_fp32.max()):.4f} from fp32, transformers' bf16 only {tolerance['noise']:.4f}"
+    )
 
 
 @torch.inference_mode()
@@ -178,24 +209,36 @@ def test_greedy_tokens_match_transformers(llm, hf, prompts, tolerance):
     with torch.inference_mode():
         for p, toks in zip(prompts, ours):
             logits = hf["bf16"](input_ids=torch.tensor([p + toks[:-1]], device="cuda")).logits[0].float()
-            steps = logits[len(p) - 1: len(p) - 1 + STEPS]
-            gaps = steps.max(dim=-1).values - steps.gather(1, torch.tensor(toks, device="cuda")[:, None])[:, 0]
+            steps = logits[len(p) - 1 : len(p) - 1 + STEPS]
+            gaps = (
+                steps.max(dim=-1).values - steps.gather(1, torch.tensor(toks, device="cuda")[:, None])[:, 0]
+            )
             worst = int(gaps.argmax())
-            print(f"[teacher-forced] prompt {len(p):4d}: our token is transformers' top-1 at "
-                  f"{int((gaps == 0).sum())}/{STEPS} steps; largest gap {float(gaps[worst]):.4f} at step {worst}")
-            assert float(gaps.max()) <= tol, f"step {worst}: our token is {float(gaps[worst]):.3f} below top-1"
+            print(
+                f"[teacher-forced] prompt {len(p):4d}: our token is transformers' top-1 at "
+                f"{int((gaps == 0).sum())}/{STEPS} steps; largest gap {float(gaps[worst]):.4f} at step {worst}"
+            )
+            assert float(gaps.max()) <= tol, (
+                f"step {worst}: our token is {float(gaps[worst]):.3f} below top-1"
+            )
     # 2. Free-running against transformers' own greedy.
     agreed = []
     for p, toks in zip(prompts, ours):
         ref, margins = hf_greedy_with_margins(hf["bf16"], p)
         first = next((i for i in range(STEPS) if toks[i] != ref[i]), None)
         if first is None:
-            print(f"[free-running] prompt {len(p):4d}: all {STEPS} tokens equal (smallest margin {min(margins):.3f})")
+            print(
+                f"[free-running] prompt {len(p):4d}: all {STEPS} tokens equal (smallest margin {min(margins):.3f})"
+            )
             agreed.append(STEPS)
             continue
-        print(f"[free-running] prompt {len(p):4d}: equal for {first} steps, then differ at a transformers margin "
-              f"of {margins[first]:.4f} (TOL {tol:.4f}); margins up to there: {[round(m, 3) for m in margins[:first + 1]]}")
-        assert margins[first] < tol, f"differs at step {first} although transformers' margin is {margins[first]:.3f}"
+        print(
+            f"[free-running] prompt {len(p):4d}: equal for {first} steps, then differ at a transformers margin "
+            f"of {margins[first]:.4f} (TOL {tol:.4f}); margins up to there: {[round(m, 3) for m in margins[: first + 1]]}"
+        )
+        assert margins[first] < tol, (
+            f"differs at step {first} although transformers' margin is {margins[first]:.3f}"
+        )
         agreed.append(first)
     mean = sum(agreed) / len(agreed)
     print(f"[free-running] steps equal per prompt: {agreed} (mean {mean:.1f})")
@@ -209,7 +252,9 @@ def _assert_same_tokens(label: str, a_outs, b_outs, prompts, tol: float) -> None
         if first is None:
             continue
         margin = _margin(b.logprobs[first])
-        print(f"[{label}] prompt {len(p):4d}: tokens differ at step {first} (margin {margin:.4f}, TOL {tol:.4f})")
+        print(
+            f"[{label}] prompt {len(p):4d}: tokens differ at step {first} (margin {margin:.4f}, TOL {tol:.4f})"
+        )
         assert margin < tol, f"{label}: prompt {len(p)} differs at step {first} with margin {margin:.3f}"
     same = sum(a.token_ids == b.token_ids for a, b in zip(a_outs, b_outs))
     print(f"[{label}] {same}/{len(prompts)} sequences identical over {STEPS} tokens")
@@ -223,9 +268,17 @@ def test_cuda_graph_decode_equals_eager(llm, qwen_dir, prompts, tolerance):
     # 1. One decode step of the 6 prompts (bucket 8: two padding rows) replayed from the graph and run eagerly.
     runner = llm.core.runner
     prefill_logits, chunks = our_prefill_logits(runner, prompts)
-    decodes = [ScheduledRequest(request_id=c.request_id, token_ids=[int(prefill_logits[i].argmax())],
-                                num_computed_tokens=len(c.token_ids), block_ids=c.block_ids, is_decode=True,
-                                samples=True) for i, c in enumerate(chunks)]
+    decodes = [
+        ScheduledRequest(
+            request_id=c.request_id,
+            token_ids=[int(prefill_logits[i].argmax())],
+            num_computed_tokens=len(c.token_ids),
+            block_ids=c.block_ids,
+            is_decode=True,
+            samples=True,
+        )
+        for i, c in enumerate(chunks)
+    ]
     rows = list(range(len(decodes)))
     graph_logits = runner.execute(decodes, rows).float().clone()
     graphs, runner.graphs = runner.graphs, None
@@ -234,15 +287,22 @@ def test_cuda_graph_decode_equals_eager(llm, qwen_dir, prompts, tolerance):
     finally:
         runner.graphs = graphs
     diff = float((graph_logits - eager_logits).abs().max())
-    print(f"[graph vs eager] one decode step, batch {len(decodes)}: max |diff| {diff:.5f} "
-          f"({'bitwise equal' if diff == 0 else 'not bitwise equal'})")
+    print(
+        f"[graph vs eager] one decode step, batch {len(decodes)}: max |diff| {diff:.5f} "
+        f"({'bitwise equal' if diff == 0 else 'not bitwise equal'})"
+    )
     assert diff <= tolerance["tol"], f"graph and eager logits differ by {diff:.4f}"
     # 2. Whole generations: the default engine (graphs) against one built with enforce_eager=True.
     eager = LLM(model=qwen_dir, **_engine_args(enforce_eager=True))
     try:
         assert eager.core.runner.graphs is None
-        _assert_same_tokens("graph vs eager", _generate(llm, prompts, logprobs=2), _generate(eager, prompts, logprobs=2),
-                            prompts, tolerance["tol"])
+        _assert_same_tokens(
+            "graph vs eager",
+            _generate(llm, prompts, logprobs=2),
+            _generate(eager, prompts, logprobs=2),
+            prompts,
+            tolerance["tol"],
+        )
     finally:
         del eager
         torch.cuda.empty_cache()
@@ -260,7 +320,9 @@ def test_chunked_batched_prefill_equals_unchunked(llm, qwen_dir, prompts, tolera
         torch.cuda.empty_cache()
     want = _generate(llm, prompts, logprobs=2)
     print(f"[chunked] {sum(PROMPT_LENS)} prompt tokens in chunks of <= 64: {steps} engine steps")
-    assert steps >= sum(PROMPT_LENS) // 64, "the 64-token budget should have split the prompts over many steps"
+    assert steps >= sum(PROMPT_LENS) // 64, (
+        "the 64-token budget should have split the prompts over many steps"
+    )
     _assert_same_tokens("chunked vs unchunked", got, want, prompts, tolerance["tol"])
 
 

@@ -1,5 +1,6 @@
 """The engine's oracle: greedy token ids equal Hugging Face transformers' greedy decoding of the same checkpoint,
 through batching, chunked prefill, prefix-cache hits and preemption."""
+
 import random
 
 import pytest
@@ -27,7 +28,9 @@ def hf_greedy(model, prompt_ids: list[int], max_tokens: int) -> list[int]:
 def hf_models(model_dirs):
     from transformers import AutoModelForCausalLM
 
-    return {f: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for f, d in model_dirs.items()}
+    return {
+        f: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for f, d in model_dirs.items()
+    }
 
 
 def random_prompts(seed: int, lengths: list[int], vocab: int = 200) -> list[list[int]]:
@@ -88,12 +91,15 @@ def test_preemption_when_cache_is_too_small_matches_hf(model_dirs, hf_models):
 
 def test_text_prompts_and_stop_strings(model_dirs, hf_models):
     llm = LLM(model=model_dirs["llama"], device="cpu")
-    full = llm.generate(["The quick brown fox"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    full = llm.generate(
+        ["The quick brown fox"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    )
     text = full[0].outputs[0].text
     assert len(text) > 4
     stop = text[2:4]
-    cut = llm.generate(["The quick brown fox"],
-                       SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[stop]))[0].outputs[0]
+    cut = llm.generate(
+        ["The quick brown fox"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[stop])
+    )[0].outputs[0]
     assert cut.text == text[: text.index(stop)]
     assert cut.finish_reason == "stop" and cut.stop_reason == stop
 
@@ -105,8 +111,10 @@ def test_a_refused_prompt_queues_nothing_and_the_next_call_works(model_dirs):
     llm = LLM(model=model_dirs["llama"], device="cpu", block_size=16, num_gpu_blocks_override=8)
     prompt = {"prompt_token_ids": list(range(10, 30))}
     with pytest.raises(RequestTooLargeError):
-        llm.generate([prompt, prompt], [SamplingParams(temperature=0, max_tokens=4),
-                                        SamplingParams(temperature=0, max_tokens=400)])
+        llm.generate(
+            [prompt, prompt],
+            [SamplingParams(temperature=0, max_tokens=4), SamplingParams(temperature=0, max_tokens=400)],
+        )
     assert not llm.core.has_unfinished()
     assert llm.core.block_pool.num_used == 0
     again = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
@@ -120,11 +128,14 @@ def test_min_tokens_keeps_eos_from_being_sampled(model_dirs, hf_models):
     free = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=1))
     first = free[0].outputs[0].token_ids[0]
     # Declare the greedy first token a stop token: without min_tokens the request stops at once on it.
-    stopped = llm.generate([{"prompt_token_ids": prompt}],
-                           SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[first]))
+    stopped = llm.generate(
+        [{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[first])
+    )
     assert stopped[0].outputs[0].token_ids == [first] and stopped[0].outputs[0].finish_reason == "stop"
-    held = llm.generate([{"prompt_token_ids": prompt}],
-                        SamplingParams(temperature=0, max_tokens=6, min_tokens=3, stop_token_ids=[first]))
+    held = llm.generate(
+        [{"prompt_token_ids": prompt}],
+        SamplingParams(temperature=0, max_tokens=6, min_tokens=3, stop_token_ids=[first]),
+    )
     tokens = held[0].outputs[0].token_ids
     assert first not in tokens[:3]
     assert len(tokens) >= 3

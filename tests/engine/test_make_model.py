@@ -1,4 +1,5 @@
 """`pdserve make-model`: complete folders, the presets' real shapes, determinism, a greedy-friendly init, the CLI."""
+
 import argparse
 import hashlib
 import json
@@ -10,13 +11,21 @@ import torch
 from engine.errors import ConfigError
 from engine.make_model import PRESETS, build_config, make_model, register_cli, weight_specs
 
-FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-         "special_tokens_map.json"}
+FILES = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+}
 
 
 def digest(path: str) -> dict:
-    return {name: hashlib.sha256(open(os.path.join(path, name), "rb").read()).hexdigest()
-            for name in sorted(os.listdir(path))}
+    return {
+        name: hashlib.sha256(open(os.path.join(path, name), "rb").read()).hexdigest()
+        for name in sorted(os.listdir(path))
+    }
 
 
 def test_folder_is_complete(model_dirs):
@@ -24,7 +33,9 @@ def test_folder_is_complete(model_dirs):
         assert FILES <= set(os.listdir(path)), family
         with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[family]
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[
+            family
+        ]
         assert config["architectures"] == [arch] and config["model_type"] == family
         assert config["torch_dtype"] == "float32" and config["vocab_size"] == 1024
         with open(os.path.join(path, "tokenizer_config.json")) as f:
@@ -43,16 +54,27 @@ def test_same_seed_same_bytes_other_seed_other_weights(model_dirs, tmp_path):
 def test_big_presets_have_the_real_shapes(family):
     qwen = build_config(family, PRESETS["qwen2.5-0.5b"], "bfloat16")
     llama = build_config(family, PRESETS["llama-3.1-8b"], "bfloat16")
-    assert (qwen["hidden_size"], qwen["num_hidden_layers"], qwen["num_attention_heads"],
-            qwen["num_key_value_heads"], qwen["intermediate_size"], qwen["vocab_size"]) == (
-        896, 24, 14, 2, 4864, 151936)
+    assert (
+        qwen["hidden_size"],
+        qwen["num_hidden_layers"],
+        qwen["num_attention_heads"],
+        qwen["num_key_value_heads"],
+        qwen["intermediate_size"],
+        qwen["vocab_size"],
+    ) == (896, 24, 14, 2, 4864, 151936)
     assert qwen["tie_word_embeddings"] is True and llama["tie_word_embeddings"] is False
     assert llama["rope_theta"] == 500000.0 and llama["rope_scaling"] == {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192}
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     params = {name: sum(s.numel for s in weight_specs(c)) for name, c in (("qwen", qwen), ("llama", llama))}
     qkv_bias = 0 if family != "qwen2" else 24 * (896 + 2 * 128)
-    assert params["qwen"] == 494_032_768 - 24 * (896 + 2 * 128) + qkv_bias  # Qwen2.5-0.5B's count, with its biases
+    assert (
+        params["qwen"] == 494_032_768 - 24 * (896 + 2 * 128) + qkv_bias
+    )  # Qwen2.5-0.5B's count, with its biases
     assert abs(params["llama"] - 8_030_261_248) <= 32 * (4096 + 2 * 1024)  # Llama-3.1-8B's count
 
 
@@ -75,8 +97,9 @@ def test_greedy_decoding_is_not_degenerate(model_dirs):
     for family, path in model_dirs.items():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         with torch.no_grad():
-            out = model.generate(prompt, max_new_tokens=16, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True)
+            out = model.generate(
+                prompt, max_new_tokens=16, do_sample=False, output_logits=True, return_dict_in_generate=True
+            )
         tokens = out.sequences[0, 12:].tolist()
         assert len(set(tokens)) >= 6, (family, tokens)
         top2 = torch.stack(out.logits)[:, 0].topk(2, dim=-1).values
@@ -100,8 +123,20 @@ def test_bad_arguments_are_config_errors(tmp_path):
 def test_cli_writes_a_model(tmp_path):
     parser = argparse.ArgumentParser()
     register_cli(parser.add_subparsers())
-    args = parser.parse_args(["make-model", str(tmp_path / "m"), "--family", "mistral", "--preset", "tiny",
-                              "--seed", "5", "--dtype", "bfloat16"])
+    args = parser.parse_args(
+        [
+            "make-model",
+            str(tmp_path / "m"),
+            "--family",
+            "mistral",
+            "--preset",
+            "tiny",
+            "--seed",
+            "5",
+            "--dtype",
+            "bfloat16",
+        ]
+    )
     assert args.func(args) == 0
     with open(tmp_path / "m" / "config.json") as f:
         assert json.load(f)["torch_dtype"] == "bfloat16"

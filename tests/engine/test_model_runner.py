@@ -1,4 +1,5 @@
 """The model runner's start-up and profiling paths, exercised on CPU so a GPU start cannot trip on them first."""
+
 import torch
 
 from engine.config import EngineConfig
@@ -6,8 +7,11 @@ from engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 
 
 def test_profile_forward_runs_on_a_fresh_runner(model_dir):
-    runner = ModelRunner(EngineConfig.create(model=model_dir, device="cpu", max_num_batched_tokens=40,
-                                             num_gpu_blocks_override=8))
+    runner = ModelRunner(
+        EngineConfig.create(
+            model=model_dir, device="cpu", max_num_batched_tokens=40, num_gpu_blocks_override=8
+        )
+    )
     assert runner.on_layer_done is None and runner.graphs is None
     before = runner.kv_cache.clone()
     runner._profile_peak_memory()  # the forward a GPU start runs before sizing the cache

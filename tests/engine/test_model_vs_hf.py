@@ -1,5 +1,6 @@
 """Our decoder, run through the paged KV cache, gives Hugging Face's logits (fp32) for the same checkpoint:
 a whole-prompt prefill, decode steps, a prefill split in two chunks, and a step mixing a decode with a prefill."""
+
 import itertools
 
 import pytest
@@ -11,8 +12,13 @@ from engine.models.loader import load_model
 BLOCK = 8
 NUM_BLOCKS = 32
 ATOL = 1e-4
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 256}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 256,
+}
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +26,14 @@ def dirs(model_dirs, tmp_path_factory):
     from engine.make_model import make_model
 
     path = tmp_path_factory.mktemp("rope") / "tiny-llama3-rope"
-    make_model(str(path), family="llama", preset="tiny", seed=1, config_overrides={"rope_scaling": LLAMA3_ROPE},
-               progress=False)
+    make_model(
+        str(path),
+        family="llama",
+        preset="tiny",
+        seed=1,
+        config_overrides={"rope_scaling": LLAMA3_ROPE},
+        progress=False,
+    )
     return {**model_dirs, "llama3-rope": str(path)}
 
 
@@ -59,13 +71,15 @@ def step(model, caches, chunks):
 
     q_lens = [len(c[0]) for c in prefills]
     meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64), num_decode_tokens=len(decodes),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        num_decode_tokens=len(decodes),
         decode_block_tables=table(decodes),
         decode_seq_lens=torch.tensor([c[1] + 1 for c in decodes], dtype=torch.int32),
         prefill_block_tables=table(prefills),
         prefill_cu_query_lens=torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32),
         prefill_seq_lens=torch.tensor([c[1] + len(c[0]) for c in prefills], dtype=torch.int32),
-        max_prefill_query_len=max(q_lens, default=0))
+        max_prefill_query_len=max(q_lens, default=0),
+    )
     with torch.inference_mode():
         return model(torch.tensor(ids), torch.tensor(pos), caches, meta)
 
@@ -110,11 +124,18 @@ def test_step_mixing_a_decode_and_two_prefills(pair):
     step(ours, caches, [(PROMPT[:-1], 0, BLOCKS_A, False)])
     step(ours, caches, [(OTHER[:5], 0, BLOCKS_B, False)])
     fresh = [3, 17, 400]
-    hidden = step(ours, caches, [([PROMPT[-1]], len(PROMPT) - 1, BLOCKS_A, True),
-                                 (OTHER[5:], 5, BLOCKS_B, False), (fresh, 0, [12], False)])
+    hidden = step(
+        ours,
+        caches,
+        [
+            ([PROMPT[-1]], len(PROMPT) - 1, BLOCKS_A, True),
+            (OTHER[5:], 5, BLOCKS_B, False),
+            (fresh, 0, [12], False),
+        ],
+    )
     logits = ours.compute_logits(hidden)
     torch.testing.assert_close(logits[0], hf_logits(hf, PROMPT)[-1], atol=ATOL, rtol=0)
-    torch.testing.assert_close(logits[1:1 + len(OTHER) - 5], hf_logits(hf, OTHER)[5:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[1 : 1 + len(OTHER) - 5], hf_logits(hf, OTHER)[5:], atol=ATOL, rtol=0)
     torch.testing.assert_close(logits[-3:], hf_logits(hf, fresh), atol=ATOL, rtol=0)
 
 
@@ -125,10 +146,21 @@ def test_llama3_rope_frequencies_match_transformers():
     from engine.checkpoint import RopeScaling
     from engine.models.layers import rope_inv_freq
 
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
-    config = LlamaConfig(hidden_size=4096, num_attention_heads=32, head_dim=128, rope_theta=500000.0,
-                         rope_scaling=dict(scaling), max_position_embeddings=131072)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    config = LlamaConfig(
+        hidden_size=4096,
+        num_attention_heads=32,
+        head_dim=128,
+        rope_theta=500000.0,
+        rope_scaling=dict(scaling),
+        max_position_embeddings=131072,
+    )
     expected, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     ours = rope_inv_freq(128, 500000.0, RopeScaling(**scaling))
     assert attention_factor == 1.0

@@ -1,6 +1,7 @@
 """Sampler: greedy, seeded reproducibility independent of the batch, filtering supports, logprobs.
 
 Statistical checks draw many samples on an 8-token vocabulary with fixed seeds, so they are deterministic."""
+
 import math
 
 import pytest
@@ -53,7 +54,9 @@ def test_seeded_rows_reproduce_regardless_of_batch_neighbours():
         for step in range(20):
             rows = torch.randn(neighbours + 1, vocab)  # neighbours' logits change each step
             rows[position] = target + step * 0.1
-            params = [SamplingParams(temperature=0.5 + j, top_p=0.8, min_p=0.01 * j) for j in range(neighbours)]
+            params = [
+                SamplingParams(temperature=0.5 + j, top_p=0.8, min_p=0.01 * j) for j in range(neighbours)
+            ]
             params.insert(position, p)
             gens = list(others)
             gens.insert(position, gen)
@@ -67,8 +70,15 @@ def test_seeded_rows_reproduce_regardless_of_batch_neighbours():
 
 def test_different_seeds_differ_and_unseeded_rows_vary():
     a = _draw(SamplingParams(temperature=1.0), num=200)
-    b = Sampler().sample(LOGITS.expand(200, -1), [SamplingParams(temperature=1.0)] * 200,
-                         [make_generator(5000 + i) for i in range(200)]).token_ids
+    b = (
+        Sampler()
+        .sample(
+            LOGITS.expand(200, -1),
+            [SamplingParams(temperature=1.0)] * 200,
+            [make_generator(5000 + i) for i in range(200)],
+        )
+        .token_ids
+    )
     assert not torch.equal(a, b)
     torch.manual_seed(0)
     unseeded = Sampler().sample(LOGITS.expand(200, -1), [SamplingParams()] * 200).token_ids
@@ -88,14 +98,20 @@ def test_temperature_sharpens_and_flattens():
     assert torch.allclose(sharp, expect_sharp, atol=0.025) and torch.allclose(flat, expect_flat, atol=0.025)
 
 
-@pytest.mark.parametrize("kwargs,support", [
-    ({"top_k": 3}, {0, 1, 2}),
-    ({"top_p": 0.7}, {0, 1, 2}),  # mass before token 2 is 0.65 < 0.7, before token 3 is 0.80
-    ({"top_p": 0.3}, {0}),
-    ({"min_p": 0.2}, {0, 1, 2, 3}),  # threshold 0.2 * 0.40 = 0.08
-    ({"min_p": 0.5}, {0, 1}),  # threshold 0.20
-    ({"top_k": 5, "top_p": 0.9, "min_p": 0.3}, {0, 1, 2}),  # top_k keeps 0..4, top_p 0..3, min_p (0.12) 0..2
-])
+@pytest.mark.parametrize(
+    "kwargs,support",
+    [
+        ({"top_k": 3}, {0, 1, 2}),
+        ({"top_p": 0.7}, {0, 1, 2}),  # mass before token 2 is 0.65 < 0.7, before token 3 is 0.80
+        ({"top_p": 0.3}, {0}),
+        ({"min_p": 0.2}, {0, 1, 2, 3}),  # threshold 0.2 * 0.40 = 0.08
+        ({"min_p": 0.5}, {0, 1}),  # threshold 0.20
+        (
+            {"top_k": 5, "top_p": 0.9, "min_p": 0.3},
+            {0, 1, 2},
+        ),  # top_k keeps 0..4, top_p 0..3, min_p (0.12) 0..2
+    ],
+)
 def test_filters_keep_the_right_support(kwargs, support):
     tokens = _draw(SamplingParams(temperature=1.0, **kwargs))
     assert set(tokens.tolist()) == support
@@ -107,20 +123,29 @@ def test_filters_keep_the_right_support(kwargs, support):
 
 
 def test_mixed_batch_applies_each_rows_params():
-    params = [SamplingParams(temperature=0), SamplingParams(top_k=2), SamplingParams(min_p=0.5),
-              SamplingParams(top_p=0.3), SamplingParams(temperature=1.0)]
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(top_k=2),
+        SamplingParams(min_p=0.5),
+        SamplingParams(top_p=0.3),
+        SamplingParams(temperature=1.0),
+    ]
     seen = [set() for _ in params]
     sampler = Sampler()
     for i in range(300):
         gens = [make_generator(i * 10 + j) for j in range(len(params))]
-        for j, t in enumerate(sampler.sample(LOGITS.expand(len(params), -1), params, gens).token_ids.tolist()):
+        for j, t in enumerate(
+            sampler.sample(LOGITS.expand(len(params), -1), params, gens).token_ids.tolist()
+        ):
             seen[j].add(t)
     assert seen[:4] == [{0}, {0, 1}, {0, 1}, {0}] and len(seen[4]) >= 5
 
 
 def test_blocked_tokens_are_never_sampled():
     params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=3)]
-    out = Sampler().sample(LOGITS.expand(2, -1), params, [None, make_generator(3)], blocked_token_ids=[[0], [0, 1]])
+    out = Sampler().sample(
+        LOGITS.expand(2, -1), params, [None, make_generator(3)], blocked_token_ids=[[0], [0, 1]]
+    )
     assert out.token_ids[0] == 1 and out.token_ids[1] not in (0, 1)
     for i in range(200):
         t = Sampler().sample(LOGITS.unsqueeze(0), params[1:], [make_generator(i)], blocked_token_ids=[[0, 1]])

@@ -5,6 +5,7 @@ their block table, and a sampling request's next token is a function of the cont
 So any wrong block table, wrong prefix hit or lost block after preemption changes the output, and every test
 compares outputs with a reference computed straight from the token sequence.
 """
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -30,8 +31,12 @@ def next_token(context: list[int]) -> int:
 
 
 def params(max_tokens=5, ignore_eos=False, stop_token_ids=(), min_tokens=0):
-    return SimpleNamespace(max_tokens=max_tokens, ignore_eos=ignore_eos, stop_token_ids=list(stop_token_ids),
-                           min_tokens=min_tokens)
+    return SimpleNamespace(
+        max_tokens=max_tokens,
+        ignore_eos=ignore_eos,
+        stop_token_ids=list(stop_token_ids),
+        min_tokens=min_tokens,
+    )
 
 
 def reference(prompt, p, eos=frozenset(), max_model_len=10**9) -> list[int]:
@@ -263,8 +268,12 @@ def test_kv_events_are_consistent():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    num_blocks=st.integers(8, 24), budget=st.integers(1, 24), max_seqs=st.integers(1, 4),
-    reqs=st.lists(st.tuples(st.integers(1, 14), st.integers(1, 8), st.integers(0, 2)), min_size=1, max_size=6),
+    num_blocks=st.integers(8, 24),
+    budget=st.integers(1, 24),
+    max_seqs=st.integers(1, 4),
+    reqs=st.lists(
+        st.tuples(st.integers(1, 14), st.integers(1, 8), st.integers(0, 2)), min_size=1, max_size=6
+    ),
     abort_at=st.integers(0, 30),
 )
 def test_random_workloads_finish_with_reference_outputs(num_blocks, budget, max_seqs, reqs, abort_at):

@@ -1,5 +1,6 @@
 """One request's failure inside an engine step fails only that request: its neighbours get their tokens, the
 loop logs it with the request's id, and a step-wide failure is retried once before anything is aborted."""
+
 from __future__ import annotations
 
 import logging
@@ -69,6 +70,7 @@ def run_loop(core, prompts: dict[str, SamplingParams]) -> tuple[dict, dict]:
         def on_fail(why):
             failed[rid] = why
             finish_check()
+
         return Sink(on_output=on_output, on_fail=on_fail)
 
     try:
@@ -95,8 +97,10 @@ def test_a_step_wide_failure_is_retried_once_and_logged_with_the_batch(core, cap
         tokens, failed = run_loop(core, {"r1": greedy(4), "r2": greedy(4)})
     assert not failed
     assert all(len(t) == 5 for t in tokens.values())  # 4 tokens, then the finished marker
-    assert any("r1" in rec.getMessage() and "r2" in rec.getMessage() and "attempt 1" in rec.getMessage()
-               for rec in caplog.records)
+    assert any(
+        "r1" in rec.getMessage() and "r2" in rec.getMessage() and "attempt 1" in rec.getMessage()
+        for rec in caplog.records
+    )
     assert not any("aborting every in-flight request" in rec.getMessage() for rec in caplog.records)
 
 

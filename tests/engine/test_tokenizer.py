@@ -1,5 +1,6 @@
 """engine.tokenizer agrees with transformers' AutoTokenizer on our checkpoints (ids, text, chat template, special
 tokens) and never imports torch."""
+
 import json
 import os
 import subprocess
@@ -21,9 +22,18 @@ TEXTS = [
 ]
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Tell me a joke."}],
-    [{"role": "user", "content": [{"type": "text", "text": "part one, "}, {"type": "text", "text": "part two"}]}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Tell me a joke."},
+    ],
+    [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "part one, "}, {"type": "text", "text": "part two"}],
+        }
+    ],
 ]
 
 
@@ -39,7 +49,9 @@ def test_encode_matches_hf(pair):
     _, ours, hf = pair
     for text in TEXTS:
         for special in (True, False):
-            assert ours.encode(text, add_special_tokens=special) == hf.encode(text, add_special_tokens=special), text
+            assert ours.encode(text, add_special_tokens=special) == hf.encode(
+                text, add_special_tokens=special
+            ), text
 
 
 def test_bos_only_for_llama_style_families(pair):
@@ -82,7 +94,9 @@ def test_chat_template_matches_hf(pair, generation_prompt):
     _, ours, hf = pair
     for messages in CHATS:
         text = ours.apply_chat_template(messages, add_generation_prompt=generation_prompt)
-        assert text == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        assert text == hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
         expected = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
         expected = expected["input_ids"] if hasattr(expected, "keys") else expected
         assert ours.encode_chat(messages, add_generation_prompt=generation_prompt) == list(expected)
@@ -104,7 +118,9 @@ def test_tokenizer_does_not_import_torch(model_dirs):
         "assert not bad, bad\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -133,14 +149,16 @@ def test_a_hub_style_template_with_tojson_and_system_handling(model_dirs, tmp_pa
         "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
         "{{ raise_exception('bad role') }}{% endif %}"
         "{{ m['role'] }}: {{ m['content'] | tojson }}\n{% endfor %}"
-        "{% if add_generation_prompt %}assistant:{% endif %}")
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
     config_file = path / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
     config["chat_template"] = template
     config_file.write_text(json.dumps(config))
     ours, hf = load_tokenizer(str(path)), AutoTokenizer.from_pretrained(str(path))
-    messages = [{"role": "user", "content": "héllo <b>\"quoted\"</b>"}, {"role": "assistant", "content": "ok"}]
-    assert ours.apply_chat_template(messages) == hf.apply_chat_template(messages, tokenize=False,
-                                                                        add_generation_prompt=True)
+    messages = [{"role": "user", "content": 'héllo <b>"quoted"</b>'}, {"role": "assistant", "content": "ok"}]
+    assert ours.apply_chat_template(messages) == hf.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
     with pytest.raises(Exception, match="bad role"):
         ours.apply_chat_template([{"role": "tool", "content": "x"}])

@@ -1,13 +1,23 @@
 """Our top-level packages must not shadow what transformers probes for: it looks for a distribution called
 `kernels` (the Hugging Face kernel hub) and imports it when it thinks it is there. With pdserve installed (and the
 repository root on sys.path), transformers must still import, see no hub `kernels`, and generate."""
+
 import os
 import re
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-OUR_PACKAGES = ("engine", "kernels", "kvconnector", "node_runtime", "prefill_node", "decode_node", "proxy", "bench")
+OUR_PACKAGES = (
+    "engine",
+    "kernels",
+    "kvconnector",
+    "node_runtime",
+    "prefill_node",
+    "decode_node",
+    "proxy",
+    "bench",
+)
 
 
 def test_transformers_imports_and_generates_beside_our_packages(model_dirs):
@@ -26,8 +36,9 @@ def test_transformers_imports_and_generates_beside_our_packages(model_dirs):
         "assert kernels.__file__.startswith(" + repr(ROOT) + "), kernels.__file__\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=240)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 

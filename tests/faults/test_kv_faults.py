@@ -5,6 +5,7 @@ completion exactly once. The consumer keeps no deadline of its own (its node giv
 what it must guarantee is that nothing lands in blocks it has forgotten. Block accounting holds on both sides
 (free + used + cached == total) and both keep serving.
 """
+
 import os
 import signal
 import socket
@@ -17,8 +18,16 @@ from tests.kvconnector.node_proc import pair  # noqa: F401 (a fixture)
 
 TIMEOUT = 2.0
 SLACK = 1.5
-CFG = dict(model="tiny", dtype="bfloat16", block_size=16, num_layers=8, num_kv_heads=2, head_dim=16,
-           secret="test-secret", timeout=TIMEOUT)
+CFG = dict(
+    model="tiny",
+    dtype="bfloat16",
+    block_size=16,
+    num_layers=8,
+    num_kv_heads=2,
+    head_dim=16,
+    secret="test-secret",
+    timeout=TIMEOUT,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -43,24 +52,32 @@ def assert_all_free(state, rid, cause):
 
 def transfer(prod, cons, rid, address, num_tokens, chunk_tokens, **kw):
     res = cons.call("reserve", rid=rid, num_tokens=num_tokens)
-    out = prod.call("transfer", rid=rid, address=address, num_tokens=num_tokens, chunk_tokens=chunk_tokens,
-                    **res, **kw)
-    if not kw.get("background") and "error" not in out:  # the producer is done at its fence; wait for the Done
+    out = prod.call(
+        "transfer", rid=rid, address=address, num_tokens=num_tokens, chunk_tokens=chunk_tokens, **res, **kw
+    )
+    if (
+        not kw.get("background") and "error" not in out
+    ):  # the producer is done at its fence; wait for the Done
         assert cons.call("wait_finished", rid=rid) is not None, f"{rid}: the consumer never completed"
     return out
 
 
-def assert_fresh_peer_transfers(other, fresh_role: str, cfg: dict, address=None, device: str = "cpu", seed: int = 3):
+def assert_fresh_peer_transfers(
+    other, fresh_role: str, cfg: dict, address=None, device: str = "cpu", seed: int = 3
+):
     """A new process as producer (writing into other's address) or consumer (written by other) moves a 200-token
     request byte-exact: the survivor of a fault keeps serving."""
     from tests.kvconnector.node_proc import NodeHandle
+
     fresh = NodeHandle()
     try:
         opened = fresh.call("open", role=fresh_role, cfg=cfg, num_blocks=64, seed=seed, device=device)
         prod, cons = (fresh, other) if fresh_role == "producer" else (other, fresh)
         out = transfer(prod, cons, "s", address if fresh_role == "producer" else opened, 200, 64)
         assert "error" not in out, out
-        assert prod.call("block_bytes", block_ids=out["local"]) == cons.call("block_bytes", block_ids=out["remote"])
+        assert prod.call("block_bytes", block_ids=out["local"]) == cons.call(
+            "block_bytes", block_ids=out["remote"]
+        )
     finally:
         fresh.close()
 
@@ -145,7 +162,9 @@ def test_malformed_frames_are_dropped_and_node_keeps_serving(pair):
         assert prod.call("inject", address=address, kind=kind), kind
     out = transfer(prod, cons, "good1", address, 70, 32)
     assert "error" not in out, out
-    assert prod.call("block_bytes", block_ids=out["local"]) == cons.call("block_bytes", block_ids=out["remote"])
+    assert prod.call("block_bytes", block_ids=out["local"]) == cons.call(
+        "block_bytes", block_ids=out["remote"]
+    )
     want = {"garbage": 1, "version": 1, "oversized": 0, "truncated": 0, "hmac": 8, "schema": 0}
     state = wait_for(cons, lambda s: s["drops"] == want, 5)
     assert state["drops"] == want

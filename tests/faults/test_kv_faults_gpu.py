@@ -4,12 +4,20 @@ The producer writes into a mapping of the consumer's cache. A consumer that dies
 producer (stale mapping), which frees its blocks and serves a new consumer byte-exact; a producer that dies
 mid-write leaves a consumer whose node forgets the request, frees the blocks, and takes a new producer's writes.
 """
+
 import time
 
 import pytest
 
-from tests.faults.test_kv_faults import (CFG, SLACK, TIMEOUT, assert_all_free, assert_fresh_peer_transfers, transfer,
-                                        wait_for)
+from tests.faults.test_kv_faults import (
+    CFG,
+    SLACK,
+    TIMEOUT,
+    assert_all_free,
+    assert_fresh_peer_transfers,
+    transfer,
+    wait_for,
+)
 from tests.kvconnector.node_proc import pair  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow, pytest.mark.timeout(120)]
@@ -17,6 +25,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow, pytest.mark.timeout(120)]
 
 def devices():
     import torch
+
     return ("cuda:0", "cuda:1") if torch.cuda.device_count() > 1 else ("cuda:0", "cuda:0")
 
 
@@ -36,7 +45,9 @@ def test_consumer_killed_mid_write_leaves_the_producer_serving(pair):
     cons.kill()
     state = wait_for(prod, lambda s: "r" in s["finished"], TIMEOUT + SLACK)
     assert_all_free(state, "r", ("peer_lost", "timeout"))
-    time.sleep(0.6)  # the remaining layers' hooks run against a dropped mapping: no crash, nothing double-freed
+    time.sleep(
+        0.6
+    )  # the remaining layers' hooks run against a dropped mapping: no crash, nothing double-freed
     assert_all_free(prod.call("state"), "r", ("peer_lost", "timeout"))
     assert_fresh_peer_transfers(prod, "consumer", cfg, device=devices()[1], seed=5)
 

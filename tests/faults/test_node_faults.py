@@ -1,6 +1,7 @@
 """Node faults with real processes: a prefill node frozen or killed before the first token, a decode node killed
 mid-request, malformed and unsigned frames on both nodes' sockets. Every case ends within --kv-timeout and leaves
 free + used + cached == total with nothing used."""
+
 from __future__ import annotations
 
 import random
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from tests.e2e.test_nodes_harness import (assert_blocks_balanced, proxy, start_node, wait_for, wait_healthy)  # noqa: F401 (proxy: a fixture)
+from tests.e2e.test_nodes_harness import assert_blocks_balanced, proxy, start_node, wait_for, wait_healthy  # noqa: F401 (proxy: a fixture)
 
 pytestmark = pytest.mark.slow
 KV_TIMEOUT = 3.0
@@ -42,7 +43,7 @@ def prompt(n: int, seed: int = 0) -> list[int]:
 
 def warm_up(proxy, prefill, decode) -> None:
     """One full request, so the decode node's DEALER and KV link to the prefill node exist."""
-    result, = proxy.wait(proxy.generate(decode, prompt(20, 1), mode="disaggregated", prefill=prefill))
+    (result,) = proxy.wait(proxy.generate(decode, prompt(20, 1), mode="disaggregated", prefill=prefill))
     assert result.error is None
 
 
@@ -53,7 +54,7 @@ def test_prefill_node_frozen_before_first_token_gives_retryable_error(pair, prox
     started = time.monotonic()
     rid = proxy.generate(decode, prompt(60, 2), mode="disaggregated", prefill=prefill, max_tokens=50)
     assert wait_for(lambda: decode.blocks()["used"] > 0, timeout=5)  # the reservation is held meanwhile
-    result, = proxy.wait(rid, timeout=KV_TIMEOUT + 10)
+    (result,) = proxy.wait(rid, timeout=KV_TIMEOUT + 10)
     assert result.error is not None and result.error.retryable and result.token_ids == []
     assert result.error.status in (503, 504)
     assert time.monotonic() - started < KV_TIMEOUT + 3
@@ -72,16 +73,17 @@ def test_prefill_node_killed_before_first_token_gives_retryable_error(pair, prox
     assert wait_for(lambda: decode.blocks()["used"] > 0, timeout=5)
     started = time.monotonic()
     prefill.kill9()  # ...then it dies with the request in flight
-    result, = proxy.wait(rid, timeout=KV_TIMEOUT + 10)
+    (result,) = proxy.wait(rid, timeout=KV_TIMEOUT + 10)
     assert result.error is not None and result.error.retryable and result.token_ids == []
     assert time.monotonic() - started < KV_TIMEOUT + 2
     assert wait_for(lambda: decode.blocks()["used"] == 0)
     assert_blocks_balanced(decode)
     # The decode node still serves: colocated, and disaggregated requests to the dead node fail retryably.
-    ok, = proxy.wait(proxy.generate(decode, prompt(10, 4)))
+    (ok,) = proxy.wait(proxy.generate(decode, prompt(10, 4)))
     assert ok.finish_reason == "length"
-    dead, = proxy.wait(proxy.generate(decode, prompt(10, 5), mode="disaggregated", prefill=prefill),
-                       timeout=KV_TIMEOUT + 10)
+    (dead,) = proxy.wait(
+        proxy.generate(decode, prompt(10, 5), mode="disaggregated", prefill=prefill), timeout=KV_TIMEOUT + 10
+    )
     assert dead.error is not None and dead.error.retryable
     assert wait_for(lambda: decode.blocks()["used"] == 0)
     assert_blocks_balanced(decode)
@@ -98,10 +100,12 @@ def test_decode_node_killed_mid_request_frees_the_prefill_nodes_blocks(pair, pro
 
 
 def _bad_frames(proxy) -> dict[str, bytes]:
-    from node_runtime.protocol import Generate, make_codec
     from engine.sampling_params import SamplingParams
+    from node_runtime.protocol import Generate, make_codec
 
-    msg = Generate(request_id="evil", prompt_token_ids=[1, 2, 3], params=SamplingParams(max_tokens=2).to_dict())
+    msg = Generate(
+        request_id="evil", prompt_token_ids=[1, 2, 3], params=SamplingParams(max_tokens=2).to_dict()
+    )
     good = proxy.codec.encode_bytes(msg)
     wrong_version = bytearray(good)
     wrong_version[4] = 99  # the frame version byte after the magic
@@ -126,10 +130,10 @@ def test_malformed_and_unsigned_frames_are_dropped_and_the_node_keeps_serving(pa
     proxy.socket(node.rpc).send_multipart([b"a", b"b", b"c"])  # stray parts
     proxy.pump(0.5)
     assert "evil" not in proxy.results  # nothing answered a bad frame
-    result, = proxy.wait(proxy.generate(node, prompt(12, 7)))
+    (result,) = proxy.wait(proxy.generate(node, prompt(12, 7)))
     assert result.finish_reason == "length" and len(result.token_ids) == 8
     if target == "decode":
-        result, = proxy.wait(proxy.generate(decode, prompt(12, 8), mode="disaggregated", prefill=prefill))
+        (result,) = proxy.wait(proxy.generate(decode, prompt(12, 8), mode="disaggregated", prefill=prefill))
         assert result.finish_reason == "length"
     dropped = sum(v for k, v in node.metrics().items() if k.startswith("pdserve_node_dropped_frames_total"))
     assert dropped >= 6
@@ -145,8 +149,10 @@ def test_prefill_door_rejection_frees_the_decode_nodes_blocks_at_once(model_dir,
     try:
         wait_healthy(prefill, decode)
         started = time.monotonic()
-        result, = proxy.wait(proxy.generate(decode, prompt(60, 2), mode="disaggregated", prefill=prefill,
-                                            max_tokens=5), timeout=10)
+        (result,) = proxy.wait(
+            proxy.generate(decode, prompt(60, 2), mode="disaggregated", prefill=prefill, max_tokens=5),
+            timeout=10,
+        )
         assert result.error is not None and result.error.status == 429 and result.error.retryable
         assert wait_for(lambda: decode.blocks()["used"] == 0, timeout=KV_TIMEOUT)
         assert time.monotonic() - started < KV_TIMEOUT

@@ -2,6 +2,7 @@
 `{"min_tokens": 1, "stop_token_ids": [5000]}`) among 8 concurrent requests, colocated and disaggregated:
 refused with a 4xx at the door (the proxy's, and a node's when the proxy is bypassed), never retried on another
 node, every other request completes, and no node logs a failed step."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import pytest
 
 from tests.e2e.conftest import UpCluster, needs_nodes, running
 from tests.e2e.test_nodes_disagg import nodes  # noqa: F401 (a fixture: a prefill and a decode node)
-from tests.e2e.test_nodes_harness import proxy, prompts, wait_for  # noqa: F401
+from tests.e2e.test_nodes_harness import prompts, proxy, wait_for  # noqa: F401
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 
@@ -25,13 +26,19 @@ def test_node_door_refuses_poison_among_eight_requests(nodes, proxy):  # noqa: F
     good = []
     for i, p in enumerate(prompts(3, [40, 12, 40, 12, 40, 12, 40, 12])):
         mode = "disaggregated" if i % 2 == 0 else "colocated"
-        good.append(proxy.generate(decode, p, mode=mode, prefill=prefill if mode == "disaggregated" else None,
-                                   max_tokens=24))
+        good.append(
+            proxy.generate(
+                decode, p, mode=mode, prefill=prefill if mode == "disaggregated" else None, max_tokens=24
+            )
+        )
     bad = []
     for poison in POISONS:
         bad.append(proxy.generate(decode, [11, 12, 13], max_tokens=4, **poison))
-        bad.append(proxy.generate(decode, prompts(4, [40])[0], mode="disaggregated", prefill=prefill, max_tokens=4,
-                                  **poison))
+        bad.append(
+            proxy.generate(
+                decode, prompts(4, [40])[0], mode="disaggregated", prefill=prefill, max_tokens=4, **poison
+            )
+        )
     bad.append(proxy.generate(decode, [11, 5000, 13], max_tokens=4))
     for result in proxy.wait(*good, timeout=120):
         assert result.error is None and result.finish_reason == "length" and len(result.token_ids) == 24
@@ -65,9 +72,22 @@ def stream(url: str, body: dict, out: list) -> None:
 def test_proxy_refuses_poison_while_eight_streams_complete(cluster):
     url = cluster.url + "/v1/completions"
     results: list = []
-    threads = [threading.Thread(target=stream, args=(url, {"prompt": LONG if i % 2 == 0 else "Hello",
-                                                          "max_tokens": 24, "temperature": 0, "ignore_eos": True},
-                                                    results)) for i in range(8)]
+    threads = [
+        threading.Thread(
+            target=stream,
+            args=(
+                url,
+                {
+                    "prompt": LONG if i % 2 == 0 else "Hello",
+                    "max_tokens": 24,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                },
+                results,
+            ),
+        )
+        for i in range(8)
+    ]
     for t in threads:
         t.start()
     statuses = []
@@ -80,7 +100,9 @@ def test_proxy_refuses_poison_while_eight_streams_complete(cluster):
     for t in threads:
         t.join(180)
     assert statuses and all(s == 400 for s in statuses)
-    assert len(results) == 8 and all(s == 200 and done and reasons == ["length"] for s, done, reasons in results)
+    assert len(results) == 8 and all(
+        s == 200 and done and reasons == ["length"] for s, done, reasons in results
+    )
     for node in cluster.info["nodes"]:
         with open(node["log_path"], errors="replace") as f:
             assert "engine step failed" not in f.read()

@@ -2,6 +2,7 @@
 to the live node), a decode node killed mid-stream (a clear error, no hang), a client that disconnects (its
 blocks freed on both nodes, seen through the nodes' /metrics and /health), and Redis stopped (the proxy keeps
 serving from its in-process view and says so in its log and metrics)."""
+
 from __future__ import annotations
 
 import re
@@ -12,9 +13,16 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.conftest import RedisServer, free_port, needs_nodes, wait_for
 # The cluster fixtures live in tests/e2e/conftest.py; importing them makes them visible here.
-from tests.e2e.conftest import hf_reference, tiny_model, up_cluster  # noqa: F401
+from tests.e2e.conftest import (  # noqa: F401
+    RedisServer,
+    free_port,
+    hf_reference,
+    needs_nodes,
+    tiny_model,
+    up_cluster,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 
@@ -35,6 +43,7 @@ def used_blocks(metrics: str) -> float:
 
 def test_prefill_node_killed_mid_request(up_cluster, tiny_model, hf_reference):
     from engine.tokenizer import load_tokenizer
+
     tok = load_tokenizer(tiny_model)
     cluster = up_cluster(2, 1, "--routing", "round_robin")
     probe = complete(cluster.url, LONG + "probe")
@@ -69,11 +78,13 @@ def test_prefill_node_killed_mid_request(up_cluster, tiny_model, hf_reference):
 
 def test_decode_node_killed_mid_stream(up_cluster):
     from openai import APIError, OpenAI
+
     cluster = up_cluster(1, 1)
     client = OpenAI(base_url=cluster.base_url, api_key="unused", max_retries=0, timeout=60)
     model = client.models.list().data[0].id
-    stream = client.completions.create(model=model, prompt=LONG, max_tokens=1500, stream=True, temperature=0,
-                                       extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model=model, prompt=LONG, max_tokens=1500, stream=True, temperature=0, extra_body={"ignore_eos": True}
+    )
     got = 0
     started = None
     with pytest.raises(APIError) as err:

@@ -1,6 +1,7 @@
 """A node's RPC socket against replay and oversized frames: a captured, signed Generate sent again (on the same
 connection, or under another identity) is refused, counted and logged, and never runs twice; a 4 MB message is
 cut off by ZMQ (MAXMSGSIZE) before the node reads it; the node keeps serving throughout."""
+
 from __future__ import annotations
 
 import uuid
@@ -8,7 +9,7 @@ import uuid
 import pytest
 import zmq
 
-from tests.e2e.test_nodes_harness import proxy, prompts, start_node, wait_for, wait_healthy  # noqa: F401
+from tests.e2e.test_nodes_harness import prompts, proxy, start_node, wait_for, wait_healthy  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -28,17 +29,20 @@ def dropped(node, reason: str) -> float:
 
 
 def test_a_replayed_generate_runs_once(decode, proxy):  # noqa: F811 (proxy: a fixture)
-    from node_runtime.protocol import Generate
     from engine.sampling_params import SamplingParams
+    from node_runtime.protocol import Generate
 
     sock = proxy.socket(decode.rpc)
     identity = proxy.identities[sock]
     rid = proxy.track(uuid.uuid4().hex)
-    msg = Generate(request_id=rid, prompt_token_ids=prompts(1, [12])[0],
-                   params=SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True).to_dict())
+    msg = Generate(
+        request_id=rid,
+        prompt_token_ids=prompts(1, [12])[0],
+        params=SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True).to_dict(),
+    )
     captured = proxy.codec.encode_bytes(msg, context=b"from:" + identity)
     sock.send(captured)
-    first, = proxy.wait(rid)
+    (first,) = proxy.wait(rid)
     assert first.finish_reason == "length" and len(first.token_ids) == 4
     # 1. the same bytes again, same connection: the sequence number is spent
     sock.send(captured)
@@ -60,6 +64,6 @@ def test_a_replayed_generate_runs_once(decode, proxy):  # noqa: F811 (proxy: a f
     other.close(0)
     big.close(0)
     # the node keeps serving
-    ok, = proxy.wait(proxy.generate(decode, prompts(2, [10])[0]))
+    (ok,) = proxy.wait(proxy.generate(decode, prompts(2, [10])[0]))
     assert ok.finish_reason == "length" and len(ok.token_ids) == 8
     assert dropped(decode, "garbage") == 0  # the 4 MB message never reached the node's decoder

@@ -1,5 +1,6 @@
 """Builders for the attention tests: random dense K/V per sequence, scattered into a NaN-filled paged cache through
 random disjoint block tables, and an independently written dense causal attention to check the references by."""
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,7 @@ def make_paged(seq_lens, num_kv_heads, head_dim, block_size, dtype, gen, device=
     tables = torch.full((len(seq_lens), max_blocks), PAD_BLOCK, dtype=torch.int32)
     dense_k, dense_v = [], []
     for s, L in enumerate(seq_lens):
-        ids, perm = perm[: need[s]], perm[need[s]:]
+        ids, perm = perm[: need[s]], perm[need[s] :]
         tables[s, : need[s]] = torch.tensor(ids, dtype=torch.int32)
         k = torch.randn((L, num_kv_heads, head_dim), generator=gen).to(dtype).to(device)
         v = torch.randn((L, num_kv_heads, head_dim), generator=gen).to(dtype).to(device)
@@ -32,7 +33,7 @@ def make_paged(seq_lens, num_kv_heads, head_dim, block_size, dtype, gen, device=
         for cache, x in ((k_cache, k), (v_cache, v)):
             cache[full_ids] = x[: full * block_size].reshape(full, block_size, num_kv_heads, head_dim)
             if tail:
-                cache[ids[full], :tail] = x[full * block_size:]
+                cache[ids[full], :tail] = x[full * block_size :]
         dense_k.append(k)
         dense_v.append(v)
     return dense_k, dense_v, k_cache, v_cache, tables.to(device)
@@ -54,5 +55,8 @@ def dense_causal_attention(q, k, v, scale):
 
 
 def tol(dtype):
-    return {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=2e-3),
-            torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}[dtype]
+    return {
+        torch.float32: dict(atol=1e-4, rtol=1e-4),
+        torch.float16: dict(atol=2e-3, rtol=2e-3),
+        torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+    }[dtype]

@@ -2,6 +2,7 @@
 a GPU: the interpreter runs kernels but never compiles them, and some mistakes (loop-carried type changes, dot shape
 limits, constexpr misuse) only show in the compiler. Run as a script with TRITON_INTERPRET unset; it calls each
 wrapper on CPU tensors of real shapes, catches the launch, and compiles it instead. Exits non-zero on any failure."""
+
 from __future__ import annotations
 
 import os
@@ -15,12 +16,26 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import block_copy, decode_attention, kv_cache_write, prefill_attention, rms_norm, rotary  # noqa: E402
-from kernels import silu_and_mul  # noqa: E402
+from kernels import (  # noqa: E402
+    block_copy,
+    decode_attention,
+    kv_cache_write,
+    prefill_attention,
+    rms_norm,
+    rotary,
+    silu_and_mul,  # noqa: E402
+)
 
 TARGET = GPUTarget("cuda", 90, 32)
-_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
-          torch.int32: "i32", torch.int16: "i16", torch.uint8: "u8"}
+_TYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int16: "i16",
+    torch.uint8: "u8",
+}
 _OPTIONS = ("num_warps", "num_stages")
 compiled: list[str] = []
 
@@ -31,7 +46,7 @@ def _arg_type(value) -> str:
     if isinstance(value, bool):
         return "i1"
     if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
     if isinstance(value, float):
         return "fp32"
     raise TypeError(f"unexpected kernel argument {value!r}")
@@ -53,11 +68,20 @@ class _Compiler:
             src = ASTSource(self.fn, signature, constexprs={(names.index(n),): v for n, v in consts.items()})
             triton.compile(src, target=TARGET, options=options)
             compiled.append(f"{self.fn.__name__} {consts} {options}")
+
         return launch
 
 
 def _patch_kernels() -> None:
-    for module in (block_copy, decode_attention, kv_cache_write, prefill_attention, rms_norm, rotary, silu_and_mul):
+    for module in (
+        block_copy,
+        decode_attention,
+        kv_cache_write,
+        prefill_attention,
+        rms_norm,
+        rotary,
+        silu_and_mul,
+    ):
         for name, value in list(vars(module).items()):
             if isinstance(value, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
                 value.constexprs_names = {value.arg_names[i] for i in value.constexprs}
@@ -69,11 +93,15 @@ def _cases():
     for hq, hk, d in ((32, 8, 128), (14, 2, 64)):
         hidden = hq * d
         yield lambda: rms_norm.rms_norm(torch.zeros(3, hidden, dtype=bf), torch.zeros(hidden, dtype=bf), 1e-5)
-        yield lambda: rms_norm.rms_norm(torch.zeros(3, hidden, dtype=bf), torch.zeros(hidden, dtype=bf), 1e-5,
-                                        torch.zeros(3, hidden, dtype=bf))
+        yield lambda: rms_norm.rms_norm(
+            torch.zeros(3, hidden, dtype=bf),
+            torch.zeros(hidden, dtype=bf),
+            1e-5,
+            torch.zeros(3, hidden, dtype=bf),
+        )
         yield lambda: silu_and_mul.silu_and_mul(torch.zeros(3, 2 * 4864, dtype=bf))
         qkv = torch.zeros(5, hq + 2 * hk, d, dtype=bf)
-        q, k, v = qkv[:, :hq], qkv[:, hq:hq + hk], qkv[:, hq + hk:]
+        q, k, v = qkv[:, :hq], qkv[:, hq : hq + hk], qkv[:, hq + hk :]
         pos, cs = torch.zeros(5, dtype=torch.long), torch.zeros(64, d)
         cache = torch.zeros(2, 4, 16, hk, d, dtype=bf)
         slots = torch.zeros(5, dtype=torch.long)
@@ -90,10 +118,12 @@ def _cases():
             for tokens in (3, 3 * 700):
                 cu = torch.zeros(4, dtype=torch.int32)
                 yield lambda: prefill_attention.paged_prefill_attention(
-                    torch.zeros(tokens, hq, d, dtype=dtype), kc, kc, tables, cu, lens, 0.1)
+                    torch.zeros(tokens, hq, d, dtype=dtype), kc, kc, tables, cu, lens, 0.1
+                )
             for batch in (1, 3):  # split-K with a reduce, and one partition written directly
                 yield lambda: decode_attention.paged_decode_attention(
-                    torch.zeros(batch, hq, d, dtype=dtype), kc, kc, tables[:batch], lens[:batch], 0.1)
+                    torch.zeros(batch, hq, d, dtype=dtype), kc, kc, tables[:batch], lens[:batch], 0.1
+                )
 
 
 def main() -> int:

@@ -1,10 +1,17 @@
 """KV block gather/scatter: references against per-block indexing, Triton against the references, for the
 engine's [2, N, B, Hk, D] layout and for odd block sizes that force narrower copy words."""
+
 import pytest
 import torch
 
-from kernels.block_copy import (copy_blocks, copy_blocks_ref, gather_blocks, gather_blocks_ref, scatter_blocks,
-                                scatter_blocks_ref)
+from kernels.block_copy import (
+    copy_blocks,
+    copy_blocks_ref,
+    gather_blocks,
+    gather_blocks_ref,
+    scatter_blocks,
+    scatter_blocks_ref,
+)
 
 LAYOUTS = {
     "kv-cache": (16, 3, 16),  # [B, Hk, D]
@@ -72,10 +79,16 @@ def test_copy_triton_matches_ref(layout, dtype):
 
 def test_copy_refuses_mismatched_blocks():
     with pytest.raises(ValueError, match="blocks differ"):
-        copy_blocks(_cache((4, 3), torch.float32), torch.tensor([0]), _cache((4, 2), torch.float32), torch.tensor([0]))
+        copy_blocks(
+            _cache((4, 3), torch.float32), torch.tensor([0]), _cache((4, 2), torch.float32), torch.tensor([0])
+        )
     with pytest.raises(ValueError, match="ids"):
-        copy_blocks(_cache((4, 3), torch.float32), torch.tensor([0, 1]), _cache((4, 3), torch.float32),
-                    torch.tensor([0]))
+        copy_blocks(
+            _cache((4, 3), torch.float32),
+            torch.tensor([0, 1]),
+            _cache((4, 3), torch.float32),
+            torch.tensor([0]),
+        )
 
 
 def test_empty_block_list():

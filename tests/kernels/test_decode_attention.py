@@ -1,4 +1,5 @@
 """Paged decode attention: reference against dense attention, split-K Triton against the reference."""
+
 import pytest
 import torch
 
@@ -26,8 +27,8 @@ def test_ref_matches_dense(case, dtype):
     q, dk, dv, kc, vc, tables, seq_lens = _inputs(CONTEXTS[case], 6, 3, 16, dtype, seed=1)
     out = paged_decode_attention_ref(q, kc, vc, tables, seq_lens, 0.3)
     for s in range(q.shape[0]):
-        want = dense_causal_attention(q[s:s + 1], dk[s], dv[s], 0.3)
-        torch.testing.assert_close(out[s:s + 1].float(), want, **tol(dtype))
+        want = dense_causal_attention(q[s : s + 1], dk[s], dv[s], 0.3)
+        torch.testing.assert_close(out[s : s + 1].float(), want, **tol(dtype))
 
 
 @pytest.mark.parametrize("splits", [None, 2, 5], ids=["planned", "s2", "s5"])
@@ -35,13 +36,15 @@ def test_ref_matches_dense(case, dtype):
 @pytest.mark.parametrize("heads", [(6, 3), (5, 1)])
 @pytest.mark.parametrize("case", sorted(CONTEXTS))
 def test_triton_matches_ref(case, heads, dtype, splits, monkeypatch):
-    if splits is not None:  # force several split-K partitions (some idle at short contexts) so the reduce merges
+    if (
+        splits is not None
+    ):  # force several split-K partitions (some idle at short contexts) so the reduce merges
         monkeypatch.setattr(decode_attention, "plan_splits", lambda *args: splits)
     d = 32 if heads == (5, 1) else 16
     q, _, _, kc, vc, tables, seq_lens = _inputs(CONTEXTS[case], *heads, d, dtype, seed=2)
-    want = paged_decode_attention_ref(q, kc, vc, tables, seq_lens, d ** -0.5)
+    want = paged_decode_attention_ref(q, kc, vc, tables, seq_lens, d**-0.5)
     out = torch.full_like(want, float("nan"))
-    got = paged_decode_attention(q, kc, vc, tables, seq_lens, d ** -0.5, out=out)
+    got = paged_decode_attention(q, kc, vc, tables, seq_lens, d**-0.5, out=out)
     assert got is out
     torch.testing.assert_close(got, want, **tol(dtype))
 
@@ -70,6 +73,6 @@ def test_triton_matches_ref_gpu(heads, context, batch):
     _, _, kc, vc, tables = make_paged(seq_lens, hk, d, 16, torch.bfloat16, gen, device="cuda")
     q = torch.randn((batch, hq, d), generator=gen).to(torch.bfloat16).cuda()
     sl = torch.tensor(seq_lens, dtype=torch.int32).cuda()
-    want = paged_decode_attention_ref(q, kc, vc, tables, sl, d ** -0.5)
-    got = paged_decode_attention(q, kc, vc, tables, sl, d ** -0.5)
+    want = paged_decode_attention_ref(q, kc, vc, tables, sl, d**-0.5)
+    got = paged_decode_attention(q, kc, vc, tables, sl, d**-0.5)
     torch.testing.assert_close(got, want, **tol(torch.bfloat16))

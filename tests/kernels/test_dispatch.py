@@ -1,5 +1,6 @@
 """kernels.dispatch picks the reference on CPU, Triton on CUDA or when PDSERVE_KERNELS=triton; `import kernels`
 stays light."""
+
 import subprocess
 import sys
 
@@ -9,8 +10,17 @@ import torch
 from kernels import dispatch, rms_norm
 from kernels.silu_and_mul import silu_and_mul_ref
 
-ENTRY_POINTS = ["rms_norm", "apply_rotary", "apply_rotary_and_write_kv", "silu_and_mul", "write_kv_cache",
-                "paged_prefill_attention", "paged_decode_attention", "gather_blocks", "scatter_blocks"]
+ENTRY_POINTS = [
+    "rms_norm",
+    "apply_rotary",
+    "apply_rotary_and_write_kv",
+    "silu_and_mul",
+    "write_kv_cache",
+    "paged_prefill_attention",
+    "paged_decode_attention",
+    "gather_blocks",
+    "scatter_blocks",
+]
 
 
 def test_entry_points_exist():

@@ -1,4 +1,5 @@
 """Chunked-prefill paged attention: reference against dense causal attention, Triton against the reference."""
+
 import pytest
 import torch
 
@@ -45,9 +46,9 @@ def test_triton_matches_ref(case, heads, dtype):
     q_lens, prefixes = CASES[case]
     d = 32 if heads == (5, 1) else 16
     q, _, _, kc, vc, tables, cu, seq_lens = _inputs(q_lens, prefixes, *heads, d, dtype, seed=2)
-    want = paged_prefill_attention_ref(q, kc, vc, tables, cu, seq_lens, d ** -0.5)
+    want = paged_prefill_attention_ref(q, kc, vc, tables, cu, seq_lens, d**-0.5)
     out = torch.full_like(want, float("nan"))
-    got = paged_prefill_attention(q, kc, vc, tables, cu, seq_lens, d ** -0.5, out=out)
+    got = paged_prefill_attention(q, kc, vc, tables, cu, seq_lens, d**-0.5, out=out)
     assert got is out
     torch.testing.assert_close(got, want, **tol(dtype))
 
@@ -69,6 +70,6 @@ def test_triton_matches_ref_gpu(heads, context, batch):
     q = torch.randn((sum(q_lens), hq, d), generator=gen).to(torch.bfloat16).cuda()
     cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).cuda()
     sl = torch.tensor(seq_lens, dtype=torch.int32).cuda()
-    want = paged_prefill_attention_ref(q, kc, vc, tables, cu, sl, d ** -0.5)
-    got = paged_prefill_attention(q, kc, vc, tables, cu, sl, d ** -0.5)
+    want = paged_prefill_attention_ref(q, kc, vc, tables, cu, sl, d**-0.5)
+    got = paged_prefill_attention(q, kc, vc, tables, cu, sl, d**-0.5)
     torch.testing.assert_close(got, want, **tol(torch.bfloat16))

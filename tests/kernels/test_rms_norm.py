@@ -1,4 +1,5 @@
 """RMSNorm (+ residual): reference against transformers' LlamaRMSNorm, Triton against the reference."""
+
 import pytest
 import torch
 
@@ -9,7 +10,7 @@ from tests.kernels.paged import tol
 def _inputs(T, H, dtype, seed, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     wide = torch.randn((T, H + 5), generator=gen).to(dtype).to(device)
-    x = wide[:, 2:H + 2]  # a strided view
+    x = wide[:, 2 : H + 2]  # a strided view
     residual = torch.randn((T, H), generator=gen).to(dtype).to(device)
     weight = (1 + 0.1 * torch.randn(H, generator=gen)).to(dtype).to(device)
     return x, residual, weight
@@ -47,7 +48,12 @@ def test_triton_matches_ref(with_residual, hidden, dtype):
 @pytest.mark.parametrize("hidden", [4096, 896])
 def test_triton_matches_ref_gpu(hidden, tokens):
     x, residual, weight = _inputs(tokens, hidden, torch.bfloat16, seed=2, device="cuda")
-    torch.testing.assert_close(rms_norm(x, weight, 1e-5), rms_norm_ref(x, weight, 1e-5), **tol(torch.bfloat16))
-    (out, new_res), (want, want_res) = rms_norm(x, weight, 1e-5, residual), rms_norm_ref(x, weight, 1e-5, residual)
+    torch.testing.assert_close(
+        rms_norm(x, weight, 1e-5), rms_norm_ref(x, weight, 1e-5), **tol(torch.bfloat16)
+    )
+    (out, new_res), (want, want_res) = (
+        rms_norm(x, weight, 1e-5, residual),
+        rms_norm_ref(x, weight, 1e-5, residual),
+    )
     torch.testing.assert_close(new_res, want_res, atol=0, rtol=0)
     torch.testing.assert_close(out, want, **tol(torch.bfloat16))

@@ -1,9 +1,15 @@
 """Rotary embedding (and the fused rotary + KV-cache write): reference against transformers' rotate_half
 formulation, Triton against the reference. q and k are strided views of one fused qkv tensor, as in the model."""
+
 import pytest
 import torch
 
-from kernels.rotary import apply_rotary, apply_rotary_and_write_kv, apply_rotary_and_write_kv_ref, apply_rotary_ref
+from kernels.rotary import (
+    apply_rotary,
+    apply_rotary_and_write_kv,
+    apply_rotary_and_write_kv_ref,
+    apply_rotary_ref,
+)
 from tests.kernels.paged import tol
 
 MAX_POS = 64
@@ -23,7 +29,7 @@ def _qkv(T, hq, hk, d, dtype, seed, device="cpu"):
 
 
 def _split(qkv, hq, hk):
-    return qkv[:, :hq], qkv[:, hq:hq + hk], qkv[:, hq + hk:]
+    return qkv[:, :hq], qkv[:, hq : hq + hk], qkv[:, hq + hk :]
 
 
 def test_ref_matches_transformers():
@@ -48,7 +54,7 @@ def test_triton_matches_ref(heads, dtype):
     apply_rotary_ref(positions, *_split(want, hq, hk)[:2], cos_sin_cache(MAX_POS, d))
     apply_rotary(positions, *_split(got, hq, hk)[:2], cos_sin_cache(MAX_POS, d))
     torch.testing.assert_close(got, want, **tol(dtype))
-    assert torch.equal(got[:, hq + hk:], qkv[:, hq + hk:])  # v untouched
+    assert torch.equal(got[:, hq + hk :], qkv[:, hq + hk :])  # v untouched
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -1,4 +1,5 @@
 """SiLU-and-mul: reference against the formula, Triton against the reference."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,9 @@ from tests.kernels.paged import tol
 
 def _x(T, inter, dtype, seed, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return (3 * torch.randn((T, 2 * inter + 3), generator=gen)).to(dtype).to(device)[:, : 2 * inter]  # strided
+    return (
+        (3 * torch.randn((T, 2 * inter + 3), generator=gen)).to(dtype).to(device)[:, : 2 * inter]
+    )  # strided
 
 
 def test_ref_matches_formula():

@@ -1,4 +1,5 @@
 """Skinny linear (decode-size rows against a big weight): Triton against F.linear, and when dispatch uses it."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,14 +13,16 @@ from tests.kernels.paged import tol
 def _args(M, N, K, dtype, bias, seed, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((M, K + 5), generator=gen)[:, :K]  # strided rows
-    w = torch.randn((N, K), generator=gen) / K ** 0.5
+    w = torch.randn((N, K), generator=gen) / K**0.5
     b = torch.randn(N, generator=gen) if bias else None
     cast = lambda t: None if t is None else t.to(dtype).to(device)  # noqa: E731
     return cast(x), cast(w), cast(b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("M,N,K,bias", [(1, 37, 45, True), (5, 50, 100, False), (16, 33, 70, True), (3, 1, 17, False)])
+@pytest.mark.parametrize(
+    "M,N,K,bias", [(1, 37, 45, True), (5, 50, 100, False), (16, 33, 70, True), (3, 1, 17, False)]
+)
 def test_triton_matches_ref(M, N, K, bias, dtype):
     x, w, b = _args(M, N, K, dtype, bias, seed=M * 100 + N)
     torch.testing.assert_close(skinny_linear(x, w, b), skinny_linear_ref(x, w, b), **tol(dtype))
@@ -30,11 +33,14 @@ def test_ref_is_linear():
     torch.testing.assert_close(skinny_linear_ref(x, w, b), x @ w.T + b)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (lambda x, w: (torch.randn(17, 8), torch.randn(4, 8)), "at most 16 rows"),
-    (lambda x, w: (x, torch.randn(4, 9)), "features"),
-    (lambda x, w: (x, w.half()), "weight"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda x, w: (torch.randn(17, 8), torch.randn(4, 8)), "at most 16 rows"),
+        (lambda x, w: (x, torch.randn(4, 9)), "features"),
+        (lambda x, w: (x, w.half()), "weight"),
+    ],
+)
 def test_bad_arguments_are_refused(bad, match):
     x, w = bad(torch.randn(2, 8), torch.randn(4, 8))
     with pytest.raises(ValueError, match=match):

@@ -1,4 +1,5 @@
 """Malformed frames of each kind the wire layer must drop (torch-free)."""
+
 import hashlib
 import hmac
 import os
@@ -33,8 +34,16 @@ def bad_frame(kind: str, secret: bytes = GOOD_SECRET) -> bytes:
     if kind == "hmac":
         return SignedCodec(b"wrong-secret").encode_bytes(Heartbeat(engine_id="evil", ts=0.0))
     if kind == "schema":  # correctly signed, but a layer index must be >= 0
-        return good.encode_bytes(KVChunk(request_id="evil", seq=0, first_layer=-1, num_layers=1, block_ids=[0],
-                                         tensor=TensorMeta("float16", [1, 2, 1, 4])))
+        return good.encode_bytes(
+            KVChunk(
+                request_id="evil",
+                seq=0,
+                first_layer=-1,
+                num_layers=1,
+                block_ids=[0],
+                tensor=TensorMeta("float16", [1, 2, 1, 4]),
+            )
+        )
     if kind == "schema_version":
         frame = good.encode(Heartbeat(engine_id="x", ts=0.0))
         return b"".join(SignedCodec(secret).frames.encode(frame[2], b"", schema_version=99))

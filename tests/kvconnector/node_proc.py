@@ -5,6 +5,7 @@ one connector (producer or consumer) at a time; `open` replaces it, so one pair 
 dtypes and layouts. Blocks come from the engine's BlockPool (accounting: free + used + cached == total), with the
 free queue shuffled so block ids are random and disjoint per request.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,14 +36,18 @@ class Node:
 
         from engine.block_pool import BlockPool
         from kvconnector.connector import ConnectorConfig
+
         if self.conn is not None:
             self.conn.close()
         random.seed(seed)
         torch.manual_seed(seed)
         dtype = getattr(torch, cfg["dtype"])
         shape = (cfg["num_layers"], 2, num_blocks, cfg["block_size"], cfg["num_kv_heads"], cfg["head_dim"])
-        self.cache = (torch.randn(shape, dtype=torch.float32).to(dtype) if role == "producer"
-                      else torch.zeros(shape, dtype=dtype)).to(device)
+        self.cache = (
+            torch.randn(shape, dtype=torch.float32).to(dtype)
+            if role == "producer"
+            else torch.zeros(shape, dtype=dtype)
+        ).to(device)
         if self.cache.is_cuda:
             torch.cuda.set_device(self.cache.device)
         self.pool = BlockPool(num_blocks, enable_caching=False, block_size=cfg["block_size"])
@@ -55,9 +60,11 @@ class Node:
         self.role = role
         if role == "producer":
             from kvconnector.producer import KVProducer
+
             self.conn = KVProducer(config, self.cache, on_complete=self._on_complete)
             return None
         from kvconnector.consumer import KVConsumer
+
         self.conn = KVConsumer(config, self.cache, on_complete=self._on_complete)
         return list(self.conn.address)
 
@@ -100,11 +107,21 @@ class Node:
         self.conn.forget(rid)
         self._on_free(rid)
 
-    def transfer(self, rid: str, address, num_tokens: int, chunk_tokens: int, remote: list, num_cached: int = 0,
-                 layer_delay: float = 0.0, background: bool = False):
+    def transfer(
+        self,
+        rid: str,
+        address,
+        num_tokens: int,
+        chunk_tokens: int,
+        remote: list,
+        num_cached: int = 0,
+        layer_delay: float = 0.0,
+        background: bool = False,
+    ):
         """Producer: bind the consumer's blocks, then 'prefill' in chunks of chunk_tokens, saving each layer; wait
         for completion."""
         from kvconnector.producer import StepProgress
+
         with self.lock:
             blocks = self.pool.allocate(-(-num_tokens // self.pool.block_size))
             self.blocks[rid] = blocks
@@ -144,6 +161,7 @@ class Node:
         """Producer: put a malformed frame on the live, handshaken link to address; whether the link then closed
         (within a bounded wait: the consumer refuses it and hangs up)."""
         from tests.kvconnector.bad_frames import bad_frame
+
         link = self.conn.connect(tuple(address))
         link.send_raw(bad_frame(kind))
         deadline = time.monotonic() + 5
@@ -154,6 +172,7 @@ class Node:
     def block_bytes(self, block_ids: list[int]) -> bytes:
         """Raw bytes of blocks (all layers, K and V) in the given order."""
         import torch
+
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.cache.device)
         return self.cache.index_select(2, ids).contiguous().view(torch.uint8).cpu().numpy().tobytes()
 
@@ -161,19 +180,35 @@ class Node:
         pool = self.pool
         pool.check_invariants()
         m = self.conn.metrics
-        return {"free": pool.num_free, "used": pool.num_used, "cached": pool.num_cached, "total": pool.num_blocks,
-                "held": {rid: len(b) for rid, b in self.blocks.items()}, "finished": dict(self.finished),
-                "free_calls": dict(self.free_calls), "active": self.conn.scheduler.active(),
-                "drops": {r: m.drops(r) for r in ("truncated", "version", "oversized", "hmac", "schema", "garbage")},
-                "failures": {c: m.failures(c) for c in ("timeout", "peer_lost", "remote_abort", "abort", "error")},
-                "metrics": self.metrics_text()}
+        return {
+            "free": pool.num_free,
+            "used": pool.num_used,
+            "cached": pool.num_cached,
+            "total": pool.num_blocks,
+            "held": {rid: len(b) for rid, b in self.blocks.items()},
+            "finished": dict(self.finished),
+            "free_calls": dict(self.free_calls),
+            "active": self.conn.scheduler.active(),
+            "drops": {
+                r: m.drops(r) for r in ("truncated", "version", "oversized", "hmac", "schema", "garbage")
+            },
+            "failures": {
+                c: m.failures(c) for c in ("timeout", "peer_lost", "remote_abort", "abort", "error")
+            },
+            "metrics": self.metrics_text(),
+        }
 
     def metrics_text(self) -> dict:
         from prometheus_client import generate_latest
         from prometheus_client.parser import text_string_to_metric_families
+
         text = generate_latest(self.conn.metrics.registry).decode()
-        return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-                if not s.labels.get("cause") and not s.labels.get("reason") and "le" not in s.labels}
+        return {
+            s.name: s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+            if not s.labels.get("cause") and not s.labels.get("reason") and "le" not in s.labels
+        }
 
     def pid(self):
         return os.getpid()

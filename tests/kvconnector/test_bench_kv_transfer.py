@@ -1,4 +1,5 @@
 """bench/kv_transfer.py's --smoke mode (CPU, tcp, tiny shape) runs and writes the result format of docs/architecture.md."""
+
 import json
 import os
 import subprocess
@@ -12,8 +13,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_smoke_mode_writes_results(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "kv_transfer.py"), "--smoke",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=110, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "kv_transfer.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (path,) = tmp_path.glob("kv_transfer-cpu-*.json")
     doc = json.loads(path.read_text())

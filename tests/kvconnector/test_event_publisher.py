@@ -1,4 +1,5 @@
 """KV events over real ZMQ on loopback, decoded with structs that mirror vLLM's own (not ours)."""
+
 import socket
 import time
 from typing import Any, Union
@@ -59,7 +60,9 @@ def test_publish_subscribe_in_vllm_format():
     sub = KVEventSubscriber(pub.endpoint)
     try:
         bs = 4
-        stored = BlockStored(block_hashes=[11, 12], parent_block_hash=None, token_ids=list(range(8)), block_size=bs)
+        stored = BlockStored(
+            block_hashes=[11, 12], parent_block_hash=None, token_ids=list(range(8)), block_size=bs
+        )
         events = [stored, BlockRemoved(block_hashes=[12], medium="GPU"), AllBlocksCleared()]
         # PUB drops what it sends before a SUB has joined: heartbeat until both see one
         deadline = time.monotonic() + 10
@@ -73,12 +76,20 @@ def test_publish_subscribe_in_vllm_format():
         assert topic == b"kv-events.node1" and len(seq_bytes) == 8 and int.from_bytes(seq_bytes, "big") == seq
         batch = msgspec.msgpack.Decoder(VKVEventBatch).decode(payload)
         assert batch.ts == 123.5 and batch.data_parallel_rank == 0
-        assert [type(e).__name__ for e in batch.events] == ["VBlockStored", "VBlockRemoved", "VAllBlocksCleared"]
+        assert [type(e).__name__ for e in batch.events] == [
+            "VBlockStored",
+            "VBlockRemoved",
+            "VAllBlocksCleared",
+        ]
         for e in batch.events:
             if isinstance(e, VBlockStored):
                 assert len(e.token_ids) == e.block_size * len(e.block_hashes)
         plain = msgspec.msgpack.decode(payload)
-        assert isinstance(plain, list) and plain[1][0]["type"] == "BlockStored" and plain[1][0]["lora_id"] is None
+        assert (
+            isinstance(plain, list)
+            and plain[1][0]["type"] == "BlockStored"
+            and plain[1][0]["lora_id"] is None
+        )
         got = sub.poll(5)
         assert got is not None and got[0] == b"kv-events.node1" and got[1] == seq and got[2].events == events
         assert sub.missed == 0
@@ -96,9 +107,20 @@ def test_subscriber_drops_malformed_and_counts_gaps():
     sub = KVEventSubscriber(f"tcp://127.0.0.1:{port}", on_batch=lambda *a: got.append(a))
     try:
         ok = msgspec.msgpack.encode([1.0, []])
-        bad_stored = msgspec.msgpack.encode([1.0, [{"type": "BlockStored", "block_hashes": [1],
-                                                    "parent_block_hash": None, "token_ids": [1, 2],
-                                                    "block_size": 4}]])
+        bad_stored = msgspec.msgpack.encode(
+            [
+                1.0,
+                [
+                    {
+                        "type": "BlockStored",
+                        "block_hashes": [1],
+                        "parent_block_hash": None,
+                        "token_ids": [1, 2],
+                        "block_size": 4,
+                    }
+                ],
+            ]
+        )
         deadline = time.monotonic() + 10
         while not got and time.monotonic() < deadline:
             pub.send_multipart([b"kv-events", (0).to_bytes(8, "big"), ok])
@@ -120,6 +142,7 @@ def test_subscriber_drops_malformed_and_counts_gaps():
 
 class VBlockStoredStrict(VKVCacheEvent, tag="BlockStored"):
     """As vLLM declares it: lora_id, medium and lora_name have no defaults, so they are always on the wire."""
+
     block_hashes: list[int]
     parent_block_hash: Union[int, None]
     token_ids: list[int]
@@ -133,11 +156,15 @@ class VStrictBatch(VEventBatch):
     events: list[Union[VBlockStoredStrict, VBlockRemoved, VAllBlocksCleared]]
 
 
-import pytest  # noqa: E402
 
 
 def test_vllm_strict_decoder_reads_block_stored():
     from kvconnector.events import KVEventBatch, encode_batch
-    payload = encode_batch(KVEventBatch(ts=1.0, events=[
-        BlockStored(block_hashes=[1], parent_block_hash=None, token_ids=[1, 2], block_size=2)]))
+
+    payload = encode_batch(
+        KVEventBatch(
+            ts=1.0,
+            events=[BlockStored(block_hashes=[1], parent_block_hash=None, token_ids=[1, 2], block_size=2)],
+        )
+    )
     msgspec.msgpack.Decoder(VStrictBatch).decode(payload)

@@ -1,6 +1,7 @@
 """The KV link's authenticated session: replayed or reordered frames (a captured handshake on a new connection, a
 captured chunk on the same link) are refused and the link closed; a peer declaring a 4 GiB body gets nothing
 allocated; ZMQ senders' sequence numbers must rise per sender within a window."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,8 +14,18 @@ import pytest
 
 from kvconnector.link import Listener, connect
 from kvconnector.replay import ReplayGuard
-from kvconnector.wire import (FRAME_VERSION, MAGIC, PREFIX, BadMAC, Handshake, Heartbeat, KVChunk, ReplayedFrame,
-                              SignedCodec, TensorMeta)
+from kvconnector.wire import (
+    FRAME_VERSION,
+    MAGIC,
+    PREFIX,
+    BadMAC,
+    Handshake,
+    Heartbeat,
+    KVChunk,
+    ReplayedFrame,
+    SignedCodec,
+    TensorMeta,
+)
 from tests.kvconnector.bad_frames import stranger_hello
 
 SECRET = b"session-secret"
@@ -64,15 +75,31 @@ def wait(pred, timeout=5.0):
 
 
 def handshake():
-    return Handshake(engine_id="p", role="kv_producer", model="m", dtype="float16", block_size=16, num_layers=1,
-                     num_kv_heads=1, head_dim=4, hash_algorithm="h", transport="tcp")
+    return Handshake(
+        engine_id="p",
+        role="kv_producer",
+        model="m",
+        dtype="float16",
+        block_size=16,
+        num_layers=1,
+        num_kv_heads=1,
+        head_dim=4,
+        hash_algorithm="h",
+        transport="tcp",
+    )
 
 
 @pytest.fixture
 def listener():
     got, drops, links = [], [], []
-    lst = Listener("127.0.0.1", 0, SignedCodec(SECRET), lambda link, msg, body: got.append((msg, bytes(body))),
-                   on_drop=lambda link, reason: drops.append(reason), on_accept=links.append)
+    lst = Listener(
+        "127.0.0.1",
+        0,
+        SignedCodec(SECRET),
+        lambda link, msg, body: got.append((msg, bytes(body))),
+        on_drop=lambda link, reason: drops.append(reason),
+        on_accept=links.append,
+    )
     lst.got, lst.drops, lst.accepted = got, drops, links
     yield lst
     lst.close()
@@ -81,8 +108,14 @@ def listener():
 def test_replayed_handshake_and_chunk_are_refused(listener):
     tap = Tap(listener.address)
     link = connect(tap.address, SignedCodec(SECRET), lambda *a: None)
-    chunk = KVChunk(request_id="r", seq=0, first_layer=0, num_layers=1, block_ids=[3],
-                    tensor=TensorMeta("float16", [1, 2, 1, 4]))
+    chunk = KVChunk(
+        request_id="r",
+        seq=0,
+        first_layer=0,
+        num_layers=1,
+        block_ids=[3],
+        tensor=TensorMeta("float16", [1, 2, 1, 4]),
+    )
     link.send(handshake())
     link.send(chunk, bytes(16))
     assert wait(lambda: len(listener.got) == 2)
@@ -95,7 +128,7 @@ def test_replayed_handshake_and_chunk_are_refused(listener):
         assert _until_closed(s)
     assert len(listener.got) == 2 and wait(lambda: listener.drops == ["hmac"])
     # 2. the captured chunk frame (the capture's tail) replayed on the live link: its sequence number is spent.
-    chunk_frame = captured[captured.index(MAGIC, captured.index(MAGIC) + 1):]  # the second frame on the wire
+    chunk_frame = captured[captured.index(MAGIC, captured.index(MAGIC) + 1) :]  # the second frame on the wire
     tap.upstream.sendall(chunk_frame)
     assert wait(lambda: link.closed)
     assert len(listener.got) == 2 and listener.drops == ["hmac", "replay"]
@@ -161,7 +194,7 @@ def test_whole_frames_need_rising_sequence_numbers_per_sender():
     with pytest.raises(ReplayedFrame):
         guard.check(b"a", now, now)  # the same frame again
     with pytest.raises(ReplayedFrame):
-        guard.check(b"c", now - 11 * 10 ** 9, now)  # too old for the window, whoever sends it
+        guard.check(b"c", now - 11 * 10**9, now)  # too old for the window, whoever sends it
     guard.check(b"a", now + 1, now)
 
 

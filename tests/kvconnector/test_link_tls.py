@@ -2,6 +2,7 @@
 sides sees none of their contents (a request id and a chunk's bytes travel in clear with it off, not with it on).
 A peer without the secret still gets no session: TLS gives confidentiality, the channel-bound session keys
 authenticate."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,13 +19,24 @@ BODY = bytes(range(256)) * 4  # a chunk's "KV bytes": 1 KiB with a recognisable 
 def exchange(monkeypatch, encrypted: bool, client_secret: bytes = SECRET):
     monkeypatch.setenv(curve.ENV, "1" if encrypted else "0")
     got = []
-    listener = Listener("127.0.0.1", 0, SignedCodec(SECRET), lambda link, msg, body: got.append((msg, bytes(body))))
+    listener = Listener(
+        "127.0.0.1", 0, SignedCodec(SECRET), lambda link, msg, body: got.append((msg, bytes(body)))
+    )
     tap = Tap(listener.address)
     link = connect(tap.address, SignedCodec(client_secret), lambda *a: None)
     try:
         link.send(Abort(request_id=MARK, reason="tap test"))
-        link.send(KVChunk(request_id=MARK, seq=0, first_layer=0, num_layers=1, block_ids=[0, 1, 2, 3],
-                          tensor=TensorMeta("float16", [1, 2, 4, 64])), BODY)
+        link.send(
+            KVChunk(
+                request_id=MARK,
+                seq=0,
+                first_layer=0,
+                num_layers=1,
+                block_ids=[0, 1, 2, 3],
+                tensor=TensorMeta("float16", [1, 2, 4, 64]),
+            ),
+            BODY,
+        )
         wait(lambda: len(got) == 2, timeout=3)
     except ConnectionError:
         pass

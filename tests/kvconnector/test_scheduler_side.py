@@ -1,4 +1,5 @@
 """The connector's scheduler side in isolation: which blocks go when, timeouts, exactly-once finishing."""
+
 import pytest
 
 from kvconnector.scheduler_side import ConsumerScheduler, ProducerScheduler
@@ -14,7 +15,9 @@ class Clock:
 
 def test_plan_sends_each_final_block_once_skipping_the_consumers_prefix():
     s = ProducerScheduler(block_size=4, timeout=1.0, clock=Clock())
-    s.bind("r", "peer", num_tokens=18, remote_block_ids=[50, 51, 52], num_cached=2)  # 5 blocks, the last partial
+    s.bind(
+        "r", "peer", num_tokens=18, remote_block_ids=[50, 51, 52], num_cached=2
+    )  # 5 blocks, the last partial
     table = [10, 11, 12, 13, 14]
     assert s.plan("r", 6, table, False) is None  # blocks 0-1 are the consumer's own
     p = s.plan("r", 13, table, False)
@@ -82,7 +85,9 @@ def test_consumer_refuses_a_counted_done_with_pieces_missing_and_trusts_a_one_si
     c.landed("tcp", 0, 2, [1])
     f = c.done("tcp", counted=True)
     assert (f.ok, f.cause) == (False, "error") and "2 (layer, block) pieces missing" in f.detail
-    c.reserve("ipc", [3])  # cuda_ipc: the bytes never pass through the consumer; the producer's fence is the word
+    c.reserve(
+        "ipc", [3]
+    )  # cuda_ipc: the bytes never pass through the consumer; the producer's fence is the word
     assert c.done("ipc", counted=False).ok
     c.reserve("slow", [4])
     assert c.expire() == []  # no deadline of its own: the node decides when to give up

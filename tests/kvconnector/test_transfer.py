@@ -4,6 +4,7 @@ One producer and one consumer process per transport run every dtype x layout (a 
 chunked prefill (several steps per prompt), a partial last block, prefix hits on the consumer, and several
 requests. Block accounting holds after each.
 """
+
 import pytest
 
 from tests.kvconnector.node_proc import pair  # noqa: F401 (a fixture)
@@ -29,7 +30,9 @@ def run_case(prod, cons, transport, dtype, layout, seed, devices=("cpu", "cpu"))
     cases = [("a", 7 * bs + 3, 2 * bs, 0), ("b", 5 * bs, 3 * bs + 1, 2), ("c", 1, 16, 0)]
     for rid, num_tokens, chunk, cached in cases:
         res = cons.call("reserve", rid=rid, num_tokens=num_tokens, num_cached=cached)
-        out = prod.call("transfer", rid=rid, address=address, num_tokens=num_tokens, chunk_tokens=chunk, **res)
+        out = prod.call(
+            "transfer", rid=rid, address=address, num_tokens=num_tokens, chunk_tokens=chunk, **res
+        )
         assert "error" not in out, out
         assert cons.call("wait_finished", rid=rid) is not None, f"{rid}: the consumer never completed"
         assert out["num_cached"] == cached and len(out["remote"]) == -(-num_tokens // bs) - cached
@@ -50,7 +53,9 @@ def run_case(prod, cons, transport, dtype, layout, seed, devices=("cpu", "cpu"))
     assert pm["pdserve_kv_transfer_seconds_count"] == len(cases)
     # over tcp the consumer sees the first chunk arrive; a one-sided write leaves it nothing to time but Done
     assert cm["pdserve_kv_transfer_seconds_count"] == (len(cases) if transport == "tcp" else 0)
-    assert pm["pdserve_kv_exposed_transfer_seconds_count"] == len(cases) and pm["pdserve_kv_achieved_gbps"] > 0
+    assert (
+        pm["pdserve_kv_exposed_transfer_seconds_count"] == len(cases) and pm["pdserve_kv_achieved_gbps"] > 0
+    )
     assert pm["pdserve_kv_inflight_transfers"] == cm["pdserve_kv_inflight_transfers"] == 0
     # the consumer's blocks now belong to its node (decode would run on them); the producer's node freed its own
     # on on_free (a real prefill node would keep them in its prefix cache)
@@ -72,6 +77,7 @@ def test_byte_exact_two_processes(pair):
 @pytest.mark.parametrize("devices", [("cuda:0", "cuda:0"), ("cuda:0", "cuda:1")], ids=["one-gpu", "two-gpus"])
 def test_cuda_ipc_byte_exact_two_processes(pair, devices):
     import torch
+
     if torch.cuda.device_count() < 1 + (devices[1] == "cuda:1"):
         pytest.skip("needs two GPUs")
     prod, cons = pair

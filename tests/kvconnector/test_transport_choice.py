@@ -1,4 +1,5 @@
 """Transport selection and refusals that need no GPU."""
+
 import pytest
 import torch
 
@@ -20,6 +21,7 @@ def test_cuda_ipc_refuses_a_cache_in_host_memory():
 def test_connector_rejects_caches_that_do_not_match_its_config():
     from kvconnector.connector import ConnectorConfig
     from kvconnector.producer import KVProducer
+
     cfg = ConnectorConfig(model="m", dtype="float16", block_size=16, num_layers=2, num_kv_heads=2, head_dim=8)
     with pytest.raises(ValueError, match="do not match"):
         KVProducer(cfg, torch.zeros(2, 2, 4, 16, 2, 4, dtype=torch.float16))

@@ -1,4 +1,5 @@
 """Frames and schemas: round trips, and a typed error for every kind of bad input (in process, fast)."""
+
 import logging
 import socket
 import subprocess
@@ -10,34 +11,74 @@ import pytest
 
 from kvconnector import wire
 from kvconnector.link import Listener
-from kvconnector.wire import (BadMAC, FrameTooLarge, GarbageFrame, Handshake, Heartbeat, KVChunk, Done,
-                              SchemaError, SignedCodec, TensorMeta, TruncatedFrame, VersionMismatch)
+from kvconnector.wire import (
+    BadMAC,
+    Done,
+    FrameTooLarge,
+    GarbageFrame,
+    Handshake,
+    Heartbeat,
+    KVChunk,
+    SchemaError,
+    SignedCodec,
+    TensorMeta,
+    TruncatedFrame,
+    VersionMismatch,
+)
 from tests.kvconnector.bad_frames import bad_frame
 
 SECRET = b"test-secret"
 
 
 def handshake(**kw):
-    base = dict(engine_id="e1", role="kv_producer", model="m", dtype="bfloat16", block_size=16, num_layers=32,
-                num_kv_heads=8, head_dim=128, hash_algorithm="sha256-msgpack-v1", transport="tcp")
+    base = dict(
+        engine_id="e1",
+        role="kv_producer",
+        model="m",
+        dtype="bfloat16",
+        block_size=16,
+        num_layers=32,
+        num_kv_heads=8,
+        head_dim=128,
+        hash_algorithm="sha256-msgpack-v1",
+        transport="tcp",
+    )
     return Handshake(**{**base, **kw})
 
 
 def test_round_trip_with_body():
     codec = SignedCodec(SECRET)
-    chunk = KVChunk(request_id="r", seq=3, first_layer=2, num_layers=1, block_ids=[5, 9],
-                    tensor=TensorMeta("float16", [1, 2, 2, 4]))
+    chunk = KVChunk(
+        request_id="r",
+        seq=3,
+        first_layer=2,
+        num_layers=1,
+        block_ids=[5, 9],
+        tensor=TensorMeta("float16", [1, 2, 2, 4]),
+    )
     body = bytes(range(32))
     msg, got = codec.decode_bytes(codec.encode_bytes(chunk, body))
     assert msg == chunk and bytes(got) == body
-    for m in (handshake(data_plane={"ipc": [0, b"\x00\x01", 7], "host": "h"}), Done("r", 1 << 40),
-              Heartbeat("e", 1.5)):
+    for m in (
+        handshake(data_plane={"ipc": [0, b"\x00\x01", 7], "host": "h"}),
+        Done("r", 1 << 40),
+        Heartbeat("e", 1.5),
+    ):
         assert codec.decode_bytes(codec.encode_bytes(m))[0] == m
 
 
-@pytest.mark.parametrize("kind,exc", [("garbage", GarbageFrame), ("version", VersionMismatch),
-                                      ("oversized", FrameTooLarge), ("truncated", TruncatedFrame),
-                                      ("hmac", BadMAC), ("schema", SchemaError), ("schema_version", VersionMismatch)])
+@pytest.mark.parametrize(
+    "kind,exc",
+    [
+        ("garbage", GarbageFrame),
+        ("version", VersionMismatch),
+        ("oversized", FrameTooLarge),
+        ("truncated", TruncatedFrame),
+        ("hmac", BadMAC),
+        ("schema", SchemaError),
+        ("schema_version", VersionMismatch),
+    ],
+)
 def test_each_bad_frame_raises_its_error(kind, exc):
     with pytest.raises(exc) as info:
         SignedCodec(SECRET).decode_bytes(bad_frame(kind))
@@ -64,20 +105,44 @@ def test_schema_violations():
     enc = msgspec.msgpack.encode
 
     def signed(obj):
-        return b"".join(bytes(p) for p in codec.frames.encode(enc(obj), b"", schema_version=wire.KV_SCHEMA.version))
+        return b"".join(
+            bytes(p) for p in codec.frames.encode(enc(obj), b"", schema_version=wire.KV_SCHEMA.version)
+        )
 
-    chunk = {"type": "kv_chunk", "request_id": "r", "seq": 0, "first_layer": 0, "num_layers": 1,
-             "tensor": ["float16", [1, 2, 1, 4]]}
-    bad = [{**chunk, "block_ids": [-1]},
-           {**chunk, "block_ids": ["x"]},
-           {**chunk, "block_ids": [1], "extra": 1},
-           {"type": "reserve", "request_id": "r", "num_tokens": 4},  # gone with the one round trip
-           {"type": "no_such_message"},
-           {"type": "kv_chunk", "request_id": "r", "seq": 0, "first_layer": 0, "num_layers": 2, "block_ids": [1],
-            "tensor": ["float16", [1, 2, 1, 4]]},
-           {"type": "kv_chunk", "request_id": "r", "seq": 0, "first_layer": 0, "num_layers": 1, "block_ids": [1],
-            "tensor": ["complex128", [1, 2, 1, 4]]},
-           [1, 2, 3]]
+    chunk = {
+        "type": "kv_chunk",
+        "request_id": "r",
+        "seq": 0,
+        "first_layer": 0,
+        "num_layers": 1,
+        "tensor": ["float16", [1, 2, 1, 4]],
+    }
+    bad = [
+        {**chunk, "block_ids": [-1]},
+        {**chunk, "block_ids": ["x"]},
+        {**chunk, "block_ids": [1], "extra": 1},
+        {"type": "reserve", "request_id": "r", "num_tokens": 4},  # gone with the one round trip
+        {"type": "no_such_message"},
+        {
+            "type": "kv_chunk",
+            "request_id": "r",
+            "seq": 0,
+            "first_layer": 0,
+            "num_layers": 2,
+            "block_ids": [1],
+            "tensor": ["float16", [1, 2, 1, 4]],
+        },
+        {
+            "type": "kv_chunk",
+            "request_id": "r",
+            "seq": 0,
+            "first_layer": 0,
+            "num_layers": 1,
+            "block_ids": [1],
+            "tensor": ["complex128", [1, 2, 1, 4]],
+        },
+        [1, 2, 3],
+    ]
     for obj in bad:
         with pytest.raises(SchemaError):
             codec.decode_bytes(signed(obj))
@@ -115,8 +180,13 @@ def test_listener_refuses_bad_frames_logs_once_per_reason_and_keeps_accepting(ca
     from tests.kvconnector.bad_frames import stranger_hello
 
     got, drops = [], []
-    listener = Listener("127.0.0.1", 0, SignedCodec(SECRET), lambda link, msg, body: got.append(msg),
-                        on_drop=lambda link, reason: drops.append(reason))
+    listener = Listener(
+        "127.0.0.1",
+        0,
+        SignedCodec(SECRET),
+        lambda link, msg, body: got.append(msg),
+        on_drop=lambda link, reason: drops.append(reason),
+    )
     try:
         assert listener.address[0] == "127.0.0.1"
         with caplog.at_level(logging.WARNING, logger="kvconnector.link"):
@@ -148,9 +218,11 @@ def _closed(s: socket.socket) -> bool:
 
 
 def test_torch_free_modules_stay_torch_free():
-    code = ("import sys, kvconnector, kvconnector.wire, kvconnector.link, kvconnector.scheduler_side, "
-            "kvconnector.metrics, kvconnector.event_publisher, kvconnector.events, kvconnector.hashing; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, kvconnector, kvconnector.wire, kvconnector.link, kvconnector.scheduler_side, "
+        "kvconnector.metrics, kvconnector.event_publisher, kvconnector.events, kvconnector.hashing; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

@@ -1,5 +1,6 @@
 """The producer worker's hot path, checked without a GPU: what the forward thread does per layer, and when an
 aborted request's end may run (never before the writes of the step in progress)."""
+
 import threading
 
 import torch
@@ -19,6 +20,7 @@ class GateFence(Fence):
 
 class RecordingPlane(DataPlane):
     """Counts calls; its fences open only when the test says so."""
+
     name = "recording"
 
     def __init__(self, num_layers=3):
@@ -37,14 +39,20 @@ class RecordingPlane(DataPlane):
 
 
 def plans():
-    return [SendPlan("a", "peer1", [1, 2], [10, 11], last=True), SendPlan("b", "peer1", [3], [12], last=False),
-            SendPlan("c", "peer2", [4], [13], last=True), SendPlan("d", "peer2", [], [], last=True)]
+    return [
+        SendPlan("a", "peer1", [1, 2], [10, 11], last=True),
+        SendPlan("b", "peer1", [3], [12], last=False),
+        SendPlan("c", "peer2", [4], [13], last=True),
+        SendPlan("d", "peer2", [], [], last=True),
+    ]
 
 
 def test_one_write_per_peer_and_layer_whatever_the_number_of_requests_and_blocks():
     plane = RecordingPlane()
     landed = []
-    w = ProducerWorker(plane, on_landed=lambda rid, exposed: landed.append(rid), on_first_write=lambda rid: None)
+    w = ProducerWorker(
+        plane, on_landed=lambda rid, exposed: landed.append(rid), on_first_write=lambda rid: None
+    )
     w.start_step(plans())
     for layer in range(3):
         w.save_layer(layer)
@@ -68,7 +76,9 @@ def test_an_abort_during_a_step_waits_for_the_end_of_the_step_then_for_a_fence()
     w.begin_planning(p.request_id for p in plans())
     w.start_step(plans())
     w.save_layer(0)
-    w.after_writes("b", "peer1", lambda _: ended.set())  # b is in the step: layers 1 and 2 will still be written
+    w.after_writes(
+        "b", "peer1", lambda _: ended.set()
+    )  # b is in the step: layers 1 and 2 will still be written
     assert plane.fences == []
     w.save_layer(1)
     w.save_layer(2)
@@ -124,7 +134,9 @@ def test_an_abort_while_the_step_is_being_planned_waits_for_the_step_too():
 def test_a_failed_forward_completes_nobody():
     plane = RecordingPlane()
     landed = []
-    w = ProducerWorker(plane, on_landed=lambda rid, exposed: landed.append(rid), on_first_write=lambda rid: None)
+    w = ProducerWorker(
+        plane, on_landed=lambda rid, exposed: landed.append(rid), on_first_write=lambda rid: None
+    )
     w.begin_planning(p.request_id for p in plans())
     w.start_step(plans())
     w.save_layer(0)  # the forward raises in layer 1
