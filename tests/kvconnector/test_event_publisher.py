@@ -156,8 +156,6 @@ class VStrictBatch(VEventBatch):
     events: list[Union[VBlockStoredStrict, VBlockRemoved, VAllBlocksCleared]]
 
 
-
-
 def test_vllm_strict_decoder_reads_block_stored():
     from kvconnector.events import KVEventBatch, encode_batch
 
