@@ -59,7 +59,7 @@ class Node:
         self.exposed_gpu: dict[str, float] = {}
         self.done = threading.Event()
 
-    def open(self, role, transport, layout, num_blocks, address=None, secret="bench"):
+    def open(self, role, transport, layout, num_blocks, address=None, secret="bench", shuffle=True):
         from kvconnector.connector import ConnectorConfig
 
         torch = self.torch
@@ -79,17 +79,23 @@ class Node:
             if role == "producer"
             else torch.zeros(shape, dtype=dtype, device=self.device)
         )
-        name, _, copy = transport.partition(":")  # cuda_ipc:torch -> {"copy": "torch"} (the plane's option)
+        # cuda_ipc:torch -> {"copy": "torch"}; cuda_ipc:triton:1024 -> also {"block_words": 1024} (plane options)
+        name, _, options = transport.partition(":")
+        copy, _, block_words = options.partition(":")
+        extra = {"copy": copy} if copy else {}
+        if block_words:
+            extra["block_words"] = int(block_words)
         cfg = ConnectorConfig(
             model="llama-3.1-8b-shape",
             kv_connector=name,
             secret=secret,
             timeout=30.0,
-            extra={"copy": copy} if copy else {},
+            extra=extra,
             **layout,
         )
         self.blocks = list(range(num_blocks))
-        random.Random(0).shuffle(self.blocks)
+        if shuffle:  # scattered blocks on both sides: no plane may gain from runs a busy cache would not have
+            random.Random(0).shuffle(self.blocks)
         if role == "consumer":
             from kvconnector.consumer import KVConsumer
 
@@ -302,15 +308,35 @@ def kv_bytes(layout, tokens):
     )
 
 
-def measure_push(res, prod, cons, transport, case, layout, tokens, iters, ceiling_ms, layer_ms):
+def measure_push(res, prod, cons, transport, case, layout, tokens, iters, ceiling_ms, layer_ms, order):
     nbytes = kv_bytes(layout, tokens)
     n_blocks = 2 * -(-tokens // layout["block_size"]) + 8
-    address = cons.call("open", role="consumer", transport=transport, layout=layout, num_blocks=n_blocks)
+    address = cons.call(
+        "open",
+        role="consumer",
+        transport=transport,
+        layout=layout,
+        num_blocks=n_blocks,
+        shuffle=order == "shuffled",
+    )
     prod.call(
-        "open", role="producer", transport=transport, layout=layout, num_blocks=n_blocks, address=address
+        "open",
+        role="producer",
+        transport=transport,
+        layout=layout,
+        num_blocks=n_blocks,
+        address=address,
+        shuffle=order == "shuffled",
     )
     prod.call("calibrate", layer_ms=layer_ms, tokens=tokens)
-    params = dict(case=case, transport=transport, tokens=tokens, bytes=nbytes, layers=layout["num_layers"])
+    params = dict(
+        case=case,
+        transport=transport,
+        tokens=tokens,
+        bytes=nbytes,
+        layers=layout["num_layers"],
+        blocks=order,
+    )
     for mode in ("one_block", "back_to_back", "overlapped"):
         n_tok = layout["block_size"] if mode == "one_block" else tokens
         spans, exposed, exposed_gpu, host_us = [], [], [], []
@@ -395,6 +421,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, nargs="+", default=None)
     ap.add_argument("--transports", nargs="+", default=None)
     ap.add_argument(
+        "--block-order",
+        nargs="+",
+        default=["shuffled"],
+        choices=["shuffled", "sequential"],
+        help="both sides' blocks: shuffled (a busy cache) or sequential (long runs, a fresh one)",
+    )
+    ap.add_argument(
         "--iters", type=int, default=None, help="measured iterations per figure (default 5; smoke 3)"
     )
     ap.add_argument(
@@ -449,19 +482,22 @@ def main(argv=None) -> int:
                     ),
                 )
             for transport in transports:
-                with guarded(f"{transport} {t} tokens", failures):
-                    measure_push(
-                        res,
-                        prod,
-                        cons,
-                        transport,
-                        f"{transport}-{case_gpus}",
-                        layout,
-                        t,
-                        iters,
-                        ceiling,
-                        layer_ms_2048 * t / 2048,
-                    )
+                for order in args.block_order:
+                    suffix = "" if order == "shuffled" else f"-{order}"
+                    with guarded(f"{transport} {t} tokens {order}", failures):
+                        measure_push(
+                            res,
+                            prod,
+                            cons,
+                            transport,
+                            f"{transport}-{case_gpus}{suffix}",
+                            layout,
+                            t,
+                            iters,
+                            ceiling,
+                            layer_ms_2048 * t / 2048,
+                            order,
+                        )
     finally:
         prod.close()
         cons.close()

@@ -452,8 +452,8 @@ def register_cli(subparsers) -> None:
     p.add_argument(
         "--kv-connector",
         default="auto",
-        choices=["auto", "tcp", "cuda_ipc"],
-        help="auto: cuda_ipc on GPUs, tcp on CPU",
+        choices=["auto", "tcp", "cuda_ipc", "nixl"],
+        help="auto: cuda_ipc on GPUs (one host; nixl for NIXL/UCX, e.g. RDMA across hosts), tcp on CPU",
     )
     p.add_argument(
         "--gpu-memory-utilization",

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from engine.errors import ConfigError
 
-KV_CONNECTORS = ("tcp", "cuda_ipc")  # the data planes kvconnector.transport implements
+KV_CONNECTORS = ("tcp", "cuda_ipc", "nixl")  # the data planes kvconnector.transport implements
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -43,7 +43,7 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class KVTransferConfig:
-    kv_connector: str = "tcp"  # tcp | cuda_ipc (kvconnector.transport)
+    kv_connector: str = "tcp"  # tcp | cuda_ipc | nixl (kvconnector.transport)
     kv_role: str = "kv_both"  # kv_producer | kv_consumer | kv_both
     kv_ip: str = "127.0.0.1"
     kv_port: int = 0

@@ -13,6 +13,8 @@ reinterpreted as the widest integer word its size and alignment allow, so the co
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -22,7 +24,9 @@ from kernels._common import check, check_same_device, interpreting
 _WORDS = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
-@triton.jit
+# n (the number of blocks) changes every call: never specialise on it, so one compiled kernel serves every n and
+# BlockCopier can launch that compiled kernel directly.
+@triton.jit(do_not_specialize=["n"])
 def _copy_blocks_kernel(
     src_ptr,  # gather: cache [P, N, E]; scatter: buffer [P, n, E]
     dst_ptr,  # gather: buffer [P, n, E]; scatter: cache [P, N, E]
@@ -140,10 +144,21 @@ def copy_blocks(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor, dst
 
 
 class BlockCopier:
-    """copy_blocks for one fixed (src, dst) pair: checked and viewed as words once, then each call is one launch
-    with no per-call Python beyond it (the KV connector calls it once per layer on the forward thread)."""
+    """copy_blocks for one fixed (src, dst) pair, checked and viewed as words once. The KV connector calls it once
+    per layer on the forward thread, so a call must cost little host time: after the first launch (through
+    Triton's JIT, which compiles and binds the arguments), calls launch the compiled kernel directly on the given
+    stream, skipping the JIT's argument binding and cache lookup (tens of microseconds of Python per launch).
 
-    def __init__(self, src: torch.Tensor, dst: torch.Tensor):
+    The compiled kernel is specialised on everything but n: the tensors, strides and word count are fixed per
+    copier, and the id tensors' 16-byte alignment is checked per call (an unaligned pair takes the JIT path)."""
+
+    def __init__(self, src: torch.Tensor, dst: torch.Tensor, block_words: int | None = None):
+        """block_words: words one program copies (a power of two; default a whole block up to 4096): smaller
+        puts more programs, so more stores, in flight at once."""
+        check(
+            block_words is None or (block_words > 0 and block_words & (block_words - 1) == 0),
+            f"block_words must be a power of two, got {block_words}",
+        )
         check(
             src.dim() >= 3
             and src.shape[0] == dst.shape[0]
@@ -156,7 +171,8 @@ class BlockCopier:
         check_same_device(src, dst)
         self.src_w, self.dst_w = _words(src, dst)
         self.words = self.src_w.shape[-1]
-        self.block = min(triton.next_power_of_2(max(self.words, 1)), 1024 if interpreting() else 4096)
+        cap = 1024 if interpreting() else (block_words or 4096)
+        self.block = min(triton.next_power_of_2(max(self.words, 1)), cap)
         self.strides = (
             self.src_w.stride(0),
             self.src_w.stride(1),
@@ -166,25 +182,33 @@ class BlockCopier:
         self.grid_p, self.grid_w = src.shape[0], triton.cdiv(self.words, self.block)
         self.num_warps = 1 if interpreting() else 8
         self.empty = src.shape[0] == 0 or self.words == 0
+        self.compiled = None  # the kernel the first aligned JIT launch compiled, launched directly after it
 
-    def __call__(self, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
+    def __call__(self, src_ids: torch.Tensor, dst_ids: torch.Tensor, stream: int | None = None) -> None:
+        """stream: a raw CUDA stream handle (torch.cuda.Stream.cuda_stream) to launch on; None: the current one."""
         n = src_ids.shape[0]
         check(dst_ids.shape[0] == n, f"{n} source ids, {dst_ids.shape[0]} destination ids")
         if n == 0 or self.empty:
             return
-        _copy_blocks_kernel[(self.grid_p * n, self.grid_w)](
-            self.src_w,
-            self.dst_w,
-            src_ids,
-            dst_ids,
-            *self.strides,
-            n,
-            self.words,
-            SRC_INDEXED=True,
-            DST_INDEXED=True,
-            BLOCK=self.block,
-            num_warps=self.num_warps,
-        )
+        grid = (self.grid_p * n, self.grid_w, 1)
+        args = (self.src_w, self.dst_w, src_ids, dst_ids, *self.strides, n, self.words)
+        aligned = not (src_ids.data_ptr() | dst_ids.data_ptr()) & 15
+        if self.compiled is not None and aligned:
+            self.compiled[grid](*args, True, True, self.block, stream=stream)
+            return
+        with _on_stream(stream, self.src_w.device):
+            kernel = _copy_blocks_kernel[grid](
+                *args, SRC_INDEXED=True, DST_INDEXED=True, BLOCK=self.block, num_warps=self.num_warps
+            )
+        if aligned and not interpreting() and hasattr(kernel, "__getitem__"):
+            self.compiled = kernel
+
+
+def _on_stream(stream: int | None, device: torch.device):
+    """A context that makes the raw stream handle current (a no-op for None or off CUDA)."""
+    if stream is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.stream(torch.cuda.ExternalStream(stream, device=device))
 
 
 def gather_blocks_ref(

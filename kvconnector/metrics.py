@@ -1,6 +1,6 @@
 """Transfer metrics (prometheus-client) and per-request transfer timings kept for the proxy (torch-free).
 
-Series (label `role`: producer | consumer; `transport`: tcp | cuda_ipc):
+Series (label `role`: producer | consumer; `transport`: tcp | cuda_ipc | nixl):
     pdserve_kv_bytes_sent_total / pdserve_kv_bytes_received_total      counters
     pdserve_kv_chunk_seconds                                           histogram, one data-plane chunk
     pdserve_kv_transfer_seconds                                        histogram, a request's first chunk to done

@@ -49,6 +49,7 @@ class KVProducer(Endpoint):
             self.data_plane,
             on_landed=self._landed,
             on_first_write=lambda rid: self.scheduler.progress(rid, "first_send"),
+            on_failed=self._write_failed,
         )
         self._links: dict[tuple[str, int], links.Link] = {}
         self._connect_lock = threading.Lock()
@@ -155,6 +156,12 @@ class KVProducer(Endpoint):
         except ConnectionError as exc:  # the consumer is gone; its node learns that on its own
             log.debug("Done for %s not sent: %s", request_id, exc)
         self._notify(f, nbytes)
+
+    def _write_failed(self, request_id: str) -> None:
+        """Completion thread: a write before rid's last fence did not land; it fails like an abort."""
+        f = self.scheduler.abort(request_id, "error", "a KV write did not land")
+        if f is not None:
+            self._end_failed(f)
 
     def _end_failed(self, f: Finished) -> None:
         """After every write already issued for the request: tell the consumer (it may free now), then us."""

@@ -339,9 +339,9 @@ class Handshake(Message, tag="handshake"):
     num_kv_heads: int
     head_dim: int
     hash_algorithm: str
-    transport: str  # tcp | cuda_ipc
+    transport: str  # tcp | cuda_ipc | nixl
     device_uuid: str = ""  # the GPU's UUID, "" on CPU: cuda_ipc maps the peer's GPU by it
-    data_plane: dict[str, Any] = {}  # transport specifics: the consumer's exported cache (cuda_ipc)
+    data_plane: dict[str, Any] = {}  # transport specifics: the consumer's exported cache (cuda_ipc, nixl)
     accept: bool = True
     error: str = ""
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from functools import partial
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -29,6 +30,7 @@ from kvconnector.wire import KVChunk
 log = logging.getLogger(__name__)
 
 OnLanded = Callable[[str, Optional[float]], None]  # (request_id, exposed seconds where the plane measured it)
+OnFailed = Callable[[str], None]  # (request_id): a write before its fence did not land
 
 
 class CompletionThread:
@@ -54,8 +56,9 @@ class CompletionThread:
             fence, fn = item
             try:
                 fence.wait()
-            except Exception:  # a failed device: the callback still ends the request
+            except Exception:  # a failed device or write: the callback still ends the request, as failed
                 log.exception("waiting on a KV fence failed")
+                fence.failed = True
             try:
                 fn(fence)
             except Exception:
@@ -63,10 +66,17 @@ class CompletionThread:
 
 
 class ProducerWorker:
-    def __init__(self, plane: DataPlane, on_landed: OnLanded, on_first_write: Callable[[str], None]):
+    def __init__(
+        self,
+        plane: DataPlane,
+        on_landed: OnLanded,
+        on_first_write: Callable[[str], None],
+        on_failed: Optional[OnFailed] = None,
+    ):
         self.plane = plane
         self.num_layers = len(plane.caches)
         self.on_landed, self.on_first_write = on_landed, on_first_write
+        self.on_failed = on_failed or (lambda rid: None)
         self.completions = CompletionThread()
         self._writes: list[PeerWrites] = []
         self.step_plans: list[SendPlan] = []
@@ -108,11 +118,14 @@ class ProducerWorker:
             layer == self.num_layers - 1
         ):  # fence right behind the last copies: the host may reach end_step late
             for plan in self.last_plans:
-                self.completions.after(
-                    self.plane.fence(plan.peer),
-                    lambda fence, rid=plan.request_id: self.on_landed(rid, fence.exposed_s()),
-                )
+                self.completions.after(self.plane.fence(plan.peer), partial(self._landed, plan.request_id))
             self.last_plans = []
+
+    def _landed(self, request_id: str, fence: Fence) -> None:
+        if fence.failed:
+            self.on_failed(request_id)
+        else:
+            self.on_landed(request_id, fence.exposed_s())
 
     def end_step(self, ok: bool = True) -> None:
         """ok False: the forward failed part way; no request of the step is complete (the caller aborts them)."""

@@ -5,6 +5,9 @@
     cuda_ipc  GPUs of one host: the consumer exports its whole KV cache once (CUDA IPC handle, in its handshake);
               the producer maps it and, after each layer, one kernel copies that layer's blocks into the peer's
               memory (NVLink between GPUs, the same HBM when both processes share a GPU). The GPU default.
+    nixl      NIXL (UCX inside: NVLink on one host, RDMA across hosts): the consumer registers its cache and
+              hands over its agent metadata at handshake; the producer WRITEs each layer as a few large
+              descriptors (runs of consecutive blocks), posted by a sender thread once the layer is computed.
 The consumer's host does nothing per layer on either plane: it hears one `Done` per request.
 """
 
@@ -24,6 +27,10 @@ def create_data_plane(name: str, config: DataPlaneConfig, caches) -> DataPlane:
         from kvconnector.transport.cuda_ipc import CudaIpcDataPlane
 
         return CudaIpcDataPlane(config, caches)
+    if name == "nixl":
+        from kvconnector.transport.nixl import NixlDataPlane
+
+        return NixlDataPlane(config, caches)
     raise ValueError(f"kv_connector must be one of {', '.join(KV_CONNECTORS)}, got {name!r}")
 
 

@@ -47,7 +47,10 @@ class PeerWrites:
 
 class Fence:
     """A point on the data plane: `wait()` blocks (GIL released, no spinning) until every write issued before it
-    has landed; `exposed_s` is the time the last write outlived the compute it followed, where measured."""
+    has landed; `exposed_s` is the time the last write outlived the compute it followed, where measured.
+    `failed` is set when a write before it could not land (the completion thread sets it when wait() raises)."""
+
+    failed = False
 
     def wait(self) -> None:
         pass

@@ -52,8 +52,14 @@ class CudaIpcDataPlane(DataPlane):
         self.copy = str(config.extra.get("copy", "triton"))
         if self.copy not in ("triton", "torch"):
             raise ValueError(f'cuda_ipc "copy" must be triton or torch, got {self.copy!r}')
+        # {"block_words": n}: words each copy program moves (kernels.block_copy.BlockCopier); None: its default
+        self.block_words = config.extra.get("block_words")
+        if self.block_words is not None:
+            self.block_words = int(self.block_words)
         # high priority: a layer's copy is small and must not queue behind the next layers' compute kernels
         self._stream = torch.cuda.Stream(self.device, priority=-1)
+        self._stream_handle = self._stream.cuda_stream
+        self._compute = torch.cuda.current_stream(self.device)  # the forward's stream, read at each stage
         self._ready = [torch.cuda.Event() for _ in self.caches]  # reused each step: a wait captures the state
         self._copied: Optional[torch.cuda.Event] = None  # the copy stream after the last step's writes
         self._wrote = False  # this step launched copies
@@ -108,7 +114,7 @@ class CudaIpcDataPlane(DataPlane):
 
     def _copier(self, src: torch.Tensor, dst: torch.Tensor):
         if self.copy == "triton":
-            return BlockCopier(src, dst)
+            return BlockCopier(src, dst, self.block_words)
         src_w, dst_w = src.flatten(2).view(torch.int64), dst.flatten(2).view(torch.int64)
         return lambda src_ids, dst_ids: dst_w.index_copy_(1, dst_ids, src_w.index_select(1, src_ids))
 
@@ -157,16 +163,16 @@ class CudaIpcDataPlane(DataPlane):
         self._retiring = [(ev, maps) for ev, maps in self._retiring if not ev.query()]
 
     def stage(self, writes: PeerWrites) -> None:
-        ids = (
-            torch.tensor(
-                [b for s in writes.src for b in s] + [b for d in writes.dst for b in d], dtype=torch.int64
-            )
-            .pin_memory()
-            .to(self.device, non_blocking=True)
-        )
-        ids.record_stream(self._stream)  # read by the copy stream, possibly after the step has let go of it
         n = writes.num_blocks
-        writes.staged = (ids[:n], ids[n:])  # source ids, destination ids: every request of the peer at once
+        width = n + (
+            n & 1
+        )  # an even row keeps the destination ids 16-byte aligned (the copier's direct launch)
+        flat = [b for s in writes.src for b in s] + [0] * (width - n)
+        flat += [b for d in writes.dst for b in d] + [0] * (width - n)
+        ids = torch.tensor(flat, dtype=torch.int64).pin_memory().to(self.device, non_blocking=True)
+        ids.record_stream(self._stream)  # read by the copy stream, possibly after the step has let go of it
+        writes.staged = (ids[:n], ids[width : width + n])  # source, destination: every request of the peer
+        self._compute = torch.cuda.current_stream(self.device)
 
     def write_layer(self, writes: PeerWrites, layer: int) -> None:
         copiers = writes.link.state.get("copiers")
@@ -176,10 +182,13 @@ class CudaIpcDataPlane(DataPlane):
             ready = self._last_compute = torch.cuda.Event(enable_timing=True)
         else:
             ready = self._ready[layer]
-        ready.record()
+        ready.record(self._compute)
         self._stream.wait_event(ready)
-        with torch.cuda.stream(self._stream):
-            copiers[layer](*writes.staged)
+        if self.copy == "triton":  # launched on the copy stream by handle: no stream switch on this thread
+            copiers[layer](*writes.staged, self._stream_handle)
+        else:
+            with torch.cuda.stream(self._stream):
+                copiers[layer](*writes.staged)
         self._wrote = True
 
     def end_step(self) -> None:

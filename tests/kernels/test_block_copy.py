@@ -4,7 +4,9 @@ engine's [2, N, B, Hk, D] layout and for odd block sizes that force narrower cop
 import pytest
 import torch
 
+from kernels._common import interpreting
 from kernels.block_copy import (
+    BlockCopier,
     copy_blocks,
     copy_blocks_ref,
     gather_blocks,
@@ -116,3 +118,33 @@ def test_triton_matches_ref_gpu(blk, blocks):
     copy_blocks_ref(cache, ids, want, dst_ids)
     copy_blocks(cache, ids, got, dst_ids)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_copier_every_launch_matches_ref(device):
+    """BlockCopier's first launch goes through Triton's JIT, later ones (on CUDA) straight to the compiled kernel:
+    n = 1 first (a kernel specialised on n == 1 would then copy one block only), then other n; on a side stream;
+    and ids at an odd offset (not 16-byte aligned), which must take the JIT path and still copy right."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if device == "cpu" and not interpreting():
+        pytest.skip("Triton on CPU tensors runs only in its interpreter (TRITON_INTERPRET=1)")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    src = _cache((16, 2, 8), dtype, N=40, seed=6, device=device)
+    dst = _cache((16, 2, 8), dtype, N=41, seed=7, device=device)
+    want, copier = dst.clone(), BlockCopier(src, dst, block_words=32)  # several programs per block
+    side = torch.cuda.Stream() if device == "cuda" else None
+    gen = torch.Generator().manual_seed(8)
+    for n, unaligned in ((1, False), (7, False), (16, False), (1, False), (33, False), (5, True)):
+        pad = int(unaligned)
+        src_ids = torch.randperm(40, generator=gen)[: n + pad].to(device)[pad:]
+        dst_ids = torch.randperm(41, generator=gen)[: n + pad].to(device)[pad:]
+        copy_blocks_ref(src, src_ids, want, dst_ids)
+        if side is None:
+            copier(src_ids, dst_ids)
+        else:
+            side.wait_stream(torch.cuda.current_stream())
+            copier(src_ids, dst_ids, side.cuda_stream)
+            torch.cuda.current_stream().wait_stream(side)
+        assert torch.equal(dst, want), f"n={n} unaligned={unaligned}"
+    assert (copier.compiled is not None) == (device == "cuda")

@@ -75,14 +75,19 @@ def test_byte_exact_two_processes(pair):
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("devices", [("cuda:0", "cuda:0"), ("cuda:0", "cuda:1")], ids=["one-gpu", "two-gpus"])
-def test_cuda_ipc_byte_exact_two_processes(pair, devices):
+@pytest.mark.parametrize("transport", ["cuda_ipc", "nixl"])
+def test_gpu_planes_byte_exact_two_processes(pair, devices, transport):
     import torch
+
+    from kvconnector.transport.nixl import nixl_available
 
     if torch.cuda.device_count() < 1 + (devices[1] == "cuda:1"):
         pytest.skip("needs two GPUs")
+    if transport == "nixl" and not nixl_available():
+        pytest.skip("needs the nixl package")
     prod, cons = pair
     for i, (dtype, layout) in enumerate((d, lay) for d in DTYPES for lay in LAYOUTS):
-        run_case(prod, cons, "cuda_ipc", dtype, layout, seed=10 * i, devices=devices)
+        run_case(prod, cons, transport, dtype, layout, seed=10 * i, devices=devices)
 
 
 @pytest.mark.timeout(60)
