@@ -31,7 +31,7 @@ from decode_node import remote_admission as ra
 from engine.engine_loop import Sink
 from engine.errors import PromptTooLongError
 from kvconnector.bind import advertised
-from node_runtime.protocol import Abort, Error, FirstToken, Prefill, PrefillDone, Tokens, plain
+from kvconnector.node_messages import Abort, Error, FirstToken, Prefill, PrefillDone, Tokens, plain
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,9 @@ lora_name without defaults, so its decoder rejects an event that leaves them out
 spare our own callers from spelling them.) Block hashes are the 64-bit integers of
 `kvconnector.hashing.external_block_hash`. A BlockStored covers consecutive blocks of one prefix chain, so
 `len(token_ids) == block_size * len(block_hashes)`.
+
+On ZMQ PUB a batch travels as the multipart message `event_frames(topic, seq, payload)`: the topic, an 8-byte
+big-endian sequence number (one per batch, from 0, per publisher) and `encode_batch`'s payload, as vLLM publishes.
 """
 
 from __future__ import annotations
@@ -45,6 +48,14 @@ class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True):
     ts: float
     events: list[AnyKVEvent]
     data_parallel_rank: int | None = None
+
+
+SEQ_BYTES = 8
+
+
+def event_frames(topic: bytes, seq: int, payload: bytes) -> list[bytes]:
+    """One published message: (topic, 8-byte big-endian sequence number, payload), as vLLM publishes."""
+    return [topic, seq.to_bytes(SEQ_BYTES, "big"), payload]
 
 
 _encoder = msgspec.msgpack.Encoder()

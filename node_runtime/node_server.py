@@ -29,7 +29,7 @@ from kvconnector.events import KVEventBatch, encode_batch
 from node_runtime import roles
 from node_runtime.http_server import HttpServer
 from node_runtime.node_metrics import NodeMetrics
-from node_runtime.protocol import (
+from kvconnector.node_messages import (
     HEARTBEAT_INTERVAL_S,
     TOPIC_HEARTBEAT,
     TOPIC_KV_EVENTS,

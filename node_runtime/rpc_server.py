@@ -33,7 +33,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from kvconnector import curve
-from kvconnector.event_publisher import event_frames
+from kvconnector.events import event_frames
 from kvconnector.replay import ReplayGuard
 from kvconnector.wire import DEFAULT_MAX_HEADER, WireError
 

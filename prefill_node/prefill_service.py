@@ -29,7 +29,7 @@ from typing import Optional
 from engine.engine_loop import Sink
 from engine.errors import PromptTooLongError
 from engine.sampling_params import SamplingParams
-from node_runtime.protocol import FirstToken, Prefill, PrefillDone, plain
+from kvconnector.node_messages import FirstToken, Prefill, PrefillDone, plain
 
 log = logging.getLogger(__name__)
 

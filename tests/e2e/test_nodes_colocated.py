@@ -91,7 +91,7 @@ def test_client_gone_frees_its_requests(node, model_dir):
 
 
 def test_bad_requests_get_400_and_lose_nothing(node, proxy):
-    from node_runtime.protocol import Generate
+    from kvconnector.node_messages import Generate
 
     bad_params = proxy.track("bad-params")
     proxy.send(node, Generate(request_id=bad_params, prompt_token_ids=[1, 2, 3], params={"temperature": -1}))

@@ -175,7 +175,7 @@ class FakeProxy:
     """A DEALER per node, signing frames like the proxy does."""
 
     def __init__(self, secret: str = SECRET):
-        from node_runtime.protocol import make_codec
+        from kvconnector.node_messages import make_codec
 
         self.secret = secret.encode()
         self.codec = make_codec(self.secret)
@@ -210,7 +210,7 @@ class FakeProxy:
         **params,
     ) -> str:
         from engine.sampling_params import SamplingParams
-        from node_runtime.protocol import Generate
+        from kvconnector.node_messages import Generate
 
         rid = request_id or uuid.uuid4().hex
         sp = SamplingParams(**{"temperature": 0.0, "max_tokens": 8, "ignore_eos": True, **params})
@@ -233,7 +233,7 @@ class FakeProxy:
         return request_id
 
     def abort(self, node: NodeProcess, request_id: str) -> None:
-        from node_runtime.protocol import Abort
+        from kvconnector.node_messages import Abort
 
         self.send(node, Abort(request_id=request_id))
 

@@ -101,7 +101,7 @@ def test_decode_node_killed_mid_request_frees_the_prefill_nodes_blocks(pair, pro
 
 def _bad_frames(proxy) -> dict[str, bytes]:
     from engine.sampling_params import SamplingParams
-    from node_runtime.protocol import Generate, make_codec
+    from kvconnector.node_messages import Generate, make_codec
 
     msg = Generate(
         request_id="evil", prompt_token_ids=[1, 2, 3], params=SamplingParams(max_tokens=2).to_dict()

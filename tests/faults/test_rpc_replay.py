@@ -30,7 +30,7 @@ def dropped(node, reason: str) -> float:
 
 def test_a_replayed_generate_runs_once(decode, proxy):  # noqa: F811 (proxy: a fixture)
     from engine.sampling_params import SamplingParams
-    from node_runtime.protocol import Generate
+    from kvconnector.node_messages import Generate
 
     sock = proxy.socket(decode.rpc)
     identity = proxy.identities[sock]
