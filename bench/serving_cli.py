@@ -30,7 +30,7 @@ from bench.serving_client import ClientConfig, RunOutput, ServerUnusable, run_re
 from bench.serving_metrics import compute_figures, parse_slos
 from bench.serving_report import figure_records, rate_label, summary_lines
 from bench.workloads import WorkloadError, build_workload, load_tokenizer
-from engine.errors import ConfigError
+from wire.errors import ConfigError
 
 WARMUP_SEED_OFFSET = 1_000_003
 

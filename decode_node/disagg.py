@@ -29,9 +29,9 @@ from typing import Optional
 
 from decode_node import remote_admission as ra
 from engine.engine_loop import Sink
-from engine.errors import PromptTooLongError
-from kvconnector.bind import advertised
-from kvconnector.node_messages import Abort, Error, FirstToken, Prefill, PrefillDone, Tokens, plain
+from wire.bind import advertised
+from wire.errors import PromptTooLongError
+from wire.node_messages import Abort, Error, FirstToken, Prefill, PrefillDone, Tokens, plain
 
 log = logging.getLogger(__name__)
 

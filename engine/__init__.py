@@ -1,7 +1,7 @@
 """The engine both node roles share: config, checkpoints, models, paged KV cache, scheduler, runner, sampler.
 
 `from engine import LLM, SamplingParams` is the offline API. Names resolve lazily so that torch-free modules
-(engine.tokenizer, engine.detokenizer, engine.sampling_params) can be imported by the proxy without torch.
+(wire.tokenizer, wire.detokenizer, wire.sampling_params) can be imported by the proxy without torch.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import importlib
 
 _LAZY = {
     "LLM": "engine.llm",
-    "SamplingParams": "engine.sampling_params",
+    "SamplingParams": "wire.sampling_params",
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",
     "EngineConfig": "engine.config",

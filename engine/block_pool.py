@@ -22,8 +22,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
-from kvconnector.events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
-from kvconnector.hashing import BlockHash, external_block_hash
+from wire.hashing import BlockHash, external_block_hash
+from wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
 
 
 class NoFreeBlocksError(RuntimeError):

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterator
 
-from engine.errors import CheckpointError
+from wire.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

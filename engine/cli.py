@@ -10,7 +10,7 @@ import importlib
 import logging
 import sys
 
-from engine.errors import PdserveError
+from wire.errors import PdserveError
 
 # Modules that provide `register_cli(subparsers)`; a role whose package is absent is simply not offered.
 SUBCOMMAND_MODULES = (

@@ -39,7 +39,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Optional
 
-from engine.errors import ConfigError, PdserveError
+from wire.errors import ConfigError, PdserveError
 
 
 @dataclass
@@ -177,7 +177,7 @@ class Cluster:
         base_env = dict(os.environ, PDSERVE_KV_SECRET=self.secret, PYTHONUNBUFFERED="1")
         base_env.pop("PDSERVE_API_KEY", None)  # only the proxy gets it
         if a.curve:
-            base_env["PDSERVE_CURVE"] = "1"  # kvconnector/curve.py: every ZMQ socket encrypted
+            base_env["PDSERVE_CURVE"] = "1"  # wire/curve.py: every ZMQ socket encrypted
         counts = {"prefill": 0, "decode": 0}
         for role, gpu in zip(roles, gpus):
             name = f"{role}-{counts[role]}"

@@ -10,7 +10,7 @@ import argparse
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-from engine.errors import ConfigError
+from wire.errors import ConfigError
 
 KV_CONNECTORS = ("tcp", "cuda_ipc")  # the data planes kvconnector.transport implements
 

@@ -18,10 +18,10 @@ from engine.kv_cache_manager import KVCacheManager
 from engine.model_runner import ModelRunner
 from engine.request import Request
 from engine.sampler import Sampler, make_generator, skip_draw
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.scheduler_output import SchedulerOutput
 from engine.step_isolation import StepFailed, sample_rows_isolated
+from wire.sampling_params import SamplingParams
 
 
 class StepObserver(Protocol):
@@ -94,7 +94,7 @@ class EngineCore:
         arch_len = self.runner.arch.max_position_embeddings
         asked = self.config.model.max_model_len
         if asked is not None and asked > arch_len:
-            from engine.errors import ConfigError
+            from wire.errors import ConfigError
 
             raise ConfigError(
                 f"--max-model-len {asked} exceeds the model's max_position_embeddings {arch_len}"

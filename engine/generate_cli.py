@@ -26,7 +26,7 @@ def register_cli(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from engine.config import engine_config_from_args
     from engine.llm import LLM
-    from engine.sampling_params import SamplingParams
+    from wire.sampling_params import SamplingParams
 
     config = engine_config_from_args(args)
     params = SamplingParams(

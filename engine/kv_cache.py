@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.errors import ConfigError
+from wire.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from engine.engine_core import EngineCore
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.request import Request
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import load_tokenizer
+from wire.sampling_params import SamplingParams
+from wire.tokenizer import load_tokenizer
 
 Prompt = Union[str, dict]
 

@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass, replace
 
-from engine.errors import ConfigError
+from wire.errors import ConfigError
 
 FAMILIES = {  # family -> (architectures[0], model_type)
     "llama": ("LlamaForCausalLM", "llama"),

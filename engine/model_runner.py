@@ -28,7 +28,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from engine.errors import ConfigError
+        from wire.errors import ConfigError
 
         raise ConfigError(f"--device {name}: no CUDA device is visible")
     if device.type == "cuda" and device.index is None:

@@ -6,7 +6,7 @@ K/V is in the cache, so a request needs `num_tokens - num_computed_tokens` more 
 new token exactly when a step brings `num_computed_tokens` up to `num_tokens`. The same rule covers a prompt's
 chunks, a decode (one token outstanding) and a recompute after preemption (prompt and outputs outstanding).
 
-Block hashes are chained over prompt and output tokens alike (`kvconnector.hashing.hash_block`) and computed
+Block hashes are chained over prompt and output tokens alike (`wire.hashing.hash_block`) and computed
 incrementally as each block of `block_size` tokens fills, so a preempted request can hit its own output blocks.
 """
 
@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from kvconnector.hashing import BlockHash, hash_block
+from wire.hashing import BlockHash, hash_block
 
 
 class RequestStatus(enum.IntEnum):

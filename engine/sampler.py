@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from engine.sampling_params import SamplingParams
+from wire.sampling_params import SamplingParams
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:

@@ -29,10 +29,10 @@ from collections import deque
 from typing import Iterable
 
 from engine.config import SchedulerConfig
-from engine.errors import PromptTooLongError
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import STATUS_BY_REASON, Request, RequestStatus
 from engine.scheduler_output import ScheduledRequest, SchedulerOutput, SchedulerStats
+from wire.errors import PromptTooLongError
 
 
 class RequestTooLargeError(PromptTooLongError):

@@ -19,11 +19,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from kvconnector.hashing import HASH_ALGORITHM
 from kvconnector.metrics import KVMetrics
 from kvconnector.scheduler_side import DEFAULT_KV_TIMEOUT, Finished
 from kvconnector.transport import DataPlaneConfig, create_data_plane, dtype_name
-from kvconnector.wire import DEFAULT_MAX_BODY, Abort, Handshake, Heartbeat, SignedCodec, resolve_secret
+from wire.frames import DEFAULT_MAX_BODY, Abort, Handshake, Heartbeat, SignedCodec, resolve_secret
+from wire.hashing import HASH_ALGORITHM
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from typing import Callable, Optional, Sequence
 from kvconnector import link as links
 from kvconnector.connector import ConnectorConfig, Endpoint, OnComplete
 from kvconnector.scheduler_side import ConsumerScheduler, Finished
-from kvconnector.wire import Abort, Done, Handshake, Heartbeat, KVChunk
 from kvconnector.worker_side import ConsumerWorker
+from wire.frames import Abort, Done, Handshake, Heartbeat, KVChunk
 
 log = logging.getLogger(__name__)
 

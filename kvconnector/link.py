@@ -10,7 +10,7 @@ per direction from the shared secret and the two nonces, and sign every frame wi
 and its sequence number (0, 1, 2, ... per direction). A frame replayed or reordered on a link, a frame from
 another session (a captured handshake replayed on a new connection: the other side's nonce differs), or one from
 a peer without the secret fails its MAC or its sequence, and the link is closed. Frames are read as the wire layer
-allows (kvconnector/wire.py): the fixed signed prefix first, then the header within its limit, then the body in
+allows (wire/frames.py): the fixed signed prefix first, then the header within its limit, then the body in
 bounded chunks and only as large as its message type allows, so an unauthenticated peer makes us allocate nothing.
 """
 
@@ -25,8 +25,8 @@ import time
 from typing import Any, Callable, Optional
 
 from kvconnector import link_tls
-from kvconnector.bind import warn_if_wildcard
-from kvconnector.wire import (
+from wire.bind import warn_if_wildcard
+from wire.frames import (
     FRAME_VERSION,
     MAC_SIZE,
     SIGNED_PREFIX_SIZE,

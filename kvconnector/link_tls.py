@@ -13,7 +13,7 @@ import socket
 import ssl
 from typing import Optional
 
-from kvconnector import curve
+from wire import curve
 
 _CIPHERS = "AECDH-AES256-SHA:@SECLEVEL=0"  # anonymous ECDH: authentication is the channel-bound session's job
 HANDSHAKE_TIMEOUT_S = 10.0

@@ -23,8 +23,8 @@ from typing import Iterable, Optional, Sequence
 from kvconnector import link as links
 from kvconnector.connector import ConnectorConfig, Endpoint, OnComplete
 from kvconnector.scheduler_side import Finished, ProducerScheduler, SendPlan
-from kvconnector.wire import Abort, Done, Handshake, Heartbeat, LayoutMismatch
 from kvconnector.worker_side import ProducerWorker
+from wire.frames import Abort, Done, Handshake, Heartbeat, LayoutMismatch
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import torch
 
 from kvconnector.scheduler_side import SendPlan
 from kvconnector.transport import DataPlane, Fence, PeerWrites
-from kvconnector.wire import KVChunk
+from wire.frames import KVChunk
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import logging
 import signal
 import threading
 
-from kvconnector.bind import advertised
+from wire.bind import advertised
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def kv_transfer_json(args: argparse.Namespace, default_role: str) -> str:
     """--kv-transfer-config with kv_role filled from the subcommand when it names none."""
     raw = json.loads(args.kv_transfer_config) if args.kv_transfer_config else {}
     if not isinstance(raw, dict):
-        from engine.errors import ConfigError
+        from wire.errors import ConfigError
 
         raise ConfigError("--kv-transfer-config must be a JSON object")
     raw.setdefault("kv_role", default_role)

@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from engine.engine_loop import EngineLoop, Sink
-from engine.errors import ConfigError, PromptTooLongError
-from engine.sampling_params import SamplingParams
-from kvconnector.bind import advertised
-from kvconnector.events import KVEventBatch, encode_batch
 from node_runtime import roles
 from node_runtime.http_server import HttpServer
 from node_runtime.node_metrics import NodeMetrics
-from kvconnector.node_messages import (
+from node_runtime.rpc_server import RpcServer
+from wire.bind import advertised
+from wire.errors import ConfigError, PromptTooLongError
+from wire.kv_events import KVEventBatch, encode_batch
+from wire.node_messages import (
     HEARTBEAT_INTERVAL_S,
     TOPIC_HEARTBEAT,
     TOPIC_KV_EVENTS,
@@ -42,7 +42,7 @@ from kvconnector.node_messages import (
     make_codec,
     plain,
 )
-from node_runtime.rpc_server import RpcServer
+from wire.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class LiveRequest:
 
 class NodeServer:
     def __init__(self, config, options: NodeOptions, core=None):
-        from kvconnector.wire import resolve_secret
+        from wire.frames import resolve_secret
 
         self.config, self.options = config, options
         self.node_id = (
@@ -438,7 +438,7 @@ def _build_core(config):
     from engine.engine_core import EngineCore
 
     try:
-        from engine.tokenizer import load_tokenizer
+        from wire.tokenizer import load_tokenizer
 
         eos = frozenset(load_tokenizer(config.model.model).eos_token_ids)
     except Exception as exc:  # a checkpoint without tokenizer files still serves token ids

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from engine.errors import ConfigError
+from wire.errors import ConfigError
 
 DECODE, PREFILL = "decode", "prefill"
 PARTS_BY_KV_ROLE = {"kv_consumer": (DECODE,), "kv_producer": (PREFILL,), "kv_both": (DECODE, PREFILL)}

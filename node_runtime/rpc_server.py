@@ -7,7 +7,7 @@ socketpair that its poller watches, so a token leaves the node as soon as it is 
 Every received frame is checked (signature, versions, schema) before anything reads it; a bad one is dropped,
 counted by reason and logged once per sender and reason, and the node keeps serving. Frames are signed over the
 sender's ZMQ identity ("from:" + identity towards a ROUTER, "to:" + identity from one) and carry time-based
-sequence numbers that must rise per sender (kvconnector.replay.ReplayGuard), so a captured frame replayed to this
+sequence numbers that must rise per sender (wire.replay.ReplayGuard), so a captured frame replayed to this
 socket, under any identity, is refused. ZMQ itself drops a peer that sends a message over MAXMSGSIZE before we
 ever see it (a 100 MB frame used to be received whole and then dropped). A reply to a proxy that has
 gone away (ROUTER_MANDATORY reports the identity unroutable) calls `on_unroutable(identity)` so the node can abort
@@ -32,10 +32,10 @@ from typing import Any, Callable, Optional
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from kvconnector import curve
-from kvconnector.events import event_frames
-from kvconnector.replay import ReplayGuard
-from kvconnector.wire import DEFAULT_MAX_HEADER, WireError
+from wire import curve
+from wire.frames import DEFAULT_MAX_HEADER, WireError
+from wire.kv_events import event_frames
+from wire.replay import ReplayGuard
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class RpcServer:
         self.on_message, self.on_drop, self.on_unroutable = on_message, on_drop, on_unroutable
         self.on_peer_message, self.on_peer_lost = on_peer_message, on_peer_lost
         self.identity = identity
-        self.secret = secret  # for CURVE keys (kvconnector/curve.py), when $PDSERVE_CURVE=1
+        self.secret = secret  # for CURVE keys (wire/curve.py), when $PDSERVE_CURVE=1
         self._dealers: dict[str, zmq.Socket] = {}
         self._monitors: dict[zmq.Socket, str] = {}
         self._poller = zmq.Poller()

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from engine.engine_loop import Sink
-from engine.errors import PromptTooLongError
-from engine.sampling_params import SamplingParams
-from kvconnector.node_messages import FirstToken, Prefill, PrefillDone, plain
+from wire.errors import PromptTooLongError
+from wire.node_messages import FirstToken, Prefill, PrefillDone, plain
+from wire.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,6 @@ nodes.py        node registry from heartbeats: liveness, load, this proxy's own 
 indexer.py      SUB sockets on the nodes' events ports: heartbeats -> registry, KV events -> prefix index
 prefix_index.py the in-process global prefix index (block hash -> nodes)
 redis_index.py  the same in Redis, shared by proxies; falls back to the in-process view when Redis is down
-node_rpc.py     DEALER sockets to the nodes' rpc ports, signed frames (kvconnector.node_messages)
+node_rpc.py     DEALER sockets to the nodes' rpc ports, signed frames (wire.node_messages)
 metrics.py      Prometheus series;  config.py  settings;  errors.py  OpenAI error JSON;  cli.py  `pdserve proxy`
 """

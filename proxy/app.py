@@ -27,9 +27,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvconnector import curve
-from kvconnector.node_messages import make_codec
-from kvconnector.wire import resolve_secret
 from proxy.config import ProxyConfig
 from proxy.dispatch import Dispatcher
 from proxy.errors import APIError, bad_request
@@ -43,6 +40,9 @@ from proxy.protocol import check_length, parse_chat, parse_completion
 from proxy.request_body import read_json_object
 from proxy.router import Router
 from proxy.serving import Served, serve
+from wire import curve
+from wire.frames import resolve_secret
+from wire.node_messages import make_codec
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class ProxyState:
     """Everything the endpoints share; built in the lifespan (it needs the running event loop)."""
 
     def __init__(self, config: ProxyConfig, tokenizer=None):
-        from engine.tokenizer import load_tokenizer  # torch-free
+        from wire.tokenizer import load_tokenizer  # torch-free
 
         self.config = config
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)

@@ -12,9 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from engine.detokenizer import IncrementalDetokenizer, decode_token
-from kvconnector.node_messages import LogprobEntry, Tokens, logprob_entry
 from proxy.dispatch import ChoiceRun
+from wire.detokenizer import IncrementalDetokenizer, decode_token
+from wire.node_messages import LogprobEntry, Tokens, logprob_entry
 
 
 @dataclass

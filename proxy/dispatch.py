@@ -20,9 +20,6 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from kvconnector.hashing import external_block_hash, hash_prompt_blocks
-from kvconnector.node_messages import Error, Generate, Tokens
-from kvconnector.wire import FrameTooLarge
 from proxy.config import ProxyConfig
 from proxy.errors import APIError
 from proxy.metrics import ProxyMetrics
@@ -30,6 +27,9 @@ from proxy.node_rpc import NodeRpc, NodeUnreachable
 from proxy.nodes import NodeRegistry, NodeState
 from proxy.prefix_index import PrefixIndex
 from proxy.router import Decision, NoRoute, Router
+from wire.frames import FrameTooLarge
+from wire.hashing import external_block_hash, hash_prompt_blocks
+from wire.node_messages import Error, Generate, Tokens
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from typing import Callable
 import zmq
 import zmq.asyncio
 
-from kvconnector import curve
-from kvconnector.events import decode_batch
-from kvconnector.node_messages import TOPIC_HEARTBEAT, TOPIC_KV_EVENTS, decode_heartbeat
 from proxy.nodes import NodeRegistry, NodeState
 from proxy.prefix_index import PrefixIndex
+from wire import curve
+from wire.kv_events import decode_batch
+from wire.node_messages import TOPIC_HEARTBEAT, TOPIC_KV_EVENTS, decode_heartbeat
 
 log = logging.getLogger(__name__)
 

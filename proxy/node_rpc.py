@@ -1,7 +1,7 @@
 """The proxy's side of the node rpc sockets: one DEALER per node, replies routed to per-request queues.
 
-Every frame is signed over this proxy's DEALER identity and schema-checked (kvconnector.node_messages), and its
-sequence number must rise per node (kvconnector.wire.ReplayGuard); a bad one is counted, logged once per node and
+Every frame is signed over this proxy's DEALER identity and schema-checked (wire.node_messages), and its
+sequence number must rise per node (wire.frames.ReplayGuard); a bad one is counted, logged once per node and
 reason, and dropped. ZMQ drops a node that sends a message over MAXMSGSIZE. Replies for a request nobody waits for any more (aborted, finished) are ignored.
 Sockets are made on first use and set IMMEDIATE, so a send to a node with no live connection fails at once
 (zmq.Again -> NodeUnreachable) instead of queueing behind a dead peer. Everything runs on the event loop.
@@ -16,10 +16,10 @@ from typing import Callable
 import zmq
 import zmq.asyncio
 
-from kvconnector import curve
-from kvconnector.node_messages import Abort, Error, Tokens
-from kvconnector.replay import ReplayGuard
-from kvconnector.wire import DEFAULT_MAX_HEADER, SignedCodec, WireError
+from wire import curve
+from wire.frames import DEFAULT_MAX_HEADER, SignedCodec, WireError
+from wire.node_messages import Abort, Error, Tokens
+from wire.replay import ReplayGuard
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from kvconnector.node_messages import HEARTBEAT_INTERVAL_S, NodeHeartbeat
+from wire.node_messages import HEARTBEAT_INTERVAL_S, NodeHeartbeat
 
 log = logging.getLogger(__name__)
 

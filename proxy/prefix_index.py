@@ -1,6 +1,6 @@
 """The global prefix index: which nodes hold which KV blocks, built from the nodes' KV events.
 
-Keys are the 64-bit block hashes of `kvconnector.hashing.external_block_hash`, chained over the prompt, so a hash
+Keys are the 64-bit block hashes of `wire.hashing.external_block_hash`, chained over the prompt, so a hash
 stands for the whole prefix up to its block. `match(hashes)` answers, per node, how many *leading* blocks of a
 prompt the node holds: that is what prefix caching can reuse (a later block held without its parents is useless).
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Iterable, Protocol
 
-from kvconnector.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 
 
 class PrefixIndex(Protocol):

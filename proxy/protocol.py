@@ -3,7 +3,7 @@
 Decisions:
 - Bodies are plain JSON maps checked by hand (not pydantic models): error messages name the exact parameter,
   and unknown keys are ignored as OpenAI's API does.
-- Sampling limits are SamplingParams' (engine/sampling_params.py), checked again by the nodes. OpenAI's own
+- Sampling limits are SamplingParams' (wire/sampling_params.py), checked again by the nodes. OpenAI's own
   ranges apply on top where they are narrower: temperature <= 2, n <= 128, at most 16 stop strings.
 - Sizes a client controls are bounded before anything is sent (the node frames have a size limit too, and a
   frame over it would be a 500 at the wire): stop strings (16, 4 KiB in all), stop_token_ids (256).
@@ -27,8 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from proxy.errors import bad_request
+from wire.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 128
 MAX_STOP = 16

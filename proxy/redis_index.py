@@ -18,8 +18,8 @@ import logging
 import time
 from typing import Iterable
 
-from kvconnector.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from proxy.prefix_index import InProcessPrefixIndex, leading_runs
+from wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,13 @@ from typing import AsyncIterator, Optional
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from engine.detokenizer import IncrementalDetokenizer
-from kvconnector.node_messages import TIMING_KEYS
 from proxy.choice import ChoiceState, Delta, chat_logprobs, completion_logprobs
 from proxy.dispatch import Dispatcher
 from proxy.errors import APIError
 from proxy.metrics import ProxyMetrics
 from proxy.protocol import GenerationRequest
+from wire.detokenizer import IncrementalDetokenizer
+from wire.node_messages import TIMING_KEYS
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from kvconnector.wire import Handshake, KVChunk, TensorMeta
+from wire.frames import Handshake, KVChunk, TensorMeta
 
 
 @dataclass(frozen=True)

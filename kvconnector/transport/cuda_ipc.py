@@ -22,7 +22,7 @@ import torch
 
 from kernels.block_copy import BlockCopier
 from kvconnector.transport.base import DataPlane, DataPlaneConfig, Fence, PeerWrites, dtype_name, torch_dtype
-from kvconnector.wire import Handshake
+from wire.frames import Handshake
 
 
 class _EventFence(Fence):

@@ -11,7 +11,7 @@ import torch
 
 from kernels.dispatch import gather_blocks
 from kvconnector.transport.base import DataPlane, Fence, PeerWrites, host_bytes, tensor_from_body, tensor_meta
-from kvconnector.wire import KVChunk
+from wire.frames import KVChunk
 
 _DONE = Fence()
 

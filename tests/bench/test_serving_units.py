@@ -131,7 +131,7 @@ def test_a_sweep_climbs_until_every_slo_broke(monkeypatch):
 
 def test_rate_lists_and_bad_rates():
     from bench.serving_cli import parse_rates
-    from engine.errors import ConfigError
+    from wire.errors import ConfigError
 
     assert parse_rates("1,2, 4") == [1.0, 2.0, 4.0] and parse_rates("inf") == [math.inf]
     assert parse_rates("sweep") is None

@@ -25,9 +25,9 @@ import msgpack
 import pytest
 import zmq
 
-from kvconnector.events import BlockRemoved, BlockStored, KVEventBatch, encode_batch
-from kvconnector.hashing import external_block_hash, hash_prompt_blocks
-from kvconnector.node_messages import (
+from wire.hashing import external_block_hash, hash_prompt_blocks
+from wire.kv_events import BlockRemoved, BlockStored, KVEventBatch, encode_batch
+from wire.node_messages import (
     TOPIC_HEARTBEAT,
     TOPIC_KV_EVENTS,
     Abort,

@@ -175,7 +175,7 @@ class FakeProxy:
     """A DEALER per node, signing frames like the proxy does."""
 
     def __init__(self, secret: str = SECRET):
-        from kvconnector.node_messages import make_codec
+        from wire.node_messages import make_codec
 
         self.secret = secret.encode()
         self.codec = make_codec(self.secret)
@@ -189,7 +189,7 @@ class FakeProxy:
         if sock is None:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
-            from kvconnector import curve
+            from wire import curve
 
             curve.client(sock, self.secret)  # a node under $PDSERVE_CURVE=1 takes CURVE clients only
             identity = f"proxy-{uuid.uuid4().hex[:8]}".encode()
@@ -209,8 +209,8 @@ class FakeProxy:
         deadline_s: float = 0.0,
         **params,
     ) -> str:
-        from engine.sampling_params import SamplingParams
-        from kvconnector.node_messages import Generate
+        from wire.node_messages import Generate
+        from wire.sampling_params import SamplingParams
 
         rid = request_id or uuid.uuid4().hex
         sp = SamplingParams(**{"temperature": 0.0, "max_tokens": 8, "ignore_eos": True, **params})
@@ -233,7 +233,7 @@ class FakeProxy:
         return request_id
 
     def abort(self, node: NodeProcess, request_id: str) -> None:
-        from kvconnector.node_messages import Abort
+        from wire.node_messages import Abort
 
         self.send(node, Abort(request_id=request_id))
 

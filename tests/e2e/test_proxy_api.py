@@ -15,8 +15,8 @@ import time
 import httpx
 import pytest
 
-from kvconnector.node_messages import Abort, Generate
 from tests.e2e.conftest import ROOT, Script, wait_for
+from wire.node_messages import Abort, Generate
 
 
 def post(server, path, body, **kw):
@@ -34,7 +34,7 @@ def sse_events(response) -> list:
 
 def test_proxy_import_is_torch_free():
     code = (
-        "import sys; import proxy.app, proxy.cli, proxy.redis_index, kvconnector.node_messages; "
+        "import sys; import proxy.app, proxy.cli, proxy.redis_index, wire.node_messages; "
         "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -211,7 +211,7 @@ def test_models_health_metrics(one_node):
 
 
 def test_completion_json(one_node, tokenizer_dir):
-    from engine.tokenizer import load_tokenizer
+    from wire.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     node, server = one_node
@@ -238,7 +238,7 @@ def test_completion_json(one_node, tokenizer_dir):
 
 
 def test_chat_stream_with_usage(one_node, tokenizer_dir):
-    from engine.tokenizer import load_tokenizer
+    from wire.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     node, server = one_node
@@ -287,7 +287,7 @@ def test_stream_without_usage_puts_timings_on_the_last_chunk(one_node):
 
 
 def test_stop_string_cuts_and_aborts(one_node, tokenizer_dir):
-    from engine.tokenizer import load_tokenizer
+    from wire.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     node, server = one_node

@@ -34,7 +34,7 @@ def nodes_of(route: str) -> set[str]:
 
 @pytest.mark.parametrize("policy", ["cache_aware", "round_robin"])
 def test_known_prefix_goes_to_its_holder(policy, up_cluster, request, tiny_model):
-    from engine.tokenizer import load_tokenizer
+    from wire.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
     redis = None

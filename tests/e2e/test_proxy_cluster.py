@@ -30,7 +30,7 @@ def cluster(tmp_path_factory, tiny_model):
 
 @pytest.fixture(scope="module")
 def tok(tiny_model):
-    from engine.tokenizer import load_tokenizer
+    from wire.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_model)
 

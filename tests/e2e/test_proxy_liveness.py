@@ -9,9 +9,9 @@ import time
 
 import httpx
 
-from kvconnector.node_messages import Abort, Generate
 from proxy.nodes import NodeRegistry
 from tests.e2e.conftest import Script, wait_for
+from wire.node_messages import Abort, Generate
 
 
 def test_registry_counts_silence_only_while_listening():
@@ -49,7 +49,7 @@ def test_a_reaper_tick_after_a_stall_judges_nobody():
 
 
 def _hb():
-    from kvconnector.node_messages import NodeHeartbeat
+    from wire.node_messages import NodeHeartbeat
 
     return NodeHeartbeat(
         node_id="n",

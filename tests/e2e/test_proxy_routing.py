@@ -12,14 +12,14 @@ import msgpack
 import pytest
 import zmq
 
-from kvconnector.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch, encode_batch
-from kvconnector.node_messages import TOPIC_HEARTBEAT, TOPIC_KV_EVENTS, Generate, decode_heartbeat
 from proxy.config import RouterConfig, RouterWeights
 from proxy.indexer import Indexer
 from proxy.nodes import NodeRegistry, NodeState
 from proxy.prefix_index import InProcessPrefixIndex, leading_runs
 from proxy.router import NoRoute, PairTerms, Router, score_pair
 from tests.e2e.conftest import RedisServer, free_port, wait_for
+from wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch, encode_batch
+from wire.node_messages import TOPIC_HEARTBEAT, TOPIC_KV_EVENTS, Generate, decode_heartbeat
 
 
 def node(node_id, role, **kw) -> NodeState:
@@ -358,8 +358,8 @@ def test_app_redis_down_keeps_serving(fake_nodes, proxy_factory, redis_server, c
 def test_a_node_back_from_silence_keeps_its_in_flight_counts():
     """In-flight requests hold the node's state object and decrement it when they end: reviving the node in
     place keeps those counts honest (a fresh object kept them forever and penalised the node in routing)."""
-    from kvconnector.node_messages import NodeHeartbeat
     from proxy.nodes import NodeRegistry
+    from wire.node_messages import NodeHeartbeat
 
     registry = NodeRegistry(misses=3, interval_s=0.5)
     hb = NodeHeartbeat(

@@ -10,7 +10,7 @@ import sys
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from engine.detokenizer import IncrementalDetokenizer
+from wire.detokenizer import IncrementalDetokenizer
 
 TEXT = "hello world 世界 🎉 ok hello 👩‍💻 done"
 
@@ -211,7 +211,7 @@ def test_stop_with_multibyte_text(tok):
 
 def test_detokenizer_imports_no_torch():
     code = (
-        "import sys; import engine.detokenizer, engine.sampling_params, engine.outputs, engine; "
+        "import sys; import wire.detokenizer, wire.sampling_params, engine.outputs, engine; "
         "from engine import SamplingParams, RequestOutput; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )

@@ -9,7 +9,7 @@ import pytest
 from engine.block_pool import BlockPool
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request
-from kvconnector.hashing import hash_prompt_blocks
+from wire.hashing import hash_prompt_blocks
 
 BS = 4
 

@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 
 from engine.block_pool import BlockPool
 from engine.config import SchedulerConfig
-from engine.errors import PromptTooLongError
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.scheduler import RequestTooLargeError, Scheduler
-from kvconnector.events import AllBlocksCleared, BlockRemoved, BlockStored
+from wire.errors import PromptTooLongError
+from wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
 BS = 4
 VOCAB = 1000

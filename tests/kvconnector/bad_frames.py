@@ -5,7 +5,7 @@ import hmac
 import os
 
 from kvconnector.link import HELLO, HELLO_MAGIC
-from kvconnector.wire import FRAME_VERSION, MAGIC, PREFIX, Heartbeat, KVChunk, SignedCodec, TensorMeta
+from wire.frames import FRAME_VERSION, MAGIC, PREFIX, Heartbeat, KVChunk, SignedCodec, TensorMeta
 
 GOOD_SECRET = b"test-secret"
 

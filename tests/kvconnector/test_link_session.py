@@ -13,8 +13,8 @@ import time
 import pytest
 
 from kvconnector.link import Listener, connect
-from kvconnector.replay import ReplayGuard
-from kvconnector.wire import (
+from tests.kvconnector.bad_frames import stranger_hello
+from wire.frames import (
     FRAME_VERSION,
     MAGIC,
     PREFIX,
@@ -26,7 +26,7 @@ from kvconnector.wire import (
     SignedCodec,
     TensorMeta,
 )
-from tests.kvconnector.bad_frames import stranger_hello
+from wire.replay import ReplayGuard
 
 SECRET = b"session-secret"
 

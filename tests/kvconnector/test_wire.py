@@ -9,9 +9,10 @@ import time
 import msgspec
 import pytest
 
-from kvconnector import wire
 from kvconnector.link import Listener
-from kvconnector.wire import (
+from tests.kvconnector.bad_frames import bad_frame
+from wire import frames as wire
+from wire.frames import (
     BadMAC,
     Done,
     FrameTooLarge,
@@ -25,7 +26,6 @@ from kvconnector.wire import (
     TruncatedFrame,
     VersionMismatch,
 )
-from tests.kvconnector.bad_frames import bad_frame
 
 SECRET = b"test-secret"
 
@@ -219,8 +219,8 @@ def _closed(s: socket.socket) -> bool:
 
 def test_torch_free_modules_stay_torch_free():
     code = (
-        "import sys, kvconnector, kvconnector.wire, kvconnector.link, kvconnector.scheduler_side, "
-        "kvconnector.metrics, kvconnector.events, kvconnector.hashing; "
+        "import sys, kvconnector, wire.frames, kvconnector.link, kvconnector.scheduler_side, "
+        "kvconnector.metrics, wire.kv_events, wire.hashing; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -7,7 +7,7 @@ Sockets. Every rpc frame is wire.py's signed frame (magic, versions, msgpack hea
   delimiter part before it, REQ style, is tolerated); the node answers [identity, frame]. Readers take the last part.
 - Each node binds a ZMQ PUB "events" socket and publishes multipart [topic, seq (8 bytes big-endian, per topic),
   payload]:
-      b"kv-events"  payload = vLLM-format KVEventBatch (kvconnector.events), plain msgpack so other indexers read it
+      b"kv-events"  payload = vLLM-format KVEventBatch (wire.kv_events), plain msgpack so other indexers read it
       b"heartbeat"  payload = plain msgpack map, `NodeHeartbeat` below, every HEARTBEAT_INTERVAL_S
   A reader takes the first part as topic and the last as payload. A seq that goes backwards means the node
   restarted (its cache is empty).
@@ -38,7 +38,7 @@ from typing import Any, NamedTuple, Optional
 import msgpack
 import msgspec
 
-from kvconnector.wire import Message, Schema, SignedCodec
+from wire.frames import Message, Schema, SignedCodec
 
 SCHEMA_VERSION = 1
 TOPIC_KV_EVENTS = b"kv-events"

@@ -18,7 +18,7 @@ Two layers, so other links (proxy <-> node) reuse the first with their own schem
    Replay: the sequence number is inside every tag. A KV link (kvconnector/link.py) signs with per-session keys
    derived from a nonce from each side, and wants sequence numbers 0, 1, 2, ... in order, so a frame replayed or
    reordered on that link, or a captured handshake replayed on a new one, fails. ZMQ sockets (node RPC) put the
-   sender's identity in `context` and use `kvconnector.replay.ReplayGuard`: time-based sequence numbers, strictly increasing per
+   sender's identity in `context` and use `wire.replay.ReplayGuard`: time-based sequence numbers, strictly increasing per
    sender, within a window of the receiver's clock.
 2. `Schema`: a set of msgspec Struct types (tagged unions) with a schema version; decoding validates types and
    ranges and raises `SchemaError` on violation.
@@ -48,7 +48,7 @@ from typing import Any, Sequence, Union
 
 import msgspec
 
-from kvconnector.bind import is_loopback
+from wire.bind import is_loopback
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from kvconnector.wire import ReplayedFrame
+from wire.frames import ReplayedFrame
 
 REPLAY_WINDOW_S = 300.0
 

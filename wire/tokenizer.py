@@ -21,7 +21,7 @@ import os
 from datetime import datetime
 from functools import cached_property
 
-from engine.errors import CheckpointError
+from wire.errors import CheckpointError
 
 LONG_TEXT_CHARS = 4096
 

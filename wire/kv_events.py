@@ -4,7 +4,7 @@ A batch is an array `[ts, events, data_parallel_rank]`; each event is a map tagg
 `BlockRemoved`, `AllBlocksCleared`). Every field is written, None included: vLLM declares lora_id, medium and
 lora_name without defaults, so its decoder rejects an event that leaves them out. (The defaults below only
 spare our own callers from spelling them.) Block hashes are the 64-bit integers of
-`kvconnector.hashing.external_block_hash`. A BlockStored covers consecutive blocks of one prefix chain, so
+`wire.hashing.external_block_hash`. A BlockStored covers consecutive blocks of one prefix chain, so
 `len(token_ids) == block_size * len(block_hashes)`.
 
 On ZMQ PUB a batch travels as the multipart message `event_frames(topic, seq, payload)`: the topic, an 8-byte

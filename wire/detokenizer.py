@@ -1,7 +1,7 @@
 """Incremental detokenization with stop strings, for streaming.
 
 Torch-free: the proxy detokenizes the token ids the decode node streams; the engine uses the same class offline.
-The tokenizer needs one method: `decode(ids, skip_special_tokens=...) -> str` (engine.tokenizer's wrapper,
+The tokenizer needs one method: `decode(ids, skip_special_tokens=...) -> str` (wire.tokenizer's wrapper,
 a `tokenizers.Tokenizer` and a transformers tokenizer all have it).
 
 How text is produced:
