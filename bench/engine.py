@@ -151,7 +151,7 @@ def ensure_checkpoint(bench: Bench, name: str) -> str:
     if os.path.exists(os.path.join(path, COMPLETE_MARK)):
         log(f"reusing checkpoint {path}")
         return path
-    from engine.make_model import make_model
+    from tools.make_model import make_model
 
     dtype = "float32" if preset == "tiny" else "bfloat16"
     log(f"writing {name} checkpoint ({family}, preset {preset}, {dtype}) to {path} ...")

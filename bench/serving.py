@@ -44,7 +44,7 @@ from bench.prefix_oracle import lru_oracle_hit_fraction, upper_bound_hit_fractio
 from bench.serving_cli import BenchRun, add_arguments  # noqa: E402
 from bench.serving_cluster import LocalCluster  # noqa: E402
 from bench.serving_summary import link_baselines, markdown_report  # noqa: E402
-from engine.cluster_cli import visible_gpus  # noqa: E402
+from launch.cluster import visible_gpus  # noqa: E402
 
 SLOS = {"loose": {"ttft": 1.0, "tpot": 0.050}, "pacing": {"ttft": 1.0, "itl": 0.025}}
 SLO_TEXT = {
@@ -95,7 +95,7 @@ def ensure_model(opts, gpus: list[str]) -> str:
     if not os.path.exists(os.path.join(path, "config.json")):
         log(f"writing the random-weight {preset} checkpoint to {os.path.relpath(path, REPO_ROOT)}")
         subprocess.run(
-            [sys.executable, "-m", "engine.cli", "make-model", path, "--family", "llama", "--preset", preset],
+            [sys.executable, "-m", "launch.cli", "make-model", path, "--family", "llama", "--preset", preset],
             check=True,
             cwd=REPO_ROOT,
         )

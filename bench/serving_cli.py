@@ -376,7 +376,7 @@ def _checked_run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """`python -m bench.serving_cli ...`: the same as `pdserve bench ...`."""
-    from engine.cli import main as pdserve_main
+    from launch.cli import main as pdserve_main
 
     return pdserve_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 

@@ -145,7 +145,7 @@ def test_rate_lists_and_bad_rates():
 def test_token_ids_avoid_special_tokens_and_chat_text_keeps_the_length(tmp_path):
     from bench.serving_client import ClientConfig, prompt_text
     from bench.workloads import BenchRequest, load_tokenizer
-    from engine.make_tokenizer import write_tokenizer_files
+    from tools.make_tokenizer import write_tokenizer_files
 
     write_tokenizer_files(str(tmp_path), vocab_size=1024, family="llama", model_max_length=256)
     tok = load_tokenizer(str(tmp_path))

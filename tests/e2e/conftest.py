@@ -389,7 +389,7 @@ def fake_nodes():
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> str:
     """A torch-free model folder: the real tokenizer files make-model writes, and a config.json."""
-    from engine.make_tokenizer import write_tokenizer_files
+    from tools.make_tokenizer import write_tokenizer_files
 
     path = tmp_path_factory.mktemp("tok-model")
     write_tokenizer_files(str(path), vocab_size=1024, family="llama", model_max_length=256)
@@ -494,7 +494,7 @@ needs_nodes = pytest.mark.skipif(
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """The checkpoint `pdserve up` writes without --model: the tiny random-weight llama."""
-    from engine.make_model import make_model
+    from tools.make_model import make_model
 
     path = str(tmp_path_factory.mktemp("up-model") / "tiny-llama")
     make_model(path, family="llama", preset="tiny")
@@ -540,7 +540,7 @@ class UpCluster:
         argv = [
             PY,
             "-m",
-            "engine.cli",
+            "launch.cli",
             "up",
             "--prefill",
             str(prefill),
@@ -607,7 +607,7 @@ class UpCluster:
             return f.read()
 
     def stop(self, check: bool = True) -> None:
-        from engine.cluster_cli import stop_up_process
+        from launch.cluster import stop_up_process
 
         stop_up_process(self.proc)
         if not check:

@@ -112,7 +112,7 @@ def flag(args: list[str], name: str) -> str:
 
 def parse_role_args(role: str, args: list[str]):
     """Parse with the real CLI: unknown flags, bad choices and missing required flags all fail."""
-    from engine.cli import build_parser
+    from launch.cli import build_parser
 
     parser = build_parser()
     try:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import pytest
 import zmq
 
-from engine.cluster_cli import READY_LINE
+from launch.cluster import READY_LINE
 
 SECRET = "node-test-secret"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -90,7 +90,7 @@ def start_node(
     args = [
         sys.executable,
         "-m",
-        "engine.cli",
+        "launch.cli",
         "--log-level",
         "INFO",
         role,

@@ -36,7 +36,7 @@ def proxy_proc(tokenizer_dir, tmp_path, request):
         [
             PY,
             "-m",
-            "engine.cli",
+            "launch.cli",
             "proxy",
             "--model",
             tokenizer_dir,

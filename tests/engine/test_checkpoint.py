@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from engine.checkpoint import iter_tensors, load_arch_config
-from engine.make_model import make_model
 from engine.models.loader import load_model
+from tools.make_model import make_model
 from wire.errors import CheckpointError
 
 

@@ -69,7 +69,7 @@ def _engine_args(**overrides) -> dict:
 def qwen_dir(tmp_path_factory):
     """Written once per module; PDSERVE_TEST_QWEN_DIR may name one already written (bench/engine.py leaves one at
     models/bench/qwen2.5-0.5b) to save the ~10 s."""
-    from engine.make_model import make_model
+    from tools.make_model import make_model
 
     given = os.environ.get("PDSERVE_TEST_QWEN_DIR")
     if given and os.path.exists(os.path.join(given, "config.json")):

@@ -23,7 +23,7 @@ LLAMA3_ROPE = {
 
 @pytest.fixture(scope="module")
 def dirs(model_dirs, tmp_path_factory):
-    from engine.make_model import make_model
+    from tools.make_model import make_model
 
     path = tmp_path_factory.mktemp("rope") / "tiny-llama3-rope"
     make_model(

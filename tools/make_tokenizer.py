@@ -1,6 +1,6 @@
 """Train the real byte-level BPE tokenizer that `pdserve make-model` ships with every random checkpoint.
 
-Trained offline with the `tokenizers` library on `engine/tokenizer_corpus.py`, so encode/decode, special tokens and
+Trained offline with the `tokenizers` library on `tools/tokenizer_corpus.py`, so encode/decode, special tokens and
 the chat template behave like a hub checkpoint's. Decisions:
 
 - Special tokens take ids 0..4: `<|begin_of_text|>` (bos), `<|end_of_text|>` (eos), `<|pad|>`, and the ChatML
@@ -82,7 +82,7 @@ def _empty_tokenizer(family: str):
 def _train_bpe(family: str, train_vocab: int):
     from tokenizers import pre_tokenizers, trainers
 
-    from engine.tokenizer_corpus import CORPUS
+    from tools.tokenizer_corpus import CORPUS
 
     tok = _empty_tokenizer(family)
     trainer = trainers.BpeTrainer(

@@ -3,7 +3,7 @@
     pdserve up --prefill 1 --decode 1 [--model DIR] [--redis-url URL] [--port 8000] [--host 127.0.0.1]
 
 Steps:
- 1. Without --model, write the tiny random-weight Llama (engine.make_model) into a temporary folder.
+ 1. Without --model, write the tiny random-weight Llama (tools.make_model) into a temporary folder.
  2. Place the nodes: CPU when no GPU is visible; on one GPU every node shares it (--gpu-memory-utilization split
     between them); with several GPUs nodes get their own, round robin. On GPUs KV moves over cuda_ipc (one-sided
     writes into the decode node's mapped cache): each node's CUDA_VISIBLE_DEVICES lists its own GPU first (it is
@@ -143,7 +143,7 @@ class Cluster:
             if not os.path.isdir(self.args.model):
                 raise ConfigError(f"--model {self.args.model!r} is not a folder")
             return self.args.model
-        from engine.make_model import make_model
+        from tools.make_model import make_model
 
         self.tmp_model = tempfile.mkdtemp(prefix="pdserve-tiny-llama-")
         print(
@@ -186,7 +186,7 @@ class Cluster:
             argv = [
                 sys.executable,
                 "-m",
-                "engine.cli",
+                "launch.cli",
                 "--log-level",
                 a.log_level_children,
                 role,
@@ -223,7 +223,7 @@ class Cluster:
         proxy_argv = [
             sys.executable,
             "-m",
-            "engine.cli",
+            "launch.cli",
             "--log-level",
             a.log_level_children,
             "proxy",

@@ -107,7 +107,7 @@ FAMILY_ROPE_THETA = {"llama": 500000.0, "qwen2": 1000000.0, "mistral": 1000000.0
 
 def build_config(family: str, preset: Preset, dtype: str) -> dict:
     """config.json as the hub ships it (legacy `rope_theta`/`rope_scaling`/`torch_dtype` keys)."""
-    from engine.make_tokenizer import BOS, EOS, PAD, special_token_ids
+    from tools.make_tokenizer import BOS, EOS, PAD, special_token_ids
 
     ids = special_token_ids()
     arch, model_type = FAMILIES[family]
@@ -151,7 +151,7 @@ def build_config(family: str, preset: Preset, dtype: str) -> dict:
 
 
 def generation_config(config: dict) -> dict:
-    from engine.make_tokenizer import IM_END, special_token_ids
+    from tools.make_tokenizer import IM_END, special_token_ids
 
     return {
         "bos_token_id": config["bos_token_id"],
@@ -163,7 +163,7 @@ def generation_config(config: dict) -> dict:
 
 def weight_specs(config: dict) -> list:
     """Every tensor in HF's names and shapes, in the order a loader reads them."""
-    from engine.safetensors_writer import TensorSpec
+    from tools.safetensors_writer import TensorSpec
 
     h, inter, d = config["hidden_size"], config["intermediate_size"], config["head_dim"]
     q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
@@ -241,8 +241,8 @@ def make_model(
     import torch
     from tqdm import tqdm
 
-    from engine.make_tokenizer import write_tokenizer_files
-    from engine.safetensors_writer import write_checkpoint
+    from tools.make_tokenizer import write_tokenizer_files
+    from tools.safetensors_writer import write_checkpoint
 
     # 1. Check the request.
     if family not in FAMILIES:

@@ -14,9 +14,9 @@ from wire.errors import PdserveError
 
 # Modules that provide `register_cli(subparsers)`; a role whose package is absent is simply not offered.
 SUBCOMMAND_MODULES = (
-    "engine.make_model",
-    "engine.generate_cli",
-    "engine.cluster_cli",
+    "tools.make_model",
+    "launch.generate",
+    "launch.cluster",
     "proxy.cli",
     "prefill_node.cli",
     "decode_node.cli",
