@@ -1,4 +1,4 @@
-"""The OpenAI-compatible front door. Never imports torch (tests/e2e/test_proxy_api.py checks).
+"""The OpenAI-compatible front door. Never imports torch (tests/proxy/test_api.py checks).
 
 app.py          FastAPI app and lifespan; check order 401 -> 413 -> 400 JSON -> 404 -> 429 -> 400 params -> 503
 protocol.py     OpenAI bodies -> validated, tokenized GenerationRequest (SamplingParams)

@@ -12,6 +12,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+# Fixtures shared across folders live in tests/harness/ and reach every test from here, never by import.
+pytest_plugins = ["tests.harness.servers", "tests.harness.nodes", "tests.harness.kv_pair"]
+
 
 def _has_cuda() -> bool:
     try:

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from launch.cli import main as pdserve
-from tests.e2e.conftest import UpCluster, free_port, needs_nodes, wait_for
+from tests.harness.servers import UpCluster, free_port, needs_nodes, wait_for
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 TOP_KEYS = {"bench", "device", "date", "commit", "command", "records"}

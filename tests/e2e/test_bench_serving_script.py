@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.e2e.conftest import ROOT, needs_nodes
+from tests.harness.servers import ROOT, needs_nodes
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 

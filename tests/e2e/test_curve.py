@@ -15,7 +15,7 @@ import httpx
 import pytest
 import zmq
 
-from tests.e2e.conftest import UpCluster, needs_nodes
+from tests.harness.servers import UpCluster, needs_nodes
 
 pytestmark = [
     pytest.mark.slow,

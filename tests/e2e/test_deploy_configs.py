@@ -15,8 +15,8 @@ import urllib.request
 
 import pytest
 
-from tests.e2e.conftest import ROOT, free_port, needs_nodes
-from tests.e2e.test_nodes_harness import start_node, wait_healthy
+from tests.harness.nodes import start_node, wait_healthy
+from tests.harness.servers import ROOT, free_port, needs_nodes
 
 yaml = pytest.importorskip("yaml")
 

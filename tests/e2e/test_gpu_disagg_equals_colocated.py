@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.conftest import UpCluster, needs_nodes
+from tests.harness.servers import UpCluster, needs_nodes
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow, needs_nodes, pytest.mark.timeout(900)]
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import UpCluster, needs_nodes
+from tests.harness.servers import UpCluster, needs_nodes
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from proxy.dispatch import prompt_block_hashes
-from tests.e2e.conftest import RedisServer, free_port, needs_nodes, wait_for
+from tests.harness.servers import RedisServer, free_port, needs_nodes, wait_for
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 

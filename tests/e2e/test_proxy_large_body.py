@@ -12,7 +12,7 @@ import threading
 import httpx
 import pytest
 
-from tests.e2e.conftest import PY, ROOT, SECRET, FakeNode, free_port, wait_for
+from tests.harness.servers import PY, ROOT, SECRET, FakeNode, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 BIG = 10 << 20

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from proxy.dispatch import ChoiceRun
-from tests.e2e.conftest import UpCluster, needs_nodes, running, wait_for
+from tests.harness.servers import UpCluster, needs_nodes, running, wait_for
 
 LONG = "A long prompt so that the request is disaggregated and its KV moves between the nodes. " * 3
 

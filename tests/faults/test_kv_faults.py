@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from tests.kvconnector.bad_frames import bad_frame, stranger_hello
-from tests.kvconnector.node_proc import pair  # noqa: F401 (a fixture)
+from tests.harness.bad_frames import bad_frame, stranger_hello
 
 TIMEOUT = 2.0
 SLACK = 1.5
@@ -67,7 +66,7 @@ def assert_fresh_peer_transfers(
 ):
     """A new process as producer (writing into other's address) or consumer (written by other) moves a 200-token
     request byte-exact: the survivor of a fault keeps serving."""
-    from tests.kvconnector.node_proc import NodeHandle
+    from tests.harness.kv_pair import NodeHandle
 
     fresh = NodeHandle()
     try:

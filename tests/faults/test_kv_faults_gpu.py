@@ -18,7 +18,6 @@ from tests.faults.test_kv_faults import (
     transfer,
     wait_for,
 )
-from tests.kvconnector.node_proc import pair  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow, pytest.mark.timeout(120)]
 

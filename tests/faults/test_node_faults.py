@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.e2e.test_nodes_harness import assert_blocks_balanced, proxy, start_node, wait_for, wait_healthy  # noqa: F401 (proxy: a fixture)
+from tests.harness.nodes import assert_blocks_balanced, start_node, wait_for, wait_healthy
 
 pytestmark = pytest.mark.slow
 KV_TIMEOUT = 3.0

@@ -11,9 +11,9 @@ import threading
 import httpx
 import pytest
 
-from tests.e2e.conftest import UpCluster, needs_nodes, running
-from tests.e2e.test_nodes_disagg import nodes  # noqa: F401 (a fixture: a prefill and a decode node)
-from tests.e2e.test_nodes_harness import prompts, proxy, wait_for  # noqa: F401
+from tests.harness.nodes import prompts, wait_for
+from tests.harness.servers import UpCluster, needs_nodes, running
+from tests.node.test_disagg import nodes  # noqa: F401 (a fixture: a prefill and a decode node)
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 

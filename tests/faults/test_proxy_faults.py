@@ -13,16 +13,7 @@ import time
 import httpx
 import pytest
 
-# The cluster fixtures live in tests/e2e/conftest.py; importing them makes them visible here.
-from tests.e2e.conftest import (  # noqa: F401
-    RedisServer,
-    free_port,
-    hf_reference,
-    needs_nodes,
-    tiny_model,
-    up_cluster,
-    wait_for,
-)
+from tests.harness.servers import RedisServer, free_port, needs_nodes, wait_for
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 

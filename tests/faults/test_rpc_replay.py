@@ -9,7 +9,7 @@ import uuid
 import pytest
 import zmq
 
-from tests.e2e.test_nodes_harness import prompts, proxy, start_node, wait_for, wait_healthy  # noqa: F401
+from tests.harness.nodes import prompts, start_node, wait_for, wait_healthy
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from kvconnector.link import Listener, connect
-from tests.kvconnector.bad_frames import stranger_hello
+from tests.harness.bad_frames import stranger_hello
 from wire.frames import (
     FRAME_VERSION,
     MAGIC,

@@ -7,8 +7,6 @@ requests. Block accounting holds after each.
 
 import pytest
 
-from tests.kvconnector.node_proc import pair  # noqa: F401 (a fixture)
-
 LAYOUTS = [
     dict(block_size=16, num_layers=3, num_kv_heads=2, head_dim=16),
     dict(block_size=8, num_layers=2, num_kv_heads=4, head_dim=8),

@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.conftest import ROOT, Script, wait_for
+from tests.harness.servers import ROOT, Script, wait_for
 from wire.node_messages import Abort, Generate
 
 

@@ -7,7 +7,7 @@ import msgpack
 import pytest
 import zmq
 
-from tests.e2e.test_nodes_harness import (
+from tests.harness.nodes import (
     FakeProxy,
     assert_blocks_balanced,
     hf_greedy,
@@ -15,7 +15,7 @@ from tests.e2e.test_nodes_harness import (
     start_node,
     wait_for,
     wait_healthy,
-)  # noqa: F401 (proxy: a fixture)
+)
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 12

@@ -10,7 +10,7 @@ import time
 import httpx
 
 from proxy.nodes import NodeRegistry
-from tests.e2e.conftest import Script, wait_for
+from tests.harness.servers import Script, wait_for
 from wire.node_messages import Abort, Generate
 
 

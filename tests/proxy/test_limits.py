@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.e2e.conftest import Script, wait_for
+from tests.harness.servers import Script, wait_for
 
 
 def test_sequences_per_request_and_per_key(fake_nodes, proxy_factory):

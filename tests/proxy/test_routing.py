@@ -17,7 +17,7 @@ from proxy.indexer import Indexer
 from proxy.nodes import NodeRegistry, NodeState
 from proxy.prefix_index import InProcessPrefixIndex, leading_runs
 from proxy.router import NoRoute, PairTerms, Router, score_pair
-from tests.e2e.conftest import RedisServer, free_port, wait_for
+from tests.harness.servers import RedisServer, free_port, wait_for
 from wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch, encode_batch
 from wire.node_messages import TOPIC_HEARTBEAT, TOPIC_KV_EVENTS, Generate, decode_heartbeat
 

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from kvconnector.link import Listener
-from tests.kvconnector.bad_frames import bad_frame
+from tests.harness.bad_frames import bad_frame
 from wire import frames as wire
 from wire.frames import (
     BadMAC,
@@ -177,7 +177,7 @@ def test_listener_refuses_bad_frames_logs_once_per_reason_and_keeps_accepting(ca
     """Each stranger is refused and its connection closed (a frame outside the session cannot be skipped safely);
     the listener logs once per peer and reason, and a real link still works."""
     from kvconnector.link import connect
-    from tests.kvconnector.bad_frames import stranger_hello
+    from tests.harness.bad_frames import stranger_hello
 
     got, drops = [], []
     listener = Listener(

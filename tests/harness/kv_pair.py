@@ -160,7 +160,7 @@ class Node:
     def inject(self, address, kind: str) -> bool:
         """Producer: put a malformed frame on the live, handshaken link to address; whether the link then closed
         (within a bounded wait: the consumer refuses it and hangs up)."""
-        from tests.kvconnector.bad_frames import bad_frame
+        from tests.harness.bad_frames import bad_frame
 
         link = self.conn.connect(tuple(address))
         link.send_raw(bad_frame(kind))
