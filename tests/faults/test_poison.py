@@ -13,7 +13,6 @@ import pytest
 
 from tests.harness.nodes import prompts, wait_for
 from tests.harness.servers import UpCluster, needs_nodes, running
-from tests.node.test_disagg import nodes  # noqa: F401 (a fixture: a prefill and a decode node)
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 
@@ -21,7 +20,7 @@ POISONS = [{"min_tokens": 1, "stop_token_ids": [5000]}, {"stop_token_ids": [1024
 LONG = ("The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun. " * 3).strip()
 
 
-def test_node_door_refuses_poison_among_eight_requests(nodes, proxy):  # noqa: F811 (fixtures)
+def test_node_door_refuses_poison_among_eight_requests(nodes, proxy):
     prefill, decode = nodes
     good = []
     for i, p in enumerate(prompts(3, [40, 12, 40, 12, 40, 12, 40, 12])):

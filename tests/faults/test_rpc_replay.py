@@ -28,7 +28,7 @@ def dropped(node, reason: str) -> float:
     return node.metrics().get(f'pdserve_node_dropped_frames_total{{reason="{reason}"}}', 0.0)
 
 
-def test_a_replayed_generate_runs_once(decode, proxy):  # noqa: F811 (proxy: a fixture)
+def test_a_replayed_generate_runs_once(decode, proxy):
     from wire.node_messages import Generate
     from wire.sampling_params import SamplingParams
 

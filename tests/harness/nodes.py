@@ -335,3 +335,19 @@ def proxy():
 def prompts(seed: int, lengths: list[int]) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(10, 500) for _ in range(n)] for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def nodes(model_dir, tmp_path_factory):
+    """A prefill node (chunked prefill: 32 tokens a step) and a decode node, KV over tcp; one pair per module."""
+    logs = str(tmp_path_factory.mktemp("node-logs"))
+    prefill = start_node(
+        "prefill", model_dir, logs, extra=["--max-num-batched-tokens", "32"]
+    )  # chunked prefill
+    decode = start_node("decode", model_dir, logs)
+    try:
+        wait_healthy(prefill, decode)
+        yield prefill, decode
+    finally:
+        prefill.stop()
+        decode.stop()

@@ -18,21 +18,6 @@ pytestmark = pytest.mark.slow
 MAX_TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def nodes(model_dir, tmp_path_factory):
-    logs = str(tmp_path_factory.mktemp("node-logs"))
-    prefill = start_node(
-        "prefill", model_dir, logs, extra=["--max-num-batched-tokens", "32"]
-    )  # chunked prefill
-    decode = start_node("decode", model_dir, logs)
-    try:
-        wait_healthy(prefill, decode)
-        yield prefill, decode
-    finally:
-        prefill.stop()
-        decode.stop()
-
-
 def both_idle(prefill, decode) -> bool:
     return prefill.blocks()["used"] == 0 and decode.blocks()["used"] == 0
 
