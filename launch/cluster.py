@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -39,6 +38,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Optional
 
+from node_runtime.node_cli import READY_LINE
 from wire.errors import ConfigError, PdserveError
 
 
@@ -78,9 +78,6 @@ def stop_up_process(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-
-READY_LINE = re.compile(r"pdserve node \S+ ready: rpc (\S+) events (\S+) http (\S+)")
 
 
 def read_ready_line(child: Child) -> bool:

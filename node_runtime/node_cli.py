@@ -12,12 +12,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import threading
 
 from wire.bind import advertised
 
 log = logging.getLogger(__name__)
+
+# A node prints this line once it serves; `pdserve up` and the test harness read its bound endpoints from it (nodes
+# they start bind port 0, so no port is raced for). ready_line writes it, READY_LINE parses it.
+READY_LINE = re.compile(r"pdserve node \S+ ready: rpc (\S+) events (\S+) http (\S+)")
+
+
+def ready_line(node_id: str, rpc: str, events: str, http: str) -> str:
+    return f"pdserve node {node_id} ready: rpc {rpc} events {events} http {http}"
 
 
 def add_node_args(parser: argparse.ArgumentParser) -> None:
@@ -82,10 +91,8 @@ def run_node(args: argparse.Namespace, default_role: str) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     node = NodeServer(config, options).start()
-    # `pdserve up` reads the bound endpoints from this line (nodes it starts bind port 0: no port races).
     print(
-        f"pdserve node {node.node_id} ready: rpc {node.rpc_endpoint} events {advertised(node.rpc.events_endpoint)} "
-        f"http {node.http_url}",
+        ready_line(node.node_id, node.rpc_endpoint, advertised(node.rpc.events_endpoint), node.http_url),
         flush=True,
     )
     try:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import pytest
 import zmq
 
-from launch.cluster import READY_LINE
+from node_runtime.node_cli import READY_LINE
 
 SECRET = "node-test-secret"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
