@@ -93,7 +93,7 @@ def caches_by_layer(kv_caches) -> list[torch.Tensor]:
     )
 
 
-class Endpoint:
+class KVConnectorBase:
     """Base of KVProducer / KVConsumer: codec, data plane, our handshake, metrics, reaper thread."""
 
     role = "kv_both"

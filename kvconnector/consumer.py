@@ -19,7 +19,7 @@ from collections import defaultdict
 from typing import Callable, Optional, Sequence
 
 from kvconnector import link as links
-from kvconnector.connector import ConnectorConfig, Endpoint, OnComplete
+from kvconnector.connector import ConnectorConfig, KVConnectorBase, OnComplete
 from kvconnector.scheduler_side import ConsumerScheduler, Finished
 from kvconnector.worker_side import ConsumerWorker
 from wire.frames import Abort, Done, Handshake, Heartbeat, KVChunk
@@ -27,7 +27,7 @@ from wire.frames import Abort, Done, Handshake, Heartbeat, KVChunk
 log = logging.getLogger(__name__)
 
 
-class KVConsumer(Endpoint):
+class KVConsumer(KVConnectorBase):
     role = "kv_consumer"
 
     def __init__(

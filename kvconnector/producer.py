@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from kvconnector import link as links
-from kvconnector.connector import ConnectorConfig, Endpoint, OnComplete
+from kvconnector.connector import ConnectorConfig, KVConnectorBase, OnComplete
 from kvconnector.scheduler_side import Finished, ProducerScheduler, SendPlan
 from kvconnector.worker_side import ProducerWorker
 from wire.frames import Abort, Done, Handshake, Heartbeat, LayoutMismatch
@@ -37,7 +37,7 @@ class StepProgress:
     prompt_done: bool  # this step computes the prompt's last token
 
 
-class KVProducer(Endpoint):
+class KVProducer(KVConnectorBase):
     role = "kv_producer"
 
     def __init__(

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Optional
 
-DEFAULT_KV_TIMEOUT = 10.0
+DEFAULT_KV_TIMEOUT = 10.0  # --kv-timeout: the one default; ConnectorConfig, NodeOptions and the flag read it
 
 
 class State(enum.Enum):

@@ -40,6 +40,7 @@ from typing import Optional
 
 from node_runtime.node_cli import READY_LINE
 from wire.errors import ConfigError, PdserveError
+from wire.node_messages import NodeRole
 
 
 @dataclass
@@ -168,18 +169,19 @@ class Cluster:
     # ---- 3. processes -----------------------------------------------------------------------------------------
     def plan(self, model: str) -> None:
         a, host = self.args, self.args.host
-        roles = ["prefill"] * a.prefill + ["decode"] * a.decode
+        prefill, decode = NodeRole.PREFILL.value, NodeRole.DECODE.value
+        roles = [prefill] * a.prefill + [decode] * a.decode
         gpus, connector, util = self.placement(len(roles))
         self.connector = connector
         base_env = dict(os.environ, PDSERVE_KV_SECRET=self.secret, PYTHONUNBUFFERED="1")
         base_env.pop("PDSERVE_API_KEY", None)  # only the proxy gets it
         if a.curve:
             base_env["PDSERVE_CURVE"] = "1"  # wire/curve.py: every ZMQ socket encrypted
-        counts = {"prefill": 0, "decode": 0}
+        counts = {prefill: 0, decode: 0}
         for role, gpu in zip(roles, gpus):
             name = f"{role}-{counts[role]}"
             counts[role] += 1
-            kv_role = "kv_producer" if role == "prefill" else "kv_consumer"
+            kv_role = "kv_producer" if role == prefill else "kv_consumer"
             argv = [
                 sys.executable,
                 "-m",

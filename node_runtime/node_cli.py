@@ -16,6 +16,7 @@ import re
 import signal
 import threading
 
+from kvconnector.scheduler_side import DEFAULT_KV_TIMEOUT
 from wire.bind import advertised
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def add_node_args(parser: argparse.ArgumentParser) -> None:
     k.add_argument(
         "--kv-timeout",
         type=float,
-        default=10.0,
+        default=DEFAULT_KV_TIMEOUT,
         help="seconds without KV progress before a transfer is aborted and its blocks freed",
     )
     g = parser.add_argument_group("node")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from engine.engine_loop import EngineLoop, Sink
+from kvconnector.scheduler_side import DEFAULT_KV_TIMEOUT
 from node_runtime import roles
 from node_runtime.http_server import HttpServer
 from node_runtime.node_metrics import NodeMetrics
@@ -37,6 +38,7 @@ from wire.node_messages import (
     Error,
     Generate,
     NodeHeartbeat,
+    NodeRole,
     Tokens,
     encode_heartbeat,
     make_codec,
@@ -45,8 +47,6 @@ from wire.node_messages import (
 from wire.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-ROLE_NAMES = {"kv_producer": "prefill", "kv_consumer": "decode", "kv_both": "both"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class NodeOptions:
     http_port: int = 0
     node_id: str = ""
     role: str = "kv_both"  # kv_producer | kv_consumer | kv_both
-    kv_timeout: float = 10.0
+    kv_timeout: float = DEFAULT_KV_TIMEOUT
     kv_secret: Optional[str] = None
     max_num_waiting: int = 1024  # engine queue depth beyond which generate/prefill answer 429
 
@@ -83,7 +83,8 @@ class NodeServer:
 
         self.config, self.options = config, options
         self.node_id = (
-            options.node_id or f"{ROLE_NAMES[options.role]}-{socket.gethostname()}-{options.rpc_port}"
+            options.node_id
+            or f"{NodeRole.of_kv_role(options.role).value}-{socket.gethostname()}-{options.rpc_port}"
         )
         self.role = options.role
         try:
@@ -372,7 +373,7 @@ class NodeServer:
             encode_heartbeat(
                 NodeHeartbeat(
                     node_id=self.node_id,
-                    role=ROLE_NAMES[self.role],
+                    role=NodeRole.of_kv_role(self.role).value,
                     rpc=self.rpc_endpoint,
                     http=self.http_url,
                     num_waiting=s.num_waiting,
@@ -405,7 +406,7 @@ class NodeServer:
         return ok, {
             "status": "ok" if ok else "unhealthy",
             "node_id": self.node_id,
-            "role": ROLE_NAMES[self.role],
+            "role": NodeRole.of_kv_role(self.role).value,
             "rpc": self.rpc_endpoint,
             "num_waiting": s.num_waiting,
             "num_running": s.num_running,

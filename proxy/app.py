@@ -42,7 +42,7 @@ from proxy.router import Router
 from proxy.serving import Served, serve
 from wire import curve
 from wire.frames import resolve_secret
-from wire.node_messages import make_codec
+from wire.node_messages import ROLES, make_codec
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class ProxyState:
         else:
             self.index = InProcessPrefixIndex()
         self.metrics.watch_index(self.index.num_blocks)
-        for role in ("prefill", "decode", "both"):
+        for role in ROLES:
             self.metrics.nodes_live.labels(role).set_function(
                 lambda role=role: sum(1 for n in self.registry.live() if n.role == role)
             )

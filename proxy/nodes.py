@@ -18,12 +18,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from wire.node_messages import HEARTBEAT_INTERVAL_S, NodeHeartbeat
+from wire.node_messages import HEARTBEAT_INTERVAL_S, NodeHeartbeat, NodeRole
 
 log = logging.getLogger(__name__)
 
-PREFILL_ROLES = ("prefill", "both")
-DECODE_ROLES = ("decode", "both")
+PREFILL_ROLES = tuple(r.value for r in NodeRole if r.prefills)
+DECODE_ROLES = tuple(r.value for r in NodeRole if r.decodes)
 
 
 @dataclass(eq=False)

@@ -33,6 +33,7 @@ Field conventions:
 
 from __future__ import annotations
 
+import enum
 from typing import Any, NamedTuple, Optional
 
 import msgpack
@@ -45,10 +46,35 @@ TOPIC_KV_EVENTS = b"kv-events"
 TOPIC_HEARTBEAT = b"heartbeat"
 HEARTBEAT_INTERVAL_S = 0.5
 MODES = ("colocated", "disaggregated")
-ROLES = ("prefill", "decode", "both")  # kv_producer, kv_consumer, kv_both
 FINISH_REASONS = ("stop", "length", "abort")
 TIMING_KEYS = ("prefill_queue", "prefill", "transfer", "exposed_transfer", "decode_queue")
 MAX_PROMPT_TOKENS = 1 << 20
+
+
+class NodeRole(str, enum.Enum):
+    """What a node serves, as heartbeats, /health, metrics labels and `pdserve up` name it; set by its kv_role."""
+
+    PREFILL = "prefill"  # kv_producer
+    DECODE = "decode"  # kv_consumer
+    BOTH = "both"  # kv_both: colocated requests, and either side of a disaggregated one
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def of_kv_role(cls, kv_role: str) -> "NodeRole":
+        return {"kv_producer": cls.PREFILL, "kv_consumer": cls.DECODE, "kv_both": cls.BOTH}[kv_role]
+
+    @property
+    def prefills(self) -> bool:
+        return self in (NodeRole.PREFILL, NodeRole.BOTH)
+
+    @property
+    def decodes(self) -> bool:
+        return self in (NodeRole.DECODE, NodeRole.BOTH)
+
+
+ROLES = tuple(role.value for role in NodeRole)
 MAX_ID_LEN = 256
 
 
