@@ -7,11 +7,11 @@
         [--save-result --result-dir DIR --result-filename F] [--plot]
 
 Per rate it prints the summary table and, with --save-result (or --result-dir / --result-filename), writes the
-records to one JSON file in the project's results format; --plot draws latency and goodput against rate and the
-server-reported phases. `--request-rate sweep` climbs from --sweep-start by --sweep-factor until the share of
-requests meeting --goodput falls below --sweep-attainment (that rate included), at most --sweep-max-rates rates.
-Each rate runs its own draw of the workload (seed + rate index), so no rate finds its prompts cached by an
-earlier one; warm-up requests come from yet another draw and are not counted.
+records to one JSON file in the project's results format; --plot draws latency and goodput against rate and
+the server-reported phases. `--request-rate sweep` climbs from --sweep-start by --sweep-factor until the share
+of requests meeting --goodput falls below --sweep-attainment (that rate included), at most --sweep-max-rates
+rates. Each rate runs its own draw of the workload (seed + rate index), so no rate finds its prompts cached by
+an earlier one; warm-up requests come from yet another draw and are not counted.
 """
 
 from __future__ import annotations

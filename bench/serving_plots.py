@@ -1,6 +1,6 @@
-"""Plots of serving results files: latency percentiles and goodput against request rate (one line per run), and
-the server-reported phases per run and rate as stacked bars. Needs matplotlib; without it nothing is drawn and a
-line says so (the JSON holds every figure)."""
+"""Plots of serving results files: latency percentiles and goodput against request rate (one line per run),
+and the server-reported phases per run and rate as stacked bars. Needs matplotlib; without it nothing is drawn
+and a line says so (the JSON holds every figure)."""
 
 from __future__ import annotations
 

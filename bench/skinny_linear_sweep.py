@@ -1,9 +1,10 @@
 """Which tiles make kernels/skinny_linear.py fastest, against cuBLAS (F.linear), at decode shapes (GPU only).
 
-Llama-3.1-8B and Qwen2.5-0.5B projection shapes, 1 and 8 rows, weights rotated over copies past L2 (a model never
-reads one weight twice in a step), every call timed inside a CUDA graph (decode replays these kernels in graphs),
-each printed beside the device-copy bandwidth measured in the same run. Each tile config's output is compared with
-cuBLAS's. Prints a table; the chosen config is then written into `skinny_linear._blocks` by hand.
+Llama-3.1-8B and Qwen2.5-0.5B projection shapes, 1 and 8 rows, weights rotated over copies past L2 (a model
+never reads one weight twice in a step), every call timed inside a CUDA graph (decode replays these kernels in
+graphs), each printed beside the device-copy bandwidth measured in the same run. Each tile config's output is
+compared with cuBLAS's. Prints a table; the chosen config is then written into `skinny_linear._blocks` by
+hand.
 
   python bench/skinny_linear_sweep.py > bench/results/skinny_linear-<device>-<YYYYMMDD>.log
 """
@@ -71,7 +72,8 @@ def main() -> None:
             best = min(results)
             chosen = next(r for r in results if r[1] == (32, 512, 4, 3))
             print(
-                f"{name:14s} M={rows} N={n:6d} K={k:5d}: cublas {cublas:7.2f} us ({nbytes / cublas / 1e3:5.0f} GB/s)"
+                f"{name:14s} M={rows} N={n:6d} K={k:5d}: cublas {cublas:7.2f} us "
+                f"({nbytes / cublas / 1e3:5.0f} GB/s)"
                 f" | best {best[0]:7.2f} us ({nbytes / best[0] / 1e3:5.0f} GB/s) {best[1]}"
                 f" | chosen (32, 512, 4, 3) {chosen[0]:7.2f} us, max |diff| vs cublas {chosen[2]:.3g}",
                 flush=True,

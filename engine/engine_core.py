@@ -102,8 +102,8 @@ class EngineCore:
         return asked or arch_len
 
     def check_token_ids(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """ValueError (a 400) for a token id outside the model's vocabulary, in the prompt or the stop ids: one
-        would otherwise index out of range inside a step (the embedding, the sampler's blocked tokens)."""
+        """ValueError (a 400) for a token id outside the model's vocabulary, in the prompt or the stop ids:
+        one would otherwise index out of range inside a step (the embedding, the sampler's blocked tokens)."""
         vocab = self.runner.arch.vocab_size
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
@@ -130,13 +130,14 @@ class EngineCore:
         self.scheduler.finish_request(request_id, reason)
         self.generators.pop(request_id, None)
 
-    # ---- requests whose prompt KV is computed elsewhere (the decode node's side of disaggregation) ----------
+    # ---- requests whose prompt KV is computed elsewhere (the decode node's side of disaggregation) ---------
     def reserve_remote(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> Reservation:
         """Hold blocks for the prompt minus this node's own prefix hits, without queueing the request.
 
-        Raises PromptTooLongError / ValueError (bad request) or NoRoomError (retry later); takes nothing then."""
+        Raises PromptTooLongError / ValueError (bad request) or NoRoomError (retry later); takes nothing
+        then."""
         kv = self.kv_manager
         self.check_token_ids(prompt_token_ids, params)
         request = Request(
@@ -159,7 +160,8 @@ class EngineCore:
 
     def remote_kv_ready(self, request_id: str, num_cached_tokens: int) -> bool:
         """A reserved request's prompt KV has landed (its first token already appended): it joins the batch at
-        the next step with a free slot (the scheduler's WAITING_FOR_REMOTE_KVS -> RUNNING). False if unknown."""
+        the next step with a free slot (the scheduler's WAITING_FOR_REMOTE_KVS -> RUNNING). False if
+        unknown."""
         request = self.scheduler.get_request(request_id)
         if request is None or not self.scheduler.remote_kv_ready(request_id):
             return False

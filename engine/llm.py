@@ -60,8 +60,8 @@ class LLM:
         if len(params_list) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
         processor = OutputProcessor(self.core, self.tokenizer)
-        # 1. Tokenize and check everything before anything is queued, so bad input loses nothing (the scheduler
-        #    also refuses a request that could never fit the whole KV cache).
+        # 1. Tokenize and check everything before anything is queued, so bad input loses nothing (the
+        # scheduler    also refuses a request that could never fit the whole KV cache).
         parsed = [self._prompt_ids(p) for p in prompts]
         for (_, ids), params in zip(parsed, params_list):
             self.core.scheduler.validate(
@@ -72,7 +72,8 @@ class LLM:
                     block_size=self.config.cache.block_size,
                 )
             )
-        # 2. Queue n children per prompt; a seed gives child i the seed + i, so each sample differs yet repeats.
+        # 2. Queue n children per prompt; a seed gives child i the seed + i, so each sample differs yet
+        # repeats.
         parents = []
         try:
             for (text, ids), params in zip(parsed, params_list):

@@ -1,8 +1,8 @@
 """What `LLM.generate` and the servers hand back, shaped like vLLM's `RequestOutput` / `CompletionOutput`.
 
 Torch-free (plain Python values only), so the proxy can build the same objects from wire messages.
-Logprobs are a list with one entry per generated token; each entry maps token id -> `Logprob` and always holds the
-sampled token (with its rank) plus the top-k tokens asked for.
+Logprobs are a list with one entry per generated token; each entry maps token id -> `Logprob` and always holds
+the sampled token (with its rank) plus the top-k tokens asked for.
 """
 
 from __future__ import annotations

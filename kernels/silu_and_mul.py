@@ -1,4 +1,5 @@
-"""SiLU-and-mul, the gated MLP's activation: silu(x[:, :I]) * x[:, I:], computed in fp32, returned in x.dtype."""
+"""SiLU-and-mul, the gated MLP's activation: silu(x[:, :I]) * x[:, I:], computed in fp32, returned in
+x.dtype."""
 
 from __future__ import annotations
 

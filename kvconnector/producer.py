@@ -7,9 +7,9 @@
     producer.start_step([StepProgress(rid, num_computed_tokens_after_step, block_table, prompt_done)])
     for layer in range(L):  ... forward layer ...;  producer.save_layer(layer)
     producer.end_step()
-on_complete(rid, ok, timings) fires exactly once: ok once the fence after the request's last write completed (the
-consumer then gets `Done`); not ok after a failure, once nothing more can be written for rid (the consumer gets
-`Abort` at that moment, so it may free the blocks). abort(rid) works at any point.
+on_complete(rid, ok, timings) fires exactly once: ok once the fence after the request's last write completed
+(the consumer then gets `Done`); not ok after a failure, once nothing more can be written for rid (the
+consumer gets `Abort` at that moment, so it may free the blocks). abort(rid) works at any point.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class KVProducer(KVConnectorBase):
             self._links[address] = link
             return link
 
-    # ------------------------------------------------------------------------------------------------ requests
+    # ----------------------------------------------------------------------------------------------- requests
 
     def bind(
         self,
@@ -103,8 +103,9 @@ class KVProducer(KVConnectorBase):
         block_ids: Sequence[int],
         num_cached_blocks: int,
     ) -> None:
-        """Write rid's prompt blocks num_cached_blocks.. into the consumer's blocks block_ids as they are computed.
-        Raises (ConnectionError, LayoutMismatch, TimeoutError, ValueError) when that cannot start."""
+        """Write rid's prompt blocks num_cached_blocks.. into the consumer's blocks block_ids as they are
+        computed. Raises (ConnectionError, LayoutMismatch, TimeoutError, ValueError) when that cannot
+        start."""
         link = self.connect(address)
         self.scheduler.bind(request_id, link, num_tokens, [int(b) for b in block_ids], int(num_cached_blocks))
         self.metrics.inflight.inc()
@@ -129,8 +130,8 @@ class KVProducer(KVConnectorBase):
         self.worker.save_layer(layer)
 
     def end_step(self, ok: bool = True) -> None:
-        """After the forward. ok False (it raised part way): the step's requests lose layers they will never get
-        again, so they fail, once nothing more can be written for them."""
+        """After the forward. ok False (it raised part way): the step's requests lose layers they will never
+        get again, so they fail, once nothing more can be written for them."""
         for plan in self.worker.step_plans if ok else ():
             if plan.last:
                 self.scheduler.progress(plan.request_id, "last_layer")

@@ -12,9 +12,9 @@ import sys
 
 from wire.errors import PdserveError
 
-# Each subcommand and the module whose `register_cli(subparsers)` adds it. `pdserve X ...` imports X's module only,
-# so `pdserve proxy` and `pdserve bench` never load torch; `pdserve --help` imports them all. A role whose package
-# is absent from this install is simply not offered.
+# Each subcommand and the module whose `register_cli(subparsers)` adds it. `pdserve X ...` imports X's module
+# only, so `pdserve proxy` and `pdserve bench` never load torch; `pdserve --help` imports them all. A role
+# whose package is absent from this install is simply not offered.
 SUBCOMMANDS = {
     "make-model": "tools.make_model",
     "generate": "launch.generate",
@@ -24,7 +24,8 @@ SUBCOMMANDS = {
     "decode": "decode_node.cli",
     "bench": "bench.serving_cli",
 }
-# A node of either command may run both roles' parts (kv_both), so both role packages register with the runtime.
+# A node of either command may run both roles' parts (kv_both), so both role packages register with the
+# runtime.
 NODE_COMMANDS = ("prefill", "decode")
 
 

@@ -4,21 +4,23 @@
 
 Steps:
  1. Without --model, write the tiny random-weight Llama (tools.make_model) into a temporary folder.
- 2. Place the nodes: CPU when no GPU is visible; on one GPU every node shares it (--gpu-memory-utilization split
-    between them); with several GPUs nodes get their own, round robin. On GPUs KV moves over cuda_ipc (one-sided
-    writes into the decode node's mapped cache): each node's CUDA_VISIBLE_DEVICES lists its own GPU first (it is
-    cuda:0 there) and then every other GPU of the cluster, so a prefill node can map a decode node's memory.
- 3. Make one frame-signing secret (handed to children in $PDSERVE_KV_SECRET, never on a command line), start the
-    nodes on port 0 (each reports what it bound in its ready line: picking "free" ports here and binding them there
-    raced with other processes' ephemeral ports), then the proxy pointing at every node's events port.
+ 2. Place the nodes: CPU when no GPU is visible; on one GPU every node shares it (--gpu-memory-utilization
+    split between them); with several GPUs nodes get their own, round robin. On GPUs KV moves over cuda_ipc
+    (one-sided writes into the decode node's mapped cache): each node's CUDA_VISIBLE_DEVICES lists its own GPU
+    first (it is cuda:0 there) and then every other GPU of the cluster, so a prefill node can map a decode
+    node's memory.
+ 3. Make one frame-signing secret (handed to children in $PDSERVE_KV_SECRET, never on a command line), start
+    the nodes on port 0 (each reports what it bound in its ready line: picking "free" ports here and binding
+    them there raced with other processes' ephemeral ports), then the proxy pointing at every node's events
+    port.
  4. Wait until every node's /health and the proxy's /health (all nodes live) answer 200, then print the URL
     (and, with --state-file, write a JSON description: urls, pids, ports, logs).
- 5. Supervise until Ctrl-C or SIGTERM, then stop everything (SIGTERM, then SIGKILL after a grace period). A node
-    that dies is reported and left dead: the proxy routes around it. Children get PR_SET_PDEATHSIG, so even a
-    `kill -9` of `pdserve up` takes them down.
+ 5. Supervise until Ctrl-C or SIGTERM, then stop everything (SIGTERM, then SIGKILL after a grace period). A
+    node that dies is reported and left dead: the proxy routes around it. Children get PR_SET_PDEATHSIG, so
+    even a `kill -9` of `pdserve up` takes them down.
 Each process logs to its own file under --log-dir (default: a temporary folder, printed), fresh each run (the
-previous run's file is kept as *.log.prev), so only this run's ready lines are ever read. The API key reaches the
-proxy in $PDSERVE_API_KEY, never on its command line.
+previous run's file is kept as *.log.prev), so only this run's ready lines are ever read. The API key reaches
+the proxy in $PDSERVE_API_KEY, never on its command line.
 """
 
 from __future__ import annotations
@@ -63,14 +65,15 @@ class Child:
 
 
 def own_gpu_first(own: str, cluster: list[str]) -> str:
-    """CUDA_VISIBLE_DEVICES for a node on GPU `own`: it first (cuda:0 in the node), then the cluster's others."""
+    """CUDA_VISIBLE_DEVICES for a node on GPU `own`: it first (cuda:0 in the node), then the cluster's
+    others."""
     others = [g for g in dict.fromkeys(cluster) if g != own]
     return ",".join([own, *others])
 
 
 def stop_up_process(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
-    """Stop a `pdserve up` started in a session of its own: SIGTERM (it stops its children itself), then, after
-    grace_s, SIGKILL to its whole process group."""
+    """Stop a `pdserve up` started in a session of its own: SIGTERM (it stops its children itself), then,
+    after grace_s, SIGKILL to its whole process group."""
     if proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
@@ -135,7 +138,7 @@ class Cluster:
         self.secret = args.kv_secret or os.environ.get("PDSERVE_KV_SECRET") or secrets.token_hex(32)
         self.stopping = False
 
-    # ---- 1. model ---------------------------------------------------------------------------------------------
+    # ---- 1. model ------------------------------------------------------------------------------------------
     def model(self) -> str:
         if self.args.model:
             if not os.path.isdir(self.args.model):
@@ -151,7 +154,7 @@ class Cluster:
         make_model(self.tmp_model, family="llama", preset="tiny")
         return self.tmp_model
 
-    # ---- 2. placement -----------------------------------------------------------------------------------------
+    # ---- 2. placement --------------------------------------------------------------------------------------
     def placement(self, n_nodes: int) -> tuple[list[str], str, float]:
         """-> (gpu per node, '' on CPU), kv connector, gpu memory utilization per node."""
         a = self.args
@@ -166,7 +169,7 @@ class Cluster:
         util = a.gpu_memory_utilization or round(0.85 / per_gpu, 3)
         return assigned, connector, util
 
-    # ---- 3. processes -----------------------------------------------------------------------------------------
+    # ---- 3. processes --------------------------------------------------------------------------------------
     def plan(self, model: str) -> None:
         a, host = self.args, self.args.host
         prefill, decode = NodeRole.PREFILL.value, NodeRole.DECODE.value
@@ -245,7 +248,8 @@ class Cluster:
         if a.log_routing:
             proxy_argv.append("--log-routing")
         proxy_argv += a.proxy_arg
-        # The API key goes in the proxy's environment: an argv is readable by every user (ps, /proc/*/cmdline).
+        # The API key goes in the proxy's environment: an argv is readable by every user (ps,
+        # /proc/*/cmdline).
         proxy_env = dict(base_env, CUDA_VISIBLE_DEVICES="", PDSERVE_API_KEY=a.api_key)
         self.children.append(
             Child(
@@ -275,7 +279,7 @@ class Cluster:
         )
         log.close()
 
-    # ---- 4. readiness -----------------------------------------------------------------------------------------
+    # ---- 4. readiness --------------------------------------------------------------------------------------
     def wait_healthy(self, children: list[Child], timeout_s: float, proxy: bool = False) -> None:
         deadline = time.monotonic() + timeout_s
         pending = list(children)
@@ -316,7 +320,7 @@ class Cluster:
             "proxy": proxy.describe(),
         }
 
-    # ---- 5. run and stop --------------------------------------------------------------------------------------
+    # ---- 5. run and stop -----------------------------------------------------------------------------------
     def run(self) -> int:
         self.model_dir = self.model()
         self.plan(self.model_dir)

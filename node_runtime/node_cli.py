@@ -2,9 +2,9 @@
 
 Flags: the engine's (`engine.config.add_engine_args`, including --kv-transfer-config), the KV connector's
 (--kv-secret, --kv-timeout) and the node's own (--host, --rpc-port, --events-port, --http-port, --node-id,
---max-num-waiting). Everything binds --host (loopback by default). A role's `kv_role` defaults to the subcommand
-(prefill: kv_producer, decode: kv_consumer) unless --kv-transfer-config names one; kv_both serves colocated and
-disaggregated requests alike. SIGINT/SIGTERM stop the node cleanly.
+--max-num-waiting). Everything binds --host (loopback by default). A role's `kv_role` defaults to the
+subcommand (prefill: kv_producer, decode: kv_consumer) unless --kv-transfer-config names one; kv_both serves
+colocated and disaggregated requests alike. SIGINT/SIGTERM stop the node cleanly.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from wire.bind import advertised
 
 log = logging.getLogger(__name__)
 
-# A node prints this line once it serves; `pdserve up` and the test harness read its bound endpoints from it (nodes
-# they start bind port 0, so no port is raced for). ready_line writes it, READY_LINE parses it.
+# A node prints this line once it serves; `pdserve up` and the test harness read its bound endpoints from it
+# (nodes they start bind port 0, so no port is raced for). ready_line writes it, READY_LINE parses it.
 READY_LINE = re.compile(r"pdserve node \S+ ready: rpc (\S+) events (\S+) http (\S+)")
 
 
@@ -104,7 +104,8 @@ def run_node(args: argparse.Namespace, default_role: str) -> int:
 
 
 def register_role(subparsers, name: str, help_text: str, default_role: str) -> None:
-    """Add `pdserve <name>`: a node whose kv_role defaults to default_role unless --kv-transfer-config says."""
+    """Add `pdserve <name>`: a node whose kv_role defaults to default_role unless --kv-transfer-config
+    says."""
     p = subparsers.add_parser(name, help=help_text)
     add_node_args(p)
     p.set_defaults(func=lambda args: run_node(args, default_role=default_role))

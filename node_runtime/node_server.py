@@ -1,15 +1,19 @@
 """A serving node: one engine, its RPC/event sockets, /health and /metrics, and the request table.
 
 Both `pdserve prefill` and `pdserve decode` run this class; `kv_role` decides what else it does:
-    every role     `generate` mode colocated: prefill and decode here (conditional disaggregation, the baseline)
-    kv_consumer    `generate` mode disaggregated: reserve, drive a prefill node, receive KV, decode (disagg.py)
+    every role     `generate` mode colocated: prefill and decode here (conditional disaggregation, the
+                   baseline)
+    kv_consumer    `generate` mode disaggregated: reserve, drive a prefill node, receive KV, decode
+                   (disagg.py)
     kv_producer    `prefill` from a decode node: prefill, push KV layer by layer, send the first token
     kv_both        all of the above
-Threads: the engine loop owns the EngineCore; the RPC thread owns every ZMQ socket; the HTTP server answers scrapes;
-the KV connector has its own. The request table is guarded by `self.lock`; nothing blocks while holding it.
+Threads: the engine loop owns the EngineCore; the RPC thread owns every ZMQ socket; the HTTP server answers
+scrapes; the KV connector has its own. The request table is guarded by `self.lock`; nothing blocks while
+holding it.
 
 A request the node serves for a proxy ends exactly once (`_end`): finished, aborted by the proxy, past its
-deadline, its proxy gone (unroutable), or failed (engine error, KV transfer failure). Each path frees its blocks.
+deadline, its proxy gone (unroutable), or failed (engine error, KV transfer failure). Each path frees its
+blocks.
 """
 
 from __future__ import annotations
@@ -117,7 +121,7 @@ class NodeServer:
         self.decode = roles.build(roles.DECODE, self) if roles.DECODE in parts else None
         self.prefill = roles.build(roles.PREFILL, self) if roles.PREFILL in parts else None
 
-    # ---- lifecycle --------------------------------------------------------------------------------------------
+    # ---- lifecycle -----------------------------------------------------------------------------------------
     @property
     def rpc_endpoint(self) -> str:
         """Where others reach our ROUTER (a wildcard bind is advertised under this host's address)."""
@@ -156,7 +160,7 @@ class NodeServer:
                 log.error("the engine loop died; shutting down")
                 break
 
-    # ---- incoming ---------------------------------------------------------------------------------------------
+    # ---- incoming ------------------------------------------------------------------------------------------
     def _on_message(self, identity: bytes, msg) -> None:
         if isinstance(msg, Generate):
             self._on_generate(identity, msg)
@@ -242,7 +246,7 @@ class NodeServer:
         if self.decode is not None:  # the prefill side waits only on the connector, which times itself out
             self.decode.check_timeouts(now)
 
-    # ---- outgoing ---------------------------------------------------------------------------------------------
+    # ---- outgoing ------------------------------------------------------------------------------------------
     def on_output(self, live: LiveRequest, out) -> None:
         """A StepOutput of a request running in this engine (loop thread)."""
         if live.ended:
@@ -360,7 +364,7 @@ class NodeServer:
         else:
             self.loop.abort(live.request_id)
 
-    # ---- events, heartbeats, health ---------------------------------------------------------------------------
+    # ---- events, heartbeats, health ------------------------------------------------------------------------
     def _publish_kv_events(self, outputs) -> None:
         events = self.core.block_pool.take_events()
         if events:
@@ -419,7 +423,8 @@ class NodeServer:
 
 def check_token_ids(prompt: list, stop_token_ids: list[int], vocab_size: Optional[int]) -> str:
     """Why a request's token ids cannot run here ("" when they can): each one must index the vocabulary, or
-    the step that meets it raises (a prompt id in the embedding, a stop id in the sampler's blocked tokens)."""
+    the step that meets it raises (a prompt id in the embedding, a stop id in the sampler's blocked
+    tokens)."""
     if not isinstance(prompt, list) or not prompt:
         return "the prompt must be a non-empty list of token ids"
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):

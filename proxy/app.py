@@ -1,11 +1,11 @@
 """The OpenAI-compatible front door: FastAPI app, its lifespan (sockets, index, indexer) and the endpoints.
 
-Order of checks on a generation request (first failure answers): 401 bearer key -> 400 content type -> 413 body
-size -> 400 UTF-8, JSON, nesting, surrogates (proxy/request_body.py) -> 404 model -> 429 proxy queue full -> 400
-parameters and prompt length -> 400/429 sequences per request/per key (proxy/limits.py) -> 503 no live node / node errors.
-Body parsing, tokenization and chat templating run in worker threads: the event loop only moves bytes, so a huge or
-slow request never delays /health, heartbeats or other streams. A bug answers 500 in OpenAI's shape from inside
-the handler, so uvicorn keeps the keep-alive connection usable.
+Order of checks on a generation request (first failure answers): 401 bearer key -> 400 content type -> 413
+body size -> 400 UTF-8, JSON, nesting, surrogates (proxy/request_body.py) -> 404 model -> 429 proxy queue full
+-> 400 parameters and prompt length -> 400/429 sequences per request/per key (proxy/limits.py) -> 503 no live
+node / node errors. Body parsing, tokenization and chat templating run in worker threads: the event loop only
+moves bytes, so a huge or slow request never delays /health, heartbeats or other streams. A bug answers 500 in
+OpenAI's shape from inside the handler, so uvicorn keeps the keep-alive connection usable.
 /health and /metrics need no key (probes and scrapers). Never imports torch (a test checks).
 """
 

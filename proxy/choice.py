@@ -1,9 +1,9 @@
 """One choice's output as the proxy builds it: detokenized text, stop strings, logprobs, finish reason, usage.
 
-The nodes stream token ids; `ChoiceState.absorb` turns each `Tokens` message into the text delta to send, cutting
-at stop strings (then the node is told to abort: the proxy owns stop strings) and dropping tokens after the one
-that completed the stop, so completion_tokens and logprobs match the text. Logprob records are shaped for the
-two OpenAI endpoints by `completion_logprobs` / `chat_logprobs`.
+The nodes stream token ids; `ChoiceState.absorb` turns each `Tokens` message into the text delta to send,
+cutting at stop strings (then the node is told to abort: the proxy owns stop strings) and dropping tokens
+after the one that completed the stop, so completion_tokens and logprobs match the text. Logprob records are
+shaped for the two OpenAI endpoints by `completion_logprobs` / `chat_logprobs`.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def _finite(x: float) -> float:
 
 
 def completion_logprobs(tokenizer, ids: list[int], entries: list[LogprobEntry], text_offset: int) -> dict:
-    """Completions' shape: tokens, token_logprobs, top_logprobs (dicts, sampled token included), text_offset."""
+    """Completions' shape: tokens, token_logprobs, top_logprobs (dicts, sampled token included),
+    text_offset."""
     tokens, token_lps, tops, offsets = [], [], [], []
     offset = text_offset
     for tid, e in zip(ids, entries):

@@ -1,12 +1,13 @@
 """Serving one OpenAI request: start its choices on the nodes, relay them as JSON or SSE, abort on disconnect.
 
 Steps for both endpoints:
- 1. start every choice (prompt i, sample j) on the nodes, and wait for each one's first message, so that a failure
-    to start (no node, queue full, bad request on the node) is still an HTTP error with the right status;
+ 1. start every choice (prompt i, sample j) on the nodes, and wait for each one's first message, so that a
+    failure to start (no node, queue full, bad request on the node) is still an HTTP error with the right
+    status;
  2. relay: plain JSON after every choice finished, or SSE chunks as tokens arrive;
  3. end: usage (cached tokens included), timings in the `x-pdserve-timings` header or the final chunk's usage.
-A client that disconnects (while waiting, or mid-stream) gets every unfinished choice aborted on its decode node.
-An error after the stream started is sent as an SSE `{"error": ...}` event, then `[DONE]`.
+A client that disconnects (while waiting, or mid-stream) gets every unfinished choice aborted on its decode
+node. An error after the stream started is sent as an SSE `{"error": ...}` event, then `[DONE]`.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class RequestJob:
         self.recorded = False
         self.tasks: list[asyncio.Task] = []  # a stream's per-choice relays
 
-    # ---- 1. start -----------------------------------------------------------------------------------------------
+    # ---- 1. start ------------------------------------------------------------------------------------------
     async def start(self) -> None:
         req, n = self.req, self.req.params.n
         deadline = self.arrival + self.s.request_timeout_s
@@ -128,7 +129,7 @@ class RequestJob:
             self.s.metrics.ttft.observe(c.run.first_token_at - self.arrival)
         return delta
 
-    # ---- 3. usage and timings -----------------------------------------------------------------------------------
+    # ---- 3. usage and timings ------------------------------------------------------------------------------
     def usage(self) -> dict:
         n = self.req.params.n
         prompt_tokens = sum(len(p) for p in self.req.prompts)
@@ -179,7 +180,7 @@ class RequestJob:
         m.cached_tokens.inc(usage["prompt_tokens_details"]["cached_tokens"])
         m.generation_tokens.inc(usage["completion_tokens"])
 
-    # ---- 2a. plain JSON -----------------------------------------------------------------------------------------
+    # ---- 2a. plain JSON ------------------------------------------------------------------------------------
     async def collect(self) -> dict:
         async def drive(c: ChoiceState, first) -> None:
             msg = first
@@ -236,7 +237,7 @@ class RequestJob:
             "usage": self.usage(),
         }
 
-    # ---- 2b. server-sent events ---------------------------------------------------------------------------------
+    # ---- 2b. server-sent events ----------------------------------------------------------------------------
     def _chunk(self, choices: list[dict], usage: Optional[dict] = None) -> str:
         obj = "chat.completion.chunk" if self.req.kind == "chat" else "text_completion"
         body = {

@@ -1,5 +1,5 @@
-"""Suite-wide setup. Triton kernels run under the interpreter without a GPU; that switch must be set before any
-kernel module is imported (triton reads it when @triton.jit decorates), so it is set here, first."""
+"""Suite-wide setup. Triton kernels run under the interpreter without a GPU; that switch must be set before
+any kernel module is imported (triton reads it when @triton.jit decorates), so it is set here, first."""
 
 import os
 import shutil

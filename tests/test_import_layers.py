@@ -1,10 +1,10 @@
 """Imports point one way and never form a circle (static: every import statement of every module, lazy ones
 inside functions too).
 
-Layers, lowest first: wire < kernels < engine < kvconnector < node_runtime < roles < launch. A package may import
-its own layer and lower ones; the two roles never import each other; the proxy imports only wire; tools imports
-only wire (and torch). bench and tests may import anything. Between modules of the repository there is no cycle,
-not even inside one package.
+Layers, lowest first: wire < kernels < engine < kvconnector < node_runtime < roles < launch. A package may
+import its own layer and lower ones; the two roles never import each other; the proxy imports only wire; tools
+imports only wire (and torch). bench and tests may import anything. Between modules of the repository there is
+no cycle, not even inside one package.
 """
 
 import ast
@@ -51,7 +51,9 @@ def imports(path: pathlib.Path, name: str, known: dict) -> set[str]:
             if node.level:
                 anchor = name.split(".")[: len(name.split(".")) - node.level + (1 if is_package else 0)]
                 base = ".".join(anchor + ([base] if base else []))
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+            targets = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names
+            ]
         else:
             continue
         for target in targets:

@@ -1,19 +1,21 @@
-"""`pdserve make-model`: write a complete Hugging Face checkpoint folder with random weights and a real tokenizer.
+"""`pdserve make-model`: write a complete Hugging Face checkpoint folder with random weights and a real
+tokenizer.
 
-The family picks the architecture (Llama, Qwen2 with q/k/v bias, Mistral), the preset picks the shapes (tiny for
-tests, or the real shapes of Qwen2.5-0.5B and Llama-3.1-8B for benchmarks). The folder loads offline with
+The family picks the architecture (Llama, Qwen2 with q/k/v bias, Mistral), the preset picks the shapes (tiny
+for tests, or the real shapes of Qwen2.5-0.5B and Llama-3.1-8B for benchmarks). The folder loads offline with
 `AutoModelForCausalLM` / `AutoTokenizer` and with our loader.
 
-Weights: every tensor comes from its own generator seeded by (seed, family, tensor name), so output is deterministic
-(byte for byte) and independent of write order. Projections keep unit variance (std 1/sqrt(fan_in)), so every layer
-moves the residual stream and a wrong attention or a mis-mapped weight changes the output; norm weights and biases
-are random (not 1 and 0) so a loader that skipped them would be caught. Embeddings have std 0.02 as trained models
-do (with tied weights a large embedding makes every token predict itself); the head gives logits a std of about 4
-(`LM_HEAD_GAIN`; tied models get that scale from the final norm weight). Greedy output is then varied, with a median
-top-1 margin of 0.6-1 logit. Margins and numerical noise scale together, so no random init makes bf16 tokens
-immune to near-ties: measured on the Qwen2.5-0.5B shape, two bf16 implementations (eager vs sdpa attention)
-disagree on about 5% of argmaxes. bf16 token checks must tolerate positions where the reference's top-2 gap is tiny.
-Large presets are written tensor by tensor into <=2 GB shards, a few tensors generated ahead on worker threads.
+Weights: every tensor comes from its own generator seeded by (seed, family, tensor name), so output is
+deterministic (byte for byte) and independent of write order. Projections keep unit variance (std
+1/sqrt(fan_in)), so every layer moves the residual stream and a wrong attention or a mis-mapped weight changes
+the output; norm weights and biases are random (not 1 and 0) so a loader that skipped them would be caught.
+Embeddings have std 0.02 as trained models do (with tied weights a large embedding makes every token predict
+itself); the head gives logits a std of about 4 (`LM_HEAD_GAIN`; tied models get that scale from the final
+norm weight). Greedy output is then varied, with a median top-1 margin of 0.6-1 logit. Margins and numerical
+noise scale together, so no random init makes bf16 tokens immune to near-ties: measured on the Qwen2.5-0.5B
+shape, two bf16 implementations (eager vs sdpa attention) disagree on about 5% of argmaxes. bf16 token checks
+must tolerate positions where the reference's top-2 gap is tiny. Large presets are written tensor by tensor
+into <=2 GB shards, a few tensors generated ahead on worker threads.
 """
 
 from __future__ import annotations
@@ -145,7 +147,8 @@ def build_config(family: str, preset: Preset, dtype: str) -> dict:
             max_window_layers=preset.num_hidden_layers,
         )
     elif family == "mistral":
-        # Above max_position_embeddings, so the window never bites (see engine/checkpoint.py for when it does).
+        # Above max_position_embeddings, so the window never bites (see engine/checkpoint.py for when it
+        # does).
         config.update(sliding_window=2 * preset.max_position_embeddings)
     return config
 
@@ -288,7 +291,8 @@ def make_model(
 
 
 def _remove_old_weights(path: str) -> None:
-    """A folder written before (another preset, sharded or not) must not leave weights the loader would pick up."""
+    """A folder written before (another preset, sharded or not) must not leave weights the loader would pick
+    up."""
     for name in os.listdir(path):
         if name == "model.safetensors.index.json" or (
             name.startswith("model") and name.endswith((".safetensors", ".safetensors.partial"))

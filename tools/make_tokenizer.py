@@ -1,17 +1,18 @@
 """Train the real byte-level BPE tokenizer that `pdserve make-model` ships with every random checkpoint.
 
-Trained offline with the `tokenizers` library on `tools/tokenizer_corpus.py`, so encode/decode, special tokens and
-the chat template behave like a hub checkpoint's. Decisions:
+Trained offline with the `tokenizers` library on `tools/tokenizer_corpus.py`, so encode/decode, special tokens
+and the chat template behave like a hub checkpoint's. Decisions:
 
 - Special tokens take ids 0..4: `<|begin_of_text|>` (bos), `<|end_of_text|>` (eos), `<|pad|>`, and the ChatML
   markers `<|im_start|>` / `<|im_end|>`. The 256 byte symbols follow, then the learned merges.
 - The tokenizer's size always equals config.json's `vocab_size`, so every id the model can emit decodes. The
-  corpus yields far fewer merges than a 128k/152k vocabulary, so the rest is filled with `<|reserved_N|>` entries
-  in the BPE vocabulary itself (no merge reaches them; they decode to their literal text). Added tokens would work
-  too, but 150k of them make `AutoTokenizer.from_pretrained` take ~6 s instead of ~0.2 s.
-- Llama and Mistral add bos at the start (a TemplateProcessing post-processor, like Llama 3); Qwen2 adds nothing
-  and has no bos token. The chat template is ChatML; for families with bos it starts with `{{ bos_token }}`, so
-  rendered chat text must be encoded with add_special_tokens=False (as HF's apply_chat_template(tokenize=True) does).
+  corpus yields far fewer merges than a 128k/152k vocabulary, so the rest is filled with `<|reserved_N|>`
+  entries in the BPE vocabulary itself (no merge reaches them; they decode to their literal text). Added
+  tokens would work too, but 150k of them make `AutoTokenizer.from_pretrained` take ~6 s instead of ~0.2 s.
+- Llama and Mistral add bos at the start (a TemplateProcessing post-processor, like Llama 3); Qwen2 adds
+  nothing and has no bos token. The chat template is ChatML; for families with bos it starts with `{{
+  bos_token }}`, so rendered chat text must be encoded with add_special_tokens=False (as HF's
+  apply_chat_template(tokenize=True) does).
 - Generation stops at `<|end_of_text|>` or `<|im_end|>`: both are in generation_config.json's eos_token_id.
 """
 
@@ -60,8 +61,8 @@ QWEN2_SPLIT_PATTERN = (
 
 
 def _empty_tokenizer(family: str):
-    """An untrained BPE with the family's text pipeline: GPT-2 style byte-level splitting for Llama and Mistral;
-    NFC, Qwen2's split pattern, then byte-level for Qwen2."""
+    """An untrained BPE with the family's text pipeline: GPT-2 style byte-level splitting for Llama and
+    Mistral; NFC, Qwen2's split pattern, then byte-level for Qwen2."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     tok = Tokenizer(models.BPE())

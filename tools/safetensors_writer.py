@@ -1,8 +1,8 @@
 """Write safetensors files one tensor at a time, so a 16 GB checkpoint never sits in memory whole.
 
 The format is an 8-byte little-endian header length, a JSON header naming each tensor's dtype, shape and byte
-range, then the raw bytes. Shapes and dtypes are known before any tensor exists, so the header is written first
-and each tensor is produced, written and dropped in turn. Files above `max_shard_bytes` are split into
+range, then the raw bytes. Shapes and dtypes are known before any tensor exists, so the header is written
+first and each tensor is produced, written and dropped in turn. Files above `max_shard_bytes` are split into
 `model-0000i-of-0000n.safetensors` shards with `model.safetensors.index.json`, as Hugging Face lays them out.
 """
 
@@ -92,7 +92,8 @@ def write_file(
     on_bytes: Callable[[int], None],
     workers: int = 1,
 ) -> None:
-    """Write one safetensors file; `make_tensor(spec)` must return a CPU tensor of `dtype` and `spec.shape`."""
+    """Write one safetensors file; `make_tensor(spec)` must return a CPU tensor of `dtype` and
+    `spec.shape`."""
     tmp = path + ".partial"  # a crash never leaves a file that looks complete
     with open(tmp, "wb") as f:
         f.write(_header(specs, dtype))

@@ -1,5 +1,5 @@
-"""What crosses a process boundary or serves the proxy; torch-free (stdlib, msgspec/msgpack, pyzmq, tokenizers,
-jinja2). The proxy imports only this package; every other package may import it.
+"""What crosses a process boundary or serves the proxy; torch-free (stdlib, msgspec/msgpack, pyzmq,
+tokenizers, jinja2). The proxy imports only this package; every other package may import it.
 
 frames.py         signed, versioned msgpack frames (FrameCodec / SignedCodec) and the KV link's messages
 node_messages.py  node RPC messages (Generate, Prefill, FirstToken, Tokens, ...), heartbeats, node roles

@@ -1,10 +1,10 @@
 """ZMQ CURVE on the node sockets (RPC, events), switched on by $PDSERVE_CURVE=1 on every process.
 
-CURVE encrypts each connection and authenticates the server: a client must know the server's long-term public key
-to complete the handshake. Here that key pair is derived from the shared frame-signing secret (`--kv-secret`), so
-only processes holding the secret can connect at all: an events subscriber without it gets nothing, and the
-prompt ids in Generate frames no longer travel in clear. Clients use a fresh key pair per socket. The same switch
-puts the KV control links under TLS (kvconnector/link_tls.py).
+CURVE encrypts each connection and authenticates the server: a client must know the server's long-term public
+key to complete the handshake. Here that key pair is derived from the shared frame-signing secret
+(`--kv-secret`), so only processes holding the secret can connect at all: an events subscriber without it gets
+nothing, and the prompt ids in Generate frames no longer travel in clear. Clients use a fresh key pair per
+socket. The same switch puts the KV control links under TLS (kvconnector/link_tls.py).
 """
 
 from __future__ import annotations

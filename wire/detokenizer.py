@@ -1,26 +1,30 @@
 """Incremental detokenization with stop strings, for streaming.
 
-Torch-free: the proxy detokenizes the token ids the decode node streams; the engine uses the same class offline.
-The tokenizer needs one method: `decode(ids, skip_special_tokens=...) -> str` (wire.tokenizer's wrapper,
-a `tokenizers.Tokenizer` and a transformers tokenizer all have it).
+Torch-free: the proxy detokenizes the token ids the decode node streams; the engine uses the same class
+offline. The tokenizer needs one method: `decode(ids, skip_special_tokens=...) -> str` (wire.tokenizer's
+wrapper, a `tokenizers.Tokenizer` and a transformers tokenizer all have it).
 
 How text is produced:
-- Only a short window of tokens is decoded per step: `_ids[prefix_off:read_off]` is text already settled, and the
-  new text is decode(window + new tokens) minus decode(window). Decoding with a few tokens of left context (the last
-  prompt tokens at first) keeps tokenizers that drop a leading space at the start of a sequence (SentencePiece's
-  Metaspace) right, and keeps the cost per token constant instead of re-decoding the whole output.
-- Text ending in U+FFFD is held back: a multi-byte character split across tokens decodes to U+FFFD until its last
-  byte arrives. `finish()` flushes whatever is still held (a genuinely invalid byte sequence then shows as U+FFFD).
+- Only a short window of tokens is decoded per step: `_ids[prefix_off:read_off]` is text already settled, and
+  the new text is decode(window + new tokens) minus decode(window). Decoding with a few tokens of left context
+  (the last prompt tokens at first) keeps tokenizers that drop a leading space at the start of a sequence
+  (SentencePiece's Metaspace) right, and keeps the cost per token constant instead of re-decoding the whole
+  output.
+- Text ending in U+FFFD is held back: a multi-byte character split across tokens decodes to U+FFFD until its
+  last byte arrives. `finish()` flushes whatever is still held (a genuinely invalid byte sequence then shows
+  as U+FFFD).
 
 Stop strings:
-- The generated text (never the prompt) is searched after each token; the first occurrence ends the output: the
-  text is cut at its start (or after it with include_stop_str_in_output), `stopped` names the stop string and
-  later tokens are ignored. With several stop strings, the one completed first wins (ties: the earlier start), which
-  is what a character-by-character stream would see, so the result does not depend on how tokens were batched.
-- While streaming, the longest tail of the text that could still begin a stop string is held back, so no delta ever
-  contains text that a later cut removes. Deltas concatenate to `text`.
-- With stop strings, tokens passed together to `add()` are processed one at a time so that `num_tokens` says exactly
-  which token completed the stop (the engine keeps that token and drops the ones after it, as vLLM does).
+- The generated text (never the prompt) is searched after each token; the first occurrence ends the output:
+  the text is cut at its start (or after it with include_stop_str_in_output), `stopped` names the stop string
+  and later tokens are ignored. With several stop strings, the one completed first wins (ties: the earlier
+  start), which is what a character-by-character stream would see, so the result does not depend on how tokens
+  were batched.
+- While streaming, the longest tail of the text that could still begin a stop string is held back, so no delta
+  ever contains text that a later cut removes. Deltas concatenate to `text`.
+- With stop strings, tokens passed together to `add()` are processed one at a time so that `num_tokens` says
+  exactly which token completed the stop (the engine keeps that token and drops the ones after it, as vLLM
+  does).
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ class IncrementalDetokenizer:
     # ---- public -------------------------------------------------------------------------------------------
     @property
     def text(self) -> str:
-        """All text decoded so far, held-back tail included; after finish() or a stop, the final output text."""
+        """All text decoded so far, held-back tail included; after finish() or a stop, the final output
+        text."""
         return self._text
 
     @property

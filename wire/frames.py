@@ -10,28 +10,28 @@ Two layers, so other links (proxy <-> node) reuse the first with their own schem
        tag2    HMAC-SHA256(key, context + prefix + header)          (32 bytes)
        body    raw bytes (a tensor's bytes; dtype and shape travel in the header), possibly empty
        tag3    HMAC-SHA256(key, context + prefix + header + body)   (32 bytes)
-   A stream reader reads the fixed 60 bytes, checks tag1, and only then trusts the lengths: a peer without the key
-   makes it allocate nothing (a 36-byte prefix declaring a 4 GiB body used to be allocated and zeroed before the
-   MAC was checked). The header is read within its limit and decoded only after tag2; the body's size must then
-   be what that message type allows (`body_limit`) and is read in bounded chunks before tag3 is checked. Nothing
-   is unpickled.
-   Replay: the sequence number is inside every tag. A KV link (kvconnector/link.py) signs with per-session keys
-   derived from a nonce from each side, and wants sequence numbers 0, 1, 2, ... in order, so a frame replayed or
-   reordered on that link, or a captured handshake replayed on a new one, fails. ZMQ sockets (node RPC) put the
-   sender's identity in `context` and use `wire.replay.ReplayGuard`: time-based sequence numbers, strictly increasing per
-   sender, within a window of the receiver's clock.
+   A stream reader reads the fixed 60 bytes, checks tag1, and only then trusts the lengths: a peer without the
+   key makes it allocate nothing (a 36-byte prefix declaring a 4 GiB body used to be allocated and zeroed
+   before the MAC was checked). The header is read within its limit and decoded only after tag2; the body's
+   size must then be what that message type allows (`body_limit`) and is read in bounded chunks before tag3 is
+   checked. Nothing is unpickled.
+   Replay: the sequence number is inside every tag. A KV link (kvconnector/link.py) signs with per-session
+   keys derived from a nonce from each side, and wants sequence numbers 0, 1, 2, ... in order, so a frame
+   replayed or reordered on that link, or a captured handshake replayed on a new one, fails. ZMQ sockets (node
+   RPC) put the sender's identity in `context` and use `wire.replay.ReplayGuard`: time-based sequence numbers,
+   strictly increasing per sender, within a window of the receiver's clock.
 2. `Schema`: a set of msgspec Struct types (tagged unions) with a schema version; decoding validates types and
    ranges and raises `SchemaError` on violation.
 
 Every failure is a `WireError` subclass with a `reason` string that metrics count by (`truncated`, `version`,
 `oversized`, `hmac`, `schema`, `garbage`, `replay`). `recoverable` says whether a stream can go on after it: a
 schema violation in an authenticated frame leaves the stream intact; anything else (a bad tag, a bad magic, a
-wrong frame version, an oversized length, a truncated frame, a replay) does not, so a stream reader closes that
-connection (the node keeps serving the others).
+wrong frame version, an oversized length, a truncated frame, a replay) does not, so a stream reader closes
+that connection (the node keeps serving the others).
 
-The shared secret: `--kv-secret`, else env `PDSERVE_KV_SECRET`, else a fixed development secret with a warning.
-Confidentiality: frames are authenticated, not encrypted. Prompt token ids (Generate, Prefill, Reserve's block
-hashes) and KV bytes travel in clear; run the node network on a trusted segment.
+The shared secret: `--kv-secret`, else env `PDSERVE_KV_SECRET`, else a fixed development secret with a
+warning. Confidentiality: frames are authenticated, not encrypted. Prompt token ids (Generate, Prefill,
+Reserve's block hashes) and KV bytes travel in clear; run the node network on a trusted segment.
 """
 
 from __future__ import annotations
@@ -142,7 +142,8 @@ def _context(context: bytes) -> bytes:
 
 
 class FrameCodec:
-    """Builds and checks frames. `encode` returns buffers for a gather write so a large body is never copied."""
+    """Builds and checks frames. `encode` returns buffers for a gather write so a large body is never
+    copied."""
 
     def __init__(self, secret: bytes, max_header: int = DEFAULT_MAX_HEADER, max_body: int = DEFAULT_MAX_BODY):
         self._secret = secret
@@ -252,7 +253,8 @@ class FrameCodec:
 
 
 class Schema:
-    """A versioned set of tagged msgspec Structs. decode() checks the schema version, then types and ranges."""
+    """A versioned set of tagged msgspec Structs. decode() checks the schema version, then types and
+    ranges."""
 
     def __init__(self, name: str, version: int, types: Sequence[type]):
         self.name, self.version, self.types = name, version, tuple(types)
@@ -324,7 +326,7 @@ class TensorMeta(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
         return n
 
 
-# ---------------------------------------------------------------------------------------------------- KV schema
+# -------------------------------------------------------------------------------------------------- KV schema
 
 
 class Handshake(Message, tag="handshake"):
@@ -375,7 +377,8 @@ class Handshake(Message, tag="handshake"):
 
 
 class KVChunk(Message, tag="kv_chunk"):
-    """Layers [first_layer, first_layer + num_layers) of some blocks; the tensor is [num_layers, 2, n, *block].
+    """Layers [first_layer, first_layer + num_layers) of some blocks; the tensor is [num_layers, 2, n,
+    *block].
 
     Only the tcp data plane sends it: the tensor is this frame's body."""
 
@@ -418,7 +421,8 @@ KV_SCHEMA = Schema("kv", 2, [Handshake, KVChunk, Done, Abort, Heartbeat])
 
 
 def body_limit(msg: msgspec.Struct) -> int:
-    """How many body bytes a message of this type may carry: a KV chunk its tensor's bytes, anything else none."""
+    """How many body bytes a message of this type may carry: a KV chunk its tensor's bytes, anything else
+    none."""
     if isinstance(msg, KVChunk):
         return msg.tensor.nbytes()
     return 0

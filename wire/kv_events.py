@@ -8,7 +8,8 @@ spare our own callers from spelling them.) Block hashes are the 64-bit integers 
 `len(token_ids) == block_size * len(block_hashes)`.
 
 On ZMQ PUB a batch travels as the multipart message `event_frames(topic, seq, payload)`: the topic, an 8-byte
-big-endian sequence number (one per batch, from 0, per publisher) and `encode_batch`'s payload, as vLLM publishes.
+big-endian sequence number (one per batch, from 0, per publisher) and `encode_batch`'s payload, as vLLM
+publishes.
 """
 
 from __future__ import annotations

@@ -1,13 +1,16 @@
 """Proxy <-> node and decode <-> prefill control messages (torch-free), on top of wire.py's signed frames.
 
-Sockets. Every rpc frame is wire.py's signed frame (magic, versions, msgpack header, HMAC-SHA256 with the shared
---kv-secret) carrying one of the tagged maps below, one ZMQ message part per frame (`make_codec(secret)`).
-- Each node binds a ZMQ ROUTER "rpc" socket. A proxy connects one DEALER per node, identity = the proxy id; a decode
-  node driving a prefill node does the same with its node id. A DEALER sends the frame as one part (an empty
-  delimiter part before it, REQ style, is tolerated); the node answers [identity, frame]. Readers take the last part.
-- Each node binds a ZMQ PUB "events" socket and publishes multipart [topic, seq (8 bytes big-endian, per topic),
-  payload]:
-      b"kv-events"  payload = vLLM-format KVEventBatch (wire.kv_events), plain msgpack so other indexers read it
+Sockets. Every rpc frame is wire.py's signed frame (magic, versions, msgpack header, HMAC-SHA256 with the
+shared --kv-secret) carrying one of the tagged maps below, one ZMQ message part per frame
+(`make_codec(secret)`).
+- Each node binds a ZMQ ROUTER "rpc" socket. A proxy connects one DEALER per node, identity = the proxy id; a
+  decode node driving a prefill node does the same with its node id. A DEALER sends the frame as one part (an
+  empty delimiter part before it, REQ style, is tolerated); the node answers [identity, frame]. Readers take
+  the last part.
+- Each node binds a ZMQ PUB "events" socket and publishes multipart [topic, seq (8 bytes big-endian, per
+  topic), payload]:
+      b"kv-events"  payload = vLLM-format KVEventBatch (wire.kv_events), plain msgpack so other indexers read
+                    it
       b"heartbeat"  payload = plain msgpack map, `NodeHeartbeat` below, every HEARTBEAT_INTERVAL_S
   A reader takes the first part as topic and the last as payload. A seq that goes backwards means the node
   restarted (its cache is empty).
@@ -18,14 +21,15 @@ Flow (docs/architecture.md, "A request's way"):
     decode -> prefill   Prefill, Abort
     prefill -> decode   FirstToken, Error, PrefillDone (the KV transfer ended, ok or not)
 An Abort ends the request everywhere and frees its blocks; the node answers it with a final
-Tokens(finished=True, finish_reason="abort"). `Error.retryable` means nothing was streamed and another node may
-succeed (the prefill node died before the first token, a queue was full): the proxy re-sends elsewhere.
+Tokens(finished=True, finish_reason="abort"). `Error.retryable` means nothing was streamed and another node
+may succeed (the prefill node died before the first token, a queue was full): the proxy re-sends elsewhere.
 
 Field conventions:
-- `params` is `SamplingParams.to_dict()`; the node rebuilds it with `SamplingParams.from_dict()`, which validates.
+- `params` is `SamplingParams.to_dict()`; the node rebuilds it with `SamplingParams.from_dict()`, which
+  validates.
 - `deadline_s` is a budget in seconds from receipt (two machines' clocks are never compared); 0 = none.
-- `logprobs`, per generated token: [top_ids, top_logprobs, sampled_logprob, sampled_rank] (rank 1 = most likely);
-  `logprob_entry()` reads one.
+- `logprobs`, per generated token: [top_ids, top_logprobs, sampled_logprob, sampled_rank] (rank 1 = most
+  likely); `logprob_entry()` reads one.
 - `timings` (final Tokens): seconds, keys TIMING_KEYS; a missing key is 0.
 - `finish_reason`: "stop" (EOS or a stop token), "length" (max_tokens or the context is full), "abort".
   Stop *strings* are the proxy's: it detokenizes, cuts the text and sends Abort.
@@ -52,7 +56,8 @@ MAX_PROMPT_TOKENS = 1 << 20
 
 
 class NodeRole(str, enum.Enum):
-    """What a node serves, as heartbeats, /health, metrics labels and `pdserve up` name it; set by its kv_role."""
+    """What a node serves, as heartbeats, /health, metrics labels and `pdserve up` name it; set by its
+    kv_role."""
 
     PREFILL = "prefill"  # kv_producer
     DECODE = "decode"  # kv_consumer
@@ -151,7 +156,7 @@ class Error(Message, tag="error"):
             raise ValueError(f"status {self.status} is not an error status")
 
 
-# ------------------------------------------------------------------------------------------ decode <-> prefill
+# ----------------------------------------------------------------------------------------- decode <-> prefill
 
 
 class Prefill(Message, tag="prefill"):

@@ -1,10 +1,10 @@
 """Replay protection for whole-frame transports (ZMQ): per sender, sequence numbers must rise.
 
 Senders number frames with `FrameCodec.next_seq()`, nanoseconds since the epoch (strictly increasing), so a
-restarted sender still counts upward. A receiver refuses a frame whose number is not above the last one from that
-sender (replayed or reordered), or is further than the window from its own clock (a replay after the receiver
-forgot the sender, or clocks out of sync). The sender is whatever the frame's MAC binds (its ZMQ identity), so a
-captured frame sent again under another identity fails its MAC first.
+restarted sender still counts upward. A receiver refuses a frame whose number is not above the last one from
+that sender (replayed or reordered), or is further than the window from its own clock (a replay after the
+receiver forgot the sender, or clocks out of sync). The sender is whatever the frame's MAC binds (its ZMQ
+identity), so a captured frame sent again under another identity fails its MAC first.
 """
 
 from __future__ import annotations

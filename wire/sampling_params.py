@@ -1,15 +1,16 @@
 """Per-request sampling parameters, shaped like vLLM's `SamplingParams`.
 
-Torch-free: the proxy builds these from OpenAI requests, validates them before routing, and ships them to the nodes
-with `to_dict()` (plain msgpack-able types); the nodes rebuild them with `from_dict()`, which validates again, so a
-malformed or hostile wire message can never produce an out-of-range parameter on a node.
+Torch-free: the proxy builds these from OpenAI requests, validates them before routing, and ships them to the
+nodes with `to_dict()` (plain msgpack-able types); the nodes rebuild them with `from_dict()`, which validates
+again, so a malformed or hostile wire message can never produce an out-of-range parameter on a node.
 
 Decisions:
-- Greedy when temperature < 1e-5 (0 included) or top_k == 1: dividing logits by a temperature that small overflows,
-  and argmax is what such a request means.
+- Greedy when temperature < 1e-5 (0 included) or top_k == 1: dividing logits by a temperature that small
+  overflows, and argmax is what such a request means.
 - top_k 0 and -1 both mean "off" (OpenAI clients send -1, vLLM historically used -1); it is stored as 0.
 - max_tokens None means "until the context is full" (the engine caps it by --max-model-len).
-- logprobs k in [0, 20]: 0 returns only the sampled token's logprob, k > 0 also the top k (OpenAI's limit is 20).
+- logprobs k in [0, 20]: 0 returns only the sampled token's logprob, k > 0 also the top k (OpenAI's limit is
+  20).
 - `from_dict` rejects unknown keys: a node silently ignoring a sampling field a newer proxy sent would produce
   output the user did not ask for.
 """

@@ -1,10 +1,12 @@
 """A checkpoint's tokenizer over the `tokenizers` library and jinja2, without torch or transformers.
 
 The proxy imports this module, so it must stay torch-free (a test checks). It reads the files a hub checkpoint
-ships: tokenizer.json (encoding, decoding, special tokens), tokenizer_config.json (bos/eos names, chat template),
-chat_template.jinja if present, and config.json / generation_config.json for the end-of-sequence ids.
+ships: tokenizer.json (encoding, decoding, special tokens), tokenizer_config.json (bos/eos names, chat
+template), chat_template.jinja if present, and config.json / generation_config.json for the end-of-sequence
+ids.
 
-- `encode(text)` gives the ids HF's AutoTokenizer gives (the post-processor in tokenizer.json adds bos or not).
+- `encode(text)` gives the ids HF's AutoTokenizer gives (the post-processor in tokenizer.json adds bos or
+  not).
 - `apply_chat_template` renders with a sandboxed jinja2 environment set up like transformers'
   (trim_blocks, lstrip_blocks, loop controls, `raise_exception`, `strftime_now`, a plain-JSON `tojson`), so
   templates render the same text. Templates using transformers' `{% generation %}` tag are not supported.
@@ -103,8 +105,8 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if len(text) > LONG_TEXT_CHARS:
-            # The backend's single encode holds the GIL throughout; its batch encode releases it (same ids), so
-            # a long text tokenized in a worker thread does not stall the thread running the event loop.
+            # The backend's single encode holds the GIL throughout; its batch encode releases it (same ids),
+            # so a long text tokenized in a worker thread does not stall the thread running the event loop.
             return self.encode_batch([text], add_special_tokens=add_special_tokens)[0]
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
@@ -168,7 +170,8 @@ class Tokenizer:
             raise CheckpointError(f"{self.model_dir}: the chat template does not compile ({exc})") from None
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
-        """Render messages ([{"role", "content"}]) to the prompt text; `extra` reaches the template as variables."""
+        """Render messages ([{"role", "content"}]) to the prompt text; `extra` reaches the template as
+        variables."""
         variables = {
             "bos_token": self.bos_token or "",
             "eos_token": self.eos_token or "",

@@ -1,10 +1,12 @@
-"""KV data planes: one-sided writes of a layer's blocks into the blocks a peer reserved, chosen by `kv_connector`.
+"""KV data planes: one-sided writes of a layer's blocks into the blocks a peer reserved, chosen by
+`kv_connector`.
 
-    tcp       the bytes travel as signed frame bodies on the control link and the consumer's link thread writes
-              them into its cache (CPU, tests; any device works, through host memory).
-    cuda_ipc  GPUs of one host: the consumer exports its whole KV cache once (CUDA IPC handle, in its handshake);
-              the producer maps it and, after each layer, one kernel copies that layer's blocks into the peer's
-              memory (NVLink between GPUs, the same HBM when both processes share a GPU). The GPU default.
+    tcp       the bytes travel as signed frame bodies on the control link and the consumer's link thread
+              writes them into its cache (CPU, tests; any device works, through host memory).
+    cuda_ipc  GPUs of one host: the consumer exports its whole KV cache once (CUDA IPC handle, in its
+              handshake); the producer maps it and, after each layer, one kernel copies that layer's blocks
+              into the peer's memory (NVLink between GPUs, the same HBM when both processes share a GPU). The
+              GPU default.
 The consumer's host does nothing per layer on either plane: it hears one `Done` per request.
 """
 

@@ -1,14 +1,17 @@
 """The one-sided data plane interface, and tensor helpers its implementations share.
 
 Producer (prefill node), all on the forward thread except `fence`:
-    begin_step()                 before a step's forward: nothing may overwrite source blocks an earlier step's
-                                 writes have not read yet (the engine frees a prefilled request's blocks at once)
+    begin_step()                 before a step's forward: nothing may overwrite source blocks an earlier
+                                 step's writes have not read yet (the engine frees a prefilled request's
+                                 blocks at once)
     end_step()                   after it, whether or not the forward completed
     stage(writes)                after the step's plan: per peer, its requests' local -> remote block ids
-    write_layer(writes, layer)   after layer `layer` wrote its KV: put that layer's blocks into the peer's blocks
+    write_layer(writes, layer)   after layer `layer` wrote its KV: put that layer's blocks into the peer's
+                                 blocks
     fence(link) -> Fence         completes once every write issued so far to that peer has landed there
-Consumer (decode node): `local_info()` goes into its handshake (what a producer needs to write into its cache);
-`receive(header, body)` is for planes whose bytes arrive on the control link (tcp) and returns the tensor.
+Consumer (decode node): `local_info()` goes into its handshake (what a producer needs to write into its
+cache); `receive(header, body)` is for planes whose bytes arrive on the control link (tcp) and returns the
+tensor.
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ class PeerWrites:
 
 
 class Fence:
-    """A point on the data plane: `wait()` blocks (GIL released, no spinning) until every write issued before it
-    has landed; `exposed_s` is the time the last write outlived the compute it followed, where measured."""
+    """A point on the data plane: `wait()` blocks (GIL released, no spinning) until every write issued before
+    it has landed; `exposed_s` is the time the last write outlived the compute it followed, where measured."""
 
     def wait(self) -> None:
         pass
@@ -64,7 +67,8 @@ class DataPlane(abc.ABC):
         self.caches = list(caches)  # per layer [2, N, block_size, kv_heads, head_dim]
 
     def local_info(self) -> dict:
-        """What a producer needs to write into our cache; sent only in our answer to an authenticated handshake."""
+        """What a producer needs to write into our cache; sent only in our answer to an authenticated
+        handshake."""
         return {}
 
     def check_peer(self, ours: Handshake, theirs: Handshake) -> str:

@@ -1,16 +1,16 @@
 """cuda_ipc data plane: the producer writes straight into the consumer's KV cache, mapped over CUDA IPC.
 
-Fabric: GPUs of one host. Between two GPUs the copy kernel's stores cross NVLink (or PCIe) as peer writes; when
-both processes share one GPU they are plain stores into the same HBM.
+Fabric: GPUs of one host. Between two GPUs the copy kernel's stores cross NVLink (or PCIe) as peer writes;
+when both processes share one GPU they are plain stores into the same HBM.
 
-Consumer: exports its whole cache once (`local_info`: the IPC handle of the cache's allocation, offsets, layout)
-and sends it only in its answer to a handshake whose frame carried a valid MAC (the trust boundary: a peer
-holding the mapping can write anywhere in our cache, not only into the blocks it was given).
-Producer, per layer, on the forward thread: record the compute stream's position, make the copy stream wait for
-it, launch one `copy_blocks` on the copy stream (local blocks -> the peer's reserved blocks, every request of the
-step for that peer at once). A fence is a blocking-sync event on the copy stream: its waiter sleeps, no spinning.
-The next step's forward waits for the copy stream first, because the engine frees a prefilled request's blocks at
-once and a later step may reuse them (the wait costs at most the last layer's copy).
+Consumer: exports its whole cache once (`local_info`: the IPC handle of the cache's allocation, offsets,
+layout) and sends it only in its answer to a handshake whose frame carried a valid MAC (the trust boundary: a
+peer holding the mapping can write anywhere in our cache, not only into the blocks it was given).
+Producer, per layer, on the forward thread: record the compute stream's position, make the copy stream wait
+for it, launch one `copy_blocks` on the copy stream (local blocks -> the peer's reserved blocks, every request
+of the step for that peer at once). A fence is a blocking-sync event on the copy stream: its waiter sleeps, no
+spinning. The next step's forward waits for the copy stream first, because the engine frees a prefilled
+request's blocks at once and a later step may reuse them (the wait costs at most the last layer's copy).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class CudaIpcDataPlane(DataPlane):
         self._retiring: list[tuple[torch.cuda.Event, list]] = []
         self._last_compute: Optional[torch.cuda.Event] = None  # timing event: the last layer computed
 
-    # ---- consumer: export -----------------------------------------------------------------------------------
+    # ---- consumer: export ----------------------------------------------------------------------------------
     def local_info(self) -> dict:
         first = self.caches[0]
         storage = first.untyped_storage()
@@ -78,7 +78,7 @@ class CudaIpcDataPlane(DataPlane):
             "layer_offsets": [c.storage_offset() * elem for c in self.caches],
         }
 
-    # ---- producer: map --------------------------------------------------------------------------------------
+    # ---- producer: map -------------------------------------------------------------------------------------
     def check_peer(self, ours: Handshake, theirs: Handshake) -> str:
         """Producer side only: the consumer never touches the producer's GPU."""
         if ours.role == "kv_consumer":
@@ -134,11 +134,11 @@ class CudaIpcDataPlane(DataPlane):
         return layers
 
     def close_link(self, link) -> None:
-        """Any thread. The mapping is not dropped here: copies the forward thread launched into it may still be
-        queued, and unmapping under them would fault this process's context. begin_step retires it."""
+        """Any thread. The mapping is not dropped here: copies the forward thread launched into it may still
+        be queued, and unmapping under them would fault this process's context. begin_step retires it."""
         self._retired.append((link.state.pop("copiers", None), link.state.pop("peer_cache", None)))
 
-    # ---- producer: the forward thread -----------------------------------------------------------------------
+    # ---- producer: the forward thread ----------------------------------------------------------------------
     def begin_step(self) -> None:
         if self._copied is not None:
             torch.cuda.current_stream(self.device).wait_event(self._copied)
@@ -148,7 +148,8 @@ class CudaIpcDataPlane(DataPlane):
 
     def _retire_mappings(self) -> None:
         """Forward thread (the only one that launches copies): drop mappings once the copy stream has passed
-        every copy launched before their link closed, so a dead peer's memory is let go (its GPU needs it back)."""
+        every copy launched before their link closed, so a dead peer's memory is let go (its GPU needs it
+        back)."""
         if self._retired:
             retired, self._retired = self._retired, []
             passed = torch.cuda.Event()

@@ -1,8 +1,8 @@
 """tcp data plane: each layer's blocks of each request travel as one signed frame on the control link (CPU).
 
-The producer gathers a request's blocks of the layer and sends them on the calling (forward) thread; the link is
-ordered, so by the time the consumer reads the request's `Done` its link thread has written every earlier frame
-into the cache, and a fence is complete as soon as it is taken. Any device works, through host memory.
+The producer gathers a request's blocks of the layer and sends them on the calling (forward) thread; the link
+is ordered, so by the time the consumer reads the request's `Done` its link thread has written every earlier
+frame into the cache, and a fence is complete as soon as it is taken. Any device works, through host memory.
 """
 
 from __future__ import annotations

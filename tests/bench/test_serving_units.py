@@ -160,8 +160,8 @@ def test_token_ids_avoid_special_tokens_and_chat_text_keeps_the_length(tmp_path)
 
 
 def test_the_client_imports_no_torch():
-    """`pdserve bench` runs on any client machine, as the proxy does; bench/serving.py must not open a CUDA context
-    on a GPU its nodes use."""
+    """`pdserve bench` runs on any client machine, as the proxy does; bench/serving.py must not open a CUDA
+    context on a GPU its nodes use."""
     import subprocess
     import sys
 

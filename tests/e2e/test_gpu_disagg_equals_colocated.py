@@ -1,6 +1,6 @@
-"""On GPUs, 1P1D (prefill on one node, KV written over cuda_ipc into the decode node's cache) gives the same greedy
-tokens as 0P2D (two colocated replicas) for the same prompts, over HTTP (httpx: the GPU machines have no openai
-package; the CPU end-to-end tests use the official client).
+"""On GPUs, 1P1D (prefill on one node, KV written over cuda_ipc into the decode node's cache) gives the same
+greedy tokens as 0P2D (two colocated replicas) for the same prompts, over HTTP (httpx: the GPU machines have
+no openai package; the CPU end-to-end tests use the official client).
 
 Prompts go one at a time so both clusters run the same shapes; a Qwen2.5-0.5B-shaped random model in bf16.
 """

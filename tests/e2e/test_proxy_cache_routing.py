@@ -1,5 +1,6 @@
-"""Cache-aware routing on a real 2 prefill + 2 decode cluster: a request whose prefix a node holds goes to that
-node (cached_tokens > 0, the Redis index holds the prefix's block hashes); with round_robin it does not."""
+"""Cache-aware routing on a real 2 prefill + 2 decode cluster: a request whose prefix a node holds goes to
+that node (cached_tokens > 0, the Redis index holds the prefix's block hashes); with round_robin it does
+not."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""End to end through `pdserve up --prefill 1 --decode 1` (real processes, CPU) with the official openai client:
-greedy output equals transformers' greedy continuation (disaggregated: prefill node -> KV transfer -> decode
-node; and colocated), streaming and not, chat and completions; seeded n=2; stop strings; logprobs; usage and
-cached tokens; timings; 200 concurrent streams."""
+"""End to end through `pdserve up --prefill 1 --decode 1` (real processes, CPU) with the official openai
+client: greedy output equals transformers' greedy continuation (disaggregated: prefill node -> KV transfer ->
+decode node; and colocated), streaming and not, chat and completions; seeded n=2; stop strings; logprobs;
+usage and cached tokens; timings; 200 concurrent streams."""
 
 from __future__ import annotations
 

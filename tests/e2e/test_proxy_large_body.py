@@ -1,6 +1,6 @@
 """A 10 MB body against a real `pdserve proxy` process: 413 (declared or streamed), /health answers within a
-second all the while, an allowed but oversized prompt is refused without being tokenized, and the proxy's memory
-returns near where it started."""
+second all the while, an allowed but oversized prompt is refused without being tokenized, and the proxy's
+memory returns near where it started."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Checkpoint reading: ArchConfig from config.json, sharded and single-file weights, and one clear CheckpointError
-line for every way a folder can be wrong."""
+"""Checkpoint reading: ArchConfig from config.json, sharded and single-file weights, and one clear
+CheckpointError line for every way a folder can be wrong."""
 
 import json
 import os

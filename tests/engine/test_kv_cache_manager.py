@@ -1,4 +1,5 @@
-"""KVCacheManager: prefix hits never cover the last token, allocation is all-or-nothing, free returns everything."""
+"""KVCacheManager: prefix hits never cover the last token, allocation is all-or-nothing, free returns
+everything."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Our decoder, run through the paged KV cache, gives Hugging Face's logits (fp32) for the same checkpoint:
-a whole-prompt prefill, decode steps, a prefill split in two chunks, and a step mixing a decode with a prefill."""
+a whole-prompt prefill, decode steps, a prefill split in two chunks, and a step mixing a decode with a
+prefill."""
 
 import itertools
 

@@ -1,6 +1,7 @@
 """Clients that leave before their answer: 50 non-streaming disconnects (n = 1 and n = 8, colocated and
 disaggregated) end their node work (no choice runs on to max_tokens; used blocks back to zero on both nodes),
-and the race behind the issue (a cancellation landing in the iteration the node's message arrives) is not lost."""
+and the race behind the issue (a cancellation landing in the iteration the node's message arrives) is not
+lost."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 The producer writes into a mapping of the consumer's cache. A consumer that dies mid-write must not crash the
 producer (stale mapping), which frees its blocks and serves a new consumer byte-exact; a producer that dies
-mid-write leaves a consumer whose node forgets the request, frees the blocks, and takes a new producer's writes.
+mid-write leaves a consumer whose node forgets the request, frees the blocks, and takes a new producer's
+writes.
 """
 
 import time

@@ -1,6 +1,6 @@
-"""Node faults with real processes: a prefill node frozen or killed before the first token, a decode node killed
-mid-request, malformed and unsigned frames on both nodes' sockets. Every case ends within --kv-timeout and leaves
-free + used + cached == total with nothing used."""
+"""Node faults with real processes: a prefill node frozen or killed before the first token, a decode node
+killed mid-request, malformed and unsigned frames on both nodes' sockets. Every case ends within --kv-timeout
+and leaves free + used + cached == total with nothing used."""
 
 from __future__ import annotations
 
@@ -142,8 +142,8 @@ def test_malformed_and_unsigned_frames_are_dropped_and_the_node_keeps_serving(pa
 
 
 def test_prefill_door_rejection_frees_the_decode_nodes_blocks_at_once(model_dir, logs, proxy):
-    """A prefill node that refuses at its door (queue full: 429) writes nothing, says so with prefill_done, and
-    the decode node frees the reserved blocks then, not after its quarantine (3 x --kv-timeout)."""
+    """A prefill node that refuses at its door (queue full: 429) writes nothing, says so with prefill_done,
+    and the decode node frees the reserved blocks then, not after its quarantine (3 x --kv-timeout)."""
     prefill = start_node("prefill", model_dir, logs, kv_timeout=KV_TIMEOUT, extra=["--max-num-waiting", "0"])
     decode = start_node("decode", model_dir, logs, kv_timeout=KV_TIMEOUT)
     try:

@@ -1,7 +1,7 @@
 """Poison requests (a stop id or prompt id past the 1,024-token vocabulary, the issue's
 `{"min_tokens": 1, "stop_token_ids": [5000]}`) among 8 concurrent requests, colocated and disaggregated:
-refused with a 4xx at the door (the proxy's, and a node's when the proxy is bypassed), never retried on another
-node, every other request completes, and no node logs a failed step."""
+refused with a 4xx at the door (the proxy's, and a node's when the proxy is bypassed), never retried on
+another node, every other request completes, and no node logs a failed step."""
 
 from __future__ import annotations
 

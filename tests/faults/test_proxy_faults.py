@@ -1,5 +1,5 @@
-"""Faults through real `pdserve up` clusters: a prefill node killed mid-request (re-routed, and new requests go
-to the live node), a decode node killed mid-stream (a clear error, no hang), a client that disconnects (its
+"""Faults through real `pdserve up` clusters: a prefill node killed mid-request (re-routed, and new requests
+go to the live node), a decode node killed mid-stream (a clear error, no hang), a client that disconnects (its
 blocks freed on both nodes, seen through the nodes' /metrics and /health), and Redis stopped (the proxy keeps
 serving from its in-process view and says so in its log and metrics)."""
 

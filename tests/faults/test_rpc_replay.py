@@ -1,6 +1,6 @@
-"""A node's RPC socket against replay and oversized frames: a captured, signed Generate sent again (on the same
-connection, or under another identity) is refused, counted and logged, and never runs twice; a 4 MB message is
-cut off by ZMQ (MAXMSGSIZE) before the node reads it; the node keeps serving throughout."""
+"""A node's RPC socket against replay and oversized frames: a captured, signed Generate sent again (on the
+same connection, or under another identity) is refused, counted and logged, and never runs twice; a 4 MB
+message is cut off by ZMQ (MAXMSGSIZE) before the node reads it; the node keeps serving throughout."""
 
 from __future__ import annotations
 

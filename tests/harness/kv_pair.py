@@ -1,9 +1,9 @@
 """A command-driven KV node in its own process (multiprocessing spawn), for the two-process tests.
 
-The test process sends (command, kwargs) over a Pipe and gets ("ok", value) or ("error", text) back. A node holds
-one connector (producer or consumer) at a time; `open` replaces it, so one pair of processes can run several
-dtypes and layouts. Blocks come from the engine's BlockPool (accounting: free + used + cached == total), with the
-free queue shuffled so block ids are random and disjoint per request.
+The test process sends (command, kwargs) over a Pipe and gets ("ok", value) or ("error", text) back. A node
+holds one connector (producer or consumer) at a time; `open` replaces it, so one pair of processes can run
+several dtypes and layouts. Blocks come from the engine's BlockPool (accounting: free + used + cached ==
+total), with the free queue shuffled so block ids are random and disjoint per request.
 """
 
 from __future__ import annotations
@@ -79,14 +79,16 @@ class Node:
         with self.lock:
             self.finished.setdefault(rid, {"ok": ok, "cause": timings.get("cause"), "calls": 0})
             self.finished[rid]["calls"] += 1
-        # a producer's blocks are free once its writes are done; a consumer's stay with the request unless it failed
+        # a producer's blocks are free once its writes are done; a consumer's stay with the request unless it
+        # failed
         if self.role == "producer" or not ok:
             self._on_free(rid)
 
-    # ------------------------------------------------------------------------------------------------ commands
+    # ----------------------------------------------------------------------------------------------- commands
 
     def reserve(self, rid: str, num_tokens: int, num_cached: int = 0):
-        """Consumer: allocate the blocks for prompt blocks num_cached.. and expect them (the decode node's part)."""
+        """Consumer: allocate the blocks for prompt blocks num_cached.. and expect them (the decode node's
+        part)."""
         with self.lock:
             blocks = self.pool.allocate(-(-num_tokens // self.pool.block_size) - num_cached)
             self.blocks[rid] = blocks
@@ -95,8 +97,8 @@ class Node:
         return {"remote": ids, "num_cached": num_cached}
 
     def wait_finished(self, rid: str, timeout: float = 10.0):
-        """Consumer: block until rid completed or failed here (the producer finishes at its own fence, before the
-        consumer has read its Done). -> the finished record, or None on timeout."""
+        """Consumer: block until rid completed or failed here (the producer finishes at its own fence, before
+        the consumer has read its Done). -> the finished record, or None on timeout."""
         deadline = time.monotonic() + timeout
         while rid not in self.finished and time.monotonic() < deadline:
             time.sleep(0.002)
@@ -118,8 +120,8 @@ class Node:
         layer_delay: float = 0.0,
         background: bool = False,
     ):
-        """Producer: bind the consumer's blocks, then 'prefill' in chunks of chunk_tokens, saving each layer; wait
-        for completion."""
+        """Producer: bind the consumer's blocks, then 'prefill' in chunks of chunk_tokens, saving each layer;
+        wait for completion."""
         from kvconnector.producer import StepProgress
 
         with self.lock:
@@ -158,8 +160,8 @@ class Node:
         return out
 
     def inject(self, address, kind: str) -> bool:
-        """Producer: put a malformed frame on the live, handshaken link to address; whether the link then closed
-        (within a bounded wait: the consumer refuses it and hangs up)."""
+        """Producer: put a malformed frame on the live, handshaken link to address; whether the link then
+        closed (within a bounded wait: the consumer refuses it and hangs up)."""
         from tests.harness.bad_frames import bad_frame
 
         link = self.conn.connect(tuple(address))

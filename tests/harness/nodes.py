@@ -1,5 +1,5 @@
-"""Helpers for the node tests (no tests here): real node processes on free loopback ports, and a tiny ZMQ DEALER
-client that plays the proxy. Imported by tests/e2e/test_nodes_*.py and tests/faults/test_node_*.py."""
+"""Helpers for the node tests (no tests here): real node processes on free loopback ports, and a tiny ZMQ
+DEALER client that plays the proxy. Imported by tests/e2e/test_nodes_*.py and tests/faults/test_node_*.py."""
 
 from __future__ import annotations
 
@@ -339,7 +339,8 @@ def prompts(seed: int, lengths: list[int]) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def nodes(model_dir, tmp_path_factory):
-    """A prefill node (chunked prefill: 32 tokens a step) and a decode node, KV over tcp; one pair per module."""
+    """A prefill node (chunked prefill: 32 tokens a step) and a decode node, KV over tcp; one pair per
+    module."""
     logs = str(tmp_path_factory.mktemp("node-logs"))
     prefill = start_node(
         "prefill", model_dir, logs, extra=["--max-num-batched-tokens", "32"]

@@ -1,6 +1,6 @@
-"""Fixtures for the proxy's tests and the end-to-end tests: free ports, a real Redis server, a scripted fake node
-(real ZMQ sockets, real signed frames: the proxy cannot tell it from a node), the proxy app under a real uvicorn,
-and `pdserve up` clusters of real processes.
+"""Fixtures for the proxy's tests and the end-to-end tests: free ports, a real Redis server, a scripted fake
+node (real ZMQ sockets, real signed frames: the proxy cannot tell it from a node), the proxy app under a real
+uvicorn, and `pdserve up` clusters of real processes.
 
 Every process and thread started here is stopped in the fixture's teardown.
 """
@@ -132,7 +132,7 @@ def redis_server():
         server.stop()
 
 
-# ---------------------------------------------------------------------------------------------------- fake node
+# -------------------------------------------------------------------------------------------------- fake node
 
 
 @dataclass
@@ -149,7 +149,8 @@ class Script:
 
 
 class FakeNode:
-    """A node on real sockets: ROUTER rpc + PUB events, heartbeats, scripted token streams, recorded messages."""
+    """A node on real sockets: ROUTER rpc + PUB events, heartbeats, scripted token streams, recorded
+    messages."""
 
     def __init__(
         self,
@@ -202,7 +203,7 @@ class FakeNode:
         self.pub.close(0)
         self.ctx.term()
 
-    # ---- test controls ----------------------------------------------------------------------------------------
+    # ---- test controls -------------------------------------------------------------------------------------
     def store_prompt(self, token_ids: list[int]) -> list[int]:
         """Publish BlockStored for the prompt's full blocks; returns their external hashes."""
         hashes = [external_block_hash(h) for h in hash_prompt_blocks(token_ids, self.block_size)]
@@ -228,7 +229,7 @@ class FakeNode:
     def messages(self, kind) -> list:
         return [m for m in list(self.received) if isinstance(m, kind)]
 
-    # ---- loop ---------------------------------------------------------------------------------------------------
+    # ---- loop ----------------------------------------------------------------------------------------------
     def _heartbeat(self) -> bytes:
         return msgpack.packb(
             {
@@ -383,7 +384,7 @@ def fake_nodes():
             node.stop()
 
 
-# ---------------------------------------------------------------------------------------------------- proxy app
+# -------------------------------------------------------------------------------------------------- proxy app
 
 
 @pytest.fixture(scope="session")
@@ -470,7 +471,7 @@ def proxy_factory(tokenizer_dir, monkeypatch):
             server.stop()
 
 
-# ---------------------------------------------------------------------------------------------------- real clusters
+# ---------------------------------------------------------------------------------------------- real clusters
 
 
 def nodes_missing() -> Optional[str]:

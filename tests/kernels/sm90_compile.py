@@ -1,7 +1,8 @@
-"""Compile every Triton kernel for Hopper (sm_90) with the launch configuration its wrapper picks on a GPU, without
-a GPU: the interpreter runs kernels but never compiles them, and some mistakes (loop-carried type changes, dot shape
-limits, constexpr misuse) only show in the compiler. Run as a script with TRITON_INTERPRET unset; it calls each
-wrapper on CPU tensors of real shapes, catches the launch, and compiles it instead. Exits non-zero on any failure."""
+"""Compile every Triton kernel for Hopper (sm_90) with the launch configuration its wrapper picks on a GPU,
+without a GPU: the interpreter runs kernels but never compiles them, and some mistakes (loop-carried type
+changes, dot shape limits, constexpr misuse) only show in the compiler. Run as a script with TRITON_INTERPRET
+unset; it calls each wrapper on CPU tensors of real shapes, catches the launch, and compiles it instead. Exits
+non-zero on any failure."""
 
 from __future__ import annotations
 

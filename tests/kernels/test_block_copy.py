@@ -41,7 +41,8 @@ def test_refs_match_indexing():
 def test_triton_matches_ref(layout, dtype):
     cache = _cache(LAYOUTS[layout], dtype, seed=1)
     ids = torch.tensor([6, 2, 3, 0, 5])
-    # gather into a fresh buffer and into a slice of a larger one (a per-layer message inside a coalesced send)
+    # gather into a fresh buffer and into a slice of a larger one (a per-layer message inside a coalesced
+    # send)
     assert torch.equal(gather_blocks(cache, ids), gather_blocks_ref(cache, ids))
     big = torch.zeros((2, 9, *LAYOUTS[layout]), dtype=dtype)
     out = gather_blocks(cache, ids, out=big[:, 2:7])

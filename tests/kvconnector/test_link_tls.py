@@ -1,7 +1,7 @@
-"""Encrypted KV control links ($PDSERVE_CURVE=1): frames still arrive and authenticate, and a tap between the two
-sides sees none of their contents (a request id and a chunk's bytes travel in clear with it off, not with it on).
-A peer without the secret still gets no session: TLS gives confidentiality, the channel-bound session keys
-authenticate."""
+"""Encrypted KV control links ($PDSERVE_CURVE=1): frames still arrive and authenticate, and a tap between the
+two sides sees none of their contents (a request id and a chunk's bytes travel in clear with it off, not with
+it on). A peer without the secret still gets no session: TLS gives confidentiality, the channel-bound session
+keys authenticate."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """A colocated node (kv_both) as a real process, driven by a DEALER that plays the proxy: greedy tokens equal
-transformers' greedy, prefix hits, abort / deadline / client-gone free every block, heartbeats and KV events."""
+transformers' greedy, prefix hits, abort / deadline / client-gone free every block, heartbeats and KV
+events."""
 
 from __future__ import annotations
 

@@ -101,8 +101,8 @@ def test_first_token_that_finishes_ends_without_decoding(nodes, proxy):
 
 
 def test_small_decode_node_batches_preempts_and_still_matches(nodes, proxy, model_dir, tmp_path):
-    """A decode node with 12 blocks and 2 sequences: remote requests queue for a batch slot, grow, get preempted
-    (recomputed on the decode node) and still produce transformers' greedy tokens."""
+    """A decode node with 12 blocks and 2 sequences: remote requests queue for a batch slot, grow, get
+    preempted (recomputed on the decode node) and still produce transformers' greedy tokens."""
     prefill, _ = nodes
     small = start_node(
         "decode", model_dir, str(tmp_path), extra=["--num-gpu-blocks-override", "12", "--max-num-seqs", "2"]

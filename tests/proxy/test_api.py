@@ -1,8 +1,8 @@
 """The proxy's HTTP surface through a real uvicorn: validation, error statuses, auth, models, health, metrics,
 streaming and JSON relaying, n, stop strings, logprobs, usage, timings, disconnects and retries.
 
-The nodes here are FakeNodes (real ZMQ sockets and signed frames, scripted answers), so every proxy behaviour is
-checked fast and exactly; test_proxy_cluster.py runs the same paths against real nodes.
+The nodes here are FakeNodes (real ZMQ sockets and signed frames, scripted answers), so every proxy behaviour
+is checked fast and exactly; test_proxy_cluster.py runs the same paths against real nodes.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def test_models_health_metrics(one_node):
     assert "pdserve_proxy_routing_decisions_total" in text
 
 
-# ---------------------------------------------------------------------------------------------------- relaying
+# --------------------------------------------------------------------------------------------------- relaying
 
 
 def test_completion_json(one_node, tokenizer_dir):

@@ -1,5 +1,5 @@
-"""Hostile bodies against both generation endpoints through a real uvicorn: never a status >= 500, every error in
-OpenAI's shape, and the same keep-alive connection serves a normal request after each. The issue's specific
+"""Hostile bodies against both generation endpoints through a real uvicorn: never a status >= 500, every error
+in OpenAI's shape, and the same keep-alive connection serves a normal request after each. The issue's specific
 bodies are tests of their own; the hypothesis fuzz is bounded by example count and a time budget."""
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def roundtrip(server, path: str, body: bytes, content_type: str = "application/j
         conn.close()
 
 
-# ---------------------------------------------------------------------------------------------------- the issue's
+# ------------------------------------------------------------------------------------------------ the issue's
 
 
 def nested(depth: int) -> bytes:
@@ -175,7 +175,7 @@ def test_surrogate_is_named(server):
         conn.close()
 
 
-# ---------------------------------------------------------------------------------------------------- the fuzz
+# --------------------------------------------------------------------------------------------------- the fuzz
 
 SURROGATES = st.sampled_from(["\ud800", "a\udfffb", "\udc80\udc80"])
 TEXT = st.one_of(st.text(max_size=40), SURROGATES)

@@ -1,5 +1,5 @@
-"""Concurrent sequences (prompts x n) are bounded per request (400) and per API key (429), and a key's sequences
-are given back when its request ends however it ends (here: the client leaves)."""
+"""Concurrent sequences (prompts x n) are bounded per request (400) and per API key (429), and a key's
+sequences are given back when its request ends however it ends (here: the client leaves)."""
 
 from __future__ import annotations
 

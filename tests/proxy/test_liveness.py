@@ -1,5 +1,5 @@
-"""Node liveness as the proxy judges it: a proxy whose own event loop stalled does not declare healthy nodes dead
-(their heartbeats were waiting unread), and a node declared dead mid-request is told to abort it."""
+"""Node liveness as the proxy judges it: a proxy whose own event loop stalled does not declare healthy nodes
+dead (their heartbeats were waiting unread), and a node declared dead mid-request is told to abort it."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ def test_registry_counts_silence_only_while_listening():
 
 
 def test_a_reaper_tick_after_a_stall_judges_nobody():
-    """The stall and the reaper's tick in one loop iteration (the issue: a long handler ran first, then the reaper,
-    before any reader could take the heartbeats waiting in its socket): nobody is declared dead then."""
+    """The stall and the reaper's tick in one loop iteration (the issue: a long handler ran first, then the
+    reaper, before any reader could take the heartbeats waiting in its socket): nobody is declared dead
+    then."""
     import zmq.asyncio
 
     from proxy.indexer import Indexer
@@ -90,7 +91,8 @@ def test_node_declared_dead_mid_request_is_told_to_abort(fake_nodes, proxy_facto
 
 
 def test_a_stream_survives_a_stalled_proxy(fake_nodes, proxy_factory):
-    """The loop stalled mid-stream: the stream still completes (no 503), since the node was never declared dead."""
+    """The loop stalled mid-stream: the stream still completes (no 503), since the node was never declared
+    dead."""
     d0 = fake_nodes("d0", "both")
     d0.script = Script(delay_s=0.02)
     server = proxy_factory([d0])

@@ -1,5 +1,5 @@
-"""Routing: the pair score, conditional disaggregation, round robin, the prefix index (in process and in a real
-Redis server), the indexer fed by real ZMQ publishers, and routing through the app with FakeNodes."""
+"""Routing: the pair score, conditional disaggregation, round robin, the prefix index (in process and in a
+real Redis server), the indexer fed by real ZMQ publishers, and routing through the app with FakeNodes."""
 
 from __future__ import annotations
 
@@ -291,7 +291,7 @@ def test_heartbeat_validation():
     assert decode_heartbeat(msgpack.packb(extra)).node_id == "x"
 
 
-# ---------------------------------------------------------------------------------------------------- through the app
+# -------------------------------------------------------------------------------------------- through the app
 
 PROMPT = list(range(100, 100 + 96))  # 6 blocks of 16
 

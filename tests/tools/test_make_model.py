@@ -1,4 +1,5 @@
-"""`pdserve make-model`: complete folders, the presets' real shapes, determinism, a greedy-friendly init, the CLI."""
+"""`pdserve make-model`: complete folders, the presets' real shapes, determinism, a greedy-friendly init, the
+CLI."""
 
 import argparse
 import hashlib

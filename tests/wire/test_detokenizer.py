@@ -1,8 +1,8 @@
 """Incremental detokenizer: deltas, multi-byte characters, left context, stop strings.
 
 Two tokenizers built here with the `tokenizers` library, both splitting CJK and emoji into byte tokens:
-a GPT-2-style byte-level BPE and a Llama-style Metaspace + byte-fallback BPE (which drops the leading space of a
-sequence, so the detokenizer's left context matters)."""
+a GPT-2-style byte-level BPE and a Llama-style Metaspace + byte-fallback BPE (which drops the leading space of
+a sequence, so the detokenizer's left context matters)."""
 
 import subprocess
 import sys

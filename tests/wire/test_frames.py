@@ -174,8 +174,8 @@ def test_secret_resolution(monkeypatch, caplog):
 
 
 def test_listener_refuses_bad_frames_logs_once_per_reason_and_keeps_accepting(caplog):
-    """Each stranger is refused and its connection closed (a frame outside the session cannot be skipped safely);
-    the listener logs once per peer and reason, and a real link still works."""
+    """Each stranger is refused and its connection closed (a frame outside the session cannot be skipped
+    safely); the listener logs once per peer and reason, and a real link still works."""
     from kvconnector.link import connect
     from tests.harness.bad_frames import stranger_hello
 

@@ -1,5 +1,5 @@
-"""wire.tokenizer agrees with transformers' AutoTokenizer on our checkpoints (ids, text, chat template, special
-tokens) and never imports torch."""
+"""wire.tokenizer agrees with transformers' AutoTokenizer on our checkpoints (ids, text, chat template,
+special tokens) and never imports torch."""
 
 import json
 import os
@@ -135,7 +135,8 @@ def test_missing_tokenizer_is_a_checkpoint_error(tmp_path):
 
 
 def test_a_hub_style_template_with_tojson_and_system_handling(model_dirs, tmp_path):
-    """A template beyond ours (loops, conditionals, tojson, raise_exception) renders as transformers renders it."""
+    """A template beyond ours (loops, conditionals, tojson, raise_exception) renders as transformers renders
+    it."""
     import shutil
 
     from transformers import AutoTokenizer
