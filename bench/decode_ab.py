@@ -38,8 +38,8 @@ def measure(runner, tag: str, rng: random.Random) -> None:
     for batch, ctx in [(1, 512), (8, 512)]:
         chunks, _ = decode_chunks(batch, ctx, runner.block_size, runner.arch.vocab_size, rng)
         rows = list(range(batch))
-        step = device_ms(lambda: runner.execute(chunks, rows), 5)  # warm up
-        step = device_ms(lambda: runner.execute(chunks, rows), 50)
+        step = device_ms(lambda chunks=chunks, rows=rows: runner.execute(chunks, rows), 5)  # warm up
+        step = device_ms(lambda chunks=chunks, rows=rows: runner.execute(chunks, rows), 50)
         graph = runner.graphs.graphs[next(size for size in runner.graphs.buckets if size >= batch)]
         print(
             f"=== {tag} b{batch} ctx{ctx}: step {step:.3f} ms, replay only {device_ms(graph.replay, 50):.3f} "

@@ -39,7 +39,7 @@ def bench_prefill(bench, runner, name: str, shape: Shape) -> None:
             samples=True,
         )
         t = time_fn(
-            lambda: runner.execute([chunk], [0]),
+            lambda chunk=chunk: runner.execute([chunk], [0]),
             bench.device,
             warmup=bench.sizes.warmup,
             iters=bench.sizes.iters,
@@ -120,7 +120,7 @@ def bench_decode(bench, runner, name: str, shape: Shape) -> None:
                 runner.graphs = graphs if mode == "graph" else None  # None: the path --enforce-eager takes
                 try:
                     t = time_fn(
-                        lambda: runner.execute(chunks, rows),
+                        lambda chunks=chunks, rows=rows: runner.execute(chunks, rows),
                         bench.device,
                         warmup=bench.sizes.warmup,
                         iters=bench.sizes.decode_iters,

@@ -288,7 +288,7 @@ async def run_requests(
             if req.session is not None:
                 turn_done[(req.session, req.turn)] = asyncio.Event()
         tasks, due = [], 0.0
-        for req, gap in zip(requests, arrival_gaps(len(requests), rate, burstiness, seed)):
+        for req, gap in zip(requests, arrival_gaps(len(requests), rate, burstiness, seed), strict=False):
             due += (
                 gap  # sleep to an absolute schedule, so the time spent starting tasks does not lower the rate
             )

@@ -61,13 +61,17 @@ def main() -> None:
         for rows in (1, 8):
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             want = F.linear(x, weights[0])
-            cublas = graph_us(lambda: [F.linear(x, w) for w in weights], copies)
+            cublas = graph_us(lambda x=x, ws=weights: [F.linear(x, w) for w in ws], copies)
             results = []
             for config in CONFIGS:
                 sk._blocks = lambda n_, k_, c=config: c
                 err = (sk.skinny_linear(x, weights[0]).float() - want.float()).abs().max().item()
                 results.append(
-                    (graph_us(lambda: [sk.skinny_linear(x, w) for w in weights], copies), config, err)
+                    (
+                        graph_us(lambda x=x, ws=weights: [sk.skinny_linear(x, w) for w in ws], copies),
+                        config,
+                        err,
+                    )
                 )
             best = min(results)
             chosen = next(r for r in results if r[1] == (32, 512, 4, 3))

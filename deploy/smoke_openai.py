@@ -223,7 +223,7 @@ def main(argv=None) -> int:
                 line += "  = transformers"
             else:
                 first = next(
-                    (k for k, (a, b) in enumerate(zip(r["ids"], want)) if a != b),
+                    (k for k, (a, b) in enumerate(zip(r["ids"], want, strict=False)) if a != b),
                     min(len(want), len(r["ids"])),
                 )
                 gap, tol = teacher_forced_gap(*models, r["prompt_ids"], r["ids"])

@@ -243,7 +243,7 @@ class EngineCore:
                 blocked_token_ids=blocked,
             )
             tokens = out.token_ids.tolist()
-            lp_rows = list(zip(*out.logprobs.tolists())) if out.logprobs is not None else None
+            lp_rows = list(zip(*out.logprobs.tolists(), strict=False)) if out.logprobs is not None else None
         except Exception:  # noqa: BLE001 - find the row(s) at fault; the others still get their token
             return self._sample_one_by_one(logits, requests)
         result = {}
@@ -267,7 +267,7 @@ class EngineCore:
             )
             logprob = None
             if out.logprobs is not None and params.logprobs is not None:
-                logprob = next(zip(*out.logprobs.tolists()))
+                logprob = next(zip(*out.logprobs.tolists(), strict=False))
             return int(out.token_ids[0]), logprob
 
         rows, failed = sample_rows_isolated(sample_one, [r.request_id for r in requests])

@@ -63,7 +63,7 @@ class LLM:
         # 1. Tokenize and check everything before anything is queued, so bad input loses nothing (the
         # scheduler    also refuses a request that could never fit the whole KV cache).
         parsed = [self._prompt_ids(p) for p in prompts]
-        for (_, ids), params in zip(parsed, params_list):
+        for (_, ids), params in zip(parsed, params_list, strict=False):
             self.core.scheduler.validate(
                 Request(
                     request_id="check",
@@ -76,7 +76,7 @@ class LLM:
         # repeats.
         parents = []
         try:
-            for (text, ids), params in zip(parsed, params_list):
+            for (text, ids), params in zip(parsed, params_list, strict=False):
                 parent_id = str(next(self._ids))
                 children = []
                 for index in range(params.n):

@@ -137,13 +137,13 @@ def _decode_reduce_kernel(
     ok = sp < used
     row = (s * num_q_heads + head) * num_splits + sp
     m = tl.load(part_ml_ptr + row, mask=ok, other=float("-inf"))
-    l = tl.load(part_ml_ptr + num_seqs * num_q_heads * num_splits + row, mask=ok, other=0.0)
+    l_sum = tl.load(part_ml_ptr + num_seqs * num_q_heads * num_splits + row, mask=ok, other=0.0)
     m_max = tl.max(m, axis=0)
     m_max = tl.where(m_max > float("-inf"), m_max, 0.0)  # an empty context: no partitions, no NaN
     w = tl.where(ok, tl.exp2(m - m_max), 0.0)
     dims = tl.arange(0, D)
     acc = tl.load(part_out_ptr + row[:, None] * D + dims[None, :], mask=ok[:, None], other=0.0)
-    denom = tl.sum(w * l, axis=0)
+    denom = tl.sum(w * l_sum, axis=0)
     o = tl.sum(w[:, None] * acc, axis=0) / tl.where(denom > 0, denom, 1.0)
     tl.store(out_ptr + s * stride_os + head * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
 

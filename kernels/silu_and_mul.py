@@ -17,7 +17,7 @@ def _silu_and_mul_kernel(
     out_ptr,  # [T, I]
     stride_x,
     stride_out,  # row strides, in elements
-    I,
+    I,  # noqa: E741  (the intermediate size, as in the [T, 2I] shapes above)
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)

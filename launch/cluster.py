@@ -181,7 +181,7 @@ class Cluster:
         if a.curve:
             base_env["PDSERVE_CURVE"] = "1"  # wire/curve.py: every ZMQ socket encrypted
         counts = {prefill: 0, decode: 0}
-        for role, gpu in zip(roles, gpus):
+        for role, gpu in zip(roles, gpus, strict=False):
             name = f"{role}-{counts[role]}"
             counts[role] += 1
             kv_role = "kv_producer" if role == prefill else "kv_consumer"

@@ -80,11 +80,13 @@ def completion_logprobs(tokenizer, ids: list[int], entries: list[LogprobEntry], 
     text_offset."""
     tokens, token_lps, tops, offsets = [], [], [], []
     offset = text_offset
-    for tid, e in zip(ids, entries):
+    for tid, e in zip(ids, entries, strict=False):
         tok = decode_token(tokenizer, tid)
         tokens.append(tok)
         token_lps.append(_finite(e.logprob))
-        top = {decode_token(tokenizer, i): _finite(lp) for i, lp in zip(e.top_ids, e.top_logprobs)}
+        top = {
+            decode_token(tokenizer, i): _finite(lp) for i, lp in zip(e.top_ids, e.top_logprobs, strict=False)
+        }
         top.setdefault(tok, _finite(e.logprob))
         tops.append(top)
         offsets.append(offset)
@@ -100,8 +102,8 @@ def chat_logprobs(tokenizer, ids: list[int], entries: list[LogprobEntry]) -> dic
         return {"token": tok, "logprob": _finite(lp), "bytes": list(tok.encode("utf-8"))}
 
     content = []
-    for tid, e in zip(ids, entries):
+    for tid, e in zip(ids, entries, strict=False):
         entry = item(tid, e.logprob)
-        entry["top_logprobs"] = [item(i, lp) for i, lp in zip(e.top_ids, e.top_logprobs)]
+        entry["top_logprobs"] = [item(i, lp) for i, lp in zip(e.top_ids, e.top_logprobs, strict=False)]
         content.append(entry)
     return {"content": content}

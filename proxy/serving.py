@@ -191,7 +191,8 @@ class RequestJob:
                 msg = await c.run.next()
 
         results = await asyncio.gather(
-            *(drive(c, f) for c, f in zip(self.choices, self.first_items)), return_exceptions=True
+            *(drive(c, f) for c, f in zip(self.choices, self.first_items, strict=False)),
+            return_exceptions=True,
         )
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
@@ -224,7 +225,7 @@ class RequestJob:
                 )
         if self.req.return_token_ids:
             n = self.req.params.n
-            for c, choice in zip(self.choices, choices):
+            for c, choice in zip(self.choices, choices, strict=False):
                 choice["token_ids"] = list(c.token_ids)
                 choice["prompt_token_ids"] = self.req.prompts[c.index // n]
         obj = "chat.completion" if self.req.kind == "chat" else "text_completion"
@@ -289,7 +290,9 @@ class RequestJob:
                 log.exception("stream %s failed", self.id)
                 queue.put_nowait(APIError(500, f"internal error: {exc}"))
 
-        tasks = [asyncio.create_task(drive(c, f)) for c, f in zip(self.choices, self.first_items)]
+        tasks = [
+            asyncio.create_task(drive(c, f)) for c, f in zip(self.choices, self.first_items, strict=False)
+        ]
         self.tasks = tasks
         status, finished = 200, False
         try:

@@ -97,7 +97,7 @@ def write_file(
     tmp = path + ".partial"  # a crash never leaves a file that looks complete
     with open(tmp, "wb") as f:
         f.write(_header(specs, dtype))
-        for spec, tensor in zip(specs, _produce(specs, make_tensor, workers)):
+        for spec, tensor in zip(specs, _produce(specs, make_tensor, workers), strict=False):
             tensor = tensor.contiguous()
             if tensor.dtype != dtype or tuple(tensor.shape) != spec.shape:
                 raise ValueError(
@@ -127,8 +127,8 @@ def write_checkpoint(
         write_file(os.path.join(folder, SINGLE_FILE), shards[0], dtype, make_tensor, on_bytes, workers)
         return [SINGLE_FILE]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {spec.name: name for name, shard in zip(names, shards) for spec in shard}
-    for name, shard in zip(names, shards):
+    weight_map = {spec.name: name for name, shard in zip(names, shards, strict=False) for spec in shard}
+    for name, shard in zip(names, shards, strict=False):
         write_file(os.path.join(folder, name), shard, dtype, make_tensor, on_bytes, workers)
     total = sum(spec.numel for spec in specs) * itemsize
     with open(os.path.join(folder, INDEX_FILE), "w") as f:  # last: an index means every shard is complete

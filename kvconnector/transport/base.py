@@ -75,20 +75,20 @@ class DataPlane(abc.ABC):
         """'' when this data plane can serve the pair, else the refusal the handshake carries back."""
         return ""
 
-    def open(self, link, ours: Handshake, theirs: Handshake, producer: bool) -> None:
+    def open(self, link, ours: Handshake, theirs: Handshake, producer: bool) -> None:  # noqa: B027  (an optional hook)
         """Per-link setup once both handshakes are known (the producer maps the consumer's cache)."""
 
-    def begin_step(self) -> None:
+    def begin_step(self) -> None:  # noqa: B027  (an optional hook)
         """Forward thread, before the step's forward."""
 
-    def stage(self, writes: PeerWrites) -> None:
+    def stage(self, writes: PeerWrites) -> None:  # noqa: B027  (an optional hook)
         """Forward thread, once per step and peer, before the forward: prepare the block ids."""
 
     @abc.abstractmethod
     def write_layer(self, writes: PeerWrites, layer: int) -> None:
         """Forward thread: layer `layer` of writes' blocks into the peer's blocks."""
 
-    def end_step(self) -> None:
+    def end_step(self) -> None:  # noqa: B027  (an optional hook)
         """Forward thread, after the step's forward (whether or not it completed)."""
 
     @abc.abstractmethod
@@ -97,10 +97,10 @@ class DataPlane(abc.ABC):
     def receive(self, header: KVChunk, body: memoryview) -> torch.Tensor:
         raise TypeError(f"the {self.name} data plane receives no bytes on the control link")
 
-    def close_link(self, link) -> None:
+    def close_link(self, link) -> None:  # noqa: B027  (an optional hook)
         """The link is gone: drop what we hold for that peer (a mapping of its cache)."""
 
-    def close(self) -> None: ...
+    def close(self) -> None: ...  # noqa: B027  (an optional hook)
 
 
 # ---------------------------------------------------------------------------------------------------- tensors

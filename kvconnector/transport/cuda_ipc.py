@@ -104,7 +104,9 @@ class CudaIpcDataPlane(DataPlane):
         if producer:
             peer = self._map(theirs.data_plane)
             link.state["peer_cache"] = peer
-            link.state["copiers"] = [self._copier(src, dst) for src, dst in zip(self.caches, peer)]
+            link.state["copiers"] = [
+                self._copier(src, dst) for src, dst in zip(self.caches, peer, strict=False)
+            ]
 
     def _copier(self, src: torch.Tensor, dst: torch.Tensor):
         if self.copy == "triton":

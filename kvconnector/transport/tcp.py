@@ -27,7 +27,7 @@ class TcpDataPlane(DataPlane):
         link = writes.link
         if link.closed:
             return
-        for rid, src_ids, dst in zip(writes.request_ids, writes.staged, writes.dst):
+        for rid, src_ids, dst in zip(writes.request_ids, writes.staged, writes.dst, strict=False):
             if not dst:
                 continue
             blocks = gather_blocks(self.caches[layer], src_ids).unsqueeze(0)  # [1, 2, n, *block]

@@ -46,14 +46,16 @@ def test_known_prefix_goes_to_its_holder(policy, up_cluster, request, tiny_model
         args += ["--redis-url", redis.url]
     cluster = up_cluster(2, 2, *args)
     outcomes = []
-    for k, family in enumerate(FAMILIES):
+    for _k, family in enumerate(FAMILIES):
         warm_route, warm_cached = complete(cluster.url, family + "First question?")
         assert warm_route.startswith("disaggregated") and warm_cached == 0
         hashes = prompt_block_hashes(tok.encode(family), 16)
         if redis is not None:
             client = redis.client()
             holders = wait_for(
-                lambda: {m.decode() for m in client.smembers(f"pdserve:block:{hashes[-1]}")},
+                lambda client=client, hashes=hashes: {
+                    m.decode() for m in client.smembers(f"pdserve:block:{hashes[-1]}")
+                },
                 10,
                 what="the prefix's hashes in Redis",
             )

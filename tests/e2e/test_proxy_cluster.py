@@ -146,7 +146,7 @@ def test_logprobs(client, model_name, tok, hf_reference):
     r = client.completions.create(model=model_name, prompt=LONG, max_tokens=N, logprobs=3, **GREEDY)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == N
-    for tok_lp, top in zip(lp.token_logprobs, lp.top_logprobs):
+    for tok_lp, top in zip(lp.token_logprobs, lp.top_logprobs, strict=False):
         assert tok_lp <= 0 and 3 <= len(top) <= 4
         assert tok_lp == pytest.approx(
             max(top.values()), abs=1e-4

@@ -211,7 +211,7 @@ def test_greedy_tokens_match_transformers(llm, hf, prompts, tolerance):
     assert all(len(t) == STEPS for t in ours)
     # 1. Teacher-forced: every one of our tokens is transformers' top-1 or within TOL of it.
     with torch.inference_mode():
-        for p, toks in zip(prompts, ours):
+        for p, toks in zip(prompts, ours, strict=False):
             logits = hf["bf16"](input_ids=torch.tensor([p + toks[:-1]], device="cuda")).logits[0].float()
             steps = logits[len(p) - 1 : len(p) - 1 + STEPS]
             gaps = (
@@ -228,7 +228,7 @@ def test_greedy_tokens_match_transformers(llm, hf, prompts, tolerance):
             )
     # 2. Free-running against transformers' own greedy.
     agreed = []
-    for p, toks in zip(prompts, ours):
+    for p, toks in zip(prompts, ours, strict=False):
         ref, margins = hf_greedy_with_margins(hf["bf16"], p)
         first = next((i for i in range(STEPS) if toks[i] != ref[i]), None)
         if first is None:
@@ -255,7 +255,7 @@ def test_greedy_tokens_match_transformers(llm, hf, prompts, tolerance):
 
 def _assert_same_tokens(label: str, a_outs, b_outs, prompts, tol: float) -> None:
     """Equal token sequences, or equal until a step where b's own top-1 margin is a near tie (< tol)."""
-    for p, a, b in zip(prompts, a_outs, b_outs):
+    for p, a, b in zip(prompts, a_outs, b_outs, strict=False):
         first = next((i for i in range(STEPS) if a.token_ids[i] != b.token_ids[i]), None)
         if first is None:
             continue
@@ -265,7 +265,7 @@ def _assert_same_tokens(label: str, a_outs, b_outs, prompts, tol: float) -> None
             f"{tol:.4f})"
         )
         assert margin < tol, f"{label}: prompt {len(p)} differs at step {first} with margin {margin:.3f}"
-    same = sum(a.token_ids == b.token_ids for a, b in zip(a_outs, b_outs))
+    same = sum(a.token_ids == b.token_ids for a, b in zip(a_outs, b_outs, strict=False))
     print(f"[{label}] {same}/{len(prompts)} sequences identical over {STEPS} tokens")
 
 

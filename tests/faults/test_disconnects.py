@@ -81,7 +81,9 @@ def test_fifty_non_streaming_disconnects_end_their_node_work(cluster):
             outcomes.append("left")
     assert outcomes.count("left") >= 40 and 200 not in outcomes, outcomes
     for name in ("decode-0", "prefill-0"):
-        wait_for(lambda: used_blocks(cluster.node_metrics(name)) == 0, 10, what=f"{name} back to idle")
+        wait_for(
+            lambda name=name: used_blocks(cluster.node_metrics(name)) == 0, 10, what=f"{name} back to idle"
+        )
         metrics = cluster.node_metrics(name)
         # No choice ran on to max_tokens for a client that had left.
         assert (

@@ -125,7 +125,7 @@ def _bad_frames(proxy) -> dict[str, bytes]:
 def test_malformed_and_unsigned_frames_are_dropped_and_the_node_keeps_serving(pair, proxy, target):
     prefill, decode = pair
     node = decode if target == "decode" else prefill
-    for name, frame in _bad_frames(proxy).items():
+    for _name, frame in _bad_frames(proxy).items():
         proxy.send_raw(node, frame)
     proxy.socket(node.rpc).send_multipart([b"a", b"b", b"c"])  # stray parts
     proxy.pump(0.5)

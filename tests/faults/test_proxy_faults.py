@@ -79,7 +79,7 @@ def test_decode_node_killed_mid_stream(up_cluster):
     got = 0
     started = None
     with pytest.raises(APIError) as err:
-        for chunk in stream:
+        for _chunk in stream:
             got += 1
             if got == 5:
                 cluster.kill9("decode-0")
@@ -108,7 +108,11 @@ def test_client_disconnect_frees_blocks_on_both_nodes(up_cluster):
                     assert used_blocks(cluster.node_metrics("decode-0")) > 0  # the request holds blocks now
                     break
     for name in ("decode-0", "prefill-0"):
-        wait_for(lambda: used_blocks(cluster.node_metrics(name)) == 0, 10, what=f"{name} freeing the blocks")
+        wait_for(
+            lambda name=name: used_blocks(cluster.node_metrics(name)) == 0,
+            10,
+            what=f"{name} freeing the blocks",
+        )
         h = cluster.node_health(name)
         assert h["num_used_blocks"] == 0 and h["num_running"] == 0 and h["num_waiting"] == 0
         assert h["num_free_blocks"] + h["num_used_blocks"] + h["num_cached_blocks"] == h["num_total_blocks"]
@@ -125,7 +129,7 @@ def test_redis_stopped_proxy_keeps_serving(up_cluster, request):
     assert "pdserve_proxy_redis_up 1.0" in httpx.get(cluster.url + "/metrics").text
     wait_for(lambda: redis.client().keys("pdserve:block:*"), 10, what="hashes in Redis")
     redis.stop()
-    for i in range(4):
+    for _i in range(4):
         r = complete(cluster.url, LONG + "before")  # a repeated prompt: still served, from the local view
         assert r.status_code == 200, r.text
     assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0

@@ -263,7 +263,7 @@ class FakeNode:
                 next_beat = now + self.heartbeat_s
             with self._lock:
                 out, self._outbox = self._outbox, []
-            for kind, topic, payload in out:
+            for _kind, topic, payload in out:
                 self._publish(topic, payload)
             due = [t for t in timers if t[0] <= now]
             timers = [t for t in timers if t[0] > now]

@@ -63,7 +63,7 @@ class _Compiler:
         def launch(*args, **kwargs):
             options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
             names = self.fn.arg_names
-            values = dict(zip(names, args), **kwargs)
+            values = dict(zip(names, args, strict=False), **kwargs)
             consts = {n: v for n, v in values.items() if n in self.fn.constexprs_names}
             signature = {n: "constexpr" if n in consts else _arg_type(values[n]) for n in names}
             src = ASTSource(self.fn, signature, constexprs={(names.index(n),): v for n, v in consts.items()})

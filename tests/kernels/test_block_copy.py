@@ -59,7 +59,7 @@ def test_copy_ref_matches_indexing():
     src, dst = _cache((4, 3), torch.float32, N=7, seed=4), torch.zeros((2, 11, 4, 3))
     src_ids, dst_ids = torch.tensor([5, 0, 3]), torch.tensor([10, 2, 7])
     copy_blocks_ref(src, src_ids, dst, dst_ids)
-    for s_blk, d_blk in zip(src_ids.tolist(), dst_ids.tolist()):
+    for s_blk, d_blk in zip(src_ids.tolist(), dst_ids.tolist(), strict=False):
         assert torch.equal(dst[:, d_blk], src[:, s_blk])
     untouched = [b for b in range(11) if b not in dst_ids.tolist()]
     assert not dst[:, untouched].any()
