@@ -1,6 +1,6 @@
-"""Proxy <-> node and decode <-> prefill control messages (torch-free), on top of wire.py's signed frames.
+"""Proxy <-> node and decode <-> prefill control messages (torch-free), on top of frames.py's signed frames.
 
-Sockets. Every rpc frame is wire.py's signed frame (magic, versions, msgpack header, HMAC-SHA256 with the
+Sockets. Every rpc frame is frames.py's signed frame (magic, versions, msgpack header, HMAC-SHA256 with the
 shared --kv-secret) carrying one of the tagged maps below, one ZMQ message part per frame
 (`make_codec(secret)`).
 - Each node binds a ZMQ ROUTER "rpc" socket. A proxy connects one DEALER per node, identity = the proxy id; a

@@ -1,5 +1,5 @@
 """Helpers for the node tests (no tests here): real node processes on free loopback ports, and a tiny ZMQ
-DEALER client that plays the proxy. Imported by tests/e2e/test_nodes_*.py and tests/faults/test_node_*.py."""
+DEALER client that plays the proxy. Used by tests/node/ and tests/faults/."""
 
 from __future__ import annotations
 
