@@ -8,7 +8,7 @@ PORT ?= 8000
 # pytest-xdist is not used: the suite starts its own processes and 2 cores are all CI has.
 PYTEST_ARGS ?=
 
-.PHONY: venv test serve model redis clean
+.PHONY: venv test lint fmt serve model redis clean
 
 venv: $(STAMP)
 
@@ -30,7 +30,16 @@ redis:
 	@command -v redis-server >/dev/null 2>&1 || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
-test: $(STAMP) redis
+# Lint first (ruff's rules and line length are in pyproject.toml): a style slip fails in seconds, not after pytest.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: $(STAMP) redis lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 $(MODEL)/config.json: | $(STAMP)

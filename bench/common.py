@@ -1,13 +1,15 @@
-"""What every benchmark shares: progress logging, timing, the ceilings measured in the same run, result files, plots.
+"""What every benchmark shares: progress logging, timing, the ceilings measured in the same run, result files,
+plots.
 
-- Timing: CUDA events around each call, after a device sync, so a figure is the call's wall time as the caller sees
-  it (host work that enqueues kernels included); warmup calls first, then the median of N. On CPU: perf_counter.
-- Ceilings: device copy bandwidth counts bytes read plus bytes written, as the device's datasheet-style figures do (H100 ~3.0 TB/s);
-  matmul rate is a large square bf16 matmul (H100 ~790 TFLOP/s).
-- Results: `<out>/<bench>-<device>-<YYYYMMDD>.json` in the format of docs/architecture.md, rewritten after every record so a crash
-  loses nothing. A file already there is merged into (same metric and params: the newer record wins), so one
-  benchmark can be split over several runs on the same day. `python bench/common.py merge A.json B.json -o C.json`
-  merges files that came back from different machines' runs.
+- Timing: CUDA events around each call, after a device sync, so a figure is the call's wall time as the caller
+  sees it (host work that enqueues kernels included); warmup calls first, then the median of N. On CPU:
+  perf_counter.
+- Ceilings: device copy bandwidth counts bytes read plus bytes written, as the device's datasheet-style
+  figures do (H100 ~3.0 TB/s); matmul rate is a large square bf16 matmul (H100 ~790 TFLOP/s).
+- Results: `<out>/<bench>-<device>-<YYYYMMDD>.json` in the format of docs/architecture.md, rewritten after
+  every record so a crash loses nothing. A file already there is merged into (same metric and params: the
+  newer record wins), so one benchmark can be split over several runs on the same day. `python bench/common.py
+  merge A.json B.json -o C.json` merges files that came back from different machines' runs.
 """
 
 from __future__ import annotations
@@ -187,7 +189,8 @@ def time_fn(
 
 
 def capture_graph(fn: Callable[[], object], device=None):
-    """fn() run once on a side stream (Triton compiles, cuBLAS settles its kernels), then captured in a CUDA graph."""
+    """fn() run once on a side stream (Triton compiles, cuBLAS settles its kernels), then captured in a CUDA
+    graph."""
     import torch
 
     side = torch.cuda.Stream(device)
@@ -294,8 +297,8 @@ VOLATILE_PARAMS = frozenset(
 
 
 def record_key(record: dict) -> str:
-    """What makes two records the same measurement, so a rerun replaces it: the metric and the params that were
-    chosen (floats are taken for measurements, and the names in VOLATILE_PARAMS)."""
+    """What makes two records the same measurement, so a rerun replaces it: the metric and the params that
+    were chosen (floats are taken for measurements, and the names in VOLATILE_PARAMS)."""
     p = record.get("params") or {}
     chosen = {k: v for k, v in p.items() if k not in VOLATILE_PARAMS and not isinstance(v, float)}
     return record["metric"] + "|" + json.dumps(chosen, sort_keys=True, default=str)
@@ -433,8 +436,8 @@ def merge_files(paths: list[str], out: str, link: Callable[[list[dict]], None] |
 
 
 def pyplot_or_none(hint: str):
-    """matplotlib.pyplot on the file-only backend, or None (with a line saying so and `hint`) where it is absent:
-    matplotlib is not a dependency, and a benchmark's JSON must not be lost for want of a plot."""
+    """matplotlib.pyplot on the file-only backend, or None (with a line saying so and `hint`) where it is
+    absent: matplotlib is not a dependency, and a benchmark's JSON must not be lost for want of a plot."""
     try:
         import matplotlib
 
@@ -447,8 +450,8 @@ def pyplot_or_none(hint: str):
 
 
 def plot_ratios(json_path: str, png_path: str | None = None) -> str | None:
-    """A bar chart of every record's ratio to its ceiling (and its speedup over the baseline, where there is one).
-    Returns the PNG's path, or None when matplotlib is not importable."""
+    """A bar chart of every record's ratio to its ceiling (and its speedup over the baseline, where there is
+    one). Returns the PNG's path, or None when matplotlib is not importable."""
     plt = pyplot_or_none("run `python bench/common.py plot FILE.json` where it is")
     if plt is None:
         return None

@@ -1,6 +1,6 @@
-"""A/B in one process: a Llama-8B-shape decode step (CUDA graphs) with the skinny linear, with cuBLAS, and with
-the skinny linear again; per-step time as the runner drives it, the replay alone, and the per-kernel profile at
-batch 1 (GPU only).
+"""A/B in one process: a Llama-8B-shape decode step (CUDA graphs) with the skinny linear, with cuBLAS, and
+with the skinny linear again; per-step time as the runner drives it, the replay alone, and the per-kernel
+profile at batch 1 (GPU only).
 
   python bench/decode_ab.py models/bench/llama-3.1-8b     # a checkpoint bench/engine.py wrote
 Logged: bench/results/decode_ab-h100-20261123.log
@@ -26,7 +26,8 @@ SKINNY_ON, SKINNY_OFF = dispatch.SKINNY_MIN_WEIGHT, 1 << 62
 
 
 def recapture(runner, min_weight: int) -> None:
-    """Route linears by this threshold and capture the decode graphs again (the routing is baked into them)."""
+    """Route linears by this threshold and capture the decode graphs again (the routing is baked into
+    them)."""
     dispatch.SKINNY_MIN_WEIGHT = min_weight
     runner.graphs = None
     torch.cuda.empty_cache()
@@ -37,11 +38,12 @@ def measure(runner, tag: str, rng: random.Random) -> None:
     for batch, ctx in [(1, 512), (8, 512)]:
         chunks, _ = decode_chunks(batch, ctx, runner.block_size, runner.arch.vocab_size, rng)
         rows = list(range(batch))
-        step = device_ms(lambda: runner.execute(chunks, rows), 5)  # warm up
-        step = device_ms(lambda: runner.execute(chunks, rows), 50)
+        step = device_ms(lambda chunks=chunks, rows=rows: runner.execute(chunks, rows), 5)  # warm up
+        step = device_ms(lambda chunks=chunks, rows=rows: runner.execute(chunks, rows), 50)
         graph = runner.graphs.graphs[next(size for size in runner.graphs.buckets if size >= batch)]
         print(
-            f"=== {tag} b{batch} ctx{ctx}: step {step:.3f} ms, replay only {device_ms(graph.replay, 50):.3f} ms"
+            f"=== {tag} b{batch} ctx{ctx}: step {step:.3f} ms, replay only {device_ms(graph.replay, 50):.3f} "
+            f"ms"
         )
         if batch == 1:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -3,14 +3,17 @@
 
 For each model shape (random weights, written once by `pdserve make-model`'s code and reused):
   prefill     one sequence of 512 / 2048 / 8192 tokens through ModelRunner.execute; floor from the matmul rate
-  decode      one step at batch 1, 8, 64, 256 x context 512, 2048 (distinct blocks per sequence), with CUDA graphs
-              and eager (the runner's graphs switched off, the path --enforce-eager takes); floor from copy bandwidth
-  throughput  512-in / 256-out at batch 64 through LLM.generate, output tokens/s; floor: prefill + 255 decode steps
-  hf          the same shapes with transformers (bf16, sdpa): prefill, a decode step on a DynamicCache, generate
-and `kernels`: each Triton kernel beside its torch reference at real shapes. Ceilings (copy bandwidth, bf16 matmul
-rate) are measured first, in the same run. Every figure is logged as it is measured and the result file
-(bench/results/engine-<device>-<date>.json, the format in docs/architecture.md) is rewritten after each, so a crash loses nothing;
-each section catches its own errors.
+  decode      one step at batch 1, 8, 64, 256 x context 512, 2048 (distinct blocks per sequence), with CUDA
+              graphs and eager (the runner's graphs switched off, the path --enforce-eager takes); floor from
+              copy bandwidth
+  throughput  512-in / 256-out at batch 64 through LLM.generate, output tokens/s; floor: prefill + 255 decode
+              steps
+  hf          the same shapes with transformers (bf16, sdpa): prefill, a decode step on a DynamicCache,
+              generate
+and `kernels`: each Triton kernel beside its torch reference at real shapes. Ceilings (copy bandwidth, bf16
+matmul rate) are measured first, in the same run. Every figure is logged as it is measured and the result file
+(bench/results/engine-<device>-<date>.json, the format in docs/architecture.md) is rewritten after each, so a
+crash loses nothing; each section catches its own errors.
 
     python bench/engine.py                                   # everything, both models (H100: ~8-9 min)
     python bench/engine.py --models llama-3.1-8b --sections prefill,decode,throughput,hf --out DIR
@@ -145,13 +148,14 @@ def section(bench: Bench, name: str):
 
 
 def ensure_checkpoint(bench: Bench, name: str) -> str:
-    """The model's random-weight checkpoint under --model-dir, written once (a marker file says it is whole)."""
+    """The model's random-weight checkpoint under --model-dir, written once (a marker file says it is
+    whole)."""
     family, preset = MODELS[name]
     path = os.path.join(bench.args.model_dir, name)
     if os.path.exists(os.path.join(path, COMPLETE_MARK)):
         log(f"reusing checkpoint {path}")
         return path
-    from engine.make_model import make_model
+    from tools.make_model import make_model
 
     dtype = "float32" if preset == "tiny" else "bfloat16"
     log(f"writing {name} checkpoint ({family}, preset {preset}, {dtype}) to {path} ...")
@@ -215,8 +219,10 @@ def build_llm(bench: Bench, path: str):
     llm = LLM(model=path, **kwargs)
     runner = llm.core.runner
     log(
-        f"LLM ready in {time.perf_counter() - started:.1f} s: {runner.num_blocks} KV blocks of {runner.block_size}, "
-        f"CUDA graphs {'on' if getattr(runner, 'graphs', None) is not None else 'off'} ({gpu_memory_gib(bench.device)})"
+        f"LLM ready in {time.perf_counter() - started:.1f} s: {runner.num_blocks} KV blocks of "
+        f"{runner.block_size}, "
+        f"CUDA graphs {'on' if getattr(runner, 'graphs', None) is not None else 'off'} "
+        f"({gpu_memory_gib(bench.device)})"
     )
     return llm, kwargs
 
@@ -346,7 +352,8 @@ def main(argv=None) -> int:
     )
     log(
         f"engine bench on {results.device_description}; torch {torch.__version__}; models {args.models}; "
-        f"sections {sorted(args.sections)}; {'smoke' if args.smoke else 'quick' if args.quick else 'full'} sizes; "
+        f"sections {sorted(args.sections)}; {'smoke' if args.smoke else 'quick' if args.quick else 'full'} "
+        f"sizes; "
         f"results -> {results.path}"
     )
     measure_ceilings(bench)
@@ -383,7 +390,8 @@ def summarize(records: list[dict]) -> None:
         )
         log(
             f"  {r['metric']:<20} {shape:<58} {fmt(r['value']):>9} {r['unit']:<6} | {fmt(r['ceiling']):>9} | "
-            f"{fmt(r['ratio']):>7} | {fmt(r['baseline']):>9} | {fmt(p.get('speedup_vs_hf', p.get('speedup_vs_ref')))}"
+            f"{fmt(r['ratio']):>7} | {fmt(r['baseline']):>9} | "
+            f"{fmt(p.get('speedup_vs_hf', p.get('speedup_vs_ref')))}"
         )
 
 

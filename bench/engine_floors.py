@@ -1,15 +1,16 @@
 """Model-shape arithmetic for the engine benchmark: parameter counts, the FLOP and bytes a step needs, and the
 floors those give at the copy bandwidth and matmul rate measured in the same run.
 
-Floors are rooflines: a step can finish no sooner than its FLOP at the matmul rate, nor sooner than the bytes it
-must read at the copy rate, so its floor is the larger of the two.
-- Prefill of T tokens (one sequence): every linear layer once per token, 2 FLOP per weight (the output head only for
-  the last token, as the engine computes it); causal attention 2*T*(T+1)*head_dim FLOP per q head per layer
-  (QK^T and PV over the T*(T+1)/2 visible pairs). the usual convention 2 * all params * T is kept in params as
-  `flop_2NT` for comparison.
-- Decode step of B sequences at context C: read every weight once (the embedding table only as B rows; with tied
-  embeddings the table is read once, as the output head) and each sequence's K and V for C+1 tokens; bytes at the
-  copy rate, where the copy rate counts read + write bytes (a read-only stream cannot beat a copy's total rate).
+Floors are rooflines: a step can finish no sooner than its FLOP at the matmul rate, nor sooner than the bytes
+it must read at the copy rate, so its floor is the larger of the two.
+- Prefill of T tokens (one sequence): every linear layer once per token, 2 FLOP per weight (the output head
+  only for the last token, as the engine computes it); causal attention 2*T*(T+1)*head_dim FLOP per q head per
+  layer (QK^T and PV over the T*(T+1)/2 visible pairs). the usual convention 2 * all params * T is kept in
+  params as `flop_2NT` for comparison.
+- Decode step of B sequences at context C: read every weight once (the embedding table only as B rows; with
+  tied embeddings the table is read once, as the output head) and each sequence's K and V for C+1 tokens;
+  bytes at the copy rate, where the copy rate counts read + write bytes (a read-only stream cannot beat a
+  copy's total rate).
 """
 
 from __future__ import annotations

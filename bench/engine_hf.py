@@ -1,12 +1,13 @@
 """The baseline: Hugging Face transformers eager (bf16, sdpa attention) on the same checkpoint and shapes.
 
 - prefill: one forward of T tokens, logits for the last token only (`logits_to_keep=1`, as our engine does).
-- decode step: one token per sequence on a DynamicCache already holding `context` tokens (random K/V written with
-  `cache.update`, which is what a prefill leaves); the cache grows by one token per timed call, as it does in
-  generate (DynamicCache concatenates: that copy is part of transformers' real cost).
-- throughput: `generate` with max_new_tokens = min_new_tokens = output_len, greedy, on random prompts. Capped at
-  about `hf_gen_max_s` seconds (and at `hf_gen_output_cap` new tokens with --quick): then fewer new tokens run and
-  the steps left out are counted at the per-step cost measured from two short runs; params say so (`capped`).
+- decode step: one token per sequence on a DynamicCache already holding `context` tokens (random K/V written
+  with `cache.update`, which is what a prefill leaves); the cache grows by one token per timed call, as it
+  does in generate (DynamicCache concatenates: that copy is part of transformers' real cost).
+- throughput: `generate` with max_new_tokens = min_new_tokens = output_len, greedy, on random prompts. Capped
+  at about `hf_gen_max_s` seconds (and at `hf_gen_output_cap` new tokens with --quick): then fewer new tokens
+  run and the steps left out are counted at the per-step cost measured from two short runs; params say so
+  (`capped`).
 Records are named hf_*; bench/engine_floors.link_baselines copies them into our records' `baseline`.
 """
 
@@ -77,7 +78,8 @@ def run_hf(bench, name: str, path: str, shape: Shape) -> None:
 
 
 def _forward_kwargs(model, **kwargs) -> dict:
-    """logits_to_keep=1 where this transformers has it (it skips the vocab projection of all but the last row)."""
+    """logits_to_keep=1 where this transformers has it (it skips the vocab projection of all but the last
+    row)."""
     import inspect
 
     if "logits_to_keep" in inspect.signature(model.forward).parameters:

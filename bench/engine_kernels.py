@@ -1,11 +1,12 @@
-"""Kernel micro-benchmarks: each Triton kernel beside its torch reference at Llama-3.1-8B shapes (32 q heads, 8 kv
-heads, head_dim 128, hidden 4096, intermediate 14336, block size 16, bf16), 2048 tokens where a size is asked.
+"""Kernel micro-benchmarks: each Triton kernel beside its torch reference at Llama-3.1-8B shapes (32 q heads,
+8 kv heads, head_dim 128, hidden 4096, intermediate 14336, block size 16, bf16), 2048 tokens where a size is
+asked.
 
-Each case records the Triton time (`value`), the floor (`ceiling`: bytes moved / measured copy bandwidth, or FLOP /
-matmul rate for prefill attention), the reference's time (`baseline`), and in params the achieved GB/s or TFLOP/s
-and the largest difference from the reference on the same inputs (fresh copies for in-place kernels).
-Gather/scatter of 2048 tokens of KV (256 MiB over 32 layers, or one layer's 8 MiB) also get a GB/s record beside
-the copy ceiling.
+Each case records the Triton time (`value`), the floor (`ceiling`: bytes moved / measured copy bandwidth, or
+FLOP / matmul rate for prefill attention), the reference's time (`baseline`), and in params the achieved GB/s
+or TFLOP/s and the largest difference from the reference on the same inputs (fresh copies for in-place
+kernels). Gather/scatter of 2048 tokens of KV (256 MiB over 32 layers, or one layer's 8 MiB) also get a GB/s
+record beside the copy ceiling.
 """
 
 from __future__ import annotations
@@ -189,9 +190,9 @@ def elementwise_cases(torch, s: dict, dtype, device) -> list[Case]:
 
 
 def _replayed(device, calls: Callable[[], object]) -> Callable[[], object]:
-    """On a GPU: `calls` captured in a CUDA graph at the first call and replayed from then on, so a few-microsecond
-    kernel is timed without the host's launch cost between the timing events (decode runs these kernels inside
-    graphs too). Captured lazily: one case's graphs live only while that case runs."""
+    """On a GPU: `calls` captured in a CUDA graph at the first call and replayed from then on, so a
+    few-microsecond kernel is timed without the host's launch cost between the timing events (decode runs
+    these kernels inside graphs too). Captured lazily: one case's graphs live only while that case runs."""
     if device.type != "cuda":
         return calls
     graph = None
@@ -234,7 +235,8 @@ def linear_cases(torch, s: dict, dtype, device) -> list[Case]:
 
 
 def block_copy_cases(torch, s: dict, dtype, device) -> list[Case]:
-    """2048 tokens of KV: every layer's K and V at once ([2L, N, blk] view of the engine's cache), and one layer."""
+    """2048 tokens of KV: every layer's K and V at once ([2L, N, blk] view of the engine's cache), and one
+    layer."""
     from kernels import block_copy as bc
 
     bs, hk, d, layers = s["bs"], s["hk"], s["d"], s["layers"]

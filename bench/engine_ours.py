@@ -1,6 +1,6 @@
-"""Our engine's figures: prefill and decode steps driven through ModelRunner.execute with synthetic block tables,
-and end-to-end throughput through LLM.generate. `bench` is bench/engine.py's Bench (args, device, sizes, results,
-measured ceilings)."""
+"""Our engine's figures: prefill and decode steps driven through ModelRunner.execute with synthetic block
+tables, and end-to-end throughput through LLM.generate. `bench` is bench/engine.py's Bench (args, device,
+sizes, results, measured ceilings)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def bench_prefill(bench, runner, name: str, shape: Shape) -> None:
             samples=True,
         )
         t = time_fn(
-            lambda: runner.execute([chunk], [0]),
+            lambda chunk=chunk: runner.execute([chunk], [0]),
             bench.device,
             warmup=bench.sizes.warmup,
             iters=bench.sizes.iters,
@@ -100,7 +100,8 @@ def bench_decode(bench, runner, name: str, shape: Shape) -> None:
             chunks, blocks = decode_chunks(batch, context, runner.block_size, shape.vocab, rng)
             if blocks > runner.num_blocks:
                 reason = (
-                    f"needs {blocks} blocks ({blocks * shape.kv_bytes_per_token * runner.block_size / 2**30:.1f} "
+                    f"needs {blocks} blocks "
+                    f"({blocks * shape.kv_bytes_per_token * runner.block_size / 2**30:.1f} "
                     f"GiB of KV), the cache holds {runner.num_blocks}: does not fit beside the weights"
                 )
                 log(f"  SKIPPED decode b{batch} ctx{context}: {reason}")
@@ -119,7 +120,7 @@ def bench_decode(bench, runner, name: str, shape: Shape) -> None:
                 runner.graphs = graphs if mode == "graph" else None  # None: the path --enforce-eager takes
                 try:
                     t = time_fn(
-                        lambda: runner.execute(chunks, rows),
+                        lambda chunks=chunks, rows=rows: runner.execute(chunks, rows),
                         bench.device,
                         warmup=bench.sizes.warmup,
                         iters=bench.sizes.decode_iters,

@@ -1,25 +1,30 @@
-"""KV transfer benchmark: a prefill process writes a request's KV layer by layer into a decode process's blocks.
+"""KV transfer benchmark: a prefill process writes a request's KV layer by layer into a decode process's
+blocks.
 
-Two processes (spawned), each with its own paged KV cache of Llama-3.1-8B shape (32 layers, 8 KV heads, head dim
-128, bf16, block 16), connected by our connector (KVProducer -> KVConsumer) over the one-sided `cuda_ipc` plane:
+Two processes (spawned), each with its own paged KV cache of Llama-3.1-8B shape (32 layers, 8 KV heads, head
+dim 128, bf16, block 16), connected by our connector (KVProducer -> KVConsumer) over the one-sided `cuda_ipc`
+plane:
   (a) back_to_back  every layer saved at once: from the first save_layer to the decode side's completion (the
                     producer's Done after its fence); ceiling: a raw NCCL send/recv of one buffer of the same
                     bytes, same run (goal: ratio >= 0.75 at 2048 and 8192 tokens).
-  (b) overlapped    each layer preceded by simulated compute (bf16 matmuls calibrated to --layer-ms, default the
-                    H100 prefill floor: 42 ms per 2048 tokens over 32 layers): the exposed transfer, from the last
-                    layer's compute end to all KV landed (goal <= 0.2 ms at 2048 tokens); ceiling: the last layer's
-                    bytes alone at the raw NCCL rate. Reported twice: on the host clock (to the decode side's
-                    completion, wire and wake-ups included) and on the device clock (last layer computed -> last
-                    copy landed, CUDA events).
+  (b) overlapped    each layer preceded by simulated compute (bf16 matmuls calibrated to --layer-ms, default
+      the
+                    H100 prefill floor: 42 ms per 2048 tokens over 32 layers): the exposed transfer, from the
+                    last layer's compute end to all KV landed (goal <= 0.2 ms at 2048 tokens); ceiling: the
+                    last layer's bytes alone at the raw NCCL rate. Reported twice: on the host clock (to the
+                    decode side's completion, wire and wake-ups included) and on the device clock (last layer
+                    computed -> last copy landed, CUDA events).
   (0) one_block     the fixed cost of a request: one block of every layer (KiB) pushed back to back, first
-                    save_layer to landed; bandwidth plays no part, hand-offs between threads, wakeups and syncs do.
+                    save_layer to landed; bandwidth plays no part, hand-offs between threads, wakeups and
+                    syncs do.
 `--gpus 1` puts both processes on cuda:0 and the ceiling is a device copy of the same bytes. `--smoke` runs a
 tiny shape on CPU over tcp (the test suite runs it).
 
   python bench/kv_transfer.py                      # 2 GPUs: cuda_ipc, 2048 and 8192 tokens
   python bench/kv_transfer.py --gpus 1             # one GPU, two processes
   python bench/kv_transfer.py --smoke --out /tmp/x # CPU, tcp, seconds
-Results: bench/results/kv_transfer-<device>-<YYYYMMDD>.json (the format in docs/architecture.md) and a PNG beside it.
+Results: bench/results/kv_transfer-<device>-<YYYYMMDD>.json (the format in docs/architecture.md) and a PNG
+beside it.
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ class Node:
             if role == "producer"
             else torch.zeros(shape, dtype=dtype, device=self.device)
         )
-        # cuda_ipc:torch -> {"copy": "torch"}; cuda_ipc:triton:1024 -> also {"block_words": 1024} (plane options)
+        # options: cuda_ipc:torch -> {"copy": "torch"}; cuda_ipc:triton:1024 -> also {"block_words": 1024}
         name, _, options = transport.partition(":")
         copy, _, block_words = options.partition(":")
         extra = {"copy": copy} if copy else {}
@@ -257,7 +262,8 @@ def _serve(pipe, device, env):
 
 
 class Proc:
-    """A spawned node process; `serve` (default _serve) is its main loop, e.g. one that instruments it first."""
+    """A spawned node process; `serve` (default _serve) is its main loop, e.g. one that instruments it
+    first."""
 
     def __init__(self, device: str, env: dict, serve=None):
         ctx = mp.get_context("spawn")
@@ -355,8 +361,9 @@ def measure_push(res, prod, cons, transport, case, layout, tokens, iters, ceilin
                     exposed_gpu.append(gpu_ms)
         p = dict(params, mode=mode, iters=iters, save_layer_host_us=round(statistics.median(host_us), 1))
         if mode == "one_block":
-            # The fixed per-request cost: one block of every layer (a few KiB) pushed back to back, save_layer of
-            # layer 0 to landed on the decode side. Bandwidth plays no part; hand-offs, wakeups and syncs do.
+            # The fixed per-request cost: one block of every layer (a few KiB) pushed back to back, save_layer
+            # of layer 0 to landed on the decode side. Bandwidth plays no part; hand-offs, wakeups and syncs
+            # do.
             ms = statistics.median(spans)
             res.add(
                 "push_one_block_ms",

@@ -1,15 +1,15 @@
-"""How much of a trace's prompts any router could serve from prefix caches: the yardstick for a routing policy's
-hit fraction. Engines cache whole blocks, each identified by its tokens and everything before them (a hash chain),
-so a request hits on the longest run of leading blocks some node still holds.
+"""How much of a trace's prompts any router could serve from prefix caches: the yardstick for a routing
+policy's hit fraction. Engines cache whole blocks, each identified by its tokens and everything before them (a
+hash chain), so a request hits on the longest run of leading blocks some node still holds.
 
-- upper_bound_hit_fraction: caches that never evict; the tokens of every full block whose prefix appeared earlier
-  in the trace, over all prompt tokens. No router on any cache size beats it.
+- upper_bound_hit_fraction: caches that never evict; the tokens of every full block whose prefix appeared
+  earlier in the trace, over all prompt tokens. No router on any cache size beats it.
 - lru_oracle_hit_fraction: N nodes of C blocks each with LRU eviction, and a router that knows every cache
   exactly: each request goes to the node holding its longest cached prefix (ties: the node whose cache holds
-  fewest blocks, then the lowest index). Achievable with perfect knowledge on these caches; a cache-aware router
-  that sees the nodes' events approaches it.
-Neither counts a prompt's last token as cacheable differently from the others; engines that recompute it differ
-by at most one block per request.
+  fewest blocks, then the lowest index). Achievable with perfect knowledge on these caches; a cache-aware
+  router that sees the nodes' events approaches it.
+Neither counts a prompt's last token as cacheable differently from the others; engines that recompute it
+differ by at most one block per request.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ class LRUCache:
         return n
 
     def touch(self, chain: list[int]) -> None:
-        """The request's blocks are used (hits) or written (misses); the least recently used fall out. A prompt's
-        later blocks are touched first, so its leading blocks (shared by more requests) are evicted last, as an
-        engine's free queue does."""
+        """The request's blocks are used (hits) or written (misses); the least recently used fall out. A
+        prompt's later blocks are touched first, so its leading blocks (shared by more requests) are evicted
+        last, as an engine's free queue does."""
         for h in reversed(chain[: self.capacity]):
             self.blocks[h] = None
             self.blocks.move_to_end(h)

@@ -1,22 +1,26 @@
-"""Serving benchmark of pdserve configurations: starts `pdserve up` in each configuration on the devices it sees,
-runs the same `pdserve bench` workload against each, writes bench/results/serving-<device>-<date>.{json,md,png}.
+"""Serving benchmark of pdserve configurations: starts `pdserve up` in each configuration on the devices it
+sees, runs the same `pdserve bench` workload against each, writes
+bench/results/serving-<device>-<date>.{json,md,png}.
 
 Sections (--sections; the default follows the GPU count):
 - pd: disaggregated against colocated on the same GPUs: 1P1D vs 0P2D on two GPUs; on four, 1P3D, 2P2D and 3P1D
-  vs 0P4D. Random 2048-in / 128-out, a rate sweep (--rates, default doubling from --sweep-start) that stops once
-  both SLOs broke: loose (TTFT 1 s, TPOT 50 ms) and token pacing (TTFT 1 s, each request's p99 ITL 25 ms).
-- routing: cache_aware vs round_robin on two colocated replicas, the prefix workload sized so its working set is
-  above one node's KV cache and within two (--num-gpu-blocks-override on the nodes); the hit fraction's ceiling
-  is the LRU oracle of that very trace (bench/prefix_oracle.py), with the never-evicting upper bound beside it.
+  vs 0P4D. Random 2048-in / 128-out, a rate sweep (--rates, default doubling from --sweep-start) that stops
+  once both SLOs broke: loose (TTFT 1 s, TPOT 50 ms) and token pacing (TTFT 1 s, each request's p99 ITL 25
+  ms).
+- routing: cache_aware vs round_robin on two colocated replicas, the prefix workload sized so its working set
+  is above one node's KV cache and within two (--num-gpu-blocks-override on the nodes); the hit fraction's
+  ceiling is the LRU oracle of that very trace (bench/prefix_oracle.py), with the never-evicting upper bound
+  beside it.
 - shared: on one GPU, 1P1D sharing it vs one colocated node.
 Each configuration's first rate is preceded by warm-up requests. A record of a non-baseline run carries the
-baseline's figure from the same run. --time-budget stops starting new rates once spent (results so far are kept).
+baseline's figure from the same run. --time-budget stops starting new rates once spent (results so far are
+kept).
 
 GPU (two H100s; writes the random-weight llama-3.1-8b into models/ first if --model is not given, ~1 min):
     .venv/bin/python bench/serving.py
-Each configuration's `pdserve up` loads the model (and captures CUDA graphs) before it measures anything, so if
-one call's budget is too short for all sections, run them in separate calls on the same day: the records merge
-into the same file and the report and plot are redrawn from all of them:
+Each configuration's `pdserve up` loads the model (and captures CUDA graphs) before it measures anything, so
+if one call's budget is too short for all sections, run them in separate calls on the same day: the records
+merge into the same file and the report and plot are redrawn from all of them:
     .venv/bin/python bench/serving.py --sections pd ; .venv/bin/python bench/serving.py --sections routing
 On four GPUs the pd section alone is four configurations: run `--sections pd` in a call of its own.
 A configuration that fails to start is logged with its traceback and the others still run (exit status 1).
@@ -44,7 +48,7 @@ from bench.prefix_oracle import lru_oracle_hit_fraction, upper_bound_hit_fractio
 from bench.serving_cli import BenchRun, add_arguments  # noqa: E402
 from bench.serving_cluster import LocalCluster  # noqa: E402
 from bench.serving_summary import link_baselines, markdown_report  # noqa: E402
-from engine.cluster_cli import visible_gpus  # noqa: E402
+from launch.cluster import visible_gpus  # noqa: E402
 
 SLOS = {"loose": {"ttft": 1.0, "tpot": 0.050}, "pacing": {"ttft": 1.0, "itl": 0.025}}
 SLO_TEXT = {
@@ -95,7 +99,7 @@ def ensure_model(opts, gpus: list[str]) -> str:
     if not os.path.exists(os.path.join(path, "config.json")):
         log(f"writing the random-weight {preset} checkpoint to {os.path.relpath(path, REPO_ROOT)}")
         subprocess.run(
-            [sys.executable, "-m", "engine.cli", "make-model", path, "--family", "llama", "--preset", preset],
+            [sys.executable, "-m", "launch.cli", "make-model", path, "--family", "llama", "--preset", preset],
             check=True,
             cwd=REPO_ROOT,
         )
@@ -160,7 +164,8 @@ class Runner:
         work = os.path.join(self.opts.work_dir, f"{comparison}-{cfg.run}")
         # Not bench.common.guarded: its CUDA clean-up would open a CUDA context here, on a GPU the nodes use.
         try:
-            # A cluster still loading when the whole budget is spent would measure nothing: give up on it then.
+            # A cluster still loading when the whole budget is spent would measure nothing: give up on it
+            # then.
             startup_s = max(120.0, self.deadline - time.monotonic())
             with LocalCluster(
                 work, self.model, cfg.prefill, cfg.decode, self.up_flags(cfg), startup_s, env=env
@@ -227,7 +232,8 @@ class Runner:
             math.ceil((o.routing_prefix_len + o.routing_unique_len + o.output_len) / BLOCK_SIZE) + 2,
         )
         log(
-            f"routing: working set {working_set} blocks; {per_node} blocks per node (two nodes: {2 * per_node})"
+            f"routing: working set {working_set} blocks; {per_node} blocks per node (two nodes: "
+            f"{2 * per_node})"
         )
         workload = [
             "--dataset-name",

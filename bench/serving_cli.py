@@ -7,11 +7,11 @@
         [--save-result --result-dir DIR --result-filename F] [--plot]
 
 Per rate it prints the summary table and, with --save-result (or --result-dir / --result-filename), writes the
-records to one JSON file in the project's results format; --plot draws latency and goodput against rate and the
-server-reported phases. `--request-rate sweep` climbs from --sweep-start by --sweep-factor until the share of
-requests meeting --goodput falls below --sweep-attainment (that rate included), at most --sweep-max-rates rates.
-Each rate runs its own draw of the workload (seed + rate index), so no rate finds its prompts cached by an
-earlier one; warm-up requests come from yet another draw and are not counted.
+records to one JSON file in the project's results format; --plot draws latency and goodput against rate and
+the server-reported phases. `--request-rate sweep` climbs from --sweep-start by --sweep-factor until the share
+of requests meeting --goodput falls below --sweep-attainment (that rate included), at most --sweep-max-rates
+rates. Each rate runs its own draw of the workload (seed + rate index), so no rate finds its prompts cached by
+an earlier one; warm-up requests come from yet another draw and are not counted.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from bench.serving_client import ClientConfig, RunOutput, ServerUnusable, run_re
 from bench.serving_metrics import compute_figures, parse_slos
 from bench.serving_report import figure_records, rate_label, summary_lines
 from bench.workloads import WorkloadError, build_workload, load_tokenizer
-from engine.errors import ConfigError
+from wire.errors import ConfigError
 
 WARMUP_SEED_OFFSET = 1_000_003
 
@@ -376,7 +376,7 @@ def _checked_run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """`python -m bench.serving_cli ...`: the same as `pdserve bench ...`."""
-    from engine.cli import main as pdserve_main
+    from launch.cli import main as pdserve_main
 
     return pdserve_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 

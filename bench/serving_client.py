@@ -1,6 +1,6 @@
-"""The load generator of `pdserve bench`: sends a workload to an OpenAI-compatible server over streaming HTTP and
-times every request from the client's side. Needs no torch and no pdserve module, and reads pdserve's extra fields
-(usage.pdserve_timings) only when a server sends them.
+"""The load generator of `pdserve bench`: sends a workload to an OpenAI-compatible server over streaming HTTP
+and times every request from the client's side. Needs no torch and no pdserve module, and reads pdserve's
+extra fields (usage.pdserve_timings) only when a server sends them.
 
 Definitions (those of `vllm bench serve`):
 - TTFT: from sending the request to the first chunk that carries content (text or a delta's content);
@@ -11,9 +11,10 @@ Definitions (those of `vllm bench serve`):
 A request that fails is recorded with a kind (http_<status>, connect, dropped, timeout, stream_error,
 incomplete) and never stops the run.
 
-Arrivals: gaps drawn from a gamma distribution with shape `burstiness` and mean 1/rate (burstiness 1 is a Poisson
-process; below 1 is burstier), all at once for rate inf; --max-concurrency caps requests in flight, and a request
-waiting for a slot is timed from when it is actually sent. Conversation turns wait for their session's previous turn.
+Arrivals: gaps drawn from a gamma distribution with shape `burstiness` and mean 1/rate (burstiness 1 is a
+Poisson process; below 1 is burstier), all at once for rate inf; --max-concurrency caps requests in flight,
+and a request waiting for a slot is timed from when it is actually sent. Conversation turns wait for their
+session's previous turn.
 """
 
 from __future__ import annotations
@@ -94,8 +95,9 @@ def request_body(cfg: ClientConfig, req: BenchRequest) -> dict:
 def prompt_text(cfg: ClientConfig, req: BenchRequest) -> str:
     """Chat takes text: token ids are decoded with the tokenizer, or without one spelled as words, one per id.
 
-    Random ids decode to text that re-encodes to more tokens (byte pieces merge differently), so the text is cut
-    back to the target count and decoded again until it holds; the chat template still adds its few tokens."""
+    Random ids decode to text that re-encodes to more tokens (byte pieces merge differently), so the text is
+    cut back to the target count and decoded again until it holds; the chat template still adds its few
+    tokens."""
     if req.prompt_text is not None:
         return req.prompt_text
     tok = cfg.tokenizer
@@ -253,8 +255,8 @@ async def run_requests(
     on_done: Callable[[RequestResult], None] = lambda r: None,
     drain_timeout_s: Optional[float] = None,
 ) -> RunOutput:
-    """Send `requests` on their arrival schedule and wait for every answer, or, with drain_timeout_s, at most that
-    long after the last arrival: requests still running then are cancelled and count as `unfinished` (an
+    """Send `requests` on their arrival schedule and wait for every answer, or, with drain_timeout_s, at most
+    that long after the last arrival: requests still running then are cancelled and count as `unfinished` (an
     overloaded server would otherwise make one rate of a sweep take minutes)."""
     limits = httpx.Limits(
         max_connections=max_concurrency or None, max_keepalive_connections=max_concurrency or 100
@@ -286,7 +288,7 @@ async def run_requests(
             if req.session is not None:
                 turn_done[(req.session, req.turn)] = asyncio.Event()
         tasks, due = [], 0.0
-        for req, gap in zip(requests, arrival_gaps(len(requests), rate, burstiness, seed)):
+        for req, gap in zip(requests, arrival_gaps(len(requests), rate, burstiness, seed), strict=False):
             due += (
                 gap  # sleep to an absolute schedule, so the time spent starting tasks does not lower the rate
             )

@@ -38,7 +38,7 @@ class LocalCluster:
         self.argv = [
             sys.executable,
             "-m",
-            "engine.cli",
+            "launch.cli",
             "up",
             "--prefill",
             str(prefill),
@@ -90,7 +90,7 @@ class LocalCluster:
             return ""
 
     def stop(self) -> None:
-        from engine.cluster_cli import stop_up_process
+        from launch.cluster import stop_up_process
 
         if self.proc is not None:
             stop_up_process(self.proc)

@@ -1,13 +1,14 @@
 """Figures of one benchmark run at one request rate, from the per-request results (`vllm bench serve`'s
 definitions, plus the token-pacing SLO and the server-reported phases pdserve adds).
 
-- Goodput (requests/s): requests that finished and met every SLO given (--goodput ttft:MS tpot:MS itl:MS), over
-  the run's duration. `itl:MS` bounds each request's own p99 inter-token gap: a request whose stream stalled for
-  one long gap (a prefill stealing its decode step) fails it even when its mean TPOT looks fine.
-- Prefix-cache hit fraction: cached prompt tokens over prompt tokens, over the requests whose usage reported both.
-- Prefill capacity bound (requests/s): prefill workers / mean server-reported prefill seconds, the rate at which
-  the prefill side saturates at this prompt length if it ran requests one after another; None when the server
-  reports no prefill times.
+- Goodput (requests/s): requests that finished and met every SLO given (--goodput ttft:MS tpot:MS itl:MS),
+  over the run's duration. `itl:MS` bounds each request's own p99 inter-token gap: a request whose stream
+  stalled for one long gap (a prefill stealing its decode step) fails it even when its mean TPOT looks fine.
+- Prefix-cache hit fraction: cached prompt tokens over prompt tokens, over the requests whose usage reported
+  both.
+- Prefill capacity bound (requests/s): prefill workers / mean server-reported prefill seconds, the rate at
+  which the prefill side saturates at this prompt length if it ran requests one after another; None when the
+  server reports no prefill times.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Plots of serving results files: latency percentiles and goodput against request rate (one line per run), and
-the server-reported phases per run and rate as stacked bars. Needs matplotlib; without it nothing is drawn and a
-line says so (the JSON holds every figure)."""
+"""Plots of serving results files: latency percentiles and goodput against request rate (one line per run),
+and the server-reported phases per run and rate as stacked bars. Needs matplotlib; without it nothing is drawn
+and a line says so (the JSON holds every figure)."""
 
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def plot_serving(json_path: str, png_path: str) -> str | None:
     if not groups:
         return None
     fig, axes = plt.subplots(len(groups), 6, figsize=(26, 4.6 * len(groups)), squeeze=False)
-    for row, (comparison, recs) in zip(axes, groups.items()):
-        for ax, name in zip(row, LATENCIES):
+    for row, (comparison, recs) in zip(axes, groups.items(), strict=False):
+        for ax, name in zip(row, LATENCIES, strict=False):
             _latency_panel(ax, recs, name)
         _goodput_panel(row[4], recs)
         _phase_panel(row[5], recs)
@@ -71,7 +71,12 @@ def _latency_panel(ax, recs: list[dict], name: str) -> None:
     for stat, style in (("p99", "-"), ("p50", "--")):
         for run, points in series(recs, f"{name}_ms", stat=stat).items():
             (line,) = ax.plot(
-                *zip(*points), style, marker="o", ms=3, color=colors.get(run), label=f"{run} {stat}"
+                *zip(*points, strict=False),
+                style,
+                marker="o",
+                ms=3,
+                color=colors.get(run),
+                label=f"{run} {stat}",
             )
             colors[run] = line.get_color()
     ax.set_title(f"{LATENCY_TITLES[name]} (p99 solid, p50 dashed)")
@@ -87,9 +92,9 @@ def _goodput_panel(ax, recs: list[dict]) -> None:
             goodput[(r["params"]["run"], r["params"].get("slo", ""))].append(r)
     for (run, slo), rs in sorted(goodput.items()):
         points = series(rs, "goodput").get(run, [])
-        ax.plot(*zip(*points), "-", marker="o", ms=3, label=f"{run} goodput {slo}")
-    for run, points in series(recs, "request_throughput").items():
-        ax.plot(*zip(*points), ":", color="grey", lw=0.8)
+        ax.plot(*zip(*points, strict=False), "-", marker="o", ms=3, label=f"{run} goodput {slo}")
+    for points in series(recs, "request_throughput").values():
+        ax.plot(*zip(*points, strict=False), ":", color="grey", lw=0.8)
     ax.set_title("goodput (throughput dotted)")
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel("req/s")
@@ -112,7 +117,7 @@ def _phase_panel(ax, recs: list[dict]) -> None:
             continue  # part of transfer: stacking both would count it twice
         heights = [by_bar[b].get(phase, 0.0) for b in bars]
         ax.bar(range(len(bars)), heights, bottom=bottom, label=phase)
-        bottom = [b + h for b, h in zip(bottom, heights)]
+        bottom = [b + h for b, h in zip(bottom, heights, strict=False)]
     ax.set_xticks(range(len(bars)))
     ax.set_xticklabels([f"{run}@{rate}" for run, rate in bars], rotation=60, fontsize=6, ha="right")
     ax.set_title("server-reported phases per request (mean)")

@@ -1,10 +1,10 @@
-"""A serving run's figures as result records (the project's results format, bench/common.py) and as the summary
-table `pdserve bench` prints.
+"""A serving run's figures as result records (the project's results format, bench/common.py) and as the
+summary table `pdserve bench` prints.
 
-Every record's params name the run (`run`: which server or configuration), the request rate as text ("4", "inf":
-record identity ignores float params) and the workload, so one file holds several runs and rates side by side.
-The ceiling of the throughput and goodput records is the prefill capacity bound where the server reports prefill
-times; `baseline` is filled later by whoever compares runs (bench/serving.py).
+Every record's params name the run (`run`: which server or configuration), the request rate as text ("4",
+"inf": record identity ignores float params) and the workload, so one file holds several runs and rates side
+by side. The ceiling of the throughput and goodput records is the prefill capacity bound where the server
+reports prefill times; `baseline` is filled later by whoever compares runs (bench/serving.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """bench/serving.py's comparisons, from the records: baselines linked into each record, a Markdown report.
 
-Records of one comparison share `comparison` (pd-2gpu, routing, ...) and every record of a non-baseline run names
-its baseline's run in `baseline_run`; its `baseline` is that run's figure with the same metric and other params."""
+Records of one comparison share `comparison` (pd-2gpu, routing, ...) and every record of a non-baseline run
+names its baseline's run in `baseline_run`; its `baseline` is that run's figure with the same metric and other
+params."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Which tiles make kernels/skinny_linear.py fastest, against cuBLAS (F.linear), at decode shapes (GPU only).
 
-Llama-3.1-8B and Qwen2.5-0.5B projection shapes, 1 and 8 rows, weights rotated over copies past L2 (a model never
-reads one weight twice in a step), every call timed inside a CUDA graph (decode replays these kernels in graphs),
-each printed beside the device-copy bandwidth measured in the same run. Each tile config's output is compared with
-cuBLAS's. Prints a table; the chosen config is then written into `skinny_linear._blocks` by hand.
+Llama-3.1-8B and Qwen2.5-0.5B projection shapes, 1 and 8 rows, weights rotated over copies past L2 (a model
+never reads one weight twice in a step), every call timed inside a CUDA graph (decode replays these kernels in
+graphs), each printed beside the device-copy bandwidth measured in the same run. Each tile config's output is
+compared with cuBLAS's. Prints a table; the chosen config is then written into `skinny_linear._blocks` by
+hand.
 
   python bench/skinny_linear_sweep.py > bench/results/skinny_linear-<device>-<YYYYMMDD>.log
 """
@@ -60,18 +61,23 @@ def main() -> None:
         for rows in (1, 8):
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             want = F.linear(x, weights[0])
-            cublas = graph_us(lambda: [F.linear(x, w) for w in weights], copies)
+            cublas = graph_us(lambda x=x, ws=weights: [F.linear(x, w) for w in ws], copies)
             results = []
             for config in CONFIGS:
                 sk._blocks = lambda n_, k_, c=config: c
                 err = (sk.skinny_linear(x, weights[0]).float() - want.float()).abs().max().item()
                 results.append(
-                    (graph_us(lambda: [sk.skinny_linear(x, w) for w in weights], copies), config, err)
+                    (
+                        graph_us(lambda x=x, ws=weights: [sk.skinny_linear(x, w) for w in ws], copies),
+                        config,
+                        err,
+                    )
                 )
             best = min(results)
             chosen = next(r for r in results if r[1] == (32, 512, 4, 3))
             print(
-                f"{name:14s} M={rows} N={n:6d} K={k:5d}: cublas {cublas:7.2f} us ({nbytes / cublas / 1e3:5.0f} GB/s)"
+                f"{name:14s} M={rows} N={n:6d} K={k:5d}: cublas {cublas:7.2f} us "
+                f"({nbytes / cublas / 1e3:5.0f} GB/s)"
                 f" | best {best[0]:7.2f} us ({nbytes / best[0] / 1e3:5.0f} GB/s) {best[1]}"
                 f" | chosen (32, 512, 4, 3) {chosen[0]:7.2f} us, max |diff| vs cublas {chosen[2]:.3g}",
                 flush=True,

@@ -1,17 +1,19 @@
 """Benchmark workloads, generated locally from a seed (nothing is downloaded): what `pdserve bench` sends.
 
-- random: prompts of exactly --input-len token ids and --output-len tokens out (sent with ignore_eos), so every
-  request does the same work and figures compare across servers and rates.
+- random: prompts of exactly --input-len token ids and --output-len tokens out (sent with ignore_eos), so
+  every request does the same work and figures compare across servers and rates.
 - prefix: G groups, each a shared prefix of P token ids; a request draws a group and appends U unique ids. The
-  working set (G * P tokens) against a node's KV cache is what separates prefix-aware routing from blind routing.
+  working set (G * P tokens) against a node's KV cache is what separates prefix-aware routing from blind
+  routing.
 - conversation: S sessions of T turns; turn k resends the whole history (every earlier turn's user ids plus a
-  stand-in for the assistant's reply) and adds new user ids, so the reusable prefix grows over a session. A turn
-  is sent only after the previous turn of its session finished (the client enforces that), as a chat user would.
-- jsonl: one JSON object per line, {"prompt": "text" | [ids...], "output_len": N} (`max_tokens` is accepted for
-  output_len); a bad line is an error naming the file and line.
+  stand-in for the assistant's reply) and adds new user ids, so the reusable prefix grows over a session. A
+  turn is sent only after the previous turn of its session finished (the client enforces that), as a chat user
+  would.
+- jsonl: one JSON object per line, {"prompt": "text" | [ids...], "output_len": N} (`max_tokens` is accepted
+  for output_len); a bad line is an error naming the file and line.
 
-Token ids are drawn from the tokenizer's vocabulary minus its special tokens when --tokenizer is given, else from
-[100, 1000), which every real vocabulary and the tiny test model's 1024-entry one contain.
+Token ids are drawn from the tokenizer's vocabulary minus its special tokens when --tokenizer is given, else
+from [100, 1000), which every real vocabulary and the tiny test model's 1024-entry one contain.
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ def conversation_workload(
 def jsonl_workload(
     path: str, num: Optional[int], default_output_len: int, tokens: TokenSource
 ) -> list[BenchRequest]:
-    """The file's prompts in order (cycled to `num` requests when num is larger; all of them when num is None)."""
+    """The file's prompts in order (cycled to `num` requests when num is larger; all of them when num is
+    None)."""
     if not os.path.isfile(path):
         raise WorkloadError(f"--dataset-path {path!r} is not a file")
     rows: list[BenchRequest] = []

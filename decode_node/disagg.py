@@ -1,22 +1,24 @@
 """The decode node's disaggregated path: reserve, drive the prefill node, receive KV, join the running batch.
 
 One request, in order (docs/architecture.md, "A request's way"):
-  1. `generate` (mode disaggregated) -> on the engine thread, reserve blocks for the prompt minus our own prefix
-     hits (remote_admission.reserve); no room -> 429, retryable.
-  2. `prefill` {prompt, params, our KV endpoint, the block ids, how many prompt blocks we already hold} goes to
-     the prefill node's ROUTER through our DEALER to it: the one round trip. Its connector binds those blocks and
-     writes each layer into them as it is computed (one-sided: nothing runs here per layer); its `Done` on the KV
-     link says every layer landed.
-  3. `first_token` from the prefill node is forwarded to the proxy at once (TTFT is the prefill's time). If that
-     token already ends the request (eos, stop id, max_tokens 1) the request ends here and the transfer is aborted.
-  4. When every layer has landed AND the first token is known, the scheduler is told (WAITING_FOR_REMOTE_KVS ->
-     ready) and moves the request into the running batch at the next step with a free slot; the engine loop
+  1. `generate` (mode disaggregated) -> on the engine thread, reserve blocks for the prompt minus our own
+     prefix hits (remote_admission.reserve); no room -> 429, retryable.
+  2. `prefill` {prompt, params, our KV endpoint, the block ids, how many prompt blocks we already hold} goes
+     to the prefill node's ROUTER through our DEALER to it: the one round trip. Its connector binds those
+     blocks and writes each layer into them as it is computed (one-sided: nothing runs here per layer); its
+     `Done` on the KV link says every layer landed.
+  3. `first_token` from the prefill node is forwarded to the proxy at once (TTFT is the prefill's time). If
+     that token already ends the request (eos, stop id, max_tokens 1) the request ends here and the transfer
+     is aborted.
+  4. When every layer has landed AND the first token is known, the scheduler is told (WAITING_FOR_REMOTE_KVS
+     -> ready) and moves the request into the running batch at the next step with a free slot; the engine loop
      streams the rest through the node's sink like a colocated request.
 Failure before the request joins the batch (prefill node error, killed, silent past --kv-timeout, KV transfer
-failed) sends the proxy an `error`, retryable while no token has reached the proxy. The reserved blocks are freed
-only once the prefill node can no longer write them (a mapped cache is writable by the peer that mapped it): after
-its `prefill_done` or its KV `Abort` (both sent after its writes are fenced), or once its connection is lost; a
-request released before that waits in quarantine, at most QUARANTINE_TIMEOUTS x --kv-timeout.
+failed) sends the proxy an `error`, retryable while no token has reached the proxy. The reserved blocks are
+freed only once the prefill node can no longer write them (a mapped cache is writable by the peer that mapped
+it): after its `prefill_done` or its KV `Abort` (both sent after its writes are fenced), or once its
+connection is lost; a request released before that waits in quarantine, at most QUARANTINE_TIMEOUTS x
+--kv-timeout.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from typing import Optional
 
 from decode_node import remote_admission as ra
 from engine.engine_loop import Sink
-from engine.errors import PromptTooLongError
-from kvconnector.bind import advertised
-from node_runtime.protocol import Abort, Error, FirstToken, Prefill, PrefillDone, Tokens, plain
+from wire.bind import advertised
+from wire.errors import PromptTooLongError
+from wire.node_messages import Abort, Error, FirstToken, Prefill, PrefillDone, Tokens, plain
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +132,7 @@ class DisaggDecoder:
             ),
         )
 
-    # ---- 3: the first token ------------------------------------------------------------------------------------
+    # ---- 3: the first token --------------------------------------------------------------------------------
     def on_prefill_message(self, endpoint: str, msg) -> None:
         if isinstance(msg, PrefillDone):
             if msg.ok and not self.consumer.counted:  # one-sided: its fence means landed, even if the KV link
@@ -190,9 +192,10 @@ class DisaggDecoder:
         elif pending.landed:
             self.loop.call(self._admit, pending)
 
-    # ---- 4: KV landed -> the running batch ---------------------------------------------------------------------
+    # ---- 4: KV landed -> the running batch -----------------------------------------------------------------
     def _on_complete(self, request_id: str, ok: bool, timings: dict) -> None:
-        """KV link thread: the producer's Done (ok) or Abort (it has fenced its writes), or a bad tcp chunk."""
+        """KV link thread: the producer's Done (ok) or Abort (it has fenced its writes), or a bad tcp
+        chunk."""
         self._writer_done(request_id)
         with self.lock:
             pending = self.pending.get(request_id)
@@ -222,7 +225,8 @@ class DisaggDecoder:
             self.loop.call(self._admit, pending)
 
     def _admit(self, pending: Pending) -> None:
-        """Loop thread: KV landed and first token known; the scheduler moves it into the batch when a slot frees."""
+        """Loop thread: KV landed and first token known; the scheduler moves it into the batch when a slot
+        frees."""
         live = pending.live
         if (
             pending.admitted
@@ -247,7 +251,7 @@ class DisaggDecoder:
                 self.pending.pop(live.request_id, None)
         self.node.on_output(live, out)
 
-    # ---- failures and the end ----------------------------------------------------------------------------------
+    # ---- failures and the end ------------------------------------------------------------------------------
     def _fail(self, pending: Pending, status: int, message: str, retryable: bool, cause: str) -> None:
         if pending.admitted:
             return  # in the batch already: the engine owns it now
@@ -292,8 +296,9 @@ class DisaggDecoder:
         ra.release(self.core, request_id)
 
     def check_timeouts(self, now: float) -> None:
-        """RPC thread tick: a prefill node that shows no progress in --kv-timeout fails its requests; blocks in
-        quarantine past their limit are freed (the writer never confirmed: logged, it is the trust boundary)."""
+        """RPC thread tick: a prefill node that shows no progress in --kv-timeout fails its requests; blocks
+        in quarantine past their limit are freed (the writer never confirmed: logged, it is the trust
+        boundary)."""
         with self.lock:
             late = [p for p in self.pending.values() if _waiting_on_prefill(p) and now > p.deadline]
             stale = [

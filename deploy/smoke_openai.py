@@ -4,9 +4,9 @@
 
 Sends `--requests` greedy requests (completions and chat, streamed and not, prompts of several lengths, some
 sharing long prefixes so the prefix cache and cache-aware routing are exercised), `--concurrency` at a time.
-With --check-hf it loads the checkpoint in transformers (on the GPU when there is one, in the checkpoint's dtype)
-and checks every response's token ids against transformers' greedy continuation. Prints one line per request
-and a summary; --out writes the summary as JSON. Exit status 1 when any request failed or differed.
+With --check-hf it loads the checkpoint in transformers (on the GPU when there is one, in the checkpoint's
+dtype) and checks every response's token ids against transformers' greedy continuation. Prints one line per
+request and a summary; --out writes the summary as JSON. Exit status 1 when any request failed or differed.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def make_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 def hf_models(model_dir: str, dtype: str = "auto"):
-    """transformers' model in the serving dtype (default: the checkpoint's), and in float32 (the exact reference)."""
+    """transformers' model in the serving dtype (default: the checkpoint's), and in float32 (the exact
+    reference)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
 
     from openai import OpenAI
 
-    from engine.tokenizer import load_tokenizer
+    from wire.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.model_dir)
     client = OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=300)
@@ -222,7 +223,7 @@ def main(argv=None) -> int:
                 line += "  = transformers"
             else:
                 first = next(
-                    (k for k, (a, b) in enumerate(zip(r["ids"], want)) if a != b),
+                    (k for k, (a, b) in enumerate(zip(r["ids"], want, strict=False)) if a != b),
                     min(len(want), len(r["ids"])),
                 )
                 gap, tol = teacher_forced_gap(*models, r["prompt_ids"], r["ids"])
@@ -235,7 +236,8 @@ def main(argv=None) -> int:
                     )
                 else:
                     bad += 1
-                    line += f"  DIFFERS from transformers at token {first} (worst gap {gap:.3f}, tolerance {tol:.3f})"
+                    line += f"  DIFFERS from transformers at token {first} (worst gap {gap:.3f}, tolerance "
+                    f"{tol:.3f})"
         print(line, flush=True)
     summary = {
         "requests": args.requests,

@@ -1,25 +1,12 @@
 """The engine both node roles share: config, checkpoints, models, paged KV cache, scheduler, runner, sampler.
 
-`from engine import LLM, SamplingParams` is the offline API. Names resolve lazily so that torch-free modules
-(engine.tokenizer, engine.detokenizer, engine.sampling_params) can be imported by the proxy without torch.
+`from engine import LLM, SamplingParams` is the offline API. Importing any part of this package loads torch;
+what must stay torch-free (the proxy, the benchmark client) lives in `wire/`.
 """
 
-from __future__ import annotations
+from engine.config import EngineConfig
+from engine.llm import LLM
+from engine.outputs import CompletionOutput, RequestOutput
+from wire.sampling_params import SamplingParams
 
-import importlib
-
-_LAZY = {
-    "LLM": "engine.llm",
-    "SamplingParams": "engine.sampling_params",
-    "RequestOutput": "engine.outputs",
-    "CompletionOutput": "engine.outputs",
-    "EngineConfig": "engine.config",
-}
-
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig"]

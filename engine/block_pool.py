@@ -12,8 +12,8 @@ evicts cached blocks least recently freed first. `free()` releases a request's b
 tail of a prefix chain is queued for eviction before its head: a hit needs the chain from block 0, so the head
 blocks serve every request sharing any part of the prefix and should live longest.
 
-One hash maps to one block; the first block registered under a hash wins. A duplicate (two requests computed the
-same prefix in the same step) stays unhashed and returns to the free state when released.
+One hash maps to one block; the first block registered under a hash wins. A duplicate (two requests computed
+the same prefix in the same step) stays unhashed and returns to the free state when released.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
-from kvconnector.events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
-from kvconnector.hashing import BlockHash, external_block_hash
+from wire.hashing import BlockHash, external_block_hash
+from wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -74,7 +74,7 @@ class BlockPool:
         self._events: list[KVCacheEvent] = []
         self.stats = PrefixCacheStats()
 
-    # ---- counters ---------------------------------------------------------------------------------------------
+    # ---- counters ------------------------------------------------------------------------------------------
     @property
     def num_free(self) -> int:
         return len(self._free)
@@ -96,7 +96,7 @@ class BlockPool:
     def usage(self) -> float:
         return self.num_used / self.num_blocks
 
-    # ---- allocation -------------------------------------------------------------------------------------------
+    # ---- allocation ----------------------------------------------------------------------------------------
     def allocate(self, n: int) -> list[Block]:
         """n blocks with ref_count 1, free ones first, then evicting the least recently freed cached ones."""
         if n > self.num_available:
@@ -133,7 +133,7 @@ class BlockPool:
                 queue = self._cached if block.block_hash is not None else self._free
                 queue[block.block_id] = block
 
-    # ---- prefix cache -----------------------------------------------------------------------------------------
+    # ---- prefix cache --------------------------------------------------------------------------------------
     def get_cached_block(self, block_hash: BlockHash) -> Block | None:
         if not self.enable_caching:
             return None
@@ -150,8 +150,9 @@ class BlockPool:
         """Register blocks[num_cached_blocks:num_full_blocks] under block_hashes at the same indices.
 
         blocks is one request's block table and token_ids its tokens, so block i holds
-        token_ids[i*block_size:(i+1)*block_size]. Blocks that already hold a hash (prefix hits) and hashes that
-        another block already holds are skipped; each run of newly stored consecutive blocks is one BlockStored.
+        token_ids[i*block_size:(i+1)*block_size]. Blocks that already hold a hash (prefix hits) and hashes
+        that another block already holds are skipped; each run of newly stored consecutive blocks is one
+        BlockStored.
         """
         if not self.enable_caching:
             return
@@ -206,9 +207,10 @@ class BlockPool:
             )
         )
 
-    # ---- checking ---------------------------------------------------------------------------------------------
+    # ---- checking ------------------------------------------------------------------------------------------
     def check_invariants(self) -> None:
-        """Raise AssertionError on any accounting inconsistency (explicit raises: they survive `python -O`)."""
+        """Raise AssertionError on any accounting inconsistency (explicit raises: they survive `python
+        -O`)."""
 
         def fail(msg: str) -> None:
             raise AssertionError(f"BlockPool: {msg}")

@@ -4,10 +4,11 @@ Every problem a user can cause (a wrong path, a half-copied folder, a truncated 
 implement) is a `CheckpointError` whose message is one line naming the file and the fix. torch and safetensors
 are imported only when tensors are read, so `load_arch_config` stays cheap for callers that need only shapes.
 
-Sliding window (Mistral v0.1, Qwen2 with use_sliding_window): our attention kernels attend to the whole context,
-so when the window is smaller than max_position_embeddings we lower `ArchConfig.max_position_embeddings` (the
-longest context the engine will allow) to the window. Within the window full attention is exact; sequences never
-grow past it. `config_max_position_embeddings` keeps the value config.json states.
+Sliding window (Mistral v0.1, Qwen2 with use_sliding_window): our attention kernels attend to the whole
+context, so when the window is smaller than max_position_embeddings we lower
+`ArchConfig.max_position_embeddings` (the longest context the engine will allow) to the window. Within the
+window full attention is exact; sequences never grow past it. `config_max_position_embeddings` keeps the value
+config.json states.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterator
 
-from engine.errors import CheckpointError
+from wire.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Engine configuration: frozen dataclasses with vLLM's flag names, one argparse registration, one factory.
 
 Every node role and the offline LLM build an EngineConfig through `EngineConfig.create(**kwargs)` (Python) or
-`EngineConfig.from_cli_args(args)` after `add_engine_args(parser)` (CLI), so defaults and validation live here once.
+`EngineConfig.from_cli_args(args)` after `add_engine_args(parser)` (CLI), so defaults and validation live here
+once.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-from engine.errors import ConfigError
+from wire.errors import ConfigError
 
 KV_CONNECTORS = ("tcp", "cuda_ipc", "nixl")  # the data planes kvconnector.transport implements
 

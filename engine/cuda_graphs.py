@@ -1,8 +1,8 @@
 """CUDA graphs for decode-only steps: one graph per batch-size bucket, all sharing one memory pool.
 
 A decode step of a small batch is launch-bound (hundreds of small kernels); replaying a captured graph removes
-the per-kernel launch cost. Inputs live in static device buffers that each step overwrites; a batch is padded up
-to its bucket with dummy rows whose slot is -1 (no cache write) and whose context is one token of block 0.
+the per-kernel launch cost. Inputs live in static device buffers that each step overwrites; a batch is padded
+up to its bucket with dummy rows whose slot is -1 (no cache write) and whose context is one token of block 0.
 Prefill and mixed steps stay eager.
 """
 

@@ -18,10 +18,10 @@ from engine.kv_cache_manager import KVCacheManager
 from engine.model_runner import ModelRunner
 from engine.request import Request
 from engine.sampler import Sampler, make_generator, skip_draw
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.scheduler_output import SchedulerOutput
 from engine.step_isolation import StepFailed, sample_rows_isolated
+from wire.sampling_params import SamplingParams
 
 
 class StepObserver(Protocol):
@@ -94,7 +94,7 @@ class EngineCore:
         arch_len = self.runner.arch.max_position_embeddings
         asked = self.config.model.max_model_len
         if asked is not None and asked > arch_len:
-            from engine.errors import ConfigError
+            from wire.errors import ConfigError
 
             raise ConfigError(
                 f"--max-model-len {asked} exceeds the model's max_position_embeddings {arch_len}"
@@ -102,8 +102,8 @@ class EngineCore:
         return asked or arch_len
 
     def check_token_ids(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """ValueError (a 400) for a token id outside the model's vocabulary, in the prompt or the stop ids: one
-        would otherwise index out of range inside a step (the embedding, the sampler's blocked tokens)."""
+        """ValueError (a 400) for a token id outside the model's vocabulary, in the prompt or the stop ids:
+        one would otherwise index out of range inside a step (the embedding, the sampler's blocked tokens)."""
         vocab = self.runner.arch.vocab_size
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
@@ -130,13 +130,14 @@ class EngineCore:
         self.scheduler.finish_request(request_id, reason)
         self.generators.pop(request_id, None)
 
-    # ---- requests whose prompt KV is computed elsewhere (the decode node's side of disaggregation) ----------
+    # ---- requests whose prompt KV is computed elsewhere (the decode node's side of disaggregation) ---------
     def reserve_remote(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> Reservation:
         """Hold blocks for the prompt minus this node's own prefix hits, without queueing the request.
 
-        Raises PromptTooLongError / ValueError (bad request) or NoRoomError (retry later); takes nothing then."""
+        Raises PromptTooLongError / ValueError (bad request) or NoRoomError (retry later); takes nothing
+        then."""
         kv = self.kv_manager
         self.check_token_ids(prompt_token_ids, params)
         request = Request(
@@ -159,7 +160,8 @@ class EngineCore:
 
     def remote_kv_ready(self, request_id: str, num_cached_tokens: int) -> bool:
         """A reserved request's prompt KV has landed (its first token already appended): it joins the batch at
-        the next step with a free slot (the scheduler's WAITING_FOR_REMOTE_KVS -> RUNNING). False if unknown."""
+        the next step with a free slot (the scheduler's WAITING_FOR_REMOTE_KVS -> RUNNING). False if
+        unknown."""
         request = self.scheduler.get_request(request_id)
         if request is None or not self.scheduler.remote_kv_ready(request_id):
             return False
@@ -241,7 +243,7 @@ class EngineCore:
                 blocked_token_ids=blocked,
             )
             tokens = out.token_ids.tolist()
-            lp_rows = list(zip(*out.logprobs.tolists())) if out.logprobs is not None else None
+            lp_rows = list(zip(*out.logprobs.tolists(), strict=False)) if out.logprobs is not None else None
         except Exception:  # noqa: BLE001 - find the row(s) at fault; the others still get their token
             return self._sample_one_by_one(logits, requests)
         result = {}
@@ -265,7 +267,7 @@ class EngineCore:
             )
             logprob = None
             if out.logprobs is not None and params.logprobs is not None:
-                logprob = next(zip(*out.logprobs.tolists()))
+                logprob = next(zip(*out.logprobs.tolists(), strict=False))
             return int(out.token_ids[0]), logprob
 
         rows, failed = sample_rows_isolated(sample_one, [r.request_id for r in requests])

@@ -1,18 +1,20 @@
-"""Runs an EngineCore on one thread and routes each step's outputs to per-request sinks (both node roles use it).
+"""Runs an EngineCore on one thread and routes each step's outputs to per-request sinks (both node roles use
+it).
 
 The EngineCore is not thread-safe, so exactly one thread (the loop) ever touches it. Other threads (the node's
-RPC thread, the KV connector's callbacks, timers) hand it work with `call(fn)`, which runs `fn(core)` on the loop
-thread between two steps and returns a Future. The loop, each turn:
+RPC thread, the KV connector's callbacks, timers) hand it work with `call(fn)`, which runs `fn(core)` on the
+loop thread between two steps and returns a Future. The loop, each turn:
   1. runs every queued command (blocking on the queue while there is nothing to step);
   2. runs the `before_step` hooks (the decode node admits requests whose KV has landed);
   3. steps the core once and hands each StepOutput to its request's sink (a finished one drops its sink);
-  4. runs the `after_step` hooks (KV events, timings) and publishes a `LoopSnapshot` for /metrics and heartbeats.
+  4. runs the `after_step` hooks (KV events, timings) and publishes a `LoopSnapshot` for /metrics and
+     heartbeats.
 
-Sinks run on the loop thread: they must only queue work for another thread (the node puts a wire message on its
-outbox), never block. A request whose own work fails inside a step (engine/step_isolation.py) gets its sink's
-`on_fail` alone. A step-wide failure is a bug: it is logged with the requests in the step and retried once when
-nothing moved yet; if it fails again every in-flight request is aborted (its sink's `on_fail` is called, its
-blocks freed), the error is counted, and the loop keeps serving new requests.
+Sinks run on the loop thread: they must only queue work for another thread (the node puts a wire message on
+its outbox), never block. A request whose own work fails inside a step (engine/step_isolation.py) gets its
+sink's `on_fail` alone. A step-wide failure is a bug: it is logged with the requests in the step and retried
+once when nothing moved yet; if it fails again every in-flight request is aborted (its sink's `on_fail` is
+called, its blocks freed), the error is counted, and the loop keeps serving new requests.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ STALLED_WAIT_S = 0.002  # unfinished requests but nothing schedulable (blocks he
 
 @dataclass(slots=True)
 class Sink:
-    """Where one request's outputs go. on_output(StepOutput) per step; on_fail(message) if the engine failed it."""
+    """Where one request's outputs go. on_output(StepOutput) per step; on_fail(message) if the engine failed
+    it."""
 
     on_output: Callable[[Any], None]
     on_fail: Callable[[str], None] = lambda message: None
@@ -76,7 +79,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.alive = False
 
-    # ---- lifecycle --------------------------------------------------------------------------------------------
+    # ---- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> "EngineLoop":
         self.alive = True
         self._take_snapshot()
@@ -93,9 +96,10 @@ class EngineLoop:
     def on_loop_thread(self) -> bool:
         return threading.current_thread() is self._thread
 
-    # ---- work from other threads ------------------------------------------------------------------------------
+    # ---- work from other threads ---------------------------------------------------------------------------
     def call(self, fn: Callable[..., Any], *args, **kwargs) -> concurrent.futures.Future:
-        """Run fn(*args, **kwargs) on the loop thread between steps; the Future holds its result or exception."""
+        """Run fn(*args, **kwargs) on the loop thread between steps; the Future holds its result or
+        exception."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         if self._stop.is_set():
             future.set_exception(RuntimeError("the engine loop is stopped"))
@@ -110,12 +114,14 @@ class EngineLoop:
         return self.call(self._add, request_id, prompt_token_ids, params, sink)
 
     def abort(self, request_id: str) -> concurrent.futures.Future:
-        """Abort in the core and drop the sink (no further outputs). Result: whether the core knew the request."""
+        """Abort in the core and drop the sink (no further outputs). Result: whether the core knew the
+        request."""
         return self.call(self._abort, request_id)
 
-    # ---- loop-thread API (call only from the loop thread: commands, hooks, sinks) -----------------------------
+    # ---- loop-thread API (call only from the loop thread: commands, hooks, sinks) --------------------------
     def attach(self, request_id: str, sink: Sink) -> None:
-        """Route request_id's outputs to sink (for requests put into the core by an adapter, not add_request)."""
+        """Route request_id's outputs to sink (for requests put into the core by an adapter, not
+        add_request)."""
         self._sinks[request_id] = sink
         if sink.on_scheduled is not None:
             self._unscheduled.add(request_id)
@@ -135,7 +141,7 @@ class EngineLoop:
         self.core.abort_request(request_id)
         return known
 
-    # ---- the loop ---------------------------------------------------------------------------------------------
+    # ---- the loop ------------------------------------------------------------------------------------------
     def _run(self) -> None:
         stalled = False
         try:
@@ -188,7 +194,8 @@ class EngineLoop:
             return []
         if self._unscheduled:
             self._mark_scheduled(started)
-        # before any sink sends a token: a client that saw its last token then reads /health sees its blocks freed
+        # before any sink sends a token: a client that saw its last token then reads /health sees its blocks
+        # freed
         self._take_snapshot()
         for out in outputs:
             sink = self._sinks.get(out.request_id)
@@ -203,7 +210,8 @@ class EngineLoop:
         return outputs
 
     def _step_with_retry(self) -> Optional[list]:
-        """The step's outputs; None after a step-wide failure that a retry did not cure (everything aborted)."""
+        """The step's outputs; None after a step-wide failure that a retry did not cure (everything
+        aborted)."""
         for attempt in (1, 2):
             try:
                 return self.core.step()

@@ -1,7 +1,7 @@
 """The paged KV cache: one tensor [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim].
 
-Layer l's cache is the view [2, num_blocks, block_size, num_kv_heads, head_dim] (K at 0, V at 1), the layout the
-attention kernels read and the KV connector gathers from. The number of blocks comes from
+Layer l's cache is the view [2, num_blocks, block_size, num_kv_heads, head_dim] (K at 0, V at 1), the layout
+the attention kernels read and the KV connector gathers from. The number of blocks comes from
 --num-gpu-blocks-override if given, else --kv-cache-memory, else on GPU from --gpu-memory-utilization of the
 device's memory minus what the weights and a profiling forward already hold, and on CPU from 256 MiB.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.errors import ConfigError
+from wire.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,9 @@ def decide_num_blocks(arch, cache_config, dtype: torch.dtype, device: torch.devi
 
 
 def _gpu_kv_budget(utilization: float, device: torch.device) -> int:
-    """This process may hold `utilization` of the device's memory (vLLM's meaning: its own share, so two nodes on
-    one GPU each pass their part); the KV cache gets that minus the weights and the profiled activation peak,
-    and never more than is free now, less a margin for allocator slack and the CUDA graphs."""
+    """This process may hold `utilization` of the device's memory (vLLM's meaning: its own share, so two nodes
+    on one GPU each pass their part); the KV cache gets that minus the weights and the profiled activation
+    peak, and never more than is free now, less a margin for allocator slack and the CUDA graphs."""
     free, total = torch.cuda.mem_get_info(device)
     share = int(total * utilization) - torch.cuda.max_memory_allocated(device)
     headroom = (

@@ -1,8 +1,9 @@
 """Which KV blocks each request holds; the scheduler talks tokens to this and never touches a Block.
 
-Torch-free. A request's block table covers its computed tokens plus those scheduled this step; block i holds the
-request's tokens [i*block_size, (i+1)*block_size). The same calls serve a request whose KV is computed here and
-one whose KV arrives from another node (allocate slots for its tokens, then cache_blocks once they have landed).
+Torch-free. A request's block table covers its computed tokens plus those scheduled this step; block i holds
+the request's tokens [i*block_size, (i+1)*block_size). The same calls serve a request whose KV is computed
+here and one whose KV arrives from another node (allocate slots for its tokens, then cache_blocks once they
+have landed).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class KVCacheManager:
             str, int
         ] = {}  # request_id -> leading blocks already offered to the prefix cache
 
-    # ---- capacity ---------------------------------------------------------------------------------------------
+    # ---- capacity ------------------------------------------------------------------------------------------
     @property
     def num_blocks(self) -> int:
         return self.pool.num_blocks
@@ -46,7 +47,7 @@ class KVCacheManager:
     def blocks_for_tokens(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
 
-    # ---- prefix hits ------------------------------------------------------------------------------------------
+    # ---- prefix hits ---------------------------------------------------------------------------------------
     def get_computed_blocks(self, request: Request) -> tuple[list[Block], int]:
         """The longest run of cached full blocks at the start of the request, and the tokens they cover.
 
@@ -67,17 +68,18 @@ class KVCacheManager:
         return hits, len(hits) * self.block_size
 
     def record_prefix_lookup(self, request: Request, num_hit_tokens: int) -> None:
-        """Count one admission's lookup in the pool's hit-rate stats (the scheduler calls it once per request)."""
+        """Count one admission's lookup in the pool's hit-rate stats (the scheduler calls it once per
+        request)."""
         self.pool.stats.record(request.num_tokens, num_hit_tokens)
 
-    # ---- slots ------------------------------------------------------------------------------------------------
+    # ---- slots ---------------------------------------------------------------------------------------------
     def allocate_slots(
         self, request: Request, num_new_tokens: int, new_computed_blocks: Sequence[Block] = ()
     ) -> bool:
         """Make the block table cover request.num_computed_tokens + hits + num_new_tokens tokens.
 
-        new_computed_blocks are prefix hits from get_computed_blocks (only for a request holding no blocks yet);
-        they are appended first. Returns False, taking nothing, when the blocks do not fit.
+        new_computed_blocks are prefix hits from get_computed_blocks (only for a request holding no blocks
+        yet); they are appended first. Returns False, taking nothing, when the blocks do not fit.
         """
         table = self._blocks.get(request.request_id, [])
         if new_computed_blocks and table:
@@ -89,7 +91,8 @@ class KVCacheManager:
                 f"request {request.request_id} would hold {total} tokens > max_model_len {self.max_model_len}"
             )
         num_new_blocks = max(0, cdiv(total, self.block_size) - len(table) - len(new_computed_blocks))
-        # Hits sitting in the cached queue stop being allocatable once touched, so they count against capacity.
+        # Hits sitting in the cached queue stop being allocatable once touched, so they count against
+        # capacity.
         num_revived = sum(1 for b in new_computed_blocks if b.ref_count == 0)
         if num_new_blocks + num_revived > self.pool.num_available:
             return False
@@ -126,7 +129,7 @@ class KVCacheManager:
         if table:
             self.pool.free(table)
 
-    # ---- views ------------------------------------------------------------------------------------------------
+    # ---- views ---------------------------------------------------------------------------------------------
     def block_table(self, request: Request | str) -> list[int]:
         """The request's block ids in token order (a fresh list)."""
         request_id = request if isinstance(request, str) else request.request_id

@@ -11,8 +11,8 @@ from engine.engine_core import EngineCore
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.request import Request
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import load_tokenizer
+from wire.sampling_params import SamplingParams
+from wire.tokenizer import load_tokenizer
 
 Prompt = Union[str, dict]
 
@@ -60,10 +60,10 @@ class LLM:
         if len(params_list) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
         processor = OutputProcessor(self.core, self.tokenizer)
-        # 1. Tokenize and check everything before anything is queued, so bad input loses nothing (the scheduler
-        #    also refuses a request that could never fit the whole KV cache).
+        # 1. Tokenize and check everything before anything is queued, so bad input loses nothing (the
+        # scheduler    also refuses a request that could never fit the whole KV cache).
         parsed = [self._prompt_ids(p) for p in prompts]
-        for (_, ids), params in zip(parsed, params_list):
+        for (_, ids), params in zip(parsed, params_list, strict=False):
             self.core.scheduler.validate(
                 Request(
                     request_id="check",
@@ -72,10 +72,11 @@ class LLM:
                     block_size=self.config.cache.block_size,
                 )
             )
-        # 2. Queue n children per prompt; a seed gives child i the seed + i, so each sample differs yet repeats.
+        # 2. Queue n children per prompt; a seed gives child i the seed + i, so each sample differs yet
+        # repeats.
         parents = []
         try:
-            for (text, ids), params in zip(parsed, params_list):
+            for (text, ids), params in zip(parsed, params_list, strict=False):
                 parent_id = str(next(self._ids))
                 children = []
                 for index in range(params.n):

@@ -28,7 +28,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from engine.errors import ConfigError
+        from wire.errors import ConfigError
 
         raise ConfigError(f"--device {name}: no CUDA device is visible")
     if device.type == "cuda" and device.index is None:
@@ -50,7 +50,8 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.block_size = config.cache.block_size
-        # Called with each layer's index once its K/V writes are queued; the prefill node's KV producer sets it.
+        # Called with each layer's index once its K/V writes are queued; the prefill node's KV producer sets
+        # it.
         self.on_layer_done: Callable[[int], None] | None = None
         started = time.perf_counter()
         self.model, self.arch = load_model(config.model.model, self.dtype, self.device)
@@ -91,7 +92,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledRequest], sample_rows: list[int]) -> torch.Tensor:
-        """Run the step; return float32 logits [len(sample_rows), vocab] for the last token of those chunks."""
+        """Run the step; return float32 logits [len(sample_rows), vocab] for the last token of those
+        chunks."""
         graphable = self.on_layer_done is None and all(c.is_decode for c in chunks)
         if self.graphs is not None and graphable and self.graphs.fits(len(chunks)):
             logits = self.graphs.run(chunks)

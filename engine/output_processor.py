@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.detokenizer import IncrementalDetokenizer, decode_token
 from engine.engine_core import EngineCore, StepOutput
 from engine.outputs import CompletionOutput, Logprob, make_logprob_entry
-from engine.sampling_params import SamplingParams
+from wire.detokenizer import IncrementalDetokenizer, decode_token
+from wire.sampling_params import SamplingParams
 
 
 @dataclass

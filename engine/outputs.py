@@ -1,8 +1,8 @@
 """What `LLM.generate` and the servers hand back, shaped like vLLM's `RequestOutput` / `CompletionOutput`.
 
 Torch-free (plain Python values only), so the proxy can build the same objects from wire messages.
-Logprobs are a list with one entry per generated token; each entry maps token id -> `Logprob` and always holds the
-sampled token (with its rank) plus the top-k tokens asked for.
+Logprobs are a list with one entry per generated token; each entry maps token id -> `Logprob` and always holds
+the sampled token (with its rank) plus the top-k tokens asked for.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ def make_logprob_entry(
     """One generated token's entry: the sampled token first, then the row's first `num_logprobs` top entries
     (ranked 1..k). A sampled token that is also in the top k appears once, under its own rank."""
     entry = {int(sampled_id): Logprob(float(sampled_logprob), int(sampled_rank))}
-    for rank, (tid, lp) in enumerate(zip(topk_ids[:num_logprobs], topk_logprobs[:num_logprobs]), start=1):
+    for rank, (tid, lp) in enumerate(
+        zip(topk_ids[:num_logprobs], topk_logprobs[:num_logprobs], strict=False), start=1
+    ):
         entry.setdefault(int(tid), Logprob(float(lp), rank))
     return entry
 

@@ -1,13 +1,16 @@
-"""One generation request as the scheduler sees it: its tokens, how far its KV is computed, and its block hashes.
+"""One generation request as the scheduler sees it: its tokens, how far its KV is computed, and its block
+hashes.
 
-Torch-free. The scheduler owns a Request's lifecycle (WAITING -> RUNNING <-> PREEMPTED -> FINISHED_*); the KV cache
-manager owns its blocks. Token bookkeeping follows one rule everywhere: `num_computed_tokens` counts tokens whose
-K/V is in the cache, so a request needs `num_tokens - num_computed_tokens` more tokens computed, and it samples a
-new token exactly when a step brings `num_computed_tokens` up to `num_tokens`. The same rule covers a prompt's
-chunks, a decode (one token outstanding) and a recompute after preemption (prompt and outputs outstanding).
+Torch-free. The scheduler owns a Request's lifecycle (WAITING -> RUNNING <-> PREEMPTED -> FINISHED_*); the KV
+cache manager owns its blocks. Token bookkeeping follows one rule everywhere: `num_computed_tokens` counts
+tokens whose K/V is in the cache, so a request needs `num_tokens - num_computed_tokens` more tokens computed,
+and it samples a new token exactly when a step brings `num_computed_tokens` up to `num_tokens`. The same rule
+covers a prompt's chunks, a decode (one token outstanding) and a recompute after preemption (prompt and
+outputs outstanding).
 
-Block hashes are chained over prompt and output tokens alike (`kvconnector.hashing.hash_block`) and computed
-incrementally as each block of `block_size` tokens fills, so a preempted request can hit its own output blocks.
+Block hashes are chained over prompt and output tokens alike (`wire.hashing.hash_block`) and computed
+incrementally as each block of `block_size` tokens fills, so a preempted request can hit its own output
+blocks.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from kvconnector.hashing import BlockHash, hash_block
+from wire.hashing import BlockHash, hash_block
 
 
 class RequestStatus(enum.IntEnum):
@@ -64,7 +67,8 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
-    # Prefix-cache hit tokens at its FIRST scheduling (usage.prompt_tokens_details.cached_tokens); -1 until then.
+    # Prefix-cache hit tokens at its FIRST scheduling (usage.prompt_tokens_details.cached_tokens); -1 until
+    # then.
     num_cached_tokens: int = -1
     num_preemptions: int = 0
     stop_reason: int | str | None = None  # the stop token id or stop string that finished it
@@ -77,7 +81,7 @@ class Request:
         self._all_token_ids = self.prompt_token_ids + list(self.output_token_ids)
         self._hash_full_blocks()
 
-    # ---- tokens -----------------------------------------------------------------------------------------------
+    # ---- tokens --------------------------------------------------------------------------------------------
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
@@ -111,7 +115,7 @@ class Request:
         self._all_token_ids.append(token_id)
         self._hash_full_blocks()
 
-    # ---- hashes -----------------------------------------------------------------------------------------------
+    # ---- hashes --------------------------------------------------------------------------------------------
     def set_block_size(self, block_size: int) -> None:
         """Adopt the KV cache's block size (once, before scheduling) and hash the blocks filled so far."""
         if self.block_size is not None and self.block_size != block_size:

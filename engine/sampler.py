@@ -1,18 +1,19 @@
 """Sampler: one pass over a batch of logits rows, each with its own SamplingParams.
 
-Steps, per row: block tokens (min_tokens), then greedy rows take the argmax; the others divide by temperature, keep the
-top_k, then the top_p nucleus, then tokens with p >= min_p * p_max, and draw from what is left.
+Steps, per row: block tokens (min_tokens), then greedy rows take the argmax; the others divide by temperature,
+keep the top_k, then the top_p nucleus, then tokens with p >= min_p * p_max, and draw from what is left.
 
 Decisions:
 - The draw is an exponential race: token = argmax(p_i / E_i) with E_i ~ Exp(1), which picks token i with
-  probability p_i. A seeded row draws its E from its own torch.Generator, exactly V numbers per step, so its tokens
-  depend only on its seed and its logits, never on its batch neighbours; unseeded rows share one batch-wide draw.
-  Only the exponential draw loops over seeded rows; filtering and the race are vectorised over the batch.
-- Logprobs come from the raw logits' log_softmax (vLLM's default: before temperature and filtering), top-k sorted
-  descending; the sampled token's logprob and 1-based rank (1 + number of tokens strictly more likely) are always
-  included.
-- Filtering happens in descending-sorted order (one sort per step, only when a row uses top_k or top_p), so ties at
-  the top_k boundary keep exactly k tokens.
+  probability p_i. A seeded row draws its E from its own torch.Generator, exactly V numbers per step, so its
+  tokens depend only on its seed and its logits, never on its batch neighbours; unseeded rows share one
+  batch-wide draw. Only the exponential draw loops over seeded rows; filtering and the race are vectorised
+  over the batch.
+- Logprobs come from the raw logits' log_softmax (vLLM's default: before temperature and filtering), top-k
+  sorted descending; the sampled token's logprob and 1-based rank (1 + number of tokens strictly more likely)
+  are always included.
+- Filtering happens in descending-sorted order (one sort per step, only when a row uses top_k or top_p), so
+  ties at the top_k boundary keep exactly k tokens.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from typing import Sequence
 
 import torch
 
-from engine.sampling_params import SamplingParams
+from wire.sampling_params import SamplingParams
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """A request's own generator (None when it has no seed). Seeds are taken modulo 2**64, so negatives work."""
+    """A request's own generator (None when it has no seed). Seeds are taken modulo 2**64, so negatives
+    work."""
     if seed is None:
         return None
     gen = torch.Generator(device=device)
@@ -70,8 +72,9 @@ class Sampler:
     ) -> SamplerOutput:
         """logits [n, V]; params, generators, blocked_token_ids: one per row.
 
-        num_logprobs: top-k width to return; None derives it from the rows' `logprobs` (no logprobs if no row asked).
-        blocked_token_ids: per row, ids that must not be sampled this step (EOS and stop ids under min_tokens).
+        num_logprobs: top-k width to return; None derives it from the rows' `logprobs` (no logprobs if no row
+        asked). blocked_token_ids: per row, ids that must not be sampled this step (EOS and stop ids under
+        min_tokens).
         """
         n = logits.shape[0]
         if len(params) != n:
@@ -156,7 +159,8 @@ def _apply_top_k_top_p(x: torch.Tensor, params: Sequence[SamplingParams]) -> tor
 
 
 def _apply_min_p(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Drop tokens with p < min_p * p_max, i.e. logit < max_logit + log(min_p); the ratio survives renormalisation."""
+    """Drop tokens with p < min_p * p_max, i.e. logit < max_logit + log(min_p); the ratio survives
+    renormalisation."""
     if not any(p.min_p > 0.0 for p in params):
         return x
     min_p = torch.tensor([p.min_p for p in params], device=x.device, dtype=x.dtype)

@@ -1,4 +1,5 @@
-"""One scheduler for prefill chunks and decode tokens in the same step, under a token budget (vLLM V1's shape).
+"""One scheduler for prefill chunks and decode tokens in the same step, under a token budget (vLLM V1's
+shape).
 
 Torch-free. Each step:
   1. RUNNING requests, oldest first, each get what they still need (1 token for a decode, the next chunk of a
@@ -7,19 +8,19 @@ Torch-free. Each step:
      until it fits, possibly preempting the requester itself.
   2. WAITING requests are admitted FCFS (prefix hits first, then a chunk of the rest), while the budget,
      `max_num_seqs` and the KV cache allow. Admission stops at the first request that does not fit (no
-     overtaking, so a long prompt cannot starve), and is skipped in a step that preempted: the blocks just freed
-     belong to the preempted requests, which would otherwise thrash against newcomers.
+     overtaking, so a long prompt cannot starve), and is skipped in a step that preempted: the blocks just
+     freed belong to the preempted requests, which would otherwise thrash against newcomers.
   3. The output lists decodes first, then prefills (the runner's flat-batch order).
 Before step 1, requests whose prompt KV a prefill node has written (WAITING_FOR_REMOTE_KVS, then marked ready)
-join the running batch in the order they became ready, while `max_num_seqs` allows: the decode node's one table
-of its requests is this scheduler's, with no queue beside it.
+join the running batch in the order they became ready, while `max_num_seqs` allows: the decode node's one
+table of its requests is this scheduler's, with no queue beside it.
 
 Priority is arrival order at this scheduler: `running` is kept sorted by it, so the victim is always the last
 running request, which step 1 has not scheduled yet. A preempted request re-enters the waiting queue ahead of
 every request that arrived after it (so at the front, behind only older preempted requests).
 
-A request can never be stuck forever: add_request rejects one whose prompt plus max_tokens needs more KV blocks
-than the whole cache, so the oldest running request always fits once everything younger is preempted.
+A request can never be stuck forever: add_request rejects one whose prompt plus max_tokens needs more KV
+blocks than the whole cache, so the oldest running request always fits once everything younger is preempted.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from collections import deque
 from typing import Iterable
 
 from engine.config import SchedulerConfig
-from engine.errors import PromptTooLongError
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import STATUS_BY_REASON, Request, RequestStatus
 from engine.scheduler_output import ScheduledRequest, SchedulerOutput, SchedulerStats
+from wire.errors import PromptTooLongError
 
 
 class RequestTooLargeError(PromptTooLongError):
@@ -65,7 +66,7 @@ class Scheduler:
         self._finished_ids: list[str] = []  # since the last schedule(), for the runner to forget
         self.num_preemptions = 0
 
-    # ---- requests in and out ----------------------------------------------------------------------------------
+    # ---- requests in and out -------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         """Queue a request; raises PromptTooLongError (or its RequestTooLargeError) if it can never run."""
         self.validate(request)
@@ -77,8 +78,8 @@ class Scheduler:
         self.waiting.append(request)
 
     def add_remote(self, request: Request) -> None:
-        """Track a request whose blocks the caller allocated and whose prompt KV another node writes into them:
-        never scheduled until `remote_kv_ready`, freed like any other on finish or abort."""
+        """Track a request whose blocks the caller allocated and whose prompt KV another node writes into
+        them: never scheduled until `remote_kv_ready`, freed like any other on finish or abort."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in the scheduler")
         request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
@@ -88,7 +89,8 @@ class Scheduler:
         self.remote[request.request_id] = request
 
     def remote_kv_ready(self, request_id: str) -> bool:
-        """The prompt's KV has landed (its first token appended): join the batch at the next step with room."""
+        """The prompt's KV has landed (its first token appended): join the batch at the next step with
+        room."""
         request = self.remote.get(request_id)
         if request is None or request in self.remote_ready:
             return False
@@ -106,8 +108,8 @@ class Scheduler:
     def finish_request(self, request_id: str, status: RequestStatus | str) -> Request | None:
         """End a request from outside (stop string seen by the detokenizer, abort); frees all its blocks.
 
-        status is a final RequestStatus or a finish reason ("stop", "length", "abort"). Returns the request, or
-        None if it is unknown or already finished.
+        status is a final RequestStatus or a finish reason ("stop", "length", "abort"). Returns the request,
+        or None if it is unknown or already finished.
         """
         request = self.requests.get(request_id)
         if request is None:
@@ -139,7 +141,7 @@ class Scheduler:
     def get_request(self, request_id: str) -> Request | None:
         return self.requests.get(request_id)
 
-    # ---- one step ---------------------------------------------------------------------------------------------
+    # ---- one step ------------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
@@ -165,8 +167,8 @@ class Scheduler:
     def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance the scheduled requests by the step's results; return those that finished (blocks freed).
 
-        sampled maps request_id -> token id for every entry with `samples` set. Entries whose request finished or
-        was aborted after schedule() are ignored.
+        sampled maps request_id -> token id for every entry with `samples` set. Entries whose request finished
+        or was aborted after schedule() are ignored.
         """
         finished: list[Request] = []
         for item in output.scheduled:
@@ -197,7 +199,7 @@ class Scheduler:
             self.running = [r for r in self.running if r.status == RequestStatus.RUNNING]
         return finished
 
-    # ---- step parts -------------------------------------------------------------------------------------------
+    # ---- step parts ----------------------------------------------------------------------------------------
     def _schedule_running(self, budget: int, scheduled: list[ScheduledRequest], preempted: list[str]) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
@@ -225,7 +227,8 @@ class Scheduler:
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
             num_remaining = request.num_tokens - num_hit_tokens
             num_new = min(num_remaining, budget)
-            # Chunking off: wait for a step with room for all of it, unless it never fits one (a long recompute).
+            # Chunking off: wait for a step with room for all of it, unless it never fits one (a long
+            # recompute).
             if (
                 num_new < num_remaining
                 and not self.enable_chunked_prefill
@@ -328,7 +331,7 @@ class Scheduler:
                 f"{self.max_num_batched_tokens} with chunked prefill off"
             )
 
-    # ---- gauges -----------------------------------------------------------------------------------------------
+    # ---- gauges --------------------------------------------------------------------------------------------
     def make_stats(self) -> SchedulerStats:
         stats = self.kv.pool.stats
         return SchedulerStats(

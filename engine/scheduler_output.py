@@ -1,10 +1,10 @@
 """What one scheduler step hands the model runner, and the scheduler's gauges for /metrics.
 
-The runner flattens the step's tokens in the order of `SchedulerOutput.scheduled`: decodes first (one token each),
-then prefill chunks, matching `engine/attention_metadata.py`. For each entry it writes K/V for positions
-[num_computed_tokens, num_computed_tokens + num_new_tokens) into the slots of `block_ids`, and samples one token
-from the chunk's last row when `samples` is True. It returns `{request_id: token_id}` for exactly those entries
-to `Scheduler.update_from_output`.
+The runner flattens the step's tokens in the order of `SchedulerOutput.scheduled`: decodes first (one token
+each), then prefill chunks, matching `engine/attention_metadata.py`. For each entry it writes K/V for
+positions [num_computed_tokens, num_computed_tokens + num_new_tokens) into the slots of `block_ids`, and
+samples one token from the chunk's last row when `samples` is True. It returns `{request_id: token_id}` for
+exactly those entries to `Scheduler.update_from_output`.
 """
 
 from __future__ import annotations

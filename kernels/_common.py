@@ -10,7 +10,8 @@ import triton
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, set by the tests without a GPU)."""
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, set by the tests without a
+    GPU)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

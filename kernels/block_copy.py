@@ -1,14 +1,18 @@
 """Copy whole KV blocks: between the paged cache and one contiguous buffer, or from one cache into another.
 
     gather_blocks(cache [P, N, *blk], block_ids [n]) -> out [P, n, *blk]    out[p, i] = cache[p, block_ids[i]]
-    scatter_blocks(src [P, n, *blk], block_ids [n], cache [P, N, *blk])      cache[p, block_ids[i]] = src[p, i]
-    copy_blocks(src [P, N, *blk], src_ids [n], dst [P, M, *blk], dst_ids [n])  dst[p, dst_ids[i]] = src[p, src_ids[i]]
+    scatter_blocks(src [P, n, *blk], block_ids [n], cache [P, N, *blk])      cache[p, block_ids[i]] = src[p,
+    i]
+    copy_blocks(src [P, N, *blk], src_ids [n], dst [P, M, *blk], dst_ids [n])  dst[p, dst_ids[i]] = src[p,
+    src_ids[i]]
 
-copy_blocks is the one-sided KV write: dst may be a peer process's cache mapped into this one (CUDA IPC), so one
-launch moves a layer's blocks straight into the blocks the peer reserved, with no staging buffer on either side.
+copy_blocks is the one-sided KV write: dst may be a peer process's cache mapped into this one (CUDA IPC), so
+one launch moves a layer's blocks straight into the blocks the peer reserved, with no staging buffer on either
+side.
 
 The engine's per-layer cache is [2, N, B, Hk, D] (P = 2: K then V). A block is copied as a flat run of bytes,
-reinterpreted as the widest integer word its size and alignment allow, so the copy is dtype-blind and vectorised.
+reinterpreted as the widest integer word its size and alignment allow, so the copy is dtype-blind and
+vectorised.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from kernels._common import check, check_same_device, interpreting
 _WORDS = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
-# n (the number of blocks) changes every call: never specialise on it, so one compiled kernel serves every n and
-# BlockCopier can launch that compiled kernel directly.
+# n (the number of blocks) changes every call: never specialise on it, so one compiled kernel serves every n
+# and BlockCopier can launch that compiled kernel directly.
 @triton.jit(do_not_specialize=["n"])
 def _copy_blocks_kernel(
     src_ptr,  # gather: cache [P, N, E]; scatter: buffer [P, n, E]
@@ -59,8 +63,8 @@ def _copy_blocks_kernel(
 
 
 def _words(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """a, b [P, n, *blk] with contiguous blocks -> [P, n, E] views in the widest integer word both sizes, strides
-    and offsets allow (int64 for any real KV block)."""
+    """a, b [P, n, *blk] with contiguous blocks -> [P, n, E] views in the widest integer word both sizes,
+    strides and offsets allow (int64 for any real KV block)."""
     fa, fb = a.flatten(2), b.flatten(2)
     for word in _WORDS:
         fits = all(
@@ -139,18 +143,21 @@ def scatter_blocks(src: torch.Tensor, block_ids: torch.Tensor, cache: torch.Tens
 
 
 def copy_blocks(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor, dst_ids: torch.Tensor) -> None:
-    """dst[:, dst_ids[i]] = src[:, src_ids[i]] for both caches [P, *, *blk]; dst may be a peer's mapped cache."""
+    """dst[:, dst_ids[i]] = src[:, src_ids[i]] for both caches [P, *, *blk]; dst may be a peer's mapped
+    cache."""
     BlockCopier(src, dst)(src_ids, dst_ids)
 
 
 class BlockCopier:
-    """copy_blocks for one fixed (src, dst) pair, checked and viewed as words once. The KV connector calls it once
-    per layer on the forward thread, so a call must cost little host time: after the first launch (through
-    Triton's JIT, which compiles and binds the arguments), calls launch the compiled kernel directly on the given
-    stream, skipping the JIT's argument binding and cache lookup (tens of microseconds of Python per launch).
+    """copy_blocks for one fixed (src, dst) pair, checked and viewed as words once. The KV connector calls it
+    once per layer on the forward thread, so a call must cost little host time: after the first launch
+    (through Triton's JIT, which compiles and binds the arguments), calls launch the compiled kernel directly
+    on the given stream, skipping the JIT's argument binding and cache lookup (tens of microseconds of Python
+    per launch).
 
     The compiled kernel is specialised on everything but n: the tensors, strides and word count are fixed per
-    copier, and the id tensors' 16-byte alignment is checked per call (an unaligned pair takes the JIT path)."""
+    copier, and the id tensors' 16-byte alignment is checked per call (an unaligned pair takes the JIT
+    path)."""
 
     def __init__(self, src: torch.Tensor, dst: torch.Tensor, block_words: int | None = None):
         """block_words: words one program copies (a power of two; default a whole block up to 4096): smaller
@@ -164,7 +171,8 @@ class BlockCopier:
             and src.shape[0] == dst.shape[0]
             and src.shape[2:] == dst.shape[2:]
             and src.dtype == dst.dtype,
-            f"blocks differ: source {tuple(src.shape)} {src.dtype}, destination {tuple(dst.shape)} {dst.dtype}",
+            f"blocks differ: source {tuple(src.shape)} {src.dtype}, destination {tuple(dst.shape)} "
+            f"{dst.dtype}",
         )
         for name, t in (("source", src), ("destination", dst)):
             check(t[0, 0].is_contiguous() if t.shape[1] else True, f"{name}: each block must be contiguous")
@@ -185,7 +193,8 @@ class BlockCopier:
         self.compiled = None  # the kernel the first aligned JIT launch compiled, launched directly after it
 
     def __call__(self, src_ids: torch.Tensor, dst_ids: torch.Tensor, stream: int | None = None) -> None:
-        """stream: a raw CUDA stream handle (torch.cuda.Stream.cuda_stream) to launch on; None: the current one."""
+        """stream: a raw CUDA stream handle (torch.cuda.Stream.cuda_stream) to launch on; None: the current
+        one."""
         n = src_ids.shape[0]
         check(dst_ids.shape[0] == n, f"{n} source ids, {dst_ids.shape[0]} destination ids")
         if n == 0 or self.empty:

@@ -1,11 +1,13 @@
-"""Paged decode attention: one query per sequence, at position seq_lens[s] - 1, attending to all seq_lens[s] keys.
+"""Paged decode attention: one query per sequence, at position seq_lens[s] - 1, attending to all seq_lens[s]
+keys.
 
-The Triton version is split-K (flash-decoding): each (sequence, kv head) context is cut into partitions computed in
-parallel, each leaving an unnormalised partial output with its running max and sum, and a reduce kernel merges them.
-It is GQA-aware: one program handles all q heads of a kv head, so each K/V block is read once for the whole group.
-No host sync and CUDA-graph safe: the number of partitions depends only on shapes (batch, kv heads, the block
-table's width); each sequence then cuts its own context into that many equal partitions inside the kernel, so a
-short context in a wide table still spreads over every partition instead of landing whole in the first one.
+The Triton version is split-K (flash-decoding): each (sequence, kv head) context is cut into partitions
+computed in parallel, each leaving an unnormalised partial output with its running max and sum, and a reduce
+kernel merges them. It is GQA-aware: one program handles all q heads of a kv head, so each K/V block is read
+once for the whole group. No host sync and CUDA-graph safe: the number of partitions depends only on shapes
+(batch, kv heads, the block table's width); each sequence then cuts its own context into that many equal
+partitions inside the kernel, so a short context in a wide table still spreads over every partition instead of
+landing whole in the first one.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from kernels.prefill_attention import LOG2E, attend_tile, check_paged_args
 
 @triton.jit
 def _partition_len(seq_len, num_splits, BLOCK_N: tl.constexpr):
-    """This sequence's tokens per partition: its context over num_splits, rounded up to whole tiles (>= 1 tile)."""
+    """This sequence's tokens per partition: its context over num_splits, rounded up to whole tiles (>= 1
+    tile)."""
     per_split = (seq_len + num_splits - 1) // num_splits
     return tl.maximum((per_split + BLOCK_N - 1) // BLOCK_N, 1) * BLOCK_N
 
@@ -134,13 +137,13 @@ def _decode_reduce_kernel(
     ok = sp < used
     row = (s * num_q_heads + head) * num_splits + sp
     m = tl.load(part_ml_ptr + row, mask=ok, other=float("-inf"))
-    l = tl.load(part_ml_ptr + num_seqs * num_q_heads * num_splits + row, mask=ok, other=0.0)
+    l_sum = tl.load(part_ml_ptr + num_seqs * num_q_heads * num_splits + row, mask=ok, other=0.0)
     m_max = tl.max(m, axis=0)
     m_max = tl.where(m_max > float("-inf"), m_max, 0.0)  # an empty context: no partitions, no NaN
     w = tl.where(ok, tl.exp2(m - m_max), 0.0)
     dims = tl.arange(0, D)
     acc = tl.load(part_out_ptr + row[:, None] * D + dims[None, :], mask=ok[:, None], other=0.0)
-    denom = tl.sum(w * l, axis=0)
+    denom = tl.sum(w * l_sum, axis=0)
     o = tl.sum(w[:, None] * acc, axis=0) / tl.where(denom > 0, denom, 1.0)
     tl.store(out_ptr + s * stride_os + head * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
 
@@ -148,8 +151,8 @@ def _decode_reduce_kernel(
 def plan_splits(
     num_seqs: int, num_kv_heads: int, max_context: int, block_n: int, device: torch.device
 ) -> int:
-    """Split-K partitions per (sequence, kv head): enough programs to fill the device about twice over, but no more
-    than the longest possible context has tiles."""
+    """Split-K partitions per (sequence, kv head): enough programs to fill the device about twice over, but no
+    more than the longest possible context has tiles."""
     want_splits = max(1, math.ceil(2 * num_sms(device) / max(num_seqs * num_kv_heads, 1)))
     return min(want_splits, max(1, math.ceil(max_context / block_n)))
 
@@ -162,7 +165,8 @@ def _blocks(head_dim: int) -> tuple[int, int]:
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, out=None):
-    """q [S, Hq, D], k/v_cache [N, B, Hk, D], block_tables [S, max_blocks] int32, seq_lens [S] int32 -> [S, Hq, D]."""
+    """q [S, Hq, D], k/v_cache [N, B, Hk, D], block_tables [S, max_blocks] int32, seq_lens [S] int32 -> [S,
+    Hq, D]."""
     check_paged_args(q, k_cache, v_cache, block_tables, seq_lens, out)
     S, Hq, D = q.shape
     check(seq_lens.shape[0] == S, f"seq_lens has {seq_lens.shape[0]} entries for {S} queries")
@@ -230,8 +234,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale: float, out=None):
-    """Plain-torch reference; same signature and results as `paged_decode_attention`. Batched: the context is padded
-    to the longest sequence and the padding masked."""
+    """Plain-torch reference; same signature and results as `paged_decode_attention`. Batched: the context is
+    padded to the longest sequence and the padding masked."""
     S, Hq, D = q.shape
     N, block_size, Hk, _ = k_cache.shape
     if out is None:

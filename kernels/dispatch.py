@@ -1,6 +1,6 @@
-"""The kernel entry points the engine calls: each runs the Triton kernel when its first tensor is on CUDA, else the
-plain-torch reference. `PDSERVE_KERNELS=triton|ref|auto` (default auto) overrides, read at every call, so tests can
-force Triton under TRITON_INTERPRET on CPU."""
+"""The kernel entry points the engine calls: each runs the Triton kernel when its first tensor is on CUDA,
+else the plain-torch reference. `PDSERVE_KERNELS=triton|ref|auto` (default auto) overrides, read at every
+call, so tests can force Triton under TRITON_INTERPRET on CPU."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from kernels import skinny_linear as _skinny
 _MODES = ("auto", "triton", "ref")
 
 # Weights from this many elements up go to the skinny kernel at decode batch sizes: there it beats cuBLAS by
-# up to 12% (Llama-8B: o_proj, down_proj, lm_head; gate_up even); on smaller ones (Qwen-0.5B) it was not faster.
+# up to 12% (Llama-8B: o_proj, down_proj, lm_head; gate_up even); on smaller ones (Qwen-0.5B) it was not
+# faster.
 SKINNY_MIN_WEIGHT = 1 << 24
 
 
@@ -93,7 +94,8 @@ def copy_blocks(src, src_ids, dst, dst_ids) -> None:
 
 
 def block_copier(src, dst):
-    """A per-(src, dst) copy_blocks (kernels.block_copy.BlockCopier), or the reference where Triton does not run."""
+    """A per-(src, dst) copy_blocks (kernels.block_copy.BlockCopier), or the reference where Triton does not
+    run."""
     if use_triton(src):
         return block_copy.BlockCopier(src, dst)
     return lambda src_ids, dst_ids: block_copy.copy_blocks_ref(src, src_ids, dst, dst_ids)

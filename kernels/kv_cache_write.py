@@ -73,7 +73,8 @@ def check_kv_cache_args(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 
 def write_kv_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
-    """key/value [T, Hk, D] -> k_cache/v_cache [N, B, Hk, D] at slot_mapping [T] (negative = skip). In place."""
+    """key/value [T, Hk, D] -> k_cache/v_cache [N, B, Hk, D] at slot_mapping [T] (negative = skip). In
+    place."""
     check_kv_cache_args(key, value, k_cache, v_cache, slot_mapping)
     T, Hk, D = key.shape
     if T == 0:

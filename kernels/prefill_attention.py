@@ -1,12 +1,13 @@
 """Paged attention for prefill chunks over a cached prefix (chunked prefill), causal within the chunk.
 
-Sequence s owns query rows cu_query_lens[s]:cu_query_lens[s+1] (q_len of them) and has seq_lens[s] tokens of context,
-this chunk included (its K/V are already in the cache). Query i sits at position seq_lens[s] - q_len + i and attends to
-keys 0..position, read through block_tables[s]. GQA: q head h reads kv head h // (Hq // Hk). Softmax in fp32.
+Sequence s owns query rows cu_query_lens[s]:cu_query_lens[s+1] (q_len of them) and has seq_lens[s] tokens of
+context, this chunk included (its K/V are already in the cache). Query i sits at position seq_lens[s] - q_len
++ i and attends to keys 0..position, read through block_tables[s]. GQA: q head h reads kv head h // (Hq //
+Hk). Softmax in fp32.
 
 The Triton grid needs no host sync: tiles of BLOCK_M query rows are numbered so that sequence s starts at tile
-cu_query_lens[s] // BLOCK_M + s, an upper bound on the tiles before it; the grid is T // BLOCK_M + S tiles and the
-few spare tiles do nothing.
+cu_query_lens[s] // BLOCK_M + s, an upper bound on the tiles before it; the grid is T // BLOCK_M + S tiles and
+the few spare tiles do nothing.
 """
 
 from __future__ import annotations
@@ -250,7 +251,8 @@ def gather_context(cache: torch.Tensor, table_row: torch.Tensor, length: int) ->
 def attend_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """q [M, Hq, D], k/v [L, Hk, D], q_pos [M] -> [M, Hq, D] in fp32; key j is visible to row i when j <= q_pos[i]."""
+    """q [M, Hq, D], k/v [L, Hk, D], q_pos [M] -> [M, Hq, D] in fp32; key j is visible to row i when j <=
+    q_pos[i]."""
     M, Hq, D = q.shape
     L, Hk, _ = k.shape
     qf = q.float().view(M, Hk, Hq // Hk, D).permute(1, 2, 0, 3)  # [Hk, G, M, D]

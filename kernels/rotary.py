@@ -3,9 +3,9 @@
     x1, x2 = x[..., :D/2], x[..., D/2:]
     x      = cat(x1 * cos - x2 * sin, x2 * cos + x1 * sin)
 
-`cos_sin_cache[pos]` holds the D/2 cosines then the D/2 sines for position pos (fp32). q and k may be strided views
-(slices of a fused qkv projection): only their last dim must be contiguous. `apply_rotary_and_write_kv` also writes
-the rotated k and v into the paged cache in the same pass (one read of k instead of two).
+`cos_sin_cache[pos]` holds the D/2 cosines then the D/2 sines for position pos (fp32). q and k may be strided
+views (slices of a fused qkv projection): only their last dim must be contiguous. `apply_rotary_and_write_kv`
+also writes the rotated k and v into the paged cache in the same pass (one read of k instead of two).
 """
 
 from __future__ import annotations
@@ -200,14 +200,16 @@ def _launch(positions, q, k, cos_sin_cache, v, k_cache, v_cache, slot_mapping, w
 
 
 def apply_rotary(positions, q, k, cos_sin_cache) -> None:
-    """positions [T] int64, q [T, Hq, D], k [T, Hk, D], cos_sin_cache [max_pos, D] fp32. Rotates q and k in place."""
+    """positions [T] int64, q [T, Hq, D], k [T, Hk, D], cos_sin_cache [max_pos, D] fp32. Rotates q and k in
+    place."""
     _check_rotary_args(positions, q, k, cos_sin_cache)
     dummy_cache = k.unsqueeze(1)  # [T, 1, Hk, D]; never touched when WRITE_KV is off
     _launch(positions, q, k, cos_sin_cache, k, dummy_cache, dummy_cache, positions, write_kv=False)
 
 
 def apply_rotary_and_write_kv(positions, q, k, v, k_cache, v_cache, slot_mapping, cos_sin_cache) -> None:
-    """`apply_rotary`, then the rotated k and v written to the cache at slot_mapping (negative = skip); one pass."""
+    """`apply_rotary`, then the rotated k and v written to the cache at slot_mapping (negative = skip); one
+    pass."""
     _check_rotary_args(positions, q, k, cos_sin_cache)
     check_kv_cache_args(k, v, k_cache, v_cache, slot_mapping)
     _launch(positions, q, k, cos_sin_cache, v, k_cache, v_cache, slot_mapping, write_kv=True)

@@ -1,4 +1,5 @@
-"""SiLU-and-mul, the gated MLP's activation: silu(x[:, :I]) * x[:, I:], computed in fp32, returned in x.dtype."""
+"""SiLU-and-mul, the gated MLP's activation: silu(x[:, :I]) * x[:, I:], computed in fp32, returned in
+x.dtype."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def _silu_and_mul_kernel(
     out_ptr,  # [T, I]
     stride_x,
     stride_out,  # row strides, in elements
-    I,
+    I,  # noqa: E741  (the intermediate size, as in the [T, 2I] shapes above)
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)

@@ -1,5 +1,4 @@
-"""Everything that crosses the network: block hashing, wire schemas, KV events, the connector and transports.
-
-This package's __init__ imports nothing heavy: the proxy imports the torch-free modules (hashing, wire, events)
-and must never pull torch in. Transports and the worker side import torch themselves.
+"""Moving KV between nodes: the connector's scheduler side (which blocks move) and worker side (per-layer
+writes), the producer and consumer, the signed KV control links, the data planes (`transport/`) and transfer
+metrics. What travels on the links (frames, messages, hashing) lives in `wire/`.
 """

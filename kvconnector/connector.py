@@ -1,10 +1,11 @@
 """What the producer and consumer sides share: config, handshake, links, the reaper (timeouts and heartbeats).
 
 A node builds `ConnectorConfig` from its engine config and `--kv-transfer-config` (`from_kv_transfer`), then a
-`KVProducer` (prefill node) or `KVConsumer` (decode node); see those modules for the calls. Control messages go
-over signed TCP links; `kv_connector` picks the one-sided data plane (tcp | cuda_ipc, kvconnector.transport).
-Heartbeats: each side sends one on a link idle for `heartbeat` seconds (timeout / 3, at most 1 s) and closes a
-link silent for `timeout`, which aborts that peer's requests; so a frozen peer is caught like a dead one.
+`KVProducer` (prefill node) or `KVConsumer` (decode node); see those modules for the calls. Control messages
+go over signed TCP links; `kv_connector` picks the one-sided data plane (tcp | cuda_ipc,
+kvconnector.transport). Heartbeats: each side sends one on a link idle for `heartbeat` seconds (timeout / 3,
+at most 1 s) and closes a link silent for `timeout`, which aborts that peer's requests; so a frozen peer is
+caught like a dead one.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from kvconnector.hashing import HASH_ALGORITHM
 from kvconnector.metrics import KVMetrics
 from kvconnector.scheduler_side import DEFAULT_KV_TIMEOUT, Finished
 from kvconnector.transport import DataPlaneConfig, create_data_plane, dtype_name
-from kvconnector.wire import DEFAULT_MAX_BODY, Abort, Handshake, Heartbeat, SignedCodec, resolve_secret
+from wire.frames import DEFAULT_MAX_BODY, Abort, Handshake, Heartbeat, SignedCodec, resolve_secret
+from wire.hashing import HASH_ALGORITHM
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ class ConnectorConfig:
 
 
 def caches_by_layer(kv_caches) -> list[torch.Tensor]:
-    """The engine's one tensor [L, 2, N, bs, h, d] or a list of per-layer [2, N, bs, h, d] -> list of layers."""
+    """The engine's one tensor [L, 2, N, bs, h, d] or a list of per-layer [2, N, bs, h, d] -> list of
+    layers."""
     return (
         list(kv_caches.unbind(0))
         if isinstance(kv_caches, torch.Tensor) and kv_caches.dim() == 6
@@ -93,7 +95,7 @@ def caches_by_layer(kv_caches) -> list[torch.Tensor]:
     )
 
 
-class Endpoint:
+class KVConnectorBase:
     """Base of KVProducer / KVConsumer: codec, data plane, our handshake, metrics, reaper thread."""
 
     role = "kv_both"
@@ -201,7 +203,8 @@ class Endpoint:
                 log.exception("on_complete(%s) failed", f.request_id)
 
     def timings(self, request_id: str) -> Optional[dict]:
-        """A finished request's transfer timings (wall-clock marks and transfer_s / exposed_s), for the proxy."""
+        """A finished request's transfer timings (wall-clock marks and transfer_s / exposed_s), for the
+        proxy."""
         return self.metrics.timings(request_id)
 
     def abort(self, request_id: str, reason: str = "abort") -> bool:

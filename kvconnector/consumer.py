@@ -1,15 +1,18 @@
-"""The decode node's side of the connector: listen, export the cache to authenticated producers, complete on Done.
+"""The decode node's side of the connector: listen, export the cache to authenticated producers, complete on
+Done.
 
     consumer = KVConsumer(config, kv_caches, on_complete=...)
     consumer.address                       # (ip, port) the decode node hands to prefill nodes with its blocks
     consumer.expect(rid, block_ids)        # before asking a prefill node: these blocks will be written
-    consumer.forget(rid)                   # the node gave up on rid (it frees the blocks once the producer is done)
-on_complete(rid, True, timings) fires on the producer's Done: every layer of every block landed, the blocks are the
-node's now. on_complete(rid, False, timings) fires when the producer aborted (it has fenced its writes, so the
-blocks may be freed) or a tcp chunk was bad. Either fires at most once; never after forget(rid).
+    consumer.forget(rid)                   # the node gave up on rid (it frees the blocks once the producer is
+                                           done)
+on_complete(rid, True, timings) fires on the producer's Done: every layer of every block landed, the blocks
+are the node's now. on_complete(rid, False, timings) fires when the producer aborted (it has fenced its
+writes, so the blocks may be freed) or a tcp chunk was bad. Either fires at most once; never after
+forget(rid).
 
-Per layer the consumer's host does nothing on a one-sided plane (cuda_ipc); over tcp its link thread writes each
-chunk into the reserved blocks after checking them against the reservation.
+Per layer the consumer's host does nothing on a one-sided plane (cuda_ipc); over tcp its link thread writes
+each chunk into the reserved blocks after checking them against the reservation.
 """
 
 from __future__ import annotations
@@ -19,15 +22,15 @@ from collections import defaultdict
 from typing import Callable, Optional, Sequence
 
 from kvconnector import link as links
-from kvconnector.connector import ConnectorConfig, Endpoint, OnComplete
+from kvconnector.connector import ConnectorConfig, KVConnectorBase, OnComplete
 from kvconnector.scheduler_side import ConsumerScheduler, Finished
-from kvconnector.wire import Abort, Done, Handshake, Heartbeat, KVChunk
 from kvconnector.worker_side import ConsumerWorker
+from wire.frames import Abort, Done, Handshake, Heartbeat, KVChunk
 
 log = logging.getLogger(__name__)
 
 
-class KVConsumer(Endpoint):
+class KVConsumer(KVConnectorBase):
     role = "kv_consumer"
 
     def __init__(
@@ -53,10 +56,11 @@ class KVConsumer(Endpoint):
     def links(self):
         return list(self.listener.links)
 
-    # ------------------------------------------------------------------------------------------------ requests
+    # ----------------------------------------------------------------------------------------------- requests
 
     def expect(self, request_id: str, block_ids: Sequence[int]) -> None:
-        """rid's uncached prompt blocks will be written into block_ids (raises ValueError on a bad reservation)."""
+        """rid's uncached prompt blocks will be written into block_ids (raises ValueError on a bad
+        reservation)."""
         self.scheduler.reserve(request_id, [int(b) for b in block_ids])
         self.metrics.inflight.inc()
 
@@ -73,7 +77,7 @@ class KVConsumer(Endpoint):
     def _end_failed(self, f: Finished) -> None:
         self._notify(f, self._bytes.pop(f.request_id, 0))
 
-    # ------------------------------------------------------------------------------------------------ messages
+    # ----------------------------------------------------------------------------------------------- messages
 
     def _on_message(self, link, msg, body) -> None:
         if isinstance(msg, Handshake):

@@ -1,17 +1,18 @@
 """The control channel: signed frames over TCP, one reader thread per connection (torch-free).
 
-Every transport uses it for control messages (handshake, reserve, chunk headers, done, abort, heartbeat); the tcp
-transport also carries KV bytes in frame bodies. A malformed frame is dropped, counted by reason and logged once
-per peer and reason; when the stream can no longer be trusted (bad magic, wrong version, oversized, truncated)
-the connection is closed, and the listener keeps accepting others.
+Every transport uses it for control messages (handshake, reserve, chunk headers, done, abort, heartbeat); the
+tcp transport also carries KV bytes in frame bodies. A malformed frame is dropped, counted by reason and
+logged once per peer and reason; when the stream can no longer be trusted (bad magic, wrong version,
+oversized, truncated) the connection is closed, and the listener keeps accepting others.
 
-Sessions: before any frame, each side sends a hello (magic, frame version, 32 random bytes). Both derive one key
-per direction from the shared secret and the two nonces, and sign every frame with the sending direction's key
-and its sequence number (0, 1, 2, ... per direction). A frame replayed or reordered on a link, a frame from
-another session (a captured handshake replayed on a new connection: the other side's nonce differs), or one from
-a peer without the secret fails its MAC or its sequence, and the link is closed. Frames are read as the wire layer
-allows (kvconnector/wire.py): the fixed signed prefix first, then the header within its limit, then the body in
-bounded chunks and only as large as its message type allows, so an unauthenticated peer makes us allocate nothing.
+Sessions: before any frame, each side sends a hello (magic, frame version, 32 random bytes). Both derive one
+key per direction from the shared secret and the two nonces, and sign every frame with the sending direction's
+key and its sequence number (0, 1, 2, ... per direction). A frame replayed or reordered on a link, a frame
+from another session (a captured handshake replayed on a new connection: the other side's nonce differs), or
+one from a peer without the secret fails its MAC or its sequence, and the link is closed. Frames are read as
+the wire layer allows (wire/frames.py): the fixed signed prefix first, then the header within its limit, then
+the body in bounded chunks and only as large as its message type allows, so an unauthenticated peer makes us
+allocate nothing.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import time
 from typing import Any, Callable, Optional
 
 from kvconnector import link_tls
-from kvconnector.bind import warn_if_wildcard
-from kvconnector.wire import (
+from wire.bind import warn_if_wildcard
+from wire.frames import (
     FRAME_VERSION,
     MAC_SIZE,
     SIGNED_PREFIX_SIZE,
@@ -53,7 +54,8 @@ RECV_CHUNK = 16 << 20  # a body arrives in reads of at most this much
 
 
 class Link:
-    """One TCP connection carrying signed frames both ways. send() is thread-safe; receiving runs on a thread."""
+    """One TCP connection carrying signed frames both ways. send() is thread-safe; receiving runs on a
+    thread."""
 
     def __init__(
         self,
@@ -124,7 +126,7 @@ class Link:
         with self._send_lock:
             self.sock.sendall(data)
 
-    # ------------------------------------------------------------------------------------------------ receiving
+    # ---------------------------------------------------------------------------------------------- receiving
 
     def _hello(self) -> None:
         """Exchange nonces and derive this session's keys (on the reader thread, before any frame); with

@@ -1,10 +1,12 @@
-"""Encryption for the KV control links, on when control traffic is encrypted ($PDSERVE_CURVE=1, as the node RPC).
+"""Encryption for the KV control links, on when control traffic is encrypted ($PDSERVE_CURVE=1, as the node
+RPC).
 
-TLS 1.2 with an ephemeral ECDH key exchange and no certificates (AECDH with AES-256): it gives confidentiality.
-Authentication stays where it was, in the link's session (kvconnector/link.py): both sides derive the session's
-keys from the shared secret, their two nonces AND the TLS channel's binding (RFC 5929 tls-unique), so a man in the
-middle, who must run two TLS channels with two different bindings, cannot produce one valid frame. Stdlib only:
-no certificate to issue, rotate or ship; the secret that signs frames is the one credential.
+TLS 1.2 with an ephemeral ECDH key exchange and no certificates (AECDH with AES-256): it gives
+confidentiality. Authentication stays where it was, in the link's session (kvconnector/link.py): both sides
+derive the session's keys from the shared secret, their two nonces AND the TLS channel's binding (RFC 5929
+tls-unique), so a man in the middle, who must run two TLS channels with two different bindings, cannot produce
+one valid frame. Stdlib only: no certificate to issue, rotate or ship; the secret that signs frames is the one
+credential.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import socket
 import ssl
 from typing import Optional
 
-from kvconnector import curve
+from wire import curve
 
 _CIPHERS = "AECDH-AES256-SHA:@SECLEVEL=0"  # anonymous ECDH: authentication is the channel-bound session's job
 HANDSHAKE_TIMEOUT_S = 10.0

@@ -3,14 +3,17 @@
 Series (label `role`: producer | consumer; `transport`: tcp | cuda_ipc | nixl):
     pdserve_kv_bytes_sent_total / pdserve_kv_bytes_received_total      counters
     pdserve_kv_chunk_seconds                                           histogram, one data-plane chunk
-    pdserve_kv_transfer_seconds                                        histogram, a request's first chunk to done
+    pdserve_kv_transfer_seconds                                        histogram, a request's first chunk to
+    done
     pdserve_kv_exposed_transfer_seconds                                histogram, last layer computed to done
-    pdserve_kv_achieved_gbps                                           gauge, the last request's bytes / transfer time
+    pdserve_kv_achieved_gbps                                           gauge, the last request's bytes /
+    transfer time
     pdserve_kv_inflight_transfers                                      gauge, requests between reserve and end
     pdserve_kv_failures_total{cause}                                   counter: timeout, peer_lost, abort, ...
-    pdserve_kv_dropped_frames_total{reason}                            counter: truncated, version, oversized, ...
-Each connector gets its own CollectorRegistry unless one is passed (several connectors in one test process would
-otherwise collide); a node passes prometheus_client.REGISTRY, or its own, to serve them on /metrics.
+    pdserve_kv_dropped_frames_total{reason}                            counter: truncated, version, oversized,
+    ...
+Each connector gets its own CollectorRegistry unless one is passed (several connectors in one test process
+would otherwise collide); a node passes prometheus_client.REGISTRY, or its own, to serve them on /metrics.
 """
 
 from __future__ import annotations

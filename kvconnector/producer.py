@@ -7,9 +7,9 @@
     producer.start_step([StepProgress(rid, num_computed_tokens_after_step, block_table, prompt_done)])
     for layer in range(L):  ... forward layer ...;  producer.save_layer(layer)
     producer.end_step()
-on_complete(rid, ok, timings) fires exactly once: ok once the fence after the request's last write completed (the
-consumer then gets `Done`); not ok after a failure, once nothing more can be written for rid (the consumer gets
-`Abort` at that moment, so it may free the blocks). abort(rid) works at any point.
+on_complete(rid, ok, timings) fires exactly once: ok once the fence after the request's last write completed
+(the consumer then gets `Done`); not ok after a failure, once nothing more can be written for rid (the
+consumer gets `Abort` at that moment, so it may free the blocks). abort(rid) works at any point.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from kvconnector import link as links
-from kvconnector.connector import ConnectorConfig, Endpoint, OnComplete
+from kvconnector.connector import ConnectorConfig, KVConnectorBase, OnComplete
 from kvconnector.scheduler_side import Finished, ProducerScheduler, SendPlan
-from kvconnector.wire import Abort, Done, Handshake, Heartbeat, LayoutMismatch
 from kvconnector.worker_side import ProducerWorker
+from wire.frames import Abort, Done, Handshake, Heartbeat, LayoutMismatch
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class StepProgress:
     prompt_done: bool  # this step computes the prompt's last token
 
 
-class KVProducer(Endpoint):
+class KVProducer(KVConnectorBase):
     role = "kv_producer"
 
     def __init__(
@@ -94,7 +94,7 @@ class KVProducer(Endpoint):
             self._links[address] = link
             return link
 
-    # ------------------------------------------------------------------------------------------------ requests
+    # ----------------------------------------------------------------------------------------------- requests
 
     def bind(
         self,
@@ -104,8 +104,9 @@ class KVProducer(Endpoint):
         block_ids: Sequence[int],
         num_cached_blocks: int,
     ) -> None:
-        """Write rid's prompt blocks num_cached_blocks.. into the consumer's blocks block_ids as they are computed.
-        Raises (ConnectionError, LayoutMismatch, TimeoutError, ValueError) when that cannot start."""
+        """Write rid's prompt blocks num_cached_blocks.. into the consumer's blocks block_ids as they are
+        computed. Raises (ConnectionError, LayoutMismatch, TimeoutError, ValueError) when that cannot
+        start."""
         link = self.connect(address)
         self.scheduler.bind(request_id, link, num_tokens, [int(b) for b in block_ids], int(num_cached_blocks))
         self.metrics.inflight.inc()
@@ -130,8 +131,8 @@ class KVProducer(Endpoint):
         self.worker.save_layer(layer)
 
     def end_step(self, ok: bool = True) -> None:
-        """After the forward. ok False (it raised part way): the step's requests lose layers they will never get
-        again, so they fail, once nothing more can be written for them."""
+        """After the forward. ok False (it raised part way): the step's requests lose layers they will never
+        get again, so they fail, once nothing more can be written for them."""
         for plan in self.worker.step_plans if ok else ():
             if plan.last:
                 self.scheduler.progress(plan.request_id, "last_layer")

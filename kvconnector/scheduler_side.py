@@ -1,22 +1,25 @@
-"""The connector's scheduler side: which blocks of which request go where, and each request's state (torch-free).
+"""The connector's scheduler side: which blocks of which request go where, and each request's state
+(torch-free).
 
 Producer (prefill node), per request:
     bind() --> TRANSFERRING --the fence after its last blocks' last layer completed--> DONE
 Consumer (decode node), per request:
     reserve() --> WAITING --(tcp: first chunk) RECEIVING--> the producer's Done --> DONE
-There is one reservation round trip, and it is the decode node's: its message asking for the prefill carries the
-reserved block ids, and the prefill node binds them (`bind`) without asking the consumer again.
+There is one reservation round trip, and it is the decode node's: its message asking for the prefill carries
+the reserved block ids, and the prefill node binds them (`bind`) without asking the consumer again.
 Any state --abort() / timeout / peer lost--> ABORTED. A terminal transition removes the request from the table
 under the lock, so exactly one caller gets its `Finished` record and the completion is notified exactly once.
 
-Which blocks move: prompt block i (tokens [i*bs, (i+1)*bs)) goes to the consumer's block `remote[i - num_cached]`
-for i >= num_cached (the consumer already holds the first num_cached as prefix hits). A block is sent once, when
-it is final: full after this step, or the prompt's last (partial) block when the prompt finishes. Blocks the
-producer had cached are final from the first step, so they go with the first step's layers.
+Which blocks move: prompt block i (tokens [i*bs, (i+1)*bs)) goes to the consumer's block `remote[i -
+num_cached]` for i >= num_cached (the consumer already holds the first num_cached as prefix hits). A block is
+sent once, when it is final: full after this step, or the prompt's last (partial) block when the prompt
+finishes. Blocks the producer had cached are final from the first step, so they go with the first step's
+layers.
 
-The producer's timeouts are inactivity timeouts (`--kv-timeout`): every sign of progress pushes the deadline out,
-so a long prefill is not cut off while its layers go out, but a stuck one is. The consumer keeps no deadline of
-its own: its node decides when to give up, and frees the blocks only once the producer can no longer write them.
+The producer's timeouts are inactivity timeouts (`--kv-timeout`): every sign of progress pushes the deadline
+out, so a long prefill is not cut off while its layers go out, but a stuck one is. The consumer keeps no
+deadline of its own: its node decides when to give up, and frees the blocks only once the producer can no
+longer write them.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Optional
 
-DEFAULT_KV_TIMEOUT = 10.0
+DEFAULT_KV_TIMEOUT = 10.0  # --kv-timeout: the one default; ConnectorConfig, NodeOptions and the flag read it
 
 
 class State(enum.Enum):
@@ -137,8 +140,8 @@ class ProducerScheduler(_RequestTable):
     def bind(
         self, request_id: str, peer: Hashable, num_tokens: int, remote_block_ids: list[int], num_cached: int
     ) -> None:
-        """The consumer's blocks for prompt blocks num_cached.. (it holds the first num_cached). Raises ValueError
-        when they do not cover the prompt or the request is already transferring."""
+        """The consumer's blocks for prompt blocks num_cached.. (it holds the first num_cached). Raises
+        ValueError when they do not cover the prompt or the request is already transferring."""
         need = self.num_blocks(num_tokens) - num_cached
         if num_tokens < 1 or num_cached < 0 or len(remote_block_ids) != need:
             raise ValueError(
@@ -199,7 +202,8 @@ class ProducerScheduler(_RequestTable):
                     req.timings[mark] = time.time()
 
     def done(self, request_id: str) -> Optional[Finished]:
-        """Every layer of every block landed in the consumer's cache (the fence after the last write completed)."""
+        """Every layer of every block landed in the consumer's cache (the fence after the last write
+        completed)."""
         with self.lock:
             req = self._reqs.get(request_id)
             if req is None or not req.final_planned:
@@ -234,8 +238,8 @@ class ConsumerScheduler(_RequestTable):
         self._reqs: dict[str, _ConsumerRequest] = {}
 
     def reserve(self, request_id: str, block_ids: list[int]) -> None:
-        """Blocks the node allocated for this request (excluding its prefix hits); the producer learns them from
-        the node's prefill request, not from us. No deadline: the node gives up, not the table."""
+        """Blocks the node allocated for this request (excluding its prefix hits); the producer learns them
+        from the node's prefill request, not from us. No deadline: the node gives up, not the table."""
         with self.lock:
             if request_id in self._reqs:
                 raise ValueError(f"request {request_id!r} already has a reservation")
@@ -285,8 +289,8 @@ class ConsumerScheduler(_RequestTable):
             req.timings.setdefault("first_chunk", time.time())
 
     def done(self, request_id: str, counted: bool) -> Optional[Finished]:
-        """The producer's Done: every write landed. counted: the plane's bytes passed through us (tcp), so every
-        (layer, block) must have been seen; a one-sided plane's writes are the producer's word alone."""
+        """The producer's Done: every write landed. counted: the plane's bytes passed through us (tcp), so
+        every (layer, block) must have been seen; a one-sided plane's writes are the producer's word alone."""
         with self.lock:
             req = self._reqs.get(request_id)
             if req is None:

@@ -1,14 +1,17 @@
-"""The connector's worker side: turns each step's send plans into one-sided writes, and fences into completions.
+"""The connector's worker side: turns each step's send plans into one-sided writes, and fences into
+completions.
 
 Producer, on the forward thread (inside the engine step):
     start_step(plans)   group the step's plans by peer (one `PeerWrites` each) and stage their block ids
     save_layer(l)       after layer l wrote its KV: one `write_layer` per peer (cuda_ipc: an event record and
                         one kernel launch; no locks, no thread hand-offs, no host syncs, no Python per block);
-                        after the last layer, for each request whose last blocks went out in this step, a fence
-                        on its peer's plane, handed to the completion thread
-    end_step(ok)        the step is over (a failed forward fenced nobody: its requests are aborted by the caller)
+                        after the last layer, for each request whose last blocks went out in this step, a
+                        fence on its peer's plane, handed to the completion thread
+    end_step(ok)        the step is over (a failed forward fenced nobody: its requests are aborted by the
+                        caller)
 `after_writes(rid, fn)` (any thread) runs fn once nothing more can be written for rid: after the step in
-progress if it writes rid, then after a fence. An aborted request's blocks on the consumer are freed only then.
+progress if it writes rid, then after a fence. An aborted request's blocks on the consumer are freed only
+then.
 
 Consumer: `write(header, tensor)` copies a tcp chunk [1, 2, n, *block] into its reserved blocks.
 """
@@ -25,7 +28,7 @@ import torch
 
 from kvconnector.scheduler_side import SendPlan
 from kvconnector.transport import DataPlane, Fence, PeerWrites
-from kvconnector.wire import KVChunk
+from wire.frames import KVChunk
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ class ProducerWorker:
         self._deferred: list[tuple[str, object, Callable[[Fence], None]]] = []
         self._lock = threading.Lock()  # taken twice a step (never per layer), against after_writes
 
-    # ------------------------------------------------------------------------------------------------ per step
+    # ----------------------------------------------------------------------------------------------- per step
 
     def begin_planning(self, request_ids) -> None:
         """Before the step's plans are made: an abort of any of these from now on waits for the step's end (an
@@ -128,7 +131,8 @@ class ProducerWorker:
             self.on_landed(request_id, fence.exposed_s())
 
     def end_step(self, ok: bool = True) -> None:
-        """ok False: the forward failed part way; no request of the step is complete (the caller aborts them)."""
+        """ok False: the forward failed part way; no request of the step is complete (the caller aborts
+        them)."""
         self.plane.end_step()
         with self._lock:
             self._step_rids, deferred, self._deferred = frozenset(), self._deferred, []
@@ -151,7 +155,8 @@ class ProducerWorker:
 
 
 class ConsumerWorker:
-    """Writes tcp chunks into the reserved blocks (the only data plane whose bytes reach the consumer's host)."""
+    """Writes tcp chunks into the reserved blocks (the only data plane whose bytes reach the consumer's
+    host)."""
 
     def __init__(self, caches: Sequence[torch.Tensor]):
         self.caches = list(caches)

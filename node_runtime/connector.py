@@ -1,4 +1,5 @@
-"""The KV connector's config for a node: the layout from the loaded model, the policy from the node's flags."""
+"""The KV connector's config for a node: the layout from the loaded model, the policy from the node's
+flags."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The node's small HTTP port: `/health` (JSON) and `/metrics` (Prometheus text), on a stdlib thread server.
 
-A full ASGI stack is not needed for two read-only endpoints; this keeps the node's dependencies and threads small.
-/health answers 200 with the node's gauges while the engine loop and the RPC thread are alive, 503 otherwise.
+A full ASGI stack is not needed for two read-only endpoints; this keeps the node's dependencies and threads
+small. /health answers 200 with the node's gauges while the engine loop and the RPC thread are alive, 503
+otherwise.
 """
 
 from __future__ import annotations

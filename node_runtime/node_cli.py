@@ -2,9 +2,9 @@
 
 Flags: the engine's (`engine.config.add_engine_args`, including --kv-transfer-config), the KV connector's
 (--kv-secret, --kv-timeout) and the node's own (--host, --rpc-port, --events-port, --http-port, --node-id,
---max-num-waiting). Everything binds --host (loopback by default). A role's `kv_role` defaults to the subcommand
-(prefill: kv_producer, decode: kv_consumer) unless --kv-transfer-config names one; kv_both serves colocated and
-disaggregated requests alike. SIGINT/SIGTERM stop the node cleanly.
+--max-num-waiting). Everything binds --host (loopback by default). A role's `kv_role` defaults to the
+subcommand (prefill: kv_producer, decode: kv_consumer) unless --kv-transfer-config names one; kv_both serves
+colocated and disaggregated requests alike. SIGINT/SIGTERM stop the node cleanly.
 """
 
 from __future__ import annotations
@@ -12,12 +12,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import threading
 
-from kvconnector.bind import advertised
+from kvconnector.scheduler_side import DEFAULT_KV_TIMEOUT
+from wire.bind import advertised
 
 log = logging.getLogger(__name__)
+
+# A node prints this line once it serves; `pdserve up` and the test harness read its bound endpoints from it
+# (nodes they start bind port 0, so no port is raced for). ready_line writes it, READY_LINE parses it.
+READY_LINE = re.compile(r"pdserve node \S+ ready: rpc (\S+) events (\S+) http (\S+)")
+
+
+def ready_line(node_id: str, rpc: str, events: str, http: str) -> str:
+    return f"pdserve node {node_id} ready: rpc {rpc} events {events} http {http}"
 
 
 def add_node_args(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +43,7 @@ def add_node_args(parser: argparse.ArgumentParser) -> None:
     k.add_argument(
         "--kv-timeout",
         type=float,
-        default=10.0,
+        default=DEFAULT_KV_TIMEOUT,
         help="seconds without KV progress before a transfer is aborted and its blocks freed",
     )
     g = parser.add_argument_group("node")
@@ -54,7 +64,7 @@ def kv_transfer_json(args: argparse.Namespace, default_role: str) -> str:
     """--kv-transfer-config with kv_role filled from the subcommand when it names none."""
     raw = json.loads(args.kv_transfer_config) if args.kv_transfer_config else {}
     if not isinstance(raw, dict):
-        from engine.errors import ConfigError
+        from wire.errors import ConfigError
 
         raise ConfigError("--kv-transfer-config must be a JSON object")
     raw.setdefault("kv_role", default_role)
@@ -82,10 +92,8 @@ def run_node(args: argparse.Namespace, default_role: str) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     node = NodeServer(config, options).start()
-    # `pdserve up` reads the bound endpoints from this line (nodes it starts bind port 0: no port races).
     print(
-        f"pdserve node {node.node_id} ready: rpc {node.rpc_endpoint} events {advertised(node.rpc.events_endpoint)} "
-        f"http {node.http_url}",
+        ready_line(node.node_id, node.rpc_endpoint, advertised(node.rpc.events_endpoint), node.http_url),
         flush=True,
     )
     try:
@@ -96,7 +104,8 @@ def run_node(args: argparse.Namespace, default_role: str) -> int:
 
 
 def register_role(subparsers, name: str, help_text: str, default_role: str) -> None:
-    """Add `pdserve <name>`: a node whose kv_role defaults to default_role unless --kv-transfer-config says."""
+    """Add `pdserve <name>`: a node whose kv_role defaults to default_role unless --kv-transfer-config
+    says."""
     p = subparsers.add_parser(name, help=help_text)
     add_node_args(p)
     p.set_defaults(func=lambda args: run_node(args, default_role=default_role))

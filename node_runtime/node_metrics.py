@@ -9,9 +9,11 @@ free + used + cached == total holds in every scrape):
     pdserve_node_kv_cache_usage                         used / total
 Counters:
     pdserve_node_requests_finished_total{finish_reason}  stop | length | abort
-    pdserve_node_requests_aborted_total{cause}           client | client_gone | deadline | kv | prefill_failed | error
+    pdserve_node_requests_aborted_total{cause}           client | client_gone | deadline | kv | prefill_failed
+                                                         | error
     pdserve_node_requests_rejected_total{status}         400 | 429 | 503
-    pdserve_node_dropped_frames_total{reason}            truncated | version | oversized | hmac | schema | garbage
+    pdserve_node_dropped_frames_total{reason}            truncated | version | oversized | hmac | schema |
+                                                         garbage
     pdserve_node_preemptions_total, pdserve_node_prefix_cache_queried_tokens_total / _hit_tokens_total
 The KV connector's own series (kvconnector.metrics) are appended to /metrics from its registry.
 """

@@ -1,15 +1,19 @@
 """A serving node: one engine, its RPC/event sockets, /health and /metrics, and the request table.
 
 Both `pdserve prefill` and `pdserve decode` run this class; `kv_role` decides what else it does:
-    every role     `generate` mode colocated: prefill and decode here (conditional disaggregation, the baseline)
-    kv_consumer    `generate` mode disaggregated: reserve, drive a prefill node, receive KV, decode (disagg.py)
+    every role     `generate` mode colocated: prefill and decode here (conditional disaggregation, the
+                   baseline)
+    kv_consumer    `generate` mode disaggregated: reserve, drive a prefill node, receive KV, decode
+                   (disagg.py)
     kv_producer    `prefill` from a decode node: prefill, push KV layer by layer, send the first token
     kv_both        all of the above
-Threads: the engine loop owns the EngineCore; the RPC thread owns every ZMQ socket; the HTTP server answers scrapes;
-the KV connector has its own. The request table is guarded by `self.lock`; nothing blocks while holding it.
+Threads: the engine loop owns the EngineCore; the RPC thread owns every ZMQ socket; the HTTP server answers
+scrapes; the KV connector has its own. The request table is guarded by `self.lock`; nothing blocks while
+holding it.
 
 A request the node serves for a proxy ends exactly once (`_end`): finished, aborted by the proxy, past its
-deadline, its proxy gone (unroutable), or failed (engine error, KV transfer failure). Each path frees its blocks.
+deadline, its proxy gone (unroutable), or failed (engine error, KV transfer failure). Each path frees its
+blocks.
 """
 
 from __future__ import annotations
@@ -22,14 +26,15 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from engine.engine_loop import EngineLoop, Sink
-from engine.errors import ConfigError, PromptTooLongError
-from engine.sampling_params import SamplingParams
-from kvconnector.bind import advertised
-from kvconnector.events import KVEventBatch, encode_batch
+from kvconnector.scheduler_side import DEFAULT_KV_TIMEOUT
 from node_runtime import roles
 from node_runtime.http_server import HttpServer
 from node_runtime.node_metrics import NodeMetrics
-from node_runtime.protocol import (
+from node_runtime.rpc_server import RpcServer
+from wire.bind import advertised
+from wire.errors import ConfigError, PromptTooLongError
+from wire.kv_events import KVEventBatch, encode_batch
+from wire.node_messages import (
     HEARTBEAT_INTERVAL_S,
     TOPIC_HEARTBEAT,
     TOPIC_KV_EVENTS,
@@ -37,16 +42,15 @@ from node_runtime.protocol import (
     Error,
     Generate,
     NodeHeartbeat,
+    NodeRole,
     Tokens,
     encode_heartbeat,
     make_codec,
     plain,
 )
-from node_runtime.rpc_server import RpcServer
+from wire.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-ROLE_NAMES = {"kv_producer": "prefill", "kv_consumer": "decode", "kv_both": "both"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class NodeOptions:
     http_port: int = 0
     node_id: str = ""
     role: str = "kv_both"  # kv_producer | kv_consumer | kv_both
-    kv_timeout: float = 10.0
+    kv_timeout: float = DEFAULT_KV_TIMEOUT
     kv_secret: Optional[str] = None
     max_num_waiting: int = 1024  # engine queue depth beyond which generate/prefill answer 429
 
@@ -79,11 +83,12 @@ class LiveRequest:
 
 class NodeServer:
     def __init__(self, config, options: NodeOptions, core=None):
-        from kvconnector.wire import resolve_secret
+        from wire.frames import resolve_secret
 
         self.config, self.options = config, options
         self.node_id = (
-            options.node_id or f"{ROLE_NAMES[options.role]}-{socket.gethostname()}-{options.rpc_port}"
+            options.node_id
+            or f"{NodeRole.of_kv_role(options.role).value}-{socket.gethostname()}-{options.rpc_port}"
         )
         self.role = options.role
         try:
@@ -116,7 +121,7 @@ class NodeServer:
         self.decode = roles.build(roles.DECODE, self) if roles.DECODE in parts else None
         self.prefill = roles.build(roles.PREFILL, self) if roles.PREFILL in parts else None
 
-    # ---- lifecycle --------------------------------------------------------------------------------------------
+    # ---- lifecycle -----------------------------------------------------------------------------------------
     @property
     def rpc_endpoint(self) -> str:
         """Where others reach our ROUTER (a wildcard bind is advertised under this host's address)."""
@@ -155,7 +160,7 @@ class NodeServer:
                 log.error("the engine loop died; shutting down")
                 break
 
-    # ---- incoming ---------------------------------------------------------------------------------------------
+    # ---- incoming ------------------------------------------------------------------------------------------
     def _on_message(self, identity: bytes, msg) -> None:
         if isinstance(msg, Generate):
             self._on_generate(identity, msg)
@@ -241,7 +246,7 @@ class NodeServer:
         if self.decode is not None:  # the prefill side waits only on the connector, which times itself out
             self.decode.check_timeouts(now)
 
-    # ---- outgoing ---------------------------------------------------------------------------------------------
+    # ---- outgoing ------------------------------------------------------------------------------------------
     def on_output(self, live: LiveRequest, out) -> None:
         """A StepOutput of a request running in this engine (loop thread)."""
         if live.ended:
@@ -359,7 +364,7 @@ class NodeServer:
         else:
             self.loop.abort(live.request_id)
 
-    # ---- events, heartbeats, health ---------------------------------------------------------------------------
+    # ---- events, heartbeats, health ------------------------------------------------------------------------
     def _publish_kv_events(self, outputs) -> None:
         events = self.core.block_pool.take_events()
         if events:
@@ -372,7 +377,7 @@ class NodeServer:
             encode_heartbeat(
                 NodeHeartbeat(
                     node_id=self.node_id,
-                    role=ROLE_NAMES[self.role],
+                    role=NodeRole.of_kv_role(self.role).value,
                     rpc=self.rpc_endpoint,
                     http=self.http_url,
                     num_waiting=s.num_waiting,
@@ -405,7 +410,7 @@ class NodeServer:
         return ok, {
             "status": "ok" if ok else "unhealthy",
             "node_id": self.node_id,
-            "role": ROLE_NAMES[self.role],
+            "role": NodeRole.of_kv_role(self.role).value,
             "rpc": self.rpc_endpoint,
             "num_waiting": s.num_waiting,
             "num_running": s.num_running,
@@ -418,7 +423,8 @@ class NodeServer:
 
 def check_token_ids(prompt: list, stop_token_ids: list[int], vocab_size: Optional[int]) -> str:
     """Why a request's token ids cannot run here ("" when they can): each one must index the vocabulary, or
-    the step that meets it raises (a prompt id in the embedding, a stop id in the sampler's blocked tokens)."""
+    the step that meets it raises (a prompt id in the embedding, a stop id in the sampler's blocked
+    tokens)."""
     if not isinstance(prompt, list) or not prompt:
         return "the prompt must be a non-empty list of token ids"
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -438,7 +444,7 @@ def _build_core(config):
     from engine.engine_core import EngineCore
 
     try:
-        from engine.tokenizer import load_tokenizer
+        from wire.tokenizer import load_tokenizer
 
         eos = frozenset(load_tokenizer(config.model.model).eos_token_ids)
     except Exception as exc:  # a checkpoint without tokenizer files still serves token ids

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from engine.errors import ConfigError
+from wire.errors import ConfigError
+from wire.node_messages import NodeRole
 
-DECODE, PREFILL = "decode", "prefill"
+DECODE, PREFILL = NodeRole.DECODE.value, NodeRole.PREFILL.value  # the parts a node is built from
 PARTS_BY_KV_ROLE = {"kv_consumer": (DECODE,), "kv_producer": (PREFILL,), "kv_both": (DECODE, PREFILL)}
 
 _factories: dict[str, Callable[[object], object]] = {}

@@ -1,21 +1,22 @@
 """The node's sockets: a ZMQ ROUTER for RPC and a PUB for KV events and heartbeats, driven by one I/O thread.
 
-ZMQ sockets are not thread-safe, so only the I/O thread touches them. Other threads (the engine loop's sinks, the
-KV connector's callbacks) call `send()` / `publish()`, which queue the message and wake the I/O thread through a
-socketpair that its poller watches, so a token leaves the node as soon as it is sampled (no polling interval).
+ZMQ sockets are not thread-safe, so only the I/O thread touches them. Other threads (the engine loop's sinks,
+the KV connector's callbacks) call `send()` / `publish()`, which queue the message and wake the I/O thread
+through a socketpair that its poller watches, so a token leaves the node as soon as it is sampled (no polling
+interval).
 
 Every received frame is checked (signature, versions, schema) before anything reads it; a bad one is dropped,
-counted by reason and logged once per sender and reason, and the node keeps serving. Frames are signed over the
-sender's ZMQ identity ("from:" + identity towards a ROUTER, "to:" + identity from one) and carry time-based
-sequence numbers that must rise per sender (kvconnector.replay.ReplayGuard), so a captured frame replayed to this
-socket, under any identity, is refused. ZMQ itself drops a peer that sends a message over MAXMSGSIZE before we
-ever see it (a 100 MB frame used to be received whole and then dropped). A reply to a proxy that has
-gone away (ROUTER_MANDATORY reports the identity unroutable) calls `on_unroutable(identity)` so the node can abort
-that proxy's requests: a client that is gone frees its blocks.
+counted by reason and logged once per sender and reason, and the node keeps serving. Frames are signed over
+the sender's ZMQ identity ("from:" + identity towards a ROUTER, "to:" + identity from one) and carry
+time-based sequence numbers that must rise per sender (wire.replay.ReplayGuard), so a captured frame replayed
+to this socket, under any identity, is refused. ZMQ itself drops a peer that sends a message over MAXMSGSIZE
+before we ever see it (a 100 MB frame used to be received whole and then dropped). A reply to a proxy that has
+gone away (ROUTER_MANDATORY reports the identity unroutable) calls `on_unroutable(identity)` so the node can
+abort that proxy's requests: a client that is gone frees its blocks.
 
 A decode node also drives prefill nodes: `send_to(endpoint, msg)` goes out on a DEALER connected to that
-endpoint (made on first use, owned by the same I/O thread); replies arrive at `on_peer_message(endpoint, msg)`.
-A socket monitor on each DEALER reports a dropped connection (a killed prefill node) at once through
+endpoint (made on first use, owned by the same I/O thread); replies arrive at `on_peer_message(endpoint,
+msg)`. A socket monitor on each DEALER reports a dropped connection (a killed prefill node) at once through
 `on_peer_lost(endpoint)`, so its requests fail fast instead of waiting for their timeout.
 """
 
@@ -32,10 +33,10 @@ from typing import Any, Callable, Optional
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from kvconnector import curve
-from kvconnector.event_publisher import event_frames
-from kvconnector.replay import ReplayGuard
-from kvconnector.wire import DEFAULT_MAX_HEADER, WireError
+from wire import curve
+from wire.frames import DEFAULT_MAX_HEADER, WireError
+from wire.kv_events import event_frames
+from wire.replay import ReplayGuard
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class RpcServer:
         self.on_message, self.on_drop, self.on_unroutable = on_message, on_drop, on_unroutable
         self.on_peer_message, self.on_peer_lost = on_peer_message, on_peer_lost
         self.identity = identity
-        self.secret = secret  # for CURVE keys (kvconnector/curve.py), when $PDSERVE_CURVE=1
+        self.secret = secret  # for CURVE keys (wire/curve.py), when $PDSERVE_CURVE=1
         self._dealers: dict[str, zmq.Socket] = {}
         self._monitors: dict[zmq.Socket, str] = {}
         self._poller = zmq.Poller()
@@ -109,7 +110,7 @@ class RpcServer:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    # ---- any thread ------------------------------------------------------------------------------------------
+    # ---- any thread ----------------------------------------------------------------------------------------
     def send(self, identity: bytes, msg) -> None:
         """Queue one message for the DEALER behind identity."""
         with self._sign_lock:  # frames must join the outbox in the order of their sequence numbers
@@ -133,7 +134,7 @@ class RpcServer:
         except (BlockingIOError, OSError):
             pass  # the pipe is full (the thread is awake anyway) or closed (stopping)
 
-    # ---- the I/O thread --------------------------------------------------------------------------------------
+    # ---- the I/O thread ------------------------------------------------------------------------------------
     def _run(self) -> None:
         poller = self._poller
         poller.register(self.router, zmq.POLLIN)
@@ -142,7 +143,8 @@ class RpcServer:
             while not self._stop.is_set():
                 events = dict(poller.poll(timeout=self._poll_timeout_ms()))
                 # pyzmq reports a plain socket by its fd, not by the object registered: checking the object
-                # never drained the wake pipe, so poll() returned at once forever (a core burnt, the GIL fought)
+                # never drained the wake pipe, so poll() returned at once forever (a core burnt, the GIL
+                # fought)
                 if self._wake_r.fileno() in events:
                     self._drain_wake()
                 for sock in events:

@@ -1,19 +1,23 @@
-"""The prefill node's work for decode nodes: `prefill` in, KV pushed layer by layer, `first_token` out at once.
+"""The prefill node's work for decode nodes: `prefill` in, KV pushed layer by layer, `first_token` out at
+once.
 
 One request, in order:
-  1. `prefill` {prompt, params, the decode node's KV endpoint and reserved blocks} arrives on our ROUTER from the
-     decode node's DEALER. Checked (params, vocabulary, queue depth); a refusal is an `error` back to it.
+  1. `prefill` {prompt, params, the decode node's KV endpoint and reserved blocks} arrives on our ROUTER from
+     the decode node's DEALER. Checked (params, vocabulary, queue depth); a refusal is an `error` back to it.
   2. On a worker thread: the connector's handshake with that decode node (once per node, the only round trip
-     on the KV link), then `bind`: our writes go into the blocks `prefill` named. No second reservation exchange.
-  3. The prompt enters the engine (chunked prefill over our prefix cache) with max_tokens 1: the transfer hooks
-     (step_hooks.py) write each layer's final blocks into the decode node's cache while later layers compute.
+     on the KV link), then `bind`: our writes go into the blocks `prefill` named. No second reservation
+     exchange.
+  3. The prompt enters the engine (chunked prefill over our prefix cache) with max_tokens 1: the transfer
+     hooks (step_hooks.py) write each layer's final blocks into the decode node's cache while later layers
+     compute.
   4. The sampled first token goes to the decode node at once as `first_token`, with prefill_queue / prefill
-     timings: TTFT is the prefill's time, not the transfer's. The engine request has finished then and its blocks
-     go to our prefix cache; the data plane keeps the next step from overwriting them before they are copied.
-  5. The connector's completion (the fence after the last write, or a failure once nothing more can be written)
-     sends `prefill_done` with the transfer timings. Every `prefill` gets exactly one `prefill_done`, always last:
-     the decode node frees a released request's blocks on it. A failure before the first token also aborts the
-     engine request.
+     timings: TTFT is the prefill's time, not the transfer's. The engine request has finished then and its
+     blocks go to our prefix cache; the data plane keeps the next step from overwriting them before they are
+     copied.
+  5. The connector's completion (the fence after the last write, or a failure once nothing more can be
+     written) sends `prefill_done` with the transfer timings. Every `prefill` gets exactly one `prefill_done`,
+     always last: the decode node frees a released request's blocks on it. A failure before the first token
+     also aborts the engine request.
 An `abort` from the decode node (or its DEALER going away) stops the prefill and the transfer at any point.
 """
 
@@ -27,9 +31,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from engine.engine_loop import Sink
-from engine.errors import PromptTooLongError
-from engine.sampling_params import SamplingParams
-from node_runtime.protocol import FirstToken, Prefill, PrefillDone, plain
+from wire.errors import PromptTooLongError
+from wire.node_messages import FirstToken, Prefill, PrefillDone, plain
+from wire.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +97,7 @@ class PrefillService:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.producer.close()
 
-    # ---- 1: a decode node asks ---------------------------------------------------------------------------------
+    # ---- 1: a decode node asks -----------------------------------------------------------------------------
     def on_message(self, identity: bytes, msg: Prefill) -> None:
         rid, node = msg.request_id, self.node
         params = node.admit_or_reject(identity, rid, msg.params, msg.prompt_token_ids)
@@ -108,7 +112,7 @@ class PrefillService:
             self.jobs[rid] = job
         self.executor.submit(self._reserve_and_run, job)
 
-    # ---- 2-3: bind the decode node's reservation, then prefill ---------------------------------------------------
+    # ---- 2-3: bind the decode node's reservation, then prefill ---------------------------------------------
     def _reserve_and_run(self, job: PrefillJob) -> None:
         msg = job.msg
         with self.lock:  # before bind: an abort racing the bind then finds it and aborts in the connector
@@ -145,7 +149,7 @@ class PrefillService:
             status = 400 if isinstance(exc, (PromptTooLongError, ValueError)) else 503
             self._fail(job, status, str(exc), retryable=status == 503)
 
-    # ---- 4: the first token --------------------------------------------------------------------------------------
+    # ---- 4: the first token --------------------------------------------------------------------------------
     def _on_output(self, job: PrefillJob, out) -> None:
         if job.ended or job.first_token_sent or not out.new_token_ids:
             return
@@ -166,7 +170,7 @@ class PrefillService:
             ),
         )
 
-    # ---- 5: the transfer's end -----------------------------------------------------------------------------------
+    # ---- 5: the transfer's end -----------------------------------------------------------------------------
     def _on_complete(self, request_id: str, ok: bool, timings: dict) -> None:
         """The connector is done with request_id: nothing more will be written for it."""
         with self.lock:
@@ -196,7 +200,7 @@ class PrefillService:
             job.identity, PrefillDone(request_id=job.request_id, ok=ok, cause=cause, timings=timings)
         )
 
-    # ---- ends from outside -------------------------------------------------------------------------------------
+    # ---- ends from outside ---------------------------------------------------------------------------------
     def abort(self, request_id: str, reason: str) -> None:
         with self.lock:
             job = self.jobs.pop(request_id, None)

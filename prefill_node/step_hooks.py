@@ -3,8 +3,8 @@ soon as that layer has written it, and the end of the step.
 
 It is an `EngineCore.step_observer`: `before_forward` gives the producer a StepProgress for every scheduled
 request that is transferring (start_step) and sets the runner's `on_layer_done`, so each layer's KV is pushed
-while later layers compute; `after_forward` ends the step. The hook is set only for steps that move KV, since a
-set hook keeps the runner off its CUDA graphs. Runs on the engine loop thread, inside `core.step()`.
+while later layers compute; `after_forward` ends the step. The hook is set only for steps that move KV, since
+a set hook keeps the runner off its CUDA graphs. Runs on the engine loop thread, inside `core.step()`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The OpenAI-compatible front door. Never imports torch (tests/e2e/test_proxy_api.py checks).
+"""The OpenAI-compatible front door. Never imports torch (tests/proxy/test_api.py checks).
 
-app.py          FastAPI app and lifespan; check order 401 -> 413 -> 400 JSON -> 404 -> 429 -> 400 params -> 503
+app.py          FastAPI app and lifespan; check order 401 -> 413 -> 400 JSON -> 404 -> 429 -> 400 params ->
+                503
 protocol.py     OpenAI bodies -> validated, tokenized GenerationRequest (SamplingParams)
 serving.py      one request: start its choices, relay JSON or SSE, usage and timings, abort on disconnect
 choice.py       one choice's text: incremental detokenization, stop strings, logprob shapes
@@ -10,6 +11,7 @@ nodes.py        node registry from heartbeats: liveness, load, this proxy's own 
 indexer.py      SUB sockets on the nodes' events ports: heartbeats -> registry, KV events -> prefix index
 prefix_index.py the in-process global prefix index (block hash -> nodes)
 redis_index.py  the same in Redis, shared by proxies; falls back to the in-process view when Redis is down
-node_rpc.py     DEALER sockets to the nodes' rpc ports, signed frames (kvconnector.node_messages)
-metrics.py      Prometheus series;  config.py  settings;  errors.py  OpenAI error JSON;  cli.py  `pdserve proxy`
+node_rpc.py     DEALER sockets to the nodes' rpc ports, signed frames (wire.node_messages)
+metrics.py      Prometheus series;  config.py  settings;  errors.py  OpenAI error JSON;  cli.py  `pdserve
+                proxy`
 """

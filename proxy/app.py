@@ -1,11 +1,11 @@
 """The OpenAI-compatible front door: FastAPI app, its lifespan (sockets, index, indexer) and the endpoints.
 
-Order of checks on a generation request (first failure answers): 401 bearer key -> 400 content type -> 413 body
-size -> 400 UTF-8, JSON, nesting, surrogates (proxy/request_body.py) -> 404 model -> 429 proxy queue full -> 400
-parameters and prompt length -> 400/429 sequences per request/per key (proxy/limits.py) -> 503 no live node / node errors.
-Body parsing, tokenization and chat templating run in worker threads: the event loop only moves bytes, so a huge or
-slow request never delays /health, heartbeats or other streams. A bug answers 500 in OpenAI's shape from inside
-the handler, so uvicorn keeps the keep-alive connection usable.
+Order of checks on a generation request (first failure answers): 401 bearer key -> 400 content type -> 413
+body size -> 400 UTF-8, JSON, nesting, surrogates (proxy/request_body.py) -> 404 model -> 429 proxy queue full
+-> 400 parameters and prompt length -> 400/429 sequences per request/per key (proxy/limits.py) -> 503 no live
+node / node errors. Body parsing, tokenization and chat templating run in worker threads: the event loop only
+moves bytes, so a huge or slow request never delays /health, heartbeats or other streams. A bug answers 500 in
+OpenAI's shape from inside the handler, so uvicorn keeps the keep-alive connection usable.
 /health and /metrics need no key (probes and scrapers). Never imports torch (a test checks).
 """
 
@@ -27,9 +27,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvconnector import curve
-from kvconnector.node_messages import make_codec
-from kvconnector.wire import resolve_secret
 from proxy.config import ProxyConfig
 from proxy.dispatch import Dispatcher
 from proxy.errors import APIError, bad_request
@@ -43,6 +40,9 @@ from proxy.protocol import check_length, parse_chat, parse_completion
 from proxy.request_body import read_json_object
 from proxy.router import Router
 from proxy.serving import Served, serve
+from wire import curve
+from wire.frames import resolve_secret
+from wire.node_messages import ROLES, make_codec
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class ProxyState:
     """Everything the endpoints share; built in the lifespan (it needs the running event loop)."""
 
     def __init__(self, config: ProxyConfig, tokenizer=None):
-        from engine.tokenizer import load_tokenizer  # torch-free
+        from wire.tokenizer import load_tokenizer  # torch-free
 
         self.config = config
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
@@ -87,7 +87,7 @@ class ProxyState:
         else:
             self.index = InProcessPrefixIndex()
         self.metrics.watch_index(self.index.num_blocks)
-        for role in ("prefill", "decode", "both"):
+        for role in ROLES:
             self.metrics.nodes_live.labels(role).set_function(
                 lambda role=role: sum(1 for n in self.registry.live() if n.role == role)
             )

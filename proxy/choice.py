@@ -1,9 +1,9 @@
 """One choice's output as the proxy builds it: detokenized text, stop strings, logprobs, finish reason, usage.
 
-The nodes stream token ids; `ChoiceState.absorb` turns each `Tokens` message into the text delta to send, cutting
-at stop strings (then the node is told to abort: the proxy owns stop strings) and dropping tokens after the one
-that completed the stop, so completion_tokens and logprobs match the text. Logprob records are shaped for the
-two OpenAI endpoints by `completion_logprobs` / `chat_logprobs`.
+The nodes stream token ids; `ChoiceState.absorb` turns each `Tokens` message into the text delta to send,
+cutting at stop strings (then the node is told to abort: the proxy owns stop strings) and dropping tokens
+after the one that completed the stop, so completion_tokens and logprobs match the text. Logprob records are
+shaped for the two OpenAI endpoints by `completion_logprobs` / `chat_logprobs`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from engine.detokenizer import IncrementalDetokenizer, decode_token
-from kvconnector.node_messages import LogprobEntry, Tokens, logprob_entry
 from proxy.dispatch import ChoiceRun
+from wire.detokenizer import IncrementalDetokenizer, decode_token
+from wire.node_messages import LogprobEntry, Tokens, logprob_entry
 
 
 @dataclass
@@ -76,14 +76,17 @@ def _finite(x: float) -> float:
 
 
 def completion_logprobs(tokenizer, ids: list[int], entries: list[LogprobEntry], text_offset: int) -> dict:
-    """Completions' shape: tokens, token_logprobs, top_logprobs (dicts, sampled token included), text_offset."""
+    """Completions' shape: tokens, token_logprobs, top_logprobs (dicts, sampled token included),
+    text_offset."""
     tokens, token_lps, tops, offsets = [], [], [], []
     offset = text_offset
-    for tid, e in zip(ids, entries):
+    for tid, e in zip(ids, entries, strict=False):
         tok = decode_token(tokenizer, tid)
         tokens.append(tok)
         token_lps.append(_finite(e.logprob))
-        top = {decode_token(tokenizer, i): _finite(lp) for i, lp in zip(e.top_ids, e.top_logprobs)}
+        top = {
+            decode_token(tokenizer, i): _finite(lp) for i, lp in zip(e.top_ids, e.top_logprobs, strict=False)
+        }
         top.setdefault(tok, _finite(e.logprob))
         tops.append(top)
         offsets.append(offset)
@@ -99,8 +102,8 @@ def chat_logprobs(tokenizer, ids: list[int], entries: list[LogprobEntry]) -> dic
         return {"token": tok, "logprob": _finite(lp), "bytes": list(tok.encode("utf-8"))}
 
     content = []
-    for tid, e in zip(ids, entries):
+    for tid, e in zip(ids, entries, strict=False):
         entry = item(tid, e.logprob)
-        entry["top_logprobs"] = [item(i, lp) for i, lp in zip(e.top_ids, e.top_logprobs)]
+        entry["top_logprobs"] = [item(i, lp) for i, lp in zip(e.top_ids, e.top_logprobs, strict=False)]
         content.append(entry)
     return {"content": content}

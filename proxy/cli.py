@@ -12,9 +12,9 @@ import argparse
 import logging
 import os
 
-from engine.errors import ConfigError
-from kvconnector.wire import resolve_secret
 from proxy.config import ProxyConfig, RouterConfig
+from wire.errors import ConfigError
+from wire.frames import resolve_secret
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ class RouterWeights:
     """Weights of the (prefill, decode) pair score (proxy/router.py: score_pair). Higher score wins.
 
     Every term is normalised to about [0, 1] so the weights read as "how many prompt-fractions is this worth":
-    with the defaults, a prefill node holding the whole prompt beats an idle one unless its queue holds ~4 more
-    requests than the idle one's.
+    with the defaults, a prefill node holding the whole prompt beats an idle one unless its queue holds ~4
+    more requests than the idle one's.
     """
 
     prefill_hit: float = 1.0  # fraction of the prompt cached on P (compute saved)

@@ -8,8 +8,9 @@
 - a node declared dead (missed heartbeats) before the first token: the same, when it was the prefill node;
 - an unreachable decode node at send time: the same, excluding it.
 What cannot be retried becomes an `APIError` with the node's status (the decode node died mid-stream: 503;
-the deadline passed: 504, and the node is told to abort). Every end (finish, error, abort) releases the choice's
-per-node counters exactly once, and an abort always reaches the decode node, which frees blocks on both nodes.
+the deadline passed: 504, and the node is told to abort). Every end (finish, error, abort) releases the
+choice's per-node counters exactly once, and an abort always reaches the decode node, which frees blocks on
+both nodes.
 """
 
 from __future__ import annotations
@@ -20,9 +21,6 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from kvconnector.hashing import external_block_hash, hash_prompt_blocks
-from kvconnector.node_messages import Error, Generate, Tokens
-from kvconnector.wire import FrameTooLarge
 from proxy.config import ProxyConfig
 from proxy.errors import APIError
 from proxy.metrics import ProxyMetrics
@@ -30,6 +28,9 @@ from proxy.node_rpc import NodeRpc, NodeUnreachable
 from proxy.nodes import NodeRegistry, NodeState
 from proxy.prefix_index import PrefixIndex
 from proxy.router import Decision, NoRoute, Router
+from wire.frames import FrameTooLarge
+from wire.hashing import external_block_hash, hash_prompt_blocks
+from wire.node_messages import Error, Generate, Tokens
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class ChoiceRun:
             f"{dec.mode}:{dec.prefill.node_id if dec.prefill else dec.decode.node_id}->{dec.decode.node_id}"
         )
 
-    # ---- sending ------------------------------------------------------------------------------------------------
+    # ---- sending -------------------------------------------------------------------------------------------
     async def send_first(self) -> None:
         try:
             decision = await self.d.route(self.prompt, self.excluded)
@@ -207,7 +208,7 @@ class ChoiceRun:
         )
         return decision
 
-    # ---- receiving ----------------------------------------------------------------------------------------------
+    # ---- receiving -----------------------------------------------------------------------------------------
     async def next(self) -> Tokens:
         """The next Tokens message; raises APIError for an error that cannot be retried."""
         while True:
@@ -237,7 +238,8 @@ class ChoiceRun:
     async def _get_before_deadline(self):
         """The next queued item, or _DEADLINE. Not asyncio.wait_for: on Python 3.11 it swallows a cancellation
         that lands in the iteration the queue.get() completes, and a client that left then went unnoticed (its
-        node generated to max_tokens). A timer that queues a marker keeps cancellation with the plain await."""
+        node generated to max_tokens). A timer that queues a marker keeps cancellation with the plain
+        await."""
         if not self.queue.empty():
             return self.queue.get_nowait()
         remaining = self.deadline - time.monotonic()
@@ -292,7 +294,7 @@ class ChoiceRun:
             )
             await self._send(decision)
 
-    # ---- ending -------------------------------------------------------------------------------------------------
+    # ---- ending --------------------------------------------------------------------------------------------
     def _end(self) -> None:
         if not self.ended:
             self.ended = True

@@ -1,13 +1,15 @@
-"""Subscribes to every node's events socket: heartbeats keep the node registry, KV events keep the prefix index.
+"""Subscribes to every node's events socket: heartbeats keep the node registry, KV events keep the prefix
+index.
 
-One SUB socket per `--node` endpoint, because a vLLM-format KV event batch does not name its node: the endpoint it
-arrived on does, once that endpoint's first heartbeat has told us the node id (batches before that are held, at
-most `MAX_PENDING`). A sequence number that goes backwards means the node restarted with an empty cache, so its
-entries are dropped. Malformed messages are counted by reason, logged once per endpoint and reason, and dropped.
+One SUB socket per `--node` endpoint, because a vLLM-format KV event batch does not name its node: the
+endpoint it arrived on does, once that endpoint's first heartbeat has told us the node id (batches before that
+are held, at most `MAX_PENDING`). A sequence number that goes backwards means the node restarted with an empty
+cache, so its entries are dropped. Malformed messages are counted by reason, logged once per endpoint and
+reason, and dropped.
 
-A reaper declares nodes dead after `misses` silent heartbeat intervals (of time the proxy was listening: a tick
-that comes late means the loop stalled, and silence restarts from then); the registry's listeners then drop their
-index entries (here) and fail or re-route their requests (the dispatcher).
+A reaper declares nodes dead after `misses` silent heartbeat intervals (of time the proxy was listening: a
+tick that comes late means the loop stalled, and silence restarts from then); the registry's listeners then
+drop their index entries (here) and fail or re-route their requests (the dispatcher).
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from typing import Callable
 import zmq
 import zmq.asyncio
 
-from kvconnector import curve
-from kvconnector.events import decode_batch
-from kvconnector.node_messages import TOPIC_HEARTBEAT, TOPIC_KV_EVENTS, decode_heartbeat
 from proxy.nodes import NodeRegistry, NodeState
 from proxy.prefix_index import PrefixIndex
+from wire import curve
+from wire.kv_events import decode_batch
+from wire.node_messages import TOPIC_HEARTBEAT, TOPIC_KV_EVENTS, decode_heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ class Indexer:
         for sock in self._sockets:
             sock.close(linger=0)
 
-    # ---- reading ----------------------------------------------------------------------------------------------
+    # ---- reading -------------------------------------------------------------------------------------------
     async def _read(self, endpoint: str, sock: zmq.asyncio.Socket) -> None:
         while True:
             parts = await sock.recv_multipart()
@@ -148,7 +150,7 @@ class Indexer:
             self._logged.add((endpoint, reason))
             log.warning("dropped a malformed %s message from %s: %s (logged once)", reason, endpoint, detail)
 
-    # ---- liveness ---------------------------------------------------------------------------------------------
+    # ---- liveness ------------------------------------------------------------------------------------------
     def _node_dead(self, node: NodeState) -> None:
         self._drops.append(node.node_id)
         self._drop_event.set()

@@ -1,9 +1,11 @@
-"""Limits on concurrent sequences (choices: prompts x n): one request's, and one API key's across its requests.
+"""Limits on concurrent sequences (choices: prompts x n): one request's, and one API key's across its
+requests.
 
-A sequence costs a node a KV slot and a batch row for as long as it runs, so it is what a client must not be able
-to take without bound: one request asking n=128 over a batch of prompts, or one key opening many such requests.
-Over the per-request limit: 400 (the request can never run). Over the per-key limit: 429 (retry later).
-Clients are told apart by their bearer token (all clients share one bucket when the proxy has no --api-key).
+A sequence costs a node a KV slot and a batch row for as long as it runs, so it is what a client must not be
+able to take without bound: one request asking n=128 over a batch of prompts, or one key opening many such
+requests. Over the per-request limit: 400 (the request can never run). Over the per-key limit: 429 (retry
+later). Clients are told apart by their bearer token (all clients share one bucket when the proxy has no
+--api-key).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The proxy's Prometheus series (its own CollectorRegistry, so several apps in one test process never collide).
+"""The proxy's Prometheus series (its own CollectorRegistry, so several apps in one test process never
+collide).
 
 pdserve_proxy_requests_total{endpoint,status}        counter, answered requests by HTTP status
 pdserve_proxy_request_seconds{endpoint}              histogram, arrival -> last byte

@@ -1,10 +1,11 @@
 """The proxy's side of the node rpc sockets: one DEALER per node, replies routed to per-request queues.
 
-Every frame is signed over this proxy's DEALER identity and schema-checked (kvconnector.node_messages), and its
-sequence number must rise per node (kvconnector.wire.ReplayGuard); a bad one is counted, logged once per node and
-reason, and dropped. ZMQ drops a node that sends a message over MAXMSGSIZE. Replies for a request nobody waits for any more (aborted, finished) are ignored.
-Sockets are made on first use and set IMMEDIATE, so a send to a node with no live connection fails at once
-(zmq.Again -> NodeUnreachable) instead of queueing behind a dead peer. Everything runs on the event loop.
+Every frame is signed over this proxy's DEALER identity and schema-checked (wire.node_messages), and its
+sequence number must rise per node (wire.frames.ReplayGuard); a bad one is counted, logged once per node and
+reason, and dropped. ZMQ drops a node that sends a message over MAXMSGSIZE. Replies for a request nobody waits
+for any more (aborted, finished) are ignored. Sockets are made on first use and set IMMEDIATE, so a send to a
+node with no live connection fails at once (zmq.Again -> NodeUnreachable) instead of queueing behind a dead
+peer. Everything runs on the event loop.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from typing import Callable
 import zmq
 import zmq.asyncio
 
-from kvconnector import curve
-from kvconnector.node_messages import Abort, Error, Tokens
-from kvconnector.replay import ReplayGuard
-from kvconnector.wire import DEFAULT_MAX_HEADER, SignedCodec, WireError
+from wire import curve
+from wire.frames import DEFAULT_MAX_HEADER, SignedCodec, WireError
+from wire.node_messages import Abort, Error, Tokens
+from wire.replay import ReplayGuard
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class NodeRpc:
         self._background: set[asyncio.Task] = set()
         self._replay = ReplayGuard()
 
-    # ---- streams ------------------------------------------------------------------------------------------------
+    # ---- streams -------------------------------------------------------------------------------------------
     def open(self, request_id: str) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
@@ -65,7 +66,7 @@ class NodeRpc:
         if queue is not None:
             queue.put_nowait(item)
 
-    # ---- sending ------------------------------------------------------------------------------------------------
+    # ---- sending -------------------------------------------------------------------------------------------
     def _socket(self, endpoint: str) -> zmq.asyncio.Socket:
         sock = self._sockets.get(endpoint)
         if sock is None:
@@ -116,7 +117,7 @@ class NodeRpc:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    # ---- receiving ----------------------------------------------------------------------------------------------
+    # ---- receiving -----------------------------------------------------------------------------------------
     async def _read(self, endpoint: str, sock: zmq.asyncio.Socket) -> None:
         while True:
             parts = await sock.recv_multipart(copy=True)

@@ -1,14 +1,14 @@
 """What the proxy knows about each node: its heartbeats (role, endpoints, load) and whether it is alive.
 
 A node is alive from its first heartbeat until it has been silent for `misses` heartbeat intervals (any rpc
-message from it counts as a sign of life too, so a node too busy to publish on time is not declared dead while it
-streams tokens). A dead node is never routed to; listeners (the indexer, the dispatcher) drop its index entries
-and fail or re-route its requests. A dead node that speaks again comes back as a new node. Silence only counts
-while the proxy was listening: after its own event loop stalled (the reaper woke late), every node gets a fresh
-timeout, since its heartbeats may be waiting unread in the socket.
+message from it counts as a sign of life too, so a node too busy to publish on time is not declared dead while
+it streams tokens). A dead node is never routed to; listeners (the indexer, the dispatcher) drop its index
+entries and fail or re-route its requests. A dead node that speaks again comes back as a new node. Silence
+only counts while the proxy was listening: after its own event loop stalled (the reaper woke late), every node
+gets a fresh timeout, since its heartbeats may be waiting unread in the socket.
 
-The proxy also counts its own requests per node (`pending_prefill`, `active`): heartbeats are up to an interval
-old, and without these a burst would all go to the node that looked idle half a second ago.
+The proxy also counts its own requests per node (`pending_prefill`, `active`): heartbeats are up to an
+interval old, and without these a burst would all go to the node that looked idle half a second ago.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from kvconnector.node_messages import HEARTBEAT_INTERVAL_S, NodeHeartbeat
+from wire.node_messages import HEARTBEAT_INTERVAL_S, NodeHeartbeat, NodeRole
 
 log = logging.getLogger(__name__)
 
-PREFILL_ROLES = ("prefill", "both")
-DECODE_ROLES = ("decode", "both")
+PREFILL_ROLES = tuple(r.value for r in NodeRole if r.prefills)
+DECODE_ROLES = tuple(r.value for r in NodeRole if r.decodes)
 
 
 @dataclass(eq=False)

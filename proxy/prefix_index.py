@@ -1,8 +1,9 @@
 """The global prefix index: which nodes hold which KV blocks, built from the nodes' KV events.
 
-Keys are the 64-bit block hashes of `kvconnector.hashing.external_block_hash`, chained over the prompt, so a hash
+Keys are the 64-bit block hashes of `wire.hashing.external_block_hash`, chained over the prompt, so a hash
 stands for the whole prefix up to its block. `match(hashes)` answers, per node, how many *leading* blocks of a
-prompt the node holds: that is what prefix caching can reuse (a later block held without its parents is useless).
+prompt the node holds: that is what prefix caching can reuse (a later block held without its parents is
+useless).
 
 Two implementations share the `PrefixIndex` interface (all methods async so a networked one fits):
 - `InProcessPrefixIndex` (here): dicts, the default.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from typing import Iterable, Protocol
 
-from kvconnector.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 
 
 class PrefixIndex(Protocol):
@@ -38,7 +39,7 @@ class InProcessPrefixIndex:
         self._holders: dict[int, set[str]] = {}  # block hash -> node ids
         self._by_node: dict[str, set[int]] = {}  # node id -> block hashes
 
-    # ---- updates (sync: the Redis index calls them inline) ---------------------------------------------------
+    # ---- updates (sync: the Redis index calls them inline) -------------------------------------------------
     def add(self, node_id: str, hashes: Iterable[int]) -> None:
         mine = self._by_node.setdefault(node_id, set())
         for h in hashes:
@@ -77,7 +78,7 @@ class InProcessPrefixIndex:
     def match_sync(self, block_hashes: list[int], node_ids: Iterable[str] | None = None) -> dict[str, int]:
         return leading_runs([self._holders.get(h, ()) for h in block_hashes], node_ids)
 
-    # ---- PrefixIndex ---------------------------------------------------------------------------------------------
+    # ---- PrefixIndex ---------------------------------------------------------------------------------------
     async def apply(self, node_id: str, batch: KVEventBatch) -> None:
         self.apply_sync(node_id, batch)
 
@@ -97,7 +98,8 @@ class InProcessPrefixIndex:
 def leading_runs(
     holders_per_block: list[Iterable[str]], node_ids: Iterable[str] | None = None
 ) -> dict[str, int]:
-    """Given the holders of each block in prompt order, each node's count of consecutive blocks from the first."""
+    """Given the holders of each block in prompt order, each node's count of consecutive blocks from the
+    first."""
     if not holders_per_block:
         return {}
     active = set(holders_per_block[0])

@@ -1,14 +1,16 @@
-"""OpenAI request bodies -> validated, tokenized requests (torch-free). Every problem is a 400 naming its param.
+"""OpenAI request bodies -> validated, tokenized requests (torch-free). Every problem is a 400 naming its
+param.
 
 Decisions:
 - Bodies are plain JSON maps checked by hand (not pydantic models): error messages name the exact parameter,
   and unknown keys are ignored as OpenAI's API does.
-- Sampling limits are SamplingParams' (engine/sampling_params.py), checked again by the nodes. OpenAI's own
+- Sampling limits are SamplingParams' (wire/sampling_params.py), checked again by the nodes. OpenAI's own
   ranges apply on top where they are narrower: temperature <= 2, n <= 128, at most 16 stop strings.
 - Sizes a client controls are bounded before anything is sent (the node frames have a size limit too, and a
   frame over it would be a 500 at the wire): stop strings (16, 4 KiB in all), stop_token_ids (256).
-- Every token id a client sends (prompt ids, stop_token_ids) must index the vocabulary: an id past it would raise
-  inside the node's engine step. The nodes check again at their door (a proxy is not trusted to have checked).
+- Every token id a client sends (prompt ids, stop_token_ids) must index the vocabulary: an id past it would
+  raise inside the node's engine step. The nodes check again at their door (a proxy is not trusted to have
+  checked).
 - Completions accept a string, a list of strings (a batch), a list of token ids, or a list of such lists;
   choice i*n + j is the j-th sample of prompt i. Chat renders the checkpoint's chat template.
 - max_tokens: completions default to 16 (OpenAI); chat defaults to what is left of --max-model-len.
@@ -27,8 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from proxy.errors import bad_request
+from wire.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 128
 MAX_STOP = 16
@@ -59,7 +61,7 @@ class GenerationRequest:
         return self.params.clone(**changes).to_dict()
 
 
-# ---------------------------------------------------------------------------------------------------- field checks
+# ----------------------------------------------------------------------------------------------- field checks
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -211,7 +213,7 @@ def _max_tokens(body: dict, names: tuple[str, ...]) -> Optional[int]:
     return None
 
 
-# ---------------------------------------------------------------------------------------------------- requests
+# --------------------------------------------------------------------------------------------------- requests
 
 
 def _too_long(chars: int, max_prompt_chars: Optional[int], param: str) -> None:

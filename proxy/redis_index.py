@@ -5,10 +5,11 @@ Layout (prefix default "pdserve"):
     {prefix}:node:{node_id}  SET of block hashes the node holds (to drop a node in one sweep)
 Every proxy applies the events it receives (set operations, so several proxies writing the same events agree).
 
-Redis is an optimisation, never a dependency: every event is also applied to an in-process index, and when Redis
-fails (refused, timeout) the proxy answers from that local view, logs the outage once, sets
+Redis is an optimisation, never a dependency: every event is also applied to an in-process index, and when
+Redis fails (refused, timeout) the proxy answers from that local view, logs the outage once, sets
 `pdserve_proxy_redis_up` to 0 and retries every `retry_s`. When Redis is back, the local view of each node is
-written again (blocks stored or removed while it was down, nodes that died meanwhile), then Redis serves again.
+written again (blocks stored or removed while it was down, nodes that died meanwhile), then Redis serves
+again.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import logging
 import time
 from typing import Iterable
 
-from kvconnector.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from proxy.prefix_index import InProcessPrefixIndex, leading_runs
+from wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class RedisPrefixIndex:
     def _node_key(self, node_id: str) -> str:
         return f"{self.prefix}:node:{node_id}"
 
-    # ---- health ---------------------------------------------------------------------------------------------------
+    # ---- health --------------------------------------------------------------------------------------------
     def _failed(self, exc: Exception) -> None:
         self.errors += 1
         self._dirty = True
@@ -124,7 +125,7 @@ class RedisPrefixIndex:
         pipe.delete(self._node_key(node_id))
         await pipe.execute()
 
-    # ---- PrefixIndex ----------------------------------------------------------------------------------------------
+    # ---- PrefixIndex ---------------------------------------------------------------------------------------
     async def apply(self, node_id: str, batch: KVEventBatch) -> None:
         cleared = any(isinstance(e, AllBlocksCleared) for e in batch.events)
         held_before = self.local.blocks_of(node_id) if cleared else set()

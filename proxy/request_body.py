@@ -3,9 +3,9 @@
 Checks, in order (the first failure answers): content type (application/json only, as vLLM: 400), size
 (`--max-request-bytes`: 413, counted while the body streams in, so an oversized body is never held whole),
 UTF-8 (400 naming the byte offset), JSON syntax, nesting depth (400; a deep body would otherwise exhaust the
-parser's recursion: a RecursionError, a 500), and lone surrogates anywhere in it (400 naming the field: "\\ud800"
-is valid JSON but no tokenizer, and no UTF-8 encoder, accepts it). Parsing runs in a worker thread when the body
-is large, so the event loop keeps serving /health and every other request meanwhile.
+parser's recursion: a RecursionError, a 500), and lone surrogates anywhere in it (400 naming the field:
+"\\ud800" is valid JSON but no tokenizer, and no UTF-8 encoder, accepts it). Parsing runs in a worker thread
+when the body is large, so the event loop keeps serving /health and every other request meanwhile.
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
 """Which (prefill, decode) pair serves a request, and whether to disaggregate at all.
 
-`score_pair` is the whole policy for cache_aware routing: one pure function of a pair's terms and the weights in
-RouterConfig. `Router.decide` builds the terms of every live pair from the prefix index's matches and the nodes'
-loads, applies conditional disaggregation, and returns a `Decision` that can be logged with its terms.
+`score_pair` is the whole policy for cache_aware routing: one pure function of a pair's terms and the weights
+in RouterConfig. `Router.decide` builds the terms of every live pair from the prefix index's matches and the
+nodes' loads, applies conditional disaggregation, and returns a `Decision` that can be logged with its terms.
 
 Conditional disaggregation: the prompt is prefilled on the decode node itself ("colocated") when fewer than
-`disagg_min_tokens` tokens would have to be computed there, i.e. a short prompt, or one the decode node already
-holds nearly all of; also when no prefill node is alive. Only nodes with role decode or both decode.
+`disagg_min_tokens` tokens would have to be computed there, i.e. a short prompt, or one the decode node
+already holds nearly all of; also when no prefill node is alive. Only nodes with role decode or both decode.
 
-round_robin (the baseline): decode and prefill nodes each in turn, blind to the cache; short prompts (by length
-alone) stay colocated so the two policies differ only in cache awareness.
+round_robin (the baseline): decode and prefill nodes each in turn, blind to the cache; short prompts (by
+length alone) stay colocated so the two policies differ only in cache awareness.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ class Router:
         decoders: list[NodeState],
         exclude: Iterable[str] = (),
     ) -> Decision:
-        """hits: node id -> leading prompt blocks it holds. exclude: node ids not to use (failed this request)."""
+        """hits: node id -> leading prompt blocks it holds. exclude: node ids not to use (failed this
+        request)."""
         excluded = set(exclude)
         decoders = [d for d in decoders if d.node_id not in excluded]
         prefillers = [p for p in prefillers if p.node_id not in excluded]

@@ -1,12 +1,13 @@
 """Serving one OpenAI request: start its choices on the nodes, relay them as JSON or SSE, abort on disconnect.
 
 Steps for both endpoints:
- 1. start every choice (prompt i, sample j) on the nodes, and wait for each one's first message, so that a failure
-    to start (no node, queue full, bad request on the node) is still an HTTP error with the right status;
+ 1. start every choice (prompt i, sample j) on the nodes, and wait for each one's first message, so that a
+    failure to start (no node, queue full, bad request on the node) is still an HTTP error with the right
+    status;
  2. relay: plain JSON after every choice finished, or SSE chunks as tokens arrive;
  3. end: usage (cached tokens included), timings in the `x-pdserve-timings` header or the final chunk's usage.
-A client that disconnects (while waiting, or mid-stream) gets every unfinished choice aborted on its decode node.
-An error after the stream started is sent as an SSE `{"error": ...}` event, then `[DONE]`.
+A client that disconnects (while waiting, or mid-stream) gets every unfinished choice aborted on its decode
+node. An error after the stream started is sent as an SSE `{"error": ...}` event, then `[DONE]`.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from typing import AsyncIterator, Optional
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from engine.detokenizer import IncrementalDetokenizer
-from kvconnector.node_messages import TIMING_KEYS
 from proxy.choice import ChoiceState, Delta, chat_logprobs, completion_logprobs
 from proxy.dispatch import Dispatcher
 from proxy.errors import APIError
 from proxy.metrics import ProxyMetrics
 from proxy.protocol import GenerationRequest
+from wire.detokenizer import IncrementalDetokenizer
+from wire.node_messages import TIMING_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class RequestJob:
         self.recorded = False
         self.tasks: list[asyncio.Task] = []  # a stream's per-choice relays
 
-    # ---- 1. start -----------------------------------------------------------------------------------------------
+    # ---- 1. start ------------------------------------------------------------------------------------------
     async def start(self) -> None:
         req, n = self.req, self.req.params.n
         deadline = self.arrival + self.s.request_timeout_s
@@ -128,7 +129,7 @@ class RequestJob:
             self.s.metrics.ttft.observe(c.run.first_token_at - self.arrival)
         return delta
 
-    # ---- 3. usage and timings -----------------------------------------------------------------------------------
+    # ---- 3. usage and timings ------------------------------------------------------------------------------
     def usage(self) -> dict:
         n = self.req.params.n
         prompt_tokens = sum(len(p) for p in self.req.prompts)
@@ -179,7 +180,7 @@ class RequestJob:
         m.cached_tokens.inc(usage["prompt_tokens_details"]["cached_tokens"])
         m.generation_tokens.inc(usage["completion_tokens"])
 
-    # ---- 2a. plain JSON -----------------------------------------------------------------------------------------
+    # ---- 2a. plain JSON ------------------------------------------------------------------------------------
     async def collect(self) -> dict:
         async def drive(c: ChoiceState, first) -> None:
             msg = first
@@ -190,7 +191,8 @@ class RequestJob:
                 msg = await c.run.next()
 
         results = await asyncio.gather(
-            *(drive(c, f) for c, f in zip(self.choices, self.first_items)), return_exceptions=True
+            *(drive(c, f) for c, f in zip(self.choices, self.first_items, strict=False)),
+            return_exceptions=True,
         )
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
@@ -223,7 +225,7 @@ class RequestJob:
                 )
         if self.req.return_token_ids:
             n = self.req.params.n
-            for c, choice in zip(self.choices, choices):
+            for c, choice in zip(self.choices, choices, strict=False):
                 choice["token_ids"] = list(c.token_ids)
                 choice["prompt_token_ids"] = self.req.prompts[c.index // n]
         obj = "chat.completion" if self.req.kind == "chat" else "text_completion"
@@ -236,7 +238,7 @@ class RequestJob:
             "usage": self.usage(),
         }
 
-    # ---- 2b. server-sent events ---------------------------------------------------------------------------------
+    # ---- 2b. server-sent events ----------------------------------------------------------------------------
     def _chunk(self, choices: list[dict], usage: Optional[dict] = None) -> str:
         obj = "chat.completion.chunk" if self.req.kind == "chat" else "text_completion"
         body = {
@@ -288,7 +290,9 @@ class RequestJob:
                 log.exception("stream %s failed", self.id)
                 queue.put_nowait(APIError(500, f"internal error: {exc}"))
 
-        tasks = [asyncio.create_task(drive(c, f)) for c, f in zip(self.choices, self.first_items)]
+        tasks = [
+            asyncio.create_task(drive(c, f)) for c, f in zip(self.choices, self.first_items, strict=False)
+        ]
         self.tasks = tasks
         status, finished = 200, False
         try:

@@ -1,5 +1,5 @@
-"""Suite-wide setup. Triton kernels run under the interpreter without a GPU; that switch must be set before any
-kernel module is imported (triton reads it when @triton.jit decorates), so it is set here, first."""
+"""Suite-wide setup. Triton kernels run under the interpreter without a GPU; that switch must be set before
+any kernel module is imported (triton reads it when @triton.jit decorates), so it is set here, first."""
 
 import os
 import shutil
@@ -11,6 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
+
+# Fixtures shared across folders live in tests/harness/ and reach every test from here, never by import.
+pytest_plugins = ["tests.harness.servers", "tests.harness.nodes", "tests.harness.kv_pair"]
 
 
 def _has_cuda() -> bool:
@@ -34,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
     """Tiny random checkpoints, one per family, written once per session by `pdserve make-model`'s code."""
-    from engine.make_model import make_model
+    from tools.make_model import make_model
 
     root = tmp_path_factory.mktemp("models")
     made = {}

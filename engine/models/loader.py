@@ -12,7 +12,7 @@ import logging
 import torch
 
 from engine.checkpoint import ArchConfig, iter_tensors, load_arch_config
-from engine.errors import CheckpointError
+from wire.errors import CheckpointError
 from engine.models.registry import get_model_class
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-from engine.errors import CheckpointError
+from wire.errors import CheckpointError
 
 _MODELS = {  # architecture -> (module, class)
     "LlamaForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),

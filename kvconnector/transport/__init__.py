@@ -1,12 +1,14 @@
-"""KV data planes: one-sided writes of a layer's blocks into the blocks a peer reserved, chosen by `kv_connector`.
+"""KV data planes: one-sided writes of a layer's blocks into the blocks a peer reserved, chosen by
+`kv_connector`.
 
-    tcp       the bytes travel as signed frame bodies on the control link and the consumer's link thread writes
-              them into its cache (CPU, tests; any device works, through host memory).
-    cuda_ipc  GPUs of one host: the consumer exports its whole KV cache once (CUDA IPC handle, in its handshake);
-              the producer maps it and, after each layer, one kernel copies that layer's blocks into the peer's
-              memory (NVLink between GPUs, the same HBM when both processes share a GPU). The GPU default.
-    nixl      NIXL (UCX inside: NVLink on one host, RDMA across hosts): the consumer registers its cache and
-              hands over its agent metadata at handshake; the producer WRITEs each layer as a few large
+    tcp       the bytes travel as signed frame bodies on the control link and the consumer's link thread
+              writes them into its cache (CPU, tests; any device works, through host memory).
+    cuda_ipc  GPUs of one host: the consumer exports its whole KV cache once (CUDA IPC handle, in its
+              handshake); the producer maps it and, after each layer, one kernel copies that layer's blocks
+              into the peer's memory (NVLink between GPUs, the same HBM when both processes share a GPU). The
+              GPU default.
+    nixl      NIXL (UCX inside: NVLink on one host, RDMA across hosts): the consumer registers its cache
+              and hands over its agent metadata at handshake; the producer WRITEs each layer as a few large
               descriptors (runs of consecutive blocks), posted by a sender thread once the layer is computed.
 The consumer's host does nothing per layer on either plane: it hears one `Done` per request.
 """

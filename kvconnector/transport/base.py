@@ -1,14 +1,17 @@
 """The one-sided data plane interface, and tensor helpers its implementations share.
 
 Producer (prefill node), all on the forward thread except `fence`:
-    begin_step()                 before a step's forward: nothing may overwrite source blocks an earlier step's
-                                 writes have not read yet (the engine frees a prefilled request's blocks at once)
+    begin_step()                 before a step's forward: nothing may overwrite source blocks an earlier
+                                 step's writes have not read yet (the engine frees a prefilled request's
+                                 blocks at once)
     end_step()                   after it, whether or not the forward completed
     stage(writes)                after the step's plan: per peer, its requests' local -> remote block ids
-    write_layer(writes, layer)   after layer `layer` wrote its KV: put that layer's blocks into the peer's blocks
+    write_layer(writes, layer)   after layer `layer` wrote its KV: put that layer's blocks into the peer's
+                                 blocks
     fence(link) -> Fence         completes once every write issued so far to that peer has landed there
-Consumer (decode node): `local_info()` goes into its handshake (what a producer needs to write into its cache);
-`receive(header, body)` is for planes whose bytes arrive on the control link (tcp) and returns the tensor.
+Consumer (decode node): `local_info()` goes into its handshake (what a producer needs to write into its
+cache); `receive(header, body)` is for planes whose bytes arrive on the control link (tcp) and returns the
+tensor.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from kvconnector.wire import Handshake, KVChunk, TensorMeta
+from wire.frames import Handshake, KVChunk, TensorMeta
 
 
 @dataclass(frozen=True)
@@ -46,9 +49,10 @@ class PeerWrites:
 
 
 class Fence:
-    """A point on the data plane: `wait()` blocks (GIL released, no spinning) until every write issued before it
-    has landed; `exposed_s` is the time the last write outlived the compute it followed, where measured.
-    `failed` is set when a write before it could not land (the completion thread sets it when wait() raises)."""
+    """A point on the data plane: `wait()` blocks (GIL released, no spinning) until every write issued before
+    it has landed; `exposed_s` is the time the last write outlived the compute it followed, where measured.
+    `failed` is set when a write before it could not land (the completion thread sets it when wait()
+    raises)."""
 
     failed = False
 
@@ -67,27 +71,28 @@ class DataPlane(abc.ABC):
         self.caches = list(caches)  # per layer [2, N, block_size, kv_heads, head_dim]
 
     def local_info(self) -> dict:
-        """What a producer needs to write into our cache; sent only in our answer to an authenticated handshake."""
+        """What a producer needs to write into our cache; sent only in our answer to an authenticated
+        handshake."""
         return {}
 
     def check_peer(self, ours: Handshake, theirs: Handshake) -> str:
         """'' when this data plane can serve the pair, else the refusal the handshake carries back."""
         return ""
 
-    def open(self, link, ours: Handshake, theirs: Handshake, producer: bool) -> None:
+    def open(self, link, ours: Handshake, theirs: Handshake, producer: bool) -> None:  # noqa: B027  (an optional hook)
         """Per-link setup once both handshakes are known (the producer maps the consumer's cache)."""
 
-    def begin_step(self) -> None:
+    def begin_step(self) -> None:  # noqa: B027  (an optional hook)
         """Forward thread, before the step's forward."""
 
-    def stage(self, writes: PeerWrites) -> None:
+    def stage(self, writes: PeerWrites) -> None:  # noqa: B027  (an optional hook)
         """Forward thread, once per step and peer, before the forward: prepare the block ids."""
 
     @abc.abstractmethod
     def write_layer(self, writes: PeerWrites, layer: int) -> None:
         """Forward thread: layer `layer` of writes' blocks into the peer's blocks."""
 
-    def end_step(self) -> None:
+    def end_step(self) -> None:  # noqa: B027  (an optional hook)
         """Forward thread, after the step's forward (whether or not it completed)."""
 
     @abc.abstractmethod
@@ -96,10 +101,10 @@ class DataPlane(abc.ABC):
     def receive(self, header: KVChunk, body: memoryview) -> torch.Tensor:
         raise TypeError(f"the {self.name} data plane receives no bytes on the control link")
 
-    def close_link(self, link) -> None:
+    def close_link(self, link) -> None:  # noqa: B027  (an optional hook)
         """The link is gone: drop what we hold for that peer (a mapping of its cache)."""
 
-    def close(self) -> None: ...
+    def close(self) -> None: ...  # noqa: B027  (an optional hook)
 
 
 # ---------------------------------------------------------------------------------------------------- tensors

@@ -1,16 +1,16 @@
 """cuda_ipc data plane: the producer writes straight into the consumer's KV cache, mapped over CUDA IPC.
 
-Fabric: GPUs of one host. Between two GPUs the copy kernel's stores cross NVLink (or PCIe) as peer writes; when
-both processes share one GPU they are plain stores into the same HBM.
+Fabric: GPUs of one host. Between two GPUs the copy kernel's stores cross NVLink (or PCIe) as peer writes;
+when both processes share one GPU they are plain stores into the same HBM.
 
-Consumer: exports its whole cache once (`local_info`: the IPC handle of the cache's allocation, offsets, layout)
-and sends it only in its answer to a handshake whose frame carried a valid MAC (the trust boundary: a peer
-holding the mapping can write anywhere in our cache, not only into the blocks it was given).
-Producer, per layer, on the forward thread: record the compute stream's position, make the copy stream wait for
-it, launch one `copy_blocks` on the copy stream (local blocks -> the peer's reserved blocks, every request of the
-step for that peer at once). A fence is a blocking-sync event on the copy stream: its waiter sleeps, no spinning.
-The next step's forward waits for the copy stream first, because the engine frees a prefilled request's blocks at
-once and a later step may reuse them (the wait costs at most the last layer's copy).
+Consumer: exports its whole cache once (`local_info`: the IPC handle of the cache's allocation, offsets,
+layout) and sends it only in its answer to a handshake whose frame carried a valid MAC (the trust boundary: a
+peer holding the mapping can write anywhere in our cache, not only into the blocks it was given).
+Producer, per layer, on the forward thread: record the compute stream's position, make the copy stream wait
+for it, launch one `copy_blocks` on the copy stream (local blocks -> the peer's reserved blocks, every request
+of the step for that peer at once). A fence is a blocking-sync event on the copy stream: its waiter sleeps, no
+spinning. The next step's forward waits for the copy stream first, because the engine frees a prefilled
+request's blocks at once and a later step may reuse them (the wait costs at most the last layer's copy).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 from kernels.block_copy import BlockCopier
 from kvconnector.transport.base import DataPlane, DataPlaneConfig, Fence, PeerWrites, dtype_name, torch_dtype
-from kvconnector.wire import Handshake
+from wire.frames import Handshake
 
 
 class _EventFence(Fence):
@@ -52,7 +52,7 @@ class CudaIpcDataPlane(DataPlane):
         self.copy = str(config.extra.get("copy", "triton"))
         if self.copy not in ("triton", "torch"):
             raise ValueError(f'cuda_ipc "copy" must be triton or torch, got {self.copy!r}')
-        # {"block_words": n}: words each copy program moves (kernels.block_copy.BlockCopier); None: its default
+        # {"block_words": n}: words each copy program moves (kernels.block_copy.BlockCopier); None: default
         self.block_words = config.extra.get("block_words")
         if self.block_words is not None:
             self.block_words = int(self.block_words)
@@ -67,7 +67,7 @@ class CudaIpcDataPlane(DataPlane):
         self._retiring: list[tuple[torch.cuda.Event, list]] = []
         self._last_compute: Optional[torch.cuda.Event] = None  # timing event: the last layer computed
 
-    # ---- consumer: export -----------------------------------------------------------------------------------
+    # ---- consumer: export ----------------------------------------------------------------------------------
     def local_info(self) -> dict:
         first = self.caches[0]
         storage = first.untyped_storage()
@@ -84,7 +84,7 @@ class CudaIpcDataPlane(DataPlane):
             "layer_offsets": [c.storage_offset() * elem for c in self.caches],
         }
 
-    # ---- producer: map --------------------------------------------------------------------------------------
+    # ---- producer: map -------------------------------------------------------------------------------------
     def check_peer(self, ours: Handshake, theirs: Handshake) -> str:
         """Producer side only: the consumer never touches the producer's GPU."""
         if ours.role == "kv_consumer":
@@ -110,7 +110,9 @@ class CudaIpcDataPlane(DataPlane):
         if producer:
             peer = self._map(theirs.data_plane)
             link.state["peer_cache"] = peer
-            link.state["copiers"] = [self._copier(src, dst) for src, dst in zip(self.caches, peer)]
+            link.state["copiers"] = [
+                self._copier(src, dst) for src, dst in zip(self.caches, peer, strict=False)
+            ]
 
     def _copier(self, src: torch.Tensor, dst: torch.Tensor):
         if self.copy == "triton":
@@ -140,11 +142,11 @@ class CudaIpcDataPlane(DataPlane):
         return layers
 
     def close_link(self, link) -> None:
-        """Any thread. The mapping is not dropped here: copies the forward thread launched into it may still be
-        queued, and unmapping under them would fault this process's context. begin_step retires it."""
+        """Any thread. The mapping is not dropped here: copies the forward thread launched into it may still
+        be queued, and unmapping under them would fault this process's context. begin_step retires it."""
         self._retired.append((link.state.pop("copiers", None), link.state.pop("peer_cache", None)))
 
-    # ---- producer: the forward thread -----------------------------------------------------------------------
+    # ---- producer: the forward thread ----------------------------------------------------------------------
     def begin_step(self) -> None:
         if self._copied is not None:
             torch.cuda.current_stream(self.device).wait_event(self._copied)
@@ -154,7 +156,8 @@ class CudaIpcDataPlane(DataPlane):
 
     def _retire_mappings(self) -> None:
         """Forward thread (the only one that launches copies): drop mappings once the copy stream has passed
-        every copy launched before their link closed, so a dead peer's memory is let go (its GPU needs it back)."""
+        every copy launched before their link closed, so a dead peer's memory is let go (its GPU needs it
+        back)."""
         if self._retired:
             retired, self._retired = self._retired, []
             passed = torch.cuda.Event()

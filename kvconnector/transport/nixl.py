@@ -1,4 +1,4 @@
-"""nixl data plane: one-sided RDMA-style WRITEs into the consumer's registered KV cache through NIXL (UCX inside).
+"""nixl data plane: one-sided WRITEs into the consumer's registered KV cache through NIXL (UCX inside).
 
 Fabric: whatever UCX picks for the pair: cuda_ipc/NVLink between GPUs of one host, RDMA (InfiniBand, RoCE)
 across hosts. This is the plane for nodes on different hosts; on one host cuda_ipc is the default because it
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from kvconnector.transport.base import DataPlane, DataPlaneConfig, Fence, PeerWrites, dtype_name
-from kvconnector.wire import Handshake
+from wire.frames import Handshake
 
 POLL_S = 20e-6  # between polls of in-flight WRITEs: short against a layer's transfer, long against a poll
 
@@ -92,7 +92,7 @@ class NixlDataPlane(DataPlane):
         self._sender = threading.Thread(target=self._send_loop, name="kv-nixl", daemon=True)
         self._sender.start()
 
-    # ---- consumer: export -----------------------------------------------------------------------------------
+    # ---- consumer: export ----------------------------------------------------------------------------------
     def local_info(self) -> dict:
         return {
             "host": os.uname().nodename,
@@ -105,7 +105,7 @@ class NixlDataPlane(DataPlane):
             "layer_addrs": [c.data_ptr() for c in self.caches],
         }
 
-    # ---- producer: connect ----------------------------------------------------------------------------------
+    # ---- producer: connect ---------------------------------------------------------------------------------
     def check_peer(self, ours: Handshake, theirs: Handshake) -> str:
         if ours.role == "kv_consumer" or theirs.role != "kv_consumer":
             return ""
@@ -129,7 +129,7 @@ class NixlDataPlane(DataPlane):
         if peer is not None:
             self._queue.put(("close", peer))  # after the WRITEs already queued for it
 
-    # ---- producer: the forward thread -----------------------------------------------------------------------
+    # ---- producer: the forward thread ----------------------------------------------------------------------
     def stage(self, writes: PeerWrites) -> None:
         peer = writes.link.state.get("nixl")
         src = np.fromiter((b for s in writes.src for b in s), dtype=np.int64, count=writes.num_blocks)
@@ -152,7 +152,7 @@ class NixlDataPlane(DataPlane):
     def close(self) -> None:
         self._queue.put(None)
 
-    # ---- the sender thread ----------------------------------------------------------------------------------
+    # ---- the sender thread ---------------------------------------------------------------------------------
     def _send_loop(self) -> None:
         inflight: list = []  # (peer, handle), in posting order
         fences: list[tuple] = []  # (fence, n, peer): the fence waits for the first n handles posted
@@ -206,7 +206,7 @@ class NixlDataPlane(DataPlane):
         return handle
 
     def _reap(self, inflight: list, posted: int) -> int:
-        """Drop ended handles from the front of inflight (a failed one marks its peer) -> handles ended so far."""
+        """Drop ended handles from the front of inflight (a failed one marks its peer) -> handles ended."""
         while inflight:
             peer, handle = inflight[0]
             state = self.agent.check_xfer_state(handle)
@@ -265,7 +265,7 @@ def block_runs(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray
 def run_descriptors(
     base: int, part_bytes: int, block_bytes: int, starts, lengths, device_id: int
 ) -> np.ndarray:
-    """Runs of one layer -> [2 * runs, 3] (address, bytes, device): every run's K blocks, then its V blocks."""
+    """Runs of one layer -> [2 * runs, 3] (address, bytes, device): each run's K blocks, then its V blocks."""
     offsets = np.asarray(starts, dtype=np.uint64) * np.uint64(block_bytes)
     sizes = np.asarray(lengths, dtype=np.uint64) * np.uint64(block_bytes)
     addrs = np.concatenate((offsets, offsets + np.uint64(part_bytes))) + np.uint64(base)

@@ -1,8 +1,8 @@
 """tcp data plane: each layer's blocks of each request travel as one signed frame on the control link (CPU).
 
-The producer gathers a request's blocks of the layer and sends them on the calling (forward) thread; the link is
-ordered, so by the time the consumer reads the request's `Done` its link thread has written every earlier frame
-into the cache, and a fence is complete as soon as it is taken. Any device works, through host memory.
+The producer gathers a request's blocks of the layer and sends them on the calling (forward) thread; the link
+is ordered, so by the time the consumer reads the request's `Done` its link thread has written every earlier
+frame into the cache, and a fence is complete as soon as it is taken. Any device works, through host memory.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from kernels.dispatch import gather_blocks
 from kvconnector.transport.base import DataPlane, Fence, PeerWrites, host_bytes, tensor_from_body, tensor_meta
-from kvconnector.wire import KVChunk
+from wire.frames import KVChunk
 
 _DONE = Fence()
 
@@ -27,7 +27,7 @@ class TcpDataPlane(DataPlane):
         link = writes.link
         if link.closed:
             return
-        for rid, src_ids, dst in zip(writes.request_ids, writes.staged, writes.dst):
+        for rid, src_ids, dst in zip(writes.request_ids, writes.staged, writes.dst, strict=False):
             if not dst:
                 continue
             blocks = gather_blocks(self.caches[layer], src_ids).unsqueeze(0)  # [1, 2, n, *block]

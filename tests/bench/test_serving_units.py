@@ -131,7 +131,7 @@ def test_a_sweep_climbs_until_every_slo_broke(monkeypatch):
 
 def test_rate_lists_and_bad_rates():
     from bench.serving_cli import parse_rates
-    from engine.errors import ConfigError
+    from wire.errors import ConfigError
 
     assert parse_rates("1,2, 4") == [1.0, 2.0, 4.0] and parse_rates("inf") == [math.inf]
     assert parse_rates("sweep") is None
@@ -145,7 +145,7 @@ def test_rate_lists_and_bad_rates():
 def test_token_ids_avoid_special_tokens_and_chat_text_keeps_the_length(tmp_path):
     from bench.serving_client import ClientConfig, prompt_text
     from bench.workloads import BenchRequest, load_tokenizer
-    from engine.make_tokenizer import write_tokenizer_files
+    from tools.make_tokenizer import write_tokenizer_files
 
     write_tokenizer_files(str(tmp_path), vocab_size=1024, family="llama", model_max_length=256)
     tok = load_tokenizer(str(tmp_path))
@@ -160,8 +160,8 @@ def test_token_ids_avoid_special_tokens_and_chat_text_keeps_the_length(tmp_path)
 
 
 def test_the_client_imports_no_torch():
-    """`pdserve bench` runs on any client machine, as the proxy does; bench/serving.py must not open a CUDA context
-    on a GPU its nodes use."""
+    """`pdserve bench` runs on any client machine, as the proxy does; bench/serving.py must not open a CUDA
+    context on a GPU its nodes use."""
     import subprocess
     import sys
 

@@ -1,6 +1,6 @@
 """`pdserve bench` against real servers: a `pdserve up` cluster on CPU (its counts must equal what the proxy's
-/metrics counted), the same cluster with --prefill 0 standing in for another OpenAI server, and a tiny HTTP server
-of this test that answers like a plain OpenAI server without pdserve's fields, or drops connections."""
+/metrics counted), the same cluster with --prefill 0 standing in for another OpenAI server, and a tiny HTTP
+server of this test that answers like a plain OpenAI server without pdserve's fields, or drops connections."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import threading
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.cli import main as pdserve
-from tests.e2e.conftest import UpCluster, free_port, needs_nodes, wait_for
+from launch.cli import main as pdserve
+from tests.harness.servers import UpCluster, free_port, needs_nodes, wait_for
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 TOP_KEYS = {"bench", "device", "date", "commit", "command", "records"}
@@ -179,8 +179,8 @@ def test_a_bad_jsonl_line_is_a_one_line_error(cluster, tmp_path, capsys):
 
 
 class PlainServer:
-    """A minimal OpenAI-style streaming server: chunks with text and a final usage (no cached tokens, no pdserve
-    timings). Requests whose number is in `drop` get their connection closed mid-stream."""
+    """A minimal OpenAI-style streaming server: chunks with text and a final usage (no cached tokens, no
+    pdserve timings). Requests whose number is in `drop` get their connection closed mid-stream."""
 
     def __init__(self, drop=frozenset()):
         self.drop, self.port, self.seen = drop, free_port(), 0

@@ -1,6 +1,6 @@
 """CI keeps bench/serving.py working: its routing section on CPU with the tiny model and toy sizes (two
-`pdserve up` clusters, cache_aware then round_robin) writes the JSON and Markdown reports, with the LRU oracle as
-the hit fraction's ceiling and round_robin's figures as cache_aware's baselines."""
+`pdserve up` clusters, cache_aware then round_robin) writes the JSON and Markdown reports, with the LRU oracle
+as the hit fraction's ceiling and round_robin's figures as cache_aware's baselines."""
 
 import glob
 import json
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.e2e.conftest import ROOT, needs_nodes
+from tests.harness.servers import ROOT, needs_nodes
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 

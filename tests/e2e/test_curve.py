@@ -1,7 +1,7 @@
 """`pdserve up --curve`: node RPC and events sockets under ZMQ CURVE with keys derived from the shared secret.
-End-to-end requests (colocated and disaggregated, streaming or not) give the same greedy tokens as without it; a
-sniffer on loopback finds the prompt's token ids in the node RPC/events traffic without CURVE and not with it;
-an events subscriber without the secret gets nothing."""
+End-to-end requests (colocated and disaggregated, streaming or not) give the same greedy tokens as without it;
+a sniffer on loopback finds the prompt's token ids in the node RPC/events traffic without CURVE and not with
+it; an events subscriber without the secret gets nothing."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import httpx
 import pytest
 import zmq
 
-from tests.e2e.conftest import UpCluster, needs_nodes
+from tests.harness.servers import UpCluster, needs_nodes
 
 pytestmark = [
     pytest.mark.slow,

@@ -1,7 +1,7 @@
-"""deploy/: the Grafana dashboard, the Prometheus config, the Kubernetes manifests and the launch scripts, checked
-against the real thing: metric names against the /metrics of a real prefill node, a real decode node and the real
-proxy app; every flag against the real `pdserve` argument parser. (Nothing here applies the manifests to a cluster
-or loads the dashboard into Grafana.)"""
+"""deploy/: the Grafana dashboard, the Prometheus config, the Kubernetes manifests and the launch scripts,
+checked against the real thing: metric names against the /metrics of a real prefill node, a real decode node
+and the real proxy app; every flag against the real `pdserve` argument parser. (Nothing here applies the
+manifests to a cluster or loads the dashboard into Grafana.)"""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import urllib.request
 
 import pytest
 
-from tests.e2e.conftest import ROOT, free_port, needs_nodes
-from tests.e2e.test_nodes_harness import start_node, wait_healthy
+from tests.harness.nodes import start_node, wait_healthy
+from tests.harness.servers import ROOT, free_port, needs_nodes
 
 yaml = pytest.importorskip("yaml")
 
@@ -55,8 +55,8 @@ REQUIRED_SERIES = {
 
 
 def series_names(text: str) -> set[str]:
-    """Every series name a Prometheus text exposition offers, including families with no sample yet (a labelled
-    counter nobody has incremented shows only its # TYPE line)."""
+    """Every series name a Prometheus text exposition offers, including families with no sample yet (a
+    labelled counter nobody has incremented shows only its # TYPE line)."""
     names: set[str] = set()
     for line in text.splitlines():
         m = re.match(r"# TYPE (\S+) (\w+)", line)
@@ -112,7 +112,7 @@ def flag(args: list[str], name: str) -> str:
 
 def parse_role_args(role: str, args: list[str]):
     """Parse with the real CLI: unknown flags, bad choices and missing required flags all fail."""
-    from engine.cli import build_parser
+    from launch.cli import build_parser
 
     parser = build_parser()
     try:
@@ -127,14 +127,14 @@ def parse_role_args(role: str, args: list[str]):
     return ns
 
 
-# ------------------------------------------------------------------------------------------------ exported names
+# --------------------------------------------------------------------------------------------- exported names
 
 
 @pytest.fixture
 def exported(tiny_model, proxy_factory) -> set[str]:
     """Series names the code really exports: /metrics of a real prefill node (kv_producer), a real decode node
-    (kv_consumer) and the real proxy app with a Redis URL (redis_up only exists then; nothing listens there, the
-    index falls back to its local view)."""
+    (kv_consumer) and the real proxy app with a Redis URL (redis_up only exists then; nothing listens there,
+    the index falls back to its local view)."""
     logs = tempfile.mkdtemp(prefix="deploy-cfg-")
     nodes = [
         start_node("prefill", tiny_model, logs, kv_role="kv_producer"),
@@ -231,7 +231,8 @@ def test_dashboard_metrics_are_exported(exported):
         dash = json.load(f)
     referenced: set[str] = set()
     for e in dashboard_exprs(dash):
-        # A selector `name{...}` or `name[...]` must be one of ours; then every pdserve_ name must be exported.
+        # A selector `name{...}` or `name[...]` must be one of ours; then every pdserve_ name must be
+        # exported.
         for name in re.findall(r"([a-zA-Z_:][\w:]*)\s*[{\[]", e):
             assert name.startswith("pdserve_"), f"{e}: {name} is not a pdserve series"
         names = set(re.findall(r"\bpdserve_\w+", e))
@@ -337,7 +338,8 @@ def test_k8s_manifests_parse_and_agree():
     assert kvt["decode"].kv_ip == "0.0.0.0" and kvt["decode"].kv_port in {
         p["containerPort"] for p in roles["decode"]["spec"]["template"]["spec"]["containers"][0]["ports"]
     }
-    # The headless Service gives every node pod the DNS name the proxy's --node flags use, and lists every replica.
+    # The headless Service gives every node pod the DNS name the proxy's --node flags use, and lists every
+    # replica.
     expected = set()
     for role in ("prefill", "decode"):
         d = roles[role]
@@ -357,11 +359,12 @@ def test_k8s_manifests_parse_and_agree():
     assert ("Secret", "pdserve-kv-secret") in kinds
 
 
-# ------------------------------------------------------------------------------------------------ launch scripts
+# --------------------------------------------------------------------------------------------- launch scripts
 
 
 def script_example(script: str) -> list[str]:
-    """The flags of the `deploy/X.sh --flag ...` example in the script's header ([optional] parts included)."""
+    """The flags of the `deploy/X.sh --flag ...` example in the script's header ([optional] parts
+    included)."""
     with open(os.path.join(DEPLOY, script)) as f:
         text = f.read()
     m = re.search(rf"^#\s+deploy/{re.escape(script)} (.+)$", text, re.M)

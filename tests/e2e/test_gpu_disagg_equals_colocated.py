@@ -1,6 +1,6 @@
-"""On GPUs, 1P1D (prefill on one node, KV written over cuda_ipc into the decode node's cache) gives the same greedy
-tokens as 0P2D (two colocated replicas) for the same prompts, over HTTP (httpx: the GPU machines have no openai
-package; the CPU end-to-end tests use the official client).
+"""On GPUs, 1P1D (prefill on one node, KV written over cuda_ipc into the decode node's cache) gives the same
+greedy tokens as 0P2D (two colocated replicas) for the same prompts, over HTTP (httpx: the GPU machines have
+no openai package; the CPU end-to-end tests use the official client).
 
 Prompts go one at a time so both clusters run the same shapes; a Qwen2.5-0.5B-shaped random model in bf16.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.conftest import UpCluster, needs_nodes
+from tests.harness.servers import UpCluster, needs_nodes
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow, needs_nodes, pytest.mark.timeout(900)]
 
@@ -18,7 +18,7 @@ PROMPTS = [[(7 * i + 13 * j) % 900 + 10 for j in range(n)] for i, n in enumerate
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from engine.make_model import make_model
+    from tools.make_model import make_model
 
     path = str(tmp_path_factory.mktemp("gpu-model") / "qwen-0.5b")
     make_model(path, family="qwen2", preset="qwen2.5-0.5b")

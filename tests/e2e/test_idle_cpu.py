@@ -1,8 +1,9 @@
 """An idle node sleeps: its threads block on their sockets and queues instead of spinning.
 
-Every node's RPC thread once busy-looped (its wake pipe was never drained, so poll() returned at once forever):
-an idle node burnt a whole core and, under load, fought the engine loop for the GIL. Measured from the outside
-over real `pdserve up` processes: CPU seconds (user + system, all threads) per wall second while no request runs.
+Every node's RPC thread once busy-looped (its wake pipe was never drained, so poll() returned at once
+forever): an idle node burnt a whole core and, under load, fought the engine loop for the GIL. Measured from
+the outside over real `pdserve up` processes: CPU seconds (user + system, all threads) per wall second while
+no request runs.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import UpCluster, needs_nodes
+from tests.harness.servers import UpCluster, needs_nodes
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 

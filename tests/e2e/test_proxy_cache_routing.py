@@ -1,5 +1,6 @@
-"""Cache-aware routing on a real 2 prefill + 2 decode cluster: a request whose prefix a node holds goes to that
-node (cached_tokens > 0, the Redis index holds the prefix's block hashes); with round_robin it does not."""
+"""Cache-aware routing on a real 2 prefill + 2 decode cluster: a request whose prefix a node holds goes to
+that node (cached_tokens > 0, the Redis index holds the prefix's block hashes); with round_robin it does
+not."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import httpx
 import pytest
 
 from proxy.dispatch import prompt_block_hashes
-from tests.e2e.conftest import RedisServer, free_port, needs_nodes, wait_for
+from tests.harness.servers import RedisServer, free_port, needs_nodes, wait_for
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 
@@ -34,7 +35,7 @@ def nodes_of(route: str) -> set[str]:
 
 @pytest.mark.parametrize("policy", ["cache_aware", "round_robin"])
 def test_known_prefix_goes_to_its_holder(policy, up_cluster, request, tiny_model):
-    from engine.tokenizer import load_tokenizer
+    from wire.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
     redis = None
@@ -45,14 +46,16 @@ def test_known_prefix_goes_to_its_holder(policy, up_cluster, request, tiny_model
         args += ["--redis-url", redis.url]
     cluster = up_cluster(2, 2, *args)
     outcomes = []
-    for k, family in enumerate(FAMILIES):
+    for _k, family in enumerate(FAMILIES):
         warm_route, warm_cached = complete(cluster.url, family + "First question?")
         assert warm_route.startswith("disaggregated") and warm_cached == 0
         hashes = prompt_block_hashes(tok.encode(family), 16)
         if redis is not None:
             client = redis.client()
             holders = wait_for(
-                lambda: {m.decode() for m in client.smembers(f"pdserve:block:{hashes[-1]}")},
+                lambda client=client, hashes=hashes: {
+                    m.decode() for m in client.smembers(f"pdserve:block:{hashes[-1]}")
+                },
                 10,
                 what="the prefix's hashes in Redis",
             )

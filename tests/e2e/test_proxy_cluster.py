@@ -1,7 +1,7 @@
-"""End to end through `pdserve up --prefill 1 --decode 1` (real processes, CPU) with the official openai client:
-greedy output equals transformers' greedy continuation (disaggregated: prefill node -> KV transfer -> decode
-node; and colocated), streaming and not, chat and completions; seeded n=2; stop strings; logprobs; usage and
-cached tokens; timings; 200 concurrent streams."""
+"""End to end through `pdserve up --prefill 1 --decode 1` (real processes, CPU) with the official openai
+client: greedy output equals transformers' greedy continuation (disaggregated: prefill node -> KV transfer ->
+decode node; and colocated), streaming and not, chat and completions; seeded n=2; stop strings; logprobs;
+usage and cached tokens; timings; 200 concurrent streams."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.e2e.conftest import UpCluster, needs_nodes
+from tests.harness.servers import UpCluster, needs_nodes
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 
@@ -30,7 +30,7 @@ def cluster(tmp_path_factory, tiny_model):
 
 @pytest.fixture(scope="module")
 def tok(tiny_model):
-    from engine.tokenizer import load_tokenizer
+    from wire.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_model)
 
@@ -146,7 +146,7 @@ def test_logprobs(client, model_name, tok, hf_reference):
     r = client.completions.create(model=model_name, prompt=LONG, max_tokens=N, logprobs=3, **GREEDY)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == N
-    for tok_lp, top in zip(lp.token_logprobs, lp.top_logprobs):
+    for tok_lp, top in zip(lp.token_logprobs, lp.top_logprobs, strict=False):
         assert tok_lp <= 0 and 3 <= len(top) <= 4
         assert tok_lp == pytest.approx(
             max(top.values()), abs=1e-4

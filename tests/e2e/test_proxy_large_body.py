@@ -1,6 +1,6 @@
 """A 10 MB body against a real `pdserve proxy` process: 413 (declared or streamed), /health answers within a
-second all the while, an allowed but oversized prompt is refused without being tokenized, and the proxy's memory
-returns near where it started."""
+second all the while, an allowed but oversized prompt is refused without being tokenized, and the proxy's
+memory returns near where it started."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import threading
 import httpx
 import pytest
 
-from tests.e2e.conftest import PY, ROOT, SECRET, FakeNode, free_port, wait_for
+from tests.harness.servers import PY, ROOT, SECRET, FakeNode, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 BIG = 10 << 20
@@ -36,7 +36,7 @@ def proxy_proc(tokenizer_dir, tmp_path, request):
         [
             PY,
             "-m",
-            "engine.cli",
+            "launch.cli",
             "proxy",
             "--model",
             tokenizer_dir,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.e2e.conftest import UpCluster, free_port, needs_nodes
+from tests.harness.servers import UpCluster, free_port, needs_nodes
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 

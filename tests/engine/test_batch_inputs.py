@@ -1,4 +1,5 @@
-"""Step inputs: the decode rows that CUDA graphs stage equal what the general path computes for the same chunks."""
+"""Step inputs: the decode rows that CUDA graphs stage equal what the general path computes for the same
+chunks."""
 
 import random
 

@@ -1,5 +1,6 @@
-"""CI keeps the engine benchmark's code working: `bench/engine.py --smoke` runs every section at toy sizes on CPU
-(tiny model, Triton kernels in the interpreter) and writes a result file in the format of docs/architecture.md."""
+"""CI keeps the engine benchmark's code working: `bench/engine.py --smoke` runs every section at toy sizes on
+CPU (tiny model, Triton kernels in the interpreter) and writes a result file in the format of
+docs/architecture.md."""
 
 import glob
 import json

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from engine.block_pool import BlockPool, NoFreeBlocksError
-from kvconnector.events import AllBlocksCleared, BlockRemoved, BlockStored
-from kvconnector.hashing import external_block_hash, hash_prompt_blocks
+from wire.hashing import external_block_hash, hash_prompt_blocks
+from wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
 BS = 4
 

@@ -1,5 +1,5 @@
-"""Checkpoint reading: ArchConfig from config.json, sharded and single-file weights, and one clear CheckpointError
-line for every way a folder can be wrong."""
+"""Checkpoint reading: ArchConfig from config.json, sharded and single-file weights, and one clear
+CheckpointError line for every way a folder can be wrong."""
 
 import json
 import os
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from engine.checkpoint import iter_tensors, load_arch_config
-from engine.errors import CheckpointError
-from engine.make_model import make_model
 from engine.models.loader import load_model
+from tools.make_model import make_model
+from wire.errors import CheckpointError
 
 
 @pytest.fixture
@@ -194,6 +194,6 @@ def test_unsupported_rope_type(llama_copy):
 
 
 def test_errors_are_pdserve_errors_for_the_cli():
-    from engine.errors import PdserveError
+    from wire.errors import PdserveError
 
     assert issubclass(CheckpointError, PdserveError)

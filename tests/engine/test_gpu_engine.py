@@ -1,26 +1,30 @@
-"""GPU checks of the engine against transformers on a real-shape random-weight checkpoint (Qwen2.5-0.5B shape, bf16).
+"""GPU checks of the engine against transformers on a real-shape random-weight checkpoint (Qwen2.5-0.5B shape,
+bf16).
 
 Run on a GPU with `pytest -s tests/engine/test_gpu_engine.py` (-s shows the figures each test prints); skipped
 without CUDA (tests/conftest.py). Meant to take a minute or two on an H100.
 
-The tolerance. Two correct bf16 implementations differ from the exact (fp32) result by rounding noise, and from
-each other by up to the sum of their two distances to it. So we measure transformers' own bf16 noise on the same
-prompts, noise = max |logits_hf_bf16 - logits_hf_fp32|, and allow TOL = 3 * noise between our logits and
-transformers' bf16 logits (the sum of two such distances, with 1.5x headroom), never less than 1/64 of the largest
-logit. Our distance to the fp32 result must stay within TOL too (we are not much less exact than transformers).
-On this checkpoint (logit std ~4, largest ~19) the noise is a few tenths of a unit: bf16 keeps 8 bits, the top
-logits alone are rounded on a 0.125 grid, and 24 random-weight layers add to it.
+The tolerance. Two correct bf16 implementations differ from the exact (fp32) result by rounding noise, and
+from each other by up to the sum of their two distances to it. So we measure transformers' own bf16 noise on
+the same prompts, noise = max |logits_hf_bf16 - logits_hf_fp32|, and allow TOL = 3 * noise between our logits
+and transformers' bf16 logits (the sum of two such distances, with 1.5x headroom), never less than 1/64 of the
+largest logit. Our distance to the fp32 result must stay within TOL too (we are not much less exact than
+transformers). On this checkpoint (logit std ~4, largest ~19) the noise is a few tenths of a unit: bf16 keeps
+8 bits, the top logits alone are rounded on a 0.125 grid, and 24 random-weight layers add to it.
 
 Greedy margins on a random-weight model are small (the gap between the top two of 152k roughly Gaussian logits
 averages ~0.8 units), comparable to that noise, so a token-by-token comparison over 32 free-running steps is
 bound to meet a near tie. Two checks therefore:
-  - teacher-forced, every step: transformers reads the prompt plus our 32 tokens; at each step our token must be
-    its top-1 or within TOL of it. A real bug (wrong KV, wrong position) picks tokens several units below the top.
-  - free-running, as asked: our greedy tokens against transformers' own greedy (DynamicCache); the sequences must
-    agree until the first step where they differ, and that step's transformers top-1 margin must be below TOL
-    (a near tie). Where they differ (or that they never do) is printed; on average they must agree for a while.
+  - teacher-forced, every step: transformers reads the prompt plus our 32 tokens; at each step our token must
+    be its top-1 or within TOL of it. A real bug (wrong KV, wrong position) picks tokens several units below
+    the top.
+  - free-running, as asked: our greedy tokens against transformers' own greedy (DynamicCache); the sequences
+    must agree until the first step where they differ, and that step's transformers top-1 margin must be below
+    TOL (a near tie). Where they differ (or that they never do) is printed; on average they must agree for a
+    while.
 
-Without pytest (a bare GPU machine), `python tests/engine/test_gpu_engine.py` runs the same tests and fixtures.
+Without pytest (a bare GPU machine), `python tests/engine/test_gpu_engine.py` runs the same tests and
+fixtures.
 """
 
 from __future__ import annotations
@@ -67,9 +71,9 @@ def _engine_args(**overrides) -> dict:
 
 @module_fixture
 def qwen_dir(tmp_path_factory):
-    """Written once per module; PDSERVE_TEST_QWEN_DIR may name one already written (bench/engine.py leaves one at
-    models/bench/qwen2.5-0.5b) to save the ~10 s."""
-    from engine.make_model import make_model
+    """Written once per module; PDSERVE_TEST_QWEN_DIR may name one already written (bench/engine.py leaves one
+    at models/bench/qwen2.5-0.5b) to save the ~10 s."""
+    from tools.make_model import make_model
 
     given = os.environ.get("PDSERVE_TEST_QWEN_DIR")
     if given and os.path.exists(os.path.join(given, "config.json")):
@@ -207,7 +211,7 @@ def test_greedy_tokens_match_transformers(llm, hf, prompts, tolerance):
     assert all(len(t) == STEPS for t in ours)
     # 1. Teacher-forced: every one of our tokens is transformers' top-1 or within TOL of it.
     with torch.inference_mode():
-        for p, toks in zip(prompts, ours):
+        for p, toks in zip(prompts, ours, strict=False):
             logits = hf["bf16"](input_ids=torch.tensor([p + toks[:-1]], device="cuda")).logits[0].float()
             steps = logits[len(p) - 1 : len(p) - 1 + STEPS]
             gaps = (
@@ -216,25 +220,29 @@ def test_greedy_tokens_match_transformers(llm, hf, prompts, tolerance):
             worst = int(gaps.argmax())
             print(
                 f"[teacher-forced] prompt {len(p):4d}: our token is transformers' top-1 at "
-                f"{int((gaps == 0).sum())}/{STEPS} steps; largest gap {float(gaps[worst]):.4f} at step {worst}"
+                f"{int((gaps == 0).sum())}/{STEPS} steps; largest gap {float(gaps[worst]):.4f} at step "
+                f"{worst}"
             )
             assert float(gaps.max()) <= tol, (
                 f"step {worst}: our token is {float(gaps[worst]):.3f} below top-1"
             )
     # 2. Free-running against transformers' own greedy.
     agreed = []
-    for p, toks in zip(prompts, ours):
+    for p, toks in zip(prompts, ours, strict=False):
         ref, margins = hf_greedy_with_margins(hf["bf16"], p)
         first = next((i for i in range(STEPS) if toks[i] != ref[i]), None)
         if first is None:
             print(
-                f"[free-running] prompt {len(p):4d}: all {STEPS} tokens equal (smallest margin {min(margins):.3f})"
+                f"[free-running] prompt {len(p):4d}: all {STEPS} tokens equal (smallest margin "
+                f"{min(margins):.3f})"
             )
             agreed.append(STEPS)
             continue
         print(
-            f"[free-running] prompt {len(p):4d}: equal for {first} steps, then differ at a transformers margin "
-            f"of {margins[first]:.4f} (TOL {tol:.4f}); margins up to there: {[round(m, 3) for m in margins[: first + 1]]}"
+            f"[free-running] prompt {len(p):4d}: equal for {first} steps, then differ at a transformers "
+            f"margin "
+            f"of {margins[first]:.4f} (TOL {tol:.4f}); margins up to there: "
+            f"{[round(m, 3) for m in margins[: first + 1]]}"
         )
         assert margins[first] < tol, (
             f"differs at step {first} although transformers' margin is {margins[first]:.3f}"
@@ -247,16 +255,17 @@ def test_greedy_tokens_match_transformers(llm, hf, prompts, tolerance):
 
 def _assert_same_tokens(label: str, a_outs, b_outs, prompts, tol: float) -> None:
     """Equal token sequences, or equal until a step where b's own top-1 margin is a near tie (< tol)."""
-    for p, a, b in zip(prompts, a_outs, b_outs):
+    for p, a, b in zip(prompts, a_outs, b_outs, strict=False):
         first = next((i for i in range(STEPS) if a.token_ids[i] != b.token_ids[i]), None)
         if first is None:
             continue
         margin = _margin(b.logprobs[first])
         print(
-            f"[{label}] prompt {len(p):4d}: tokens differ at step {first} (margin {margin:.4f}, TOL {tol:.4f})"
+            f"[{label}] prompt {len(p):4d}: tokens differ at step {first} (margin {margin:.4f}, TOL "
+            f"{tol:.4f})"
         )
         assert margin < tol, f"{label}: prompt {len(p)} differs at step {first} with margin {margin:.3f}"
-    same = sum(a.token_ids == b.token_ids for a, b in zip(a_outs, b_outs))
+    same = sum(a.token_ids == b.token_ids for a, b in zip(a_outs, b_outs, strict=False))
     print(f"[{label}] {same}/{len(prompts)} sequences identical over {STEPS} tokens")
 
 
@@ -265,7 +274,8 @@ def test_cuda_graph_decode_equals_eager(llm, qwen_dir, prompts, tolerance):
     from engine import LLM
     from engine.scheduler_output import ScheduledRequest
 
-    # 1. One decode step of the 6 prompts (bucket 8: two padding rows) replayed from the graph and run eagerly.
+    # 1. One decode step of the 6 prompts (bucket 8: two padding rows) replayed from the graph and run
+    # eagerly.
     runner = llm.core.runner
     prefill_logits, chunks = our_prefill_logits(runner, prompts)
     decodes = [
@@ -327,7 +337,8 @@ def test_chunked_batched_prefill_equals_unchunked(llm, qwen_dir, prompts, tolera
 
 
 def _run_without_pytest() -> int:
-    """Resolve the module fixtures by parameter name, run every test_* in file order, report like pytest -s."""
+    """Resolve the module fixtures by parameter name, run every test_* in file order, report like pytest
+    -s."""
     import inspect
     import pathlib
     import tempfile

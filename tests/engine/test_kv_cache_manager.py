@@ -1,4 +1,5 @@
-"""KVCacheManager: prefix hits never cover the last token, allocation is all-or-nothing, free returns everything."""
+"""KVCacheManager: prefix hits never cover the last token, allocation is all-or-nothing, free returns
+everything."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from engine.block_pool import BlockPool
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request
-from kvconnector.hashing import hash_prompt_blocks
+from wire.hashing import hash_prompt_blocks
 
 BS = 4
 

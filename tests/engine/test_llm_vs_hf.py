@@ -1,5 +1,5 @@
-"""The engine's oracle: greedy token ids equal Hugging Face transformers' greedy decoding of the same checkpoint,
-through batching, chunked prefill, prefix-cache hits and preemption."""
+"""The engine's oracle: greedy token ids equal Hugging Face transformers' greedy decoding of the same
+checkpoint, through batching, chunked prefill, prefix-cache hits and preemption."""
 
 import random
 

@@ -1,4 +1,5 @@
-"""The model runner's start-up and profiling paths, exercised on CPU so a GPU start cannot trip on them first."""
+"""The model runner's start-up and profiling paths, exercised on CPU so a GPU start cannot trip on them
+first."""
 
 import torch
 

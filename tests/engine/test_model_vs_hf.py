@@ -1,5 +1,6 @@
 """Our decoder, run through the paged KV cache, gives Hugging Face's logits (fp32) for the same checkpoint:
-a whole-prompt prefill, decode steps, a prefill split in two chunks, and a step mixing a decode with a prefill."""
+a whole-prompt prefill, decode steps, a prefill split in two chunks, and a step mixing a decode with a
+prefill."""
 
 import itertools
 
@@ -23,7 +24,7 @@ LLAMA3_ROPE = {
 
 @pytest.fixture(scope="module")
 def dirs(model_dirs, tmp_path_factory):
-    from engine.make_model import make_model
+    from tools.make_model import make_model
 
     path = tmp_path_factory.mktemp("rope") / "tiny-llama3-rope"
     make_model(

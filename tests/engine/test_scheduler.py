@@ -1,9 +1,9 @@
 """Scheduler driven by a fake model, pure Python.
 
 The fake model keeps a paged "KV cache" of token ids: each step writes the scheduled tokens into the slots of
-their block table, and a sampling request's next token is a function of the context READ BACK FROM THOSE SLOTS.
-So any wrong block table, wrong prefix hit or lost block after preemption changes the output, and every test
-compares outputs with a reference computed straight from the token sequence.
+their block table, and a sampling request's next token is a function of the context READ BACK FROM THOSE
+SLOTS. So any wrong block table, wrong prefix hit or lost block after preemption changes the output, and every
+test compares outputs with a reference computed straight from the token sequence.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 
 from engine.block_pool import BlockPool
 from engine.config import SchedulerConfig
-from engine.errors import PromptTooLongError
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.scheduler import RequestTooLargeError, Scheduler
-from kvconnector.events import AllBlocksCleared, BlockRemoved, BlockStored
+from wire.errors import PromptTooLongError
+from wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
 BS = 4
 VOCAB = 1000

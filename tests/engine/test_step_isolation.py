@@ -11,7 +11,7 @@ import pytest
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore
 from engine.engine_loop import EngineLoop, Sink
-from engine.sampling_params import SamplingParams
+from wire.sampling_params import SamplingParams
 
 
 @pytest.fixture

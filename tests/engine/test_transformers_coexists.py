@@ -1,6 +1,6 @@
 """Our top-level packages must not shadow what transformers probes for: it looks for a distribution called
-`kernels` (the Hugging Face kernel hub) and imports it when it thinks it is there. With pdserve installed (and the
-repository root on sys.path), transformers must still import, see no hub `kernels`, and generate."""
+`kernels` (the Hugging Face kernel hub) and imports it when it thinks it is there. With pdserve installed (and
+the repository root on sys.path), transformers must still import, see no hub `kernels`, and generate."""
 
 import os
 import re
@@ -24,7 +24,8 @@ def test_transformers_imports_and_generates_beside_our_packages(model_dirs):
     code = (
         "import torch, transformers\n"
         "from transformers.utils import import_utils\n"
-        "assert not import_utils.is_kernels_available(), 'transformers mistook our kernels package for the hub one'\n"
+        "assert not import_utils.is_kernels_available(), 'transformers mistook our kernels package for the "
+        "hub one'\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
         f"path = {model_dirs['llama']!r}\n"
         "tok = AutoTokenizer.from_pretrained(path)\n"

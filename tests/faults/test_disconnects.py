@@ -1,6 +1,7 @@
 """Clients that leave before their answer: 50 non-streaming disconnects (n = 1 and n = 8, colocated and
 disaggregated) end their node work (no choice runs on to max_tokens; used blocks back to zero on both nodes),
-and the race behind the issue (a cancellation landing in the iteration the node's message arrives) is not lost."""
+and the race behind the issue (a cancellation landing in the iteration the node's message arrives) is not
+lost."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import httpx
 import pytest
 
 from proxy.dispatch import ChoiceRun
-from tests.e2e.conftest import UpCluster, needs_nodes, running, wait_for
+from tests.harness.servers import UpCluster, needs_nodes, running, wait_for
 
 LONG = "A long prompt so that the request is disaggregated and its KV moves between the nodes. " * 3
 
@@ -80,7 +81,9 @@ def test_fifty_non_streaming_disconnects_end_their_node_work(cluster):
             outcomes.append("left")
     assert outcomes.count("left") >= 40 and 200 not in outcomes, outcomes
     for name in ("decode-0", "prefill-0"):
-        wait_for(lambda: used_blocks(cluster.node_metrics(name)) == 0, 10, what=f"{name} back to idle")
+        wait_for(
+            lambda name=name: used_blocks(cluster.node_metrics(name)) == 0, 10, what=f"{name} back to idle"
+        )
         metrics = cluster.node_metrics(name)
         # No choice ran on to max_tokens for a client that had left.
         assert (

@@ -1,9 +1,9 @@
 """KV transfer faults with real processes: a peer killed or frozen mid-transfer, malformed frames.
 
 The producer frees a request's blocks within --kv-timeout (plus slack) of losing its consumer and notifies
-completion exactly once. The consumer keeps no deadline of its own (its node gives up and `forget`s the request);
-what it must guarantee is that nothing lands in blocks it has forgotten. Block accounting holds on both sides
-(free + used + cached == total) and both keep serving.
+completion exactly once. The consumer keeps no deadline of its own (its node gives up and `forget`s the
+request); what it must guarantee is that nothing lands in blocks it has forgotten. Block accounting holds on
+both sides (free + used + cached == total) and both keep serving.
 """
 
 import os
@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from tests.kvconnector.bad_frames import bad_frame, stranger_hello
-from tests.kvconnector.node_proc import pair  # noqa: F401 (a fixture)
+from tests.harness.bad_frames import bad_frame, stranger_hello
 
 TIMEOUT = 2.0
 SLACK = 1.5
@@ -65,9 +64,9 @@ def transfer(prod, cons, rid, address, num_tokens, chunk_tokens, **kw):
 def assert_fresh_peer_transfers(
     other, fresh_role: str, cfg: dict, address=None, device: str = "cpu", seed: int = 3
 ):
-    """A new process as producer (writing into other's address) or consumer (written by other) moves a 200-token
-    request byte-exact: the survivor of a fault keeps serving."""
-    from tests.kvconnector.node_proc import NodeHandle
+    """A new process as producer (writing into other's address) or consumer (written by other) moves a
+    200-token request byte-exact: the survivor of a fault keeps serving."""
+    from tests.harness.kv_pair import NodeHandle
 
     fresh = NodeHandle()
     try:
@@ -106,8 +105,8 @@ def test_consumer_killed_mid_transfer(pair):
 
 
 def test_producer_killed_mid_transfer(pair):
-    """The node gives up on the request and forgets it: its blocks are free again and the consumer keeps serving
-    (a new producer transfers into the same blocks, byte-exact)."""
+    """The node gives up on the request and forgets it: its blocks are free again and the consumer keeps
+    serving (a new producer transfers into the same blocks, byte-exact)."""
     prod, cons = pair
     address = start_slow_transfer(prod, cons, "tcp")
     prod.kill()
@@ -149,9 +148,9 @@ def test_malformed_frames_are_dropped_and_node_keeps_serving(pair):
     cfg = dict(CFG, kv_connector="tcp", num_layers=2)
     address = cons.call("open", role="consumer", cfg=cfg, num_blocks=64, seed=1)
     prod.call("open", role="producer", cfg=cfg, num_blocks=64, seed=2)
-    # 1. strangers on fresh connections (a hello, which needs no secret, then a bad frame): each is refused and
-    # its connection closed. Only garbage and a wrong frame version are named as such: any frame not signed with
-    # the session's key fails its prefix MAC before its lengths or header are looked at.
+    # 1. strangers on fresh connections (a hello, which needs no secret, then a bad frame): each is refused
+    # and its connection closed. Only garbage and a wrong frame version are named as such: any frame not
+    # signed with the session's key fails its prefix MAC before its lengths or header are looked at.
     send_raw(address, bad_frame("garbage"))  # not even a hello
     for kind in ("version", "oversized", "truncated", "hmac", "schema"):
         send_raw(address, stranger_hello() + bad_frame(kind))

@@ -2,7 +2,8 @@
 
 The producer writes into a mapping of the consumer's cache. A consumer that dies mid-write must not crash the
 producer (stale mapping), which frees its blocks and serves a new consumer byte-exact; a producer that dies
-mid-write leaves a consumer whose node forgets the request, frees the blocks, and takes a new producer's writes.
+mid-write leaves a consumer whose node forgets the request, frees the blocks, and takes a new producer's
+writes.
 """
 
 import time
@@ -18,7 +19,6 @@ from tests.faults.test_kv_faults import (
     transfer,
     wait_for,
 )
-from tests.kvconnector.node_proc import pair  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow, pytest.mark.timeout(120)]
 

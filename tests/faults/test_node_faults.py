@@ -1,6 +1,6 @@
-"""Node faults with real processes: a prefill node frozen or killed before the first token, a decode node killed
-mid-request, malformed and unsigned frames on both nodes' sockets. Every case ends within --kv-timeout and leaves
-free + used + cached == total with nothing used."""
+"""Node faults with real processes: a prefill node frozen or killed before the first token, a decode node
+killed mid-request, malformed and unsigned frames on both nodes' sockets. Every case ends within --kv-timeout
+and leaves free + used + cached == total with nothing used."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.e2e.test_nodes_harness import assert_blocks_balanced, proxy, start_node, wait_for, wait_healthy  # noqa: F401 (proxy: a fixture)
+from tests.harness.nodes import assert_blocks_balanced, start_node, wait_for, wait_healthy
 
 pytestmark = pytest.mark.slow
 KV_TIMEOUT = 3.0
@@ -100,8 +100,8 @@ def test_decode_node_killed_mid_request_frees_the_prefill_nodes_blocks(pair, pro
 
 
 def _bad_frames(proxy) -> dict[str, bytes]:
-    from engine.sampling_params import SamplingParams
-    from node_runtime.protocol import Generate, make_codec
+    from wire.node_messages import Generate, make_codec
+    from wire.sampling_params import SamplingParams
 
     msg = Generate(
         request_id="evil", prompt_token_ids=[1, 2, 3], params=SamplingParams(max_tokens=2).to_dict()
@@ -125,7 +125,7 @@ def _bad_frames(proxy) -> dict[str, bytes]:
 def test_malformed_and_unsigned_frames_are_dropped_and_the_node_keeps_serving(pair, proxy, target):
     prefill, decode = pair
     node = decode if target == "decode" else prefill
-    for name, frame in _bad_frames(proxy).items():
+    for _name, frame in _bad_frames(proxy).items():
         proxy.send_raw(node, frame)
     proxy.socket(node.rpc).send_multipart([b"a", b"b", b"c"])  # stray parts
     proxy.pump(0.5)
@@ -142,8 +142,8 @@ def test_malformed_and_unsigned_frames_are_dropped_and_the_node_keeps_serving(pa
 
 
 def test_prefill_door_rejection_frees_the_decode_nodes_blocks_at_once(model_dir, logs, proxy):
-    """A prefill node that refuses at its door (queue full: 429) writes nothing, says so with prefill_done, and
-    the decode node frees the reserved blocks then, not after its quarantine (3 x --kv-timeout)."""
+    """A prefill node that refuses at its door (queue full: 429) writes nothing, says so with prefill_done,
+    and the decode node frees the reserved blocks then, not after its quarantine (3 x --kv-timeout)."""
     prefill = start_node("prefill", model_dir, logs, kv_timeout=KV_TIMEOUT, extra=["--max-num-waiting", "0"])
     decode = start_node("decode", model_dir, logs, kv_timeout=KV_TIMEOUT)
     try:

@@ -1,7 +1,7 @@
 """Poison requests (a stop id or prompt id past the 1,024-token vocabulary, the issue's
 `{"min_tokens": 1, "stop_token_ids": [5000]}`) among 8 concurrent requests, colocated and disaggregated:
-refused with a 4xx at the door (the proxy's, and a node's when the proxy is bypassed), never retried on another
-node, every other request completes, and no node logs a failed step."""
+refused with a 4xx at the door (the proxy's, and a node's when the proxy is bypassed), never retried on
+another node, every other request completes, and no node logs a failed step."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import threading
 import httpx
 import pytest
 
-from tests.e2e.conftest import UpCluster, needs_nodes, running
-from tests.e2e.test_nodes_disagg import nodes  # noqa: F401 (a fixture: a prefill and a decode node)
-from tests.e2e.test_nodes_harness import prompts, proxy, wait_for  # noqa: F401
+from tests.harness.nodes import prompts, wait_for
+from tests.harness.servers import UpCluster, needs_nodes, running
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 
@@ -21,7 +20,7 @@ POISONS = [{"min_tokens": 1, "stop_token_ids": [5000]}, {"stop_token_ids": [1024
 LONG = ("The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun. " * 3).strip()
 
 
-def test_node_door_refuses_poison_among_eight_requests(nodes, proxy):  # noqa: F811 (fixtures)
+def test_node_door_refuses_poison_among_eight_requests(nodes, proxy):
     prefill, decode = nodes
     good = []
     for i, p in enumerate(prompts(3, [40, 12, 40, 12, 40, 12, 40, 12])):

@@ -1,5 +1,5 @@
-"""Faults through real `pdserve up` clusters: a prefill node killed mid-request (re-routed, and new requests go
-to the live node), a decode node killed mid-stream (a clear error, no hang), a client that disconnects (its
+"""Faults through real `pdserve up` clusters: a prefill node killed mid-request (re-routed, and new requests
+go to the live node), a decode node killed mid-stream (a clear error, no hang), a client that disconnects (its
 blocks freed on both nodes, seen through the nodes' /metrics and /health), and Redis stopped (the proxy keeps
 serving from its in-process view and says so in its log and metrics)."""
 
@@ -13,16 +13,7 @@ import time
 import httpx
 import pytest
 
-# The cluster fixtures live in tests/e2e/conftest.py; importing them makes them visible here.
-from tests.e2e.conftest import (  # noqa: F401
-    RedisServer,
-    free_port,
-    hf_reference,
-    needs_nodes,
-    tiny_model,
-    up_cluster,
-    wait_for,
-)
+from tests.harness.servers import RedisServer, free_port, needs_nodes, wait_for
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 
@@ -42,7 +33,7 @@ def used_blocks(metrics: str) -> float:
 
 
 def test_prefill_node_killed_mid_request(up_cluster, tiny_model, hf_reference):
-    from engine.tokenizer import load_tokenizer
+    from wire.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
     cluster = up_cluster(2, 1, "--routing", "round_robin")
@@ -88,7 +79,7 @@ def test_decode_node_killed_mid_stream(up_cluster):
     got = 0
     started = None
     with pytest.raises(APIError) as err:
-        for chunk in stream:
+        for _chunk in stream:
             got += 1
             if got == 5:
                 cluster.kill9("decode-0")
@@ -117,7 +108,11 @@ def test_client_disconnect_frees_blocks_on_both_nodes(up_cluster):
                     assert used_blocks(cluster.node_metrics("decode-0")) > 0  # the request holds blocks now
                     break
     for name in ("decode-0", "prefill-0"):
-        wait_for(lambda: used_blocks(cluster.node_metrics(name)) == 0, 10, what=f"{name} freeing the blocks")
+        wait_for(
+            lambda name=name: used_blocks(cluster.node_metrics(name)) == 0,
+            10,
+            what=f"{name} freeing the blocks",
+        )
         h = cluster.node_health(name)
         assert h["num_used_blocks"] == 0 and h["num_running"] == 0 and h["num_waiting"] == 0
         assert h["num_free_blocks"] + h["num_used_blocks"] + h["num_cached_blocks"] == h["num_total_blocks"]
@@ -134,7 +129,7 @@ def test_redis_stopped_proxy_keeps_serving(up_cluster, request):
     assert "pdserve_proxy_redis_up 1.0" in httpx.get(cluster.url + "/metrics").text
     wait_for(lambda: redis.client().keys("pdserve:block:*"), 10, what="hashes in Redis")
     redis.stop()
-    for i in range(4):
+    for _i in range(4):
         r = complete(cluster.url, LONG + "before")  # a repeated prompt: still served, from the local view
         assert r.status_code == 200, r.text
     assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0

@@ -1,6 +1,6 @@
-"""A node's RPC socket against replay and oversized frames: a captured, signed Generate sent again (on the same
-connection, or under another identity) is refused, counted and logged, and never runs twice; a 4 MB message is
-cut off by ZMQ (MAXMSGSIZE) before the node reads it; the node keeps serving throughout."""
+"""A node's RPC socket against replay and oversized frames: a captured, signed Generate sent again (on the
+same connection, or under another identity) is refused, counted and logged, and never runs twice; a 4 MB
+message is cut off by ZMQ (MAXMSGSIZE) before the node reads it; the node keeps serving throughout."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import uuid
 import pytest
 import zmq
 
-from tests.e2e.test_nodes_harness import prompts, proxy, start_node, wait_for, wait_healthy  # noqa: F401
+from tests.harness.nodes import prompts, start_node, wait_for, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +28,9 @@ def dropped(node, reason: str) -> float:
     return node.metrics().get(f'pdserve_node_dropped_frames_total{{reason="{reason}"}}', 0.0)
 
 
-def test_a_replayed_generate_runs_once(decode, proxy):  # noqa: F811 (proxy: a fixture)
-    from engine.sampling_params import SamplingParams
-    from node_runtime.protocol import Generate
+def test_a_replayed_generate_runs_once(decode, proxy):
+    from wire.node_messages import Generate
+    from wire.sampling_params import SamplingParams
 
     sock = proxy.socket(decode.rpc)
     identity = proxy.identities[sock]

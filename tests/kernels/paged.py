@@ -1,5 +1,6 @@
-"""Builders for the attention tests: random dense K/V per sequence, scattered into a NaN-filled paged cache through
-random disjoint block tables, and an independently written dense causal attention to check the references by."""
+"""Builders for the attention tests: random dense K/V per sequence, scattered into a NaN-filled paged cache
+through random disjoint block tables, and an independently written dense causal attention to check the
+references by."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ PAD_BLOCK = 1 << 20  # block-table padding: far out of range, so a kernel that r
 
 
 def make_paged(seq_lens, num_kv_heads, head_dim, block_size, dtype, gen, device="cpu", spare_blocks=3):
-    """-> (dense_k, dense_v lists of [L, Hk, D], k_cache, v_cache [N, B, Hk, D], block_tables [S, max_blocks] int32).
-    Unused cache slots hold NaN: a kernel that lets them into its sums gives NaN."""
+    """-> (dense_k, dense_v lists of [L, Hk, D], k_cache, v_cache [N, B, Hk, D], block_tables [S, max_blocks]
+    int32). Unused cache slots hold NaN: a kernel that lets them into its sums gives NaN."""
     need = [math.ceil(L / block_size) for L in seq_lens]
     num_blocks = sum(need) + spare_blocks
     max_blocks = max(need) + 1

@@ -1,7 +1,8 @@
-"""Compile every Triton kernel for Hopper (sm_90) with the launch configuration its wrapper picks on a GPU, without
-a GPU: the interpreter runs kernels but never compiles them, and some mistakes (loop-carried type changes, dot shape
-limits, constexpr misuse) only show in the compiler. Run as a script with TRITON_INTERPRET unset; it calls each
-wrapper on CPU tensors of real shapes, catches the launch, and compiles it instead. Exits non-zero on any failure."""
+"""Compile every Triton kernel for Hopper (sm_90) with the launch configuration its wrapper picks on a GPU,
+without a GPU: the interpreter runs kernels but never compiles them, and some mistakes (loop-carried type
+changes, dot shape limits, constexpr misuse) only show in the compiler. Run as a script with TRITON_INTERPRET
+unset; it calls each wrapper on CPU tensors of real shapes, catches the launch, and compiles it instead. Exits
+non-zero on any failure."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ class _Compiler:
         def launch(*args, **kwargs):
             options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
             names = self.fn.arg_names
-            values = dict(zip(names, args), **kwargs)
+            values = dict(zip(names, args, strict=False), **kwargs)
             consts = {n: v for n, v in values.items() if n in self.fn.constexprs_names}
             signature = {n: "constexpr" if n in consts else _arg_type(values[n]) for n in names}
             src = ASTSource(self.fn, signature, constexprs={(names.index(n),): v for n, v in consts.items()})

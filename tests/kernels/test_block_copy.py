@@ -43,7 +43,8 @@ def test_refs_match_indexing():
 def test_triton_matches_ref(layout, dtype):
     cache = _cache(LAYOUTS[layout], dtype, seed=1)
     ids = torch.tensor([6, 2, 3, 0, 5])
-    # gather into a fresh buffer and into a slice of a larger one (a per-layer message inside a coalesced send)
+    # gather into a fresh buffer and into a slice of a larger one (a per-layer message inside a coalesced
+    # send)
     assert torch.equal(gather_blocks(cache, ids), gather_blocks_ref(cache, ids))
     big = torch.zeros((2, 9, *LAYOUTS[layout]), dtype=dtype)
     out = gather_blocks(cache, ids, out=big[:, 2:7])
@@ -60,7 +61,7 @@ def test_copy_ref_matches_indexing():
     src, dst = _cache((4, 3), torch.float32, N=7, seed=4), torch.zeros((2, 11, 4, 3))
     src_ids, dst_ids = torch.tensor([5, 0, 3]), torch.tensor([10, 2, 7])
     copy_blocks_ref(src, src_ids, dst, dst_ids)
-    for s_blk, d_blk in zip(src_ids.tolist(), dst_ids.tolist()):
+    for s_blk, d_blk in zip(src_ids.tolist(), dst_ids.tolist(), strict=False):
         assert torch.equal(dst[:, d_blk], src[:, s_blk])
     untouched = [b for b in range(11) if b not in dst_ids.tolist()]
     assert not dst[:, untouched].any()
@@ -122,9 +123,10 @@ def test_triton_matches_ref_gpu(blk, blocks):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_copier_every_launch_matches_ref(device):
-    """BlockCopier's first launch goes through Triton's JIT, later ones (on CUDA) straight to the compiled kernel:
-    n = 1 first (a kernel specialised on n == 1 would then copy one block only), then other n; on a side stream;
-    and ids at an odd offset (not 16-byte aligned), which must take the JIT path and still copy right."""
+    """BlockCopier's first launch goes through Triton's JIT, later ones (on CUDA) straight to the compiled
+    kernel: n = 1 first (a kernel specialised on n == 1 would then copy one block only), then other n; on a
+    side stream; and ids at an odd offset (not 16-byte aligned), which must take the JIT path and still copy
+    right."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     if device == "cpu" and not interpreting():

@@ -51,7 +51,8 @@ def test_triton_matches_ref(case, heads, dtype, splits, monkeypatch):
 
 @pytest.mark.parametrize("splits", [None, 3], ids=["planned", "s3"])
 def test_empty_context_gives_zeros(splits, monkeypatch):
-    """A padded batch slot (seq_len 0, as CUDA-graph buckets leave) yields zeros, not NaN, and disturbs no other."""
+    """A padded batch slot (seq_len 0, as CUDA-graph buckets leave) yields zeros, not NaN, and disturbs no
+    other."""
     if splits is not None:
         monkeypatch.setattr(decode_attention, "plan_splits", lambda *args: splits)
     q, _, _, kc, vc, tables, seq_lens = _inputs([5, 20, 33], 6, 3, 16, torch.float32, seed=4)

@@ -1,5 +1,5 @@
-"""kernels.dispatch picks the reference on CPU, Triton on CUDA or when PDSERVE_KERNELS=triton; `import kernels`
-stays light."""
+"""kernels.dispatch picks the reference on CPU, Triton on CUDA or when PDSERVE_KERNELS=triton; `import
+kernels` stays light."""
 
 import subprocess
 import sys

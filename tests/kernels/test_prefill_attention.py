@@ -17,7 +17,7 @@ CASES = {
 
 def _inputs(q_lens, prefixes, hq, hk, d, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
-    seq_lens = [p + n for p, n in zip(prefixes, q_lens)]
+    seq_lens = [p + n for p, n in zip(prefixes, q_lens, strict=False)]
     dense_k, dense_v, k_cache, v_cache, tables = make_paged(seq_lens, hk, d, B, dtype, gen)
     T = sum(q_lens)
     # q is a strided view, as a slice of a fused qkv projection would be.
@@ -65,7 +65,7 @@ def test_triton_matches_ref_gpu(heads, context, batch):
     prefixes = [0 if s % 2 == 0 else context - 300 - s - 5 for s in range(batch)]
     if sum(q_lens) > 16384:  # keep T realistic for one step's token budget
         q_lens = [max(1, n * 16384 // sum(q_lens)) for n in q_lens]
-    seq_lens = [p + n for p, n in zip(prefixes, q_lens)]
+    seq_lens = [p + n for p, n in zip(prefixes, q_lens, strict=False)]
     _, _, kc, vc, tables = make_paged(seq_lens, hk, d, 16, torch.bfloat16, gen, device="cuda")
     q = torch.randn((sum(q_lens), hq, d), generator=gen).to(torch.bfloat16).cuda()
     cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).cuda()

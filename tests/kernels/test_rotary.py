@@ -1,5 +1,6 @@
 """Rotary embedding (and the fused rotary + KV-cache write): reference against transformers' rotate_half
-formulation, Triton against the reference. q and k are strided views of one fused qkv tensor, as in the model."""
+formulation, Triton against the reference. q and k are strided views of one fused qkv tensor, as in the
+model."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""Skinny linear (decode-size rows against a big weight): Triton against F.linear, and when dispatch uses it."""
+"""Skinny linear (decode-size rows against a big weight): Triton against F.linear, and when dispatch uses
+it."""
 
 import pytest
 import torch

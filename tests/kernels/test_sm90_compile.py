@@ -1,5 +1,5 @@
-"""Every kernel compiles for Hopper at the block sizes its wrapper picks on a GPU (see sm90_compile.py); on CPU this
-is the only check of the compiled path, since the interpreter never compiles."""
+"""Every kernel compiles for Hopper at the block sizes its wrapper picks on a GPU (see sm90_compile.py); on
+CPU this is the only check of the compiled path, since the interpreter never compiles."""
 
 import os
 import subprocess

@@ -1,4 +1,5 @@
-"""bench/kv_transfer.py's --smoke mode (CPU, tcp, tiny shape) runs and writes the result format of docs/architecture.md."""
+"""bench/kv_transfer.py's --smoke mode (CPU, tcp, tiny shape) runs and writes the result format of
+docs/architecture.md."""
 
 import json
 import os

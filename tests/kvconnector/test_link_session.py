@@ -1,6 +1,6 @@
-"""The KV link's authenticated session: replayed or reordered frames (a captured handshake on a new connection, a
-captured chunk on the same link) are refused and the link closed; a peer declaring a 4 GiB body gets nothing
-allocated; ZMQ senders' sequence numbers must rise per sender within a window."""
+"""The KV link's authenticated session: replayed or reordered frames (a captured handshake on a new
+connection, a captured chunk on the same link) are refused and the link closed; a peer declaring a 4 GiB body
+gets nothing allocated; ZMQ senders' sequence numbers must rise per sender within a window."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import time
 import pytest
 
 from kvconnector.link import Listener, connect
-from kvconnector.replay import ReplayGuard
-from kvconnector.wire import (
+from tests.harness.bad_frames import stranger_hello
+from wire.frames import (
     FRAME_VERSION,
     MAGIC,
     PREFIX,
@@ -26,7 +26,7 @@ from kvconnector.wire import (
     SignedCodec,
     TensorMeta,
 )
-from tests.kvconnector.bad_frames import stranger_hello
+from wire.replay import ReplayGuard
 
 SECRET = b"session-secret"
 
@@ -120,14 +120,15 @@ def test_replayed_handshake_and_chunk_are_refused(listener):
     link.send(chunk, bytes(16))
     assert wait(lambda: len(listener.got) == 2)
     captured = bytes(tap.sent)
-    # 1. the whole capture (hello, handshake, chunk) replayed on a new connection: the listener's new nonce makes
-    # a new session, so the captured frames' MACs fail and nothing is delivered.
+    # 1. the whole capture (hello, handshake, chunk) replayed on a new connection: the listener's new nonce
+    # makes a new session, so the captured frames' MACs fail and nothing is delivered.
     with socket.create_connection(listener.address) as s:
         s.sendall(captured)
         s.settimeout(5)
         assert _until_closed(s)
     assert len(listener.got) == 2 and wait(lambda: listener.drops == ["hmac"])
-    # 2. the captured chunk frame (the capture's tail) replayed on the live link: its sequence number is spent.
+    # 2. the captured chunk frame (the capture's tail) replayed on the live link: its sequence number is
+    # spent.
     chunk_frame = captured[captured.index(MAGIC, captured.index(MAGIC) + 1) :]  # the second frame on the wire
     tap.upstream.sendall(chunk_frame)
     assert wait(lambda: link.closed)

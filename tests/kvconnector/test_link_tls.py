@@ -1,16 +1,16 @@
-"""Encrypted KV control links ($PDSERVE_CURVE=1): frames still arrive and authenticate, and a tap between the two
-sides sees none of their contents (a request id and a chunk's bytes travel in clear with it off, not with it on).
-A peer without the secret still gets no session: TLS gives confidentiality, the channel-bound session keys
-authenticate."""
+"""Encrypted KV control links ($PDSERVE_CURVE=1): frames still arrive and authenticate, and a tap between the
+two sides sees none of their contents (a request id and a chunk's bytes travel in clear with it off, not with
+it on). A peer without the secret still gets no session: TLS gives confidentiality, the channel-bound session
+keys authenticate."""
 
 from __future__ import annotations
 
 import pytest
 
-from kvconnector import curve
 from kvconnector.link import Listener, connect
-from kvconnector.wire import Abort, KVChunk, SignedCodec, TensorMeta
 from tests.kvconnector.test_link_session import SECRET, Tap, wait
+from wire import curve
+from wire.frames import Abort, KVChunk, SignedCodec, TensorMeta
 
 MARK = "request-7f3a-visible-only-in-clear"
 BODY = bytes(range(256)) * 4  # a chunk's "KV bytes": 1 KiB with a recognisable pattern

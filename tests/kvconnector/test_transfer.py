@@ -1,13 +1,11 @@
 """Two real processes move random paged KV; the consumer's blocks equal the producer's byte for byte.
 
-One producer and one consumer process per transport run every dtype x layout (a fresh connector pair each), with
-chunked prefill (several steps per prompt), a partial last block, prefix hits on the consumer, and several
-requests. Block accounting holds after each.
+One producer and one consumer process per transport run every dtype x layout (a fresh connector pair each),
+with chunked prefill (several steps per prompt), a partial last block, prefix hits on the consumer, and
+several requests. Block accounting holds after each.
 """
 
 import pytest
-
-from tests.kvconnector.node_proc import pair  # noqa: F401 (a fixture)
 
 LAYOUTS = [
     dict(block_size=16, num_layers=3, num_kv_heads=2, head_dim=16),
@@ -57,8 +55,8 @@ def run_case(prod, cons, transport, dtype, layout, seed, devices=("cpu", "cpu"))
         pm["pdserve_kv_exposed_transfer_seconds_count"] == len(cases) and pm["pdserve_kv_achieved_gbps"] > 0
     )
     assert pm["pdserve_kv_inflight_transfers"] == cm["pdserve_kv_inflight_transfers"] == 0
-    # the consumer's blocks now belong to its node (decode would run on them); the producer's node freed its own
-    # on on_free (a real prefill node would keep them in its prefix cache)
+    # the consumer's blocks now belong to its node (decode would run on them); the producer's node freed its
+    # own on on_free (a real prefill node would keep them in its prefix cache)
     check_accounting(cstate, busy=sum(-(-n // bs) - c for _, n, _, c in cases))
     check_accounting(pstate, busy=0)
 

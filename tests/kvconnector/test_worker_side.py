@@ -58,7 +58,9 @@ def test_one_write_per_peer_and_layer_whatever_the_number_of_requests_and_blocks
         w.save_layer(layer)
     writes = [c for c in plane.calls if c[0] == "write"]
     # two peers x three layers; each call carries every request of its peer (d has no blocks to move)
-    assert writes == [("write", l, rids, n) for l in range(3) for rids, n in ((("a", "b"), 3), (("c",), 1))]
+    assert writes == [
+        ("write", layer, rids, n) for layer in range(3) for rids, n in ((("a", "b"), 3), (("c",), 1))
+    ]
     w.end_step()
     assert len(plane.fences) == 3  # a, c, d finish their transfer in this step
     for f in plane.fences:

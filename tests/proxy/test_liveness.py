@@ -1,0 +1,117 @@
+"""Node liveness as the proxy judges it: a proxy whose own event loop stalled does not declare healthy nodes
+dead (their heartbeats were waiting unread), and a node declared dead mid-request is told to abort it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+
+from proxy.nodes import NodeRegistry
+from tests.harness.servers import Script, wait_for
+from wire.node_messages import Abort, Generate
+
+
+def test_registry_counts_silence_only_while_listening():
+    reg = NodeRegistry(misses=3, interval_s=0.5)
+    reg.heartbeat("tcp://x:3", _hb(), now=100.0)
+    reg.proxy_stalled(now=104.0)  # stalled from ~100 to 104: nothing heard, nothing judged
+    assert reg.reap(now=105.0) == []
+    assert [n.node_id for n in reg.reap(now=105.6)] == ["n"]
+
+
+def test_a_reaper_tick_after_a_stall_judges_nobody():
+    """The stall and the reaper's tick in one loop iteration (the issue: a long handler ran first, then the
+    reaper, before any reader could take the heartbeats waiting in its socket): nobody is declared dead
+    then."""
+    import zmq.asyncio
+
+    from proxy.indexer import Indexer
+    from proxy.prefix_index import InProcessPrefixIndex
+
+    async def main() -> bool:
+        reg = NodeRegistry(misses=3, interval_s=0.1)
+        reg.heartbeat("tcp://x:3", _hb(), now=time.monotonic())
+        ctx = zmq.asyncio.Context()
+        indexer = Indexer(ctx, [], reg, InProcessPrefixIndex())
+        indexer.start()
+        try:
+            await asyncio.sleep(0.01)
+            time.sleep(reg.timeout_s * 3)  # the loop is blocked; the reaper's tick comes due meanwhile
+            await asyncio.sleep(reg.timeout_s / 6 + 0.02)  # the late tick has run
+            return reg.nodes["n"].alive
+        finally:
+            await indexer.stop()
+            ctx.term()
+
+    assert asyncio.run(main())
+
+
+def _hb():
+    from wire.node_messages import NodeHeartbeat
+
+    return NodeHeartbeat(
+        node_id="n",
+        role="decode",
+        rpc="tcp://x:1",
+        http="http://x:2",
+        num_waiting=0,
+        num_running=0,
+        free_blocks=1,
+        total_blocks=1,
+        block_size=16,
+        ts=0.0,
+    )
+
+
+def test_node_declared_dead_mid_request_is_told_to_abort(fake_nodes, proxy_factory):
+    d0 = fake_nodes("d0", "both")
+    d0.script = Script(delay_s=0.05)
+    server = proxy_factory([d0], request_timeout_s=30)
+    server.wait_nodes(1)
+    result = {}
+    t = threading.Thread(
+        target=lambda: result.setdefault(
+            "r",
+            httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 200}, timeout=20),
+        )
+    )
+    t.start()
+    wait_for(lambda: d0.messages(Generate), 5, what="the request reaching the node")
+    time.sleep(0.2)
+    d0.beating = False
+    d0.active.clear()  # silent, but alive enough to receive
+    t.join(15)
+    assert result["r"].status_code == 503
+    rid = d0.messages(Generate)[0].request_id
+    aborts = wait_for(lambda: [a for a in d0.messages(Abort) if a.request_id == rid], 5, what="abort")
+    assert "declared dead" in aborts[0].reason
+
+
+def test_a_stream_survives_a_stalled_proxy(fake_nodes, proxy_factory):
+    """The loop stalled mid-stream: the stream still completes (no 503), since the node was never declared
+    dead."""
+    d0 = fake_nodes("d0", "both")
+    d0.script = Script(delay_s=0.02)
+    server = proxy_factory([d0])
+    server.wait_nodes(1)
+    timeout = server.state.registry.timeout_s
+    out = {}
+    t = threading.Thread(
+        target=lambda: out.setdefault(
+            "r",
+            httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 100}, timeout=30),
+        )
+    )
+    t.start()
+    wait_for(lambda: d0.messages(Generate), 5, what="the request reaching the node")
+
+    async def stall():
+        time.sleep(timeout * 2)
+
+    server.call(stall, timeout=timeout * 4)
+    t.join(20)
+    assert out["r"].status_code == 200 and out["r"].json()["choices"][0]["finish_reason"] == "length"
+    assert server.state.registry.nodes["d0"].alive
