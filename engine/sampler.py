@@ -1,6 +1,7 @@
 """Sampler: one pass over a batch of logits rows, each with its own SamplingParams.
 
-Steps, per row: block tokens (min_tokens), then greedy rows take the argmax; the others divide by temperature, keep the
+Steps, per row: block tokens (min_tokens), the caller's logits processors (penalties, logit_bias, bad words,
+allowed tokens, grammars: engine/logits_processors.py), then greedy rows take the argmax; the others divide by temperature, keep the
 top_k, then the top_p nucleus, then tokens with p >= min_p * p_max, and draw from what is left.
 
 Decisions:
@@ -18,7 +19,7 @@ Decisions:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -67,11 +68,13 @@ class Sampler:
         generators: Sequence[torch.Generator | None] | None = None,
         num_logprobs: int | None = None,
         blocked_token_ids: Sequence[Sequence[int] | None] | None = None,
+        adjust: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> SamplerOutput:
         """logits [n, V]; params, generators, blocked_token_ids: one per row.
 
         num_logprobs: top-k width to return; None derives it from the rows' `logprobs` (no logprobs if no row asked).
         blocked_token_ids: per row, ids that must not be sampled this step (EOS and stop ids under min_tokens).
+        adjust: the batch's logits processors (engine/logits_processors.py), run after the raw logprobs.
         """
         n = logits.shape[0]
         if len(params) != n:
@@ -91,6 +94,8 @@ class Sampler:
             rows = [i for i, ids in enumerate(blocked_token_ids) for _ in (ids or ())]
             cols = [t for ids in blocked_token_ids for t in (ids or ())]
             logits[rows, cols] = float("-inf")
+        if adjust is not None:
+            logits = adjust(logits)
 
         # 3. greedy rows take the argmax; the rest sample.
         token_ids = logits.argmax(dim=-1)
