@@ -2,14 +2,14 @@
 penalties (presence, frequency, repetition) and structured output (a grammar's token mask).
 
 Order, as vLLM's sampler: the grammar mask, allowed_token_ids, bad words, logit_bias, then penalties. The
-sampler calls `apply` after it took the raw logprobs (which describe the model, as vLLM returns them by default)
-and before temperature and the top-k / top-p filters; `record` then counts the sampled tokens.
+sampler calls `apply` after it took the raw logprobs (which describe the model, as vLLM returns them by
+default) and before temperature and the top-k / top-p filters; `record` then counts the sampled tokens.
 
 Decisions:
 - State lives on the logits' device. Penalties keep each request's output-token counts [V] (int32) and its
   prompt-token mask [V] in rows of two slot tensors; the sampled tokens are counted with one scatter on the
   device (`record`), never through the host. A request's counts start from its output tokens when it first
-  samples here, so a decode node counts the prefill node's first token, and a preempted request keeps its counts.
+  samples here, so a decode node counts the prefill node's first token; a preempted request keeps its counts.
 - The batch's index and value tensors (rows, slots, penalties, bias entries, allowed masks, single-token bad
   words) are built when the batch changes (another set or order of requests) and reused while it does not.
   What must be read each step is host work by nature: multi-token bad words (a prefix match on the output) and
@@ -18,8 +18,8 @@ Decisions:
   as plain tensor ops on the device (no host sync except the grammar's mask upload, non-blocking from pinned
   memory), so graphs stay valid whatever the requests ask.
 - A grammar's matcher advances with each token this node appends (`record`, or `sync` for tokens sampled
-  elsewhere: the prefill node's first token). When its grammar has ended, `record` reports the request, and the
-  engine finishes it ("stop") even under ignore_eos.
+  elsewhere: the prefill node's first token). When its grammar has ended, `record` reports the request, and
+  the engine finishes it ("stop") even under ignore_eos.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class LogitsProcessors:
         self._ll_tokenizer = None
         self._bitmask: torch.Tensor | None = None  # pinned host [n, ceil(V/32)] int32
 
-    # ---- request lifecycle -------------------------------------------------------------------------------------
+    # ---- request lifecycle ---------------------------------------------------------------------------------
     @staticmethod
     def needed(params) -> bool:
         return bool(
@@ -145,7 +145,7 @@ class LogitsProcessors:
             raise ValueError(f"structured output: {matcher.get_error()}")
         return matcher
 
-    # ---- one step ----------------------------------------------------------------------------------------------
+    # ---- one step ------------------------------------------------------------------------------------------
     def sync(self, requests: Sequence) -> None:
         """Catch each request's state up with output tokens appended elsewhere (a first token sampled on the
         prefill node, or before this node saw the request). A cheap length check per request."""
@@ -166,7 +166,7 @@ class LogitsProcessors:
         state.num_counted += len(tokens)
 
     def apply(self, logits: torch.Tensor, requests: Sequence) -> torch.Tensor:
-        """logits [n, V] float32, one row per request -> the adjusted logits (a new tensor when any applies)."""
+        """logits [n, V] float32, one row per request -> the adjusted logits (a new tensor if any applies)."""
         plan = self._plan(requests)
         if plan is None:
             return logits
@@ -216,7 +216,7 @@ class LogitsProcessors:
                 if len(out) >= len(prefix) and list(out[len(out) - len(prefix) :]) == prefix:
                     bans.append((r, last))
         if bans:
-            r_idx, c_idx = zip(*bans)
+            r_idx, c_idx = zip(*bans, strict=True)
             logits[list(r_idx), list(c_idx)] = float("-inf")
 
     def _host_bitmask(self, n: int) -> torch.Tensor:
@@ -249,7 +249,7 @@ class LogitsProcessors:
                     ended.append(request.request_id)
         return ended
 
-    # ---- the batch's tensors -----------------------------------------------------------------------------------
+    # ---- the batch's tensors -------------------------------------------------------------------------------
     def _plan(self, requests: Sequence) -> _BatchPlan | None:
         key = tuple(r.request_id for r in requests)
         if self.plan is not None and self.plan.key == key:
@@ -283,25 +283,27 @@ class LogitsProcessors:
             if state.matcher is not None or state.bad_prefixes:
                 plan.host_rows.append(row)
         if pen:
-            rows, slots, ps = zip(*pen)
+            rows, slots, ps = zip(*pen, strict=True)
             plan.pen_rows = torch.tensor(rows, device=dev)
             plan.pen_slots = torch.tensor(slots, device=dev)
             plan.presence = torch.tensor([[p.presence_penalty] for p in ps], device=dev)
             plan.frequency = torch.tensor([[p.frequency_penalty] for p in ps], device=dev)
             plan.repetition = torch.tensor([[p.repetition_penalty] for p in ps], device=dev)
         if bias:
-            rows, cols, vals = zip(*bias)
+            rows, cols, vals = zip(*bias, strict=True)
             plan.bias_rows = torch.tensor(rows, device=dev)
             plan.bias_cols = torch.tensor(cols, device=dev)
             plan.bias_vals = torch.tensor(vals, device=dev, dtype=torch.float32)
         if allow:
             mask = torch.zeros((len(allow), self.vocab_size), dtype=torch.bool, device=dev)
             for i, (_, ids) in enumerate(allow):
-                mask[i, torch.tensor([t for t in ids if t < self.vocab_size], dtype=torch.long, device=dev)] = True
+                mask[
+                    i, torch.tensor([t for t in ids if t < self.vocab_size], dtype=torch.long, device=dev)
+                ] = True
             plan.allow_rows = torch.tensor([row for row, _ in allow], device=dev)
             plan.allow_mask = mask
         if bans:
-            rows, cols = zip(*bans)
+            rows, cols = zip(*bans, strict=True)
             plan.ban_rows = torch.tensor(rows, device=dev)
             plan.ban_cols = torch.tensor(cols, device=dev)
         return plan

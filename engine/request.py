@@ -135,6 +135,6 @@ class Request:
             hashes.append(hash_block(parent, tokens[start : start + size], extra))
 
     def _first_block_keys(self) -> tuple:
-        """The first block also carries the request's cache_salt: the chain makes every later hash differ too."""
+        """The first block also carries the request's cache_salt (the chain makes every later hash differ)."""
         salt = getattr(self.sampling_params, "cache_salt", None)
         return self.extra_keys + (salt,) if salt else self.extra_keys

@@ -16,9 +16,10 @@ Decisions:
   discourages) covers prompt and output tokens (transformers' RepetitionPenaltyLogitsProcessor).
 - `logit_bias` maps token id -> bias in [-100, 100] (OpenAI's range), added to the logits before penalties.
 - `bad_words` are strings; whoever holds the tokenizer (the proxy, the offline LLM) turns them into
-  `bad_words_token_ids` (each word with and without a leading space, as vLLM does); the engine reads only the ids.
-- `cache_salt` is not a sampling setting but travels here, with the request's other per-request options: it enters
-  the first block's hash, so requests with different salts never share prefix-cache blocks.
+  `bad_words_token_ids` (each word with and without a leading space, as vLLM does); the engine reads only
+  the ids.
+- `cache_salt` is not a sampling setting but travels here, with the request's other per-request options: it
+  enters the first block's hash, so requests with different salts never share prefix-cache blocks.
 - `structured` constrains the output to a grammar: one of {"json": schema}, {"json_object": true},
   {"regex": str}, {"choice": [str, ...]}, {"grammar": lark}; the node that samples masks the logits with it.
 - Wire version 2 added the fields above; version 1 (a subset) is still read.
@@ -179,9 +180,7 @@ class SamplingParams:
 
     @property
     def uses_penalties(self) -> bool:
-        return (
-            self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
-        )
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
     def greedy(self) -> bool:

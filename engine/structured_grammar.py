@@ -1,4 +1,4 @@
-"""Structured-output specs -> llguidance grammars (torch-free: the proxy validates with it, the nodes compile).
+"""Structured-output specs -> llguidance grammars (torch-free: the proxy validates, the nodes compile).
 
 Library: llguidance (Microsoft's grammar engine, one of vLLM's structured-output backends). It is a pure wheel
 with no torch dependency, so the proxy can refuse a bad schema with a 400 before anything is routed, and the

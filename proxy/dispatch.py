@@ -43,10 +43,8 @@ _DEADLINE = object()  # queued by a run's deadline timer
 
 
 def prompt_block_hashes(token_ids: list[int], block_size: int, cache_salt: str | None = None) -> list[int]:
-    """The index keys of a prompt's full blocks (the same chain the engine's prefix cache hashes, salted alike)."""
-    return [
-        external_block_hash(h) for h in hash_prompt_blocks(token_ids, block_size, cache_salt=cache_salt)
-    ]
+    """The index keys of a prompt's full blocks (the chain the engine's prefix cache hashes, salted alike)."""
+    return [external_block_hash(h) for h in hash_prompt_blocks(token_ids, block_size, cache_salt=cache_salt)]
 
 
 class Dispatcher:

@@ -45,12 +45,16 @@ def reference_processors(prompt_len: int, eos: list[int], **fields) -> list:
     if fields.get("bad_words_token_ids"):
         procs.append(NoBadWordsLogitsProcessor(fields["bad_words_token_ids"], eos_token_id=eos))
     if fields.get("logit_bias"):
-        procs.append(SequenceBiasLogitsProcessor({(int(k),): float(v) for k, v in fields["logit_bias"].items()}))
+        procs.append(
+            SequenceBiasLogitsProcessor({(int(k),): float(v) for k, v in fields["logit_bias"].items()})
+        )
     if fields.get("repetition_penalty", 1.0) != 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(fields["repetition_penalty"]))
     if fields.get("presence_penalty") or fields.get("frequency_penalty"):
         procs.append(
-            PresenceFrequency(prompt_len, fields.get("presence_penalty", 0.0), fields.get("frequency_penalty", 0.0))
+            PresenceFrequency(
+                prompt_len, fields.get("presence_penalty", 0.0), fields.get("frequency_penalty", 0.0)
+            )
         )
     return procs
 

@@ -1,5 +1,6 @@
-"""cache_salt enters the first block's hash: the engine's prefix cache and the proxy's index (hash_prompt_blocks)
-agree on it, and requests with different salts share no cached tokens while one salt shares its prefix."""
+"""cache_salt enters the first block's hash: the engine's prefix cache and the proxy's index
+(hash_prompt_blocks) agree on it, and requests with different salts share no cached tokens while one salt
+shares its prefix."""
 
 from engine import LLM, SamplingParams
 from engine.request import Request

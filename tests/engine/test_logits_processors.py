@@ -1,6 +1,7 @@
 """Penalties, logit_bias, bad words, allowed_token_ids and grammars in the engine: greedy output equals
 transformers' greedy decoding under the same logits processors, for requests batched together with different
-settings (and one without any), through chunked prefill; a JSON-schema request's output parses and validates."""
+settings (and one without any), through chunked prefill; a JSON-schema request's output parses and
+validates."""
 
 import json
 
@@ -18,7 +19,7 @@ PROMPTS = [
 ]
 
 
-# Every value bounded, so a random model's output finishes well inside max_tokens (the mask does all the work).
+# Every value bounded, so a random model's output ends well inside max_tokens (the mask does all the work).
 SMALL_SCHEMA = {
     "type": "object",
     "properties": {
@@ -59,7 +60,7 @@ def test_processors_batched_match_transformers(llama):
     cases = _cases(base)
     params = [plain.clone(**fields) for fields in cases] + [plain]
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS + PROMPTS[:1]], params)
-    for prompt, fields, out in zip(PROMPTS, cases, outs):
+    for prompt, fields, out in zip(PROMPTS, cases, outs[:3], strict=True):
         procs = reference_processors(len(prompt), eos, **fields)
         expected = hf_greedy_processed(hf, prompt, MAX_TOKENS, procs)
         assert out.outputs[0].token_ids == expected, fields
@@ -74,7 +75,9 @@ def test_bad_words_strings_are_tokenized_like_vllm(llama):
     word = llm.tokenizer.decode([base.token_ids[0]]).strip() or "x"
     params = plain.clone(bad_words=[word])
     out = llm.generate([{"prompt_token_ids": PROMPTS[1]}], params)[0].outputs[0]
-    banned = [seq for seq in params.bad_words_token_ids or []] or llm._with_bad_word_ids(params).bad_words_token_ids
+    banned = [seq for seq in params.bad_words_token_ids or []] or llm._with_bad_word_ids(
+        params
+    ).bad_words_token_ids
     assert banned and all(
         out.token_ids[i : i + len(seq)] != seq for seq in banned for i in range(len(out.token_ids))
     )
@@ -97,7 +100,9 @@ def test_choice_and_regex(llama):
     base = SamplingParams(temperature=1.0, seed=1, max_tokens=20)
     out = llm.generate([{"prompt_token_ids": PROMPTS[0]}], base.clone(structured={"choice": ["yes", "no"]}))
     assert out[0].outputs[0].text in ("yes", "no")
-    out = llm.generate([{"prompt_token_ids": PROMPTS[1]}], base.clone(structured={"regex": "[a-c]{3}-[0-9]{2}"}))
+    out = llm.generate(
+        [{"prompt_token_ids": PROMPTS[1]}], base.clone(structured={"regex": "[a-c]{3}-[0-9]{2}"})
+    )
     import re
 
     assert re.fullmatch("[a-c]{3}-[0-9]{2}", out[0].outputs[0].text)
