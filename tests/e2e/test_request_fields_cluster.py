@@ -1,6 +1,6 @@
 """Request fields end to end through `pdserve up --prefill 1 --decode 1` (real processes, CPU) with the
-official openai client, disaggregated (a long prompt: the prefill node samples the first token, the decode node
-the rest) and colocated (a short one):
+official openai client, disaggregated (a long prompt: the prefill node samples the first token, the decode
+node the rest) and colocated (a short one):
 - penalties, logit_bias, bad_words and allowed_token_ids: greedy output equals transformers' greedy decoding
   under the same logits processors (tests/logits_reference.py);
 - response_format json_schema and guided_choice: outputs parse and validate, finishing by the grammar;
