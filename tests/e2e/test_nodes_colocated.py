@@ -7,15 +7,16 @@ import msgpack
 import pytest
 import zmq
 
-from tests.e2e.test_nodes_harness import (
+from tests.e2e.test_nodes_harness import (  # noqa: F401 (proxy: a fixture)
     FakeProxy,
     assert_blocks_balanced,
     hf_greedy,
     prompts,
+    proxy,
     start_node,
     wait_for,
     wait_healthy,
-)  # noqa: F401 (proxy: a fixture)
+)
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 12
