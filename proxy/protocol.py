@@ -59,6 +59,7 @@ class GenerationRequest:
     return_token_ids: bool = False  # vLLM's extension: choices carry token_ids (and prompt_token_ids)
     prompt_texts: list[Optional[str]] = field(default_factory=list)
     echo: bool = False  # completions: each choice's text starts with its prompt's text
+    chat_echo: str = ""  # chat echo: the last message's content when it is the assistant's (vLLM's meaning)
     continuous_usage: bool = False  # stream_options.continuous_usage_stats
     response_id: Optional[str] = None  # the client's request_id (vLLM's extension), else a fresh one
     truncate_prompt_tokens: Optional[int] = None
@@ -388,6 +389,8 @@ def parse_chat(
         [None],
         continuous_usage=continuous,
     )
+    if _get(body, "echo", "bool", False) and messages[-1].get("role") == "assistant":
+        req.chat_echo = _content_text(messages[-1].get("content"))
     return _finish(req, body)
 
 

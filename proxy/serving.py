@@ -220,7 +220,7 @@ class RequestJob:
                 choices.append(
                     {
                         "index": c.index,
-                        "message": {"role": "assistant", "content": c.text},
+                        "message": {"role": "assistant", "content": self.req.chat_echo + c.text},
                         "logprobs": lp,
                         "finish_reason": c.finish_reason,
                     }
@@ -313,7 +313,7 @@ class RequestJob:
                     [
                         {
                             "index": c.index,
-                            "delta": {"role": "assistant", "content": ""},
+                            "delta": {"role": "assistant", "content": self.req.chat_echo},
                             "logprobs": None,
                             "finish_reason": None,
                         }

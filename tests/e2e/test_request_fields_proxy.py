@@ -135,6 +135,12 @@ def test_chat_template_fields_shape_the_prompt(node_and_proxy):
     assert cont == tok.encode("<user>hi there</user><assistant>The answer is", add_special_tokens=False)
     special = prompt_of(messages=MSGS, add_special_tokens=True)
     assert special == tok.encode("<user>hi there</user><assistant>", add_special_tokens=True)
+    r = post(
+        server,
+        "/v1/chat/completions",
+        {"messages": MSGS + [{"role": "assistant", "content": "Sure:"}], "max_tokens": 2, "echo": True},
+    )
+    assert r.json()["choices"][0]["message"]["content"].startswith("Sure:")
     cut = prompt_of(messages=MSGS, truncate_prompt_tokens=3)
     assert cut == tok.encode("<user>hi there</user><assistant>", add_special_tokens=False)[-3:]
 
