@@ -48,7 +48,9 @@ def grammar_for(spec: dict) -> str:
         if not isinstance(value, str) or not value.strip():
             raise ValueError("a grammar must be a non-empty string")
         if "::=" in value:  # GBNF (llama.cpp / xgrammar's EBNF), as vLLM's default backend takes
-            value = llguidance.gbnf_to_lark(value)
+            from llguidance.gbnf_to_lark import gbnf_to_lark
+
+            value = gbnf_to_lark(value)
         return llguidance.LLMatcher.grammar_from_lark(value)
     raise ValueError(f"unknown structured output kind {kind!r}")
 

@@ -101,6 +101,7 @@ def test_honoured_fields_reach_the_node(node_and_proxy):
         ("guided_regex", {"regex": "[ab]+"}),
         ("guided_choice", {"choice": ["x", "y"]}),
         ("guided_grammar", {"grammar": 'start: "a"+'}),
+        ("guided_grammar", {"grammar": 'root ::= "a" "b"*'}),  # GBNF, as xgrammar takes it
     ]:
         value = next(iter(spec.values()))
         r = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, field: value, "temperature": 1})
