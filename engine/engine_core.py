@@ -15,6 +15,7 @@ import torch
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.kv_cache_manager import KVCacheManager
+from engine.logits_processors import LogitsProcessors
 from engine.model_runner import ModelRunner
 from engine.request import Request
 from engine.sampler import Sampler, make_generator, skip_draw
@@ -81,6 +82,9 @@ class EngineCore:
             config.scheduler, self.kv_manager, max_model_len=max_model_len, eos_token_ids=eos_token_ids
         )
         self.sampler = Sampler()
+        self.processors = LogitsProcessors(
+            self.runner.arch.vocab_size, self.runner.device, config.model.model, eos_token_ids
+        )
         self.generators: dict[str, torch.Generator] = {}
         self.stats = EngineStats()
         # Told about each step around its forward pass (the prefill node's KV producer is one).
@@ -108,9 +112,20 @@ class EngineCore:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {vocab})")
-        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"stop_token_ids: {bad[0]} is outside the vocabulary (size {vocab})")
+        named = {
+            "stop_token_ids": params.stop_token_ids,
+            "allowed_token_ids": params.allowed_token_ids or (),
+            "logit_bias": list(params.logit_bias or ()),
+            "bad_words": [t for seq in params.bad_words_token_ids or () for t in seq],
+        }
+        for name, ids in named.items():
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"{name}: {bad[0]} is outside the vocabulary (size {vocab})")
+        if params.structured:
+            from wire.structured_grammar import check_spec
+
+            check_spec(params.structured)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         self.check_token_ids(prompt_token_ids, params)
@@ -125,10 +140,12 @@ class EngineCore:
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort_request(request_id)
         self.generators.pop(request_id, None)
+        self.processors.release(request_id)
 
     def finish_request(self, request_id: str, reason: str = "stop") -> None:
         self.scheduler.finish_request(request_id, reason)
         self.generators.pop(request_id, None)
+        self.processors.release(request_id)
 
     # ---- requests whose prompt KV is computed elsewhere (the decode node's side of disaggregation) ---------
     def reserve_remote(
@@ -209,13 +226,14 @@ class EngineCore:
             raise StepFailed(ids, retryable=True, cause=exc) from exc
         # 3. Sample (per-request failures isolated), then let the scheduler advance, stop and free.
         requests = [self.scheduler.get_request(plan.scheduled[row].request_id) for row in rows]
-        sampled, failed = self._sample(logits, requests)
+        sampled, failed, grammar_done = self._sample(logits, requests)
         for request_id in failed:
             self.abort_request(request_id)  # update_from_output skips requests no longer in the scheduler
         try:
             finished = self.scheduler.update_from_output(
                 plan, {rid: tok for rid, (tok, _) in sampled.items()}
             )
+            finished += self._finish_grammars(grammar_done, finished)
         except Exception as exc:
             raise StepFailed(ids, retryable=False, cause=exc) from exc
         self.stats.steps += 1
@@ -225,13 +243,24 @@ class EngineCore:
             for rid, why in failed.items()
         ]
 
+    def _finish_grammars(self, request_ids: list[str], finished: list[Request]) -> list[Request]:
+        """Requests whose grammar ended with this step's token stop here (a finished one is already done)."""
+        done = {r.request_id for r in finished}
+        more = []
+        for request_id in request_ids:
+            request = self.scheduler.get_request(request_id)
+            if request is not None and request_id not in done and not request.is_finished():
+                self.scheduler.finish_request(request_id, "stop")
+                more.append(request)
+        return more
+
     def _sample(
         self, logits: torch.Tensor, requests: list[Request]
-    ) -> tuple[dict[str, tuple[int, tuple | None]], dict[str, str]]:
-        """({request id: (token, logprob row)}, {request id: error}) - the batch at once, or row by row after
-        the batch raised, so one request's bad parameters fail only that request."""
+    ) -> tuple[dict[str, tuple[int, tuple | None]], dict[str, str], list[str]]:
+        """({request id: (token, logprob row)}, {request id: error}, [ids whose grammar ended]) - the batch at
+        once, or row by row after the batch raised, so one request's bad parameters fail only that request."""
         if not requests:
-            return {}, {}
+            return {}, {}, []
         params = [r.sampling_params for r in requests]
         generators = [self.generators.get(r.request_id) for r in requests]
         try:
@@ -241,20 +270,24 @@ class EngineCore:
                 params,
                 generators,  # logprob width comes from the rows that ask
                 blocked_token_ids=blocked,
+                adjust=lambda x: self.processors.apply(x, requests),
             )
             tokens = out.token_ids.tolist()
             lp_rows = list(zip(*out.logprobs.tolists(), strict=False)) if out.logprobs is not None else None
+            grammar_done = self.processors.record(requests, out.token_ids, tokens)
         except Exception:  # noqa: BLE001 - find the row(s) at fault; the others still get their token
             return self._sample_one_by_one(logits, requests)
         result = {}
         for i, request in enumerate(requests):
             logprob = lp_rows[i] if lp_rows is not None and params[i].logprobs is not None else None
             result[request.request_id] = (tokens[i], logprob)
-        return result, {}
+        return result, {}, grammar_done
 
     def _sample_one_by_one(
         self, logits: torch.Tensor, requests: list[Request]
-    ) -> tuple[dict[str, tuple[int, tuple | None]], dict[str, str]]:
+    ) -> tuple[dict[str, tuple[int, tuple | None]], dict[str, str], list[str]]:
+        grammar_done: list[str] = []
+
         def sample_one(row: int) -> tuple[int, tuple | None]:
             request = requests[row]
             params = request.sampling_params
@@ -264,14 +297,17 @@ class EngineCore:
                 [params],
                 [self.generators.get(request.request_id)],
                 blocked_token_ids=blocked,
+                adjust=lambda x: self.processors.apply(x, [request]),
             )
             logprob = None
             if out.logprobs is not None and params.logprobs is not None:
                 logprob = next(zip(*out.logprobs.tolists(), strict=False))
-            return int(out.token_ids[0]), logprob
+            token = int(out.token_ids[0])
+            grammar_done.extend(self.processors.record([request], out.token_ids, [token]))
+            return token, logprob
 
         rows, failed = sample_rows_isolated(sample_one, [r.request_id for r in requests])
-        return {requests[row].request_id: value for row, value in rows.items()}, failed
+        return {requests[row].request_id: value for row, value in rows.items()}, failed, grammar_done
 
     def _blocked_before_min_tokens(self, requests: list[Request]) -> list[list[int]] | None:
         """Until a request has min_tokens outputs it may not sample EOS (unless ignore_eos) or its stop ids,
@@ -314,4 +350,5 @@ class EngineCore:
             )
         for request in finished:
             self.generators.pop(request.request_id, None)
+            self.processors.release(request.request_id)
         return outputs

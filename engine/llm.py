@@ -11,7 +11,7 @@ from engine.engine_core import EngineCore
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.request import Request
-from wire.sampling_params import SamplingParams
+from wire.sampling_params import SamplingParams, tokenize_bad_words
 from wire.tokenizer import load_tokenizer
 
 Prompt = Union[str, dict]
@@ -45,6 +45,12 @@ class LLM:
             return prompt.get("prompt"), list(prompt["prompt_token_ids"])
         raise TypeError("a prompt is a string or {'prompt_token_ids': [...]}")
 
+    def _with_bad_word_ids(self, params: SamplingParams) -> SamplingParams:
+        """bad_words are strings; the engine reads them tokenized (as the proxy sends them)."""
+        if not params.bad_words or params.bad_words_token_ids is not None:
+            return params
+        return params.clone(bad_words_token_ids=tokenize_bad_words(self.tokenizer, params.bad_words))
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -59,6 +65,7 @@ class LLM:
         )
         if len(params_list) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
+        params_list = [self._with_bad_word_ids(p) for p in params_list]
         processor = OutputProcessor(self.core, self.tokenizer)
         # 1. Tokenize and check everything before anything is queued, so bad input loses nothing (the
         # scheduler    also refuses a request that could never fit the whole KV cache).

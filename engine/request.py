@@ -10,7 +10,8 @@ outputs outstanding).
 
 Block hashes are chained over prompt and output tokens alike (`wire.hashing.hash_block`) and computed
 incrementally as each block of `block_size` tokens fills, so a preempted request can hit its own output
-blocks.
+blocks. A request's `cache_salt` (read from its sampling params) enters the first block's hash only, as in
+vLLM and as `wire.hashing.hash_prompt_blocks(..., cache_salt=...)` computes it for the proxy's index.
 """
 
 from __future__ import annotations
@@ -133,4 +134,10 @@ class Request:
         while (len(hashes) + 1) * size <= len(tokens):
             start = len(hashes) * size
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, tokens[start : start + size], self.extra_keys))
+            extra = self.extra_keys if hashes else self._first_block_keys()
+            hashes.append(hash_block(parent, tokens[start : start + size], extra))
+
+    def _first_block_keys(self) -> tuple:
+        """The first block also carries the request's cache_salt (the chain makes every later hash differ)."""
+        salt = getattr(self.sampling_params, "cache_salt", None)
+        return self.extra_keys + (salt,) if salt else self.extra_keys

@@ -1,7 +1,9 @@
 """Sampler: one pass over a batch of logits rows, each with its own SamplingParams.
 
-Steps, per row: block tokens (min_tokens), then greedy rows take the argmax; the others divide by temperature,
-keep the top_k, then the top_p nucleus, then tokens with p >= min_p * p_max, and draw from what is left.
+Steps, per row: block tokens (min_tokens), the caller's logits processors (penalties, logit_bias, bad
+words, allowed tokens, grammars: engine/logits_processors.py), then greedy rows take the argmax; the others
+divide by temperature, keep the top_k, then the top_p nucleus, then tokens with p >= min_p * p_max, and draw
+from what is left.
 
 Decisions:
 - The draw is an exponential race: token = argmax(p_i / E_i) with E_i ~ Exp(1), which picks token i with
@@ -19,7 +21,7 @@ Decisions:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -69,12 +71,14 @@ class Sampler:
         generators: Sequence[torch.Generator | None] | None = None,
         num_logprobs: int | None = None,
         blocked_token_ids: Sequence[Sequence[int] | None] | None = None,
+        adjust: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> SamplerOutput:
         """logits [n, V]; params, generators, blocked_token_ids: one per row.
 
         num_logprobs: top-k width to return; None derives it from the rows' `logprobs` (no logprobs if no row
         asked). blocked_token_ids: per row, ids that must not be sampled this step (EOS and stop ids under
         min_tokens).
+        adjust: the batch's logits processors (engine/logits_processors.py), run after the raw logprobs.
         """
         n = logits.shape[0]
         if len(params) != n:
@@ -94,6 +98,8 @@ class Sampler:
             rows = [i for i, ids in enumerate(blocked_token_ids) for _ in (ids or ())]
             cols = [t for ids in blocked_token_ids for t in (ids or ())]
             logits[rows, cols] = float("-inf")
+        if adjust is not None:
+            logits = adjust(logits)
 
         # 3. greedy rows take the argmax; the rest sample.
         token_ids = logits.argmax(dim=-1)

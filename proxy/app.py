@@ -38,6 +38,7 @@ from proxy.nodes import NodeRegistry
 from proxy.prefix_index import InProcessPrefixIndex
 from proxy.protocol import check_length, parse_chat, parse_completion
 from proxy.request_body import read_json_object
+from proxy.request_fields import generation_defaults, read_chat_template
 from proxy.router import Router
 from proxy.serving import Served, serve
 from wire import curve
@@ -67,6 +68,9 @@ class ProxyState:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         self.model_name = config.served_model_name or os.path.basename(os.path.normpath(config.model))
         self.max_model_len = config.max_model_len or model_max_len(config.model)
+        if config.chat_template:  # --chat-template replaces the checkpoint's
+            self.tokenizer.chat_template = read_chat_template(config.chat_template)
+        self.sampling_defaults = generation_defaults(config.generation_config, config.model)
         token_chars = getattr(self.tokenizer, "max_token_chars", None)
         self.max_prompt_chars = self.max_model_len * token_chars if token_chars else None
         self.metrics = ProxyMetrics()
@@ -238,7 +242,9 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
                     code="queue_full",
                 )
             # Tokenizing (or templating) a long prompt takes long: off the event loop.
-            req = await asyncio.to_thread(parse, body, state.tokenizer, state.max_prompt_chars)
+            req = await asyncio.to_thread(
+                parse, body, state.tokenizer, state.max_prompt_chars, state.sampling_defaults
+            )
             check_length(req, state.max_model_len)
             key = state.limits.key_of(request.headers.get("authorization", ""))
             sequences = len(req.prompts) * req.params.n

@@ -50,6 +50,16 @@ def add_proxy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--served-model-name", default="", help="the model name clients use (default: folder name)"
     )
+    p.add_argument(
+        "--chat-template",
+        default="",
+        help="a chat template file, or the template itself (replaces the model's)",
+    )
+    p.add_argument(
+        "--generation-config",
+        default="auto",
+        help="sampling defaults: auto (the model's generation_config.json), vllm (none) or a folder",
+    )
     p.add_argument("--max-queue", type=int, default=1024, help="requests in flight before answering 429")
     p.add_argument(
         "--max-seqs-per-request",
@@ -113,6 +123,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         max_retries=args.max_retries,
         heartbeat_misses=args.heartbeat_misses,
         kv_secret=args.kv_secret or "",
+        chat_template=getattr(args, "chat_template", "") or "",
+        generation_config=getattr(args, "generation_config", "auto") or "auto",
         router=RouterConfig(
             policy=args.routing, disagg_min_tokens=args.disagg_min_tokens, log_decisions=args.log_routing
         ),

@@ -53,4 +53,6 @@ class ProxyConfig:
     heartbeat_misses: int = 3  # a node silent for this many heartbeat intervals is dead
     kv_secret: str = ""
     proxy_id: str = ""  # DEALER identity; default: proxy-<pid>-<random>
+    chat_template: str = ""  # --chat-template: a file or the template itself; "" = the checkpoint's
+    generation_config: str = "auto"  # --generation-config: auto | vllm | a folder (vLLM's meanings)
     router: RouterConfig = field(default_factory=RouterConfig)

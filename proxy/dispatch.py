@@ -43,9 +43,9 @@ class NodeLost:
 _DEADLINE = object()  # queued by a run's deadline timer
 
 
-def prompt_block_hashes(token_ids: list[int], block_size: int) -> list[int]:
-    """The index keys of a prompt's full blocks (the same chain the engine's prefix cache hashes)."""
-    return [external_block_hash(h) for h in hash_prompt_blocks(token_ids, block_size)]
+def prompt_block_hashes(token_ids: list[int], block_size: int, cache_salt: str | None = None) -> list[int]:
+    """The index keys of a prompt's full blocks (the chain the engine's prefix cache hashes, salted alike)."""
+    return [external_block_hash(h) for h in hash_prompt_blocks(token_ids, block_size, cache_salt=cache_salt)]
 
 
 class Dispatcher:
@@ -69,7 +69,7 @@ class Dispatcher:
             if run.uses(node):
                 self.rpc.deliver(rid, NodeLost(node.node_id))
 
-    async def route(self, prompt: list[int], exclude: set[str]) -> Decision:
+    async def route(self, prompt: list[int], exclude: set[str], cache_salt: str | None = None) -> Decision:
         block_size = self.registry.block_size()
         if block_size is None:
             raise APIError(
@@ -82,7 +82,7 @@ class Dispatcher:
         hits: dict[str, int] = {}
         if self.router.config.policy == "cache_aware":
             live = [n.node_id for n in prefillers + decoders]
-            hits = await self.index.match(prompt_block_hashes(prompt, block_size), live)
+            hits = await self.index.match(prompt_block_hashes(prompt, block_size, cache_salt), live)
         decision = self.router.decide(len(prompt), hits, block_size, prefillers, decoders, exclude)
         self.metrics.decisions.labels(self.router.config.policy, decision.mode, decision.reason).inc()
         if self.router.config.log_decisions:
@@ -129,7 +129,7 @@ class ChoiceRun:
     # ---- sending -------------------------------------------------------------------------------------------
     async def send_first(self) -> None:
         try:
-            decision = await self.d.route(self.prompt, self.excluded)
+            decision = await self.d.route(self.prompt, self.excluded, self.params.get("cache_salt"))
         except NoRoute as exc:
             raise APIError(503, f"no live node can serve this request: {exc}", code="no_live_node") from None
         await self._send(decision)
@@ -192,7 +192,7 @@ class ChoiceRun:
             raise error
         self.excluded.update(n.node_id for n in exclude)
         try:
-            decision = await self.d.route(self.prompt, self.excluded)
+            decision = await self.d.route(self.prompt, self.excluded, self.params.get("cache_salt"))
         except (NoRoute, APIError):
             self.ended = True
             raise error from None

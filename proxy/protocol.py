@@ -20,8 +20,15 @@ Decisions:
 - logprobs: completions take an int k (top k alternatives); chat takes logprobs=true and top_logprobs=k.
 - Extensions (vLLM's names): top_k, min_p, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens,
   include_stop_str_in_output, return_token_ids (choices then carry `token_ids`, and `prompt_token_ids`).
-- Unsupported features that would change the output (non-zero penalties, logit_bias, tools, echo,
-  best_of > n, suffix) are refused rather than silently ignored.
+- Every other field vLLM accepts is honoured or refused with a 400 naming it (proxy/request_fields.py holds
+  the audit and the fields added there: penalties, logit_bias, bad_words, allowed_token_ids, cache_salt,
+  structured output, truncate_prompt_tokens); tools, suffix and best_of > n are refused here.
+- Chat: chat_template_kwargs (and documents, reasoning_effort) reach the template as variables;
+  continue_final_message leaves the last (assistant) message open; add_special_tokens (default false for chat,
+  true for completions) adds the tokenizer's own special tokens; a per-request chat_template is refused (vLLM
+  refuses it too unless told to trust it); the server's --chat-template replaces the checkpoint's.
+- echo (completions) puts the prompt text before each choice's text; stream_options.continuous_usage_stats
+  puts the usage so far on every chunk.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from proxy import request_fields
 from proxy.errors import bad_request
 from wire.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -52,6 +60,12 @@ class GenerationRequest:
     user: Optional[str] = None
     return_token_ids: bool = False  # vLLM's extension: choices carry token_ids (and prompt_token_ids)
     prompt_texts: list[Optional[str]] = field(default_factory=list)
+    echo: bool = False  # completions: each choice's text starts with its prompt's text
+    chat_echo: str = ""  # chat echo: the last message's content when it is the assistant's (vLLM's meaning)
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats
+    response_id: Optional[str] = None  # the client's request_id (vLLM's extension), else a fresh one
+    truncate_prompt_tokens: Optional[int] = None
+    truncation_side: str = "left"
 
     def choice_params(self, j: int) -> dict:
         """SamplingParams.to_dict() for sample j (n=1 on the node; seed + j when seeded)."""
@@ -138,26 +152,23 @@ def _stop_token_ids(body: dict, vocab: int) -> list[int]:
     return ids
 
 
-def _refuse_unsupported(body: dict) -> None:
-    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
-        value = body.get(name)
-        neutral = 1.0 if name == "repetition_penalty" else 0.0
-        if value is not None and (not _is_num(value) or value != neutral):
-            raise bad_request(f"'{name}' is not supported (only {neutral:g})", param=name)
-    if body.get("logit_bias"):
-        raise bad_request("'logit_bias' is not supported", param="logit_bias")
-    if body.get("echo"):
-        raise bad_request("'echo' is not supported", param="echo")
+def _refuse_unsupported(body: dict, kind: str) -> None:
+    request_fields.audit(body, kind)
     if body.get("suffix"):
         raise bad_request("'suffix' is not supported", param="suffix")
     if body.get("tools") or body.get("functions"):
         raise bad_request("tools and function calling are not supported", param="tools")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type", "text") != "text"):
-        raise bad_request("only response_format {'type': 'text'} is supported", param="response_format")
+    if body.get("tool_choice") not in (None, "none", "auto"):
+        raise bad_request("'tool_choice' needs tools, which are not supported", param="tool_choice")
+    if body.get("chat_template") is not None:
+        raise bad_request(
+            "a per-request 'chat_template' is not accepted (start the proxy with --chat-template)",
+            param="chat_template",
+        )
 
 
-def _sampling(body: dict, max_tokens: Optional[int], logprobs: Optional[int], vocab: int) -> SamplingParams:
+def _sampling(body: dict, max_tokens: Optional[int], logprobs: Optional[int], tokenizer) -> SamplingParams:
+    vocab = len(tokenizer)
     n = _get(body, "n", "int", 1)
     if not 1 <= n <= MAX_N:
         raise bad_request(f"'n' must be between 1 and {MAX_N}, got {n}", param="n")
@@ -186,6 +197,7 @@ def _sampling(body: dict, max_tokens: Optional[int], logprobs: Optional[int], vo
         skip_special_tokens=_get(body, "skip_special_tokens", "bool", True),
         include_stop_str_in_output=_get(body, "include_stop_str_in_output", "bool", False),
     )
+    kwargs.update(request_fields.extra_sampling(body, tokenizer))
     try:
         return SamplingParams(**kwargs)
     except ValueError as exc:
@@ -194,13 +206,32 @@ def _sampling(body: dict, max_tokens: Optional[int], logprobs: Optional[int], vo
         raise bad_request(text, param=param) from None
 
 
-def _stream_options(body: dict, stream: bool) -> bool:
+def _stream_options(body: dict, stream: bool) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage_stats)."""
     opts = _get(body, "stream_options", "dict", None)
     if opts is None:
-        return False
+        return False, False
     if not stream:
         raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
-    return bool(_get(opts, "include_usage", "bool", False))
+    return bool(_get(opts, "include_usage", "bool", False)), bool(
+        _get(opts, "continuous_usage_stats", "bool", False)
+    )
+
+
+def _finish(req: "GenerationRequest", body: dict) -> "GenerationRequest":
+    """The request-level extensions every endpoint shares."""
+    req.response_id = _get(body, "request_id", "str", None)
+    k = _get(body, "truncate_prompt_tokens", "int", None)
+    if k is not None and (k < -1 or k == 0):
+        raise bad_request(
+            "'truncate_prompt_tokens' must be -1 or an integer >= 1", param="truncate_prompt_tokens"
+        )
+    req.truncate_prompt_tokens = k
+    side = _get(body, "truncation_side", "str", None) or "left"
+    if side not in ("left", "right"):
+        raise bad_request("'truncation_side' must be 'left' or 'right'", param="truncation_side")
+    req.truncation_side = side
+    return req
 
 
 def _max_tokens(body: dict, names: tuple[str, ...]) -> Optional[int]:
@@ -228,33 +259,60 @@ def _too_long(chars: int, max_prompt_chars: Optional[int], param: str) -> None:
         )
 
 
-def parse_completion(body: dict, tokenizer, max_prompt_chars: Optional[int] = None) -> GenerationRequest:
-    _refuse_unsupported(body)
+def parse_completion(
+    body: dict, tokenizer, max_prompt_chars: Optional[int] = None, defaults: Optional[dict] = None
+) -> GenerationRequest:
+    _refuse_unsupported(body, "completion")
+    body = _with_defaults(body, defaults)
     stream = _get(body, "stream", "bool", False)
     logprobs = _get(body, "logprobs", "int", None)
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise bad_request(
             f"'logprobs' must be between 0 and {MAX_LOGPROBS}, got {logprobs}", param="logprobs"
         )
+    echo = _get(body, "echo", "bool", False)
+    if echo and logprobs is not None:
+        raise bad_request(
+            "'echo' with 'logprobs' is not supported (it returns prompt logprobs, which are not computed)",
+            param="echo",
+        )
     max_tokens = _max_tokens(body, ("max_tokens",))
-    params = _sampling(body, 16 if max_tokens is None else max_tokens, logprobs, len(tokenizer))
-    prompts, texts = _completion_prompts(body.get("prompt"), tokenizer, max_prompt_chars)
-    return GenerationRequest(
+    if max_tokens is None:
+        max_tokens = (defaults or {}).get("max_tokens", 16)
+    params = _sampling(body, max_tokens, logprobs, tokenizer)
+    if body.get("truncate_prompt_tokens") is not None:
+        max_prompt_chars = None  # a long prompt is cut, not refused
+    add_special = _get(body, "add_special_tokens", "bool", True)
+    prompts, texts = _completion_prompts(body.get("prompt"), tokenizer, max_prompt_chars, add_special)
+    include_usage, continuous = _stream_options(body, stream)
+    req = GenerationRequest(
         "completion",
         body.get("model"),
         prompts,
         params,
         stream,
-        _stream_options(body, stream),
+        include_usage,
         logprobs,
         _get(body, "user", "str"),
         _get(body, "return_token_ids", "bool", False),
         texts,
+        echo=echo,
+        continuous_usage=continuous,
     )
+    return _finish(req, body)
+
+
+def _with_defaults(body: dict, defaults: Optional[dict]) -> dict:
+    """The checkpoint's generation_config.json defaults (--generation-config) under what the client sent."""
+    if not defaults:
+        return body
+    merged = {k: v for k, v in defaults.items() if k != "max_tokens"}
+    merged.update({k: v for k, v in body.items() if v is not None})
+    return merged
 
 
 def _completion_prompts(
-    prompt, tokenizer, max_prompt_chars: Optional[int] = None
+    prompt, tokenizer, max_prompt_chars: Optional[int] = None, add_special_tokens: bool = True
 ) -> tuple[list[list[int]], list[Optional[str]]]:
     def ids_ok(x) -> bool:
         return isinstance(x, list) and all(_is_int(t) and t >= 0 for t in x)
@@ -279,7 +337,7 @@ def _completion_prompts(
         if isinstance(item, str):
             _too_long(len(item), max_prompt_chars, "prompt")
             try:
-                ids.append(tokenizer.encode(item))
+                ids.append(tokenizer.encode(item, add_special_tokens=add_special_tokens))
             except (TypeError, ValueError) as exc:  # a lone surrogate, when the body check was bypassed
                 raise bad_request(f"'prompt' cannot be tokenized: {exc}", param="prompt") from None
             texts.append(item)
@@ -296,8 +354,11 @@ def _completion_prompts(
     return ids, texts
 
 
-def parse_chat(body: dict, tokenizer, max_prompt_chars: Optional[int] = None) -> GenerationRequest:
-    _refuse_unsupported(body)
+def parse_chat(
+    body: dict, tokenizer, max_prompt_chars: Optional[int] = None, defaults: Optional[dict] = None
+) -> GenerationRequest:
+    _refuse_unsupported(body, "chat")
+    body = _with_defaults(body, defaults)
     stream = _get(body, "stream", "bool", False)
     want_logprobs = _get(body, "logprobs", "bool", False)
     top = _get(body, "top_logprobs", "int", None)
@@ -309,31 +370,74 @@ def parse_chat(body: dict, tokenizer, max_prompt_chars: Optional[int] = None) ->
         )
     logprobs = (top or 0) if want_logprobs else None
     messages = _messages(body.get("messages"))
-    _too_long(sum(len(_content_text(m.get("content"))) for m in messages), max_prompt_chars, "messages")
-    add_generation_prompt = _get(body, "add_generation_prompt", "bool", True)
-    try:
-        prompt = tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
-    except Exception as exc:  # noqa: BLE001 - a template may raise anything for odd messages
-        raise bad_request(
-            f"the chat template could not render these messages: {exc}", param="messages"
-        ) from None
-    if not prompt:
-        raise bad_request("the rendered chat prompt is empty", param="messages")
-    params = _sampling(
-        body, _max_tokens(body, ("max_completion_tokens", "max_tokens")), logprobs, len(tokenizer)
-    )
-    return GenerationRequest(
+    if body.get("truncate_prompt_tokens") is None:
+        _too_long(sum(len(_content_text(m.get("content"))) for m in messages), max_prompt_chars, "messages")
+    prompt = _render_chat(body, messages, tokenizer)
+    max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"))
+    if max_tokens is None:
+        max_tokens = (defaults or {}).get("max_tokens")
+    params = _sampling(body, max_tokens, logprobs, tokenizer)
+    include_usage, continuous = _stream_options(body, stream)
+    req = GenerationRequest(
         "chat",
         body.get("model"),
         [prompt],
         params,
         stream,
-        _stream_options(body, stream),
+        include_usage,
         logprobs,
         _get(body, "user", "str"),
         _get(body, "return_token_ids", "bool", False),
         [None],
+        continuous_usage=continuous,
     )
+    if _get(body, "echo", "bool", False) and messages[-1].get("role") == "assistant":
+        req.chat_echo = _content_text(messages[-1].get("content"))
+    return _finish(req, body)
+
+
+def _render_chat(body: dict, messages: list[dict], tokenizer) -> list[int]:
+    """The prompt ids: the template (chat_template_kwargs, documents, reasoning_effort as its variables),
+    continue_final_message leaving the last message open, add_special_tokens on top of the template's own."""
+    add_generation_prompt = _get(body, "add_generation_prompt", "bool", True)
+    continue_final = _get(body, "continue_final_message", "bool", False)
+    if continue_final and add_generation_prompt and "add_generation_prompt" in body:
+        raise bad_request(
+            "'continue_final_message' and 'add_generation_prompt' cannot both be true",
+            param="continue_final_message",
+        )
+    if continue_final:
+        add_generation_prompt = False
+        if messages[-1].get("role") != "assistant":
+            raise bad_request(
+                "'continue_final_message' needs the last message to be the assistant's",
+                param="continue_final_message",
+            )
+    extra = dict(_get(body, "chat_template_kwargs", "dict", None) or {})
+    reserved = {"messages", "add_generation_prompt"} & set(extra)
+    if reserved:
+        raise bad_request(
+            f"'chat_template_kwargs' may not set {', '.join(sorted(reserved))}", param="chat_template_kwargs"
+        )
+    for name in ("documents", "reasoning_effort"):
+        if body.get(name) is not None:
+            extra.setdefault(name, body[name])
+    add_special = _get(body, "add_special_tokens", "bool", False)
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra)
+    except Exception as exc:  # noqa: BLE001 - a template may raise anything for odd messages
+        raise bad_request(
+            f"the chat template could not render these messages: {exc}", param="messages"
+        ) from None
+    if continue_final:
+        final = _content_text(messages[-1].get("content")).strip()
+        cut = text.rfind(final) if final else -1
+        if cut >= 0:
+            text = text[: cut + len(final)]
+    prompt = tokenizer.encode(text, add_special_tokens=add_special)
+    if not prompt:
+        raise bad_request("the rendered chat prompt is empty", param="messages")
+    return prompt
 
 
 def _content_text(content) -> str:
@@ -376,7 +480,13 @@ def _messages(messages) -> list[dict]:
 
 
 def check_length(req: GenerationRequest, max_model_len: int) -> None:
-    """400 when a prompt (plus max_tokens) does not fit; fill in chat's default max_tokens."""
+    """400 when a prompt (plus max_tokens) does not fit; fill in chat's default max_tokens. Prompts are cut to
+    truncate_prompt_tokens first (-1: the context length)."""
+    if req.truncate_prompt_tokens is not None:
+        k = max_model_len if req.truncate_prompt_tokens == -1 else req.truncate_prompt_tokens
+        left = req.truncation_side == "left"
+        req.prompts = [p[-k:] if left else p[:k] for p in req.prompts]
+        req.prompt_texts = [None] * len(req.prompts)  # the text no longer matches the ids
     longest = max(len(p) for p in req.prompts)
     if longest >= max_model_len:
         raise bad_request(

@@ -84,7 +84,10 @@ class RequestJob:
         self.arrival = time.monotonic()
         self.created = int(time.time())
         prefix = "chatcmpl" if req.kind == "chat" else "cmpl"
-        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.node_id = (
+            f"{prefix}-{uuid.uuid4().hex}"  # node request ids stay unique whatever the client sends
+        )
+        self.id = f"{prefix}-{req.response_id}" if req.response_id else self.node_id
         self.choices: list[ChoiceState] = []
         self.first_items: list = []
         self.recorded = False
@@ -98,7 +101,9 @@ class RequestJob:
 
         # Each choice is registered before its Generate goes out, so a cancellation at any point can abort it.
         for k, (i, j) in enumerate(specs):
-            run = self.s.dispatcher.new_run(f"{self.id}-{k}", req.prompts[i], req.choice_params(j), deadline)
+            run = self.s.dispatcher.new_run(
+                f"{self.node_id}-{k}", req.prompts[i], req.choice_params(j), deadline
+            )
             detok = IncrementalDetokenizer(
                 self.s.tokenizer,
                 req.prompts[i],
@@ -118,6 +123,14 @@ class RequestJob:
             self.abort_all("start_failed")
             raise failed[0]
         self.first_items = list(firsts)
+
+    def echo_text(self, c: ChoiceState) -> str:
+        """echo: a completion choice starts with its prompt's text (decoded when the prompt came as ids)."""
+        if not self.req.echo:
+            return ""
+        i = c.index // self.req.params.n
+        text = self.req.prompt_texts[i] if i < len(self.req.prompt_texts) else None
+        return text if text is not None else self.s.tokenizer.decode(self.req.prompts[i])
 
     def abort_all(self, reason: str) -> None:
         for c in self.choices:
@@ -209,7 +222,7 @@ class RequestJob:
                 choices.append(
                     {
                         "index": c.index,
-                        "message": {"role": "assistant", "content": c.text},
+                        "message": {"role": "assistant", "content": self.req.chat_echo + c.text},
                         "logprobs": lp,
                         "finish_reason": c.finish_reason,
                     }
@@ -220,8 +233,9 @@ class RequestJob:
                     if self.req.logprobs is not None
                     else None
                 )
+                text = self.echo_text(c) + c.text
                 choices.append(
-                    {"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason}
+                    {"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason}
                 )
         if self.req.return_token_ids:
             n = self.req.params.n
@@ -248,6 +262,8 @@ class RequestJob:
             "model": self.s.model_name,
             "choices": choices,
         }
+        if usage is None and self.req.continuous_usage and choices:
+            usage = self.usage()  # the counts so far, on every chunk
         if usage is not None or self.req.include_usage:
             body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -301,10 +317,17 @@ class RequestJob:
                     [
                         {
                             "index": c.index,
-                            "delta": {"role": "assistant", "content": ""},
+                            "delta": {"role": "assistant", "content": self.req.chat_echo},
                             "logprobs": None,
                             "finish_reason": None,
                         }
+                        for c in self.choices
+                    ]
+                )
+            elif self.req.echo:
+                yield self._chunk(
+                    [
+                        {"index": c.index, "text": self.echo_text(c), "logprobs": None, "finish_reason": None}
                         for c in self.choices
                     ]
                 )

@@ -32,14 +32,19 @@ def hash_prompt_blocks(
     block_size: int,
     extra_keys: Iterable = (),
     parent: BlockHash | None = None,
+    cache_salt: str | None = None,
 ) -> list[BlockHash]:
-    """Chained hashes of every full block of token_ids; a trailing partial block gets none."""
+    """Chained hashes of every full block of token_ids; a trailing partial block gets none.
+
+    cache_salt joins the first block's extra keys (only when parent is None: the first block of the chain), so
+    two salts share no hash while one salt still shares its whole prefix chain."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     extra = list(extra_keys)
     hashes: list[BlockHash] = []
     for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start : start + block_size], extra)
+        keys = extra + [cache_salt] if cache_salt and parent is None else extra
+        parent = hash_block(parent, token_ids[start : start + block_size], keys)
         hashes.append(parent)
     return hashes
 

@@ -13,6 +13,17 @@ Decisions:
   20).
 - `from_dict` rejects unknown keys: a node silently ignoring a sampling field a newer proxy sent would produce
   output the user did not ask for.
+- Penalties as in vLLM: presence and frequency count output tokens only (OpenAI's meaning), repetition (> 1
+  discourages) covers prompt and output tokens (transformers' RepetitionPenaltyLogitsProcessor).
+- `logit_bias` maps token id -> bias in [-100, 100] (OpenAI's range), added to the logits before penalties.
+- `bad_words` are strings; whoever holds the tokenizer (the proxy, the offline LLM) turns them into
+  `bad_words_token_ids` (each word with and without a leading space, as vLLM does); the engine reads only
+  the ids.
+- `cache_salt` is not a sampling setting but travels here, with the request's other per-request options: it
+  enters the first block's hash, so requests with different salts never share prefix-cache blocks.
+- `structured` constrains the output to a grammar: one of {"json": schema}, {"json_object": true},
+  {"regex": str}, {"choice": [str, ...]}, {"grammar": lark}; the node that samples masks the logits with it.
+- Wire version 2 added the fields above; version 1 (a subset) is still read.
 """
 
 from __future__ import annotations
@@ -22,7 +33,12 @@ from dataclasses import asdict, dataclass, fields
 
 GREEDY_TEMPERATURE = 1e-5  # below this a request is greedy
 MAX_LOGPROBS = 20
-WIRE_VERSION = 1
+WIRE_VERSION = 2
+READ_WIRE_VERSIONS = (1, 2)
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for each bias
+MAX_PENALTY = 2.0  # OpenAI's range for presence / frequency penalties is [-2, 2]
+MAX_CACHE_SALT = 1024  # characters, vLLM's limit
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 
 def _is_int(x) -> bool:
@@ -49,6 +65,15 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the sampled token's plus the top k
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    presence_penalty: float = 0.0  # [-2, 2]; subtracted once from every token already in the output
+    frequency_penalty: float = 0.0  # [-2, 2]; subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # > 0; tokens in prompt or output: logit / p if > 0, else logit * p
+    logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words: list[str] | None = None  # never generated (as token sequences); see bad_words_token_ids
+    bad_words_token_ids: list[list[int]] | None = None  # the bad words tokenized; the engine reads these
+    cache_salt: str | None = None  # enters the first block's hash (not a sampling setting; see above)
+    structured: dict | None = None  # one of STRUCTURED_KINDS -> its spec
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -64,7 +89,17 @@ class SamplingParams:
             self.top_p = float(self.top_p)
         if _is_number(self.min_p):
             self.min_p = float(self.min_p)
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if _is_number(getattr(self, name)):
+                setattr(self, name, float(getattr(self, name)))
+        if isinstance(self.logit_bias, dict):
+            self.logit_bias = {
+                (int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k): v
+                for k, v in self.logit_bias.items()
+            }
+        self.bad_words = list(self.bad_words) if self.bad_words else None
         self._validate()
+        self._validate_extensions()
         if self.top_k == -1:
             self.top_k = 0
 
@@ -104,6 +139,50 @@ class SamplingParams:
             if not isinstance(getattr(self, name), bool):
                 bad(f"{name} must be a boolean, got {getattr(self, name)!r}")
 
+    def _validate_extensions(self) -> None:
+        def bad(msg: str):
+            raise ValueError(msg)
+
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+                bad(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}")
+        rep = self.repetition_penalty
+        if not _is_number(rep) or not math.isfinite(rep) or rep <= 0:
+            bad(f"repetition_penalty must be a finite number > 0, got {rep!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                bad("logit_bias must map token ids to numbers")
+            for k, v in self.logit_bias.items():
+                if not _is_int(k) or k < 0:
+                    bad(f"logit_bias keys must be token ids, got {k!r}")
+                if not _is_number(v) or not -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS:
+                    bad(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {v!r}")
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not isinstance(ids, list) or not ids or not all(_is_int(t) and t >= 0 for t in ids):
+                bad("allowed_token_ids must be a non-empty list of token ids")
+        if self.bad_words is not None and not all(isinstance(w, str) and w for w in self.bad_words):
+            bad("bad_words must be a list of non-empty strings")
+        if self.bad_words_token_ids is not None:
+            seqs = self.bad_words_token_ids
+            if not isinstance(seqs, list) or not all(
+                isinstance(q, list) and q and all(_is_int(t) and t >= 0 for t in q) for q in seqs
+            ):
+                bad("bad_words_token_ids must be a list of non-empty lists of token ids")
+        if self.cache_salt is not None and (
+            not isinstance(self.cache_salt, str) or not 0 < len(self.cache_salt) <= MAX_CACHE_SALT
+        ):
+            bad(f"cache_salt must be a string of 1 to {MAX_CACHE_SALT} characters")
+        if self.structured is not None:
+            spec = self.structured
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in STRUCTURED_KINDS:
+                bad(f"structured must map exactly one of {', '.join(STRUCTURED_KINDS)} to its spec")
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
@@ -131,7 +210,7 @@ class SamplingParams:
             raise ValueError(f"sampling params must be a map, got {type(data).__name__}")
         data = dict(data)
         version = data.pop("version", WIRE_VERSION)
-        if version != WIRE_VERSION:
+        if version not in READ_WIRE_VERSIONS:
             raise ValueError(
                 f"sampling params wire version {version!r} is not supported (expected {WIRE_VERSION})"
             )
@@ -140,3 +219,18 @@ class SamplingParams:
         if unknown:
             raise ValueError(f"unknown sampling params: {', '.join(map(str, unknown))}")
         return cls(**data)
+
+
+def tokenize_bad_words(tokenizer, words: list[str]) -> list[list[int]]:
+    """Each bad word as token ids, as vLLM forms them: the word alone, and the word after a space when that
+    spelling starts with a different token and has as many tokens (a word-initial token of its own)."""
+    out: list[list[int]] = []
+    for word in words:
+        bare = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        if not bare:
+            continue
+        out.append(bare)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
+            out.append(spaced)
+    return out

@@ -69,7 +69,7 @@ def one_node(fake_nodes, proxy_factory):
         ({"prompt": "hi", "seed": 2**70}, "seed"),  # past int64: the wire could not carry it
         ({"prompt": "hi", "top_k": 2**64}, "top_k"),
         ({"prompt": "hi", "stop_token_ids": [2**65]}, "stop_token_ids"),
-        ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+        ({"prompt": "hi", "presence_penalty": 5}, "presence_penalty"),  # outside OpenAI's [-2, 2]
         ({"prompt": "hi", "stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
         ({"prompt": [[]]}, "prompt"),
         ({"prompt": 5}, "prompt"),
