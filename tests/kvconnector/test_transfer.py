@@ -20,8 +20,9 @@ def check_accounting(state, busy=0):
     assert state["active"] == []
 
 
-def run_case(prod, cons, transport, dtype, layout, seed, devices=("cpu", "cpu")):
+def run_case(prod, cons, transport, dtype, layout, seed, devices=("cpu", "cpu"), extra=None):
     cfg = dict(model="tiny", dtype=dtype, kv_connector=transport, secret="test-secret", timeout=5.0, **layout)
+    cfg["extra"] = extra or {}
     address = cons.call("open", role="consumer", cfg=cfg, num_blocks=96, seed=seed, device=devices[1])
     prod.call("open", role="producer", cfg=cfg, num_blocks=80, seed=seed + 1, device=devices[0])
     bs = layout["block_size"]
@@ -73,8 +74,14 @@ def test_byte_exact_two_processes(pair):
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("devices", [("cuda:0", "cuda:0"), ("cuda:0", "cuda:1")], ids=["one-gpu", "two-gpus"])
-@pytest.mark.parametrize("transport", ["cuda_ipc", "nixl"])
-def test_gpu_planes_byte_exact_two_processes(pair, devices, transport):
+@pytest.mark.parametrize(
+    "transport, extra",
+    [("cuda_ipc", {}), ("cuda_ipc", {"coalesce_bytes": 0}), ("nixl", {})],
+    ids=["cuda_ipc-coalesced", "cuda_ipc-per-layer", "nixl"],
+)
+def test_gpu_planes_byte_exact_two_processes(pair, devices, transport, extra):
+    """cuda_ipc's tiny test layouts fit under coalesce_bytes: the default copies them in one launch after the
+    last layer; coalesce_bytes 0 forces the per-layer launches."""
     import torch
 
     from kvconnector.transport.nixl import nixl_available
@@ -85,7 +92,7 @@ def test_gpu_planes_byte_exact_two_processes(pair, devices, transport):
         pytest.skip("needs the nixl package")
     prod, cons = pair
     for i, (dtype, layout) in enumerate((d, lay) for d in DTYPES for lay in LAYOUTS):
-        run_case(prod, cons, transport, dtype, layout, seed=10 * i, devices=devices)
+        run_case(prod, cons, transport, dtype, layout, seed=10 * i, devices=devices, extra=extra)
 
 
 @pytest.mark.timeout(60)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.e2e.test_proxy_api import post, sse_events
+from tests.proxy.test_api import post, sse_events
 from wire.node_messages import Generate
 
 TEMPLATE = (
