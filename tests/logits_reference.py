@@ -74,3 +74,16 @@ def hf_greedy_processed(model, prompt_ids: list[int], max_tokens: int, processor
         ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
         out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
     return generated
+
+
+# Every value bounded, so a random model's output ends well inside max_tokens (the mask does all the work).
+SMALL_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "n": {"enum": [1, 2, 3]},
+        "tag": {"type": "string", "maxLength": 6},
+    },
+    "required": ["ok", "n", "tag"],
+    "additionalProperties": False,
+}

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.harness.servers import UpCluster, needs_nodes
+from tests.harness.servers import module_cluster, needs_nodes
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 
@@ -21,18 +21,12 @@ N = 16
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_model):
-    c = UpCluster(tmp_path_factory.mktemp("cluster-1p1d"), tiny_model, 1, 1)
-    try:
-        yield c
-    finally:
-        c.stop()
+    yield from module_cluster(tmp_path_factory, tiny_model, "cluster-1p1d")
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_model):
-    from wire.tokenizer import load_tokenizer
-
-    return load_tokenizer(tiny_model)
+def tok(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

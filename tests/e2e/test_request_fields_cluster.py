@@ -13,8 +13,8 @@ import uuid
 
 import pytest
 
-from tests.harness.servers import UpCluster, needs_nodes
-from tests.logits_reference import hf_greedy_processed, reference_processors
+from tests.harness.servers import module_cluster, needs_nodes
+from tests.logits_reference import SMALL_SCHEMA, hf_greedy_processed, reference_processors
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 
@@ -22,32 +22,16 @@ LONG = ("The quick brown fox jumps over the lazy dog while the cat sleeps in the
 SHORT = "Hello"
 N = 12
 MODES = [(LONG, "disaggregated"), (SHORT, "colocated")]
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "ok": {"type": "boolean"},
-        "n": {"enum": [1, 2, 3]},
-        "tag": {"type": "string", "maxLength": 6},
-    },
-    "required": ["ok", "n", "tag"],
-    "additionalProperties": False,
-}
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_model):
-    c = UpCluster(tmp_path_factory.mktemp("cluster-fields"), tiny_model, 1, 1)
-    try:
-        yield c
-    finally:
-        c.stop()
+    yield from module_cluster(tmp_path_factory, tiny_model, "cluster-fields")
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_model):
-    from wire.tokenizer import load_tokenizer
-
-    return load_tokenizer(tiny_model)
+def tok(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +101,13 @@ def test_json_schema_validates(client, prompt, mode):
             max_tokens=64,
             temperature=1.0,
             seed=seed,
-            response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}},
+            response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": SMALL_SCHEMA}},
             extra_body=fresh(),
         )
         assert raw.headers["x-pdserve-route"].startswith(mode)
         choice = raw.parse().choices[0]
         assert choice.finish_reason == "stop", choice.message.content
-        jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+        jsonschema.validate(json.loads(choice.message.content), SMALL_SCHEMA)
     r = client.completions.create(
         model="tiny-llama",
         prompt=prompt,

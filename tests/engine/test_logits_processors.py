@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from tests.logits_reference import hf_greedy_processed, reference_processors
+from tests.logits_reference import SMALL_SCHEMA, hf_greedy_processed, reference_processors
 
 MAX_TOKENS = 16
 PROMPTS = [
@@ -17,19 +17,6 @@ PROMPTS = [
     [0, 500, 501, 502, 9, 9, 200],
     [0, 77, 78, 79, 80, 81],
 ]
-
-
-# Every value bounded, so a random model's output ends well inside max_tokens (the mask does all the work).
-SMALL_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "ok": {"type": "boolean"},
-        "n": {"enum": [1, 2, 3]},
-        "tag": {"type": "string", "maxLength": 6},
-    },
-    "required": ["ok", "n", "tag"],
-    "additionalProperties": False,
-}
 
 
 @pytest.fixture(scope="module")

@@ -503,6 +503,23 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model):
+    """The tiny model's tokenizer, as the proxy and the nodes load it."""
+    from wire.tokenizer import load_tokenizer
+
+    return load_tokenizer(tiny_model)
+
+
+def module_cluster(tmp_path_factory, tiny_model, name: str, prefill: int = 1, decode: int = 1):
+    """A module's own `pdserve up` cluster, for a module-scoped fixture: started, yielded, stopped."""
+    c = UpCluster(tmp_path_factory.mktemp(name), tiny_model, prefill, decode)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="session")
 def hf_reference(tiny_model):
     """greedy(prompt_ids, n) -> the n token ids transformers' greedy decoding continues with (EOS ignored)."""
     import torch
