@@ -9,6 +9,7 @@ from tests.e2e.test_nodes_harness import (
     assert_blocks_balanced,
     hf_greedy,
     prompts,
+    proxy,  # noqa: F401 - a fixture
     start_node,
     wait_for,
     wait_healthy,
