@@ -1,11 +1,13 @@
 """vLLM's metric names on a real CPU cluster (`pdserve up`, 1 prefill + 1 decode node), driven by the official
-`openai` client: every series vLLM's Grafana dashboard queries (tests/e2e/vllm_dashboard_series.txt) exists with
-the served model's name, so that dashboard, its alerts and autoscalers on vllm:num_requests_waiting work as is.
+`openai` client: every series vLLM's Grafana dashboard queries (tests/e2e/vllm_dashboard_series.txt) exists
+with the served model's name, so that dashboard, its alerts and autoscalers on vllm:num_requests_waiting work
+as is.
 
 Which endpoint carries what:
-- the proxy's /metrics is the cluster seen as one vLLM server: it carries every dashboard series (engine="proxy");
-- each node's /metrics carries the engine's state series (running, waiting, KV usage, prefix cache, preemptions);
-  the decode node, which serves the proxy's requests, also carries the per-request series.
+- the proxy's /metrics is the cluster seen as one vLLM server: it carries every dashboard series
+  (engine="proxy");
+- each node's /metrics carries the engine's state series (running, waiting, KV usage, prefix cache,
+  preemptions); the decode node, which serves the proxy's requests, also carries the per-request series.
 """
 
 from __future__ import annotations
