@@ -1,7 +1,8 @@
 """Graceful drain: SIGTERM one decode node of a running cluster under a stream of requests (a rolling
-restart's first half). Every request completes, or gets a retryable error (429/503) a client may re-send; none is lost
-or hangs; the node exits within --shutdown-timeout; the survivors' KV accounting holds and every block comes
-back. Also: `pdserve up` itself drains before it stops (its stop returns with every process gone)."""
+restart's first half). Every request completes, or gets a retryable error (429/503) a client may re-send;
+none is lost or hangs; the node exits within --shutdown-timeout; the survivors' KV accounting holds and every
+block comes back. Also: `pdserve up` itself drains before it stops (its stop returns with every process
+gone)."""
 
 from __future__ import annotations
 
