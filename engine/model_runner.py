@@ -46,7 +46,8 @@ def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None 
         return _DTYPES[name]
     if device.type != "cuda":
         return torch.float32
-    saved = DTYPE_ALIASES.get(str(checkpoint_dtype or "").removeprefix("torch."), "")
+    saved = str(checkpoint_dtype or "").removeprefix("torch.")
+    saved = DTYPE_ALIASES.get(saved, saved)
     return _DTYPES[saved] if saved in ("float16", "bfloat16") else torch.bfloat16
 
 
