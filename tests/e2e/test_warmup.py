@@ -1,8 +1,8 @@
-"""Warm before ready. CPU: a node warms up before /health answers at all, and the warm-up leaves nothing behind
-(every block free, no cached prefix the proxies' index never heard of, no warm-up in the vllm:* counters). GPU
-(marked `gpu`): once /health says 200, the first request takes no longer than 1.5x the tenth of the same
-shape; the timings are printed and, with $PDSERVE_RESULTS_DIR set, written there as JSON (httpx: the GPU
-machines have no openai package)."""
+"""Warm before ready. CPU: a node warms up before /health answers at all, and the warm-up leaves nothing
+behind (every block free, no cached prefix the proxies' index never heard of, no warm-up in the vllm:*
+counters). GPU (marked `gpu`): once /health says 200, the first request takes no longer than 1.5x the tenth of
+the same shape; the timings are printed and, with $PDSERVE_RESULTS_DIR set, written there as JSON (httpx: the
+GPU machines have no openai package)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Flags as vLLM reads them: --kv-transfer-config's kv_connector_extra_config (old top-level spellings refused,
-naming the new place), vLLM's other keys checked, --dtype auto and its aliases, --kv-events-config, --max-
-logprobs and --served-model-name; bad values are one clear error line naming the flag."""
+"""Flags as vLLM reads them: --kv-transfer-config's kv_connector_extra_config (old top-level spellings
+refused, naming the new place), vLLM's other keys checked, --dtype auto and its aliases, --kv-events-config,
+--max- logprobs and --served-model-name; bad values are one clear error line naming the flag."""
 
 from __future__ import annotations
 
