@@ -166,12 +166,12 @@ class DisaggDecoder:
             pending.first_token, pending.first_logprobs = msg.token, msg.logprobs
             pending.num_cached_tokens = msg.num_cached_tokens
             pending.deadline = time.monotonic() + self.timeout
-        live.first_token_at = time.monotonic()
         live.timings.update(
             {k: v for k, v in (msg.timings or {}).items() if k in ("prefill_queue", "prefill")}
         )
         finished = status is not None
-        if finished and not self.node.take(live):
+        self.node.tokens_out(live, 1)
+        if finished and not self.node.take(live, status.finish_reason):
             return
         pending.tokens_sent = True
         self.rpc.send(

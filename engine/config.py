@@ -15,13 +15,14 @@ from wire.errors import ConfigError
 
 KV_CONNECTORS = ("tcp", "cuda_ipc", "nixl")  # the data planes kvconnector.transport implements
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float")
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's spellings
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     model: str
-    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    dtype: str = "auto"  # auto: the checkpoint's dtype on GPU (float32 ones in bfloat16), float32 on CPU
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
     seed: int = 0
 
@@ -42,13 +43,29 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
 
 
+# Keys read from kv_connector_extra_config (connector-specific); at the top level they are refused with a
+# pointer there.
+EXTRA_CONFIG_KEYS = ("copy", "kv_secret", "kv_timeout")
+
+
 @dataclass(frozen=True)
 class KVTransferConfig:
+    """--kv-transfer-config, vLLM's JSON. pdserve's own connector keys live in `kv_connector_extra_config`
+    (here `extra`), as in vLLM: {"copy", "block_words", "coalesce_bytes"} for cuda_ipc, "kv_secret",
+    "kv_timeout". kv_rank / kv_parallel_size / kv_buffer_size are accepted for vLLM configs and checked, but
+    pdserve pairs nodes per request (no fixed ranks) and writes straight into the KV cache (no separate
+    buffer)."""
+
     kv_connector: str = "tcp"  # tcp | cuda_ipc | nixl (kvconnector.transport)
     kv_role: str = "kv_both"  # kv_producer | kv_consumer | kv_both
     kv_ip: str = "127.0.0.1"
     kv_port: int = 0
-    extra: dict = field(default_factory=dict)
+    engine_id: str | None = None  # the connector's id in handshakes (default: random)
+    kv_rank: int | None = None
+    kv_parallel_size: int = 1
+    kv_buffer_size: float = 1e9
+    kv_buffer_device: str = "cuda"
+    extra: dict = field(default_factory=dict)  # kv_connector_extra_config
 
     @classmethod
     def from_json(cls, text: str | None) -> "KVTransferConfig":
@@ -60,18 +77,68 @@ class KVTransferConfig:
             raise ConfigError(f"--kv-transfer-config is not valid JSON: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError("--kv-transfer-config must be a JSON object")
-        known = {f.name for f in fields(cls)} - {"extra"}
-        cfg = cls(
-            **{k: v for k, v in raw.items() if k in known},
-            extra={k: v for k, v in raw.items() if k not in known},
-        )
-        if cfg.kv_connector not in KV_CONNECTORS:
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "KVTransferConfig":
+        raw = dict(raw)
+        extra = raw.pop("kv_connector_extra_config", None) or {}
+        if not isinstance(extra, dict):
+            raise ConfigError("--kv-transfer-config: kv_connector_extra_config must be a JSON object")
+        moved = sorted(k for k in raw if k in EXTRA_CONFIG_KEYS)
+        if moved:
             raise ConfigError(
-                f"kv_connector must be one of {', '.join(KV_CONNECTORS)}, got {cfg.kv_connector!r}"
+                f"--kv-transfer-config: {', '.join(moved)} belong(s) in kv_connector_extra_config now, e.g. "
+                f'{{"kv_connector": "...", "kv_connector_extra_config": {{"{moved[0]}": ...}}}}'
             )
-        if cfg.kv_role not in ("kv_producer", "kv_consumer", "kv_both"):
-            raise ConfigError(f"kv_role must be kv_producer, kv_consumer or kv_both, got {cfg.kv_role!r}")
+        if raw.pop("kv_connector_module_path", None):
+            raise ConfigError("--kv-transfer-config: kv_connector_module_path is not supported (no plugins)")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(
+                f"--kv-transfer-config: unknown key(s) {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(known))}, kv_connector_extra_config)"
+            )
+        try:
+            cfg = cls(**raw, extra=extra)
+        except TypeError as exc:
+            raise ConfigError(f"--kv-transfer-config: {exc}") from None
+        cfg._check()
         return cfg
+
+    def _check(self) -> None:
+        if self.kv_connector not in KV_CONNECTORS:
+            raise ConfigError(
+                f"kv_connector must be one of {', '.join(KV_CONNECTORS)}, got {self.kv_connector!r}"
+            )
+        if self.kv_role not in ("kv_producer", "kv_consumer", "kv_both"):
+            raise ConfigError(f"kv_role must be kv_producer, kv_consumer or kv_both, got {self.kv_role!r}")
+        ints = {"kv_port": self.kv_port, "kv_parallel_size": self.kv_parallel_size}
+        if self.kv_rank is not None:
+            ints["kv_rank"] = self.kv_rank
+        for name, value in ints.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(
+                    f"--kv-transfer-config: {name} must be a non-negative integer, got {value!r}"
+                )
+        if not 0 <= self.kv_port <= 65535 or self.kv_parallel_size < 1:
+            raise ConfigError("--kv-transfer-config: kv_port must be 0..65535 and kv_parallel_size >= 1")
+        if not isinstance(self.kv_buffer_size, (int, float)) or self.kv_buffer_size <= 0:
+            raise ConfigError(
+                f"--kv-transfer-config: kv_buffer_size must be positive, got {self.kv_buffer_size!r}"
+            )
+        if self.kv_buffer_device not in ("cuda", "cpu", "xpu"):
+            raise ConfigError(
+                f"--kv-transfer-config: kv_buffer_device must be cuda or cpu, got {self.kv_buffer_device!r}"
+            )
+        if self.engine_id is not None and (
+            not isinstance(self.engine_id, str) or not 0 < len(self.engine_id) <= 64
+        ):
+            raise ConfigError("--kv-transfer-config: engine_id must be a string of 1..64 characters")
+        copy = self.extra.get("copy")
+        if copy is not None and copy not in ("triton", "torch"):
+            raise ConfigError(f"kv_connector_extra_config.copy must be triton or torch, got {copy!r}")
 
 
 @dataclass(frozen=True)
@@ -139,7 +206,13 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
     """The node flags, named as vLLM names them."""
     g = parser.add_argument_group("engine")
     g.add_argument("--model", required=model_required, help="HF checkpoint folder")
-    g.add_argument("--dtype", default="auto", choices=DTYPES)
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="auto: the checkpoint's dtype on GPU (a float32 checkpoint runs in bfloat16), float32 on CPU; "
+        "half = float16, float = float32",
+    )
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--block-size", type=int, default=16)

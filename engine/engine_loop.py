@@ -51,6 +51,9 @@ class LoopSnapshot:
     """One consistent view of the engine, taken on the loop thread after each turn (read from any thread)."""
 
     num_waiting: int = 0
+    num_waiting_remote: int = (
+        0  # decode: blocks reserved, KV arriving from a prefill node (not in num_waiting)
+    )
     num_running: int = 0
     num_free_blocks: int = 0
     num_used_blocks: int = 0
@@ -282,6 +285,7 @@ class EngineLoop:
         stats = pool.stats
         self.snapshot = LoopSnapshot(
             num_waiting=len(scheduler.waiting),
+            num_waiting_remote=len(scheduler.remote),
             num_running=len(scheduler.running),
             num_free_blocks=free,
             num_used_blocks=pool.num_blocks - free - cached,

@@ -13,7 +13,8 @@ from typing import Callable
 import torch
 
 from engine.batch_inputs import build_batch_inputs
-from engine.config import EngineConfig
+from engine.checkpoint import load_arch_config
+from engine.config import DTYPE_ALIASES, EngineConfig
 from engine.kv_cache import allocate_kv_cache, decide_num_blocks
 from engine.models.loader import load_model
 from engine.scheduler_output import ScheduledRequest
@@ -36,10 +37,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None = None) -> torch.dtype:
+    """--dtype as vLLM reads it. auto: the checkpoint's own dtype (config.json's torch_dtype) on a GPU,
+    where a float32 (or unnamed) checkpoint runs in bfloat16 as vLLM downcasts it; on CPU always float32
+    (the reference kernels and the transformers oracle compute in float32, and CPU half-precision matmuls
+    are slow)."""
+    name = DTYPE_ALIASES.get(name, name)
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type != "cuda":
+        return torch.float32
+    saved = str(checkpoint_dtype or "").removeprefix("torch.")
+    saved = DTYPE_ALIASES.get(saved, saved)
+    return _DTYPES[saved] if saved in ("float16", "bfloat16") else torch.bfloat16
 
 
 class ModelRunner:
@@ -48,7 +58,9 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.dtype = resolve_dtype(
+            config.model.dtype, self.device, load_arch_config(config.model.model).torch_dtype
+        )
         self.block_size = config.cache.block_size
         # Called with each layer's index once its K/V writes are queued; the prefill node's KV producer sets
         # it.

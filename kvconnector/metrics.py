@@ -8,6 +8,8 @@ Series (label `role`: producer | consumer; `transport`: tcp | cuda_ipc | nixl):
     pdserve_kv_exposed_transfer_seconds                                histogram, last layer computed to done
     pdserve_kv_achieved_gbps                                           gauge, the last request's bytes /
     transfer time
+    pdserve_kv_request_bytes                                           histogram, KV bytes of one finished
+    request
     pdserve_kv_inflight_transfers                                      gauge, requests between reserve and end
     pdserve_kv_failures_total{cause}                                   counter: timeout, peer_lost, abort, ...
     pdserve_kv_dropped_frames_total{reason}                            counter: truncated, version, oversized,
@@ -25,6 +27,7 @@ from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+_BYTES = tuple(float(1 << k) for k in range(16, 35, 2))  # 64 KiB .. 16 GiB, x4
 _SECONDS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
@@ -61,6 +64,9 @@ class KVMetrics:
             "pdserve_kv_exposed_transfer_seconds",
             "transfer left after the prefill's last layer",
             buckets=_SECONDS,
+        )
+        self.request_bytes = make(
+            Histogram, "pdserve_kv_request_bytes", "KV bytes moved for one finished request", buckets=_BYTES
         )
         self.gbps = make(Gauge, "pdserve_kv_achieved_gbps", "the last finished request's transfer rate, GB/s")
         self.inflight = make(Gauge, "pdserve_kv_inflight_transfers", "requests with a transfer under way")
@@ -104,6 +110,8 @@ class KVMetrics:
         if ok and start is not None and end is not None:
             t["transfer_s"] = max(end - start, 0.0)
             self.transfer_seconds.observe(t["transfer_s"])
+            if nbytes:
+                self.request_bytes.observe(nbytes)
             if t["transfer_s"] > 0 and nbytes:
                 self.gbps.set(nbytes / t["transfer_s"] / 1e9)
         if ok and "exposed_gpu_s" in t:  # measured on the device: last layer computed -> last copy landed

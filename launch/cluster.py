@@ -15,9 +15,10 @@ Steps:
     port.
  4. Wait until every node's /health and the proxy's /health (all nodes live) answer 200, then print the URL
     (and, with --state-file, write a JSON description: urls, pids, ports, logs).
- 5. Supervise until Ctrl-C or SIGTERM, then stop everything (SIGTERM, then SIGKILL after a grace period). A
-    node that dies is reported and left dead: the proxy routes around it. Children get PR_SET_PDEATHSIG, so
-    even a `kill -9` of `pdserve up` takes them down.
+ 5. Supervise until Ctrl-C or SIGTERM, then drain: SIGTERM the proxy (it stops accepting, lets open
+    streams finish), then the nodes (each finishes what it holds, frees every block), each within
+    --shutdown-timeout, SIGKILL only after that. A node that dies is reported and left dead: the proxy
+    routes around it. Children get PR_SET_PDEATHSIG, so even a `kill -9` of `pdserve up` takes them down.
 Each process logs to its own file under --log-dir (default: a temporary folder, printed), fresh each run (the
 previous run's file is kept as *.log.prev), so only this run's ready lines are ever read. The API key reaches
 the proxy in $PDSERVE_API_KEY, never on its command line.
@@ -181,6 +182,8 @@ class Cluster:
         if a.curve:
             base_env["PDSERVE_CURVE"] = "1"  # wire/curve.py: every ZMQ socket encrypted
         counts = {prefill: 0, decode: 0}
+        # The tiny model lives in a temporary folder; give it a stable name clients can use.
+        served_names = list(a.served_model_name) or (["tiny-llama"] if self.tmp_model else [])
         for role, gpu in zip(roles, gpus, strict=False):
             name = f"{role}-{counts[role]}"
             counts[role] += 1
@@ -218,6 +221,9 @@ class Cluster:
                 env.setdefault("CUDA_VISIBLE_DEVICES", "")
             if a.max_model_len:
                 argv += ["--max-model-len", str(a.max_model_len)]
+            if served_names:
+                argv += ["--served-model-name", *served_names]
+            argv += ["--shutdown-timeout", str(a.shutdown_timeout)]
             argv += a.node_arg
             self.children.append(
                 Child(name, role, argv, env, os.path.join(self.log_dir, f"{name}.log"), http="", gpu=gpu)
@@ -238,11 +244,11 @@ class Cluster:
             "--routing",
             a.routing,
         ]
-        # The tiny model lives in a temporary folder; give it a stable name clients can use.
-        served = a.served_model_name or ("tiny-llama" if self.tmp_model else "")
-        for flag, value in (("--redis-url", a.redis_url), ("--served-model-name", served)):
-            if value:
-                proxy_argv += [flag, value]
+        if a.redis_url:
+            proxy_argv += ["--redis-url", a.redis_url]
+        if served_names:
+            proxy_argv += ["--served-model-name", *served_names]
+        proxy_argv += ["--shutdown-timeout", str(a.shutdown_timeout)]
         if a.max_model_len:
             proxy_argv += ["--max-model-len", str(a.max_model_len)]
         if a.log_routing:
@@ -349,9 +355,10 @@ class Cluster:
                 + (f"  gpu {c.gpu}" if c.gpu else ""),
                 flush=True,
             )
-        name = self.args.served_model_name or (
-            "tiny-llama" if self.tmp_model else os.path.basename(self.model_dir)
-        )
+        name = (
+            self.args.served_model_name
+            or ["tiny-llama" if self.tmp_model else os.path.basename(self.model_dir)]
+        )[0]
         print(
             f"pdserve up: ready. OpenAI API at {proxy.http}/v1 (model {name}); Ctrl-C stops everything",
             flush=True,
@@ -374,21 +381,29 @@ class Cluster:
                         return
             time.sleep(0.2)
 
-    def stop(self, grace_s: float = 10.0) -> None:
+    def stop(self) -> None:
+        """Drain, then stop: the proxy first (no new work reaches the nodes; its open streams finish), then
+        the nodes (each finishes what it still holds); each stage gets --shutdown-timeout plus a margin, then
+        SIGKILL."""
         self.stopping = True
-        live = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
-        for c in reversed(live):  # the proxy first, so no new work reaches the nodes
-            try:
-                c.proc.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace_s
-        for c in live:
-            try:
-                c.proc.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                c.proc.kill()
-                c.proc.wait()
+        grace = self.args.shutdown_timeout + 5.0
+        proxy = [c for c in self.children if c.role == "proxy"]
+        nodes = [c for c in self.children if c.role != "proxy"]
+        for stage in (proxy, nodes):
+            live = [c for c in stage if c.proc is not None and c.proc.poll() is None]
+            for c in live:
+                try:
+                    c.proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            for c in live:
+                try:
+                    c.proc.wait(max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    print(f"pdserve up: {c.name} did not stop within {grace:g}s; killing it", flush=True)
+                    c.proc.kill()
+                    c.proc.wait()
         if self.tmp_model:
             shutil.rmtree(self.tmp_model, ignore_errors=True)
         if self.args.state_file and os.path.exists(self.args.state_file):
@@ -406,6 +421,8 @@ def tail(path: str, lines: int = 30) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.prefill < 0 or args.decode < 1:
         raise ConfigError("--decode must be >= 1 and --prefill >= 0")
+    if args.shutdown_timeout < 0:
+        raise ConfigError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     cluster = Cluster(args)
 
     def on_signal(signum, frame):
@@ -448,7 +465,19 @@ def register_cli(subparsers) -> None:
         default=os.environ.get("PDSERVE_API_KEY", ""),
         help="the proxy's API key (default: $PDSERVE_API_KEY; the proxy gets it in its environment)",
     )
-    p.add_argument("--served-model-name", default="")
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="the model's name(s), for every process",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on stop, seconds the proxy and then each node get to finish what they hold (drain)",
+    )
     p.add_argument("--max-model-len", type=int, default=0)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto (GPUs when visible), cpu or cuda")

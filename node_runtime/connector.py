@@ -1,8 +1,9 @@
 """The KV connector's config for a node: the layout from the loaded model, the policy from the node's
-flags."""
+flags (--kv-transfer-config; connector-specific keys come from its kv_connector_extra_config)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 
@@ -11,7 +12,7 @@ def connector_config(node):
 
     runner, config = node.core.runner, node.config
     arch = runner.arch
-    return ConnectorConfig.from_kv_transfer(
+    cfg = ConnectorConfig.from_kv_transfer(
         config.kv_transfer,
         model=os.path.basename(os.path.normpath(config.model.model)),
         dtype=runner.dtype,
@@ -21,4 +22,10 @@ def connector_config(node):
         head_dim=arch.head_dim,
         secret=node.options.kv_secret,
         timeout=node.options.kv_timeout,
+    )
+    # --kv-transfer-config's engine_id names this connector in handshakes and logs (default: random).
+    return (
+        dataclasses.replace(cfg, engine_id=config.kv_transfer.engine_id)
+        if config.kv_transfer.engine_id
+        else cfg
     )

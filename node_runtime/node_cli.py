@@ -4,7 +4,14 @@ Flags: the engine's (`engine.config.add_engine_args`, including --kv-transfer-co
 (--kv-secret, --kv-timeout) and the node's own (--host, --rpc-port, --events-port, --http-port, --node-id,
 --max-num-waiting). Everything binds --host (loopback by default). A role's `kv_role` defaults to the
 subcommand (prefill: kv_producer, decode: kv_consumer) unless --kv-transfer-config names one; kv_both serves
-colocated and disaggregated requests alike. SIGINT/SIGTERM stop the node cleanly.
+colocated and disaggregated requests alike.
+
+SIGTERM (or SIGINT) drains the node: it stops admitting (a retryable 503 the proxy re-routes), /health turns
+503 and heartbeats say draining so proxies stop routing to it, in-flight requests finish for up to
+--shutdown-timeout seconds, what is left is failed (retryable while it has no token), every block is freed,
+and the process exits. A second signal cuts the drain short.
+
+Before it binds its ports the node warms up (node_runtime/warmup.py): /health never says 200 for a cold node.
 """
 
 from __future__ import annotations
@@ -53,6 +60,37 @@ def add_node_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--http-port", type=int, default=0, help="/health and /metrics (0: any)")
     g.add_argument("--node-id", default="", help="name in heartbeats and logs (default: role-host-rpcport)")
     g.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="the model's name(s); the first is model_name on vllm:* metrics (default: the --model folder)",
+    )
+    g.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=20,
+        help="most logprobs a request may ask for (vLLM's flag; 0..20, -1 = 20)",
+    )
+    g.add_argument(
+        "--kv-events-config",
+        default=None,
+        help='vLLM\'s JSON, e.g. {"enable_kv_cache_events": true, "publisher": "zmq", '
+        '"endpoint": "tcp://127.0.0.1:5557", "topic": "kv-events"}: also publish KV events there',
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds to let in-flight requests finish before failing them",
+    )
+    g.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the served shapes once before binding ports (compiles kernels before /health says 200)",
+    )
+    g.add_argument(
         "--max-num-waiting",
         type=int,
         default=1024,
@@ -62,19 +100,89 @@ def add_node_args(parser: argparse.ArgumentParser) -> None:
 
 def kv_transfer_json(args: argparse.Namespace, default_role: str) -> str:
     """--kv-transfer-config with kv_role filled from the subcommand when it names none."""
-    raw = json.loads(args.kv_transfer_config) if args.kv_transfer_config else {}
-    if not isinstance(raw, dict):
-        from wire.errors import ConfigError
+    from wire.errors import ConfigError
 
+    try:
+        raw = json.loads(args.kv_transfer_config) if args.kv_transfer_config else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--kv-transfer-config is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
         raise ConfigError("--kv-transfer-config must be a JSON object")
     raw.setdefault("kv_role", default_role)
     return json.dumps(raw)
+
+
+KV_EVENTS_KEYS = {
+    "enable_kv_cache_events",
+    "publisher",
+    "endpoint",
+    "replay_endpoint",
+    "buffer_steps",
+    "hwm",
+    "max_queue_size",
+    "topic",
+}
+
+
+def kv_events_config(text: str | None, host: str) -> dict | None:
+    """--kv-events-config (vLLM's KVEventsConfig JSON) -> {"endpoint", "topic", "hwm"} when events are on,
+    else None. vLLM's default endpoint binds every interface (tcp://*:5557); ours binds --host unless
+    asked."""
+    from wire.errors import ConfigError
+
+    if not text:
+        return None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--kv-events-config is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("--kv-events-config must be a JSON object")
+    unknown = sorted(set(raw) - KV_EVENTS_KEYS)
+    if unknown:
+        raise ConfigError(f"--kv-events-config: unknown key(s) {', '.join(unknown)}")
+    publisher = raw.get("publisher", "zmq" if raw.get("enable_kv_cache_events") else "null")
+    if publisher not in ("null", "zmq"):
+        raise ConfigError(f"--kv-events-config: publisher must be zmq or null, got {publisher!r}")
+    if raw.get("replay_endpoint"):
+        raise ConfigError(
+            "--kv-events-config: replay_endpoint is not supported (subscribers resync on a gap)"
+        )
+    if not raw.get("enable_kv_cache_events", False) or publisher == "null":
+        return None
+    endpoint = raw.get("endpoint") or f"tcp://{host}:5557"
+    if not isinstance(endpoint, str) or not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+        raise ConfigError(
+            f"--kv-events-config: endpoint must be a ZMQ address like tcp://HOST:PORT, got {endpoint!r}"
+        )
+    topic, hwm = raw.get("topic", ""), raw.get("hwm", 100_000)
+    if not isinstance(topic, str):
+        raise ConfigError("--kv-events-config: topic must be a string")
+    if not isinstance(hwm, int) or isinstance(hwm, bool) or hwm < 1:
+        raise ConfigError("--kv-events-config: hwm must be a positive integer")
+    return {"endpoint": endpoint, "topic": topic, "hwm": hwm}
+
+
+def check_node_args(args: argparse.Namespace) -> None:
+    from wire.errors import ConfigError
+
+    if args.max_logprobs == -1:
+        args.max_logprobs = 20
+    if not 0 <= args.max_logprobs <= 20:
+        raise ConfigError(f"--max-logprobs must be in 0..20 (or -1 for 20), got {args.max_logprobs}")
+    if args.shutdown_timeout < 0:
+        raise ConfigError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    names = args.served_model_name or []
+    if any(not n.strip() for n in names) or len(set(names)) != len(names):
+        raise ConfigError("--served-model-name: names must be non-empty and distinct")
 
 
 def run_node(args: argparse.Namespace, default_role: str) -> int:
     from engine.config import engine_config_from_args
     from node_runtime.node_server import NodeOptions, NodeServer
 
+    check_node_args(args)
+    kv_events = kv_events_config(args.kv_events_config, args.host)
     args.kv_transfer_config = kv_transfer_json(args, default_role)
     config = engine_config_from_args(args)
     options = NodeOptions(
@@ -87,10 +195,19 @@ def run_node(args: argparse.Namespace, default_role: str) -> int:
         kv_timeout=args.kv_timeout,
         kv_secret=args.kv_secret,
         max_num_waiting=args.max_num_waiting,
+        served_model_names=tuple(args.served_model_name or ()),
+        max_logprobs=args.max_logprobs,
+        shutdown_timeout=args.shutdown_timeout,
+        kv_events=kv_events,
+        warmup=args.warmup,
     )
-    stop = threading.Event()
+    stop, force = threading.Event(), threading.Event()
+
+    def on_signal(*_):
+        (force if stop.is_set() else stop).set()  # the second signal cuts the drain short
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     node = NodeServer(config, options).start()
     print(
         ready_line(node.node_id, node.rpc_endpoint, advertised(node.rpc.events_endpoint), node.http_url),
@@ -98,6 +215,8 @@ def run_node(args: argparse.Namespace, default_role: str) -> int:
     )
     try:
         node.serve_forever(stop)
+        if node.loop.alive:
+            node.drain(options.shutdown_timeout, force)
     finally:
         node.stop()
     return 0

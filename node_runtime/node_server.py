@@ -19,6 +19,7 @@ blocks.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -43,12 +44,14 @@ from wire.node_messages import (
     Generate,
     NodeHeartbeat,
     NodeRole,
+    Prefill,
     Tokens,
     encode_heartbeat,
     make_codec,
     plain,
 )
 from wire.sampling_params import SamplingParams
+from wire.vllm_metrics import EngineState, FinishedRequest, VllmMetrics
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,13 @@ class NodeOptions:
     kv_timeout: float = DEFAULT_KV_TIMEOUT
     kv_secret: Optional[str] = None
     max_num_waiting: int = 1024  # engine queue depth beyond which generate/prefill answer 429
+    served_model_names: tuple[
+        str, ...
+    ] = ()  # the first is `model_name` on vllm:* series (default: folder name)
+    max_logprobs: int = 20  # most logprobs a request may ask for (400 above)
+    shutdown_timeout: float = 30.0  # seconds a drain waits for in-flight requests before failing them
+    kv_events: Optional[dict] = None  # --kv-events-config, checked: {"endpoint", "topic", "hwm"} when enabled
+    warmup: bool = True  # run the served shapes once before binding RPC/HTTP (node_runtime/warmup.py)
 
 
 @dataclass(eq=False)
@@ -77,6 +87,10 @@ class LiveRequest:
     deadline: float = 0.0  # monotonic; 0 = none
     scheduled_at: float = 0.0
     first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    num_generated: int = 0
+    prompt_tokens: int = 0
+    max_tokens: Optional[int] = None
     ended: bool = False
     timings: dict = field(default_factory=dict)
 
@@ -101,6 +115,13 @@ class NodeServer:
         self.lock = threading.RLock()
         self.requests: dict[str, LiveRequest] = {}
         self.metrics = NodeMetrics(lambda: self.loop.snapshot, self._extra_gauges)
+        self.model_name = (options.served_model_names or (_folder_name(config.model.model),))[0]
+        self.vllm = VllmMetrics(
+            self.metrics.registry, self.model_name, "0", self.core.scheduler.max_model_len, self._engine_state
+        )
+        self._baseline = None  # the engine's counters after warm-up: vllm:* series count served work only
+        self.draining = False
+        self.kv_events_pub = None
         self.vocab_size = getattr(self.core.runner.arch, "vocab_size", None)
         host = options.host
         self.rpc = RpcServer(
@@ -133,6 +154,19 @@ class NodeServer:
 
     def start(self) -> "NodeServer":
         self.loop.start()
+        if self.options.warmup:
+            from node_runtime.warmup import warm_up
+
+            warm_up(self.loop, self.core)
+        self._baseline = self.loop.call(self._snapshot_now).result(timeout=60)
+        if self.options.kv_events:
+            from kvconnector.event_publisher import KVEventPublisher
+
+            ev = self.options.kv_events
+            self.kv_events_pub = KVEventPublisher(ev["endpoint"], topic=ev["topic"], hwm=ev["hwm"])
+            log.info(
+                "KV events (--kv-events-config) on %s, topic %r", self.kv_events_pub.endpoint, ev["topic"]
+            )
         self.rpc.start()
         self.http.start()
         log.info(
@@ -153,6 +187,8 @@ class NodeServer:
         self.rpc.stop()
         self.loop.stop()
         self.http.stop()
+        if self.kv_events_pub is not None:
+            self.kv_events_pub.close()
 
     def serve_forever(self, stop_event: threading.Event) -> None:
         while not stop_event.wait(0.5):
@@ -160,8 +196,52 @@ class NodeServer:
                 log.error("the engine loop died; shutting down")
                 break
 
+    # ---- graceful drain (SIGTERM) ------------------------------------------------------------------------
+    def in_flight(self) -> int:
+        with self.lock:
+            n = len(self.requests)
+        return n + (self.prefill.num_active if self.prefill is not None else 0)
+
+    def drain(self, timeout_s: float, force: Optional[threading.Event] = None) -> bool:
+        """Stop admitting (new requests get a retryable 503 marked node_draining, so proxies re-route them;
+        /health answers 503 and heartbeats say draining, so proxies stop routing here), let what is in flight
+        finish for up to timeout_s, then fail what is left (retryable while it has no token). True if nothing
+        was cut."""
+        self.draining = True
+        self._heartbeat()  # tell proxies now, not at the next tick
+        log.info(
+            "node %s draining: %d request(s) in flight, up to %.0f s",
+            self.node_id,
+            self.in_flight(),
+            timeout_s,
+        )
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight() and time.monotonic() < deadline and not (force is not None and force.is_set()):
+            time.sleep(0.05)
+        with self.lock:
+            left = list(self.requests.values())
+        for live in left:
+            self.fail(
+                live,
+                503,
+                f"node {self.node_id} shut down",
+                retryable=not live.num_generated,
+                cause="shutdown",
+            )
+        log.info("node %s drained (%d request(s) cut)", self.node_id, len(left))
+        return not left
+
     # ---- incoming ------------------------------------------------------------------------------------------
     def _on_message(self, identity: bytes, msg) -> None:
+        if self.draining and isinstance(msg, (Generate, Prefill)):
+            return self.reject(
+                identity,
+                msg.request_id,
+                503,
+                f"node {self.node_id} is draining",
+                retryable=True,
+                draining=True,
+            )
         if isinstance(msg, Generate):
             self._on_generate(identity, msg)
         elif isinstance(msg, Abort):
@@ -193,7 +273,8 @@ class NodeServer:
                 f"node {self.node_id} ({self.role}) does not decode for prefill nodes",
                 retryable=True,
             )
-        live = LiveRequest(rid, identity, msg.mode)
+        live = LiveRequest(rid, identity, msg.mode, prompt_tokens=len(msg.prompt_token_ids))
+        live.max_tokens = params.max_tokens
         if msg.deadline_s > 0:
             live.deadline = live.arrival + msg.deadline_s
         with self.lock:
@@ -251,12 +332,11 @@ class NodeServer:
         """A StepOutput of a request running in this engine (loop thread)."""
         if live.ended:
             return
-        if out.new_token_ids and not live.first_token_at:
-            live.first_token_at = time.monotonic()
+        self.tokens_out(live, len(out.new_token_ids))
         timings = None
         if out.finished:
             timings = self.final_timings(live)
-            if not self.take(live):
+            if not self.take(live, out.finish_reason or "stop"):
                 return
             self.metrics.finished.labels(out.finish_reason or "stop").inc()
         self.rpc.send(
@@ -298,6 +378,14 @@ class NodeServer:
         problem = check_token_ids(prompt_token_ids, parsed.stop_token_ids, self.vocab_size)
         if problem:
             return self.reject(identity, request_id, 400, problem)
+        if parsed.logprobs is not None and parsed.logprobs > self.options.max_logprobs:
+            return self.reject(
+                identity,
+                request_id,
+                400,
+                f"logprobs {parsed.logprobs} is more than this node's --max-logprobs "
+                f"{self.options.max_logprobs}",
+            )
         if self.loop.snapshot.num_waiting >= self.options.max_num_waiting:
             return self.reject(
                 identity, request_id, 429, f"node {self.node_id}'s queue is full", retryable=True
@@ -305,26 +393,67 @@ class NodeServer:
         return parsed
 
     def reject(
-        self, identity: bytes, request_id: str, status: int, message: str, retryable: bool = False
+        self,
+        identity: bytes,
+        request_id: str,
+        status: int,
+        message: str,
+        retryable: bool = False,
+        draining: bool = False,
     ) -> None:
         self.metrics.rejected.labels(str(status)).inc()
         self.rpc.send(
-            identity, Error(request_id=request_id, status=status, message=message, retryable=retryable)
+            identity,
+            Error(
+                request_id=request_id,
+                status=status,
+                message=message,
+                retryable=retryable,
+                node_draining=draining,
+            ),
         )
 
-    def take(self, live: LiveRequest) -> bool:
-        """Mark live ended; True for exactly one caller."""
+    def tokens_out(self, live: LiveRequest, n: int) -> None:
+        """n more output tokens of live are on their way to the proxy: TTFT, ITL and token counters."""
+        if n <= 0:
+            return
+        now = time.monotonic()
+        if not live.num_generated:
+            live.first_token_at = live.first_token_at or now
+            self.vllm.first_token(live.first_token_at - live.arrival)
+            self.vllm.prompt_tokens.inc(live.prompt_tokens)
+            self.vllm.generation_tokens.inc(n)
+        else:
+            self.vllm.tokens_arrived(now - live.last_token_at, n)
+        live.last_token_at = now
+        live.num_generated += n
+
+    def take(self, live: LiveRequest, finish_reason: str = "abort") -> bool:
+        """Mark live ended; True for exactly one caller (who counts it in the vllm:* request series)."""
         with self.lock:
             if live.ended:
                 return False
             live.ended = True
             if self.requests.get(live.request_id) is live:
                 del self.requests[live.request_id]
-            return True
+        scheduled = live.scheduled_at or (live.arrival + live.timings.get("prefill_queue", 0.0))
+        self.vllm.finished(
+            FinishedRequest(
+                arrival=live.arrival,
+                finished=time.monotonic(),
+                finish_reason=finish_reason,
+                prompt_tokens=live.prompt_tokens,
+                generation_tokens=live.num_generated,
+                scheduled=scheduled,
+                first_token=live.first_token_at or None,
+                max_tokens=live.max_tokens,
+            )
+        )
+        return True
 
     def end(self, live: LiveRequest, finish_reason: str, cause: str, notify: bool = True) -> None:
         """End early (abort, client gone): free everything; tell the proxy with a final Tokens message."""
-        if not self.take(live):
+        if not self.take(live, finish_reason):
             return
         self.metrics.aborted.labels(cause).inc()
         self.metrics.finished.labels(finish_reason).inc()
@@ -368,7 +497,10 @@ class NodeServer:
     def _publish_kv_events(self, outputs) -> None:
         events = self.core.block_pool.take_events()
         if events:
-            self.rpc.publish(TOPIC_KV_EVENTS, encode_batch(KVEventBatch(ts=time.time(), events=events)))
+            batch = KVEventBatch(ts=time.time(), events=events)
+            self.rpc.publish(TOPIC_KV_EVENTS, encode_batch(batch))
+            if self.kv_events_pub is not None:
+                self.kv_events_pub.publish(batch)
 
     def _heartbeat(self) -> None:
         s = self.loop.snapshot
@@ -380,12 +512,13 @@ class NodeServer:
                     role=NodeRole.of_kv_role(self.role).value,
                     rpc=self.rpc_endpoint,
                     http=self.http_url,
-                    num_waiting=s.num_waiting,
+                    num_waiting=s.num_waiting + s.num_waiting_remote,  # vllm:num_requests_waiting's meaning
                     num_running=s.num_running,
                     free_blocks=s.num_free_blocks + s.num_cached_blocks,
                     total_blocks=s.num_total_blocks,
                     block_size=s.block_size,
                     ts=time.time(),
+                    draining=self.draining,
                 )
             ),
         )
@@ -404,11 +537,31 @@ class NodeServer:
             )
         return gauges
 
+    def _snapshot_now(self):
+        """Loop thread: a fresh snapshot (the loop takes one after each turn; this one is taken now)."""
+        self.loop._take_snapshot()
+        return self.loop.snapshot
+
+    def _engine_state(self) -> EngineState:
+        s, base = self.loop.snapshot, self._baseline
+        # vllm:num_requests_waiting counts, as vLLM's scheduler does, requests in WAITING_FOR_REMOTE_KVS: on a
+        # decode node they hold reserved blocks and wait for a prefill node's KV, which is queueing for the
+        # operator (an autoscaler on this gauge must see a decode node whose requests wait on transfers).
+        return EngineState(
+            running=s.num_running,
+            waiting=s.num_waiting + s.num_waiting_remote,
+            kv_cache_usage=s.num_used_blocks / s.num_total_blocks if s.num_total_blocks else 0.0,
+            prefix_queries=s.prefix_queried_tokens - (base.prefix_queried_tokens if base else 0),
+            prefix_hits=s.prefix_hit_tokens - (base.prefix_hit_tokens if base else 0),
+            preemptions=s.num_preemptions - (base.num_preemptions if base else 0),
+        )
+
     def _health(self) -> tuple[bool, dict]:
         s = self.loop.snapshot
-        ok = self.loop.alive and self.rpc._thread.is_alive()
+        alive = self.loop.alive and self.rpc._thread.is_alive()
+        ok = alive and not self.draining
         return ok, {
-            "status": "ok" if ok else "unhealthy",
+            "status": "ok" if ok else ("draining" if alive else "unhealthy"),
             "node_id": self.node_id,
             "role": NodeRole.of_kv_role(self.role).value,
             "rpc": self.rpc_endpoint,
@@ -438,6 +591,10 @@ def check_token_ids(prompt: list, stop_token_ids: list[int], vocab_size: Optiona
     if bad is not None:
         return f"stop_token_ids: {bad} is outside the vocabulary (size {vocab_size})"
     return ""
+
+
+def _folder_name(path: str) -> str:
+    return os.path.basename(os.path.normpath(path))
 
 
 def _build_core(config):

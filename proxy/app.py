@@ -6,7 +6,8 @@ body size -> 400 UTF-8, JSON, nesting, surrogates (proxy/request_body.py) -> 404
 node / node errors. Body parsing, tokenization and chat templating run in worker threads: the event loop only
 moves bytes, so a huge or slow request never delays /health, heartbeats or other streams. A bug answers 500 in
 OpenAI's shape from inside the handler, so uvicorn keeps the keep-alive connection usable.
-/health and /metrics need no key (probes and scrapers). Never imports torch (a test checks).
+/health, /ping, /version and /metrics need no key (probes and scrapers); /tokenize, /detokenize and
+/v1/models do. Never imports torch (a test checks).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from proxy.request_body import read_json_object
 from proxy.request_fields import generation_defaults, read_chat_template
 from proxy.router import Router
 from proxy.serving import Served, serve
+from proxy.tokenize import detokenize, tokenize
 from wire import curve
 from wire.frames import resolve_secret
 from wire.node_messages import ROLES, make_codec
@@ -66,14 +68,19 @@ class ProxyState:
 
         self.config = config
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
-        self.model_name = config.served_model_name or os.path.basename(os.path.normpath(config.model))
+        self.model_names = config.served_model_names or (
+            (config.served_model_name,)
+            if config.served_model_name
+            else (os.path.basename(os.path.normpath(config.model)),)
+        )
+        self.model_name = self.model_names[0]  # in responses and as model_name on vllm:* metrics
         self.max_model_len = config.max_model_len or model_max_len(config.model)
         if config.chat_template:  # --chat-template replaces the checkpoint's
             self.tokenizer.chat_template = read_chat_template(config.chat_template)
         self.sampling_defaults = generation_defaults(config.generation_config, config.model)
         token_chars = getattr(self.tokenizer, "max_token_chars", None)
         self.max_prompt_chars = self.max_model_len * token_chars if token_chars else None
-        self.metrics = ProxyMetrics()
+        self.metrics = ProxyMetrics(self.model_name, self.max_model_len)
         self.limits = SequenceLimits(config.max_seqs_per_request, config.max_seqs_per_key)
         self.inflight = 0
         self.started = time.time()
@@ -83,6 +90,7 @@ class ProxyState:
         self.loop = asyncio.get_running_loop()
         self.ctx = zmq.asyncio.Context()
         self.registry = NodeRegistry(misses=cfg.heartbeat_misses)
+        self.metrics.nodes = self.registry.live
         if cfg.redis_url:
             from proxy.redis_index import RedisPrefixIndex
 
@@ -212,7 +220,7 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
         model = body.get("model")
         if model is None:
             return  # lenient: the one model we serve
-        if model not in (state.model_name, config.model):
+        if model not in state.model_names and model != config.model:
             raise APIError(
                 404,
                 f"The model '{model}' does not exist; this server serves '{state.model_name}'.",
@@ -245,6 +253,12 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
             req = await asyncio.to_thread(
                 parse, body, state.tokenizer, state.max_prompt_chars, state.sampling_defaults
             )
+            if req.logprobs is not None and req.logprobs > config.max_logprobs:
+                raise bad_request(
+                    f"logprobs {req.logprobs} is more than this server's --max-logprobs "
+                    f"{config.max_logprobs}",
+                    param="logprobs",
+                )
             check_length(req, state.max_model_len)
             key = state.limits.key_of(request.headers.get("authorization", ""))
             sequences = len(req.prompts) * req.params.n
@@ -281,20 +295,49 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
             "object": "list",
             "data": [
                 {
-                    "id": state.model_name,
+                    "id": name,
                     "object": "model",
                     "created": int(state.started),
                     "owned_by": "pdserve",
                     "root": config.model,
                     "max_model_len": state.max_model_len,
                 }
+                for name in state.model_names
             ],
         }
+
+    async def _json_body(request: Request) -> dict:
+        check_auth(request)
+        body = await read_json_object(request, config.max_request_bytes)
+        check_model(body)
+        return body
+
+    @app.post("/tokenize")
+    async def tokenize_endpoint(request: Request):
+        body = await _json_body(request)
+        return await asyncio.to_thread(
+            tokenize, body, state.tokenizer, state.max_model_len, state.max_prompt_chars
+        )
+
+    @app.post("/detokenize")
+    async def detokenize_endpoint(request: Request):
+        body = await _json_body(request)
+        return await asyncio.to_thread(detokenize, body, state.tokenizer)
+
+    @app.get("/version")
+    async def version():
+        return {"version": pdserve_version()}
 
     @app.get("/health")
     async def health():
         status, body = state.health()
         return JSONResponse(body, status_code=status)
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping():
+        """vLLM's (SageMaker's) liveness probe: /health's status, no body."""
+        status, _ = state.health()
+        return Response(status_code=status)
 
     @app.get("/metrics")
     async def metrics():
@@ -303,6 +346,15 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def pdserve_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("pdserve")
+    except Exception:  # noqa: BLE001 - not installed as a distribution (a source checkout on sys.path)
+        return "0.0.0+unknown"
 
 
 def proxy_state(app: FastAPI) -> Optional[ProxyState]:

@@ -48,7 +48,21 @@ def add_proxy_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-model-len", type=int, default=0, help="default: the checkpoint's context length")
     p.add_argument(
-        "--served-model-name", default="", help="the model name clients use (default: folder name)"
+        "--served-model-name",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="the model name(s) clients may use; the first is the one responses and metrics carry "
+        "(default: folder name)",
+    )
+    p.add_argument(
+        "--max-logprobs", type=int, default=20, help="most logprobs a request may ask for (0..20, -1 = 20)"
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM: stop accepting connections and let open requests and streams finish this long",
     )
     p.add_argument(
         "--chat-template",
@@ -100,6 +114,15 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         raise ConfigError(
             "--max-queue and --heartbeat-misses must be >= 1, --request-timeout > 0, --max-retries >= 0"
         )
+    names = list(args.served_model_name or [])
+    if any(not n.strip() for n in names) or len(set(names)) != len(names):
+        raise ConfigError("--served-model-name: names must be non-empty and distinct")
+    if args.max_logprobs == -1:
+        args.max_logprobs = 20
+    if not 0 <= args.max_logprobs <= 20:
+        raise ConfigError(f"--max-logprobs must be in 0..20 (or -1 for 20), got {args.max_logprobs}")
+    if args.shutdown_timeout < 0:
+        raise ConfigError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if not args.node:
         log.warning("no --node given: every generation request will answer 503")
     try:
@@ -108,7 +131,10 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         raise ConfigError(str(exc)) from None
     return ProxyConfig(
         model=args.model,
-        served_model_name=args.served_model_name,
+        served_model_name=names[0] if names else "",
+        served_model_names=tuple(names),
+        max_logprobs=args.max_logprobs,
+        shutdown_timeout_s=args.shutdown_timeout,
         host=args.host,
         port=args.port,
         node_events=tuple(args.node),
@@ -144,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
         port=config.port,
         log_level=args.log_level.lower(),
         access_log=False,
-        timeout_graceful_shutdown=5,
+        # SIGTERM: uvicorn stops accepting at once and lets open requests (streams too) finish this long.
+        timeout_graceful_shutdown=config.shutdown_timeout_s,
     )
     return 0
 

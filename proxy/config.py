@@ -37,6 +37,11 @@ class RouterConfig:
 class ProxyConfig:
     model: str  # checkpoint folder (tokenizer, chat template, config.json)
     served_model_name: str = ""  # the name clients ask for; default: the folder's basename
+    served_model_names: tuple[
+        str, ...
+    ] = ()  # every name clients may ask for (the first is served_model_name)
+    max_logprobs: int = 20  # most logprobs / top_logprobs a request may ask for (400 above)
+    shutdown_timeout_s: float = 30.0  # on SIGTERM: stop accepting, let open streams finish this long
     host: str = "127.0.0.1"
     port: int = 8000
     node_events: tuple[str, ...] = ()  # the nodes' events endpoints (tcp://host:port)

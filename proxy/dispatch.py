@@ -260,10 +260,14 @@ class ChoiceRun:
             self._end()
             raise error
         exclude = []
-        if dec.mode == "disaggregated":
-            exclude.append(dec.prefill)
-        if dec.mode == "colocated" or err.status == 429:
+        if err.node_draining:  # the decode node is shutting down (its heartbeat may still be on the way)
+            dec.decode.draining = True
             exclude.append(dec.decode)
+        else:
+            if dec.mode == "disaggregated":
+                exclude.append(dec.prefill)
+            if dec.mode == "colocated" or err.status == 429:
+                exclude.append(dec.decode)
         self._detach()
         decision = await self._reroute(f"node_error_{err.status}", exclude, error)
         await self._send(decision)

@@ -40,6 +40,7 @@ class NodeState:
     total_blocks: int = 0
     last_seen: float = field(default_factory=time.monotonic)
     alive: bool = True
+    draining: bool = False  # shutting down: alive (its requests finish) but never routed to
     pending_prefill: int = 0  # this proxy's requests prefilling here (no first token yet)
     active: int = 0  # this proxy's requests decoding here (or colocated)
 
@@ -71,6 +72,7 @@ class NodeState:
             "http": self.http,
             "events": self.events,
             "alive": self.alive,
+            "draining": self.draining,
             "num_waiting": self.num_waiting,
             "num_running": self.num_running,
             "free_blocks": self.free_blocks,
@@ -115,6 +117,9 @@ class NodeRegistry:
         node.events = events_endpoint
         node.num_waiting, node.num_running = hb.num_waiting, hb.num_running
         node.free_blocks, node.total_blocks = hb.free_blocks, hb.total_blocks
+        if hb.draining and not node.draining:
+            log.info("node %s is draining: no longer routed to", node.node_id)
+        node.draining = hb.draining
         node.last_seen = now
         self._by_rpc[node.rpc] = node
         return node
@@ -162,10 +167,12 @@ class NodeRegistry:
         return [n for n in self.nodes.values() if n.alive]
 
     def prefillers(self) -> list[NodeState]:
-        return [n for n in self.live() if n.can_prefill]
+        """Nodes to route prefills to: live and not draining."""
+        return [n for n in self.live() if n.can_prefill and not n.draining]
 
     def decoders(self) -> list[NodeState]:
-        return [n for n in self.live() if n.can_decode]
+        """Nodes to route requests to: live and not draining."""
+        return [n for n in self.live() if n.can_decode and not n.draining]
 
     def block_size(self) -> Optional[int]:
         sizes = {n.block_size for n in self.live()}

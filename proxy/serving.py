@@ -30,6 +30,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.protocol import GenerationRequest
 from wire.detokenizer import IncrementalDetokenizer
 from wire.node_messages import TIMING_KEYS
+from wire.vllm_metrics import FinishedRequest
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ class RequestJob:
         self.choices: list[ChoiceState] = []
         self.first_items: list = []
         self.recorded = False
+        self.last_token_at: dict[int, float] = {}  # choice index -> when its last tokens arrived (ITL)
+        self.counted: set[int] = set()  # choices already in the vllm:* per-request series
         self.tasks: list[asyncio.Task] = []  # a stream's per-choice relays
 
     # ---- 1. start ------------------------------------------------------------------------------------------
@@ -138,9 +141,39 @@ class RequestJob:
 
     def _absorb(self, c: ChoiceState, msg) -> Delta:
         delta = c.absorb(msg)
-        if delta.token_ids and c.run.first_token_at is not None and len(c.token_ids) == len(delta.token_ids):
-            self.s.metrics.ttft.observe(c.run.first_token_at - self.arrival)
+        vllm, n = self.s.metrics.vllm, len(delta.token_ids)
+        if n:
+            now = time.monotonic()
+            if c.run.first_token_at is not None and len(c.token_ids) == n:
+                self.s.metrics.ttft.observe(c.run.first_token_at - self.arrival)
+                vllm.first_token(c.run.first_token_at - self.arrival)
+                vllm.generation_tokens.inc(n)
+            elif c.index in self.last_token_at:
+                vllm.tokens_arrived(now - self.last_token_at[c.index], n)
+            self.last_token_at[c.index] = now
+        if delta.finish_reason is not None:
+            self._count_choice(c, delta.finish_reason)
         return delta
+
+    def _count_choice(self, c: ChoiceState, finish_reason: str) -> None:
+        """One choice ended: one request in vLLM's per-request series (n > 1 runs n requests there too)."""
+        if c.index in self.counted:
+            return
+        self.counted.add(c.index)
+        timings = c.timings or {}
+        self.s.metrics.node_timings(timings)
+        self.s.metrics.vllm.finished(
+            FinishedRequest(
+                arrival=self.arrival,
+                finished=time.monotonic(),
+                finish_reason=finish_reason,
+                prompt_tokens=len(self.req.prompts[c.index // self.req.params.n]),
+                generation_tokens=len(c.token_ids),
+                scheduled=self.arrival + float(timings.get("prefill_queue", 0.0)),
+                first_token=c.run.first_token_at,
+                max_tokens=self.req.params.max_tokens,
+            )
+        )
 
     # ---- 3. usage and timings ------------------------------------------------------------------------------
     def usage(self) -> dict:
@@ -192,6 +225,13 @@ class RequestJob:
         m.prompt_tokens.inc(usage["prompt_tokens"])
         m.cached_tokens.inc(usage["prompt_tokens_details"]["cached_tokens"])
         m.generation_tokens.inc(usage["completion_tokens"])
+        m.vllm.prompt_tokens.inc(usage["prompt_tokens"])
+        m.prefix_queries += usage["prompt_tokens"]
+        m.prefix_hits += usage["prompt_tokens_details"]["cached_tokens"]
+        for c in self.choices:  # those that never finished (an error, the client gone) ended as aborts
+            self._count_choice(c, "abort")
+        if self.choices:
+            m.vllm.request_group(self.req.params.n, max(len(c.token_ids) for c in self.choices))
 
     # ---- 2a. plain JSON ------------------------------------------------------------------------------------
     async def collect(self) -> dict:

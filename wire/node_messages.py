@@ -149,6 +149,7 @@ class Error(Message, tag="error"):
     status: int  # 400 bad request, 429 queue full / no blocks, 503 cannot serve, 504 timeout
     message: str
     retryable: bool = False
+    node_draining: bool = False  # the sender is shutting down: route this and later requests elsewhere
 
     def check(self) -> None:
         _check_request(self.request_id)
@@ -250,6 +251,7 @@ class NodeHeartbeat(msgspec.Struct, forbid_unknown_fields=False):
     total_blocks: int
     block_size: int
     ts: float  # the node's wall clock, informational; liveness uses the receiver's clock
+    draining: bool = False  # SIGTERM: finishing what it holds, admitting nothing new; never route to it
 
     def check(self) -> None:
         if not 0 < len(self.node_id) <= MAX_ID_LEN:

@@ -48,6 +48,22 @@ REQUIRED_SERIES = {
     "pdserve_proxy_requests_total",
     "pdserve_proxy_request_seconds_bucket",
     "pdserve_proxy_redis_up",
+    "pdserve_proxy_routing_decisions_total",
+    "pdserve_kv_request_bytes_bucket",
+    # vLLM's names (the serving row): what its own dashboard and autoscalers read.
+    "vllm:e2e_request_latency_seconds_bucket",
+    "vllm:time_to_first_token_seconds_bucket",
+    "vllm:inter_token_latency_seconds_bucket",
+    "vllm:request_time_per_output_token_seconds_bucket",
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:request_success_total",
+    "vllm:prefix_cache_hits_total",
+    "vllm:prefix_cache_queries_total",
+    "vllm:num_preemptions_total",
 }
 
 
@@ -231,11 +247,11 @@ def test_dashboard_metrics_are_exported(exported):
         dash = json.load(f)
     referenced: set[str] = set()
     for e in dashboard_exprs(dash):
-        # A selector `name{...}` or `name[...]` must be one of ours; then every pdserve_ name must be
-        # exported.
+        # A selector `name{...}` or `name[...]` must be one of ours (pdserve_* or vLLM's vllm:*); then every
+        # such name must be exported.
         for name in re.findall(r"([a-zA-Z_:][\w:]*)\s*[{\[]", e):
-            assert name.startswith("pdserve_"), f"{e}: {name} is not a pdserve series"
-        names = set(re.findall(r"\bpdserve_\w+", e))
+            assert name.startswith(("pdserve_", "vllm:")), f"{e}: {name} is not a pdserve or vllm series"
+        names = set(re.findall(r"\bpdserve_\w+|\bvllm:[\w:]+", e))
         assert names, f"{e}: references no pdserve series"
         referenced |= names
     missing = referenced - exported
