@@ -160,7 +160,7 @@ class NodeServer:
             warm_up(self.loop, self.core)
         self._baseline = self.loop.call(self._snapshot_now).result(timeout=60)
         if self.options.kv_events:
-            from kvconnector.event_publisher import KVEventPublisher
+            from node_runtime.kv_events_publisher import KVEventPublisher
 
             ev = self.options.kv_events
             self.kv_events_pub = KVEventPublisher(ev["endpoint"], topic=ev["topic"], hwm=ev["hwm"])

@@ -4,6 +4,8 @@ events."""
 
 from __future__ import annotations
 
+import json
+
 import msgpack
 import pytest
 import zmq
@@ -17,6 +19,7 @@ from tests.harness.nodes import (
     wait_for,
     wait_healthy,
 )
+from tests.harness.servers import free_port
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 12
@@ -24,7 +27,17 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def node(model_dir, tmp_path_factory):
-    node = start_node("decode", model_dir, str(tmp_path_factory.mktemp("node-logs")), kv_role="kv_both")
+    # vLLM's --kv-events-config too: the node then also publishes on a PUB socket of its own
+    events = f"tcp://127.0.0.1:{free_port()}"
+    config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": events, "topic": "kv-events"}
+    node = start_node(
+        "decode",
+        model_dir,
+        str(tmp_path_factory.mktemp("node-logs")),
+        kv_role="kv_both",
+        extra=["--kv-events-config", json.dumps(config)],
+    )
+    node.vllm_events = events
     try:
         wait_healthy(node)
         yield node
@@ -114,6 +127,10 @@ def test_heartbeats_and_kv_events_are_published(node, proxy):
     for topic in (b"heartbeat", b"kv-events"):
         sub.setsockopt(zmq.SUBSCRIBE, topic)
     sub.connect(node.events)
+    vllm_sub = ctx.socket(zmq.SUB)  # --kv-events-config's publisher, as a vLLM indexer would subscribe
+    vllm_sub.setsockopt(zmq.LINGER, 0)
+    vllm_sub.setsockopt(zmq.SUBSCRIBE, b"kv-events")
+    vllm_sub.connect(node.vllm_events)
     try:
         heartbeat = _next(sub, b"heartbeat")
         hb = decode_heartbeat(heartbeat[-1])
@@ -128,7 +145,13 @@ def test_heartbeats_and_kv_events_are_published(node, proxy):
                 e for e in batch.events if isinstance(e, BlockStored) and e.token_ids[:16] == prompt[:16]
             ]
         assert len(stored[0].token_ids) == 16 * len(stored[0].block_hashes)
+        seen = []  # the same BlockStored on the vLLM-format publisher, with a sequence number
+        while not seen:
+            topic, seq, payload = _next(vllm_sub, b"kv-events")
+            seen = [e for e in decode_batch(payload).events if e in stored]
+        assert len(seq) == 8
     finally:
+        vllm_sub.close(0)
         sub.close(0)
         ctx.term()
 
