@@ -67,7 +67,6 @@ class CudaIpcDataPlane(DataPlane):
         first = self.caches[0]
         self.block_bytes_all_layers = first[:, :1].numel() * first.element_size() * self.num_layers
         self._stacked = stacked_layers(self.caches)  # every layer as one [2L, N, *blk] view, or None
-        self._load_copy_kernel()
         # high priority: a layer's copy is small and must not queue behind the next layers' compute kernels
         self._stream = torch.cuda.Stream(self.device, priority=-1)
         self._stream_handle = self._stream.cuda_stream
@@ -78,6 +77,7 @@ class CudaIpcDataPlane(DataPlane):
         self._retired: list = []  # mappings of closed links, released once the copy stream is past them
         self._retiring: list[tuple[torch.cuda.Event, list]] = []
         self._last_compute: Optional[torch.cuda.Event] = None  # timing event: the last layer computed
+        self._load_copy_kernel()  # last: it needs the copy stream
 
     def _load_copy_kernel(self) -> None:
         """Compile the copy kernel (or load it from Triton's cache) at node start, not in the first request's
@@ -85,9 +85,12 @@ class CudaIpcDataPlane(DataPlane):
         them), so the specialisation is the one every copier of this layout uses."""
         if self.copy != "triton" or self.caches[0].shape[1] == 0:
             return
-        src_ids, dst_ids = (torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(2))
-        BlockCopier(self.caches[0], self.caches[0], self.block_words)(src_ids, dst_ids, self._stream_handle)
-        self._stream.synchronize()
+        with torch.cuda.device(self.device):
+            src_ids, dst_ids = (torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(2))
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))  # after the cache's zero fill
+            copier = BlockCopier(self.caches[0], self.caches[0], self.block_words)
+            copier(src_ids, dst_ids, self._stream_handle)
+            self._stream.synchronize()
 
     # ---- consumer: export ----------------------------------------------------------------------------------
     def local_info(self) -> dict:
