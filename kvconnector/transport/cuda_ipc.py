@@ -15,6 +15,7 @@ request's blocks at once and a later step may reuse them (the wait costs at most
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional, Sequence
 
@@ -23,6 +24,8 @@ import torch
 from kernels.block_copy import BlockCopier
 from kvconnector.transport.base import DataPlane, DataPlaneConfig, Fence, PeerWrites, dtype_name, torch_dtype
 from wire.frames import Handshake
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_WORDS = 1024
 DEFAULT_COALESCE_BYTES = 8 << 20  # 4 blocks of Llama-8B's KV (all layers): ~25 us over NVLink
@@ -85,12 +88,17 @@ class CudaIpcDataPlane(DataPlane):
         them), so the specialisation is the one every copier of this layout uses."""
         if self.copy != "triton" or self.caches[0].shape[1] == 0:
             return
-        with torch.cuda.device(self.device):
-            src_ids, dst_ids = (torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(2))
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))  # after the cache's zero fill
-            copier = BlockCopier(self.caches[0], self.caches[0], self.block_words)
-            copier(src_ids, dst_ids, self._stream_handle)
-            self._stream.synchronize()
+        try:  # only an optimisation: a failure here leaves the first real launch to compile it
+            with torch.cuda.device(self.device):
+                src_ids, dst_ids = (torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(2))
+                self._stream.wait_stream(
+                    torch.cuda.current_stream(self.device)
+                )  # after the cache's zero fill
+                copier = BlockCopier(self.caches[0], self.caches[0], self.block_words)
+                copier(src_ids, dst_ids, self._stream_handle)
+                self._stream.synchronize()
+        except Exception:
+            log.warning("cuda_ipc: loading the copy kernel at start failed", exc_info=True)
 
     # ---- consumer: export ----------------------------------------------------------------------------------
     def local_info(self) -> dict:
