@@ -45,7 +45,7 @@ class SchedulerConfig:
 
 # Keys read from kv_connector_extra_config (connector-specific); at the top level they are refused with a
 # pointer there.
-EXTRA_CONFIG_KEYS = ("copy", "kv_secret", "kv_timeout")
+EXTRA_CONFIG_KEYS = ("copy", "block_words", "coalesce_bytes", "kv_secret", "kv_timeout")
 
 
 @dataclass(frozen=True)
