@@ -164,17 +164,9 @@ def kv_events_config(text: str | None, host: str) -> dict | None:
 
 
 def check_node_args(args: argparse.Namespace) -> None:
-    from wire.errors import ConfigError
+    from wire.serving_flags import check_shared_serving_flags
 
-    if args.max_logprobs == -1:
-        args.max_logprobs = 20
-    if not 0 <= args.max_logprobs <= 20:
-        raise ConfigError(f"--max-logprobs must be in 0..20 (or -1 for 20), got {args.max_logprobs}")
-    if args.shutdown_timeout < 0:
-        raise ConfigError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
-    names = args.served_model_name or []
-    if any(not n.strip() for n in names) or len(set(names)) != len(names):
-        raise ConfigError("--served-model-name: names must be non-empty and distinct")
+    check_shared_serving_flags(args)
 
 
 def run_node(args: argparse.Namespace, default_role: str) -> int:

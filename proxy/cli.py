@@ -15,6 +15,7 @@ import os
 from proxy.config import ProxyConfig, RouterConfig
 from wire.errors import ConfigError
 from wire.frames import resolve_secret
+from wire.serving_flags import check_shared_serving_flags
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +115,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         raise ConfigError(
             "--max-queue and --heartbeat-misses must be >= 1, --request-timeout > 0, --max-retries >= 0"
         )
+    check_shared_serving_flags(args)
     names = list(args.served_model_name or [])
-    if any(not n.strip() for n in names) or len(set(names)) != len(names):
-        raise ConfigError("--served-model-name: names must be non-empty and distinct")
-    if args.max_logprobs == -1:
-        args.max_logprobs = 20
-    if not 0 <= args.max_logprobs <= 20:
-        raise ConfigError(f"--max-logprobs must be in 0..20 (or -1 for 20), got {args.max_logprobs}")
-    if args.shutdown_timeout < 0:
-        raise ConfigError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if not args.node:
         log.warning("no --node given: every generation request will answer 503")
     try:
