@@ -115,6 +115,7 @@ class KVConnectorBase:
         self.metrics = KVMetrics(
             "producer" if self.role == "kv_producer" else "consumer", config.kv_connector, registry
         )
+        self.metrics.links.set_function(self._open_links)
         self.handshake = Handshake(
             engine_id=config.engine_id,
             role=self.role,
@@ -148,6 +149,13 @@ class KVConnectorBase:
         if diff:
             return f"KV layout mismatch with peer {theirs.engine_id}: {diff}"
         return self.data_plane.check_peer(self.handshake, theirs)
+
+    def _open_links(self) -> int:
+        """Handshaken links now open (read at each scrape, from the HTTP thread)."""
+        try:
+            return sum(1 for link in self.links() if link.peer is not None and not link.closed)
+        except RuntimeError:  # the link table changed under the copy; the next scrape reads it again
+            return 0
 
     def links(self) -> Sequence:
         raise NotImplementedError

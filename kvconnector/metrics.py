@@ -11,6 +11,7 @@ Series (label `role`: producer | consumer; `transport`: tcp | cuda_ipc | nixl):
     pdserve_kv_request_bytes                                           histogram, KV bytes of one finished
     request
     pdserve_kv_inflight_transfers                                      gauge, requests between reserve and end
+    pdserve_kv_links                                                   gauge, handshaken KV links now open
     pdserve_kv_failures_total{cause}                                   counter: timeout, peer_lost, abort, ...
     pdserve_kv_dropped_frames_total{reason}                            counter: truncated, version, oversized,
     ...
@@ -70,6 +71,7 @@ class KVMetrics:
         )
         self.gbps = make(Gauge, "pdserve_kv_achieved_gbps", "the last finished request's transfer rate, GB/s")
         self.inflight = make(Gauge, "pdserve_kv_inflight_transfers", "requests with a transfer under way")
+        self.links = make(Gauge, "pdserve_kv_links", "handshaken KV links open to peers")
         self._failures = make(
             Counter, "pdserve_kv_failures", "transfers that failed, by cause", extra=("cause",)
         )

@@ -42,6 +42,7 @@ from wire.node_messages import (
     Abort,
     Error,
     Generate,
+    KVPeers,
     NodeHeartbeat,
     NodeRole,
     Prefill,
@@ -246,6 +247,9 @@ class NodeServer:
             self._on_generate(identity, msg)
         elif isinstance(msg, Abort):
             self._on_abort(msg.request_id, msg.reason)
+        elif isinstance(msg, KVPeers):
+            if self.prefill is not None:  # a node that only decodes has no links of its own to open
+                self.prefill.preconnect(msg.endpoints)
         elif self.prefill is not None and self.prefill.handles(msg):
             self.prefill.on_message(identity, msg)
         else:
@@ -519,6 +523,7 @@ class NodeServer:
                     block_size=s.block_size,
                     ts=time.time(),
                     draining=self.draining,
+                    kv=self.decode.kv_endpoint if self.decode is not None else "",
                 )
             ),
         )

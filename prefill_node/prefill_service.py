@@ -93,6 +93,20 @@ class PrefillService:
     def handles(self, msg) -> bool:
         return isinstance(msg, Prefill)
 
+    def preconnect(self, endpoints: list[str]) -> None:
+        """RPC thread: open KV links to these decode nodes on a worker, before a request needs one (the signed
+        handshake and, on cuda_ipc, mapping the peer's cache cost the first request tens of ms otherwise).
+        A failure only logs: the first request connects again, and fails there if it still cannot."""
+        for endpoint in endpoints:
+            self.executor.submit(self._preconnect, endpoint)
+
+    def _preconnect(self, endpoint: str) -> None:
+        try:
+            self.producer.connect(parse_endpoint(endpoint))
+            log.info("KV link to %s open ahead of its first request", endpoint)
+        except Exception as exc:  # noqa: BLE001 - any failure here is retried by the first real bind
+            log.info("KV link to %s not opened ahead (%s); the first request will try", endpoint, exc)
+
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.producer.close()

@@ -32,6 +32,7 @@ from proxy.config import ProxyConfig
 from proxy.dispatch import Dispatcher
 from proxy.errors import APIError, bad_request
 from proxy.indexer import Indexer
+from proxy.kv_peers import KVPeerIntroducer
 from proxy.limits import SequenceLimits
 from proxy.metrics import ProxyMetrics
 from proxy.node_rpc import NodeRpc
@@ -111,6 +112,7 @@ class ProxyState:
             self.ctx, make_codec(secret), proxy_id, on_drop=drop, on_alive=self._rpc_alive, secret=secret
         )
         self.registry.on_up.append(lambda node: self.rpc.connect(node.rpc))
+        self.kv_peers = KVPeerIntroducer(self.registry, self.rpc)  # after connect: it sends on that socket
         self.router = Router(cfg.router)
         self.dispatcher = Dispatcher(cfg, self.registry, self.index, self.router, self.rpc, self.metrics)
         self.indexer = Indexer(

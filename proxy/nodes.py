@@ -41,6 +41,7 @@ class NodeState:
     last_seen: float = field(default_factory=time.monotonic)
     alive: bool = True
     draining: bool = False  # shutting down: alive (its requests finish) but never routed to
+    kv: str = ""  # its KV listener (host:port) when it receives KV
     pending_prefill: int = 0  # this proxy's requests prefilling here (no first token yet)
     active: int = 0  # this proxy's requests decoding here (or colocated)
 
@@ -96,7 +97,8 @@ class NodeRegistry:
     def heartbeat(self, events_endpoint: str, hb: NodeHeartbeat, now: Optional[float] = None) -> NodeState:
         now = time.monotonic() if now is None else now
         node = self.nodes.get(hb.node_id)
-        if node is None or not node.alive:
+        came_up = node is None or not node.alive
+        if came_up:
             # Revive in place: requests still in flight hold this object and decrement its counters when they
             # end; a fresh object would keep their counts forever.
             if node is None:
@@ -111,9 +113,8 @@ class NodeRegistry:
                 hb.http,
                 events_endpoint,
             )
-            for cb in self.on_up:
-                cb(node)
         node.role, node.rpc, node.http, node.block_size = hb.role, hb.rpc, hb.http, hb.block_size
+        node.kv = hb.kv
         node.events = events_endpoint
         node.num_waiting, node.num_running = hb.num_waiting, hb.num_running
         node.free_blocks, node.total_blocks = hb.free_blocks, hb.total_blocks
@@ -122,6 +123,9 @@ class NodeRegistry:
         node.draining = hb.draining
         node.last_seen = now
         self._by_rpc[node.rpc] = node
+        if came_up:  # after the fields above: the callbacks read this heartbeat's endpoints
+            for cb in self.on_up:
+                cb(node)
         return node
 
     def touch(self, node_id: str, now: Optional[float] = None) -> None:

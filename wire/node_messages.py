@@ -81,6 +81,7 @@ class NodeRole(str, enum.Enum):
 
 ROLES = tuple(role.value for role in NodeRole)
 MAX_ID_LEN = 256
+MAX_KV_PEERS = 1024
 
 
 def _check_request(request_id: str, prompt_token_ids: Optional[list[int]] = None) -> None:
@@ -188,6 +189,18 @@ class FirstToken(Message, tag="first_token"):
             raise ValueError("negative token id or cached count")
 
 
+class KVPeers(Message, tag="kv_peers"):
+    """Proxy -> prefill node: decode nodes' KV listeners (host:port) it may soon write to. The prefill node
+    opens its KV links to them now, so no request pays the handshake (and, on cuda_ipc, the mapping of the
+    peer's cache) on its way to the first token."""
+
+    endpoints: list[str]
+
+    def check(self) -> None:
+        if len(self.endpoints) > MAX_KV_PEERS or any(not 0 < len(e) <= MAX_ID_LEN for e in self.endpoints):
+            raise ValueError(f"kv_peers: at most {MAX_KV_PEERS} endpoints of 1..{MAX_ID_LEN} characters")
+
+
 class PrefillDone(Message, tag="prefill_done"):
     """Prefill -> decode: the KV transfer ended (ok or not); D learns P's view of a failure quickly."""
 
@@ -198,7 +211,7 @@ class PrefillDone(Message, tag="prefill_done"):
 
 
 NODE_SCHEMA = Schema(
-    "node", SCHEMA_VERSION, [Generate, Abort, Tokens, Error, Prefill, FirstToken, PrefillDone]
+    "node", SCHEMA_VERSION, [Generate, Abort, Tokens, Error, Prefill, FirstToken, PrefillDone, KVPeers]
 )
 
 
@@ -252,6 +265,7 @@ class NodeHeartbeat(msgspec.Struct, forbid_unknown_fields=False):
     block_size: int
     ts: float  # the node's wall clock, informational; liveness uses the receiver's clock
     draining: bool = False  # SIGTERM: finishing what it holds, admitting nothing new; never route to it
+    kv: str = ""  # host:port of the node's KV listener when it receives KV (decode, both); "" otherwise
 
     def check(self) -> None:
         if not 0 < len(self.node_id) <= MAX_ID_LEN:
