@@ -52,7 +52,10 @@ class KVProducer(KVConnectorBase):
             on_failed=self._write_failed,
         )
         self._links: dict[tuple[str, int], links.Link] = {}
-        self._connect_lock = threading.Lock()
+        # one lock per consumer address: a peer that is slow to answer its handshake holds up only the
+        # requests bound for it, not connects to every other decode node
+        self._connect_locks: dict[tuple[str, int], threading.Lock] = {}
+        self._locks_lock = threading.Lock()
         self._reaper.start()
 
     def links(self):
@@ -63,7 +66,9 @@ class KVProducer(KVConnectorBase):
     def connect(self, address: tuple[str, int]) -> links.Link:
         """The handshaken link to a consumer (made once per address). Raises LayoutMismatch when refused."""
         address = (address[0], int(address[1]))
-        with self._connect_lock:
+        with self._locks_lock:
+            lock = self._connect_locks.setdefault(address, threading.Lock())
+        with lock:
             link = self._links.get(address)
             if link is not None and not link.closed:
                 return link
