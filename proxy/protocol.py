@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from proxy import request_fields
+from proxy.body_fields import get_field, is_int
+from proxy.chat_messages import check_messages, content_text, render_chat
 from proxy.errors import bad_request
 from wire.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -45,7 +47,6 @@ MAX_STOP = 16
 MAX_STOP_BYTES = 4096  # all stop strings together, UTF-8
 MAX_STOP_TOKEN_IDS = 256
 MAX_TEMPERATURE = 2.0
-CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
 @dataclass
@@ -76,42 +77,6 @@ class GenerationRequest:
 
 
 # ----------------------------------------------------------------------------------------------- field checks
-
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
-
-
-def _is_int(x) -> bool:
-    """An integer the wire can carry (msgpack's int64): a larger one is a 400 here, not a 500 at encoding."""
-    return isinstance(x, int) and not isinstance(x, bool) and INT64_MIN <= x <= INT64_MAX
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _get(body: dict, name: str, kind: str, default=None):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    ok = {
-        "int": _is_int,
-        "num": _is_num,
-        "bool": lambda v: isinstance(v, bool),
-        "str": lambda v: isinstance(v, str),
-        "dict": lambda v: isinstance(v, dict),
-    }[kind](value)
-    if not ok:
-        words = {
-            "int": "an integer",
-            "num": "a number",
-            "bool": "a boolean",
-            "str": "a string",
-            "dict": "an object",
-        }
-        raise bad_request(f"'{name}' must be {words[kind]}, got {value!r}", param=name)
-    return value
-
-
 def _stop(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
@@ -137,7 +102,7 @@ def _stop(body: dict) -> list[str]:
 
 def _stop_token_ids(body: dict, vocab: int) -> list[int]:
     ids = body.get("stop_token_ids") or []
-    if not isinstance(ids, list) or not all(_is_int(t) for t in ids):
+    if not isinstance(ids, list) or not all(is_int(t) for t in ids):
         raise bad_request("'stop_token_ids' must be a list of integers", param="stop_token_ids")
     if len(ids) > MAX_STOP_TOKEN_IDS:
         raise bad_request(
@@ -169,13 +134,13 @@ def _refuse_unsupported(body: dict, kind: str) -> None:
 
 def _sampling(body: dict, max_tokens: Optional[int], logprobs: Optional[int], tokenizer) -> SamplingParams:
     vocab = len(tokenizer)
-    n = _get(body, "n", "int", 1)
+    n = get_field(body, "n", "int", 1)
     if not 1 <= n <= MAX_N:
         raise bad_request(f"'n' must be between 1 and {MAX_N}, got {n}", param="n")
-    best_of = _get(body, "best_of", "int", None)
+    best_of = get_field(body, "best_of", "int", None)
     if best_of is not None and best_of != n:
         raise bad_request("'best_of' other than n is not supported", param="best_of")
-    temperature = _get(body, "temperature", "num", 1.0)
+    temperature = get_field(body, "temperature", "num", 1.0)
     if not 0 <= temperature <= MAX_TEMPERATURE:
         raise bad_request(
             f"'temperature' must be between 0 and {MAX_TEMPERATURE:g}, got {temperature}", param="temperature"
@@ -184,18 +149,18 @@ def _sampling(body: dict, max_tokens: Optional[int], logprobs: Optional[int], to
     kwargs = dict(
         n=n,
         temperature=temperature,
-        top_p=_get(body, "top_p", "num", 1.0),
-        top_k=_get(body, "top_k", "int", 0),
-        min_p=_get(body, "min_p", "num", 0.0),
-        seed=_get(body, "seed", "int", None),
+        top_p=get_field(body, "top_p", "num", 1.0),
+        top_k=get_field(body, "top_k", "int", 0),
+        min_p=get_field(body, "min_p", "num", 0.0),
+        seed=get_field(body, "seed", "int", None),
         stop=_stop(body),
         stop_token_ids=stop_token_ids,
         max_tokens=max_tokens,
-        min_tokens=_get(body, "min_tokens", "int", 0),
-        ignore_eos=_get(body, "ignore_eos", "bool", False),
+        min_tokens=get_field(body, "min_tokens", "int", 0),
+        ignore_eos=get_field(body, "ignore_eos", "bool", False),
         logprobs=logprobs,
-        skip_special_tokens=_get(body, "skip_special_tokens", "bool", True),
-        include_stop_str_in_output=_get(body, "include_stop_str_in_output", "bool", False),
+        skip_special_tokens=get_field(body, "skip_special_tokens", "bool", True),
+        include_stop_str_in_output=get_field(body, "include_stop_str_in_output", "bool", False),
     )
     kwargs.update(request_fields.extra_sampling(body, tokenizer))
     try:
@@ -208,26 +173,26 @@ def _sampling(body: dict, max_tokens: Optional[int], logprobs: Optional[int], to
 
 def _stream_options(body: dict, stream: bool) -> tuple[bool, bool]:
     """(include_usage, continuous_usage_stats)."""
-    opts = _get(body, "stream_options", "dict", None)
+    opts = get_field(body, "stream_options", "dict", None)
     if opts is None:
         return False, False
     if not stream:
         raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
-    return bool(_get(opts, "include_usage", "bool", False)), bool(
-        _get(opts, "continuous_usage_stats", "bool", False)
+    return bool(get_field(opts, "include_usage", "bool", False)), bool(
+        get_field(opts, "continuous_usage_stats", "bool", False)
     )
 
 
 def _finish(req: "GenerationRequest", body: dict) -> "GenerationRequest":
     """The request-level extensions every endpoint shares."""
-    req.response_id = _get(body, "request_id", "str", None)
-    k = _get(body, "truncate_prompt_tokens", "int", None)
+    req.response_id = get_field(body, "request_id", "str", None)
+    k = get_field(body, "truncate_prompt_tokens", "int", None)
     if k is not None and (k < -1 or k == 0):
         raise bad_request(
             "'truncate_prompt_tokens' must be -1 or an integer >= 1", param="truncate_prompt_tokens"
         )
     req.truncate_prompt_tokens = k
-    side = _get(body, "truncation_side", "str", None) or "left"
+    side = get_field(body, "truncation_side", "str", None) or "left"
     if side not in ("left", "right"):
         raise bad_request("'truncation_side' must be 'left' or 'right'", param="truncation_side")
     req.truncation_side = side
@@ -236,7 +201,7 @@ def _finish(req: "GenerationRequest", body: dict) -> "GenerationRequest":
 
 def _max_tokens(body: dict, names: tuple[str, ...]) -> Optional[int]:
     for name in names:
-        value = _get(body, name, "int", None)
+        value = get_field(body, name, "int", None)
         if value is not None:
             if value < 1:
                 raise bad_request(f"'{name}' must be at least 1, got {value}", param=name)
@@ -264,13 +229,13 @@ def parse_completion(
 ) -> GenerationRequest:
     _refuse_unsupported(body, "completion")
     body = _with_defaults(body, defaults)
-    stream = _get(body, "stream", "bool", False)
-    logprobs = _get(body, "logprobs", "int", None)
+    stream = get_field(body, "stream", "bool", False)
+    logprobs = get_field(body, "logprobs", "int", None)
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise bad_request(
             f"'logprobs' must be between 0 and {MAX_LOGPROBS}, got {logprobs}", param="logprobs"
         )
-    echo = _get(body, "echo", "bool", False)
+    echo = get_field(body, "echo", "bool", False)
     if echo and logprobs is not None:
         raise bad_request(
             "'echo' with 'logprobs' is not supported (it returns prompt logprobs, which are not computed)",
@@ -282,7 +247,7 @@ def parse_completion(
     params = _sampling(body, max_tokens, logprobs, tokenizer)
     if body.get("truncate_prompt_tokens") is not None:
         max_prompt_chars = None  # a long prompt is cut, not refused
-    add_special = _get(body, "add_special_tokens", "bool", True)
+    add_special = get_field(body, "add_special_tokens", "bool", True)
     prompts, texts = _completion_prompts(body.get("prompt"), tokenizer, max_prompt_chars, add_special)
     include_usage, continuous = _stream_options(body, stream)
     req = GenerationRequest(
@@ -293,8 +258,8 @@ def parse_completion(
         stream,
         include_usage,
         logprobs,
-        _get(body, "user", "str"),
-        _get(body, "return_token_ids", "bool", False),
+        get_field(body, "user", "str"),
+        get_field(body, "return_token_ids", "bool", False),
         texts,
         echo=echo,
         continuous_usage=continuous,
@@ -315,13 +280,13 @@ def _completion_prompts(
     prompt, tokenizer, max_prompt_chars: Optional[int] = None, add_special_tokens: bool = True
 ) -> tuple[list[list[int]], list[Optional[str]]]:
     def ids_ok(x) -> bool:
-        return isinstance(x, list) and all(_is_int(t) and t >= 0 for t in x)
+        return isinstance(x, list) and all(is_int(t) and t >= 0 for t in x)
 
     if prompt is None:
         raise bad_request("'prompt' is required", param="prompt")
     if isinstance(prompt, str):
         items = [prompt]
-    elif ids_ok(prompt) and prompt and _is_int(prompt[0]):
+    elif ids_ok(prompt) and prompt and is_int(prompt[0]):
         items = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or (ids_ok(p) and p) for p in prompt):
         items = prompt
@@ -359,9 +324,9 @@ def parse_chat(
 ) -> GenerationRequest:
     _refuse_unsupported(body, "chat")
     body = _with_defaults(body, defaults)
-    stream = _get(body, "stream", "bool", False)
-    want_logprobs = _get(body, "logprobs", "bool", False)
-    top = _get(body, "top_logprobs", "int", None)
+    stream = get_field(body, "stream", "bool", False)
+    want_logprobs = get_field(body, "logprobs", "bool", False)
+    top = get_field(body, "top_logprobs", "int", None)
     if top is not None and not want_logprobs:
         raise bad_request("'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
     if top is not None and not 0 <= top <= MAX_LOGPROBS:
@@ -369,10 +334,10 @@ def parse_chat(
             f"'top_logprobs' must be between 0 and {MAX_LOGPROBS}, got {top}", param="top_logprobs"
         )
     logprobs = (top or 0) if want_logprobs else None
-    messages = _messages(body.get("messages"))
+    messages = check_messages(body.get("messages"))
     if body.get("truncate_prompt_tokens") is None:
-        _too_long(sum(len(_content_text(m.get("content"))) for m in messages), max_prompt_chars, "messages")
-    prompt = _render_chat(body, messages, tokenizer)
+        _too_long(sum(len(content_text(m.get("content"))) for m in messages), max_prompt_chars, "messages")
+    prompt = render_chat(body, messages, tokenizer)
     max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"))
     if max_tokens is None:
         max_tokens = (defaults or {}).get("max_tokens")
@@ -386,97 +351,14 @@ def parse_chat(
         stream,
         include_usage,
         logprobs,
-        _get(body, "user", "str"),
-        _get(body, "return_token_ids", "bool", False),
+        get_field(body, "user", "str"),
+        get_field(body, "return_token_ids", "bool", False),
         [None],
         continuous_usage=continuous,
     )
-    if _get(body, "echo", "bool", False) and messages[-1].get("role") == "assistant":
-        req.chat_echo = _content_text(messages[-1].get("content"))
+    if get_field(body, "echo", "bool", False) and messages[-1].get("role") == "assistant":
+        req.chat_echo = content_text(messages[-1].get("content"))
     return _finish(req, body)
-
-
-def _render_chat(body: dict, messages: list[dict], tokenizer) -> list[int]:
-    """The prompt ids: the template (chat_template_kwargs, documents, reasoning_effort as its variables),
-    continue_final_message leaving the last message open, add_special_tokens on top of the template's own."""
-    add_generation_prompt = _get(body, "add_generation_prompt", "bool", True)
-    continue_final = _get(body, "continue_final_message", "bool", False)
-    if continue_final and add_generation_prompt and "add_generation_prompt" in body:
-        raise bad_request(
-            "'continue_final_message' and 'add_generation_prompt' cannot both be true",
-            param="continue_final_message",
-        )
-    if continue_final:
-        add_generation_prompt = False
-        if messages[-1].get("role") != "assistant":
-            raise bad_request(
-                "'continue_final_message' needs the last message to be the assistant's",
-                param="continue_final_message",
-            )
-    extra = dict(_get(body, "chat_template_kwargs", "dict", None) or {})
-    reserved = {"messages", "add_generation_prompt"} & set(extra)
-    if reserved:
-        raise bad_request(
-            f"'chat_template_kwargs' may not set {', '.join(sorted(reserved))}", param="chat_template_kwargs"
-        )
-    for name in ("documents", "reasoning_effort"):
-        if body.get(name) is not None:
-            extra.setdefault(name, body[name])
-    add_special = _get(body, "add_special_tokens", "bool", False)
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra)
-    except Exception as exc:  # noqa: BLE001 - a template may raise anything for odd messages
-        raise bad_request(
-            f"the chat template could not render these messages: {exc}", param="messages"
-        ) from None
-    if continue_final:
-        final = _content_text(messages[-1].get("content")).strip()
-        cut = text.rfind(final) if final else -1
-        if cut >= 0:
-            text = text[: cut + len(final)]
-    prompt = tokenizer.encode(text, add_special_tokens=add_special)
-    if not prompt:
-        raise bad_request("the rendered chat prompt is empty", param="messages")
-    return prompt
-
-
-def _content_text(content) -> str:
-    if isinstance(content, list):
-        return "".join(part["text"] for part in content)
-    return content or ""
-
-
-def _messages(messages) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' must be a non-empty list", param="messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise bad_request(f"messages[{i}] must be an object", param="messages")
-        role = m.get("role")
-        if role not in CHAT_ROLES:
-            raise bad_request(
-                f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}", param="messages"
-            )
-        content = m.get("content")
-        if isinstance(content, list):
-            for part in content:
-                if (
-                    not isinstance(part, dict)
-                    or part.get("type") != "text"
-                    or not isinstance(part.get("text"), str)
-                ):
-                    raise bad_request(
-                        f"messages[{i}].content parts must be {{'type': 'text', 'text': str}} "
-                        "(only text is supported)",
-                        param="messages",
-                    )
-        elif content is not None and not isinstance(content, str):
-            raise bad_request(
-                f"messages[{i}].content must be a string or a list of text parts", param="messages"
-            )
-        out.append(dict(m))
-    return out
 
 
 def check_length(req: GenerationRequest, max_model_len: int) -> None:

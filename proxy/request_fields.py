@@ -12,6 +12,7 @@ import logging
 import threading
 from typing import Optional
 
+from proxy.body_fields import is_int, is_num
 from proxy.errors import bad_request
 from wire.sampling_params import MAX_CACHE_SALT, tokenize_bad_words
 
@@ -101,14 +102,6 @@ def _log_unknown(key: str) -> None:
 # ---------------------------------------------------------------------------------------------------- fields
 
 
-def _num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def extra_sampling(body: dict, tokenizer) -> dict:
     """SamplingParams keyword arguments for the fields added beside protocol.py's (checked: 400 named)."""
     vocab = len(tokenizer)
@@ -116,7 +109,7 @@ def extra_sampling(body: dict, tokenizer) -> dict:
     for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
         value = body.get(name)
         if value is not None:
-            if not _num(value):
+            if not is_num(value):
                 raise bad_request(f"'{name}' must be a number, got {value!r}", param=name)
             out[name] = value
     bias = body.get("logit_bias")
@@ -124,7 +117,7 @@ def extra_sampling(body: dict, tokenizer) -> dict:
         out["logit_bias"] = _logit_bias(bias, vocab)
     allowed = body.get("allowed_token_ids")
     if allowed is not None:
-        if not isinstance(allowed, list) or not allowed or not all(_int(t) for t in allowed):
+        if not isinstance(allowed, list) or not allowed or not all(is_int(t) for t in allowed):
             raise bad_request(
                 "'allowed_token_ids' must be a non-empty list of token ids", param="allowed_token_ids"
             )
@@ -183,7 +176,7 @@ def _logit_bias(bias, vocab: int) -> dict[int, float]:
             raise bad_request(
                 f"'logit_bias' token {tok} is outside the vocabulary (size {vocab})", param="logit_bias"
             )
-        if not _num(value):
+        if not is_num(value):
             raise bad_request(f"'logit_bias' value for {tok} must be a number", param="logit_bias")
         out[tok] = max(-100.0, min(100.0, float(value)))  # OpenAI clamps to [-100, 100]
     return out

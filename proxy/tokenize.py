@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+from proxy.body_fields import get_field, is_int
+from proxy.chat_messages import check_messages, render_chat
 from proxy.errors import bad_request
-from proxy.protocol import _get, _messages
 
 
 def tokenize(body: dict, tokenizer, max_model_len: int, max_prompt_chars: Optional[int] = None) -> dict:
@@ -25,29 +26,19 @@ def tokenize(body: dict, tokenizer, max_model_len: int, max_prompt_chars: Option
             raise bad_request("'prompt' must be a string", param="prompt")
         if max_prompt_chars is not None and len(prompt) > max_prompt_chars:
             raise bad_request(f"'prompt' is longer than {max_prompt_chars} characters", param="prompt")
-        ids = tokenizer.encode(prompt, add_special_tokens=_get(body, "add_special_tokens", "bool", True))
+        ids = tokenizer.encode(prompt, add_special_tokens=get_field(body, "add_special_tokens", "bool", True))
     else:
-        messages = _messages(body["messages"])
-        add_generation_prompt = _get(body, "add_generation_prompt", "bool", True)
-        add_special = _get(body, "add_special_tokens", "bool", False)
-        try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        except Exception as exc:  # noqa: BLE001 - a template may raise anything for odd messages
-            raise bad_request(
-                f"the chat template could not render these messages: {exc}", param="messages"
-            ) from None
-        ids = tokenizer.encode(text, add_special_tokens=add_special)
+        messages = check_messages(body["messages"])
+        ids = render_chat(body, messages, tokenizer)  # the same template options as /v1/chat/completions
     strs = None
-    if _get(body, "return_token_strs", "bool", False):
+    if get_field(body, "return_token_strs", "bool", False):
         strs = [s if s is not None else "" for s in tokenizer.convert_ids_to_tokens(ids)]
     return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids, "token_strs": strs}
 
 
 def detokenize(body: dict, tokenizer) -> dict:
     tokens = body.get("tokens")
-    if not isinstance(tokens, list) or not all(
-        isinstance(t, int) and not isinstance(t, bool) for t in tokens
-    ):
+    if not isinstance(tokens, list) or not all(is_int(t) for t in tokens):
         raise bad_request("'tokens' must be a list of token ids", param="tokens")
     vocab = len(tokenizer)
     bad = next((t for t in tokens if not 0 <= t < vocab), None)
