@@ -388,37 +388,38 @@ def measure_push(res, prod, cons, transport, case, layout, tokens, iters, ceilin
                 params=dict(p, gbps=round(nbytes / ms / 1e6, 2), goal_ratio=0.75),
             )
         else:
-            ms = statistics.median(exposed)
             floor = ceiling_ms / layout["num_layers"]  # the last layer's bytes alone at the raw rate
-            res.add(
+
+            add_exposed(
+                res,
                 "exposed_transfer_ms",
-                round(ms, 4),
-                "ms",
-                ceiling=round(floor, 4),
-                ratio=round(min(floor / ms, 1.0), 3) if ms > 0 else 1.0,
-                params=dict(
-                    p,
-                    layer_ms=layer_ms,
-                    total_ms=round(statistics.median(spans), 3),
-                    goal_ms=0.2,
-                    clock="host: last layer computed -> decode side completed",
-                ),
+                exposed,
+                floor,
+                dict(p, layer_ms=layer_ms, total_ms=round(statistics.median(spans), 3)),
+                "host: last layer computed -> decode side completed",
             )
             if exposed_gpu:
-                ms = statistics.median(exposed_gpu)
-                res.add(
+                add_exposed(
+                    res,
                     "exposed_transfer_gpu_ms",
-                    round(ms, 4),
-                    "ms",
-                    ceiling=round(floor, 4),
-                    ratio=round(min(floor / ms, 1.0), 3) if ms > 0 else 1.0,
-                    params=dict(
-                        p,
-                        layer_ms=layer_ms,
-                        goal_ms=0.2,
-                        clock="device: last layer computed -> last copy landed",
-                    ),
+                    exposed_gpu,
+                    floor,
+                    dict(p, layer_ms=layer_ms),
+                    "device: last layer computed -> last copy landed",
                 )
+
+
+def add_exposed(res, metric: str, samples: list, floor_ms: float, params: dict, clock: str) -> None:
+    """One exposed-transfer figure (median of the samples) against the last layer's bytes at the raw rate."""
+    ms = statistics.median(samples)
+    res.add(
+        metric,
+        round(ms, 4),
+        "ms",
+        ceiling=round(floor_ms, 4),
+        ratio=round(min(floor_ms / ms, 1.0), 3) if ms > 0 else 1.0,
+        params=dict(params, goal_ms=0.2, clock=clock),
+    )
 
 
 def main(argv=None) -> int:
