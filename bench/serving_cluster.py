@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from typing import Optional
 
@@ -35,27 +34,19 @@ class LocalCluster:
         os.makedirs(work_dir, exist_ok=True)
         self.state_file = os.path.join(work_dir, "cluster.json")
         self.out_path = os.path.join(work_dir, "up.out")
-        self.argv = [
-            sys.executable,
-            "-m",
-            "launch.cli",
-            "up",
-            "--prefill",
-            str(prefill),
-            "--decode",
-            str(decode),
-            "--model",
+        from launch.cluster import up_command
+
+        self.argv = up_command(
+            prefill,
+            decode,
             model,
-            "--port",
-            str(free_port()),
-            "--state-file",
+            free_port(),
             self.state_file,
-            "--log-dir",
             os.path.join(work_dir, "logs"),
             "--startup-timeout",
             str(startup_timeout_s),
             *extra,
-        ]
+        )
         self.startup_timeout_s = startup_timeout_s
         self.env = env
         self.proc: Optional[subprocess.Popen] = None

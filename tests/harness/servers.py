@@ -555,26 +555,9 @@ class UpCluster:
         self.log_dir = str(tmp / "logs")
         self.out_path = str(tmp / "up.out")
         port = free_port()
-        argv = [
-            PY,
-            "-m",
-            "launch.cli",
-            "up",
-            "--prefill",
-            str(prefill),
-            "--decode",
-            str(decode),
-            "--model",
-            model,
-            "--port",
-            str(port),
-            "--state-file",
-            self.state_file,
-            "--log-dir",
-            self.log_dir,
-            "--log-routing",
-            *args,
-        ]
+        from launch.cluster import up_command
+
+        argv = up_command(prefill, decode, model, port, self.state_file, self.log_dir, "--log-routing", *args)
         with open(self.out_path, "wb") as out:
             self.proc = subprocess.Popen(
                 argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
