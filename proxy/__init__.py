@@ -3,6 +3,10 @@
 app.py          FastAPI app and lifespan; check order 401 -> 413 -> 400 JSON -> 404 -> 429 -> 400 params ->
                 503
 protocol.py     OpenAI bodies -> validated, tokenized GenerationRequest (SamplingParams)
+body_fields.py  typed reads of a body's fields (a 400 naming the field);  chat_messages.py  chat checks and
+                rendering through the chat template;  request_fields.py  vLLM's extra fields, audited
+tokenize.py     /tokenize and /detokenize
+kv_peers.py     tells prefill nodes of decode nodes' KV listeners, so links open before traffic
 serving.py      one request: start its choices, relay JSON or SSE, usage and timings, abort on disconnect
 choice.py       one choice's text: incremental detokenization, stop strings, logprob shapes
 dispatch.py     one choice on the nodes: route, send Generate, relay Tokens, re-route before the first token
