@@ -105,9 +105,19 @@ class EngineCore:
             )
         return asked or arch_len
 
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """ValueError (a 400) for what a step could not run: a token id outside the vocabulary, or a grammar
+        that does not compile."""
+        self.check_token_ids(prompt_token_ids, params)
+        if params.structured:
+            from wire.structured_grammar import check_spec
+
+            check_spec(params.structured)
+
     def check_token_ids(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """ValueError (a 400) for a token id outside the model's vocabulary, in the prompt or the stop ids:
-        one would otherwise index out of range inside a step (the embedding, the sampler's blocked tokens)."""
+        """ValueError (a 400) for a token id outside the model's vocabulary, in the prompt or any id the
+        params name: one would otherwise index out of range inside a step (the embedding, the sampler's
+        masks). Cheap: a node checks at its door with it, before the request reaches the engine loop."""
         vocab = self.runner.arch.vocab_size
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
@@ -122,13 +132,9 @@ class EngineCore:
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"{name}: {bad[0]} is outside the vocabulary (size {vocab})")
-        if params.structured:
-            from wire.structured_grammar import check_spec
-
-            check_spec(params.structured)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
-        self.check_token_ids(prompt_token_ids, params)
+        self.check_request(prompt_token_ids, params)
         request = Request(
             request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params
         )
@@ -156,7 +162,7 @@ class EngineCore:
         Raises PromptTooLongError / ValueError (bad request) or NoRoomError (retry later); takes nothing
         then."""
         kv = self.kv_manager
-        self.check_token_ids(prompt_token_ids, params)
+        self.check_request(prompt_token_ids, params)
         request = Request(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),

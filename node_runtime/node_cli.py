@@ -171,7 +171,8 @@ def check_node_args(args: argparse.Namespace) -> None:
 
 def run_node(args: argparse.Namespace, default_role: str) -> int:
     from engine.config import engine_config_from_args
-    from node_runtime.node_server import NodeOptions, NodeServer
+    from node_runtime.node_options import NodeOptions
+    from node_runtime.node_server import NodeServer
 
     check_node_args(args)
     kv_events = kv_events_config(args.kv_events_config, args.host)

@@ -27,54 +27,30 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from engine.engine_loop import EngineLoop, Sink
-from kvconnector.scheduler_side import DEFAULT_KV_TIMEOUT
 from node_runtime import roles
 from node_runtime.http_server import HttpServer
 from node_runtime.node_metrics import NodeMetrics
+from node_runtime.node_options import NodeOptions
+from node_runtime.node_status import NodeStatus
 from node_runtime.rpc_server import RpcServer
 from wire.bind import advertised
 from wire.errors import ConfigError, PromptTooLongError
-from wire.kv_events import KVEventBatch, encode_batch
 from wire.node_messages import (
     HEARTBEAT_INTERVAL_S,
-    TOPIC_HEARTBEAT,
-    TOPIC_KV_EVENTS,
     Abort,
     Error,
     Generate,
     KVPeers,
-    NodeHeartbeat,
     NodeRole,
     Prefill,
     Tokens,
-    encode_heartbeat,
     make_codec,
     plain,
 )
 from wire.sampling_params import SamplingParams
-from wire.vllm_metrics import EngineState, FinishedRequest, VllmMetrics
+from wire.vllm_metrics import FinishedRequest, VllmMetrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class NodeOptions:
-    host: str = "127.0.0.1"
-    rpc_port: int = 0
-    events_port: int = 0
-    http_port: int = 0
-    node_id: str = ""
-    role: str = "kv_both"  # kv_producer | kv_consumer | kv_both
-    kv_timeout: float = DEFAULT_KV_TIMEOUT
-    kv_secret: Optional[str] = None
-    max_num_waiting: int = 1024  # engine queue depth beyond which generate/prefill answer 429
-    served_model_names: tuple[
-        str, ...
-    ] = ()  # the first is `model_name` on vllm:* series (default: folder name)
-    max_logprobs: int = 20  # most logprobs a request may ask for (400 above)
-    shutdown_timeout: float = 30.0  # seconds a drain waits for in-flight requests before failing them
-    kv_events: Optional[dict] = None  # --kv-events-config, checked: {"endpoint", "topic", "hwm"} when enabled
-    warmup: bool = True  # run the served shapes once before binding RPC/HTTP (node_runtime/warmup.py)
 
 
 @dataclass(eq=False)
@@ -112,18 +88,22 @@ class NodeServer:
             raise ConfigError(str(exc)) from None
         self.core = core if core is not None else _build_core(config)  # emits KV events: the proxy's index
         self.loop = EngineLoop(self.core)
-        self.loop.after_step.append(self._publish_kv_events)
+        self.status = NodeStatus(self)  # heartbeat, /health, gauges, KV events
+        self.loop.after_step.append(self.status.publish_kv_events)
         self.lock = threading.RLock()
         self.requests: dict[str, LiveRequest] = {}
-        self.metrics = NodeMetrics(lambda: self.loop.snapshot, self._extra_gauges)
+        self.metrics = NodeMetrics(lambda: self.loop.snapshot, self.status.extra_gauges)
         self.model_name = (options.served_model_names or (_folder_name(config.model.model),))[0]
         self.vllm = VllmMetrics(
-            self.metrics.registry, self.model_name, "0", self.core.scheduler.max_model_len, self._engine_state
+            self.metrics.registry,
+            self.model_name,
+            "0",
+            self.core.scheduler.max_model_len,
+            self.status.engine_state,
         )
         self._baseline = None  # the engine's counters after warm-up: vllm:* series count served work only
         self.draining = False
         self.kv_events_pub = None
-        self.vocab_size = getattr(self.core.runner.arch, "vocab_size", None)
         host = options.host
         self.rpc = RpcServer(
             make_codec(self.secret),
@@ -136,9 +116,9 @@ class NodeServer:
             on_peer_lost=self._on_peer_lost,
             identity=self.node_id,
             secret=self.secret,
-            ticks=[(HEARTBEAT_INTERVAL_S, self._heartbeat), (0.05, self._check_deadlines)],
+            ticks=[(HEARTBEAT_INTERVAL_S, self.status.heartbeat), (0.05, self._check_deadlines)],
         )
-        self.http = HttpServer(host, options.http_port, self._health, self.metrics.render)
+        self.http = HttpServer(host, options.http_port, self.status.health, self.metrics.render)
         parts = roles.PARTS_BY_KV_ROLE[self.role]
         self.decode = roles.build(roles.DECODE, self) if roles.DECODE in parts else None
         self.prefill = roles.build(roles.PREFILL, self) if roles.PREFILL in parts else None
@@ -159,7 +139,7 @@ class NodeServer:
             from node_runtime.warmup import warm_up
 
             warm_up(self.loop, self.core)
-        self._baseline = self.loop.call(self._snapshot_now).result(timeout=60)
+        self._baseline = self.loop.call(self.status.snapshot_now).result(timeout=60)
         if self.options.kv_events:
             from node_runtime.kv_events_publisher import KVEventPublisher
 
@@ -209,7 +189,7 @@ class NodeServer:
         finish for up to timeout_s, then fail what is left (retryable while it has no token). True if nothing
         was cut."""
         self.draining = True
-        self._heartbeat()  # tell proxies now, not at the next tick
+        self.status.heartbeat()  # tell proxies now, not at the next tick
         log.info(
             "node %s draining: %d request(s) in flight, up to %.0f s",
             self.node_id,
@@ -379,9 +359,10 @@ class NodeServer:
             parsed = SamplingParams.from_dict(params)
         except (ValueError, TypeError) as exc:
             return self.reject(identity, request_id, 400, f"bad sampling params: {exc}")
-        problem = check_token_ids(prompt_token_ids, parsed.stop_token_ids, self.vocab_size)
-        if problem:
-            return self.reject(identity, request_id, 400, problem)
+        try:  # ids only (cheap, on this RPC thread); a grammar is compiled when the engine takes the request
+            self.core.check_token_ids(prompt_token_ids, parsed)
+        except ValueError as exc:
+            return self.reject(identity, request_id, 400, str(exc))
         if parsed.logprobs is not None and parsed.logprobs > self.options.max_logprobs:
             return self.reject(
                 identity,
@@ -496,106 +477,6 @@ class NodeServer:
             self.decode.release(live.request_id)
         else:
             self.loop.abort(live.request_id)
-
-    # ---- events, heartbeats, health ------------------------------------------------------------------------
-    def _publish_kv_events(self, outputs) -> None:
-        events = self.core.block_pool.take_events()
-        if events:
-            batch = KVEventBatch(ts=time.time(), events=events)
-            self.rpc.publish(TOPIC_KV_EVENTS, encode_batch(batch))
-            if self.kv_events_pub is not None:
-                self.kv_events_pub.publish(batch)
-
-    def _heartbeat(self) -> None:
-        s = self.loop.snapshot
-        self.rpc.publish(
-            TOPIC_HEARTBEAT,
-            encode_heartbeat(
-                NodeHeartbeat(
-                    node_id=self.node_id,
-                    role=NodeRole.of_kv_role(self.role).value,
-                    rpc=self.rpc_endpoint,
-                    http=self.http_url,
-                    num_waiting=s.num_waiting + s.num_waiting_remote,  # vllm:num_requests_waiting's meaning
-                    num_running=s.num_running,
-                    free_blocks=s.num_free_blocks + s.num_cached_blocks,
-                    total_blocks=s.num_total_blocks,
-                    block_size=s.block_size,
-                    ts=time.time(),
-                    draining=self.draining,
-                    kv=self.decode.kv_endpoint if self.decode is not None else "",
-                )
-            ),
-        )
-
-    def _extra_gauges(self) -> dict:
-        gauges = {}
-        if self.decode is not None:
-            gauges["pdserve_node_requests_pending_kv"] = (
-                "decode: reserved, waiting for KV",
-                self.decode.num_pending,
-            )
-        if self.prefill is not None:
-            gauges["pdserve_node_requests_prefilling"] = (
-                "prefill: prefilling or transferring",
-                self.prefill.num_active,
-            )
-        return gauges
-
-    def _snapshot_now(self):
-        """Loop thread: a fresh snapshot (the loop takes one after each turn; this one is taken now)."""
-        self.loop._take_snapshot()
-        return self.loop.snapshot
-
-    def _engine_state(self) -> EngineState:
-        s, base = self.loop.snapshot, self._baseline
-        # vllm:num_requests_waiting counts, as vLLM's scheduler does, requests in WAITING_FOR_REMOTE_KVS: on a
-        # decode node they hold reserved blocks and wait for a prefill node's KV, which is queueing for the
-        # operator (an autoscaler on this gauge must see a decode node whose requests wait on transfers).
-        return EngineState(
-            running=s.num_running,
-            waiting=s.num_waiting + s.num_waiting_remote,
-            kv_cache_usage=s.num_used_blocks / s.num_total_blocks if s.num_total_blocks else 0.0,
-            prefix_queries=s.prefix_queried_tokens - (base.prefix_queried_tokens if base else 0),
-            prefix_hits=s.prefix_hit_tokens - (base.prefix_hit_tokens if base else 0),
-            preemptions=s.num_preemptions - (base.num_preemptions if base else 0),
-        )
-
-    def _health(self) -> tuple[bool, dict]:
-        s = self.loop.snapshot
-        alive = self.loop.alive and self.rpc._thread.is_alive()
-        ok = alive and not self.draining
-        return ok, {
-            "status": "ok" if ok else ("draining" if alive else "unhealthy"),
-            "node_id": self.node_id,
-            "role": NodeRole.of_kv_role(self.role).value,
-            "rpc": self.rpc_endpoint,
-            "num_waiting": s.num_waiting,
-            "num_running": s.num_running,
-            "num_free_blocks": s.num_free_blocks,
-            "num_used_blocks": s.num_used_blocks,
-            "num_cached_blocks": s.num_cached_blocks,
-            "num_total_blocks": s.num_total_blocks,
-        }
-
-
-def check_token_ids(prompt: list, stop_token_ids: list[int], vocab_size: Optional[int]) -> str:
-    """Why a request's token ids cannot run here ("" when they can): each one must index the vocabulary, or
-    the step that meets it raises (a prompt id in the embedding, a stop id in the sampler's blocked
-    tokens)."""
-    if not isinstance(prompt, list) or not prompt:
-        return "the prompt must be a non-empty list of token ids"
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return "prompt token ids must be integers"
-    if vocab_size is None:
-        return ""
-    bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        return f"prompt token id {bad} is outside the vocabulary (size {vocab_size})"
-    bad = next((t for t in stop_token_ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        return f"stop_token_ids: {bad} is outside the vocabulary (size {vocab_size})"
-    return ""
 
 
 def _folder_name(path: str) -> str:
