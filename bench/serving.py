@@ -48,7 +48,7 @@ from bench.prefix_oracle import lru_oracle_hit_fraction, upper_bound_hit_fractio
 from bench.serving_cli import BenchRun, add_arguments  # noqa: E402
 from bench.serving_cluster import LocalCluster  # noqa: E402
 from bench.serving_summary import link_baselines, markdown_report  # noqa: E402
-from launch.cluster import visible_gpus  # noqa: E402
+from launch.gpus import visible_gpus  # noqa: E402
 
 SLOS = {"loose": {"ttft": 1.0, "tpot": 0.050}, "pacing": {"ttft": 1.0, "itl": 0.025}}
 SLO_TEXT = {

@@ -41,6 +41,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Optional
 
+from launch.gpus import own_gpu_first, visible_gpus
 from node_runtime.node_cli import READY_LINE
 from wire.errors import ConfigError, PdserveError
 from wire.node_messages import NodeRole
@@ -65,52 +66,6 @@ class Child:
         return d
 
 
-def own_gpu_first(own: str, cluster: list[str]) -> str:
-    """CUDA_VISIBLE_DEVICES for a node on GPU `own`: it first (cuda:0 in the node), then the cluster's
-    others."""
-    others = [g for g in dict.fromkeys(cluster) if g != own]
-    return ",".join([own, *others])
-
-
-def up_command(
-    prefill: int, decode: int, model: str, port: int, state_file: str, log_dir: str, *extra: str
-) -> list[str]:
-    """The argv that starts `pdserve up` with this interpreter, writing its endpoints to state_file (for the
-    benchmarks and tests that run a cluster in a subprocess; stop it with stop_up_process)."""
-    return [
-        sys.executable,
-        "-m",
-        "launch.cli",
-        "up",
-        "--prefill",
-        str(prefill),
-        "--decode",
-        str(decode),
-        "--model",
-        model,
-        "--port",
-        str(port),
-        "--state-file",
-        state_file,
-        "--log-dir",
-        log_dir,
-        *extra,
-    ]
-
-
-def stop_up_process(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
-    """Stop a `pdserve up` started in a session of its own: SIGTERM (it stops its children itself), then,
-    after grace_s, SIGKILL to its whole process group."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def read_ready_line(child: Child) -> bool:
     """Fill a node's endpoints from the ready line in its log; False until it has printed one."""
     try:
@@ -121,20 +76,6 @@ def read_ready_line(child: Child) -> bool:
     if match:
         child.rpc, child.events, child.http = match.groups()
     return bool(match)
-
-
-def visible_gpus() -> list[str]:
-    """GPU indices this process may use, without importing torch (nvidia-smi, CUDA_VISIBLE_DEVICES)."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [g for g in env.split(",") if g.strip() and g.strip() != "-1"]
-    if not shutil.which("nvidia-smi"):
-        return []
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
 
 
 def _set_pdeathsig() -> None:

@@ -555,7 +555,7 @@ class UpCluster:
         self.log_dir = str(tmp / "logs")
         self.out_path = str(tmp / "up.out")
         port = free_port()
-        from launch.cluster import up_command
+        from launch.up_process import up_command
 
         argv = up_command(prefill, decode, model, port, self.state_file, self.log_dir, "--log-routing", *args)
         with open(self.out_path, "wb") as out:
@@ -608,7 +608,7 @@ class UpCluster:
             return f.read()
 
     def stop(self, check: bool = True) -> None:
-        from launch.cluster import stop_up_process
+        from launch.up_process import stop_up_process
 
         stop_up_process(self.proc)
         if not check:
