@@ -13,7 +13,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 # Fixtures shared across folders live in tests/harness/ and reach every test from here, never by import.
-pytest_plugins = ["tests.harness.servers", "tests.harness.nodes", "tests.harness.kv_pair"]
+pytest_plugins = [
+    "tests.harness.servers",
+    "tests.harness.fake_node",
+    "tests.harness.nodes",
+    "tests.harness.kv_pair",
+]
 
 
 def _has_cuda() -> bool:

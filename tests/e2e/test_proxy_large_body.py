@@ -12,7 +12,8 @@ import threading
 import httpx
 import pytest
 
-from tests.harness.servers import PY, ROOT, SECRET, FakeNode, free_port, wait_for
+from tests.harness.fake_node import FakeNode
+from tests.harness.servers import PY, ROOT, SECRET, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 BIG = 10 << 20

@@ -15,7 +15,8 @@ import time
 import httpx
 import pytest
 
-from tests.harness.servers import ROOT, Script, wait_for
+from tests.harness.fake_node import Script
+from tests.harness.servers import ROOT, wait_for
 from wire.node_messages import Abort, Generate
 
 

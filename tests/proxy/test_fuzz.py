@@ -21,7 +21,8 @@ FUZZ_BUDGET_S = 60.0
 def server(tmp_path_factory, tokenizer_dir):
     """One fake node and one proxy for the whole module (hypothesis calls the test many times)."""
     from proxy.config import ProxyConfig
-    from tests.harness.servers import SECRET, FakeNode, ProxyServer, free_port
+    from tests.harness.fake_node import FakeNode
+    from tests.harness.servers import SECRET, ProxyServer, free_port
 
     node = FakeNode("d0", "both").start()
     config = ProxyConfig(

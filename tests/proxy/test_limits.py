@@ -6,7 +6,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.harness.servers import Script, wait_for
+from tests.harness.fake_node import Script
+from tests.harness.servers import wait_for
 
 
 def test_sequences_per_request_and_per_key(fake_nodes, proxy_factory):

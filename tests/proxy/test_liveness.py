@@ -10,7 +10,8 @@ import time
 import httpx
 
 from proxy.nodes import NodeRegistry
-from tests.harness.servers import Script, wait_for
+from tests.harness.fake_node import Script
+from tests.harness.servers import wait_for
 from wire.node_messages import Abort, Generate
 
 
