@@ -49,10 +49,10 @@ from bench.common import (  # noqa: E402
     log,
     measure_copy_bandwidth,
     measure_matmul_rate,
-    plot_ratios,
     set_log_file,
 )
 from bench.engine_floors import Shape, link_baselines  # noqa: E402
+from bench.plots import plot_ratios  # noqa: E402
 
 MODELS = {  # --models name -> (family, make-model preset)
     "llama-3.1-8b": ("llama", "llama-3.1-8b"),

@@ -36,8 +36,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import Results, guarded, log, plot_ratios  # noqa: E402
+from bench.common import Results, guarded, log  # noqa: E402
 from bench.kv_transfer_node import Proc  # noqa: E402
+from bench.plots import plot_ratios  # noqa: E402
 
 LLAMA8B = dict(num_layers=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="bfloat16")
 TINY = dict(num_layers=4, num_kv_heads=2, head_dim=16, block_size=16, dtype="float32")

@@ -8,7 +8,8 @@ import json
 import math
 from collections import defaultdict
 
-from bench.common import log, pyplot_or_none
+from bench.common import log
+from bench.plots import pyplot_or_none
 from bench.serving_metrics import LATENCIES, PHASES
 
 LATENCY_TITLES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E latency"}
