@@ -1,12 +1,11 @@
 """Plots of bench result files (PNG, matplotlib's file-only backend): every record's ratio to its ceiling.
-matplotlib is not a dependency: without it a plot is skipped with a line saying so, and the JSON stays."""
+matplotlib is not a dependency: without it a plot is skipped with a line saying so, and the JSON stays.
+Standalone (prints, no bench.common import): bench/common.py's command line calls it."""
 
 from __future__ import annotations
 
 import json
 import os
-
-from bench.common import log
 
 
 def pyplot_or_none(hint: str):
@@ -18,7 +17,7 @@ def pyplot_or_none(hint: str):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:
-        log(f"matplotlib is not importable: no plot ({hint})")
+        print(f"matplotlib is not importable: no plot ({hint})", flush=True)
         return None
     return plt
 
@@ -58,7 +57,7 @@ def plot_ratios(json_path: str, png_path: str | None = None) -> str | None:
     png_path = png_path or os.path.splitext(json_path)[0] + ".png"
     fig.savefig(png_path, dpi=130)
     plt.close(fig)
-    log(f"plot: {png_path}")
+    print(f"plot: {png_path}", flush=True)
     return png_path
 
 
