@@ -212,6 +212,13 @@ def run_node(args: argparse.Namespace, default_role: str) -> int:
             node.drain(options.shutdown_timeout, force)
     finally:
         node.stop()
+        # ends ZMQ's I/O threads once the frames queued at stop left (each socket's linger bounds the wait):
+        # without it the process could exit with a drained request's final Tokens still queued
+        import zmq
+
+        from node_runtime.rpc_server import CLOSE_LINGER_MS
+
+        zmq.Context.instance().destroy(linger=CLOSE_LINGER_MS)
     return 0
 
 

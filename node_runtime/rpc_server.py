@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 OnMessage = Callable[[bytes, Any], None]  # (sender identity, decoded message)
 MAX_LOGGED_SENDERS = 1024
+CLOSE_LINGER_MS = 2000  # how long frames queued at stop may still take to leave
 MAX_MSG_SIZE = DEFAULT_MAX_HEADER + 4096  # a control frame: header limit plus prefix and tags, no body
 
 
@@ -161,9 +162,13 @@ class RpcServer:
             log.exception("node rpc thread died")
             raise
         finally:
-            for sock in [self.router, self.pub, *self._dealers.values(), *self._monitors]:
+            # The last flush only queued frames in ZMQ: a linger lets them leave (a drained request's final
+            # Tokens among them) when the process ends the context (node_cli: zmq context destroy).
+            for sock in [self.router, self.pub, *self._dealers.values()]:
                 if sock is not None:
-                    sock.close(0)
+                    sock.close(CLOSE_LINGER_MS)
+            for sock in self._monitors:
+                sock.close(0)
             self._wake_r.close()
             self._wake_w.close()
 
