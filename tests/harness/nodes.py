@@ -81,10 +81,14 @@ def start_node(
     kv_role: str | None = None,
     extra: list[str] = (),
     kv_timeout: float = 5.0,
+    node_id: str = "",
+    ports: dict[str, int] | None = None,
 ) -> NodeProcess:
-    # Port 0 everywhere: the node reports what it bound (wait_healthy reads it), so no port can be raced for.
-    kvt = {"kv_connector": "tcp", "kv_port": 0}
-    name = f"{role}-{uuid.uuid4().hex[:8]}"
+    """ports: {"rpc", "events", "http", "kv"} to bind (a restart on the same address); by default port 0
+    everywhere: the node reports what it bound (wait_healthy reads it), so no port can be raced for."""
+    ports = {"rpc": 0, "events": 0, "http": 0, "kv": 0, **(ports or {})}
+    kvt = {"kv_connector": "tcp", "kv_port": ports["kv"]}
+    name = node_id or f"{role}-{uuid.uuid4().hex[:8]}"
     if kv_role:
         kvt["kv_role"] = kv_role
     args = [
@@ -105,11 +109,11 @@ def start_node(
         "--kv-cache-memory",
         str(16 << 20),
         "--rpc-port",
-        "0",
+        str(ports["rpc"]),
         "--http-port",
-        "0",
+        str(ports["http"]),
         "--events-port",
-        "0",
+        str(ports["events"]),
         "--node-id",
         name,
         "--kv-transfer-config",
@@ -120,7 +124,9 @@ def start_node(
         str(kv_timeout),
         *extra,
     ]
-    log_path = os.path.join(log_dir, f"{name}.log")
+    log_path, n = os.path.join(log_dir, f"{name}.log"), 1
+    while os.path.exists(log_path):  # a restarted node (same id): a log of its own beside its predecessor's
+        log_path, n = os.path.join(log_dir, f"{name}.{n}.log"), n + 1
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(args, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, env=env)
