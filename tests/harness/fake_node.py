@@ -34,6 +34,7 @@ class Script:
     tokens: Optional[list[int]] = None  # None: max_tokens ids counting up from 300
     delay_s: float = 0.0  # between token messages
     error: Optional[tuple[int, str, bool]] = None  # (status, message, retryable) instead of tokens
+    node_draining: bool = False  # the error says this node is shutting down (as a draining node refuses)
     hang: bool = False  # never answer
     cached_tokens: int = 0
     finish_reason: str = "length"
@@ -62,6 +63,7 @@ class FakeNode:
         self.received: list = []  # decoded messages, in order
         self.num_waiting = 0
         self.beating = True
+        self.draining = False  # what heartbeats say
         self._stop = threading.Event()
         self._outbox: list = []
         self._lock = threading.Lock()
@@ -135,6 +137,7 @@ class FakeNode:
                 "total_blocks": self.total_blocks,
                 "block_size": self.block_size,
                 "ts": time.time(),
+                "draining": self.draining,
             }
         )
 
@@ -212,7 +215,13 @@ class FakeNode:
                 (
                     now,
                     identity,
-                    Error(request_id=msg.request_id, status=status, message=text, retryable=retryable),
+                    Error(
+                        request_id=msg.request_id,
+                        status=status,
+                        message=text,
+                        retryable=retryable,
+                        node_draining=script.node_draining,
+                    ),
                 )
             ]
         self.active[msg.request_id] = True

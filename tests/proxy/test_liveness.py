@@ -116,3 +116,35 @@ def test_a_stream_survives_a_stalled_proxy(fake_nodes, proxy_factory):
     t.join(20)
     assert out["r"].status_code == 200 and out["r"].json()["choices"][0]["finish_reason"] == "length"
     assert server.state.registry.nodes["d0"].alive
+
+
+def test_draining_node_is_routed_around_and_back_once_restarted(fake_nodes, proxy_factory):
+    """A rolling restart as the proxy sees it. d1 refuses as draining before its heartbeat says so (the
+    heartbeat is on the way): the proxy re-sends to d0 and the client gets 200. While d1's heartbeats say
+    draining, nothing is sent there. When d1 beats again without draining (the restarted process on the same
+    address and id), requests go there again."""
+    d0, d1 = fake_nodes("d0", "both"), fake_nodes("d1", "both")
+    server = proxy_factory([d0, d1], router={"policy": "round_robin"})
+    server.wait_nodes(2)
+
+    def complete(i: int) -> httpx.Response:
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": f"p{i}", "max_tokens": 3}, timeout=10)
+        assert r.status_code == 200, r.text
+        return r
+
+    d1.script = Script(error=(503, "node d1 is draining", True), node_draining=True)
+    refused = [complete(i) for i in range(4)]
+    assert d1.messages(Generate), "round robin never tried d1"
+    assert all("->d0" in r.headers["x-pdserve-route"] for r in refused)
+    assert 'pdserve_proxy_retries_total{reason="node_error_503"}' in httpx.get(server.url + "/metrics").text
+
+    d1.draining = True
+    wait_for(lambda: server.state.registry.nodes["d1"].draining, 5, what="the proxy to see d1 draining")
+    tried = len(d1.messages(Generate))
+    assert all("->d0" in complete(i).headers["x-pdserve-route"] for i in range(4))
+    assert len(d1.messages(Generate)) == tried
+
+    d1.draining, d1.script = False, Script()
+    wait_for(lambda: not server.state.registry.nodes["d1"].draining, 5, what="d1 back in the proxy")
+    routes = [complete(i).headers["x-pdserve-route"] for i in range(4)]
+    assert any("->d1" in r for r in routes), routes
