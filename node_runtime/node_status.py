@@ -3,11 +3,14 @@ gauges, and its KV events (to proxies on the events socket, and to --kv-events-c
 
 from __future__ import annotations
 
+import os
 import time
 
 from wire.kv_events import KVEventBatch, encode_batch
 from wire.node_messages import TOPIC_HEARTBEAT, TOPIC_KV_EVENTS, NodeHeartbeat, NodeRole, encode_heartbeat
 from wire.vllm_metrics import EngineState
+
+INCARNATION = os.urandom(8).hex()  # this process's, in every heartbeat: a proxy tells a restart by it
 
 
 class NodeStatus:
@@ -42,6 +45,7 @@ class NodeStatus:
                     ts=time.time(),
                     draining=self.node.draining,
                     kv=self.node.decode.kv_endpoint if self.node.decode is not None else "",
+                    incarnation=INCARNATION,
                 )
             ),
         )

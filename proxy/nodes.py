@@ -3,9 +3,11 @@
 A node is alive from its first heartbeat until it has been silent for `misses` heartbeat intervals (any rpc
 message from it counts as a sign of life too, so a node too busy to publish on time is not declared dead while
 it streams tokens). A dead node is never routed to; listeners (the indexer, the dispatcher) drop its index
-entries and fail or re-route its requests. A dead node that speaks again comes back as a new node. Silence
-only counts while the proxy was listening: after its own event loop stalled (the reaper woke late), every node
-gets a fresh timeout, since its heartbeats may be waiting unread in the socket.
+entries and fail or re-route its requests. A dead node that speaks again comes back as a new node; so does a
+node whose heartbeat names another process (`incarnation`: it restarted before it was missed), after it is
+declared dead first, since the new process holds none of the old one's requests. Silence only counts while
+the proxy was listening: after its own event loop stalled (the reaper woke late), every node gets a fresh
+timeout, since its heartbeats may be waiting unread in the socket.
 
 The proxy also counts its own requests per node (`pending_prefill`, `active`): heartbeats are up to an
 interval old, and without these a burst would all go to the node that looked idle half a second ago.
@@ -42,6 +44,7 @@ class NodeState:
     alive: bool = True
     draining: bool = False  # shutting down: alive (its requests finish) but never routed to
     kv: str = ""  # its KV listener (host:port) when it receives KV
+    incarnation: str = ""  # the node process's random id (heartbeats); another one: it restarted
     pending_prefill: int = 0  # this proxy's requests prefilling here (no first token yet)
     active: int = 0  # this proxy's requests decoding here (or colocated)
 
@@ -97,6 +100,9 @@ class NodeRegistry:
     def heartbeat(self, events_endpoint: str, hb: NodeHeartbeat, now: Optional[float] = None) -> NodeState:
         now = time.monotonic() if now is None else now
         node = self.nodes.get(hb.node_id)
+        if node is not None and node.alive and node.incarnation and hb.incarnation != node.incarnation:
+            # Restarted quicker than the reaper could notice: what the old process held is gone with it.
+            self.kill(node, "restarted (a new process under its id)")
         came_up = node is None or not node.alive
         if came_up:
             # Revive in place: requests still in flight hold this object and decrement its counters when they
@@ -115,6 +121,7 @@ class NodeRegistry:
             )
         node.role, node.rpc, node.http, node.block_size = hb.role, hb.rpc, hb.http, hb.block_size
         node.kv = hb.kv
+        node.incarnation = hb.incarnation
         node.events = events_endpoint
         node.num_waiting, node.num_running = hb.num_waiting, hb.num_running
         node.free_blocks, node.total_blocks = hb.free_blocks, hb.total_blocks

@@ -266,10 +266,15 @@ class NodeHeartbeat(msgspec.Struct, forbid_unknown_fields=False):
     ts: float  # the node's wall clock, informational; liveness uses the receiver's clock
     draining: bool = False  # SIGTERM: finishing what it holds, admitting nothing new; never route to it
     kv: str = ""  # host:port of the node's KV listener when it receives KV (decode, both); "" otherwise
+    # Random per node process: another value under the same node_id is a restarted process, which holds
+    # none of the requests the old one held ("" from nodes that predate it: never compared)
+    incarnation: str = ""
 
     def check(self) -> None:
         if not 0 < len(self.node_id) <= MAX_ID_LEN:
             raise ValueError("node_id must be 1..256 characters")
+        if len(self.incarnation) > MAX_ID_LEN:
+            raise ValueError("incarnation must be at most 256 characters")
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         if min(self.num_waiting, self.num_running, self.free_blocks, self.total_blocks) < 0:

@@ -4,6 +4,7 @@ it made in its teardown."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class FakeNode:
         total_blocks: int = 1000,
         heartbeat_s: float = 0.1,
         secret: bytes = SECRET,
+        ports: tuple[int, int] = (0, 0),  # (rpc, events); 0: a random free one. Fixed: a restart
     ):
         self.node_id, self.role, self.block_size = node_id, role, block_size
         self.total_blocks, self.free_blocks = total_blocks, total_blocks
@@ -64,6 +66,7 @@ class FakeNode:
         self.num_waiting = 0
         self.beating = True
         self.draining = False  # what heartbeats say
+        self.incarnation = os.urandom(8).hex()  # a new FakeNode under an old id is a restarted node
         self._stop = threading.Event()
         self._outbox: list = []
         self._lock = threading.Lock()
@@ -71,10 +74,10 @@ class FakeNode:
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
-        self.rpc_port = self.router.bind_to_random_port("tcp://127.0.0.1")
+        self.rpc_port = _bind(self.router, ports[0])
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
-        self.events_port = self.pub.bind_to_random_port("tcp://127.0.0.1")
+        self.events_port = _bind(self.pub, ports[1])
         self.active: dict[str, bool] = {}  # request id -> still streaming
         self.thread = threading.Thread(target=self._run, name=f"fake-{node_id}", daemon=True)
 
@@ -138,6 +141,7 @@ class FakeNode:
                 "block_size": self.block_size,
                 "ts": time.time(),
                 "draining": self.draining,
+                "incarnation": self.incarnation,
             }
         )
 
@@ -267,6 +271,13 @@ class FakeNode:
                 )
             )
         return out
+
+
+def _bind(sock: zmq.Socket, port: int) -> int:
+    if not port:
+        return sock.bind_to_random_port("tcp://127.0.0.1")
+    sock.bind(f"tcp://127.0.0.1:{port}")
+    return port
 
 
 @pytest.fixture

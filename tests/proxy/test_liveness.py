@@ -148,3 +148,36 @@ def test_draining_node_is_routed_around_and_back_once_restarted(fake_nodes, prox
     wait_for(lambda: not server.state.registry.nodes["d1"].draining, 5, what="d1 back in the proxy")
     routes = [complete(i).headers["x-pdserve-route"] for i in range(4)]
     assert any("->d1" in r for r in routes), routes
+
+
+def test_a_node_restarted_faster_than_the_reaper_hands_back_what_the_old_process_held(
+    fake_nodes, proxy_factory
+):
+    """d1 is stopped while holding a request and a new process comes up on its address under its id before
+    the proxy could miss a heartbeat. Its heartbeats name another process: the proxy declares the old d1 dead,
+    so the request it held (no token yet) is re-sent and the client gets 200 instead of waiting out its
+    timeout."""
+    d0, d1 = fake_nodes("d0", "both"), fake_nodes("d1", "both")
+    d0.draining = True  # everything goes to d1 first
+    d1.script = Script(hang=True)
+    server = proxy_factory([d0, d1], request_timeout_s=20, heartbeat_misses=1000)
+    wait_for(lambda: server.state.registry.nodes.get("d0") and server.state.registry.nodes["d0"].draining, 5)
+    server.wait_nodes(2)
+    out = {}
+    t = threading.Thread(
+        target=lambda: out.setdefault(
+            "r",
+            httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=30),
+        )
+    )
+    t.start()
+    wait_for(lambda: d1.messages(Generate), 5, what="the request reaching d1")
+    d0.draining = False
+    wait_for(lambda: not server.state.registry.nodes["d0"].draining, 5, what="d0 routed to again")
+    d1.stop()
+    fake_nodes("d1", "both", ports=(d1.rpc_port, d1.events_port))
+    t.join(15)
+    assert not t.is_alive(), "the request held by the old d1 was never handed back"
+    assert out["r"].status_code == 200, out["r"].text
+    assert server.state.registry.nodes["d1"].alive
+    assert 'pdserve_proxy_retries_total{reason="decode_node_lost"}' in httpx.get(server.url + "/metrics").text
