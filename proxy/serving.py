@@ -28,6 +28,7 @@ from proxy.client import ClientGone, JobStream, until_disconnect
 from proxy.dispatch import Dispatcher
 from proxy.errors import APIError
 from proxy.metrics import ProxyMetrics
+from proxy.prompt_logprobs import echo_logprobs, echo_text_length, vllm_prompt_logprobs
 from proxy.protocol import GenerationRequest
 from wire.detokenizer import IncrementalDetokenizer
 from wire.node_messages import TIMING_KEYS
@@ -65,6 +66,7 @@ class RequestJob:
         self.last_token_at: dict[int, float] = {}  # choice index -> when its last tokens arrived (ITL)
         self.counted: set[int] = set()  # choices already in the vllm:* per-request series
         self.tasks: list[asyncio.Task] = []  # a stream's per-choice relays
+        self.echo_offsets: dict[int, int] = {}  # stream, echo + logprobs: where generated text offsets start
 
     # ---- 1. start ------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -104,6 +106,22 @@ class RequestJob:
         i = c.index // self.req.params.n
         text = self.req.prompt_texts[i] if i < len(self.req.prompt_texts) else None
         return text if text is not None else self.s.tokenizer.decode(self.req.prompts[i])
+
+    def prompt_records(self, c: ChoiceState) -> tuple[list[int], list]:
+        """c's prompt and its prompt logprob records (sample 0 of each prompt computed them for all)."""
+        n = self.req.params.n
+        i = c.index // n
+        return self.req.prompts[i], self.choices[i * n].run.prompt_records.entries
+
+    def prompt_logprobs(self, c: ChoiceState) -> list:
+        prompt, entries = self.prompt_records(c)
+        return vllm_prompt_logprobs(self.s.tokenizer, prompt, entries, self.req.prompt_logprobs)
+
+    def echo_logprobs(self, c: ChoiceState, final: bool) -> dict:
+        """echo with logprobs: the prompt's tokens first, then (final) the generated ones."""
+        prompt, entries = self.prompt_records(c)
+        ids, generated = (c.token_ids, c.logprobs) if final else ([], [])
+        return echo_logprobs(self.s.tokenizer, prompt, entries, ids, generated)
 
     def abort_all(self, reason: str) -> None:
         for c in self.choices:
@@ -238,22 +256,26 @@ class RequestJob:
                     }
                 )
             else:
-                lp = (
-                    completion_logprobs(tok, c.token_ids, c.logprobs, 0)
-                    if self.req.logprobs is not None
-                    else None
-                )
+                lp = None
+                if self.req.logprobs is not None:
+                    lp = (
+                        self.echo_logprobs(c, final=True)
+                        if self.req.echo
+                        else completion_logprobs(tok, c.token_ids, c.logprobs, 0)
+                    )
                 text = self.echo_text(c) + c.text
                 choices.append(
                     {"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason}
                 )
+                if self.req.prompt_logprobs is not None:
+                    choices[-1]["prompt_logprobs"] = self.prompt_logprobs(c)
         if self.req.return_token_ids:
             n = self.req.params.n
             for c, choice in zip(self.choices, choices, strict=False):
                 choice["token_ids"] = list(c.token_ids)
                 choice["prompt_token_ids"] = self.req.prompts[c.index // n]
         obj = "chat.completion" if self.req.kind == "chat" else "text_completion"
-        return {
+        body = {
             "id": self.id,
             "object": obj,
             "created": self.created,
@@ -261,6 +283,9 @@ class RequestJob:
             "choices": choices,
             "usage": self.usage(),
         }
+        if self.req.kind == "chat" and self.req.prompt_logprobs is not None:
+            body["prompt_logprobs"] = self.prompt_logprobs(self.choices[0])  # vLLM's place: one chat prompt
+        return body
 
     # ---- 2b. server-sent events ----------------------------------------------------------------------------
     def _chunk(self, choices: list[dict], usage: Optional[dict] = None) -> str:
@@ -294,6 +319,7 @@ class RequestJob:
             lp = chat_logprobs(tok, d.token_ids, d.logprobs) if lp_wanted else None
             delta = {"content": d.text} if d.text or d.finish_reason is None else {}
             return {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}
+        text_offset += self.echo_offsets.get(c.index, 0)
         lp = completion_logprobs(tok, d.token_ids, d.logprobs, text_offset) if lp_wanted else None
         return {"index": c.index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason}
 
@@ -335,12 +361,7 @@ class RequestJob:
                     ]
                 )
             elif self.req.echo:
-                yield self._chunk(
-                    [
-                        {"index": c.index, "text": self.echo_text(c), "logprobs": None, "finish_reason": None}
-                        for c in self.choices
-                    ]
-                )
+                yield self._chunk([self._echo_choice(c) for c in self.choices])
             remaining = len(self.choices)
             while remaining:
                 item = await queue.get()
@@ -371,6 +392,14 @@ class RequestJob:
                 status = 499
                 self.abort_all("client_gone")
             self.record(status)
+
+    def _echo_choice(self, c: ChoiceState) -> dict:
+        """A stream's first completion chunk under echo: the prompt's text (with logprobs, its tokens')."""
+        lp = None
+        if self.req.logprobs is not None:
+            lp = self.echo_logprobs(c, final=False)
+            self.echo_offsets[c.index] = echo_text_length(self.s.tokenizer, self.prompt_records(c)[0])
+        return {"index": c.index, "text": self.echo_text(c), "logprobs": lp, "finish_reason": None}
 
     def _final_usage(self) -> dict:
         usage = self.usage()
