@@ -349,7 +349,7 @@ class EngineCore:
         for request_id, (token, logprob) in sampled.items():
             request = done.pop(request_id, None) or self.scheduler.get_request(request_id)
             prompt_logprobs = None
-            if request.wants_prompt_logprobs:  # its first token: the prompt has been computed here
+            if request_id in self.prompt_logprob_ids:  # its first token: the prompt was computed here
                 prompt_logprobs = take(request)
                 self.prompt_logprob_ids.discard(request_id)
             outputs.append(

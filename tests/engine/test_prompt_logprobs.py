@@ -89,3 +89,18 @@ def test_bad_values_are_refused():
     for bad in (-1, 21, 1.5, True):
         with pytest.raises(ValueError, match="prompt_logprobs"):
             SamplingParams(prompt_logprobs=bad)
+
+
+def test_preemption_recomputes_and_keeps_every_record(model_dir, hf_model):
+    # 4 requests x (~30 prompt + 24 new tokens) need 16 blocks of 16; 9 blocks and 8-token chunks force
+    # preemption by recompute, some of it before a request's first token (its records are then overwritten).
+    prompts = [prompt_of(10 + i, n) for i, n in enumerate([30, 31, 29, 33])]
+    llm = LLM(
+        model=model_dir, device="cpu", block_size=16, num_gpu_blocks_override=9, max_num_batched_tokens=8
+    )
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, prompt_logprobs=2)
+    out = generate(llm, prompts, params)
+    assert llm.core.scheduler.num_preemptions > 0
+    for prompt, result in zip(prompts, out, strict=True):
+        check(result.prompt_logprobs, prompt, reference(hf_model, prompt), 2)
+    assert not llm.core.prompt_logprob_ids  # nothing left behind
