@@ -7,7 +7,8 @@ One request, in order (docs/architecture.md, "A request's way"):
      to the prefill node's ROUTER through our DEALER to it: the one round trip. Its connector binds those
      blocks and writes each layer into them as it is computed (one-sided: nothing runs here per layer); its
      `Done` on the KV link says every layer landed.
-  3. `first_token` from the prefill node is forwarded to the proxy at once (TTFT is the prefill's time). If
+  3. `first_token` from the prefill node is forwarded to the proxy at once (TTFT is the prefill's time), after
+     the `prompt_logprobs` pieces the prefill node sent before it, when the request asked for them. If
      that token already ends the request (eos, stop id, max_tokens 1) the request ends here and the transfer
      is aborted.
   4. When every layer has landed AND the first token is known, the scheduler is told (WAITING_FOR_REMOTE_KVS
@@ -33,7 +34,16 @@ from decode_node import remote_admission as ra
 from engine.engine_loop import Sink
 from wire.bind import advertised
 from wire.errors import PromptTooLongError
-from wire.node_messages import Abort, Error, FirstToken, Prefill, PrefillDone, Tokens, plain
+from wire.node_messages import (
+    Abort,
+    Error,
+    FirstToken,
+    Prefill,
+    PrefillDone,
+    PromptLogprobs,
+    Tokens,
+    plain,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +158,9 @@ class DisaggDecoder:
             return
         if isinstance(msg, FirstToken):
             self._first_token(pending, msg)
+        elif isinstance(msg, PromptLogprobs):  # computed by the prefill node; they reach the proxy before the
+            if pending.first_token is None and not pending.live.ended:  # first token, in the order they came
+                self.rpc.send(pending.live.identity, msg)
         elif isinstance(msg, Error):
             self._fail(pending, msg.status, f"prefill node: {msg.message}", msg.retryable, "prefill_failed")
         elif isinstance(msg, PrefillDone):

@@ -17,6 +17,7 @@ from engine.config import EngineConfig
 from engine.kv_cache_manager import KVCacheManager
 from engine.logits_processors import LogitsProcessors
 from engine.model_runner import ModelRunner
+from engine.prompt_logprobs import plan_rows, take
 from engine.request import Request
 from engine.sampler import Sampler, make_generator, skip_draw
 from engine.scheduler import Scheduler
@@ -50,6 +51,9 @@ class StepOutput:
     request_id: str
     new_token_ids: list[int]
     new_logprobs: list | None = None  # per new token: (top ids, top logprobs, sampled logprob, sampled rank)
+    # With the first token, when params.prompt_logprobs is set and this node prefilled: one record per prompt
+    # token, the same shape (its logprob and rank in place of the sampled token's); the first is None.
+    prompt_logprobs: list | None = None
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_cached_tokens: int = 0
@@ -86,6 +90,7 @@ class EngineCore:
             self.runner.arch.vocab_size, self.runner.device, config.model.model, eos_token_ids
         )
         self.generators: dict[str, torch.Generator] = {}
+        self.prompt_logprob_ids: set[str] = set()  # requests whose prompt logprobs are still to compute here
         self.stats = EngineStats()
         # Told about each step around its forward pass (the prefill node's KV producer is one).
         self.step_observers: list[StepObserver] = []
@@ -141,17 +146,21 @@ class EngineCore:
         self.scheduler.add_request(request)
         if params.seed is not None:
             self.generators[request_id] = make_generator(params.seed, self.runner.device)
+        if params.prompt_logprobs is not None:
+            self.prompt_logprob_ids.add(request_id)
         return request
 
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort_request(request_id)
         self.generators.pop(request_id, None)
         self.processors.release(request_id)
+        self.prompt_logprob_ids.discard(request_id)
 
     def finish_request(self, request_id: str, reason: str = "stop") -> None:
         self.scheduler.finish_request(request_id, reason)
         self.generators.pop(request_id, None)
         self.processors.release(request_id)
+        self.prompt_logprob_ids.discard(request_id)
 
     # ---- requests whose prompt KV is computed elsewhere (the decode node's side of disaggregation) ---------
     def reserve_remote(
@@ -168,6 +177,7 @@ class EngineCore:
             prompt_token_ids=list(prompt_token_ids),
             sampling_params=params,
             block_size=kv.block_size,
+            prompt_logprobs_done=True,  # the prefill node computes them (and may read our prefix hits' KV)
         )
         self.scheduler.validate(request)
         if kv.num_blocks_held(request_id) or self.scheduler.get_request(request_id) is not None:
@@ -218,18 +228,22 @@ class EngineCore:
         # 2. Run the forward pass; logits only for chunks that reach their request's last known token. Nothing
         # about any request has moved yet if this raises, so the step can be retried.
         rows = [row for row, item in enumerate(plan.scheduled) if item.samples]
+        get = self.scheduler.get_request
+        prompt_rows = plan_rows(plan, self.prompt_logprob_ids, get) if self.prompt_logprob_ids else None
         try:
             for observer in self.step_observers:
                 observer.before_forward(plan)
             ok = False
             try:
-                logits = self.runner.execute(plan.scheduled, rows)
+                logits = self.runner.execute(plan.scheduled, rows, prompt_rows)
                 ok = True
             finally:
                 for observer in self.step_observers:
                     observer.after_forward(ok)
         except Exception as exc:
             raise StepFailed(ids, retryable=True, cause=exc) from exc
+        if prompt_rows is not None:
+            prompt_rows.store()
         # 3. Sample (per-request failures isolated), then let the scheduler advance, stop and free.
         requests = [self.scheduler.get_request(plan.scheduled[row].request_id) for row in rows]
         sampled, failed, grammar_done = self._sample(logits, requests)
@@ -334,6 +348,10 @@ class EngineCore:
         outputs = []
         for request_id, (token, logprob) in sampled.items():
             request = done.pop(request_id, None) or self.scheduler.get_request(request_id)
+            prompt_logprobs = None
+            if request_id in self.prompt_logprob_ids:  # its first token: the prompt was computed here
+                prompt_logprobs = take(request)
+                self.prompt_logprob_ids.discard(request_id)
             outputs.append(
                 StepOutput(
                     request_id,
@@ -342,6 +360,7 @@ class EngineCore:
                     finished=request.is_finished(),
                     finish_reason=request.finish_reason,
                     num_cached_tokens=request.num_cached_tokens,
+                    prompt_logprobs=prompt_logprobs,
                 )
             )
         for request_id, request in done.items():  # finished without sampling this step
@@ -357,4 +376,5 @@ class EngineCore:
         for request in finished:
             self.generators.pop(request.request_id, None)
             self.processors.release(request.request_id)
+            self.prompt_logprob_ids.discard(request.request_id)
         return outputs

@@ -104,6 +104,7 @@ class LLM:
         results = []
         for parent_id, text, ids, children in parents:
             cached = processor.cached_tokens(children[0])
+            prompt_logprobs = processor.prompt_logprobs(children[0])
             outputs = [processor.completion(c) for c in children]
             results.append(
                 RequestOutput(
@@ -113,6 +114,7 @@ class LLM:
                     outputs=outputs,
                     finished=True,
                     num_cached_tokens=cached,
+                    prompt_logprobs=prompt_logprobs,
                 )
             )
         return results

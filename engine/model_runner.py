@@ -17,6 +17,7 @@ from engine.checkpoint import load_arch_config
 from engine.config import DTYPE_ALIASES, EngineConfig
 from engine.kv_cache import allocate_kv_cache, decide_num_blocks
 from engine.models.loader import load_model
+from engine.prompt_logprobs import PromptRows
 from engine.scheduler_output import ScheduledRequest
 
 log = logging.getLogger(__name__)
@@ -103,13 +104,18 @@ class ModelRunner:
         return hidden, batch.last_token_index
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledRequest], sample_rows: list[int]) -> torch.Tensor:
+    def execute(
+        self, chunks: list[ScheduledRequest], sample_rows: list[int], prompt_rows: PromptRows | None = None
+    ) -> torch.Tensor:
         """Run the step; return float32 logits [len(sample_rows), vocab] for the last token of those
-        chunks."""
+        chunks. prompt_rows (engine/prompt_logprobs.py), when some prefill chunk asks, gets its records from
+        the same forward's hidden states."""
         graphable = self.on_layer_done is None and all(c.is_decode for c in chunks)
         if self.graphs is not None and graphable and self.graphs.fits(len(chunks)):
             logits = self.graphs.run(chunks)
             return logits[sample_rows] if len(sample_rows) != len(chunks) else logits
         hidden, last = self._forward(chunks, self.kv_caches)
+        if prompt_rows is not None:
+            prompt_rows.compute(hidden, self.model.compute_logits, self.arch.vocab_size)
         rows = last[torch.as_tensor(sample_rows, dtype=torch.long, device=last.device)]
         return self.model.compute_logits(hidden[rows])

@@ -20,12 +20,14 @@ class _Tracked:
     index: int
     params: SamplingParams
     detokenizer: IncrementalDetokenizer
+    prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] | None = None
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: list | None = None  # PromptLogprobs, once the first token brought them
 
 
 class OutputProcessor:
@@ -47,6 +49,7 @@ class OutputProcessor:
             index,
             params,
             detok,
+            list(prompt_ids),
             logprobs=[] if params.logprobs is not None else None,
             cumulative_logprob=0.0 if params.logprobs is not None else None,
         )
@@ -57,6 +60,10 @@ class OutputProcessor:
         for out in outputs:
             state = self.tracked[out.request_id]
             state.num_cached_tokens = out.num_cached_tokens
+            if out.prompt_logprobs is not None:
+                state.prompt_logprobs = self.prompt_entries(
+                    out.prompt_logprobs, state.prompt_ids, state.params.prompt_logprobs
+                )
             self._append(state, out)
             if state.detokenizer.stopped is not None and state.finish_reason is None:
                 state.finish_reason, state.stop_reason = "stop", state.detokenizer.stopped
@@ -91,6 +98,13 @@ class OutputProcessor:
             logprob.decoded_token = decode_token(self.tokenizer, tid)
         return entry
 
+    def prompt_entries(self, records: list, prompt: list[int], k: int) -> list:
+        """Prompt records -> vLLM's prompt_logprobs: None for the first token, then {token id: Logprob}."""
+        return [
+            None if row is None else self._logprob_entry(row, token, k)
+            for row, token in zip(records, prompt, strict=True)
+        ]
+
     def completion(self, child_id: str) -> CompletionOutput:
         s = self.tracked.pop(child_id)
         return CompletionOutput(
@@ -105,3 +119,6 @@ class OutputProcessor:
 
     def cached_tokens(self, child_id: str) -> int:
         return self.tracked[child_id].num_cached_tokens
+
+    def prompt_logprobs(self, child_id: str) -> list | None:
+        return self.tracked[child_id].prompt_logprobs

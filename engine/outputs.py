@@ -2,7 +2,8 @@
 
 Torch-free (plain Python values only), so the proxy can build the same objects from wire messages.
 Logprobs are a list with one entry per generated token; each entry maps token id -> `Logprob` and always holds
-the sampled token (with its rank) plus the top-k tokens asked for.
+the sampled token (with its rank) plus the top-k tokens asked for. Prompt logprobs have the same entries, one
+per prompt token (the prompt's own token in place of the sampled one), and None for the first.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class Logprob:
 
 
 SampleLogprobs = list[dict[int, Logprob]]  # one dict per generated token
+PromptLogprobs = list[dict[int, Logprob] | None]  # one per prompt token; the first is None (vLLM's shape)
 
 
 def make_logprob_entry(
@@ -63,3 +65,4 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (local or transferred)
+    prompt_logprobs: PromptLogprobs | None = None  # when SamplingParams.prompt_logprobs was set

@@ -74,6 +74,11 @@ class Request:
     num_preemptions: int = 0
     stop_reason: int | str | None = None  # the stop token id or stop string that finished it
     block_hashes: list[BlockHash] = field(default_factory=list)  # one per full block of all_token_ids
+    # sampling_params.prompt_logprobs set: one record per prompt position, filled chunk by chunk
+    # (engine/prompt_logprobs.py), handed out with the first token; done once handed out (or when another
+    # node prefills), after which the request reads the prefix cache like any other.
+    prompt_logprobs: list | None = None
+    prompt_logprobs_done: bool = False
     # prompt + outputs kept as one list so slicing a step's tokens never concatenates.
     _all_token_ids: list[int] = field(default_factory=list, repr=False)
 
@@ -106,6 +111,13 @@ class Request:
 
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Its prompt's logprobs are still to compute here: every prompt position must run through the model,
+        so the scheduler gives it no prefix-cache hits (vLLM does the same)."""
+        asked = getattr(self.sampling_params, "prompt_logprobs", None) is not None
+        return asked and not self.prompt_logprobs_done
 
     @property
     def finish_reason(self) -> str | None:

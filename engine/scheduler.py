@@ -224,7 +224,9 @@ class Scheduler:
     def _schedule_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+            # Prompt logprobs need every position computed: no hits read (its blocks are still cached after).
+            no_reads = request.wants_prompt_logprobs
+            hits, num_hit_tokens = ([], 0) if no_reads else self.kv.get_computed_blocks(request)
             num_remaining = request.num_tokens - num_hit_tokens
             num_new = min(num_remaining, budget)
             # Chunking off: wait for a step with room for all of it, unless it never fits one (a long

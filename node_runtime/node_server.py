@@ -28,6 +28,7 @@ from typing import Optional
 
 from engine.engine_loop import EngineLoop, Sink
 from node_runtime import roles
+from node_runtime.door import Refused, check_at_door
 from node_runtime.http_server import HttpServer
 from node_runtime.node_metrics import NodeMetrics
 from node_runtime.node_options import NodeOptions
@@ -46,6 +47,7 @@ from wire.node_messages import (
     Tokens,
     make_codec,
     plain,
+    prompt_logprob_pieces,
 )
 from wire.sampling_params import SamplingParams
 from wire.vllm_metrics import FinishedRequest, VllmMetrics
@@ -323,6 +325,9 @@ class NodeServer:
             if not self.take(live, out.finish_reason or "stop"):
                 return
             self.metrics.finished.labels(out.finish_reason or "stop").inc()
+        if out.prompt_logprobs:  # before the first token, so the proxy holds them when it answers
+            for piece in prompt_logprob_pieces(live.request_id, out.prompt_logprobs):
+                self.rpc.send(live.identity, piece)
         self.rpc.send(
             live.identity,
             Tokens(
@@ -354,28 +359,12 @@ class NodeServer:
     def admit_or_reject(
         self, identity: bytes, request_id: str, params: dict, prompt_token_ids: list[int]
     ) -> SamplingParams | None:
-        """The checks every request meets at a node's door; None once it was rejected (and answered)."""
+        """The checks every request meets at a node's door (door.py); None once it was rejected (and
+        answered)."""
         try:
-            parsed = SamplingParams.from_dict(params)
-        except (ValueError, TypeError) as exc:
-            return self.reject(identity, request_id, 400, f"bad sampling params: {exc}")
-        try:  # ids only (cheap, on this RPC thread); a grammar is compiled when the engine takes the request
-            self.core.check_token_ids(prompt_token_ids, parsed)
-        except ValueError as exc:
-            return self.reject(identity, request_id, 400, str(exc))
-        if parsed.logprobs is not None and parsed.logprobs > self.options.max_logprobs:
-            return self.reject(
-                identity,
-                request_id,
-                400,
-                f"logprobs {parsed.logprobs} is more than this node's --max-logprobs "
-                f"{self.options.max_logprobs}",
-            )
-        if self.loop.snapshot.num_waiting >= self.options.max_num_waiting:
-            return self.reject(
-                identity, request_id, 429, f"node {self.node_id}'s queue is full", retryable=True
-            )
-        return parsed
+            return check_at_door(self, params, prompt_token_ids)
+        except Refused as exc:
+            return self.reject(identity, request_id, exc.status, str(exc), retryable=exc.retryable)
 
     def reject(
         self,

@@ -11,9 +11,10 @@ One request, in order:
      hooks (step_hooks.py) write each layer's final blocks into the decode node's cache while later layers
      compute.
   4. The sampled first token goes to the decode node at once as `first_token`, with prefill_queue / prefill
-     timings: TTFT is the prefill's time, not the transfer's. The engine request has finished then and its
-     blocks go to our prefix cache; the data plane keeps the next step from overwriting them before they are
-     copied.
+     timings: TTFT is the prefill's time, not the transfer's. Prompt logprobs, when asked, go just before it
+     (`prompt_logprobs` pieces: the prompt was computed here, the decode node relays them to the proxy). The
+     engine request has finished then and its blocks go to our prefix cache; the data plane keeps the next
+     step from overwriting them before they are copied.
   5. The connector's completion (the fence after the last write, or a failure once nothing more can be
      written) sends `prefill_done` with the transfer timings. Every `prefill` gets exactly one `prefill_done`,
      always last: the decode node frees a released request's blocks on it. A failure before the first token
@@ -32,7 +33,7 @@ from typing import Optional
 
 from engine.engine_loop import Sink
 from wire.errors import PromptTooLongError
-from wire.node_messages import FirstToken, Prefill, PrefillDone, plain
+from wire.node_messages import FirstToken, Prefill, PrefillDone, plain, prompt_logprob_pieces
 from wire.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,9 @@ class PrefillService:
         job.first_token_sent = True
         now = time.monotonic()
         scheduled = job.scheduled_at or job.arrival
+        if out.prompt_logprobs:  # computed here, during the prefill; the decode node relays them to the proxy
+            for piece in prompt_logprob_pieces(job.request_id, out.prompt_logprobs):
+                self.rpc.send(job.identity, piece)
         self.rpc.send(
             job.identity,
             FirstToken(

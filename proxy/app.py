@@ -255,12 +255,12 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
             req = await asyncio.to_thread(
                 parse, body, state.tokenizer, state.max_prompt_chars, state.sampling_defaults
             )
-            if req.logprobs is not None and req.logprobs > config.max_logprobs:
-                raise bad_request(
-                    f"logprobs {req.logprobs} is more than this server's --max-logprobs "
-                    f"{config.max_logprobs}",
-                    param="logprobs",
-                )
+            for name, asked in (("logprobs", req.logprobs), ("prompt_logprobs", req.prompt_logprobs)):
+                if asked is not None and asked > config.max_logprobs:
+                    raise bad_request(
+                        f"{name} {asked} is more than this server's --max-logprobs {config.max_logprobs}",
+                        param=name,
+                    )
             check_length(req, state.max_model_len)
             key = state.limits.key_of(request.headers.get("authorization", ""))
             sequences = len(req.prompts) * req.params.n

@@ -30,7 +30,7 @@ from proxy.prefix_index import PrefixIndex
 from proxy.router import Decision, NoRoute, Router
 from wire.frames import FrameTooLarge
 from wire.hashing import external_block_hash, hash_prompt_blocks
-from wire.node_messages import Error, Generate, Tokens
+from wire.node_messages import Error, Generate, LogprobEntry, PromptLogprobs, Tokens, logprob_entry
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,22 @@ class NodeLost:
 
 
 _DEADLINE = object()  # queued by a run's deadline timer
+
+
+class PromptRecords:
+    """One node request's prompt logprob records by prompt position (position 0 has none), from pieces that
+    must come in order, all before its first token."""
+
+    def __init__(self) -> None:
+        self.entries: list[Optional[LogprobEntry]] = [None]
+
+    def add(self, msg: PromptLogprobs) -> None:
+        if msg.start != len(self.entries):
+            raise APIError(502, f"prompt logprobs out of order: {msg.start} after {len(self.entries) - 1}")
+        try:
+            self.entries.extend(logprob_entry(raw) for raw in msg.entries)
+        except ValueError as exc:
+            raise APIError(502, f"a bad prompt logprob record: {exc}", code="node_error") from None
 
 
 def prompt_block_hashes(token_ids: list[int], block_size: int, cache_salt: str | None = None) -> list[int]:
@@ -112,6 +128,7 @@ class ChoiceRun:
         self.first_token_at: Optional[float] = None
         self.queue: Optional[asyncio.Queue] = None
         self._holds_prefill = False
+        self.prompt_records = PromptRecords()  # when params ask for prompt_logprobs
 
     def uses(self, node: NodeState) -> bool:
         dec = self.decision
@@ -166,6 +183,7 @@ class ChoiceRun:
     def _attach(self, decision: Decision) -> None:
         self.decision = decision
         self.node_rid = self.base_id if self.attempt == 0 else f"{self.base_id}.r{self.attempt}"
+        self.prompt_records = PromptRecords()  # a retry computes them again
         self.queue = self.d.rpc.open(self.node_rid)
         self.d.inflight[self.node_rid] = self
         decision.prefill_node.pending_prefill += 1
@@ -222,8 +240,12 @@ class ChoiceRun:
                     f"the request did not finish within {self.d.config.request_timeout_s:g}s",
                     code="timeout",
                 )
+            if isinstance(item, PromptLogprobs):
+                self._prompt_records(item)
+                continue
             if isinstance(item, Tokens):
                 if item.token_ids and not self.got_tokens:
+                    self._check_prompt_records()
                     self.got_tokens = True
                     self.first_token_at = time.monotonic()
                     self._release_prefill()
@@ -234,6 +256,20 @@ class ChoiceRun:
                 await self._on_error(item)
             elif isinstance(item, NodeLost):
                 await self._on_node_lost(item.node_id)
+
+    def _prompt_records(self, msg: PromptLogprobs) -> None:
+        try:
+            self.prompt_records.add(msg)
+        except APIError:
+            self.abort("error")
+            raise
+
+    def _check_prompt_records(self) -> None:
+        """The node sends every record before the first token; fewer would answer with holes."""
+        asked = self.params.get("prompt_logprobs") is not None
+        if asked and len(self.prompt_records.entries) != len(self.prompt):
+            self.abort("error")
+            raise APIError(502, "the node sent incomplete prompt logprobs", code="node_error")
 
     async def _get_before_deadline(self):
         """The next queued item, or _DEADLINE. Not asyncio.wait_for: on Python 3.11 it swallows a cancellation

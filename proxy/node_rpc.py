@@ -19,7 +19,7 @@ import zmq.asyncio
 
 from wire import curve
 from wire.frames import DEFAULT_MAX_HEADER, SignedCodec, WireError
-from wire.node_messages import Abort, Error, Tokens
+from wire.node_messages import Abort, Error, PromptLogprobs, Tokens
 from wire.replay import ReplayGuard
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class NodeRpc:
             except WireError as exc:
                 self._dropped(endpoint, exc.reason, str(exc))
                 continue
-            if not isinstance(msg, (Tokens, Error)):
+            if not isinstance(msg, (Tokens, Error, PromptLogprobs)):
                 self._dropped(endpoint, "unexpected", type(msg).__name__)
                 continue
             self.on_alive(endpoint)

@@ -29,6 +29,10 @@ Decisions:
   refuses it too unless told to trust it); the server's --chat-template replaces the checkpoint's.
 - echo (completions) puts the prompt text before each choice's text; stream_options.continuous_usage_stats
   puts the usage so far on every chunk.
+- prompt_logprobs k (vLLM's extension, both endpoints; request_fields.prompt_logprobs checks it): the node
+  that prefills computes each prompt token's logprob; echo with logprobs asks for them too (k = logprobs), as
+  vLLM does, and the choice's logprobs then start with the prompt's tokens. Only sample 0 of each prompt asks
+  the nodes: the other samples share its prompt and its records.
 """
 
 from __future__ import annotations
@@ -67,12 +71,16 @@ class GenerationRequest:
     response_id: Optional[str] = None  # the client's request_id (vLLM's extension), else a fresh one
     truncate_prompt_tokens: Optional[int] = None
     truncation_side: str = "left"
+    prompt_logprobs: Optional[int] = None  # k; the prompt's records are computed by sample 0 only
 
     def choice_params(self, j: int) -> dict:
-        """SamplingParams.to_dict() for sample j (n=1 on the node; seed + j when seeded)."""
+        """SamplingParams.to_dict() for sample j (n=1 on the node; seed + j when seeded; prompt logprobs for
+        sample 0 only)."""
         changes: dict[str, Any] = {"n": 1}
         if self.params.seed is not None:
             changes["seed"] = self.params.seed + j
+        if j > 0:
+            changes["prompt_logprobs"] = None
         return self.params.clone(**changes).to_dict()
 
 
@@ -132,7 +140,9 @@ def _refuse_unsupported(body: dict, kind: str) -> None:
         )
 
 
-def _sampling(body: dict, max_tokens: Optional[int], logprobs: Optional[int], tokenizer) -> SamplingParams:
+def _sampling(
+    body: dict, max_tokens: Optional[int], logprobs: Optional[int], tokenizer, prompt_logprobs: Optional[int]
+) -> SamplingParams:
     vocab = len(tokenizer)
     n = get_field(body, "n", "int", 1)
     if not 1 <= n <= MAX_N:
@@ -161,6 +171,7 @@ def _sampling(body: dict, max_tokens: Optional[int], logprobs: Optional[int], to
         logprobs=logprobs,
         skip_special_tokens=get_field(body, "skip_special_tokens", "bool", True),
         include_stop_str_in_output=get_field(body, "include_stop_str_in_output", "bool", False),
+        prompt_logprobs=prompt_logprobs,
     )
     kwargs.update(request_fields.extra_sampling(body, tokenizer))
     try:
@@ -236,15 +247,13 @@ def parse_completion(
             f"'logprobs' must be between 0 and {MAX_LOGPROBS}, got {logprobs}", param="logprobs"
         )
     echo = get_field(body, "echo", "bool", False)
-    if echo and logprobs is not None:
-        raise bad_request(
-            "'echo' with 'logprobs' is not supported (it returns prompt logprobs, which are not computed)",
-            param="echo",
-        )
+    prompt_logprobs = request_fields.prompt_logprobs(body, stream)
+    if prompt_logprobs is None and echo and logprobs is not None:
+        prompt_logprobs = logprobs  # vLLM's: the echoed prompt's tokens carry logprobs too
     max_tokens = _max_tokens(body, ("max_tokens",))
     if max_tokens is None:
         max_tokens = (defaults or {}).get("max_tokens", 16)
-    params = _sampling(body, max_tokens, logprobs, tokenizer)
+    params = _sampling(body, max_tokens, logprobs, tokenizer, prompt_logprobs)
     if body.get("truncate_prompt_tokens") is not None:
         max_prompt_chars = None  # a long prompt is cut, not refused
     add_special = get_field(body, "add_special_tokens", "bool", True)
@@ -263,6 +272,7 @@ def parse_completion(
         texts,
         echo=echo,
         continuous_usage=continuous,
+        prompt_logprobs=prompt_logprobs,
     )
     return _finish(req, body)
 
@@ -341,7 +351,8 @@ def parse_chat(
     max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"))
     if max_tokens is None:
         max_tokens = (defaults or {}).get("max_tokens")
-    params = _sampling(body, max_tokens, logprobs, tokenizer)
+    prompt_logprobs = request_fields.prompt_logprobs(body, stream)
+    params = _sampling(body, max_tokens, logprobs, tokenizer, prompt_logprobs)
     include_usage, continuous = _stream_options(body, stream)
     req = GenerationRequest(
         "chat",
@@ -355,6 +366,7 @@ def parse_chat(
         get_field(body, "return_token_ids", "bool", False),
         [None],
         continuous_usage=continuous,
+        prompt_logprobs=prompt_logprobs,
     )
     if get_field(body, "echo", "bool", False) and messages[-1].get("role") == "assistant":
         req.chat_echo = content_text(messages[-1].get("content"))

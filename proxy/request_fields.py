@@ -3,7 +3,8 @@ a 400 that names it; a key nobody knows is logged once (as ignored) and otherwis
 
 Torch-free (the proxy). protocol.py parses the fields it always had; this module owns the audit and the fields
 added beside them: penalties, logit_bias, bad_words, allowed_token_ids, cache_salt, structured output
-(`response_format`, vLLM's `guided_*` and `structured_outputs`), priority, truncate_prompt_tokens.
+(`response_format`, vLLM's `guided_*` and `structured_outputs`), priority, truncate_prompt_tokens,
+prompt_logprobs.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import logging
 import threading
 from typing import Optional
 
-from proxy.body_fields import is_int, is_num
+from proxy.body_fields import get_field, is_int, is_num
 from proxy.errors import bad_request
-from wire.sampling_params import MAX_CACHE_SALT, tokenize_bad_words
+from wire.sampling_params import MAX_CACHE_SALT, MAX_LOGPROBS, tokenize_bad_words
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ COMMON = {
     "frequency_penalty", "repetition_penalty", "logit_bias", "bad_words", "allowed_token_ids", "cache_salt",
     "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
     "guided_decoding_backend", "priority", "truncate_prompt_tokens", "truncation_side", "add_special_tokens",
-    "echo", "request_id",
+    "echo", "request_id", "prompt_logprobs",
 }  # fmt: skip
 COMPLETION_ONLY = {"prompt", "suffix"}
 CHAT_ONLY = {
@@ -52,7 +53,6 @@ REFUSED_IF = {
     "use_beam_search": lambda v: bool(v),
     "length_penalty": lambda v: v not in (None, 1, 1.0),
     "logits_processors": lambda v: bool(v),
-    "prompt_logprobs": lambda v: v is not None,
     "logprob_token_ids": lambda v: v is not None,
     "prompt_embeds": lambda v: v is not None,
     "return_tokens_as_token_ids": lambda v: bool(v),
@@ -70,7 +70,6 @@ REFUSED_IF = {
 WHY_REFUSED = {
     "use_beam_search": "beam search is not implemented",
     "logits_processors": "custom logits processors are not loaded by this server",
-    "prompt_logprobs": "prompt logprobs are not computed",
 }
 MAX_REMEMBERED_UNKNOWN = 256
 _unknown_seen: set[str] = set()
@@ -159,6 +158,29 @@ def extra_sampling(body: dict, tokenizer) -> dict:
             raise bad_request(f"'{param}' cannot be compiled to a grammar: {exc}", param=param) from None
         out["structured"] = spec
     return out
+
+
+def prompt_logprobs(body: dict, stream: bool) -> Optional[int]:
+    """vLLM's `prompt_logprobs` k (each prompt token's logprob and rank plus the top k), checked as vLLM does:
+    not with stream (a stream has no field for them; 0 asks for nothing and is let through, as there); -1,
+    vLLM's whole vocabulary, is refused: a vocabulary per prompt token does not fit the node wire."""
+    k = get_field(body, "prompt_logprobs", "int", None)
+    if k is None:
+        return None
+    if k == -1:
+        raise bad_request(
+            f"'prompt_logprobs' -1 (the whole vocabulary) is not supported; ask for at most {MAX_LOGPROBS}",
+            param="prompt_logprobs",
+        )
+    if not 0 <= k <= MAX_LOGPROBS:
+        raise bad_request(
+            f"'prompt_logprobs' must be between 0 and {MAX_LOGPROBS}, got {k}", param="prompt_logprobs"
+        )
+    if stream and k > 0:
+        raise bad_request(
+            "'prompt_logprobs' are not available when 'stream' is true", param="prompt_logprobs"
+        )
+    return None if stream else k
 
 
 def _logit_bias(bias, vocab: int) -> dict[int, float]:

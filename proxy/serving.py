@@ -21,49 +21,20 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from proxy.choice import ChoiceState, Delta, chat_logprobs, completion_logprobs
+from proxy.client import ClientGone, JobStream, until_disconnect
 from proxy.dispatch import Dispatcher
 from proxy.errors import APIError
 from proxy.metrics import ProxyMetrics
+from proxy.prompt_logprobs import echo_logprobs, echo_text_length, vllm_prompt_logprobs
 from proxy.protocol import GenerationRequest
 from wire.detokenizer import IncrementalDetokenizer
 from wire.node_messages import TIMING_KEYS
 from wire.vllm_metrics import FinishedRequest
 
 log = logging.getLogger(__name__)
-
-
-class ClientGone(Exception):
-    pass
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def until_disconnect(request: Request, coro, on_gone=lambda: None):
-    """Run coro; if the client disconnects first, call on_gone (abort the node work at once, whatever the
-    cancelled coroutine still does), cancel coro and raise ClientGone."""
-    work = asyncio.ensure_future(coro)
-    watch = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        work.cancel()
-        raise
-    finally:
-        watch.cancel()
-    if work.done():
-        return work.result()
-    on_gone()
-    work.cancel()
-    await asyncio.gather(work, return_exceptions=True)
-    raise ClientGone
 
 
 @dataclass
@@ -95,6 +66,7 @@ class RequestJob:
         self.last_token_at: dict[int, float] = {}  # choice index -> when its last tokens arrived (ITL)
         self.counted: set[int] = set()  # choices already in the vllm:* per-request series
         self.tasks: list[asyncio.Task] = []  # a stream's per-choice relays
+        self.echo_offsets: dict[int, int] = {}  # stream, echo + logprobs: where generated text offsets start
 
     # ---- 1. start ------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -134,6 +106,22 @@ class RequestJob:
         i = c.index // self.req.params.n
         text = self.req.prompt_texts[i] if i < len(self.req.prompt_texts) else None
         return text if text is not None else self.s.tokenizer.decode(self.req.prompts[i])
+
+    def prompt_records(self, c: ChoiceState) -> tuple[list[int], list]:
+        """c's prompt and its prompt logprob records (sample 0 of each prompt computed them for all)."""
+        n = self.req.params.n
+        i = c.index // n
+        return self.req.prompts[i], self.choices[i * n].run.prompt_records.entries
+
+    def prompt_logprobs(self, c: ChoiceState) -> list:
+        prompt, entries = self.prompt_records(c)
+        return vllm_prompt_logprobs(self.s.tokenizer, prompt, entries, self.req.prompt_logprobs)
+
+    def echo_logprobs(self, c: ChoiceState, final: bool) -> dict:
+        """echo with logprobs: the prompt's tokens first, then (final) the generated ones."""
+        prompt, entries = self.prompt_records(c)
+        ids, generated = (c.token_ids, c.logprobs) if final else ([], [])
+        return echo_logprobs(self.s.tokenizer, prompt, entries, ids, generated)
 
     def abort_all(self, reason: str) -> None:
         for c in self.choices:
@@ -268,22 +256,26 @@ class RequestJob:
                     }
                 )
             else:
-                lp = (
-                    completion_logprobs(tok, c.token_ids, c.logprobs, 0)
-                    if self.req.logprobs is not None
-                    else None
-                )
+                lp = None
+                if self.req.logprobs is not None:
+                    lp = (
+                        self.echo_logprobs(c, final=True)
+                        if self.req.echo
+                        else completion_logprobs(tok, c.token_ids, c.logprobs, 0)
+                    )
                 text = self.echo_text(c) + c.text
                 choices.append(
                     {"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason}
                 )
+                if self.req.prompt_logprobs is not None:
+                    choices[-1]["prompt_logprobs"] = self.prompt_logprobs(c)
         if self.req.return_token_ids:
             n = self.req.params.n
             for c, choice in zip(self.choices, choices, strict=False):
                 choice["token_ids"] = list(c.token_ids)
                 choice["prompt_token_ids"] = self.req.prompts[c.index // n]
         obj = "chat.completion" if self.req.kind == "chat" else "text_completion"
-        return {
+        body = {
             "id": self.id,
             "object": obj,
             "created": self.created,
@@ -291,6 +283,9 @@ class RequestJob:
             "choices": choices,
             "usage": self.usage(),
         }
+        if self.req.kind == "chat" and self.req.prompt_logprobs is not None:
+            body["prompt_logprobs"] = self.prompt_logprobs(self.choices[0])  # vLLM's place: one chat prompt
+        return body
 
     # ---- 2b. server-sent events ----------------------------------------------------------------------------
     def _chunk(self, choices: list[dict], usage: Optional[dict] = None) -> str:
@@ -324,6 +319,7 @@ class RequestJob:
             lp = chat_logprobs(tok, d.token_ids, d.logprobs) if lp_wanted else None
             delta = {"content": d.text} if d.text or d.finish_reason is None else {}
             return {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}
+        text_offset += self.echo_offsets.get(c.index, 0)
         lp = completion_logprobs(tok, d.token_ids, d.logprobs, text_offset) if lp_wanted else None
         return {"index": c.index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason}
 
@@ -365,12 +361,7 @@ class RequestJob:
                     ]
                 )
             elif self.req.echo:
-                yield self._chunk(
-                    [
-                        {"index": c.index, "text": self.echo_text(c), "logprobs": None, "finish_reason": None}
-                        for c in self.choices
-                    ]
-                )
+                yield self._chunk([self._echo_choice(c) for c in self.choices])
             remaining = len(self.choices)
             while remaining:
                 item = await queue.get()
@@ -402,31 +393,18 @@ class RequestJob:
                 self.abort_all("client_gone")
             self.record(status)
 
+    def _echo_choice(self, c: ChoiceState) -> dict:
+        """A stream's first completion chunk under echo: the prompt's text (with logprobs, its tokens')."""
+        lp = None
+        if self.req.logprobs is not None:
+            lp = self.echo_logprobs(c, final=False)
+            self.echo_offsets[c.index] = echo_text_length(self.s.tokenizer, self.prompt_records(c)[0])
+        return {"index": c.index, "text": self.echo_text(c), "logprobs": lp, "finish_reason": None}
+
     def _final_usage(self) -> dict:
         usage = self.usage()
         usage["pdserve_timings"] = self.timings()
         return usage
-
-
-class JobStream(StreamingResponse):
-    """A stream that runs `on_close` however it ends, even when the client left before the first byte (then
-    Starlette never starts the body iterator, so a generator's `finally` alone would never run)."""
-
-    def __init__(self, content, on_close, **kwargs):
-        super().__init__(content, **kwargs)
-        self._on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_close()
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                try:
-                    await aclose()  # run the generator's own cleanup now, not at garbage collection
-                except Exception:  # noqa: BLE001 - still running elsewhere, or already closed
-                    pass
 
 
 async def serve(

@@ -20,6 +20,7 @@ Flow (docs/architecture.md, "A request's way"):
     node   -> proxy     Tokens (a stream; the last has finished=True and timings), Error
     decode -> prefill   Prefill, Abort
     prefill -> decode   FirstToken, Error, PrefillDone (the KV transfer ended, ok or not)
+    either -> next hop  PromptLogprobs (params.prompt_logprobs set), in pieces, just before the first token
 An Abort ends the request everywhere and frees its blocks; the node answers it with a final
 Tokens(finished=True, finish_reason="abort"). `Error.retryable` means nothing was streamed and another node
 may succeed (the prefill node died before the first token, a queue was full): the proxy re-sends elsewhere.
@@ -29,7 +30,8 @@ Field conventions:
   validates.
 - `deadline_s` is a budget in seconds from receipt (two machines' clocks are never compared); 0 = none.
 - `logprobs`, per generated token: [top_ids, top_logprobs, sampled_logprob, sampled_rank] (rank 1 = most
-  likely); `logprob_entry()` reads one.
+  likely); `logprob_entry()` reads one. Prompt logprobs use the same record per prompt token (its own
+  logprob and rank in place of the sampled token's); the first prompt token has none.
 - `timings` (final Tokens): seconds, keys TIMING_KEYS; a missing key is 0.
 - `finish_reason`: "stop" (EOS or a stop token), "length" (max_tokens or the context is full), "abort".
   Stop *strings* are the proxy's: it detokenizes, cuts the text and sends Abort.
@@ -210,9 +212,44 @@ class PrefillDone(Message, tag="prefill_done"):
     timings: Optional[dict[str, float]] = None
 
 
+class PromptLogprobs(Message, tag="prompt_logprobs"):
+    """Node -> proxy (and prefill -> decode, which relays it): a run of a prompt's logprob records, sent by
+    the node that prefilled, all before the request's first token. Pieces, because a long prompt's records
+    would not fit one frame (DEFAULT_MAX_HEADER); `prompt_logprob_pieces` cuts them."""
+
+    request_id: str
+    start: int  # prompt position of entries[0]; position 0 has no record, so >= 1
+    entries: list[Any]  # per prompt token: [top_ids, top_logprobs, logprob, rank]
+
+    def check(self) -> None:
+        _check_request(self.request_id)
+        if not 1 <= self.start <= MAX_PROMPT_TOKENS or self.start + len(self.entries) > MAX_PROMPT_TOKENS:
+            raise ValueError("prompt logprobs start must be in 1..MAX_PROMPT_TOKENS")
+
+
 NODE_SCHEMA = Schema(
-    "node", SCHEMA_VERSION, [Generate, Abort, Tokens, Error, Prefill, FirstToken, PrefillDone, KVPeers]
+    "node",
+    SCHEMA_VERSION,
+    [Generate, Abort, Tokens, Error, Prefill, FirstToken, PrefillDone, KVPeers, PromptLogprobs],
 )
+PROMPT_LOGPROBS_PIECE_BYTES = 256 * 1024  # well under DEFAULT_MAX_HEADER, whatever the entries' widths
+
+
+def prompt_logprob_pieces(request_id: str, entries: list) -> list[PromptLogprobs]:
+    """A prompt's records (entries[0], the first token's, is None and not sent) as messages under
+    PROMPT_LOGPROBS_PIECE_BYTES each. Sizes are estimated, not measured: 16 bytes per (id, logprob) pair
+    bounds msgpack's int32 + float64, so no piece can outgrow the frame limit."""
+    pieces: list[PromptLogprobs] = []
+    start, size = 1, 0
+    for i in range(1, len(entries)):
+        cost = 32 + 16 * len(entries[i][0])
+        if size and size + cost > PROMPT_LOGPROBS_PIECE_BYTES:
+            pieces.append(PromptLogprobs(request_id=request_id, start=start, entries=plain(entries[start:i])))
+            start, size = i, 0
+        size += cost
+    if start < len(entries):
+        pieces.append(PromptLogprobs(request_id=request_id, start=start, entries=plain(entries[start:])))
+    return pieces
 
 
 def make_codec(secret: bytes) -> SignedCodec:

@@ -23,7 +23,11 @@ Decisions:
   enters the first block's hash, so requests with different salts never share prefix-cache blocks.
 - `structured` constrains the output to a grammar: one of {"json": schema}, {"json_object": true},
   {"regex": str}, {"choice": [str, ...]}, {"grammar": lark}; the node that samples masks the logits with it.
-- Wire version 2 added the fields above; version 1 (a subset) is still read.
+- `prompt_logprobs` k in [0, 20] (vLLM's meaning): the node that prefills returns, for every prompt token
+  after the first, its logprob and rank plus the top k, from the logits at the position before it. -1 (the
+  whole vocabulary, in vLLM) is refused: a vocabulary per prompt token would not fit the node wire.
+- Wire version 2 added the fields above and version 3 `prompt_logprobs`; versions 1 and 2 (subsets) are still
+  read.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ from dataclasses import asdict, dataclass, fields
 
 GREEDY_TEMPERATURE = 1e-5  # below this a request is greedy
 MAX_LOGPROBS = 20
-WIRE_VERSION = 2
-READ_WIRE_VERSIONS = (1, 2)
+WIRE_VERSION = 3
+READ_WIRE_VERSIONS = (1, 2, 3)
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for each bias
 MAX_PENALTY = 2.0  # OpenAI's range for presence / frequency penalties is [-2, 2]
 MAX_CACHE_SALT = 1024  # characters, vLLM's limit
@@ -74,6 +78,7 @@ class SamplingParams:
     bad_words_token_ids: list[list[int]] | None = None  # the bad words tokenized; the engine reads these
     cache_salt: str | None = None  # enters the first block's hash (not a sampling setting; see above)
     structured: dict | None = None  # one of STRUCTURED_KINDS -> its spec
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob and rank plus the top k
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -129,6 +134,13 @@ class SamplingParams:
             not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            bad(
+                f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got "
+                f"{self.prompt_logprobs!r}"
+            )
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 bad(f"stop must be a non-empty string or a list of them, got {s!r}")

@@ -67,3 +67,8 @@ def test_max_logprobs(server):
     r = post(server, "/v1/completions", {"model": "alias", "prompt": "hi", "max_tokens": 2, "logprobs": 2})
     assert r.status_code == 200, r.text
     assert r.json()["model"] == "main-name"
+    r = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "prompt_logprobs": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text
+    chat = {"messages": [{"role": "user", "content": "hi"}], "prompt_logprobs": 3}
+    r = post(server, "/v1/chat/completions", chat)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text

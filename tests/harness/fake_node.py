@@ -25,6 +25,7 @@ from wire.node_messages import (
     Generate,
     Tokens,
     make_codec,
+    prompt_logprob_pieces,
 )
 
 
@@ -238,6 +239,12 @@ class FakeNode:
             tokens = [300 + (seed * 7 + i) % 200 for i in range(len(tokens))]
         want = params.get("logprobs")
         out, t = [], now
+        k = params.get("prompt_logprobs")
+        if k is not None:  # synthetic records before the first token, as a node sends them: position i's
+            # token has logprob -i/100 and rank 3, its top ids are i + 10, i + 11
+            positions = range(1, len(msg.prompt_token_ids))
+            records = [None] + [[[i + 10, i + 11][:k], [-0.25, -0.75][:k], -i / 100, 3] for i in positions]
+            out += [(now, identity, piece) for piece in prompt_logprob_pieces(msg.request_id, records)]
         for start in range(0, len(tokens), script.per_message):
             chunk = tokens[start : start + script.per_message]
             last = start + script.per_message >= len(tokens)

@@ -42,7 +42,11 @@ def last_generate(node) -> Generate:
     [
         ("use_beam_search", True),
         ("logits_processors", ["my.module:Proc"]),
-        ("prompt_logprobs", 1),
+        ("prompt_logprobs", -1),  # vLLM's whole vocabulary: not served
+        ("prompt_logprobs", -2),
+        ("prompt_logprobs", 21),
+        ("prompt_logprobs", "3"),
+        ("prompt_logprobs", 1.5),
         ("priority", 3),
         ("length_penalty", 0.5),
         ("return_tokens_as_token_ids", True),
