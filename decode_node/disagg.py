@@ -25,6 +25,7 @@ connection is lost; a request released before that waits in quarantine, at most 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,13 @@ QUARANTINE_TIMEOUTS = 3  # a released request's blocks wait this many --kv-timeo
 # ...or this many once its prefill node's RPC connection is lost: a producer still alive behind a broken RPC
 # connection stops writing by itself within its own --kv-timeout (no progress -> abort), so this is safe too
 LOST_WRITER_TIMEOUTS = 1.5
+KV_ID_SEPARATOR = "~kv-"  # request_id + this + a random part: the id the request's KV frames carry
+
+
+def new_kv_request_id(request_id: str) -> str:
+    """The id the request's KV frames will carry. Only the prefill node we ask learns it (in `Prefill`), so a
+    Done, Abort or chunk from any other producer on our listener names no reservation and ends nothing."""
+    return f"{request_id}{KV_ID_SEPARATOR}{secrets.token_hex(8)}"
 
 
 @dataclass(eq=False)
@@ -59,6 +67,7 @@ class Pending:
     prefill_rpc: str
     reservation: ra.Reservation
     deadline: float  # monotonic: the prefill node must show progress by then
+    kv_id: str = ""  # the id its KV frames carry (new_kv_request_id)
     first_token: Optional[int] = None
     first_logprobs: object = None
     num_cached_tokens: int = 0
@@ -84,9 +93,9 @@ class DisaggDecoder:
         self.lock = threading.Lock()
         self.quarantine: dict[str, Pending] = {}  # released, blocks held until the writer confirms it stopped
         self.consumer = KVConsumer(
-            connector_config(node), self.core.runner.kv_caches, on_complete=self._on_complete
+            connector_config(node), self.core.runner.kv_caches, on_complete=self._on_kv_complete
         )
-        self.consumer.on_forgotten_end = self._writer_done  # a released request's Done / Abort still frees it
+        self.consumer.on_forgotten_end = self._on_kv_end  # a released request's Done / Abort still frees it
         node.metrics.extra_registries.append(self.consumer.metrics.registry)
         self.kv_endpoint = advertised("%s:%d" % self.consumer.address)
 
@@ -118,13 +127,14 @@ class DisaggDecoder:
             return
         res: ra.Reservation = future.result()
         pending = Pending(live, msg.prefill_rpc, res, time.monotonic() + self.timeout)
+        pending.kv_id = new_kv_request_id(live.request_id)
         with self.lock:
             self.pending[live.request_id] = pending
         if live.ended:  # aborted while we reserved: nobody was asked to write
             pending.writer_done = True
             self.release(live.request_id)
             return
-        self.consumer.expect(live.request_id, res.block_ids)
+        self.consumer.expect(pending.kv_id, res.block_ids)
         if live.ended:  # released while we registered: nobody has been asked to write yet
             pending.writer_done = True
             self.release(live.request_id)
@@ -138,6 +148,7 @@ class DisaggDecoder:
                 kv_endpoint=self.kv_endpoint,
                 block_ids=res.block_ids,
                 num_cached_blocks=res.num_cached_blocks,
+                kv_request_id=pending.kv_id,
                 decode_node_id=self.node.node_id,
             ),
         )
@@ -206,6 +217,27 @@ class DisaggDecoder:
             self.loop.call(self._admit, pending)
 
     # ---- 4: KV landed -> the running batch -----------------------------------------------------------------
+    def _request_of(self, kv_id: str) -> Optional[str]:
+        """KV link thread: the request a KV frame's id names, if it is exactly the id we gave that request's
+        prefill node (a guessed or stale one names nothing)."""
+        rid = kv_id.rpartition(KV_ID_SEPARATOR)[0]
+        with self.lock:
+            pending = self.pending.get(rid) or self.quarantine.get(rid)
+        return rid if pending is not None and secrets.compare_digest(pending.kv_id, kv_id) else None
+
+    def _on_kv_end(self, kv_id: str) -> None:
+        """The producer's Done or Abort for a request no longer expected here: its writes are over."""
+        rid = self._request_of(kv_id)
+        if rid is None:
+            log.warning("KV end for %r ignored: no request here gave that id to its prefill node", kv_id)
+            return
+        self._writer_done(rid)
+
+    def _on_kv_complete(self, kv_id: str, ok: bool, timings: dict) -> None:
+        rid = self._request_of(kv_id)
+        if rid is not None:
+            self._on_complete(rid, ok, timings)
+
     def _on_complete(self, request_id: str, ok: bool, timings: dict) -> None:
         """KV link thread: the producer's Done (ok) or Abort (it has fenced its writes), or a bad tcp
         chunk."""
@@ -281,7 +313,8 @@ class DisaggDecoder:
             if hold:
                 pending.released_at = time.monotonic()
                 self.quarantine[request_id] = pending
-        self.consumer.forget(request_id)
+        if pending is not None:
+            self.consumer.forget(pending.kv_id)
         if pending is not None and not pending.landed:
             self.rpc.send_to(
                 pending.prefill_rpc, Abort(request_id=request_id, reason="ended on the decode node")

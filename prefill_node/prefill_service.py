@@ -55,6 +55,11 @@ class PrefillJob:
     def engine_id(self) -> str:
         return self.request_id + ENGINE_ID_SUFFIX
 
+    @property
+    def kv_id(self) -> str:
+        """The connector's id for it: the one the decode node chose for its KV frames."""
+        return self.msg.kv_request_id
+
     first_token_sent: bool = False
     ended: bool = (
         False  # aborted or failed (a finished transfer is not an end: the first token may still come)
@@ -72,7 +77,7 @@ class PrefillService:
         self.core, self.loop, self.rpc = node.core, node.loop, node.rpc
         self.lock = threading.Lock()
         self.jobs: dict[str, PrefillJob] = {}
-        self.bound: dict[str, PrefillJob] = {}  # requests the connector may write for (from just before bind)
+        self.bound: dict[str, PrefillJob] = {}  # by kv_id: those the connector may write for (from bind on)
         self.producer = KVProducer(
             connector_config(node), self.core.runner.kv_caches, on_complete=self._on_complete
         )
@@ -84,8 +89,8 @@ class PrefillService:
         """Engine request ids carry a suffix, so a kv_both node can prefill for itself without a clash."""
         if not engine_request_id.endswith(ENGINE_ID_SUFFIX):
             return None
-        rid = engine_request_id[: -len(ENGINE_ID_SUFFIX)]
-        return rid if self.producer.scheduler.is_active(rid) else None
+        job = self.jobs.get(engine_request_id[: -len(ENGINE_ID_SUFFIX)])
+        return job.kv_id if job is not None and self.producer.scheduler.is_active(job.kv_id) else None
 
     @property
     def num_active(self) -> int:
@@ -131,10 +136,10 @@ class PrefillService:
     def _reserve_and_run(self, job: PrefillJob) -> None:
         msg = job.msg
         with self.lock:  # before bind: an abort racing the bind then finds it and aborts in the connector
-            self.bound[job.request_id] = job
+            self.bound[job.kv_id] = job
         try:
             self.producer.bind(
-                job.request_id,
+                job.kv_id,
                 parse_endpoint(msg.kv_endpoint),
                 len(msg.prompt_token_ids),
                 msg.block_ids,
@@ -142,13 +147,13 @@ class PrefillService:
             )
         except Exception as exc:  # unreachable decode node, layout refused, a reservation that does not fit
             with self.lock:
-                self.bound.pop(job.request_id, None)
+                self.bound.pop(job.kv_id, None)
             return self._fail(job, 503, f"KV link to the decode node failed: {exc}", retryable=True)
         with self.lock:  # abort() reads in_engine under the same lock: one of the two sees the other
             if not job.ended:
                 job.in_engine = True
         if not job.in_engine:
-            self.producer.abort(job.request_id, "aborted")
+            self.producer.abort(job.kv_id, "aborted")
             return
         sink = Sink(
             on_output=lambda out: self._on_output(job, out),
@@ -189,11 +194,12 @@ class PrefillService:
         )
 
     # ---- 5: the transfer's end -----------------------------------------------------------------------------
-    def _on_complete(self, request_id: str, ok: bool, timings: dict) -> None:
-        """The connector is done with request_id: nothing more will be written for it."""
+    def _on_complete(self, kv_id: str, ok: bool, timings: dict) -> None:
+        """The connector is done with kv_id: nothing more will be written for its request."""
         with self.lock:
-            self.jobs.pop(request_id, None)
-            job = self.bound.pop(request_id, None)
+            job = self.bound.pop(kv_id, None)
+            if job is not None and self.jobs.get(job.request_id) is job:
+                del self.jobs[job.request_id]
         if job is None:
             return
         if not ok and not job.ended:
@@ -225,7 +231,7 @@ class PrefillService:
             if job is None:
                 return
             job.ended = True
-        self.producer.abort(request_id, reason)
+        self.producer.abort(job.kv_id, reason)
         if job.in_engine:
             self.loop.abort(job.engine_id)
         self.node.metrics.aborted.labels("decode_node").inc()
@@ -240,14 +246,14 @@ class PrefillService:
         with self.lock:
             if self.jobs.get(job.request_id) is job:
                 del self.jobs[job.request_id]
-            bound = self.bound.get(job.request_id) is job
+            bound = self.bound.get(job.kv_id) is job
             first_end, job.ended = not job.ended, True
         if first_end:
             if job.in_engine:
                 self.loop.abort(job.engine_id)
             self.node.reject(job.identity, job.request_id, status, message, retryable)
         if bound:  # the connector's completion sends prefill_done once its writes are fenced
-            self.producer.abort(job.request_id, message)
+            self.producer.abort(job.kv_id, message)
         else:
             self._prefill_done(job, False, "error", {})
 

@@ -170,12 +170,18 @@ class Prefill(Message, tag="prefill"):
     kv_endpoint: str  # the decode node's KV listener, host:port
     block_ids: list[int]  # the decode node's blocks for prompt blocks num_cached_blocks..
     num_cached_blocks: int  # prompt blocks the decode node already holds (its prefix hits)
+    # The id this request's KV frames (chunks, Done, Abort) carry: request_id plus a random part that only
+    # this prefill node is told, so no other producer on the decode node's KV listener, authenticated or
+    # not, can write into or end the request
+    kv_request_id: str
     decode_node_id: str = ""
 
     def check(self) -> None:
         _check_request(self.request_id, self.prompt_token_ids)
         if self.num_cached_blocks < 0 or any(b < 0 for b in self.block_ids):
             raise ValueError("negative block id or cached count")
+        if not self.kv_request_id.startswith(self.request_id) or len(self.kv_request_id) > 2 * MAX_ID_LEN:
+            raise ValueError("kv_request_id must extend request_id")
 
 
 class FirstToken(Message, tag="first_token"):
