@@ -10,11 +10,13 @@ class RouterWeights:
     """Weights of the (prefill, decode) pair score (proxy/router.py: score_pair). Higher score wins.
 
     Every term is normalised to about [0, 1] so the weights read as "how many prompt-fractions is this worth":
-    with the defaults, a prefill node holding the whole prompt beats an idle one unless its queue holds ~4
-    more requests than the idle one's.
+    with the defaults, a prefill node holding the whole prompt beats an idle one unless the uncached tokens
+    this proxy has queued on it come to more than about one prompt, or its queue holds ~4 more requests than
+    the idle one's (the queue term also sees other proxies' requests, through heartbeats).
     """
 
     prefill_hit: float = 1.0  # fraction of the prompt cached on P (compute saved)
+    prefill_backlog: float = 1.0  # this proxy's uncached tokens queued on P, in prompts (compute to wait for)
     decode_hit: float = 0.5  # fraction of the prompt D already holds (bytes not moved, blocks not reserved)
     prefill_queue: float = 0.25  # per request waiting on P
     decode_load: float = 0.05  # per request waiting or running on D

@@ -64,6 +64,12 @@ def prompt_block_hashes(token_ids: list[int], block_size: int, cache_salt: str |
     return [external_block_hash(h) for h in hash_prompt_blocks(token_ids, block_size, cache_salt=cache_salt)]
 
 
+def _tokens_to_compute(decision: Decision, prompt_tokens: int) -> int:
+    """The prompt tokens the decision's prefill node will compute: those it did not hold when routed."""
+    held = decision.terms.prefill_hit_tokens if decision.terms is not None else 0
+    return max(prompt_tokens - held, 1)
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -128,6 +134,7 @@ class ChoiceRun:
         self.first_token_at: Optional[float] = None
         self.queue: Optional[asyncio.Queue] = None
         self._holds_prefill = False
+        self._prefill_tokens = 0  # what _attach added to its prefill node's pending_prefill_tokens
         self.prompt_records = PromptRecords()  # when params ask for prompt_logprobs
 
     def uses(self, node: NodeState) -> bool:
@@ -186,7 +193,9 @@ class ChoiceRun:
         self.prompt_records = PromptRecords()  # a retry computes them again
         self.queue = self.d.rpc.open(self.node_rid)
         self.d.inflight[self.node_rid] = self
+        self._prefill_tokens = _tokens_to_compute(decision, len(self.prompt))
         decision.prefill_node.pending_prefill += 1
+        decision.prefill_node.pending_prefill_tokens += self._prefill_tokens
         decision.decode.active += 1
         self._holds_prefill = True
 
@@ -195,6 +204,7 @@ class ChoiceRun:
             self._holds_prefill = False
             node = self.decision.prefill_node
             node.pending_prefill = max(node.pending_prefill - 1, 0)
+            node.pending_prefill_tokens = max(node.pending_prefill_tokens - self._prefill_tokens, 0)
 
     def _detach(self) -> None:
         """Stop listening for the current node request id and release its counters."""

@@ -46,6 +46,7 @@ class NodeState:
     kv: str = ""  # its KV listener (host:port) when it receives KV
     incarnation: str = ""  # the node process's random id (heartbeats); another one: it restarted
     pending_prefill: int = 0  # this proxy's requests prefilling here (no first token yet)
+    pending_prefill_tokens: int = 0  # ...and the prompt tokens they compute here (uncached when routed)
     active: int = 0  # this proxy's requests decoding here (or colocated)
 
     @property
@@ -83,6 +84,7 @@ class NodeState:
             "total_blocks": self.total_blocks,
             "block_size": self.block_size,
             "proxy_pending_prefill": self.pending_prefill,
+            "proxy_pending_prefill_tokens": self.pending_prefill_tokens,
             "proxy_active": self.active,
             "silent_s": round(time.monotonic() - self.last_seen, 3),
         }

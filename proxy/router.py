@@ -37,14 +37,20 @@ class PairTerms:
     decode_load: int  # requests waiting or running on D
     decode_free: float  # fraction of D's blocks free
     decode_fits: bool  # D has room for the prompt's uncached blocks
+    prefill_backlog_tokens: int = 0  # uncached prompt tokens of this proxy's requests still prefilling on P
 
 
 def score_pair(t: PairTerms, w: RouterWeights) -> float:
-    """Higher is better. Hits are fractions of the prompt; loads count requests."""
+    """Higher is better. Hits and P's backlog are fractions of the prompt; loads count requests.
+
+    The hit and backlog terms at weight 1 each rank prefill nodes by the tokens P must compute before this
+    request's first token (its backlog plus our uncached part): a prefix claim is worth only the compute it
+    saves, so a holder whose queue holds more than that loses the request to an idler node."""
     n = max(t.prompt_tokens, 1)
     return (
         w.prefill_hit * t.prefill_hit_tokens / n
         + w.decode_hit * t.decode_hit_tokens / n
+        - w.prefill_backlog * t.prefill_backlog_tokens / n
         - w.prefill_queue * t.prefill_queue
         - w.decode_load * t.decode_load
         + w.decode_free * t.decode_free
@@ -119,6 +125,7 @@ class Router:
             d.decode_load,
             d.free_fraction,
             d.total_blocks == 0 or d.free_blocks >= need_blocks,
+            p.pending_prefill_tokens,
         )
 
     def _cache_aware(

@@ -68,6 +68,22 @@ def test_cache_aware_picks_the_prefill_node_holding_the_prefix():
     assert router.decide(320, {"p1": 18}, 16, [p0, p1], [d0, d1]).prefill is p0
 
 
+def test_a_holder_keeps_a_prefix_claim_only_while_its_backlog_is_smaller_than_the_claim():
+    """Two colocated replicas, a holds 1024 of 1152 tokens: it wins while the tokens queued before this
+    request on it are fewer than those the hit saves, and loses to an idle b past that (routing by the compute
+    ahead of the first token, so popular prefixes do not all queue on one replica)."""
+    router = Router(RouterConfig(disagg_min_tokens=32))
+    a, b = node("a", "both"), node("b", "both")
+    hits = {"a": 64}
+    assert router.decide(1152, hits, 16, [], [a, b]).decode is a
+    a.pending_prefill_tokens = 500  # less than a second prompt's worth: the hit still pays
+    assert router.decide(1152, hits, 16, [], [a, b]).decode is a
+    a.pending_prefill_tokens = 3 * 1152  # three whole prompts ahead of it: b computes ours sooner
+    assert router.decide(1152, hits, 16, [], [a, b]).decode is b
+    off = Router(RouterConfig(disagg_min_tokens=32, weights=RouterWeights(prefill_backlog=0)))
+    assert off.decide(1152, hits, 16, [], [a, b]).decode is a  # the old policy kept piling onto a
+
+
 def test_conditional_disaggregation():
     router = Router(RouterConfig(disagg_min_tokens=32))
     p0, d0, d1 = node("p0", "prefill"), node("d0", "decode"), node("d1", "decode")
@@ -317,6 +333,9 @@ def test_app_routes_to_the_holder(fake_nodes, proxy_factory, redis, request):
     wait_for(lambda: server.state.index.num_blocks() == len(hashes), 5, what="index fed")
     for _ in range(3):
         assert _route(server).startswith("disaggregated:p1->")
+    # every request ended: this proxy's per-node prefill counters are back to zero
+    nodes = server.state.registry.nodes.values()
+    assert [(n.pending_prefill, n.pending_prefill_tokens) for n in nodes] == [(0, 0)] * 4
     if redis:
         assert {m.decode() for m in server_r.client().smembers(f"pdserve:block:{hashes[-1]}")} == {"p1"}
     # the decode node holding nearly all of it: colocated there
