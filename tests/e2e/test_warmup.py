@@ -50,7 +50,7 @@ def test_first_request_after_ready_is_warm(tmp_path_factory):
     make_model(model, family="qwen2", preset="qwen2.5-0.5b")
     cluster = UpCluster(tmp_path_factory.mktemp("warm-1p1d"), model, 1, 1)
     try:
-        seconds = []
+        seconds, phases = [], []
         with httpx.Client(base_url=cluster.base_url, timeout=300) as client:
             name = client.get("/models").json()["data"][0]["id"]
             for i in range(10):  # the same shape each time, different tokens: no prefix hits
@@ -66,12 +66,14 @@ def test_first_request_after_ready_is_warm(tmp_path_factory):
                 r = client.post("/completions", json=body)
                 seconds.append(time.perf_counter() - started)
                 assert r.status_code == 200, r.text
+                phases.append(json.loads(r.headers.get("x-pdserve-timings", "{}")))  # where time went
         record = {
             "test": "first request after /health 200 vs the tenth",
             "date": datetime.date.today().isoformat(),
             "device": _device(),
             "seconds": [round(s, 4) for s in seconds],
             "first_over_tenth": round(seconds[0] / seconds[9], 3),
+            "server_phases_first_and_tenth": [phases[0], phases[9]],
         }
         print(json.dumps(record))
         out = os.environ.get("PDSERVE_RESULTS_DIR")
