@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from tests.engine.test_logits_processors import MAX_TOKENS, PROMPTS, _cases
+from tests.engine.test_logits_processors import MAX_TOKENS, PROMPTS, run_cases
 from tests.logits_reference import SMALL_SCHEMA, reference_processors
 
 pytestmark = pytest.mark.gpu
@@ -52,11 +52,7 @@ def processed_scores(model, prompt: list[int], generated: list[int], processors:
 def test_processors_on_gpu_match_transformers(llama_gpu):
     llm, hf = llama_gpu
     eos = sorted(llm.tokenizer.eos_token_ids)
-    plain = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    base = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], plain)]
-    cases = _cases(base)
-    params = [plain.clone(**fields) for fields in cases] + [plain]
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS + PROMPTS[:1]], params)
+    base, cases, outs = run_cases(llm)
     for prompt, fields, out in zip(PROMPTS + PROMPTS[:1], cases + [{}], outs, strict=True):
         ours = out.outputs[0].token_ids
         assert len(ours) == MAX_TOKENS

@@ -39,14 +39,20 @@ def _cases(base: list[list[int]]) -> list[dict]:
     ]
 
 
-def test_processors_batched_match_transformers(llama):
-    llm, hf = llama
-    eos = sorted(llm.tokenizer.eos_token_ids)
+def run_cases(llm) -> tuple[list[list[int]], list[dict], list]:
+    """The unconstrained greedy outputs, the per-prompt fields chosen from them, and one batch of the three
+    prompts with those fields plus the first prompt again without any (its neighbour must be untouched)."""
     plain = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     base = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], plain)]
     cases = _cases(base)
     params = [plain.clone(**fields) for fields in cases] + [plain]
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS + PROMPTS[:1]], params)
+    return base, cases, llm.generate([{"prompt_token_ids": p} for p in PROMPTS + PROMPTS[:1]], params)
+
+
+def test_processors_batched_match_transformers(llama):
+    llm, hf = llama
+    eos = sorted(llm.tokenizer.eos_token_ids)
+    base, cases, outs = run_cases(llm)
     for prompt, fields, out in zip(PROMPTS, cases, outs[:3], strict=True):
         procs = reference_processors(len(prompt), eos, **fields)
         expected = hf_greedy_processed(hf, prompt, MAX_TOKENS, procs)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.faults.test_node_faults import prompt, warm_up
-from tests.harness.nodes import SECRET, assert_blocks_balanced, start_node, wait_for, wait_healthy
+from tests.harness.nodes import SECRET, assert_blocks_balanced, prefill_decode_pair, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 KV_TIMEOUT = 8.0  # long enough for the stranger's frames and the checks while the real writer is frozen
@@ -25,16 +25,8 @@ KV_TIMEOUT = 8.0  # long enough for the stranger's frames and the checks while t
 
 @pytest.fixture
 def pair(model_dir, tmp_path):
-    prefill = start_node("prefill", model_dir, str(tmp_path), kv_timeout=KV_TIMEOUT)
-    decode = start_node("decode", model_dir, str(tmp_path), kv_timeout=KV_TIMEOUT)
-    try:
-        wait_healthy(prefill, decode)
-        yield prefill, decode
-    finally:
-        if prefill.proc.poll() is None:
-            prefill.proc.send_signal(signal.SIGCONT)
-        prefill.stop()
-        decode.stop()
+    with prefill_decode_pair(model_dir, str(tmp_path), KV_TIMEOUT) as nodes:
+        yield nodes
 
 
 def stranger(model_dir: str):

@@ -11,7 +11,13 @@ import time
 
 import pytest
 
-from tests.harness.nodes import assert_blocks_balanced, start_node, wait_for, wait_healthy
+from tests.harness.nodes import (
+    assert_blocks_balanced,
+    prefill_decode_pair,
+    start_node,
+    wait_for,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.slow
 KV_TIMEOUT = 3.0
@@ -24,16 +30,8 @@ def logs(tmp_path_factory):
 
 @pytest.fixture
 def pair(model_dir, logs):
-    prefill = start_node("prefill", model_dir, logs, kv_timeout=KV_TIMEOUT)
-    decode = start_node("decode", model_dir, logs, kv_timeout=KV_TIMEOUT)
-    try:
-        wait_healthy(prefill, decode)
-        yield prefill, decode
-    finally:
-        if prefill.proc.poll() is None:
-            prefill.proc.send_signal(signal.SIGCONT)
-        prefill.stop()
-        decode.stop()
+    with prefill_decode_pair(model_dir, logs, KV_TIMEOUT) as nodes:
+        yield nodes
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:

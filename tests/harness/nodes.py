@@ -3,6 +3,7 @@ DEALER client that plays the proxy. Used by tests/node/ and tests/faults/."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -131,6 +132,22 @@ def start_node(
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(args, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, env=env)
     return NodeProcess(role, proc, "", "", "", log_path)
+
+
+@contextlib.contextmanager
+def prefill_decode_pair(model: str, log_dir: str, kv_timeout: float):
+    """A healthy prefill node and decode node; both stopped after (the prefill node woken first, in case a
+    test froze it with SIGSTOP)."""
+    prefill = start_node("prefill", model, log_dir, kv_timeout=kv_timeout)
+    decode = start_node("decode", model, log_dir, kv_timeout=kv_timeout)
+    try:
+        wait_healthy(prefill, decode)
+        yield prefill, decode
+    finally:
+        if prefill.proc.poll() is None:
+            prefill.proc.send_signal(signal.SIGCONT)
+        prefill.stop()
+        decode.stop()
 
 
 def wait_healthy(*nodes: NodeProcess, timeout: float = 90.0) -> None:

@@ -15,6 +15,19 @@ from tests.harness.servers import wait_for
 from wire.node_messages import Abort, Generate
 
 
+def post_in_background(server, max_tokens: int, timeout: float) -> tuple[threading.Thread, dict]:
+    """A completion sent from a thread (started); its response lands in the dict under "r"."""
+    out: dict = {}
+    body = {"prompt": "x", "max_tokens": max_tokens}
+    t = threading.Thread(
+        target=lambda: out.setdefault(
+            "r", httpx.post(server.url + "/v1/completions", json=body, timeout=timeout)
+        )
+    )
+    t.start()
+    return t, out
+
+
 def test_registry_counts_silence_only_while_listening():
     reg = NodeRegistry(misses=3, interval_s=0.5)
     reg.heartbeat("tcp://x:3", _hb(), now=100.0)
@@ -72,14 +85,7 @@ def test_node_declared_dead_mid_request_is_told_to_abort(fake_nodes, proxy_facto
     d0.script = Script(delay_s=0.05)
     server = proxy_factory([d0], request_timeout_s=30)
     server.wait_nodes(1)
-    result = {}
-    t = threading.Thread(
-        target=lambda: result.setdefault(
-            "r",
-            httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 200}, timeout=20),
-        )
-    )
-    t.start()
+    t, result = post_in_background(server, 200, 20)
     wait_for(lambda: d0.messages(Generate), 5, what="the request reaching the node")
     time.sleep(0.2)
     d0.beating = False
@@ -99,14 +105,7 @@ def test_a_stream_survives_a_stalled_proxy(fake_nodes, proxy_factory):
     server = proxy_factory([d0])
     server.wait_nodes(1)
     timeout = server.state.registry.timeout_s
-    out = {}
-    t = threading.Thread(
-        target=lambda: out.setdefault(
-            "r",
-            httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 100}, timeout=30),
-        )
-    )
-    t.start()
+    t, out = post_in_background(server, 100, 30)
     wait_for(lambda: d0.messages(Generate), 5, what="the request reaching the node")
 
     async def stall():
@@ -163,14 +162,7 @@ def test_a_node_restarted_faster_than_the_reaper_hands_back_what_the_old_process
     server = proxy_factory([d0, d1], request_timeout_s=20, heartbeat_misses=1000)
     wait_for(lambda: server.state.registry.nodes.get("d0") and server.state.registry.nodes["d0"].draining, 5)
     server.wait_nodes(2)
-    out = {}
-    t = threading.Thread(
-        target=lambda: out.setdefault(
-            "r",
-            httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=30),
-        )
-    )
-    t.start()
+    t, out = post_in_background(server, 3, 30)
     wait_for(lambda: d1.messages(Generate), 5, what="the request reaching d1")
     d0.draining = False
     wait_for(lambda: not server.state.registry.nodes["d0"].draining, 5, what="d0 routed to again")
