@@ -22,6 +22,7 @@ posted before it is DONE; the consumer hears the request's `Done` on the control
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -34,6 +35,8 @@ import torch
 
 from kvconnector.transport.base import DataPlane, DataPlaneConfig, Fence, PeerWrites, dtype_name
 from wire.frames import Handshake
+
+log = logging.getLogger(__name__)
 
 POLL_S = 20e-6  # between polls of in-flight WRITEs: short against a layer's transfer, long against a poll
 
@@ -150,7 +153,22 @@ class NixlDataPlane(DataPlane):
         return fence
 
     def close(self) -> None:
+        """Stop the sender once it has posted what it holds, then release the cache's registration and the
+        agent here, not at interpreter exit: an agent torn down there (memory still registered, its threads
+        still joinable) ended the process with "terminate called without an active exception"."""
         self._queue.put(None)
+        if threading.current_thread() is not self._sender:
+            self._sender.join(timeout=5.0)
+        agent, registered = self.agent, self.registered
+        self.registered = None
+        if agent is None or registered is None:
+            return  # closed before
+        try:
+            agent.deregister_memory(registered)
+        except Exception as exc:  # noqa: BLE001 - closing anyway; say so and let the agent go
+            log.warning("nixl: deregistering the KV cache failed: %s", exc)
+        self.agent = None
+        del agent  # the last reference: the agent's destructor joins its threads now
 
     # ---- the sender thread ---------------------------------------------------------------------------------
     def _send_loop(self) -> None:
