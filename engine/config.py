@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 from wire.errors import ConfigError
+from wire.serving_flags import json_object_flag
 
 KV_CONNECTORS = ("tcp", "cuda_ipc", "nixl")  # the data planes kvconnector.transport implements
 
@@ -69,15 +70,7 @@ class KVTransferConfig:
 
     @classmethod
     def from_json(cls, text: str | None) -> "KVTransferConfig":
-        if not text:
-            return cls()
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--kv-transfer-config is not valid JSON: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError("--kv-transfer-config must be a JSON object")
-        return cls.from_dict(raw)
+        return cls.from_dict(json_object_flag(text, "--kv-transfer-config"))
 
     @classmethod
     def from_dict(cls, raw: dict) -> "KVTransferConfig":

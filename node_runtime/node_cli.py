@@ -100,14 +100,9 @@ def add_node_args(parser: argparse.ArgumentParser) -> None:
 
 def kv_transfer_json(args: argparse.Namespace, default_role: str) -> str:
     """--kv-transfer-config with kv_role filled from the subcommand when it names none."""
-    from wire.errors import ConfigError
+    from wire.serving_flags import json_object_flag
 
-    try:
-        raw = json.loads(args.kv_transfer_config) if args.kv_transfer_config else {}
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--kv-transfer-config is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError("--kv-transfer-config must be a JSON object")
+    raw = json_object_flag(args.kv_transfer_config, "--kv-transfer-config")
     raw.setdefault("kv_role", default_role)
     return json.dumps(raw)
 
@@ -129,15 +124,9 @@ def kv_events_config(text: str | None, host: str) -> dict | None:
     else None. vLLM's default endpoint binds every interface (tcp://*:5557); ours binds --host unless
     asked."""
     from wire.errors import ConfigError
+    from wire.serving_flags import json_object_flag
 
-    if not text:
-        return None
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--kv-events-config is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError("--kv-events-config must be a JSON object")
+    raw = json_object_flag(text, "--kv-events-config")
     unknown = sorted(set(raw) - KV_EVENTS_KEYS)
     if unknown:
         raise ConfigError(f"--kv-events-config: unknown key(s) {', '.join(unknown)}")

@@ -4,9 +4,23 @@ it)."""
 from __future__ import annotations
 
 import argparse
+import json
 
 from wire.errors import ConfigError
 from wire.sampling_params import MAX_LOGPROBS  # the most top logprobs a request may ask for
+
+
+def json_object_flag(text: str | None, flag: str) -> dict:
+    """A flag holding a JSON object (vLLM's --kv-transfer-config, --kv-events-config); {} when empty."""
+    if not text:
+        return {}
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{flag} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{flag} must be a JSON object")
+    return raw
 
 
 def check_shared_serving_flags(args: argparse.Namespace) -> None:
