@@ -135,10 +135,10 @@ def start_node(
 
 
 @contextlib.contextmanager
-def prefill_decode_pair(model: str, log_dir: str, kv_timeout: float):
+def prefill_decode_pair(model: str, log_dir: str, kv_timeout: float = 5.0, prefill_extra: list[str] = ()):
     """A healthy prefill node and decode node; both stopped after (the prefill node woken first, in case a
     test froze it with SIGSTOP)."""
-    prefill = start_node("prefill", model, log_dir, kv_timeout=kv_timeout)
+    prefill = start_node("prefill", model, log_dir, extra=prefill_extra, kv_timeout=kv_timeout)
     decode = start_node("decode", model, log_dir, kv_timeout=kv_timeout)
     try:
         wait_healthy(prefill, decode)
@@ -365,13 +365,5 @@ def nodes(model_dir, tmp_path_factory):
     """A prefill node (chunked prefill: 32 tokens a step) and a decode node, KV over tcp; one pair per
     module."""
     logs = str(tmp_path_factory.mktemp("node-logs"))
-    prefill = start_node(
-        "prefill", model_dir, logs, extra=["--max-num-batched-tokens", "32"]
-    )  # chunked prefill
-    decode = start_node("decode", model_dir, logs)
-    try:
-        wait_healthy(prefill, decode)
-        yield prefill, decode
-    finally:
-        prefill.stop()
-        decode.stop()
+    with prefill_decode_pair(model_dir, logs, prefill_extra=["--max-num-batched-tokens", "32"]) as pair:
+        yield pair
