@@ -71,7 +71,7 @@ class ChoiceState:
         return self.detok.text
 
 
-def _finite(x: float) -> float:
+def finite(x: float) -> float:
     return x if math.isfinite(x) else -9999.0  # JSON has no -inf; OpenAI clients expect a number
 
 
@@ -83,11 +83,11 @@ def completion_logprobs(tokenizer, ids: list[int], entries: list[LogprobEntry], 
     for tid, e in zip(ids, entries, strict=False):
         tok = decode_token(tokenizer, tid)
         tokens.append(tok)
-        token_lps.append(_finite(e.logprob))
+        token_lps.append(finite(e.logprob))
         top = {
-            decode_token(tokenizer, i): _finite(lp) for i, lp in zip(e.top_ids, e.top_logprobs, strict=False)
+            decode_token(tokenizer, i): finite(lp) for i, lp in zip(e.top_ids, e.top_logprobs, strict=False)
         }
-        top.setdefault(tok, _finite(e.logprob))
+        top.setdefault(tok, finite(e.logprob))
         tops.append(top)
         offsets.append(offset)
         offset += len(tok)
@@ -99,7 +99,7 @@ def chat_logprobs(tokenizer, ids: list[int], entries: list[LogprobEntry]) -> dic
 
     def item(tid: int, lp: float) -> dict:
         tok = decode_token(tokenizer, tid)
-        return {"token": tok, "logprob": _finite(lp), "bytes": list(tok.encode("utf-8"))}
+        return {"token": tok, "logprob": finite(lp), "bytes": list(tok.encode("utf-8"))}
 
     content = []
     for tid, e in zip(ids, entries, strict=False):

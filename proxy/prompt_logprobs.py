@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from proxy.choice import _finite, completion_logprobs
+from proxy.choice import completion_logprobs, finite
 from wire.detokenizer import decode_token
 from wire.node_messages import LogprobEntry
 
@@ -27,7 +27,11 @@ def vllm_prompt_logprobs(tokenizer, prompt: list[int], entries: list[Optional[Lo
             items.setdefault(tid, (lp, rank))  # the prompt's token keeps its own rank
         out.append(
             {
-                str(t): {"logprob": _finite(lp), "rank": rank, "decoded_token": decode_token(tokenizer, t)}
+                str(t): {
+                    "logprob": finite(lp),
+                    "rank": rank,
+                    "decoded_token": decode_token(tokenizer, t),
+                }
                 for t, (lp, rank) in items.items()
             }
         )
