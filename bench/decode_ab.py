@@ -16,11 +16,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kernels.dispatch as dispatch  # noqa: E402
+import pdserve.kernels.dispatch as dispatch  # noqa: E402
 from bench.common import device_ms  # noqa: E402
 from bench.engine_ours import decode_chunks  # noqa: E402
-from engine import LLM  # noqa: E402
-from engine.cuda_graphs import DecodeGraphs  # noqa: E402
+from pdserve.engine import LLM  # noqa: E402
+from pdserve.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 
 SKINNY_ON, SKINNY_OFF = dispatch.SKINNY_MIN_WEIGHT, 1 << 62
 

@@ -34,25 +34,23 @@ from dataclasses import dataclass, field
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(_HERE)
-# Run as `python bench/engine.py`, Python puts bench/ first on the path, where this very file would shadow the
-# `engine` package: drop it, and put the repository root first.
+# Run as `python bench/engine.py`, Python puts bench/ first on the path, where its modules would shadow
+# same-named ones of other distributions: drop it, and put the repository root first.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 sys.path.insert(0, REPO_ROOT)
 
 from bench.common import (  # noqa: E402
-    Results,
-    fmt,
+    device_results,
     free_memory,
     gpu_memory_gib,
     guarded,
     is_cuda,
-    log,
     measure_copy_bandwidth,
     measure_matmul_rate,
-    set_log_file,
 )
 from bench.engine_floors import Shape, link_baselines  # noqa: E402
-from bench.plots import plot_ratios  # noqa: E402
+from pdserve.benchmarks.plots import plot_ratios  # noqa: E402
+from pdserve.benchmarks.results import Results, fmt, log, set_log_file  # noqa: E402
 
 MODELS = {  # --models name -> (family, make-model preset)
     "llama-3.1-8b": ("llama", "llama-3.1-8b"),
@@ -155,7 +153,7 @@ def ensure_checkpoint(bench: Bench, name: str) -> str:
     if os.path.exists(os.path.join(path, COMPLETE_MARK)):
         log(f"reusing checkpoint {path}")
         return path
-    from tools.make_model import make_model
+    from pdserve.tools.make_model import make_model
 
     dtype = "float32" if preset == "tiny" else "bfloat16"
     log(f"writing {name} checkpoint ({family}, preset {preset}, {dtype}) to {path} ...")
@@ -199,7 +197,7 @@ def measure_ceilings(bench: Bench) -> None:
 def build_llm(bench: Bench, path: str):
     """One LLM per model: its runner serves the direct prefill/decode benchmarks too (prefix caching off, so
     writing into its blocks directly can never poison a cached prefix)."""
-    from engine import LLM
+    from pdserve.engine import LLM
 
     s = bench.sizes
     max_len = max(s.prefill_tokens + [max(s.decode_contexts) + 16, s.gen_input + s.gen_output]) + 64
@@ -340,7 +338,7 @@ def main(argv=None) -> int:
         else ("cpu" if args.device == "auto" else args.device)
     )
     os.makedirs(args.out, exist_ok=True)
-    results = Results("engine", device, args.out, link=link_baselines, commit=args.commit)
+    results = device_results("engine", device, args.out, link=link_baselines, commit=args.commit)
     set_log_file(os.path.splitext(results.path)[0] + ".log")
     bench = Bench(
         args,

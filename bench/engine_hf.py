@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import time
 
-from bench.common import free_memory, gpu_memory_gib, guarded, is_cuda, log, sync, time_fn
+from bench.common import free_memory, gpu_memory_gib, guarded, is_cuda, sync, time_fn
 from bench.engine_floors import Shape
 from bench.engine_ours import FIRST_ID, add_decode_record, add_prefill_record
+from pdserve.benchmarks.results import log
 
 
 def load_hf(path: str, bench):

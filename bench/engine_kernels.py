@@ -15,7 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from bench.common import capture_graph, log, time_fn
+from bench.common import capture_graph, time_fn
+from pdserve.benchmarks.results import log
 
 REAL = dict(
     hq=32, hk=8, d=128, bs=16, hidden=4096, inter=14336, tokens=2048, ctx=2048, batches=(1, 64), layers=32
@@ -44,8 +45,8 @@ def _shuffled_tables(torch, seqs: int, blocks_per_seq: int, num_blocks: int, dev
 
 
 def attention_cases(torch, s: dict, dtype, device) -> list[Case]:
-    from kernels import decode_attention as da
-    from kernels import prefill_attention as pa
+    from pdserve.kernels import decode_attention as da
+    from pdserve.kernels import prefill_attention as pa
 
     hq, hk, d, bs = s["hq"], s["hk"], s["d"], s["bs"]
     es, scale, cases = torch.empty((), dtype=dtype).element_size(), s["d"] ** -0.5, []
@@ -95,10 +96,10 @@ def attention_cases(torch, s: dict, dtype, device) -> list[Case]:
 
 
 def elementwise_cases(torch, s: dict, dtype, device) -> list[Case]:
-    from kernels import kv_cache_write as kw
-    from kernels import rms_norm as rn
-    from kernels import rotary as ro
-    from kernels import silu_and_mul as sm
+    from pdserve.kernels import kv_cache_write as kw
+    from pdserve.kernels import rms_norm as rn
+    from pdserve.kernels import rotary as ro
+    from pdserve.kernels import silu_and_mul as sm
 
     T, H, inter, hq, hk, d, bs = s["tokens"], s["hidden"], s["inter"], s["hq"], s["hk"], s["d"], s["bs"]
     es = torch.empty((), dtype=dtype).element_size()
@@ -211,7 +212,7 @@ def linear_cases(torch, s: dict, dtype, device) -> list[Case]:
     Each call runs over enough copies of the weight to pass L2 (a model's layers never share one)."""
     import torch.nn.functional as F
 
-    from kernels import skinny_linear as sl
+    from pdserve.kernels import skinny_linear as sl
 
     H, inter = s["hidden"], s["inter"]
     es, cases = torch.empty((), dtype=dtype).element_size(), []
@@ -237,7 +238,7 @@ def linear_cases(torch, s: dict, dtype, device) -> list[Case]:
 def block_copy_cases(torch, s: dict, dtype, device) -> list[Case]:
     """2048 tokens of KV: every layer's K and V at once ([2L, N, blk] view of the engine's cache), and one
     layer."""
-    from kernels import block_copy as bc
+    from pdserve.kernels import block_copy as bc
 
     bs, hk, d, layers = s["bs"], s["hk"], s["d"], s["layers"]
     nb = math.ceil(s["tokens"] / bs)

@@ -8,8 +8,9 @@ import math
 import random
 import time
 
-from bench.common import log, sync, time_fn
+from bench.common import sync, time_fn
 from bench.engine_floors import Shape
+from pdserve.benchmarks.results import log
 
 FIRST_ID = 10  # token ids below this are the tokenizer's special tokens
 
@@ -20,7 +21,7 @@ def random_ids(rng: random.Random, n: int, vocab: int) -> list[int]:
 
 def bench_prefill(bench, runner, name: str, shape: Shape) -> None:
     """One sequence of T tokens from an empty cache: the whole prompt in one step, the last token's logits."""
-    from engine.scheduler_output import ScheduledRequest
+    from pdserve.engine.scheduler_output import ScheduledRequest
 
     rng = random.Random(7)
     for tokens in bench.sizes.prefill_tokens:
@@ -74,7 +75,7 @@ def add_prefill_record(bench, metric: str, name: str, shape: Shape, tokens: int,
 
 def decode_chunks(batch: int, context: int, block_size: int, vocab: int, rng: random.Random):
     """B decode rows at position `context` (context tokens already cached), each with its own blocks."""
-    from engine.scheduler_output import ScheduledRequest
+    from pdserve.engine.scheduler_output import ScheduledRequest
 
     per_seq = math.ceil((context + 1) / block_size)
     return [
@@ -162,7 +163,7 @@ def add_decode_record(
 
 
 def bench_throughput(bench, llm, name: str, shape: Shape, engine_args: dict) -> None:
-    from engine import SamplingParams
+    from pdserve.engine import SamplingParams
 
     s = bench.sizes
     rng = random.Random(9)

@@ -36,9 +36,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import Results, guarded, log  # noqa: E402
+from bench.common import device_results, guarded  # noqa: E402
 from bench.kv_transfer_node import Proc  # noqa: E402
-from bench.plots import plot_ratios  # noqa: E402
+from pdserve.benchmarks.plots import plot_ratios  # noqa: E402
+from pdserve.benchmarks.results import log  # noqa: E402
 
 LLAMA8B = dict(num_layers=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="bfloat16")
 TINY = dict(num_layers=4, num_kv_heads=2, head_dim=16, block_size=16, dtype="float32")
@@ -205,7 +206,7 @@ def main(argv=None) -> int:
         devices = ("cuda:0", "cuda:1") if args.gpus == 2 else ("cuda:0", "cuda:0")
         iters, layer_ms_2048 = args.iters, args.layer_ms or 42.0 / 32
     env: dict = {}
-    res = Results("kv_transfer", devices[0], args.out)
+    res = device_results("kv_transfer", devices[0], args.out)
     case_gpus = "cpu" if args.smoke else f"{args.gpus}gpu"
     failures: list[str] = []
     prod, cons = Proc(devices[0], env), Proc(devices[1], env)

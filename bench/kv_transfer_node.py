@@ -27,7 +27,7 @@ class Node:
         self.done = threading.Event()
 
     def open(self, role, transport, layout, num_blocks, address=None, secret="bench", shuffle=True):
-        from kvconnector.connector import ConnectorConfig
+        from pdserve.kvconnector.connector import ConnectorConfig
 
         torch = self.torch
         if self.conn is not None:
@@ -64,11 +64,11 @@ class Node:
         if shuffle:  # scattered blocks on both sides: no plane may gain from runs a busy cache would not have
             random.Random(0).shuffle(self.blocks)
         if role == "consumer":
-            from kvconnector.consumer import KVConsumer
+            from pdserve.kvconnector.consumer import KVConsumer
 
             self.conn = KVConsumer(cfg, self.cache, on_complete=self._complete)
             return list(self.conn.address)
-        from kvconnector.producer import KVProducer
+        from pdserve.kvconnector.producer import KVProducer
 
         self.conn = KVProducer(cfg, self.cache, on_complete=self._complete)
         self.address = tuple(address)
@@ -127,7 +127,7 @@ class Node:
     def push(self, rid, tokens, overlapped, remote):
         """Bind the consumer's blocks, then save every layer (after simulated compute if overlapped).
         -> (t_start, t_last, exposed ms on the device clock or None)."""
-        from kvconnector.producer import StepProgress
+        from pdserve.kvconnector.producer import StepProgress
 
         torch, conn = self.torch, self.conn
         n = -(-tokens // conn.config.block_size)

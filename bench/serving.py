@@ -43,12 +43,13 @@ from dataclasses import dataclass
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import REPO_ROOT, Results, log  # noqa: E402
+from bench.common import REPO_ROOT  # noqa: E402
 from bench.prefix_oracle import lru_oracle_hit_fraction, upper_bound_hit_fraction  # noqa: E402
-from bench.serving_cli import BenchRun, add_arguments  # noqa: E402
 from bench.serving_cluster import LocalCluster  # noqa: E402
 from bench.serving_summary import link_baselines, markdown_report  # noqa: E402
-from launch.gpus import visible_gpus  # noqa: E402
+from pdserve.benchmarks.results import Results, log  # noqa: E402
+from pdserve.benchmarks.serving_cli import BenchRun, add_arguments  # noqa: E402
+from pdserve.launch.gpus import visible_gpus  # noqa: E402
 
 SLOS = {"loose": {"ttft": 1.0, "tpot": 0.050}, "pacing": {"ttft": 1.0, "itl": 0.025}}
 SLO_TEXT = {
@@ -99,7 +100,7 @@ def ensure_model(opts, gpus: list[str]) -> str:
     if not os.path.exists(os.path.join(path, "config.json")):
         log(f"writing the random-weight {preset} checkpoint to {os.path.relpath(path, REPO_ROOT)}")
         subprocess.run(
-            [sys.executable, "-m", "launch.cli", "make-model", path, "--family", "llama", "--preset", preset],
+            [sys.executable, "-m", "pdserve", "make-model", path, "--family", "llama", "--preset", preset],
             check=True,
             cwd=REPO_ROOT,
         )
@@ -339,7 +340,7 @@ def main(argv=None) -> int:
     slug, description = gpu_slug(gpus)
     log(f"devices: {description}; sections {','.join(sections)}; cluster logs in {opts.work_dir}")
     model = ensure_model(opts, gpus)
-    results = Results("serving", None, opts.out, link=link_baselines, slug=slug, description=description)
+    results = Results("serving", opts.out, slug=slug, description=description, link=link_baselines)
     runner = Runner(opts, model, gpus, results, started)
     runner.configs_left = sum(
         CONFIGS_PER_SECTION[s] if s != "pd" else (4 if len(gpus) >= 4 else 2) for s in sections
@@ -357,7 +358,7 @@ def main(argv=None) -> int:
 def write_outputs(results: Results) -> None:
     import json
 
-    from bench.serving_plots import plot_serving
+    from pdserve.benchmarks.serving_plots import plot_serving
 
     results.save()
     with open(results.path, encoding="utf-8") as f:

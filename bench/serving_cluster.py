@@ -10,7 +10,7 @@ import subprocess
 import time
 from typing import Optional
 
-from bench.common import log
+from pdserve.benchmarks.results import log
 
 
 def free_port() -> int:
@@ -34,7 +34,7 @@ class LocalCluster:
         os.makedirs(work_dir, exist_ok=True)
         self.state_file = os.path.join(work_dir, "cluster.json")
         self.out_path = os.path.join(work_dir, "up.out")
-        from launch.up_process import up_command
+        from pdserve.launch.up_process import up_command
 
         self.argv = up_command(
             prefill,
@@ -81,7 +81,7 @@ class LocalCluster:
             return ""
 
     def stop(self) -> None:
-        from launch.up_process import stop_up_process
+        from pdserve.launch.up_process import stop_up_process
 
         if self.proc is not None:
             stop_up_process(self.proc)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from bench.common import fmt
+from pdserve.benchmarks.results import fmt
 
 IDENTITY_SKIP = ("run", "baseline_run")
 SLO_ATTAINED = 0.9

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kernels.skinny_linear as sk  # noqa: E402
+import pdserve.kernels.skinny_linear as sk  # noqa: E402
 from bench.common import capture_graph, device_ms  # noqa: E402
 
 SHAPES = {

@@ -13,4 +13,4 @@ if [ -z "${PDSERVE_KV_SECRET:-}" ] && [[ " $* " != *" --kv-secret"* ]]; then
     echo "deploy/decode.sh: warning: PDSERVE_KV_SECRET is not set; frames are signed with the public development secret" >&2
 fi
 cd "$repo"
-exec "$py" -m launch.cli --log-level "${PDSERVE_LOG_LEVEL:-INFO}" decode "$@"
+exec "$py" -m pdserve --log-level "${PDSERVE_LOG_LEVEL:-INFO}" decode "$@"

@@ -117,7 +117,7 @@ def main(argv=None) -> int:
 
     from openai import OpenAI
 
-    from wire.tokenizer import load_tokenizer
+    from pdserve.wire.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.model_dir)
     client = OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=300)

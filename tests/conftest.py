@@ -42,7 +42,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
     """Tiny random checkpoints, one per family, written once per session by `pdserve make-model`'s code."""
-    from tools.make_model import make_model
+    from pdserve.tools.make_model import make_model
 
     root = tmp_path_factory.mktemp("models")
     made = {}

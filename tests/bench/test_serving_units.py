@@ -8,9 +8,9 @@ import statistics
 import pytest
 
 from bench.prefix_oracle import lru_oracle_hit_fraction, upper_bound_hit_fraction
-from bench.serving_client import RequestResult, arrival_gaps
-from bench.serving_metrics import compute_figures, meets_slos, parse_slos, percentile
-from bench.workloads import (
+from pdserve.benchmarks.serving_client import RequestResult, arrival_gaps
+from pdserve.benchmarks.serving_metrics import compute_figures, meets_slos, parse_slos, percentile
+from pdserve.benchmarks.workloads import (
     TokenSource,
     WorkloadError,
     conversation_workload,
@@ -96,7 +96,7 @@ def test_oracle_needs_both_caches_when_the_working_set_exceeds_one():
 def _bench_run(argv):
     import argparse
 
-    from bench.serving_cli import BenchRun, add_arguments, slo_from_args
+    from pdserve.benchmarks.serving_cli import BenchRun, add_arguments, slo_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -130,8 +130,8 @@ def test_a_sweep_climbs_until_every_slo_broke(monkeypatch):
 
 
 def test_rate_lists_and_bad_rates():
-    from bench.serving_cli import parse_rates
-    from wire.errors import ConfigError
+    from pdserve.benchmarks.serving_cli import parse_rates
+    from pdserve.wire.errors import ConfigError
 
     assert parse_rates("1,2, 4") == [1.0, 2.0, 4.0] and parse_rates("inf") == [math.inf]
     assert parse_rates("sweep") is None
@@ -143,9 +143,9 @@ def test_rate_lists_and_bad_rates():
 
 
 def test_token_ids_avoid_special_tokens_and_chat_text_keeps_the_length(tmp_path):
-    from bench.serving_client import ClientConfig, prompt_text
-    from bench.workloads import BenchRequest, load_tokenizer
-    from tools.make_tokenizer import write_tokenizer_files
+    from pdserve.benchmarks.serving_client import ClientConfig, prompt_text
+    from pdserve.benchmarks.workloads import BenchRequest, load_tokenizer
+    from pdserve.tools.make_tokenizer import write_tokenizer_files
 
     write_tokenizer_files(str(tmp_path), vocab_size=1024, family="llama", model_max_length=256)
     tok = load_tokenizer(str(tmp_path))
@@ -166,7 +166,8 @@ def test_the_client_imports_no_torch():
     import sys
 
     code = (
-        "import sys, bench.serving, bench.serving_cli, bench.serving_plots, bench.serving_summary; "
+        "import sys, bench.serving, bench.serving_summary, pdserve.benchmarks.serving_cli, "
+        "pdserve.benchmarks.serving_plots; "
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -12,7 +12,7 @@ import threading
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from launch.cli import main as pdserve
+from pdserve.launch.cli import main as pdserve
 from tests.harness.servers import UpCluster, free_port, needs_nodes, wait_for
 
 pytestmark = [pytest.mark.slow, needs_nodes]

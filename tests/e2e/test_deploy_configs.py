@@ -128,7 +128,7 @@ def flag(args: list[str], name: str) -> str:
 
 def parse_role_args(role: str, args: list[str]):
     """Parse with the real CLI: unknown flags, bad choices and missing required flags all fail."""
-    from launch.cli import build_parser
+    from pdserve.launch.cli import build_parser
 
     parser = build_parser()
     try:
@@ -137,7 +137,7 @@ def parse_role_args(role: str, args: list[str]):
         raise AssertionError(f"`pdserve {role}` rejects {args}") from exc
     assert ns.command == role
     if role in ("prefill", "decode") and ns.kv_transfer_config:
-        from engine.config import KVTransferConfig
+        from pdserve.engine.config import KVTransferConfig
 
         KVTransferConfig.from_json(ns.kv_transfer_config)  # raises ConfigError when invalid
     return ns
@@ -347,7 +347,7 @@ def test_k8s_manifests_parse_and_agree():
         assert ports["rpc"] == ns.rpc_port and ports["events"] == ns.events_port, role
         assert ns.device.startswith("cuda")
     # Disaggregated roles, and the decode node's KV listener reachable from other pods on its declared port.
-    from engine.config import KVTransferConfig
+    from pdserve.engine.config import KVTransferConfig
 
     kvt = {r: KVTransferConfig.from_json(parsed[r].kv_transfer_config) for r in ("prefill", "decode")}
     assert kvt["prefill"].kv_role == "kv_producer" and kvt["decode"].kv_role == "kv_consumer"

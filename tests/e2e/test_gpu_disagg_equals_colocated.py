@@ -18,7 +18,7 @@ PROMPTS = [[(7 * i + 13 * j) % 900 + 10 for j in range(n)] for i, n in enumerate
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from tools.make_model import make_model
+    from pdserve.tools.make_model import make_model
 
     path = str(tmp_path_factory.mktemp("gpu-model") / "qwen-0.5b")
     make_model(path, family="qwen2", preset="qwen2.5-0.5b")

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from proxy.dispatch import prompt_block_hashes
+from pdserve.proxy.dispatch import prompt_block_hashes
 from tests.harness.servers import RedisServer, free_port, needs_nodes, wait_for
 
 pytestmark = [pytest.mark.slow, needs_nodes]
@@ -35,7 +35,7 @@ def nodes_of(route: str) -> set[str]:
 
 @pytest.mark.parametrize("policy", ["cache_aware", "round_robin"])
 def test_known_prefix_goes_to_its_holder(policy, up_cluster, request, tiny_model):
-    from wire.tokenizer import load_tokenizer
+    from pdserve.wire.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
     redis = None

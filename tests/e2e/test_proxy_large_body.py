@@ -37,7 +37,7 @@ def proxy_proc(tokenizer_dir, tmp_path, request):
         [
             PY,
             "-m",
-            "launch.cli",
+            "pdserve.launch.cli",
             "proxy",
             "--model",
             tokenizer_dir,

@@ -69,7 +69,7 @@ def _complete(client, prompt, mode, **extra):
 
 @pytest.mark.parametrize("prompt,mode", MODES)
 def test_processors_match_transformers(client, tok, hf_model, prompt, mode):
-    from wire.sampling_params import tokenize_bad_words
+    from pdserve.wire.sampling_params import tokenize_bad_words
 
     ids = tok.encode(prompt)
     eos = sorted(tok.eos_token_ids)

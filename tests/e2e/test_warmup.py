@@ -44,7 +44,7 @@ def test_warm_up_leaves_every_block_free(model_dir, tmp_path):
 def test_first_request_after_ready_is_warm(tmp_path_factory):
     import httpx
 
-    from tools.make_model import make_model
+    from pdserve.tools.make_model import make_model
 
     model = str(tmp_path_factory.mktemp("gpu-warm") / "qwen-0.5b")
     make_model(model, family="qwen2", preset="qwen2.5-0.5b")

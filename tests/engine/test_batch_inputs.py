@@ -6,8 +6,8 @@ import random
 import numpy as np
 import torch
 
-from engine.batch_inputs import _slot_mapping, build_batch_inputs, decode_rows
-from engine.scheduler_output import ScheduledRequest
+from pdserve.engine.batch_inputs import _slot_mapping, build_batch_inputs, decode_rows
+from pdserve.engine.scheduler_output import ScheduledRequest
 
 
 def random_decodes(seed: int, n: int, block_size: int) -> list[ScheduledRequest]:

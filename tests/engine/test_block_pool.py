@@ -11,9 +11,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from engine.block_pool import BlockPool, NoFreeBlocksError
-from wire.hashing import external_block_hash, hash_prompt_blocks
-from wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from pdserve.engine.block_pool import BlockPool, NoFreeBlocksError
+from pdserve.wire.hashing import external_block_hash, hash_prompt_blocks
+from pdserve.wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
 BS = 4
 

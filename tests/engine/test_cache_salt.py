@@ -2,9 +2,9 @@
 (hash_prompt_blocks) agree on it, and requests with different salts share no cached tokens while one salt
 shares its prefix."""
 
-from engine import LLM, SamplingParams
-from engine.request import Request
-from wire.hashing import hash_prompt_blocks
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.request import Request
+from pdserve.wire.hashing import hash_prompt_blocks
 
 PROMPT = list(range(10, 60))  # three full blocks of 16
 

@@ -8,10 +8,10 @@ import shutil
 import pytest
 import torch
 
-from engine.checkpoint import iter_tensors, load_arch_config
-from engine.models.loader import load_model
-from tools.make_model import make_model
-from wire.errors import CheckpointError
+from pdserve.engine.checkpoint import iter_tensors, load_arch_config
+from pdserve.engine.models.loader import load_model
+from pdserve.tools.make_model import make_model
+from pdserve.wire.errors import CheckpointError
 
 
 @pytest.fixture
@@ -194,6 +194,6 @@ def test_unsupported_rope_type(llama_copy):
 
 
 def test_errors_are_pdserve_errors_for_the_cli():
-    from wire.errors import PdserveError
+    from pdserve.wire.errors import PdserveError
 
     assert issubclass(CheckpointError, PdserveError)

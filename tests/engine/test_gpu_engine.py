@@ -73,7 +73,7 @@ def _engine_args(**overrides) -> dict:
 def qwen_dir(tmp_path_factory):
     """Written once per module; PDSERVE_TEST_QWEN_DIR may name one already written (bench/engine.py leaves one
     at models/bench/qwen2.5-0.5b) to save the ~10 s."""
-    from tools.make_model import make_model
+    from pdserve.tools.make_model import make_model
 
     given = os.environ.get("PDSERVE_TEST_QWEN_DIR")
     if given and os.path.exists(os.path.join(given, "config.json")):
@@ -108,7 +108,7 @@ def hf(qwen_dir):
 
 @module_fixture
 def llm(qwen_dir):
-    from engine import LLM
+    from pdserve.engine import LLM
 
     engine = LLM(model=qwen_dir, **_engine_args())
     assert engine.core.runner.graphs is not None, "CUDA graphs should be on by default on a GPU"
@@ -127,7 +127,7 @@ def hf_last_logits(model, prompts) -> torch.Tensor:
 @torch.inference_mode()
 def our_prefill_logits(runner, prompts) -> torch.Tensor:
     """All prompts as prefills of one step, each with its own blocks; fp32 logits of each last token."""
-    from engine.scheduler_output import ScheduledRequest
+    from pdserve.engine.scheduler_output import ScheduledRequest
 
     chunks, first = [], 0
     for i, p in enumerate(prompts):
@@ -168,7 +168,7 @@ def _margin(entry: dict) -> float:
 
 
 def _generate(engine, prompts, logprobs: int | None = None):
-    from engine import SamplingParams
+    from pdserve.engine import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True, logprobs=logprobs)
     outs = engine.generate([{"prompt_token_ids": p} for p in prompts], params)
@@ -271,8 +271,8 @@ def _assert_same_tokens(label: str, a_outs, b_outs, prompts, tol: float) -> None
 
 @torch.inference_mode()
 def test_cuda_graph_decode_equals_eager(llm, qwen_dir, prompts, tolerance):
-    from engine import LLM
-    from engine.scheduler_output import ScheduledRequest
+    from pdserve.engine import LLM
+    from pdserve.engine.scheduler_output import ScheduledRequest
 
     # 1. One decode step of the 6 prompts (bucket 8: two padding rows) replayed from the graph and run
     # eagerly.
@@ -319,7 +319,7 @@ def test_cuda_graph_decode_equals_eager(llm, qwen_dir, prompts, tolerance):
 
 
 def test_chunked_batched_prefill_equals_unchunked(llm, qwen_dir, prompts, tolerance):
-    from engine import LLM
+    from pdserve.engine import LLM
 
     chunked = LLM(model=qwen_dir, **_engine_args(max_num_batched_tokens=64))
     try:

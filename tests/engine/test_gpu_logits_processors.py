@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from pdserve.engine import LLM, SamplingParams
 from tests.engine.test_logits_processors import MAX_TOKENS, PROMPTS, run_cases
 from tests.logits_reference import SMALL_SCHEMA, reference_processors
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from pdserve.engine import LLM, SamplingParams
 from tests.engine.test_prompt_logprobs import prompt_of, reference
 
 pytestmark = pytest.mark.gpu

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.block_pool import BlockPool
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import Request
-from wire.hashing import hash_prompt_blocks
+from pdserve.engine.block_pool import BlockPool
+from pdserve.engine.kv_cache_manager import KVCacheManager
+from pdserve.engine.request import Request
+from pdserve.wire.hashing import hash_prompt_blocks
 
 BS = 4
 

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from pdserve.engine import LLM, SamplingParams
 
 MAX_TOKENS = 12
 FAMILIES = ["llama", "qwen2", "mistral"]
@@ -106,7 +106,7 @@ def test_text_prompts_and_stop_strings(model_dirs, hf_models):
 
 def test_a_refused_prompt_queues_nothing_and_the_next_call_works(model_dirs):
     """Bad input loses nothing: a batch whose second prompt can never fit the cache is refused whole."""
-    from engine.scheduler import RequestTooLargeError
+    from pdserve.engine.scheduler import RequestTooLargeError
 
     llm = LLM(model=model_dirs["llama"], device="cpu", block_size=16, num_gpu_blocks_override=8)
     prompt = {"prompt_token_ids": list(range(10, 30))}

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from pdserve.engine import LLM, SamplingParams
 from tests.logits_reference import SMALL_SCHEMA, hf_greedy_processed, reference_processors
 
 MAX_TOKENS = 16

@@ -3,8 +3,8 @@ first."""
 
 import torch
 
-from engine.config import EngineConfig
-from engine.model_runner import ModelRunner, resolve_device, resolve_dtype
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 
 
 def test_profile_forward_runs_on_a_fresh_runner(model_dir):
@@ -21,7 +21,7 @@ def test_profile_forward_runs_on_a_fresh_runner(model_dir):
 
 
 def test_layer_hook_sees_every_layer_in_order(model_dir):
-    from engine.scheduler_output import ScheduledRequest
+    from pdserve.engine.scheduler_output import ScheduledRequest
 
     runner = ModelRunner(EngineConfig.create(model=model_dir, device="cpu", num_gpu_blocks_override=4))
     seen = []

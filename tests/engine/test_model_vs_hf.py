@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from engine.attention_metadata import AttentionMetadata
-from engine.models.loader import load_model
+from pdserve.engine.attention_metadata import AttentionMetadata
+from pdserve.engine.models.loader import load_model
 
 BLOCK = 8
 NUM_BLOCKS = 32
@@ -24,7 +24,7 @@ LLAMA3_ROPE = {
 
 @pytest.fixture(scope="module")
 def dirs(model_dirs, tmp_path_factory):
-    from tools.make_model import make_model
+    from pdserve.tools.make_model import make_model
 
     path = tmp_path_factory.mktemp("rope") / "tiny-llama3-rope"
     make_model(
@@ -144,8 +144,8 @@ def test_llama3_rope_frequencies_match_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from engine.checkpoint import RopeScaling
-    from engine.models.layers import rope_inv_freq
+    from pdserve.engine.checkpoint import RopeScaling
+    from pdserve.engine.models.layers import rope_inv_freq
 
     scaling = {
         "rope_type": "llama3",

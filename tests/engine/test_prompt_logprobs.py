@@ -6,7 +6,7 @@ cache (the request reads no hits, so every position is still computed)."""
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from pdserve.engine import LLM, SamplingParams
 
 TOLERANCE = 1e-4  # fp32 on both sides; only the kernels' summation order differs
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from engine.outputs import make_logprob_entry
-from engine.sampler import Sampler, make_generator
-from wire.sampling_params import SamplingParams
+from pdserve.engine.outputs import make_logprob_entry
+from pdserve.engine.sampler import Sampler, make_generator
+from pdserve.wire.sampling_params import SamplingParams
 
 PROBS = torch.tensor([0.40, 0.25, 0.15, 0.10, 0.05, 0.03, 0.01, 0.01])
 LOGITS = PROBS.log()  # softmax(LOGITS) == PROBS

@@ -14,13 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.block_pool import BlockPool
-from engine.config import SchedulerConfig
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import Request, RequestStatus
-from engine.scheduler import RequestTooLargeError, Scheduler
-from wire.errors import PromptTooLongError
-from wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from pdserve.engine.block_pool import BlockPool
+from pdserve.engine.config import SchedulerConfig
+from pdserve.engine.kv_cache_manager import KVCacheManager
+from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.scheduler import RequestTooLargeError, Scheduler
+from pdserve.wire.errors import PromptTooLongError
+from pdserve.wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
 BS = 4
 VOCAB = 1000

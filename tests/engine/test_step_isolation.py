@@ -8,10 +8,10 @@ import threading
 
 import pytest
 
-from engine.config import EngineConfig
-from engine.engine_core import EngineCore
-from engine.engine_loop import EngineLoop, Sink
-from wire.sampling_params import SamplingParams
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine_core import EngineCore
+from pdserve.engine.engine_loop import EngineLoop, Sink
+from pdserve.wire.sampling_params import SamplingParams
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_a_step_wide_failure_is_retried_once_and_logged_with_the_batch(core, cap
         return real(*args, **kwargs)
 
     core.runner.execute = flaky
-    with caplog.at_level(logging.ERROR, logger="engine.engine_loop"):
+    with caplog.at_level(logging.ERROR, logger="pdserve.engine.engine_loop"):
         tokens, failed = run_loop(core, {"r1": greedy(4), "r2": greedy(4)})
     assert not failed
     assert all(len(t) == 5 for t in tokens.values())  # 4 tokens, then the finished marker

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import KVTransferConfig
-from engine.model_runner import resolve_dtype
-from launch.cli import main
-from node_runtime.node_cli import kv_events_config
-from wire.errors import ConfigError
+from pdserve.engine.config import KVTransferConfig
+from pdserve.engine.model_runner import resolve_dtype
+from pdserve.launch.cli import main
+from pdserve.node_runtime.node_cli import kv_events_config
+from pdserve.wire.errors import ConfigError
 
 
 def test_extra_config_holds_connector_keys():

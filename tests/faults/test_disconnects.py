@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from proxy.dispatch import ChoiceRun
+from pdserve.proxy.dispatch import ChoiceRun
 from tests.harness.servers import UpCluster, needs_nodes, running, wait_for
 
 LONG = "A long prompt so that the request is disaggregated and its KV moves between the nodes. " * 3

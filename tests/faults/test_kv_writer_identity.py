@@ -31,9 +31,9 @@ def pair(model_dir, tmp_path):
 
 def stranger(model_dir: str):
     """An authenticated producer of the same layout that no decode node asked for anything."""
-    from engine.checkpoint import load_arch_config
-    from kvconnector.connector import ConnectorConfig
-    from kvconnector.producer import KVProducer
+    from pdserve.engine.checkpoint import load_arch_config
+    from pdserve.kvconnector.connector import ConnectorConfig
+    from pdserve.kvconnector.producer import KVProducer
 
     arch = load_arch_config(model_dir)
     config = ConnectorConfig(
@@ -56,7 +56,7 @@ def kv_address(decode) -> tuple[str, int]:
 
 
 def test_frames_naming_another_requests_id_end_nothing(pair, proxy, model_dir):
-    from wire.frames import Abort, Done
+    from pdserve.wire.frames import Abort, Done
 
     prefill, decode = pair
     warm_up(proxy, prefill, decode)

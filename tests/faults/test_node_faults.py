@@ -98,8 +98,8 @@ def test_decode_node_killed_mid_request_frees_the_prefill_nodes_blocks(pair, pro
 
 
 def _bad_frames(proxy) -> dict[str, bytes]:
-    from wire.node_messages import Generate, make_codec
-    from wire.sampling_params import SamplingParams
+    from pdserve.wire.node_messages import Generate, make_codec
+    from pdserve.wire.sampling_params import SamplingParams
 
     msg = Generate(
         request_id="evil", prompt_token_ids=[1, 2, 3], params=SamplingParams(max_tokens=2).to_dict()

@@ -33,7 +33,7 @@ def used_blocks(metrics: str) -> float:
 
 
 def test_prefill_node_killed_mid_request(up_cluster, tiny_model, hf_reference):
-    from wire.tokenizer import load_tokenizer
+    from pdserve.wire.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
     cluster = up_cluster(2, 1, "--routing", "round_robin")

@@ -114,7 +114,7 @@ def test_rolling_restart_of_a_decode_node_under_load_loses_no_request(model_dir,
         wait_healthy(*nodes)
         port = fixed_port()
         proxy_proc = subprocess.Popen(
-            [PY, "-m", "launch.cli", "--log-level", "INFO", "proxy", "--model", model_dir]
+            [PY, "-m", "pdserve", "--log-level", "INFO", "proxy", "--model", model_dir]
             + ["--port", str(port), "--routing", "round_robin", "--log-routing", "--served-model-name", MODEL]
             + [arg for n in nodes for arg in ("--node", n.events)],
             cwd=REPO,

@@ -29,8 +29,8 @@ def dropped(node, reason: str) -> float:
 
 
 def test_a_replayed_generate_runs_once(decode, proxy):
-    from wire.node_messages import Generate
-    from wire.sampling_params import SamplingParams
+    from pdserve.wire.node_messages import Generate
+    from pdserve.wire.sampling_params import SamplingParams
 
     sock = proxy.socket(decode.rpc)
     identity = proxy.identities[sock]

@@ -4,8 +4,8 @@ import hashlib
 import hmac
 import os
 
-from kvconnector.link import HELLO, HELLO_MAGIC
-from wire.frames import FRAME_VERSION, MAGIC, PREFIX, Heartbeat, KVChunk, SignedCodec, TensorMeta
+from pdserve.kvconnector.link import HELLO, HELLO_MAGIC
+from pdserve.wire.frames import FRAME_VERSION, MAGIC, PREFIX, Heartbeat, KVChunk, SignedCodec, TensorMeta
 
 GOOD_SECRET = b"test-secret"
 

@@ -14,10 +14,9 @@ import msgpack
 import pytest
 import zmq
 
-from tests.harness.servers import SECRET
-from wire.hashing import external_block_hash, hash_prompt_blocks
-from wire.kv_events import BlockRemoved, BlockStored, KVEventBatch, encode_batch
-from wire.node_messages import (
+from pdserve.wire.hashing import external_block_hash, hash_prompt_blocks
+from pdserve.wire.kv_events import BlockRemoved, BlockStored, KVEventBatch, encode_batch
+from pdserve.wire.node_messages import (
     TOPIC_HEARTBEAT,
     TOPIC_KV_EVENTS,
     Abort,
@@ -27,6 +26,7 @@ from wire.node_messages import (
     make_codec,
     prompt_logprob_pieces,
 )
+from tests.harness.servers import SECRET
 
 
 @dataclass

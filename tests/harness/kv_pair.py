@@ -34,8 +34,8 @@ class Node:
     def open(self, role: str, cfg: dict, num_blocks: int, seed: int, device: str = "cpu"):
         import torch
 
-        from engine.block_pool import BlockPool
-        from kvconnector.connector import ConnectorConfig
+        from pdserve.engine.block_pool import BlockPool
+        from pdserve.kvconnector.connector import ConnectorConfig
 
         if self.conn is not None:
             self.conn.close()
@@ -59,11 +59,11 @@ class Node:
         config = ConnectorConfig(**cfg)
         self.role = role
         if role == "producer":
-            from kvconnector.producer import KVProducer
+            from pdserve.kvconnector.producer import KVProducer
 
             self.conn = KVProducer(config, self.cache, on_complete=self._on_complete)
             return None
-        from kvconnector.consumer import KVConsumer
+        from pdserve.kvconnector.consumer import KVConsumer
 
         self.conn = KVConsumer(config, self.cache, on_complete=self._on_complete)
         return list(self.conn.address)
@@ -122,7 +122,7 @@ class Node:
     ):
         """Producer: bind the consumer's blocks, then 'prefill' in chunks of chunk_tokens, saving each layer;
         wait for completion."""
-        from kvconnector.producer import StepProgress
+        from pdserve.kvconnector.producer import StepProgress
 
         with self.lock:
             blocks = self.pool.allocate(-(-num_tokens // self.pool.block_size))

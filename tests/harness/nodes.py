@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 import zmq
 
-from node_runtime.node_cli import READY_LINE
+from pdserve.node_runtime.node_cli import READY_LINE
 
 SECRET = "node-test-secret"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -95,7 +95,7 @@ def start_node(
     args = [
         sys.executable,
         "-m",
-        "launch.cli",
+        "pdserve.launch.cli",
         "--log-level",
         "INFO",
         role,
@@ -198,7 +198,7 @@ class FakeProxy:
     """A DEALER per node, signing frames like the proxy does."""
 
     def __init__(self, secret: str = SECRET):
-        from wire.node_messages import make_codec
+        from pdserve.wire.node_messages import make_codec
 
         self.secret = secret.encode()
         self.codec = make_codec(self.secret)
@@ -212,7 +212,7 @@ class FakeProxy:
         if sock is None:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
-            from wire import curve
+            from pdserve.wire import curve
 
             curve.client(sock, self.secret)  # a node under $PDSERVE_CURVE=1 takes CURVE clients only
             identity = f"proxy-{uuid.uuid4().hex[:8]}".encode()
@@ -232,8 +232,8 @@ class FakeProxy:
         deadline_s: float = 0.0,
         **params,
     ) -> str:
-        from wire.node_messages import Generate
-        from wire.sampling_params import SamplingParams
+        from pdserve.wire.node_messages import Generate
+        from pdserve.wire.sampling_params import SamplingParams
 
         rid = request_id or uuid.uuid4().hex
         sp = SamplingParams(**{"temperature": 0.0, "max_tokens": 8, "ignore_eos": True, **params})
@@ -256,7 +256,7 @@ class FakeProxy:
         return request_id
 
     def abort(self, node: NodeProcess, request_id: str) -> None:
-        from wire.node_messages import Abort
+        from pdserve.wire.node_messages import Abort
 
         self.send(node, Abort(request_id=request_id))
 

@@ -123,7 +123,7 @@ def redis_server():
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> str:
     """A torch-free model folder: the real tokenizer files make-model writes, and a config.json."""
-    from tools.make_tokenizer import write_tokenizer_files
+    from pdserve.tools.make_tokenizer import write_tokenizer_files
 
     path = tmp_path_factory.mktemp("tok-model")
     write_tokenizer_files(str(path), vocab_size=1024, family="llama", model_max_length=256)
@@ -138,7 +138,7 @@ class ProxyServer:
     def __init__(self, config):
         import uvicorn
 
-        from proxy.app import create_app
+        from pdserve.proxy.app import create_app
 
         self.app = create_app(config)
         self.port = config.port
@@ -178,7 +178,7 @@ class ProxyServer:
 
 @pytest.fixture
 def proxy_factory(tokenizer_dir, monkeypatch):
-    from proxy.config import ProxyConfig, RouterConfig
+    from pdserve.proxy.config import ProxyConfig, RouterConfig
 
     made: list[ProxyServer] = []
     monkeypatch.setenv("PDSERVE_KV_SECRET", SECRET.decode())
@@ -210,7 +210,7 @@ def proxy_factory(tokenizer_dir, monkeypatch):
 def nodes_missing() -> Optional[str]:
     import importlib.util
 
-    for name in ("prefill_node.cli", "decode_node.cli", "node_runtime.node_server"):
+    for name in ("pdserve.prefill_node.cli", "pdserve.decode_node.cli", "pdserve.node_runtime.node_server"):
         try:
             if importlib.util.find_spec(name) is None:
                 return name
@@ -228,7 +228,7 @@ needs_nodes = pytest.mark.skipif(
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """The checkpoint `pdserve up` writes without --model: the tiny random-weight llama."""
-    from tools.make_model import make_model
+    from pdserve.tools.make_model import make_model
 
     path = str(tmp_path_factory.mktemp("up-model") / "tiny-llama")
     make_model(path, family="llama", preset="tiny")
@@ -238,7 +238,7 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model):
     """The tiny model's tokenizer, as the proxy and the nodes load it."""
-    from wire.tokenizer import load_tokenizer
+    from pdserve.wire.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_model)
 
@@ -282,18 +282,40 @@ def hf_reference(tiny_model):
 class UpCluster:
     """`pdserve up` in a subprocess; `info` is its --state-file. stop() checks that every process is gone."""
 
-    def __init__(self, tmp, model: str, prefill: int, decode: int, args: tuple = (), timeout_s: float = 300):
+    def __init__(
+        self,
+        tmp,
+        model: str,
+        prefill: int,
+        decode: int,
+        args: tuple = (),
+        timeout_s: float = 300,
+        pdserve: tuple = (sys.executable, "-m", "pdserve"),
+        cwd=ROOT,
+    ):
+        """pdserve and cwd: the command and folder to run it with (another install's, from outside the
+        checkout)."""
         tmp.mkdir(parents=True, exist_ok=True)
         self.state_file = str(tmp / "cluster.json")
         self.log_dir = str(tmp / "logs")
         self.out_path = str(tmp / "up.out")
         port = free_port()
-        from launch.up_process import up_command
+        from pdserve.launch.up_process import up_command
 
-        argv = up_command(prefill, decode, model, port, self.state_file, self.log_dir, "--log-routing", *args)
+        argv = up_command(
+            prefill,
+            decode,
+            model,
+            port,
+            self.state_file,
+            self.log_dir,
+            "--log-routing",
+            *args,
+            pdserve=pdserve,
+        )
         with open(self.out_path, "wb") as out:
             self.proc = subprocess.Popen(
-                argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         deadline = time.monotonic() + timeout_s
         while not os.path.exists(self.state_file):
@@ -341,7 +363,7 @@ class UpCluster:
             return f.read()
 
     def stop(self, check: bool = True) -> None:
-        from launch.up_process import stop_up_process
+        from pdserve.launch.up_process import stop_up_process
 
         stop_up_process(self.proc)
         if not check:

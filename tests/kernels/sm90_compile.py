@@ -17,7 +17,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import (  # noqa: E402
+from pdserve.kernels import (  # noqa: E402
     block_copy,
     decode_attention,
     kv_cache_write,

@@ -4,8 +4,8 @@ engine's [2, N, B, Hk, D] layout and for odd block sizes that force narrower cop
 import pytest
 import torch
 
-from kernels._common import interpreting
-from kernels.block_copy import (
+from pdserve.kernels._common import interpreting
+from pdserve.kernels.block_copy import (
     BlockCopier,
     copy_blocks,
     copy_blocks_ref,

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels import decode_attention
-from kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
+from pdserve.kernels import decode_attention
+from pdserve.kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
 from tests.kernels.paged import dense_causal_attention, make_paged, tol
 
 B = 16

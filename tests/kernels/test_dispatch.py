@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from kernels import dispatch, rms_norm
-from kernels.silu_and_mul import silu_and_mul_ref
+from pdserve.kernels import dispatch, rms_norm
+from pdserve.kernels.silu_and_mul import silu_and_mul_ref
 
 ENTRY_POINTS = [
     "rms_norm",
@@ -51,5 +51,5 @@ def test_forced_triton_runs_under_interpreter(monkeypatch):
 
 
 def test_package_import_is_light():
-    code = "import sys, kernels; assert 'torch' not in sys.modules and 'triton' not in sys.modules"
+    code = "import sys, pdserve.kernels; assert 'torch' not in sys.modules and 'triton' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.kv_cache_write import write_kv_cache, write_kv_cache_ref
+from pdserve.kernels.kv_cache_write import write_kv_cache, write_kv_cache_ref
 
 
 def _inputs(T, hk, d, N, B, dtype, seed, device="cpu"):

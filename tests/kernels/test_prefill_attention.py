@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
+from pdserve.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 from tests.kernels.paged import dense_causal_attention, make_paged, tol
 
 B = 16

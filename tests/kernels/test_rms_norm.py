@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.rms_norm import rms_norm, rms_norm_ref
+from pdserve.kernels.rms_norm import rms_norm, rms_norm_ref
 from tests.kernels.paged import tol
 
 

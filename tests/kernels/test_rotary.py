@@ -5,7 +5,7 @@ model."""
 import pytest
 import torch
 
-from kernels.rotary import (
+from pdserve.kernels.rotary import (
     apply_rotary,
     apply_rotary_and_write_kv,
     apply_rotary_and_write_kv_ref,

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
+from pdserve.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 from tests.kernels.paged import tol
 
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.dispatch as dispatch
-from kernels import skinny_linear as sk
-from kernels.skinny_linear import skinny_linear, skinny_linear_ref
+import pdserve.kernels.dispatch as dispatch
+from pdserve.kernels import skinny_linear as sk
+from pdserve.kernels.skinny_linear import skinny_linear, skinny_linear_ref
 from tests.kernels.paged import tol
 
 

@@ -7,9 +7,9 @@ import threading
 
 import torch
 
-from kvconnector.connector import ConnectorConfig
-from kvconnector.consumer import KVConsumer
-from kvconnector.producer import KVProducer
+from pdserve.kvconnector.connector import ConnectorConfig
+from pdserve.kvconnector.consumer import KVConsumer
+from pdserve.kvconnector.producer import KVProducer
 
 LAYOUT = dict(model="m", dtype="float32", block_size=16, num_layers=2, num_kv_heads=2, head_dim=8)
 

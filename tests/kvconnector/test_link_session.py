@@ -12,9 +12,8 @@ import time
 
 import pytest
 
-from kvconnector.link import Listener, connect
-from tests.harness.bad_frames import stranger_hello
-from wire.frames import (
+from pdserve.kvconnector.link import Listener, connect
+from pdserve.wire.frames import (
     FRAME_VERSION,
     MAGIC,
     PREFIX,
@@ -26,7 +25,8 @@ from wire.frames import (
     SignedCodec,
     TensorMeta,
 )
-from wire.replay import ReplayGuard
+from pdserve.wire.replay import ReplayGuard
+from tests.harness.bad_frames import stranger_hello
 
 SECRET = b"session-secret"
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from kvconnector.link import Listener, connect
+from pdserve.kvconnector.link import Listener, connect
+from pdserve.wire import curve
+from pdserve.wire.frames import Abort, KVChunk, SignedCodec, TensorMeta
 from tests.kvconnector.test_link_session import SECRET, Tap, wait
-from wire import curve
-from wire.frames import Abort, KVChunk, SignedCodec, TensorMeta
 
 MARK = "request-7f3a-visible-only-in-clear"
 BODY = bytes(range(256)) * 4  # a chunk's "KV bytes": 1 KiB with a recognisable pattern

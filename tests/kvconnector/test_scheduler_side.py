@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvconnector.scheduler_side import ConsumerScheduler, ProducerScheduler
+from pdserve.kvconnector.scheduler_side import ConsumerScheduler, ProducerScheduler
 
 
 class Clock:

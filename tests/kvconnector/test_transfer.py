@@ -84,7 +84,7 @@ def test_gpu_planes_byte_exact_two_processes(pair, devices, transport, extra):
     last layer; coalesce_bytes 0 forces the per-layer launches."""
     import torch
 
-    from kvconnector.transport.nixl import nixl_available
+    from pdserve.kvconnector.transport.nixl import nixl_available
 
     if torch.cuda.device_count() < 1 + (devices[1] == "cuda:1"):
         pytest.skip("needs two GPUs")

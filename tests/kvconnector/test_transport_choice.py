@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvconnector.transport import DataPlaneConfig, create_data_plane
+from pdserve.kvconnector.transport import DataPlaneConfig, create_data_plane
 
 
 def test_factory_names():
@@ -19,8 +19,8 @@ def test_cuda_ipc_refuses_a_cache_in_host_memory():
 
 
 def test_connector_rejects_caches_that_do_not_match_its_config():
-    from kvconnector.connector import ConnectorConfig
-    from kvconnector.producer import KVProducer
+    from pdserve.kvconnector.connector import ConnectorConfig
+    from pdserve.kvconnector.producer import KVProducer
 
     cfg = ConnectorConfig(model="m", dtype="float16", block_size=16, num_layers=2, num_kv_heads=2, head_dim=8)
     with pytest.raises(ValueError, match="do not match"):

@@ -5,9 +5,9 @@ import threading
 
 import torch
 
-from kvconnector.scheduler_side import SendPlan
-from kvconnector.transport import DataPlane, Fence
-from kvconnector.worker_side import CompletionThread, ProducerWorker
+from pdserve.kvconnector.scheduler_side import SendPlan
+from pdserve.kvconnector.transport import DataPlane, Fence
+from pdserve.kvconnector.worker_side import CompletionThread, ProducerWorker
 
 
 class GateFence(Fence):

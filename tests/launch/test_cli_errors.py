@@ -11,7 +11,7 @@ import pytest
 
 def pdserve(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "launch.cli", *args],
+        [sys.executable, "-m", "pdserve", *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -105,7 +105,7 @@ def test_client_gone_frees_its_requests(node, model_dir):
 
 
 def test_bad_requests_get_400_and_lose_nothing(node, proxy):
-    from wire.node_messages import Generate
+    from pdserve.wire.node_messages import Generate
 
     bad_params = proxy.track("bad-params")
     proxy.send(node, Generate(request_id=bad_params, prompt_token_ids=[1, 2, 3], params={"temperature": -1}))
@@ -118,8 +118,8 @@ def test_bad_requests_get_400_and_lose_nothing(node, proxy):
 
 
 def test_heartbeats_and_kv_events_are_published(node, proxy):
-    from wire.kv_events import BlockStored, decode_batch
-    from wire.node_messages import decode_heartbeat
+    from pdserve.wire.kv_events import BlockStored, decode_batch
+    from pdserve.wire.node_messages import decode_heartbeat
 
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)

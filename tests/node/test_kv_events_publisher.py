@@ -5,8 +5,8 @@ import time
 
 import zmq
 
-from node_runtime.kv_events_publisher import KVEventPublisher
-from wire.kv_events import BlockRemoved, BlockStored, KVEventBatch, decode_batch
+from pdserve.node_runtime.kv_events_publisher import KVEventPublisher
+from pdserve.wire.kv_events import BlockRemoved, BlockStored, KVEventBatch, decode_batch
 
 
 def test_published_batches_arrive_in_order_with_their_sequence_numbers():

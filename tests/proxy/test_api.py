@@ -15,9 +15,9 @@ import time
 import httpx
 import pytest
 
+from pdserve.wire.node_messages import Abort, Generate
 from tests.harness.fake_node import Script
 from tests.harness.servers import ROOT, wait_for
-from wire.node_messages import Abort, Generate
 
 
 def post(server, path, body, **kw):
@@ -35,7 +35,8 @@ def sse_events(response) -> list:
 
 def test_proxy_import_is_torch_free():
     code = (
-        "import sys; import proxy.app, proxy.cli, proxy.redis_index, wire.node_messages; "
+        "import sys; import pdserve.proxy.app, pdserve.proxy.cli, pdserve.proxy.redis_index, "
+        "pdserve.wire.node_messages; "
         "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -212,7 +213,7 @@ def test_models_health_metrics(one_node):
 
 
 def test_completion_json(one_node, tokenizer_dir):
-    from wire.tokenizer import load_tokenizer
+    from pdserve.wire.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     node, server = one_node
@@ -239,7 +240,7 @@ def test_completion_json(one_node, tokenizer_dir):
 
 
 def test_chat_stream_with_usage(one_node, tokenizer_dir):
-    from wire.tokenizer import load_tokenizer
+    from pdserve.wire.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     node, server = one_node
@@ -288,7 +289,7 @@ def test_stream_without_usage_puts_timings_on_the_last_chunk(one_node):
 
 
 def test_stop_string_cuts_and_aborts(one_node, tokenizer_dir):
-    from wire.tokenizer import load_tokenizer
+    from pdserve.wire.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     node, server = one_node

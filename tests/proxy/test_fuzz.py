@@ -20,7 +20,7 @@ FUZZ_BUDGET_S = 60.0
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tokenizer_dir):
     """One fake node and one proxy for the whole module (hypothesis calls the test many times)."""
-    from proxy.config import ProxyConfig
+    from pdserve.proxy.config import ProxyConfig
     from tests.harness.fake_node import FakeNode
     from tests.harness.servers import SECRET, ProxyServer, free_port
 
@@ -263,12 +263,12 @@ def test_fuzz_both_endpoints(server):
 
 
 def test_a_bug_is_a_500_in_openai_shape_and_the_connection_survives(server, monkeypatch):
-    import proxy.app
+    import pdserve.proxy.app as proxy_app
 
     def broken(body, tokenizer):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(proxy.app, "parse_completion", broken)
+    monkeypatch.setattr(proxy_app, "parse_completion", broken)
     conn = Conn(server.port)
     try:
         status, data, headers = conn.send(ENDPOINTS[0], json.dumps(GOOD).encode())

@@ -9,10 +9,10 @@ import time
 
 import httpx
 
-from proxy.nodes import NodeRegistry
+from pdserve.proxy.nodes import NodeRegistry
+from pdserve.wire.node_messages import Abort, Generate
 from tests.harness.fake_node import Script
 from tests.harness.servers import wait_for
-from wire.node_messages import Abort, Generate
 
 
 def post_in_background(server, max_tokens: int, timeout: float) -> tuple[threading.Thread, dict]:
@@ -42,8 +42,8 @@ def test_a_reaper_tick_after_a_stall_judges_nobody():
     then."""
     import zmq.asyncio
 
-    from proxy.indexer import Indexer
-    from proxy.prefix_index import InProcessPrefixIndex
+    from pdserve.proxy.indexer import Indexer
+    from pdserve.proxy.prefix_index import InProcessPrefixIndex
 
     async def main() -> bool:
         reg = NodeRegistry(misses=3, interval_s=0.1)
@@ -64,7 +64,7 @@ def test_a_reaper_tick_after_a_stall_judges_nobody():
 
 
 def _hb():
-    from wire.node_messages import NodeHeartbeat
+    from pdserve.wire.node_messages import NodeHeartbeat
 
     return NodeHeartbeat(
         node_id="n",

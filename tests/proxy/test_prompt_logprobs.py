@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import pytest
 
+from pdserve.wire.detokenizer import decode_token
+from pdserve.wire.node_messages import Generate
 from tests.proxy.test_api import post, sse_events
-from wire.detokenizer import decode_token
-from wire.node_messages import Generate
 
 PROMPT = [5, 6, 7, 8]
 
 
 @pytest.fixture
 def setup(fake_nodes, proxy_factory, tokenizer_dir):
-    from wire.tokenizer import load_tokenizer
+    from pdserve.wire.tokenizer import load_tokenizer
 
     node = fake_nodes("d0", "both")
     server = proxy_factory([node])

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
+from pdserve.wire.node_messages import Generate
 from tests.proxy.test_api import post, sse_events
-from wire.node_messages import Generate
 
 TEMPLATE = (
     "{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"

@@ -12,14 +12,14 @@ import msgpack
 import pytest
 import zmq
 
-from proxy.config import RouterConfig, RouterWeights
-from proxy.indexer import Indexer
-from proxy.nodes import NodeRegistry, NodeState
-from proxy.prefix_index import InProcessPrefixIndex, leading_runs
-from proxy.router import NoRoute, PairTerms, Router, score_pair
+from pdserve.proxy.config import RouterConfig, RouterWeights
+from pdserve.proxy.indexer import Indexer
+from pdserve.proxy.nodes import NodeRegistry, NodeState
+from pdserve.proxy.prefix_index import InProcessPrefixIndex, leading_runs
+from pdserve.proxy.router import NoRoute, PairTerms, Router, score_pair
+from pdserve.wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch, encode_batch
+from pdserve.wire.node_messages import TOPIC_HEARTBEAT, TOPIC_KV_EVENTS, Generate, decode_heartbeat
 from tests.harness.servers import RedisServer, free_port, wait_for
-from wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch, encode_batch
-from wire.node_messages import TOPIC_HEARTBEAT, TOPIC_KV_EVENTS, Generate, decode_heartbeat
 
 
 def node(node_id, role, **kw) -> NodeState:
@@ -169,7 +169,7 @@ def test_in_process_index():
 
 
 def test_redis_index_against_a_real_server(redis_server):
-    from proxy.redis_index import RedisPrefixIndex
+    from pdserve.proxy.redis_index import RedisPrefixIndex
 
     async def go():
         index = RedisPrefixIndex(redis_server.url)
@@ -189,13 +189,13 @@ def test_redis_index_against_a_real_server(redis_server):
 
 
 def test_redis_outage_falls_back_and_resyncs(redis_server, caplog):
-    from proxy.redis_index import RedisPrefixIndex
+    from pdserve.proxy.redis_index import RedisPrefixIndex
 
     async def go():
         index = RedisPrefixIndex(redis_server.url, retry_s=0.2)
         await index.apply("n1", KVEventBatch(ts=0.0, events=[_stored([1, 2])]))
         redis_server.stop()
-        with caplog.at_level(logging.WARNING, logger="proxy.redis_index"):
+        with caplog.at_level(logging.WARNING, logger="pdserve.proxy.redis_index"):
             assert await index.match([1, 2]) == {"n1": 2}  # from the local view
             await index.apply(
                 "n1", KVEventBatch(ts=0.0, events=[_stored([3]), BlockRemoved(block_hashes=[1])])
@@ -362,7 +362,7 @@ def test_app_redis_down_keeps_serving(fake_nodes, proxy_factory, redis_server, c
     wait_for(lambda: server.state.index.num_blocks() == 6, 5, what="index fed")
     assert "pdserve_proxy_redis_up 1.0" in httpx.get(server.url + "/metrics").text
     redis_server.stop()
-    with caplog.at_level(logging.WARNING, logger="proxy.redis_index"):
+    with caplog.at_level(logging.WARNING, logger="pdserve.proxy.redis_index"):
         for _ in range(3):
             assert _route(server) == "disaggregated:p0->d0"  # still cache-aware, from the local view
     metrics = httpx.get(server.url + "/metrics").text
@@ -377,8 +377,8 @@ def test_app_redis_down_keeps_serving(fake_nodes, proxy_factory, redis_server, c
 def test_a_node_back_from_silence_keeps_its_in_flight_counts():
     """In-flight requests hold the node's state object and decrement it when they end: reviving the node in
     place keeps those counts honest (a fresh object kept them forever and penalised the node in routing)."""
-    from proxy.nodes import NodeRegistry
-    from wire.node_messages import NodeHeartbeat
+    from pdserve.proxy.nodes import NodeRegistry
+    from pdserve.wire.node_messages import NodeHeartbeat
 
     registry = NodeRegistry(misses=3, interval_s=0.5)
     hb = NodeHeartbeat(

@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from tools.make_model import PRESETS, build_config, make_model, register_cli, weight_specs
-from wire.errors import ConfigError
+from pdserve.tools.make_model import PRESETS, build_config, make_model, register_cli, weight_specs
+from pdserve.wire.errors import ConfigError
 
 FILES = {
     "config.json",
@@ -80,8 +80,8 @@ def test_big_presets_have_the_real_shapes(family):
 
 
 def test_big_vocab_tokenizer_covers_every_id(tmp_path):
-    from tools.make_tokenizer import write_tokenizer_files
-    from wire.tokenizer import load_tokenizer
+    from pdserve.tools.make_tokenizer import write_tokenizer_files
+    from pdserve.wire.tokenizer import load_tokenizer
 
     write_tokenizer_files(str(tmp_path), 151936, "qwen2", model_max_length=32768)
     tok = load_tokenizer(str(tmp_path))

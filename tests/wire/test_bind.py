@@ -2,7 +2,7 @@
 
 import pytest
 
-from wire.bind import advertised, endpoint_host, is_wildcard
+from pdserve.wire.bind import advertised, endpoint_host, is_wildcard
 
 
 @pytest.mark.parametrize(

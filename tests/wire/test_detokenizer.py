@@ -10,7 +10,7 @@ import sys
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from wire.detokenizer import IncrementalDetokenizer
+from pdserve.wire.detokenizer import IncrementalDetokenizer
 
 TEXT = "hello world 世界 🎉 ok hello 👩‍💻 done"
 
@@ -211,8 +211,8 @@ def test_stop_with_multibyte_text(tok):
 
 def test_detokenizer_imports_no_torch():
     code = (
-        "import sys; import wire, wire.detokenizer, wire.sampling_params; "
-        "from wire.sampling_params import SamplingParams; "
+        "import sys; import pdserve.wire, pdserve.wire.detokenizer, pdserve.wire.sampling_params; "
+        "from pdserve.wire.sampling_params import SamplingParams; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,10 +9,9 @@ import time
 import msgspec
 import pytest
 
-from kvconnector.link import Listener
-from tests.harness.bad_frames import bad_frame
-from wire import frames as wire
-from wire.frames import (
+from pdserve.kvconnector.link import Listener
+from pdserve.wire import frames as wire
+from pdserve.wire.frames import (
     BadMAC,
     Done,
     FrameTooLarge,
@@ -26,6 +25,7 @@ from wire.frames import (
     TruncatedFrame,
     VersionMismatch,
 )
+from tests.harness.bad_frames import bad_frame
 
 SECRET = b"test-secret"
 
@@ -176,7 +176,7 @@ def test_secret_resolution(monkeypatch, caplog):
 def test_listener_refuses_bad_frames_logs_once_per_reason_and_keeps_accepting(caplog):
     """Each stranger is refused and its connection closed (a frame outside the session cannot be skipped
     safely); the listener logs once per peer and reason, and a real link still works."""
-    from kvconnector.link import connect
+    from pdserve.kvconnector.link import connect
     from tests.harness.bad_frames import stranger_hello
 
     got, drops = [], []
@@ -189,7 +189,7 @@ def test_listener_refuses_bad_frames_logs_once_per_reason_and_keeps_accepting(ca
     )
     try:
         assert listener.address[0] == "127.0.0.1"
-        with caplog.at_level(logging.WARNING, logger="kvconnector.link"):
+        with caplog.at_level(logging.WARNING, logger="pdserve.kvconnector.link"):
             for _ in range(3):
                 with socket.create_connection(listener.address) as s:
                     s.sendall(stranger_hello() + bad_frame("hmac"))
@@ -219,8 +219,9 @@ def _closed(s: socket.socket) -> bool:
 
 def test_torch_free_modules_stay_torch_free():
     code = (
-        "import sys, kvconnector, wire.frames, kvconnector.link, kvconnector.scheduler_side, "
-        "kvconnector.metrics, wire.kv_events, wire.hashing; "
+        "import sys, pdserve.kvconnector, pdserve.wire.frames, pdserve.kvconnector.link, "
+        "pdserve.kvconnector.scheduler_side, pdserve.kvconnector.metrics, pdserve.wire.kv_events, "
+        "pdserve.wire.hashing; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -4,7 +4,7 @@ from typing import Any, Union
 
 import msgspec
 
-from wire.kv_events import (
+from pdserve.wire.kv_events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,

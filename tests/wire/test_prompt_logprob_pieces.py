@@ -3,8 +3,8 @@ together give every record in order."""
 
 import pytest
 
-from wire.frames import DEFAULT_MAX_HEADER
-from wire.node_messages import PromptLogprobs, make_codec, prompt_logprob_pieces
+from pdserve.wire.frames import DEFAULT_MAX_HEADER
+from pdserve.wire.node_messages import PromptLogprobs, make_codec, prompt_logprob_pieces
 
 
 def records(n: int, k: int) -> list:

@@ -4,7 +4,7 @@ import sys
 import msgpack
 import pytest
 
-from wire.sampling_params import SamplingParams
+from pdserve.wire.sampling_params import SamplingParams
 
 
 def test_defaults_and_normalisation():
@@ -104,5 +104,5 @@ def test_clone():
 
 
 def test_sampling_params_imports_no_torch():
-    code = "import sys, wire.sampling_params; assert 'torch' not in sys.modules"
+    code = "import sys, pdserve.wire.sampling_params; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

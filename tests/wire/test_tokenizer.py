@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from wire.errors import CheckpointError
-from wire.tokenizer import load_tokenizer
+from pdserve.wire.errors import CheckpointError
+from pdserve.wire.tokenizer import load_tokenizer
 
 TEXTS = [
     "Hello world! The model reads tokens.",
@@ -110,7 +110,7 @@ def test_chat_template_renders_chatml(model_dirs):
 def test_tokenizer_does_not_import_torch(model_dirs):
     code = (
         "import sys\n"
-        "from wire.tokenizer import load_tokenizer\n"
+        "from pdserve.wire.tokenizer import load_tokenizer\n"
         f"t = load_tokenizer({model_dirs['llama']!r})\n"
         "t.decode(t.encode('hello there'))\n"
         "t.apply_chat_template([{'role': 'user', 'content': 'hi'}])\n"

@@ -1,0 +1,135 @@
+"""The building blocks of the decoder: linear layers, RMSNorm, the rotary table, paged attention, the gated MLP.
+
+Parameters are allocated with torch.empty in the final dtype and device (no random init, no meta round trip):
+the loader fills every one of them and checks none is left. Fused projections (q|k|v, gate|up) record how their
+rows split, so the loader can place Hugging Face's separate tensors into them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdserve.engine.attention_metadata import AttentionMetadata
+from pdserve.engine.checkpoint import RopeScaling
+from pdserve.kernels import dispatch
+
+
+def empty_param(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T + b. `splits` lists the row counts of the tensors fused into W (one entry when not fused)."""
+
+    def __init__(self, in_features: int, splits: list[int], bias: bool, dtype: torch.dtype, device):
+        super().__init__()
+        self.splits = tuple(splits)
+        self.weight = empty_param(sum(splits), in_features, dtype=dtype, device=device)
+        self.bias = empty_param(sum(splits), dtype=dtype, device=device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dispatch.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, device):
+        super().__init__()
+        self.weight = empty_param(vocab_size, hidden_size, dtype=dtype, device=device)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device):
+        super().__init__()
+        self.eps = eps
+        self.weight = empty_param(hidden_size, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Without residual: norm(x). With it: (norm(x + residual), x + residual), Hugging Face's rounding."""
+        return dispatch.rms_norm(x, self.weight, self.eps, residual)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """[head_dim / 2] fp32 inverse frequencies, with linear or llama3 scaling applied."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between blended smoothly.
+    old_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_len / scaling.low_freq_factor
+    high_freq_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    slowed = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    blend = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - blend) * slowed / scaling.factor + blend * slowed
+    in_band = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(in_band, blended, slowed)
+
+
+def build_cos_sin_cache(head_dim: int, max_positions: int, theta: float, scaling: RopeScaling | None,
+                        device=None) -> torch.Tensor:
+    """[max_positions, head_dim] fp32: cos of each position's angles in the first half, sin in the second."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    return torch.cat((angles.cos(), angles.sin()), dim=-1).to(device)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over the paged KV cache: decodes go to the decode kernel, chunks to the prefill one."""
+
+    def __init__(self, arch, dtype: torch.dtype, device):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (arch.num_attention_heads, arch.num_key_value_heads,
+                                                            arch.head_dim)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = Linear(arch.hidden_size, [self.q_size, self.kv_size, self.kv_size], arch.qkv_bias,
+                               dtype, device)
+        self.o_proj = Linear(self.q_size, [arch.hidden_size], arch.o_bias, dtype, device)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, cos_sin_cache: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H], kv_cache [2, N, B, Hk, D] -> [T, H]."""
+        T = hidden.shape[0]
+        # 1. Project; q, k, v stay strided views of one buffer (the kernels take row strides).
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        # 2. Rotate q and k, and write this step's k and v into the cache: attention reads them from there.
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        dispatch.apply_rotary_and_write_kv(positions, q, k, v, k_cache, v_cache, meta.slot_mapping, cos_sin_cache)
+        # 3. Attend: decode tokens first (one per sequence), then the prefill chunks.
+        out = torch.empty(T, self.num_heads, self.head_dim, dtype=hidden.dtype, device=hidden.device)
+        nd = meta.num_decode_tokens
+        if nd > 0:
+            dispatch.paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
+                                            meta.decode_seq_lens, self.scale, out=out[:nd])
+        if meta.num_prefills > 0:
+            dispatch.paged_prefill_attention(q[nd:], k_cache, v_cache, meta.prefill_block_tables,
+                                             meta.prefill_cu_query_lens, meta.prefill_seq_lens, self.scale,
+                                             out=out[nd:])
+        # 4. Back to the residual stream.
+        return self.o_proj(out.view(T, self.q_size))
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), with gate and up fused into one projection."""
+
+    def __init__(self, arch, dtype: torch.dtype, device):
+        super().__init__()
+        inter = arch.intermediate_size
+        self.gate_up_proj = Linear(arch.hidden_size, [inter, inter], arch.mlp_bias, dtype, device)
+        self.down_proj = Linear(inter, [arch.hidden_size], arch.mlp_bias, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(dispatch.silu_and_mul(self.gate_up_proj(x)))

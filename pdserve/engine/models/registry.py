@@ -1,0 +1,21 @@
+"""Which class serves which `architectures` entry of config.json. Torch-free to import: classes load on demand."""
+from __future__ import annotations
+
+import importlib
+
+from pdserve.wire.errors import CheckpointError
+
+_MODELS = {  # architecture -> (module, class)
+    "LlamaForCausalLM": ("pdserve.engine.models.llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("pdserve.engine.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("pdserve.engine.models.llama", "LlamaForCausalLM"),
+}
+SUPPORTED_ARCHITECTURES = tuple(_MODELS)
+
+
+def get_model_class(architecture: str):
+    if architecture not in _MODELS:
+        raise CheckpointError(f"architecture {architecture!r} is not supported "
+                              f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    module, name = _MODELS[architecture]
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,55 @@
+"""KV data planes: one-sided writes of a layer's blocks into the blocks a peer reserved, chosen by
+`kv_connector`.
+
+    tcp       the bytes travel as signed frame bodies on the control link and the consumer's link thread
+              writes them into its cache (CPU, tests; any device works, through host memory).
+    cuda_ipc  GPUs of one host: the consumer exports its whole KV cache once (CUDA IPC handle, in its
+              handshake); the producer maps it and, after each layer, one kernel copies that layer's blocks
+              into the peer's memory (NVLink between GPUs, the same HBM when both processes share a GPU). The
+              GPU default.
+    nixl      NIXL (UCX inside: NVLink on one host, RDMA across hosts): the consumer registers its cache
+              and hands over its agent metadata at handshake; the producer WRITEs each layer as a few large
+              descriptors (runs of consecutive blocks), posted by a sender thread once the layer is computed.
+The consumer's host does nothing per layer on either plane: it hears one `Done` per request.
+"""
+
+from __future__ import annotations
+
+from pdserve.engine.config import KV_CONNECTORS
+from pdserve.kvconnector.transport.base import (
+    DataPlane,
+    DataPlaneConfig,
+    Fence,
+    PeerWrites,
+    dtype_name,
+    torch_dtype,
+)
+
+
+def create_data_plane(name: str, config: DataPlaneConfig, caches) -> DataPlane:
+    """caches: the engine's per-layer [2, N, block_size, kv_heads, head_dim] tensors."""
+    if name == "tcp":
+        from pdserve.kvconnector.transport.tcp import TcpDataPlane
+
+        return TcpDataPlane(config, caches)
+    if name == "cuda_ipc":
+        from pdserve.kvconnector.transport.cuda_ipc import CudaIpcDataPlane
+
+        return CudaIpcDataPlane(config, caches)
+    if name == "nixl":
+        from pdserve.kvconnector.transport.nixl import NixlDataPlane
+
+        return NixlDataPlane(config, caches)
+    raise ValueError(f"kv_connector must be one of {', '.join(KV_CONNECTORS)}, got {name!r}")
+
+
+__all__ = [
+    "DataPlane",
+    "DataPlaneConfig",
+    "Fence",
+    "PeerWrites",
+    "KV_CONNECTORS",
+    "create_data_plane",
+    "dtype_name",
+    "torch_dtype",
+]

@@ -1,0 +1,293 @@
+"""cuda_ipc data plane: the producer writes straight into the consumer's KV cache, mapped over CUDA IPC.
+
+Fabric: GPUs of one host. Between two GPUs the copy kernel's stores cross NVLink (or PCIe) as peer writes;
+when both processes share one GPU they are plain stores into the same HBM.
+
+Consumer: exports its whole cache once (`local_info`: the IPC handle of the cache's allocation, offsets,
+layout) and sends it only in its answer to a handshake whose frame carried a valid MAC (the trust boundary: a
+peer holding the mapping can write anywhere in our cache, not only into the blocks it was given).
+Producer, per layer, on the forward thread: record the compute stream's position, make the copy stream wait
+for it, launch one `copy_blocks` on the copy stream (local blocks -> the peer's reserved blocks, every request
+of the step for that peer at once). A fence is a blocking-sync event on the copy stream: its waiter sleeps, no
+spinning. The next step's forward waits for the copy stream first, because the engine frees a prefilled
+request's blocks at once and a later step may reuse them (the wait costs at most the last layer's copy).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from pdserve.kernels.block_copy import BlockCopier
+from pdserve.kvconnector.transport.base import (
+    DataPlane,
+    DataPlaneConfig,
+    Fence,
+    PeerWrites,
+    dtype_name,
+    torch_dtype,
+)
+from pdserve.wire.frames import Handshake
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_WORDS = 1024
+DEFAULT_COALESCE_BYTES = 8 << 20  # 4 blocks of Llama-8B's KV (all layers): ~25 us over NVLink
+
+
+class _EventFence(Fence):
+    def __init__(self, event: torch.cuda.Event, last_compute: Optional[torch.cuda.Event]):
+        self.event, self.last_compute = event, last_compute
+
+    def wait(self) -> None:
+        self.event.synchronize()  # blocking-sync event: the thread sleeps with the GIL released
+
+    def exposed_s(self) -> Optional[float]:
+        if self.last_compute is None:
+            return None
+        return max(self.last_compute.elapsed_time(self.event), 0.0) / 1e3
+
+
+class CudaIpcDataPlane(DataPlane):
+    name = "cuda_ipc"
+
+    def __init__(self, config: DataPlaneConfig, caches: Sequence[torch.Tensor]):
+        super().__init__(config, caches)
+        self.device = self.caches[0].device
+        if self.device.type != "cuda":
+            raise ValueError("kv_connector cuda_ipc needs the KV cache on a CUDA device")
+        self.num_layers = len(self.caches)
+        # kv_connector_extra_config {"copy": "triton" | "torch"}: one Triton launch per layer, or torch's
+        # index_select + index_copy_ (two launches through the C++ dispatcher, a local staging copy between)
+        self.copy = str(config.extra.get("copy", "triton"))
+        if self.copy not in ("triton", "torch"):
+            raise ValueError(f'cuda_ipc "copy" must be triton or torch, got {self.copy!r}')
+        # {"block_words": n}: words each copy program moves (kernels.block_copy.BlockCopier). 1024 (8 KiB, a
+        # quarter of a Llama-8B block) put more stores in flight than a whole block per program: 3-8% faster
+        # pushes on 2x H200 (bench/results/kv_transfer-h200-20261127-launch2.log)
+        self.block_words = int(config.extra.get("block_words", DEFAULT_BLOCK_WORDS))
+        # {"coalesce_bytes": n}: a step's writes to a peer of at most n bytes (all layers) skip the per-layer
+        # launches and go as one launch over every layer after the last one. Their exposed copy is then the
+        # whole write (n / link speed: 25 us for the default over NVLink), and the forward thread saves 31
+        # launches; larger writes go layer by layer, exposing only the last layer's copy. 0: never coalesce.
+        self.coalesce_bytes = int(config.extra.get("coalesce_bytes", DEFAULT_COALESCE_BYTES))
+        first = self.caches[0]
+        self.block_bytes_all_layers = first[:, :1].numel() * first.element_size() * self.num_layers
+        self._stacked = stacked_layers(self.caches)  # every layer as one [2L, N, *blk] view, or None
+        # high priority: a layer's copy is small and must not queue behind the next layers' compute kernels
+        self._stream = torch.cuda.Stream(self.device, priority=-1)
+        self._stream_handle = self._stream.cuda_stream
+        self._compute = torch.cuda.current_stream(self.device)  # the forward's stream, read at each stage
+        self._ready = [torch.cuda.Event() for _ in self.caches]  # reused each step: a wait captures the state
+        self._copied: Optional[torch.cuda.Event] = None  # the copy stream after the last step's writes
+        self._wrote = False  # this step launched copies
+        self._retired: list = []  # mappings of closed links, released once the copy stream is past them
+        self._retiring: list[tuple[torch.cuda.Event, list]] = []
+        self._last_compute: Optional[torch.cuda.Event] = None  # timing event: the last layer computed
+        self._load_copy_kernel()  # last: it needs the copy stream
+
+    def _load_copy_kernel(self) -> None:
+        """Compile the copy kernel (or load it from Triton's cache) at node start, not in the first request's
+        forward: one copy of block 0 onto itself, with ids allocated apart (16-byte aligned, as stage() makes
+        them), so the specialisation is the one every copier of this layout uses."""
+        if self.copy != "triton" or self.caches[0].shape[1] == 0:
+            return
+        try:  # only an optimisation: a failure here leaves the first real launch to compile it
+            with torch.cuda.device(self.device):
+                src_ids, dst_ids = (torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(2))
+                self._stream.wait_stream(
+                    torch.cuda.current_stream(self.device)
+                )  # after the cache's zero fill
+                copier = BlockCopier(self.caches[0], self.caches[0], self.block_words)
+                copier(src_ids, dst_ids, self._stream_handle)
+                self._stream.synchronize()
+        except Exception:
+            log.warning("cuda_ipc: loading the copy kernel at start failed", exc_info=True)
+
+    # ---- consumer: export ----------------------------------------------------------------------------------
+    def local_info(self) -> dict:
+        first = self.caches[0]
+        storage = first.untyped_storage()
+        ipc = list(
+            storage._share_cuda_()
+        )  # device, handle, size, offset, refcount file + offset, event, sync
+        elem = first.element_size()
+        return {
+            "host": os.uname().nodename,
+            "ipc": ipc,
+            "dtype": dtype_name(first.dtype),
+            "shape": list(first.shape),
+            "stride": list(first.stride()),
+            "layer_offsets": [c.storage_offset() * elem for c in self.caches],
+        }
+
+    # ---- producer: map -------------------------------------------------------------------------------------
+    def check_peer(self, ours: Handshake, theirs: Handshake) -> str:
+        """Producer side only: the consumer never touches the producer's GPU."""
+        if ours.role == "kv_consumer":
+            return ""
+        info = theirs.data_plane or {}
+        if theirs.role == "kv_consumer" and info.get("host") not in (None, os.uname().nodename):
+            return f"cuda_ipc needs both nodes on one host (peer on {info.get('host')!r})"
+        if theirs.device_uuid and peer_device_index(theirs.device_uuid) is None:
+            return (
+                f"the peer's GPU {theirs.device_uuid} is not visible to this process: CUDA_VISIBLE_DEVICES "
+                f"must list every GPU of the nodes this one exchanges KV with"
+            )
+        index = peer_device_index(theirs.device_uuid) if theirs.device_uuid else None
+        if (
+            index is not None
+            and index != self.device.index
+            and not torch.cuda.can_device_access_peer(self.device, index)
+        ):
+            return f"GPU {self.device} cannot access the peer's GPU {index} (no P2P path)"
+        return ""
+
+    def open(self, link, ours: Handshake, theirs: Handshake, producer: bool) -> None:
+        if producer:
+            peer = self._map(theirs.data_plane)
+            link.state["peer_cache"] = peer
+            link.state["copiers"] = [
+                self._copier(src, dst) for src, dst in zip(self.caches, peer, strict=False)
+            ]
+            peer_stacked = stacked_layers(peer)
+            if self._stacked is not None and peer_stacked is not None and self.copy == "triton":
+                link.state["all_layers"] = BlockCopier(self._stacked, peer_stacked, self.block_words)
+
+    def _copier(self, src: torch.Tensor, dst: torch.Tensor):
+        if self.copy == "triton":
+            return BlockCopier(src, dst, self.block_words)
+        src_w, dst_w = src.flatten(2).view(torch.int64), dst.flatten(2).view(torch.int64)
+        return lambda src_ids, dst_ids: dst_w.index_copy_(1, dst_ids, src_w.index_select(1, src_ids))
+
+    def _map(self, info: dict) -> list[torch.Tensor]:
+        """The peer's per-layer caches as tensors of this process, on our device (peer access is enabled by
+        opening the handle here: CUDA maps the peer GPU's memory into our device's address space)."""
+        device, handle, size, offset, ref_handle, ref_offset, event, sync = info["ipc"]
+        storage = torch.UntypedStorage._new_shared_cuda(
+            self.device.index, handle, size, offset, ref_handle, ref_offset, event, sync
+        )
+        dtype, elem = torch_dtype(info["dtype"]), torch_dtype(info["dtype"]).itemsize
+        layers = []
+        for byte_offset in info["layer_offsets"]:
+            t = torch.empty(0, dtype=dtype, device=self.device)
+            t.set_(storage, byte_offset // elem, info["shape"], info["stride"])
+            layers.append(t)
+        ours = self.caches[0]
+        if len(layers) != self.num_layers or (layers[0].shape[0], *layers[0].shape[2:]) != (
+            ours.shape[0],
+            *ours.shape[2:],
+        ):
+            raise ValueError(f"the peer's cache {tuple(layers[0].shape)} x {len(layers)} does not fit ours")
+        return layers
+
+    def close_link(self, link) -> None:
+        """Any thread. The mapping is not dropped here: copies the forward thread launched into it may still
+        be queued, and unmapping under them would fault this process's context. begin_step retires it."""
+        self._retired.append(
+            (
+                link.state.pop("copiers", None),
+                link.state.pop("all_layers", None),
+                link.state.pop("peer_cache", None),
+            )
+        )
+
+    # ---- producer: the forward thread ----------------------------------------------------------------------
+    def begin_step(self) -> None:
+        if self._copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._copied)
+            self._copied = None
+        if self._retired or self._retiring:
+            self._retire_mappings()
+
+    def _retire_mappings(self) -> None:
+        """Forward thread (the only one that launches copies): drop mappings once the copy stream has passed
+        every copy launched before their link closed, so a dead peer's memory is let go (its GPU needs it
+        back)."""
+        if self._retired:
+            retired, self._retired = self._retired, []
+            passed = torch.cuda.Event()
+            passed.record(self._stream)
+            self._retiring.append((passed, retired))
+        self._retiring = [(ev, maps) for ev, maps in self._retiring if not ev.query()]
+
+    def stage(self, writes: PeerWrites) -> None:
+        n = writes.num_blocks
+        width = n + (
+            n & 1
+        )  # an even row keeps the destination ids 16-byte aligned (the copier's direct launch)
+        flat = [b for s in writes.src for b in s] + [0] * (width - n)
+        flat += [b for d in writes.dst for b in d] + [0] * (width - n)
+        ids = torch.tensor(flat, dtype=torch.int64).pin_memory().to(self.device, non_blocking=True)
+        ids.record_stream(self._stream)  # read by the copy stream, possibly after the step has let go of it
+        coalesce = (
+            "all_layers" in writes.link.state and n * self.block_bytes_all_layers <= self.coalesce_bytes
+        )
+        # source ids, destination ids (every request of the peer), and whether to copy all layers at once
+        writes.staged = (ids[:n], ids[width : width + n], coalesce)
+        self._compute = torch.cuda.current_stream(self.device)
+
+    def write_layer(self, writes: PeerWrites, layer: int) -> None:
+        copiers = writes.link.state.get("copiers")
+        if copiers is None or writes.link.closed or not writes.num_blocks:
+            return
+        src_ids, dst_ids, coalesce = writes.staged
+        last = layer == self.num_layers - 1
+        if coalesce and not last:
+            return  # copied with every other layer after the last one
+        if last:  # a fresh timing event: fences measure the exposed copy against it
+            ready = self._last_compute = torch.cuda.Event(enable_timing=True)
+        else:
+            ready = self._ready[layer]
+        ready.record(self._compute)
+        self._stream.wait_event(ready)
+        if coalesce:
+            copier = writes.link.state.get("all_layers")
+            if copier is None:  # the link closed since stage(): nothing may be written into it now
+                return
+            copier(src_ids, dst_ids, self._stream_handle)
+        elif self.copy == "triton":  # launched on the copy stream by handle: no stream switch on this thread
+            copiers[layer](src_ids, dst_ids, self._stream_handle)
+        else:
+            with torch.cuda.stream(self._stream):
+                copiers[layer](src_ids, dst_ids)
+        self._wrote = True
+
+    def end_step(self) -> None:
+        if (
+            self._wrote
+        ):  # the next forward waits for these copies (see begin_step), even after a failed forward
+            self._wrote = False
+            self._copied = torch.cuda.Event()
+            self._copied.record(self._stream)
+
+    def fence(self, link) -> Fence:
+        event = torch.cuda.Event(blocking=True, enable_timing=True)
+        event.record(self._stream)
+        return _EventFence(event, self._last_compute)
+
+
+def stacked_layers(layers: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Per-layer caches [P, N, *blk] lying back to back in one allocation (the engine's [L, P, N, *blk]) as
+    one [L * P, N, *blk] view, so one copy launch can cover every layer; None when they do not."""
+    first = layers[0]
+    nbytes = first.numel() * first.element_size()
+    for i, t in enumerate(layers):
+        if not t.is_contiguous() or t.shape != first.shape or t.data_ptr() != first.data_ptr() + i * nbytes:
+            return None
+    whole = torch.empty(0, dtype=first.dtype, device=first.device)
+    whole.set_(
+        first.untyped_storage(), first.storage_offset(), (len(layers) * first.shape[0], *first.shape[1:])
+    )
+    return whole
+
+
+def peer_device_index(uuid: str) -> Optional[int]:
+    """The local index of the GPU with this UUID, None when this process cannot see it."""
+    for i in range(torch.cuda.device_count()):
+        if str(torch.cuda.get_device_properties(i).uuid) == uuid:
+            return i
+    return None
