@@ -39,7 +39,9 @@ def _write_kv_cache_kernel(
     dims = tl.arange(0, D)
     for h0 in range(0, Hk, BLOCK_H):
         h = h0 + heads
-        mask = (h[:, None] < Hk) & (slot >= 0)
+        # One comparison, not `(h < Hk) & (slot >= 0)`: a block mask and-ed with a scalar bool comes out int32
+        # under triton 3.9's interpreter, which then refuses it as a mask.
+        mask = h[:, None] < tl.where(slot >= 0, Hk, 0)
         k = tl.load(key_ptr + tok * stride_kt + h[:, None] * stride_kh + dims[None, :], mask=mask)
         v = tl.load(value_ptr + tok * stride_vt + h[:, None] * stride_vh + dims[None, :], mask=mask)
         dst = blk * stride_cn + off * stride_cb + h[:, None] * stride_ch + dims[None, :]

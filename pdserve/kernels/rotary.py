@@ -51,9 +51,11 @@ def _rotate_heads(
         tl.store(p1, o1, mask=mask)
         tl.store(p1 + HALF, o2, mask=mask)
         if WRITE:
+            # One comparison, not `mask & do_write`: kv_cache_write.py says why.
+            write_mask = h[:, None] < tl.where(do_write, num_heads, 0)
             c1 = cache_ptr + blk * stride_cn + off * stride_cb + h[:, None] * stride_ch + dims[None, :]
-            tl.store(c1, o1.to(cache_ptr.dtype.element_ty), mask=mask & do_write)
-            tl.store(c1 + HALF, o2.to(cache_ptr.dtype.element_ty), mask=mask & do_write)
+            tl.store(c1, o1.to(cache_ptr.dtype.element_ty), mask=write_mask)
+            tl.store(c1 + HALF, o2.to(cache_ptr.dtype.element_ty), mask=write_mask)
 
 
 @triton.jit
@@ -137,7 +139,7 @@ def _rotary_kernel(
         full = tl.arange(0, 2 * HALF)
         for h0 in range(0, Hk, BLOCK_H):
             h = h0 + heads
-            mask = (h[:, None] < Hk) & do_write
+            mask = h[:, None] < tl.where(do_write, Hk, 0)  # one comparison: kv_cache_write.py says why
             v = tl.load(v_ptr + tok * stride_vt + h[:, None] * stride_vh + full[None, :], mask=mask)
             dst = v_cache_ptr + blk * stride_cn + off * stride_cb + h[:, None] * stride_ch + full[None, :]
             tl.store(dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
