@@ -8,22 +8,36 @@ PORT ?= 8000
 # pytest-xdist is not used: the suite starts its own processes and 2 cores are all CI has.
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint fmt serve model redis clean
+LOCK := requirements-cpu.lock
+# The lock's writer, pinned, in a venv of its own so that it never changes what the tests run with.
+PIP_TOOLS := pip-tools==7.7.0
+LOCK_VENV := .venv-lock
+
+.PHONY: venv test lint fmt serve model redis clean lock
 
 venv: $(STAMP)
 
-# Without a GPU, pin torch to the CPU wheel on local disk (an unpinned torch pulls a multi-GB CUDA build).
-# With one, reuse the machine's torch through system site-packages.
-$(STAMP): pyproject.toml requirements-cpu.txt
+# Without a GPU: exactly the lock (torch's CPU build among it, from the wheel on local disk; an unpinned torch
+# pulls a multi-GB CUDA build), then pdserve itself, editable, adding nothing. With one: the machine's torch
+# through system site-packages, and pyproject's ranges for the rest.
+$(STAMP): pyproject.toml $(LOCK)
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		$(PY) -m venv --system-site-packages $(VENV) && \
 		$(BIN)/pip install -q -e '.[test]'; \
 	else \
 		$(PY) -m venv $(VENV) && \
-		$(BIN)/pip install -q -r requirements-cpu.txt && \
-		$(BIN)/pip install -q -c requirements-cpu.txt -e '.[test]'; \
+		$(BIN)/pip install -q -r $(LOCK) && \
+		$(BIN)/pip install -q --no-deps -e . && \
+		$(BIN)/pip check; \
 	fi
 	@touch $(STAMP)
+
+# Rewrite the lock from pyproject.toml's ranges (and its test extra) and requirements-cpu.in, taking the newest
+# versions they admit. Run `make test` on the new lock before committing it.
+lock:
+	@test -x $(LOCK_VENV)/bin/pip-compile || { $(PY) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q $(PIP_TOOLS); }
+	$(LOCK_VENV)/bin/pip-compile --quiet --upgrade --extra test --strip-extras --no-emit-find-links \
+		--no-emit-index-url --no-emit-trusted-host --output-file $(LOCK) pyproject.toml requirements-cpu.in
 
 # Redis for the routing tests: Debian's package; the tests start their own server on a free loopback port.
 redis:
@@ -51,4 +65,4 @@ serve: $(STAMP) $(MODEL)/config.json
 	$(BIN)/pdserve up --prefill 1 --decode 1 --model $(MODEL) --port $(PORT)
 
 clean:
-	rm -rf $(VENV) models
+	rm -rf $(VENV) $(LOCK_VENV) models
