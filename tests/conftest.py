@@ -9,6 +9,9 @@ if not shutil.which("nvidia-smi"):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The oracle is transformers' own modeling code: since 5.25 it swaps in Hugging Face hub kernels by default
+# when their distribution is installed (tests/test_distribution.py covers that default on its own).
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
 import pytest  # noqa: E402
 
