@@ -263,8 +263,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tokenizer",
         default="",
-        help="model folder with tokenizer.json: token ids from its "
-        "vocabulary, and chat prompts decoded to text",
+        help="a model folder with tokenizer.json (or a Hugging Face hub id in the local cache): token ids "
+        "from its vocabulary, and chat prompts decoded to text",
     )
     p.add_argument("--api-key", default="", help="bearer token (default: $OPENAI_API_KEY)")
     w = p.add_argument_group("workload")

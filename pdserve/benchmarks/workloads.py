@@ -151,10 +151,16 @@ def _positive(**values: int) -> None:
 
 
 def load_tokenizer(path: Optional[str]):
-    """tokenizers.Tokenizer from a model folder (or a tokenizer.json), or None without a path."""
+    """tokenizers.Tokenizer from a model folder (or a tokenizer.json, or a Hugging Face hub id in the local
+    cache), or None without a path."""
     if not path:
         return None
     from tokenizers import Tokenizer
+
+    from pdserve.wire.model_source import resolve_model
+
+    if not os.path.exists(path):  # an existing file or folder wins over a hub id of the same spelling
+        path = resolve_model(path, "--tokenizer")
 
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):

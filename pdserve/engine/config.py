@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 from pdserve.wire.errors import ConfigError
+from pdserve.wire.model_source import resolve_model
 from pdserve.wire.serving_flags import json_object_flag
 
 KV_CONNECTORS = ("tcp", "cuda_ipc", "nixl")  # the data planes kvconnector.transport implements
@@ -145,7 +146,9 @@ class EngineConfig:
 
     @classmethod
     def create(cls, model: str, **kwargs) -> "EngineConfig":
-        """Flat keyword arguments (vLLM's names, underscores) -> nested config, validated."""
+        """Flat keyword arguments (vLLM's names, underscores) -> nested config, validated. `model` is a folder
+        or a Hugging Face hub id in the local cache (resolved to its snapshot folder here)."""
+        model = resolve_model(model, "model")
         groups = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
         parts: dict[str, dict] = {name: {} for name in groups}
         top: dict = {}
@@ -198,7 +201,11 @@ def _kv_transfer_config(value) -> KVTransferConfig:
 def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
     """The node flags, named as vLLM names them."""
     g = parser.add_argument_group("engine")
-    g.add_argument("--model", required=model_required, help="HF checkpoint folder")
+    g.add_argument(
+        "--model",
+        required=model_required,
+        help="the checkpoint: a folder or a Hugging Face hub id in the local cache (org/name; offline)",
+    )
     g.add_argument(
         "--dtype",
         default="auto",
@@ -224,7 +231,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig.create(
-        model=args.model,
+        model=resolve_model(args.model, "--model"),
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         seed=args.seed,

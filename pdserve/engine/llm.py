@@ -1,4 +1,5 @@
-"""The offline API, shaped like vLLM's: `LLM(model=DIR, ...).generate(prompts, SamplingParams(...))`."""
+"""The offline API, shaped like vLLM's: `LLM(model=DIR, ...).generate(prompts, SamplingParams(...))`; `model`
+is a folder or a Hugging Face hub id in the local cache (`org/name`, looked up offline)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """`pdserve up`: a whole local cluster (N prefill nodes, M decode nodes, one proxy) as separate processes.
 
-    pdserve up --prefill 1 --decode 1 [--model DIR] [--redis-url URL] [--port 8000] [--host 127.0.0.1]
+    pdserve up --prefill 1 --decode 1 [--model DIR|ORG/NAME] [--redis-url URL] [--port 8000] [--host HOST]
 
 Steps:
- 1. Without --model, write the tiny random-weight Llama (tools.make_model) into a temporary folder.
+ 1. Without --model, write the tiny random-weight Llama (tools.make_model) into a temporary folder. A hub id
+    (org/name) is resolved here, once, to its folder in the local Hugging Face cache; children get the folder.
  2. Place the nodes: CPU when no GPU is visible; on one GPU every node shares it (--gpu-memory-utilization
     split between them); with several GPUs nodes get their own, round robin. On GPUs KV moves over cuda_ipc
     (one-sided writes into the decode node's mapped cache): each node's CUDA_VISIBLE_DEVICES lists its own GPU
@@ -44,6 +45,7 @@ from typing import Optional
 from pdserve.launch.gpus import own_gpu_first, visible_gpus
 from pdserve.node_runtime.node_cli import READY_LINE
 from pdserve.wire.errors import ConfigError, PdserveError
+from pdserve.wire.model_source import resolve_model_flag
 from pdserve.wire.node_messages import NodeRole
 
 
@@ -109,6 +111,9 @@ class Cluster:
     # ---- 1. model ------------------------------------------------------------------------------------------
     def model(self) -> str:
         if self.args.model:
+            # Resolved once, here: every child gets the snapshot folder (the same one, even if the cache's
+            # refs move meanwhile), and a hub id is the served name unless --served-model-name gives one.
+            resolve_model_flag(self.args)
             if not os.path.isdir(self.args.model):
                 raise ConfigError(f"--model {self.args.model!r} is not a folder")
             return self.args.model
@@ -421,7 +426,12 @@ def register_cli(subparsers) -> None:
         "--prefill", type=int, default=1, help="prefill nodes (0: decode nodes prefill themselves)"
     )
     p.add_argument("--decode", type=int, default=1, help="decode nodes")
-    p.add_argument("--model", default=None, help="checkpoint folder (default: write the tiny llama)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="the checkpoint: a folder or a Hugging Face hub id in the local cache (org/name; offline); "
+        "default: write the tiny llama",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="the proxy's port")
     p.add_argument("--redis-url", default="", help="keep the proxy's prefix index in Redis")
@@ -437,7 +447,8 @@ def register_cli(subparsers) -> None:
         nargs="+",
         default=[],
         metavar="NAME",
-        help="the model's name(s), for every process",
+        help="the model's name(s), for every process (default: the --model folder's name, or the hub id "
+        "as given)",
     )
     p.add_argument(
         "--shutdown-timeout",

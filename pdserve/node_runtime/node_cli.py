@@ -64,7 +64,8 @@ def add_node_args(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         metavar="NAME",
-        help="the model's name(s); the first is model_name on vllm:* metrics (default: the --model folder)",
+        help="the model's name(s); the first is model_name on vllm:* metrics (default: the --model folder's "
+        "name, or the hub id as given)",
     )
     g.add_argument(
         "--max-logprobs",
@@ -162,10 +163,12 @@ def run_node(args: argparse.Namespace, default_role: str) -> int:
     from pdserve.engine.config import engine_config_from_args
     from pdserve.node_runtime.node_options import NodeOptions
     from pdserve.node_runtime.node_server import NodeServer
+    from pdserve.wire.model_source import resolve_model_flag
 
     check_node_args(args)
     kv_events = kv_events_config(args.kv_events_config, args.host)
     args.kv_transfer_config = kv_transfer_json(args, default_role)
+    resolve_model_flag(args)  # a hub id -> its cached folder (and the served name, unless one is given)
     config = engine_config_from_args(args)
     options = NodeOptions(
         host=args.host,

@@ -1,6 +1,6 @@
 """`pdserve proxy`: the OpenAI-compatible front door over prefill and decode nodes.
 
-    pdserve proxy --model DIR --node tcp://127.0.0.1:7101 --node tcp://127.0.0.1:7201 [--port 8000]
+    pdserve proxy --model DIR|ORG/NAME --node tcp://127.0.0.1:7101 --node tcp://127.0.0.1:7201 [--port 8000]
                   [--redis-url redis://127.0.0.1:6379/0] [--routing cache_aware|round_robin] [--api-key KEY]
 
 `--node` names a node's *events* endpoint; the node announces its role, rpc and http endpoints in heartbeats.
@@ -15,13 +15,19 @@ import os
 from pdserve.proxy.config import ProxyConfig, RouterConfig
 from pdserve.wire.errors import ConfigError
 from pdserve.wire.frames import resolve_secret
+from pdserve.wire.model_source import resolve_model_flag
 from pdserve.wire.serving_flags import check_shared_serving_flags
 
 log = logging.getLogger(__name__)
 
 
 def add_proxy_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint folder (tokenizer, chat template, config.json)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="the checkpoint (tokenizer, chat template, config.json): a folder or a Hugging Face hub id in "
+        "the local cache (org/name; offline)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -54,7 +60,7 @@ def add_proxy_args(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME",
         help="the model name(s) clients may use; the first is the one responses and metrics carry "
-        "(default: folder name)",
+        "(default: the --model folder's name, or the hub id as given)",
     )
     p.add_argument(
         "--max-logprobs", type=int, default=20, help="most logprobs a request may ask for (0..20, -1 = 20)"
@@ -105,6 +111,7 @@ def add_proxy_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
+    resolve_model_flag(args)  # a hub id -> its cached folder (and the served name, unless one is given)
     if not os.path.isdir(args.model):
         raise ConfigError(f"--model {args.model!r} is not a folder")
     if args.max_seqs_per_request < 1 or args.max_seqs_per_key < args.max_seqs_per_request:

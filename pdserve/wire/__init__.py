@@ -8,4 +8,5 @@ hashing.py        chained block hashes, one function for the proxy and the engin
 replay.py         replay guard for ZMQ frames;  curve.py  ZMQ CURVE;  bind.py  where sockets bind
 sampling_params.py, tokenizer.py, detokenizer.py   what a request asks for, and text <-> token ids
 errors.py         errors a user can act on
+model_source.py   --model as a folder or a Hugging Face hub id in the local cache (offline)
 """
