@@ -3,7 +3,7 @@ with the skinny linear again; per-step time as the runner drives it, the replay 
 profile at batch 1 (GPU only).
 
   python bench/decode_ab.py models/bench/llama-3.1-8b     # a checkpoint bench/engine.py wrote
-Logged: bench/results/decode_ab-h100-20261123.log
+Logged: bench/results/logs/decode_ab-h100-20261123.log.gz
 """
 
 from __future__ import annotations

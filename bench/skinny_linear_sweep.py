@@ -6,7 +6,7 @@ graphs), each printed beside the device-copy bandwidth measured in the same run.
 compared with cuBLAS's. Prints a table; the chosen config is then written into `skinny_linear._blocks` by
 hand.
 
-  python bench/skinny_linear_sweep.py > bench/results/skinny_linear-<device>-<YYYYMMDD>.log
+  python bench/skinny_linear_sweep.py | gzip -9n > bench/results/logs/skinny_linear-<device>-<YYYYMMDD>.log.gz
 """
 
 from __future__ import annotations

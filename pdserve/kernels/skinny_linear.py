@@ -2,7 +2,7 @@
 
 At batch 1 a decode step is a stream of weight bytes. cuBLAS's tiles for M=1 leave part of the bandwidth
 unused (H100, Llama-8B shapes, weights rotated past L2, in CUDA graphs: o_proj 4096x4096 16.6 us = 2.0 TB/s,
-lm_head 372 us = 2.8 TB/s; `bench/results/skinny_linear-h100-20261123.log`). Here each program owns
+lm_head 372 us = 2.8 TB/s; `bench/results/logs/skinny_linear-h100-20261123.log.gz`). Here each program owns
 BLOCK_N output features and streams their rows of W along K once, for all rows of x at once (x is tiny and
 stays in cache); BLOCK_N=32 x BLOCK_K=512 tiles, 3 stages deep, keep enough bytes in flight: o_proj 14.5 us,
 lm_head 340 us. Products accumulate in fp32 (tl.dot on 16-row tiles, the padding rows masked) and the result

@@ -6,7 +6,6 @@ GPU machines have no openai package)."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import time
@@ -69,24 +68,28 @@ def test_first_request_after_ready_is_warm(tmp_path_factory):
                 phases.append(json.loads(r.headers.get("x-pdserve-timings", "{}")))  # where time went
         record = {
             "test": "first request after /health 200 vs the tenth",
-            "date": datetime.date.today().isoformat(),
-            "device": _device(),
             "seconds": [round(s, 4) for s in seconds],
             "first_over_tenth": round(seconds[0] / seconds[9], 3),
             "server_phases_first_and_tenth": [phases[0], phases[9]],
         }
         print(json.dumps(record))
-        out = os.environ.get("PDSERVE_RESULTS_DIR")
-        if out:
-            path = os.path.join(out, f"warmup-{record['device']}-{record['date'].replace('-', '')}.json")
-            with open(path, "w") as f:
-                json.dump(record, f, indent=2)
+        if os.environ.get("PDSERVE_RESULTS_DIR"):
+            write_warmup_results(os.environ["PDSERVE_RESULTS_DIR"], seconds, phases)
         assert seconds[0] <= 1.5 * seconds[9], record
     finally:
         cluster.stop()
 
 
-def _device() -> str:
-    import torch
+def write_warmup_results(out: str, seconds: list[float], phases: list[dict]) -> None:
+    """In bench/results' format (bench/common.py): warmup-<gpu>-<date>.json."""
+    from bench.common import device_results
 
-    return torch.cuda.get_device_name(0).replace(" ", "-") if torch.cuda.is_available() else "cpu"
+    results = device_results("warmup", "cuda", out)
+    shape = {"config": "1P1D", "model": "qwen2.5-0.5b shape", "prompt_tokens": 512, "output_tokens": 32}
+    results.add("first_over_tenth", round(seconds[0] / seconds[9], 3), "x", params={**shape, "goal_max": 1.5})
+    for i, (took, phase) in enumerate(zip(seconds, phases, strict=True), start=1):
+        results.add("request_seconds", round(took, 4), "s", params={"request": i}, quiet=True)
+        for key, value in phase.items():
+            if isinstance(value, (int, float)):
+                params = {"request": i, "phase": key}
+                results.add("server_phase_seconds", value, "s", params=params, quiet=True)

@@ -67,7 +67,7 @@ class CudaIpcDataPlane(DataPlane):
             raise ValueError(f'cuda_ipc "copy" must be triton or torch, got {self.copy!r}')
         # {"block_words": n}: words each copy program moves (kernels.block_copy.BlockCopier). 1024 (8 KiB, a
         # quarter of a Llama-8B block) put more stores in flight than a whole block per program: 3-8% faster
-        # pushes on 2x H200 (bench/results/kv_transfer-h200-20261127-launch2.log)
+        # pushes on 2x H200 (bench/results/logs/kv_transfer-h200-20261127-launch2.log.gz)
         self.block_words = int(config.extra.get("block_words", DEFAULT_BLOCK_WORDS))
         # {"coalesce_bytes": n}: a step's writes to a peer of at most n bytes (all layers) skip the per-layer
         # launches and go as one launch over every layer after the last one. Their exposed copy is then the
