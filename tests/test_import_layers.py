@@ -127,6 +127,34 @@ def test_the_walk_sees_the_imports():
     assert "pdserve.launch.cli" in edges["pdserve.__main__"]
 
 
+# The top-level names the repository installed before everything moved under pdserve/ (now: pdserve.<name>).
+OLD_TOP_LEVEL = set(
+    "wire kernels engine tools kvconnector node_runtime prefill_node decode_node proxy launch".split()
+)
+
+
+def test_no_file_imports_an_old_top_level_name():
+    """`import engine` or `from kernels import ...` would find nothing, or another distribution (Hugging
+    Face's `kernels`). The graph above drops imports it cannot place, so this looks at every statement."""
+    bad = []
+    for path in sorted(
+        [*ROOT.glob("pdserve/**/*.py"), *ROOT.glob("bench/**/*.py"), *ROOT.glob("tests/**/*.py")]
+    ):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            bad += [
+                f"{path.relative_to(ROOT)}:{node.lineno} {n}"
+                for n in names
+                if n.split(".")[0] in OLD_TOP_LEVEL
+            ]
+    assert not bad, "\n".join(bad)
+
+
 def test_every_part_is_layered():
     """A new folder under pdserve/ must be placed in LAYERS (or be unlayered on purpose), or the checks above
     would wave its imports through."""
