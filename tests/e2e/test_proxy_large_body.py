@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.harness.fake_node import FakeNode
-from tests.harness.servers import PY, ROOT, SECRET, free_port, wait_for
+from tests.harness.servers import PY, ROOT, SECRET, free_port, stop_process, wait_for
 
 pytestmark = pytest.mark.slow
 BIG = 10 << 20
@@ -57,12 +57,7 @@ def proxy_proc(tokenizer_dir, tmp_path, request):
         wait_for(lambda: _healthy(url), 60, what="the proxy's /health")
         yield proc, url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
         node.stop()
 

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from tests.harness.nodes import REPO, SECRET, NodeProcess, start_node, wait_healthy
-from tests.harness.servers import PY, free_port, needs_nodes, wait_for
+from tests.harness.servers import PY, free_port, needs_nodes, stop_process, wait_for
 
 pytestmark = [pytest.mark.slow, needs_nodes]
 
@@ -231,12 +231,7 @@ def test_rolling_restart_of_a_decode_node_under_load_loses_no_request(model_dir,
         )
     finally:
         if proxy_proc is not None:
-            proxy_proc.terminate()
-            try:
-                proxy_proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proxy_proc.kill()
-                proxy_proc.wait()
+            stop_process(proxy_proc, 15)
         proxy_log.close()
         for node in nodes:
             node.stop()

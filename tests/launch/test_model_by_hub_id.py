@@ -18,7 +18,7 @@ import pytest
 
 from pdserve.wire.errors import ConfigError
 from tests.harness.hub_cache import HUB_ENV_VARS, hub_env, write_hub_snapshot
-from tests.harness.servers import ROOT, UpCluster, free_port, needs_nodes, running, wait_for
+from tests.harness.servers import ROOT, UpCluster, free_port, needs_nodes, running, stop_process, wait_for
 
 REPO = "pdserve-test/tiny-llama"
 ABSENT = "pdserve-test/not-downloaded"
@@ -169,12 +169,7 @@ def test_proxy_serves_a_hub_id_under_its_name(hf_home, tmp_path):
         assert [m["id"] for m in models["data"]] == [REPO]  # the id typed, as vLLM lists it
         assert models["data"][0]["root"].startswith(snapshot_of(hf_home))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def test_proxy_with_an_id_not_in_the_cache(hf_home):
