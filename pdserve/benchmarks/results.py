@@ -55,7 +55,7 @@ def elapsed() -> float:
 def git_commit() -> str:
     """The checkout's commit (with -dirty for uncommitted changes), or the package's version when it runs from
     an installed copy."""
-    if not os.path.isdir(os.path.join(SOURCE_ROOT, ".git")):
+    if not os.path.exists(os.path.join(SOURCE_ROOT, ".git")):  # a folder, or a file in a worktree
         from importlib.metadata import version
 
         return f"pdserve-{version('pdserve')}"

@@ -231,7 +231,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig.create(
-        model=resolve_model(args.model, "--model"),
+        model=args.model,
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         seed=args.seed,

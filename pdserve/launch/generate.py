@@ -26,8 +26,10 @@ def register_cli(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from pdserve.engine.config import engine_config_from_args
     from pdserve.engine.llm import LLM
+    from pdserve.wire.model_source import resolve_model_flag
     from pdserve.wire.sampling_params import SamplingParams
 
+    resolve_model_flag(args)  # a hub id -> its cached folder, once, as every command does
     config = engine_config_from_args(args)
     params = SamplingParams(
         temperature=args.temperature,
