@@ -9,6 +9,7 @@ import os
 import torch
 
 from pdserve.kernels import block_copy, decode_attention, kv_cache_write, prefill_attention, rotary
+from pdserve.kernels import fused_moe as _moe
 from pdserve.kernels import rms_norm as _rms
 from pdserve.kernels import silu_and_mul as _silu
 from pdserve.kernels import skinny_linear as _skinny
@@ -60,23 +61,70 @@ def silu_and_mul(x):
     return (_silu.silu_and_mul if use_triton(x) else _silu.silu_and_mul_ref)(x)
 
 
+def fused_moe(hidden, w13, w2, topk_weights, topk_ids, out=None):
+    return (_moe.fused_moe if use_triton(hidden) else _moe.fused_moe_ref)(
+        hidden, w13, w2, topk_weights, topk_ids, out
+    )
+
+
 def write_kv_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
     fn = kv_cache_write.write_kv_cache if use_triton(key) else kv_cache_write.write_kv_cache_ref
     fn(key, value, k_cache, v_cache, slot_mapping)
 
 
 def paged_prefill_attention(
-    q, k_cache, v_cache, block_tables, cu_query_lens, seq_lens, scale: float, out=None
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    cu_query_lens,
+    seq_lens,
+    scale: float,
+    out=None,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
 ):
+    """sliding_window and softcap (0: off) are explained in kernels/prefill_attention.py's doc."""
     m = prefill_attention
     fn = m.paged_prefill_attention if use_triton(q) else m.paged_prefill_attention_ref
-    return fn(q, k_cache, v_cache, block_tables, cu_query_lens, seq_lens, scale, out)
+    return fn(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        cu_query_lens,
+        seq_lens,
+        scale,
+        out,
+        sliding_window=sliding_window,
+        softcap=softcap,
+    )
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, out=None):
+def paged_decode_attention(
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    scale: float,
+    out=None,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
+):
     m = decode_attention
     fn = m.paged_decode_attention if use_triton(q) else m.paged_decode_attention_ref
-    return fn(q, k_cache, v_cache, block_tables, seq_lens, scale, out)
+    return fn(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        scale,
+        out,
+        sliding_window=sliding_window,
+        softcap=softcap,
+    )
 
 
 def gather_blocks(cache, block_ids, out=None):
@@ -107,6 +155,7 @@ __all__ = [
     "apply_rotary",
     "apply_rotary_and_write_kv",
     "silu_and_mul",
+    "fused_moe",
     "write_kv_cache",
     "paged_prefill_attention",
     "paged_decode_attention",

@@ -20,6 +20,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from pdserve.kernels import (  # noqa: E402
     block_copy,
     decode_attention,
+    fused_moe,
     kv_cache_write,
     prefill_attention,
     rms_norm,
@@ -77,6 +78,7 @@ def _patch_kernels() -> None:
     for module in (
         block_copy,
         decode_attention,
+        fused_moe,
         kv_cache_write,
         prefill_attention,
         rms_norm,
@@ -116,14 +118,32 @@ def _cases():
         lens = torch.full((3,), 100, dtype=torch.int32)
         for dtype in (bf, torch.float32):
             kc = torch.zeros(4, 16, hk, d, dtype=dtype)
-            for tokens in (3, 3 * 700):
-                cu = torch.zeros(4, dtype=torch.int32)
-                yield lambda: prefill_attention.paged_prefill_attention(
-                    torch.zeros(tokens, hq, d, dtype=dtype), kc, kc, tables, cu, lens, 0.1
-                )
-            for batch in (1, 3):  # split-K with a reduce, and one partition written directly
-                yield lambda: decode_attention.paged_decode_attention(
-                    torch.zeros(batch, hq, d, dtype=dtype), kc, kc, tables[:batch], lens[:batch], 0.1
+            for opts in ({}, {"sliding_window": 4096, "softcap": 50.0}):  # Gemma 2's local layers
+                for tokens in (3, 3 * 700):
+                    cu = torch.zeros(4, dtype=torch.int32)
+                    yield lambda: prefill_attention.paged_prefill_attention(
+                        torch.zeros(tokens, hq, d, dtype=dtype), kc, kc, tables, cu, lens, 0.1, **opts
+                    )
+                for batch in (1, 3):  # split-K with a reduce, and one partition written directly
+                    yield lambda: decode_attention.paged_decode_attention(
+                        torch.zeros(batch, hq, d, dtype=dtype),
+                        kc,
+                        kc,
+                        tables[:batch],
+                        lens[:batch],
+                        0.1,
+                        **opts,
+                    )
+    # Qwen3-30B-A3B's and Mixtral-8x7B's experts, at decode (1 token) and prefill sizes
+    for experts, top_k, hidden, inter in ((128, 8, 2048, 768), (8, 2, 4096, 14336)):
+        for dtype in (bf, torch.float32):
+            w13 = torch.zeros(experts, 2 * inter, hidden, dtype=dtype)
+            w2 = torch.zeros(experts, hidden, inter, dtype=dtype)
+            for tokens in (1, 700):
+                ids = torch.arange(tokens * top_k).remainder(experts).view(tokens, top_k)
+                weights = torch.zeros(tokens, top_k, dtype=torch.float32)
+                yield lambda: fused_moe.fused_moe(
+                    torch.zeros(tokens, hidden, dtype=dtype), w13, w2, weights, ids
                 )
 
 

@@ -15,6 +15,7 @@ ENTRY_POINTS = [
     "apply_rotary",
     "apply_rotary_and_write_kv",
     "silu_and_mul",
+    "fused_moe",
     "write_kv_cache",
     "paged_prefill_attention",
     "paged_decode_attention",
