@@ -9,8 +9,10 @@ import os
 import pytest
 import torch
 
-from pdserve.tools.make_model import PRESETS, build_config, make_model, register_cli, weight_specs
+from pdserve.tools.make_model import FAMILIES, PRESETS, build_config, make_model, register_cli, weight_specs
+from pdserve.tools.make_tokenizer import family_special_tokens
 from pdserve.wire.errors import ConfigError
+from pdserve.wire.tokenizer import load_tokenizer
 
 FILES = {
     "config.json",
@@ -34,13 +36,11 @@ def test_folder_is_complete(model_dirs):
         assert FILES <= set(os.listdir(path)), family
         with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[
-            family
-        ]
-        assert config["architectures"] == [arch] and config["model_type"] == family
+        assert (config["architectures"][0], config["model_type"]) == FAMILIES[family]
         assert config["torch_dtype"] == "float32" and config["vocab_size"] == 1024
-        with open(os.path.join(path, "tokenizer_config.json")) as f:
-            assert "<|im_start|>" in json.load(f)["chat_template"]
+        chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]
+        text = load_tokenizer(path).apply_chat_template(chat, add_generation_prompt=False)
+        assert family_special_tokens(family)["end_of_turn"] in text, family
 
 
 def test_same_seed_same_bytes_other_seed_other_weights(model_dirs, tmp_path):

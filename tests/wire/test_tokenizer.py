@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from pdserve.tools.make_tokenizer import family_special_tokens
 from pdserve.wire.errors import CheckpointError
 from pdserve.wire.tokenizer import load_tokenizer
 
@@ -83,8 +84,9 @@ def test_every_id_decodes_and_sizes_agree(pair, model_dirs):
 
 
 def test_special_tokens_and_eos(pair):
-    _, ours, hf = pair
-    assert ours.eos_token_ids == frozenset({hf.eos_token_id, hf.convert_tokens_to_ids("<|im_end|>")})
+    family, ours, hf = pair
+    turn_end = family_special_tokens(family)["end_of_turn"]
+    assert ours.eos_token_ids == frozenset({hf.eos_token_id, hf.convert_tokens_to_ids(turn_end)})
     assert ours.pad_token_id == hf.pad_token_id
     assert ours.all_special_ids >= {1, 2, 3, 4}
 
@@ -102,9 +104,12 @@ def test_chat_template_matches_hf(pair, generation_prompt):
         assert ours.encode_chat(messages, add_generation_prompt=generation_prompt) == list(expected)
 
 
-def test_chat_template_renders_chatml(model_dirs):
+def test_chat_template_renders_the_family_format(model_dirs):
     text = load_tokenizer(model_dirs["llama"]).apply_chat_template([{"role": "user", "content": "hi"}])
-    assert text == "<|begin_of_text|><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
 
 
 def test_tokenizer_does_not_import_torch(model_dirs):
