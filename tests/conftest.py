@@ -42,6 +42,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3", "mixtral", "qwen3_moe")
+
+
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
     """Tiny random checkpoints, one per family, written once per session by `pdserve make-model`'s code."""
@@ -49,7 +52,7 @@ def model_dirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("models")
     made = {}
-    for family in ("llama", "qwen2", "mistral"):
+    for family in FAMILIES:
         path = root / f"tiny-{family}"
         make_model(str(path), family=family, preset="tiny", seed=0, dtype="float32")
         made[family] = str(path)

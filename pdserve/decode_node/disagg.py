@@ -134,7 +134,7 @@ class DisaggDecoder:
             pending.writer_done = True
             self.release(live.request_id)
             return
-        self.consumer.expect(pending.kv_id, res.block_ids)
+        self.consumer.expect(pending.kv_id, res.block_ids, res.layer_skips)
         if live.ended:  # released while we registered: nobody has been asked to write yet
             pending.writer_done = True
             self.release(live.request_id)

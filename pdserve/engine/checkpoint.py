@@ -4,11 +4,9 @@ Every problem a user can cause (a wrong path, a half-copied folder, a truncated 
 implement) is a `CheckpointError` whose message is one line naming the file and the fix. torch and safetensors
 are imported only when tensors are read, so `load_arch_config` stays cheap for callers that need only shapes.
 
-Sliding window (Mistral v0.1, Qwen2 with use_sliding_window): our attention kernels attend to the whole
-context, so when the window is smaller than max_position_embeddings we lower
-`ArchConfig.max_position_embeddings` (the longest context the engine will allow) to the window. Within the
-window full attention is exact; sequences never grow past it. `config_max_position_embeddings` keeps the value
-config.json states.
+Sliding windows (Mistral v0.1, Gemma's local layers, Qwen with use_sliding_window): `layer_windows` gives each
+layer's window (0: full attention) and the attention kernels mask by it, so contexts may grow past the window.
+What each family adds to the Llama decoder is read by engine/model_features.py.
 """
 
 from __future__ import annotations
@@ -19,6 +17,13 @@ import os
 from dataclasses import dataclass
 from typing import Iterator
 
+from pdserve.engine.model_features import (
+    ACTIVATIONS,
+    MoEConfig,
+    activation,
+    family_fields,
+    global_rope_params,
+)
 from pdserve.wire.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -51,9 +56,11 @@ class ArchConfig:
     rms_norm_eps: float
     rope_theta: float
     rope_scaling: RopeScaling | None
-    max_position_embeddings: int  # the longest context we serve (see the module docstring on sliding windows)
+    max_position_embeddings: int  # the longest context we serve
     config_max_position_embeddings: int
-    sliding_window: int | None  # None: full attention
+    sliding_window: (
+        int | None
+    )  # config.json's window, None: full attention (which layers use it: layer_windows)
     tie_word_embeddings: bool
     qkv_bias: bool  # Qwen2 always, Llama when attention_bias
     o_bias: bool  # Llama when attention_bias
@@ -61,6 +68,22 @@ class ArchConfig:
     bos_token_id: int | None
     eos_token_ids: frozenset  # config.json's and generation_config.json's eos_token_id, merged
     torch_dtype: str | None  # the dtype the weights were saved in, as config.json says
+    # What the family adds (engine/model_features.py); the defaults are Llama's.
+    layer_windows: tuple[int, ...] = ()  # per layer: 0 full attention, else its sliding window in tokens
+    hidden_act: str = "silu"  # silu | gelu_pytorch_tanh (GeGLU)
+    qk_norm: bool = False  # RMSNorm over each head's q and k before rotary (Qwen3, Gemma 3)
+    norm_offset: float = 0.0  # norms scale by (norm_offset + w): 1.0 for Gemma
+    sandwich_norms: bool = False  # norms after attention and after the MLP as well (Gemma)
+    embed_scale: float = 1.0  # embeddings times this (Gemma: sqrt(hidden_size))
+    attn_scale: float = 0.0  # softmax scale (head_dim ** -0.5 unless the family says otherwise)
+    attn_softcap: float = 0.0  # 0: off; else scores become cap * tanh(scores / cap)
+    final_softcap: float = 0.0  # the same on the final logits
+    local_rope_theta: float | None = None  # sliding layers' rope base (Gemma 3); None: rope_theta
+    moe: MoEConfig | None = None  # experts in place of the MLP (Mixtral, Qwen3-MoE)
+
+    @property
+    def has_sliding_layers(self) -> bool:
+        return any(self.layer_windows)
 
 
 def _read_json(path: str, what: str) -> dict:
@@ -91,7 +114,7 @@ def read_config(model_dir: str) -> dict:
 def _rope(config: dict, path: str) -> tuple[float, RopeScaling | None]:
     """Accepts the hub's `rope_theta` + `rope_scaling` and transformers 5's `rope_parameters`."""
     params = dict(config.get("rope_scaling") or {})
-    params.update(config.get("rope_parameters") or {})
+    params.update(global_rope_params(config))
     theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -110,13 +133,6 @@ def _rope(config: dict, path: str) -> tuple[float, RopeScaling | None]:
         return theta, RopeScaling(rope_type=rope_type, factor=float(params["factor"]), **extra)
     except KeyError as exc:
         raise CheckpointError(f"{path}: rope scaling {rope_type!r} lacks {exc.args[0]!r}") from None
-
-
-def _sliding_window(config: dict) -> int | None:
-    window = config.get("sliding_window")
-    if config.get("model_type") == "qwen2" and not config.get("use_sliding_window", False):
-        return None
-    return int(window) if window else None
 
 
 def _generation_eos(model_dir: str) -> set[int]:
@@ -146,31 +162,36 @@ def load_arch_config(model_dir: str) -> ArchConfig:
             f"{path}: architecture {', '.join(archs) or '(none given)'} is not supported "
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    act = config.get("hidden_act", config.get("hidden_activation", "silu"))
-    if act != "silu":
-        raise CheckpointError(f"{path}: hidden_act {act!r} is not supported (only silu)")
+    act = activation(config)
+    if act not in ACTIVATIONS:
+        raise CheckpointError(
+            f"{path}: hidden_act {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})"
+        )
     try:
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         theta, scaling = _rope(config, path)
-        window = _sliding_window(config)
         max_pos = int(config.get("max_position_embeddings", 2048))
         attention_bias = bool(config.get("attention_bias", False))
+        layers = int(config["num_hidden_layers"])
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        features = family_fields(config, layers, head_dim)
+        windows = [w for w in features["layer_windows"] if w]
         arch_config = ArchConfig(
             architecture=arch,
             model_type=str(config.get("model_type", "")),
             vocab_size=int(config["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(config["intermediate_size"]),
-            num_hidden_layers=int(config["num_hidden_layers"]),
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
+            head_dim=head_dim,
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_position_embeddings=min(max_pos, window) if window else max_pos,
+            max_position_embeddings=max_pos,
             config_max_position_embeddings=max_pos,
-            sliding_window=window,
+            sliding_window=max(windows) if windows else None,
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
             o_bias=attention_bias,
@@ -178,18 +199,12 @@ def load_arch_config(model_dir: str) -> ArchConfig:
             bos_token_id=config.get("bos_token_id"),
             eos_token_ids=frozenset(_ids(config.get("eos_token_id")) | _generation_eos(model_dir)),
             torch_dtype=config.get("torch_dtype", config.get("dtype")),
+            **features,
         )
     except KeyError as exc:
         raise CheckpointError(f"{path}: missing required field {exc.args[0]!r}") from None
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: a field has the wrong type ({exc})") from None
-    if window and window < max_pos:
-        log.warning(
-            "sliding_window %d < max_position_embeddings %d: context limited to %d tokens",
-            window,
-            max_pos,
-            window,
-        )
     if arch_config.num_attention_heads % arch_config.num_key_value_heads:
         raise CheckpointError(f"{path}: num_attention_heads must be a multiple of num_key_value_heads")
     return arch_config

@@ -27,6 +27,10 @@ class ModelConfig:
     dtype: str = "auto"  # auto: the checkpoint's dtype on GPU (float32 ones in bfloat16), float32 on CPU
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
     seed: int = 0
+    load_format: str = "auto"  # auto: the safetensors; dummy: random weights from config.json (benchmarks)
+
+
+LOAD_FORMATS = ("auto", "dummy")
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,10 @@ class EngineConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {m.dtype!r}")
         if m.max_model_len is not None and m.max_model_len < 1:
             raise ConfigError("--max-model-len must be at least 1")
+        if m.load_format not in LOAD_FORMATS:
+            raise ConfigError(
+                f"--load-format must be one of {', '.join(LOAD_FORMATS)}, got {m.load_format!r}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -215,6 +223,13 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
     )
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--load-format",
+        default="auto",
+        choices=LOAD_FORMATS,
+        help="auto: the checkpoint's safetensors; dummy: random weights (seeded by --seed) from config.json "
+        "alone, for benchmarks of shapes too big to write out",
+    )
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -235,6 +250,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         seed=args.seed,
+        load_format=args.load_format,
         block_size=args.block_size,
         enable_prefix_caching=args.enable_prefix_caching,
         gpu_memory_utilization=args.gpu_memory_utilization,

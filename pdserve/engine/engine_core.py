@@ -24,6 +24,7 @@ from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.scheduler_output import SchedulerOutput
 from pdserve.engine.step_isolation import StepFailed, sample_rows_isolated
 from pdserve.wire.sampling_params import SamplingParams
+from pdserve.wire.sliding_window import all_layers_slide, shipped_from
 
 
 class StepObserver(Protocol):
@@ -42,6 +43,7 @@ class Reservation:
     request: Request
     block_ids: list[int]  # this node's blocks for prompt blocks num_cached_blocks.., in order
     num_cached_blocks: int  # leading prompt blocks this node already holds (its own prefix hits)
+    layer_skips: tuple[int, ...] = ()  # per layer: leading blocks of block_ids its sliding window never reads
 
 
 @dataclass(slots=True)
@@ -81,7 +83,12 @@ class EngineCore:
             block_size=config.cache.block_size,
             emit_events=emit_kv_events,
         )
-        self.kv_manager = KVCacheManager(self.block_pool, config.cache.block_size, max_model_len)
+        self.kv_manager = KVCacheManager(
+            self.block_pool,
+            config.cache.block_size,
+            max_model_len,
+            free_window=all_layers_slide(self.runner.arch.layer_windows),
+        )
         self.scheduler = Scheduler(
             config.scheduler, self.kv_manager, max_model_len=max_model_len, eos_token_ids=eos_token_ids
         )
@@ -189,7 +196,11 @@ class EngineCore:
                 f"({kv.num_free_blocks} available)"
             )
         self.scheduler.add_remote(request)
-        return Reservation(request, kv.block_table(request)[len(hits) :], len(hits))
+        windows = self.runner.arch.layer_windows
+        skips = tuple(max(0, s - len(hits)) for s in shipped_from(windows, request.num_tokens, kv.block_size))
+        if any(skips):  # those blocks' sliding layers stay empty: they must never become prefix hits here
+            kv.skip_caching(request_id)
+        return Reservation(request, kv.block_table(request)[len(hits) :], len(hits), skips)
 
     def remote_kv_ready(self, request_id: str, num_cached_tokens: int) -> bool:
         """A reserved request's prompt KV has landed (its first token already appended): it joins the batch at

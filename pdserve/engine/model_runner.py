@@ -27,7 +27,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         from pdserve.wire.errors import ConfigError
@@ -67,7 +67,13 @@ class ModelRunner:
         # it.
         self.on_layer_done: Callable[[int], None] | None = None
         started = time.perf_counter()
-        self.model, self.arch = load_model(config.model.model, self.dtype, self.device)
+        self.model, self.arch = load_model(
+            config.model.model,
+            self.dtype,
+            self.device,
+            load_format=config.model.load_format,
+            seed=config.model.seed,
+        )
         log.info("model loaded in %.1f s", time.perf_counter() - started)
         if self.device.type == "cuda":
             self._profile_peak_memory()

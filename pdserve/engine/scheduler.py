@@ -190,6 +190,7 @@ class Scheduler:
                 request.append_output_token(sampled[item.request_id])
             # 3. newly full blocks become prefix hits for others
             self.kv.cache_blocks(request, request.num_computed_tokens)
+            self.kv.release_out_of_window(request)  # sliding-window models: blocks no layer reads again
             # 4. stop conditions on the new token
             status = self.check_stop(request) if item.samples else None
             if status is not None:

@@ -40,6 +40,7 @@ class ConnectorConfig:
     num_kv_heads: int
     head_dim: int
     kv_connector: str = "tcp"
+    layer_windows: tuple[int, ...] = ()  # per layer: 0 full attention, else its sliding window (ships less)
     kv_ip: str = "127.0.0.1"
     kv_port: int = 0  # consumer: listen port (0: ephemeral)
     secret: Optional[str] = None  # --kv-secret, else $PDSERVE_KV_SECRET, else the dev secret
@@ -64,6 +65,7 @@ class ConnectorConfig:
         num_layers: int,
         num_kv_heads: int,
         head_dim: int,
+        layer_windows: tuple[int, ...] = (),
         secret: Optional[str] = None,
         timeout: Optional[float] = None,
     ) -> "ConnectorConfig":
@@ -76,6 +78,7 @@ class ConnectorConfig:
             num_layers=num_layers,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
+            layer_windows=tuple(layer_windows),
             kv_connector=kvt.kv_connector,
             kv_ip=kvt.kv_ip,
             kv_port=kvt.kv_port,
@@ -127,6 +130,7 @@ class KVConnectorBase:
             head_dim=config.head_dim,
             hash_algorithm=config.hash_algorithm,
             transport=config.kv_connector,
+            layer_windows=list(config.layer_windows or (0,) * config.num_layers),
             device_uuid=_device_uuid(self.device),
         )  # the consumer adds its data plane's export
         self._closed = threading.Event()

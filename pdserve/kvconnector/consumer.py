@@ -58,10 +58,10 @@ class KVConsumer(KVConnectorBase):
 
     # ----------------------------------------------------------------------------------------------- requests
 
-    def expect(self, request_id: str, block_ids: Sequence[int]) -> None:
-        """rid's uncached prompt blocks will be written into block_ids (raises ValueError on a bad
-        reservation)."""
-        self.scheduler.reserve(request_id, [int(b) for b in block_ids])
+    def expect(self, request_id: str, block_ids: Sequence[int], layer_skips: Sequence[int] = ()) -> None:
+        """rid's uncached prompt blocks will be written into block_ids, but for the leading layer_skips[l] of
+        them in sliding layer l (raises ValueError on a bad reservation)."""
+        self.scheduler.reserve(request_id, [int(b) for b in block_ids], layer_skips)
         self.metrics.inflight.inc()
 
     def forget(self, request_id: str, reason: str = "ended on the decode node") -> bool:

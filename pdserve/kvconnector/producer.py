@@ -44,12 +44,15 @@ class KVProducer(KVConnectorBase):
         self, config: ConnectorConfig, kv_caches, on_complete: Optional[OnComplete] = None, registry=None
     ):
         super().__init__(config, kv_caches, on_complete, registry)
-        self.scheduler = ProducerScheduler(config.block_size, config.timeout)
+        self.scheduler = ProducerScheduler(
+            config.block_size, config.timeout, layer_windows=config.layer_windows
+        )
         self.worker = ProducerWorker(
             self.data_plane,
             on_landed=self._landed,
             on_first_write=lambda rid: self.scheduler.progress(rid, "first_send"),
             on_failed=self._write_failed,
+            layer_windows=config.layer_windows,
         )
         self._links: dict[tuple[str, int], links.Link] = {}
         # one lock per consumer address: a peer that is slow to answer its handshake holds up only the
@@ -179,7 +182,9 @@ class KVProducer(KVConnectorBase):
         self.worker.after_writes(f.request_id, f.peer, ended)
 
     def _nbytes(self, f: Finished) -> int:
-        return f.timings.get("blocks", 0) * self.block_bytes * self.config.num_layers
+        """Bytes written: (layer, block) pieces, fewer than blocks x layers where sliding layers skip some."""
+        pieces = f.timings.get("pieces", f.timings.get("blocks", 0) * self.config.num_layers)
+        return pieces * self.block_bytes
 
     # ------------------------------------------------------------------------------------------------ events
 

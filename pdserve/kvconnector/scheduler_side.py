@@ -14,7 +14,9 @@ Which blocks move: prompt block i (tokens [i*bs, (i+1)*bs)) goes to the consumer
 num_cached]` for i >= num_cached (the consumer already holds the first num_cached as prefix hits). A block is
 sent once, when it is final: full after this step, or the prompt's last (partial) block when the prompt
 finishes. Blocks the producer had cached are final from the first step, so they go with the first step's
-layers.
+layers. A sliding-window layer gets only the blocks its window will read on the decode node (prompt blocks
+from `wire.sliding_window.first_window_block` on): both sides derive the same cut from the prompt's length,
+so the consumer expects exactly the (layer, block) pieces the producer sends.
 
 The producer's timeouts are inactivity timeouts (`--kv-timeout`): every sign of progress pushes the deadline
 out, so a long prefill is not cut off while its layers go out, but a stuck one is. The consumer keeps no
@@ -28,7 +30,9 @@ import enum
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Optional
+from typing import Callable, Hashable, Optional, Sequence
+
+from pdserve.wire.sliding_window import shipped_from
 
 DEFAULT_KV_TIMEOUT = 10.0  # --kv-timeout: the one default; ConnectorConfig, NodeOptions and the flag read it
 
@@ -62,6 +66,7 @@ class SendPlan:
     local_block_ids: list[int]
     remote_block_ids: list[int]
     last: bool  # the request's final plan: after it, Done
+    window_skips: dict = field(default_factory=dict)  # sliding window -> leading blocks of this plan not sent
 
 
 @dataclass(slots=True)
@@ -129,8 +134,10 @@ class ProducerScheduler(_RequestTable):
         block_size: int,
         timeout: float = DEFAULT_KV_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
+        layer_windows: Sequence[int] = (),
     ):
         self.block_size, self.timeout, self.clock = block_size, timeout, clock
+        self.layer_windows = tuple(layer_windows)
         self.lock = threading.RLock()
         self._reqs: dict[str, _ProducerRequest] = {}
 
@@ -186,7 +193,18 @@ class ProducerScheduler(_RequestTable):
             req.final_planned = prompt_done
             local = list(block_ids[first:upto])
             remote = req.remote_block_ids[first - req.num_cached : upto - req.num_cached]
-            return SendPlan(request_id, req.peer, local, remote, prompt_done)
+            skips = self._window_skips(req.num_tokens, first, len(local))
+            if self.layer_windows:  # (layer, block) pieces sent, for the byte count
+                pieces = sum(len(local) - skips.get(w, 0) for w in self.layer_windows)
+                req.timings["pieces"] = req.timings.get("pieces", 0) + pieces
+            return SendPlan(request_id, req.peer, local, remote, prompt_done, skips)
+
+    def _window_skips(self, num_tokens: int, first: int, count: int) -> dict:
+        """Per sliding window: how many of the plan's blocks (prompt blocks first..first+count) its layers
+        skip."""
+        firsts = shipped_from(self.layer_windows, num_tokens, self.block_size)
+        starts = dict(zip(self.layer_windows, firsts, strict=True))
+        return {w: min(max(start - first, 0), count) for w, start in starts.items() if w}
 
     def is_active(self, request_id: str) -> bool:
         with self.lock:
@@ -237,9 +255,10 @@ class ConsumerScheduler(_RequestTable):
         self.lock = threading.RLock()
         self._reqs: dict[str, _ConsumerRequest] = {}
 
-    def reserve(self, request_id: str, block_ids: list[int]) -> None:
+    def reserve(self, request_id: str, block_ids: list[int], layer_skips: Sequence[int] = ()) -> None:
         """Blocks the node allocated for this request (excluding its prefix hits); the producer learns them
-        from the node's prefill request, not from us. No deadline: the node gives up, not the table."""
+        from the node's prefill request, not from us. No deadline: the node gives up, not the table.
+        layer_skips: per layer, the leading reserved blocks a sliding-window layer will not get."""
         with self.lock:
             if request_id in self._reqs:
                 raise ValueError(f"request {request_id!r} already has a reservation")
@@ -251,7 +270,7 @@ class ConsumerScheduler(_RequestTable):
                 None,
                 {b: i for i, b in enumerate(block_ids)},
                 [0] * self.num_layers,
-                self.num_layers * n,
+                self.num_layers * n - sum(min(skip, n) for skip in layer_skips),
                 float("inf"),
                 timings={"reserved": time.time()},
             )

@@ -2,7 +2,9 @@
 completions.
 
 Producer, on the forward thread (inside the engine step):
-    start_step(plans)   group the step's plans by peer (one `PeerWrites` each) and stage their block ids
+    start_step(plans)   group the step's plans by peer (one `PeerWrites` each) and stage their block ids; a
+                        sliding-window model gets a second, shorter set for its sliding layers (the blocks
+                        their window reads on the decode node)
     save_layer(l)       after layer l wrote its KV: one `write_layer` per peer (cuda_ipc: an event record and
                         one kernel launch; no locks, no thread hand-offs, no host syncs, no Python per block);
                         after the last layer, for each request whose last blocks went out in this step, a
@@ -75,13 +77,15 @@ class ProducerWorker:
         on_landed: OnLanded,
         on_first_write: Callable[[str], None],
         on_failed: Optional[OnFailed] = None,
+        layer_windows: Sequence[int] = (),
     ):
         self.plane = plane
         self.num_layers = len(plane.caches)
+        self.layer_windows = tuple(layer_windows) or (0,) * self.num_layers
         self.on_landed, self.on_first_write = on_landed, on_first_write
         self.on_failed = on_failed or (lambda rid: None)
         self.completions = CompletionThread()
-        self._writes: list[PeerWrites] = []
+        self._writes: dict[int, list[PeerWrites]] = {}  # window (0: full attention) -> the step's writes
         self.step_plans: list[SendPlan] = []
         self.last_plans: list[SendPlan] = []  # this step's plans that finish their request
         self._step_rids: frozenset = frozenset()
@@ -97,25 +101,18 @@ class ProducerWorker:
             self._step_rids = frozenset(request_ids)
 
     def start_step(self, plans: Sequence[SendPlan]) -> None:
-        by_peer: dict[int, PeerWrites] = {}
+        self._writes = {window: _by_peer(plans, window) for window in set(self.layer_windows)}
+        for writes in self._writes.values():
+            for w in writes:
+                self.plane.stage(w)
         for plan in plans:
             if plan.local_block_ids:
-                w = by_peer.get(id(plan.peer))
-                if w is None:
-                    w = by_peer[id(plan.peer)] = PeerWrites(plan.peer, [], [], [])
-                w.request_ids.append(plan.request_id)
-                w.src.append(plan.local_block_ids)
-                w.dst.append(plan.remote_block_ids)
-        self._writes = list(by_peer.values())
-        for w in self._writes:
-            self.plane.stage(w)
-            for rid in w.request_ids:
-                self.on_first_write(rid)
+                self.on_first_write(plan.request_id)
         self.step_plans = list(plans)
         self.last_plans = [p for p in plans if p.last]
 
     def save_layer(self, layer: int) -> None:
-        for w in self._writes:
+        for w in self._writes[self.layer_windows[layer]]:
             self.plane.write_layer(w, layer)
         if (
             layer == self.num_layers - 1
@@ -138,7 +135,7 @@ class ProducerWorker:
             self._step_rids, deferred, self._deferred = frozenset(), self._deferred, []
         for _, peer, fn in deferred:
             self.completions.after(self.plane.fence(peer), fn)
-        self._writes, self.step_plans, self.last_plans = [], [], []
+        self._writes, self.step_plans, self.last_plans = {}, [], []
 
     # ------------------------------------------------------------------------------------------------ ends
 
@@ -152,6 +149,22 @@ class ProducerWorker:
 
     def close(self) -> None:
         self.completions.close()
+
+
+def _by_peer(plans: Sequence[SendPlan], window: int) -> list[PeerWrites]:
+    """The plans' blocks grouped by peer, without the leading blocks a layer of `window` does not read."""
+    by_peer: dict[int, PeerWrites] = {}
+    for plan in plans:
+        skip = plan.window_skips.get(window, 0) if window else 0
+        if len(plan.local_block_ids) <= skip:
+            continue
+        w = by_peer.get(id(plan.peer))
+        if w is None:
+            w = by_peer[id(plan.peer)] = PeerWrites(plan.peer, [], [], [])
+        w.request_ids.append(plan.request_id)
+        w.src.append(plan.local_block_ids[skip:])
+        w.dst.append(plan.remote_block_ids[skip:])
+    return list(by_peer.values())
 
 
 class ConsumerWorker:

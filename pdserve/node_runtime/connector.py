@@ -20,6 +20,7 @@ def connector_config(node):
         num_layers=arch.num_hidden_layers,
         num_kv_heads=arch.num_key_value_heads,
         head_dim=arch.head_dim,
+        layer_windows=arch.layer_windows,
         secret=node.options.kv_secret,
         timeout=node.options.kv_timeout,
     )

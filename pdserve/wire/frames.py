@@ -342,6 +342,7 @@ class Handshake(Message, tag="handshake"):
     head_dim: int
     hash_algorithm: str
     transport: str  # tcp | cuda_ipc | nixl
+    layer_windows: list[int] = []  # per layer: 0 full attention, else its sliding window (what is shipped)
     device_uuid: str = ""  # the GPU's UUID, "" on CPU: cuda_ipc maps the peer's GPU by it
     data_plane: dict[str, Any] = {}  # transport specifics: the consumer's exported cache (cuda_ipc, nixl)
     accept: bool = True
@@ -355,6 +356,7 @@ class Handshake(Message, tag="handshake"):
         "num_kv_heads",
         "head_dim",
         "hash_algorithm",
+        "layer_windows",
         "transport",
     )
 

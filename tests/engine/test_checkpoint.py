@@ -76,11 +76,54 @@ def test_llama3_rope_and_v5_rope_parameters_are_read(llama_copy):
     assert legacy.rope_theta == 500000.0 and legacy.rope_scaling.factor == 8.0
 
 
-def test_sliding_window_below_max_len_caps_the_context(llama_copy):
+def test_sliding_window_applies_per_layer_and_no_longer_caps_the_context(llama_copy):
     edit_config(llama_copy, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=512)
     arch = load_arch_config(llama_copy)
-    assert arch.sliding_window == 512 and arch.max_position_embeddings == 512
-    assert arch.config_max_position_embeddings == 2048
+    assert arch.sliding_window == 512 and arch.layer_windows == (512, 512)
+    assert arch.max_position_embeddings == arch.config_max_position_embeddings == 2048
+
+
+@pytest.mark.parametrize(
+    "fields,windows",
+    [
+        (dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], sliding_window=64), (64, 0)),
+        (dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], sliding_window=64), (0, 0)),
+        (
+            dict(
+                model_type="qwen2",
+                architectures=["Qwen2ForCausalLM"],
+                sliding_window=64,
+                use_sliding_window=True,
+                max_window_layers=1,
+            ),
+            (0, 64),
+        ),
+        (
+            dict(
+                model_type="mistral",
+                architectures=["MistralForCausalLM"],
+                sliding_window=64,
+                layer_types=["full_attention", "sliding_attention"],
+            ),
+            (0, 64),
+        ),
+    ],
+)
+def test_which_layers_slide_follows_transformers(llama_copy, fields, windows):
+    edit_config(llama_copy, **fields)
+    assert load_arch_config(llama_copy).layer_windows == windows
+
+
+def test_bad_layer_types_are_refused_at_load(llama_copy):
+    edit_config(
+        llama_copy,
+        architectures=["MistralForCausalLM"],
+        model_type="mistral",
+        sliding_window=64,
+        layer_types=["sliding_attention", "chunked_attention"],
+    )
+    with pytest.raises(CheckpointError, match="chunked_attention"):
+        load_arch_config(llama_copy)
 
 
 def test_sharded_checkpoint_loads_like_a_single_file(model_dirs, tmp_path):

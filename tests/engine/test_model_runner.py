@@ -1,6 +1,7 @@
 """The model runner's start-up and profiling paths, exercised on CPU so a GPU start cannot trip on them
 first."""
 
+import pytest
 import torch
 
 from pdserve.engine.config import EngineConfig
@@ -34,3 +35,11 @@ def test_device_and_dtype_defaults():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.gpu
+def test_auto_device_names_the_current_gpu():
+    """torch.cuda.set_device refuses a bare "cuda" (torch 2.11): "auto" must resolve to an indexed device."""
+    device = resolve_device("auto")
+    assert device.type == "cuda" and device.index == torch.cuda.current_device()
+    torch.cuda.set_device(device)

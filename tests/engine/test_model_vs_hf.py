@@ -38,7 +38,10 @@ def dirs(model_dirs, tmp_path_factory):
     return {**model_dirs, "llama3-rope": str(path)}
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral", "llama3-rope"])
+@pytest.fixture(
+    scope="module",
+    params=["llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3", "mixtral", "qwen3_moe", "llama3-rope"],
+)
 def pair(request, dirs):
     from transformers import AutoModelForCausalLM
 

@@ -44,9 +44,13 @@ class Embedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device):
+    """`offset` is added to the checkpoint's weight on load: Gemma's norms scale by (1 + w), and folding the 1 into
+    the weight once lets every family share one kernel."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device, offset: float = 0.0):
         super().__init__()
         self.eps = eps
+        self.offset = offset
         self.weight = empty_param(hidden_size, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
@@ -83,18 +87,25 @@ def build_cos_sin_cache(head_dim: int, max_positions: int, theta: float, scaling
 
 
 class Attention(nn.Module):
-    """Grouped-query attention over the paged KV cache: decodes go to the decode kernel, chunks to the prefill one."""
+    """Grouped-query attention over the paged KV cache: decodes go to the decode kernel, chunks to the prefill one.
+    `window` > 0 makes it a sliding-window layer; qk_norm and softcap are the Qwen3 / Gemma variations."""
 
-    def __init__(self, arch, dtype: torch.dtype, device):
+    def __init__(self, arch, window: int, dtype: torch.dtype, device):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (arch.num_attention_heads, arch.num_key_value_heads,
                                                             arch.head_dim)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim ** -0.5
+        self.scale = arch.attn_scale or self.head_dim ** -0.5
+        self.window, self.softcap = window, arch.attn_softcap
         self.qkv_proj = Linear(arch.hidden_size, [self.q_size, self.kv_size, self.kv_size], arch.qkv_bias,
                                dtype, device)
         self.o_proj = Linear(self.q_size, [arch.hidden_size], arch.o_bias, dtype, device)
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps, dtype, device, arch.norm_offset)
+            self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps, dtype, device, arch.norm_offset)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, cos_sin_cache: torch.Tensor) -> torch.Tensor:
@@ -105,6 +116,9 @@ class Attention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # per head, before rotary (copies q and k out of the fused buffer)
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(T, self.num_heads, self.head_dim)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(T, self.num_kv_heads, self.head_dim)
         # 2. Rotate q and k, and write this step's k and v into the cache: attention reads them from there.
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         dispatch.apply_rotary_and_write_kv(positions, q, k, v, k_cache, v_cache, meta.slot_mapping, cos_sin_cache)
@@ -113,23 +127,33 @@ class Attention(nn.Module):
         nd = meta.num_decode_tokens
         if nd > 0:
             dispatch.paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
-                                            meta.decode_seq_lens, self.scale, out=out[:nd])
+                                            meta.decode_seq_lens, self.scale, out=out[:nd],
+                                            sliding_window=self.window, softcap=self.softcap)
         if meta.num_prefills > 0:
             dispatch.paged_prefill_attention(q[nd:], k_cache, v_cache, meta.prefill_block_tables,
                                              meta.prefill_cu_query_lens, meta.prefill_seq_lens, self.scale,
-                                             out=out[nd:])
+                                             out=out[nd:], sliding_window=self.window, softcap=self.softcap)
         # 4. Back to the residual stream.
         return self.o_proj(out.view(T, self.q_size))
 
 
+def act_and_mul(activation: str, x: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate | up) -> act(gate) * up: SwiGLU (silu) or GeGLU (gelu_pytorch_tanh, Gemma's)."""
+    if activation == "silu":
+        return dispatch.silu_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)), with gate and up fused into one projection."""
+    """down(act(gate(x)) * up(x)), with gate and up fused into one projection."""
 
     def __init__(self, arch, dtype: torch.dtype, device):
         super().__init__()
         inter = arch.intermediate_size
+        self.activation = arch.hidden_act
         self.gate_up_proj = Linear(arch.hidden_size, [inter, inter], arch.mlp_bias, dtype, device)
         self.down_proj = Linear(inter, [arch.hidden_size], arch.mlp_bias, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(dispatch.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(act_and_mul(self.activation, self.gate_up_proj(x)))

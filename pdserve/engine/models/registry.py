@@ -5,10 +5,19 @@ import importlib
 
 from pdserve.wire.errors import CheckpointError
 
-_MODELS = {  # architecture -> (module, class)
-    "LlamaForCausalLM": ("pdserve.engine.models.llama", "LlamaForCausalLM"),
-    "Qwen2ForCausalLM": ("pdserve.engine.models.llama", "LlamaForCausalLM"),
-    "MistralForCausalLM": ("pdserve.engine.models.llama", "LlamaForCausalLM"),
+_DECODER = ("pdserve.engine.models.decoder", "CausalLM")
+_MODELS = {  # architecture -> (module, class); one decoder serves every family (engine/models/decoder.py)
+    name: _DECODER
+    for name in (
+        "LlamaForCausalLM",
+        "Qwen2ForCausalLM",
+        "MistralForCausalLM",
+        "Qwen3ForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+        "MixtralForCausalLM",
+        "Qwen3MoeForCausalLM",
+    )
 }
 SUPPORTED_ARCHITECTURES = tuple(_MODELS)
 
