@@ -81,50 +81,21 @@ def paged_prefill_attention(
     seq_lens,
     scale: float,
     out=None,
-    sliding_window: int = 0,
-    softcap: float = 0.0,
+    sliding_window=0,
+    softcap=0.0,
 ):
     """sliding_window and softcap (0: off) are explained in kernels/prefill_attention.py's doc."""
     m = prefill_attention
     fn = m.paged_prefill_attention if use_triton(q) else m.paged_prefill_attention_ref
-    return fn(
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        cu_query_lens,
-        seq_lens,
-        scale,
-        out,
-        sliding_window=sliding_window,
-        softcap=softcap,
-    )
+    return fn(q, k_cache, v_cache, block_tables, cu_query_lens, seq_lens, scale, out, sliding_window, softcap)
 
 
 def paged_decode_attention(
-    q,
-    k_cache,
-    v_cache,
-    block_tables,
-    seq_lens,
-    scale: float,
-    out=None,
-    sliding_window: int = 0,
-    softcap: float = 0.0,
+    q, k_cache, v_cache, block_tables, seq_lens, scale: float, out=None, sliding_window=0, softcap=0.0
 ):
     m = decode_attention
     fn = m.paged_decode_attention if use_triton(q) else m.paged_decode_attention_ref
-    return fn(
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        seq_lens,
-        scale,
-        out,
-        sliding_window=sliding_window,
-        softcap=softcap,
-    )
+    return fn(q, k_cache, v_cache, block_tables, seq_lens, scale, out, sliding_window, softcap)
 
 
 def gather_blocks(cache, block_ids, out=None):

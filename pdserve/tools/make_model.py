@@ -75,6 +75,13 @@ class Preset:
     tiny: bool = False  # small caps and a short window, so every family feature shows at test lengths
 
 
+LLAMA3_ROPE_SCALING = {  # Llama 3.1's long-context rope (8B and 70B alike)
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 PRESETS = {
     "tiny": Preset(
         hidden_size=64,
@@ -116,32 +123,7 @@ PRESETS = {
         max_position_embeddings=131072,
         rope_theta=500000.0,
         tie_word_embeddings=False,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    ),
-    "llama-3.1-70b": Preset(
-        hidden_size=8192,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        head_dim=128,
-        intermediate_size=28672,
-        vocab_size=128256,
-        max_position_embeddings=131072,
-        rope_theta=500000.0,
-        tie_word_embeddings=False,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
+        rope_scaling=LLAMA3_ROPE_SCALING,
     ),
     "qwen3-8b": Preset(
         hidden_size=4096,
@@ -196,6 +178,14 @@ PRESETS = {
         moe_intermediate_size=14336,
     ),
 }
+# Llama 3.1 70B: 8B's layout at twice the width (64 heads, still 8 KV heads) and 80 layers.
+PRESETS["llama-3.1-70b"] = replace(
+    PRESETS["llama-3.1-8b"],
+    hidden_size=8192,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+    intermediate_size=28672,
+)
 FAMILY_ROPE_THETA = {
     "llama": 500000.0,
     "qwen2": 1000000.0,

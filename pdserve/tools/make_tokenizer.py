@@ -123,6 +123,8 @@ _ALTERNATE = (
     "optional first system message, but message ' ~ (loop.index0 + offset) ~ ' is ' ~ message['role']) -}}"
     "{%- endif -%}"
 )
+# The system text set aside, then each turn in order, user and assistant alternating, as `content`.
+_USER_TURNS = _SPLIT_SYSTEM + "{%- for message in turns -%}" + _ALTERNATE + _CONTENT
 
 
 def _llama3() -> str:
@@ -161,12 +163,7 @@ def _mistral() -> str:
     """[INST] turns; the system text opens the first user turn; the prompt ends with [/INST] (no generation
     prompt of its own)."""
     return (
-        "{{- bos_token -}}"
-        + _SPLIT_SYSTEM
-        + "{%- for message in turns -%}"
-        + _ALTERNATE
-        + _CONTENT
-        + "{%- if message['role'] == 'user' -%}"
+        "{{- bos_token -}}" + _USER_TURNS + "{%- if message['role'] == 'user' -%}"
         "{%- if loop.first and system -%}{%- set content = system + '\\n\\n' + content -%}{%- endif -%}"
         "{{- '[INST] ' + content + ' [/INST]' -}}"
         "{%- else -%}{{- ' ' + content + eos_token -}}{%- endif -%}"
@@ -178,10 +175,7 @@ def _gemma() -> str:
     """<start_of_turn> turns, the assistant's written 'model'; the system text opens the first user turn."""
     return (
         "{{- bos_token -}}"
-        + _SPLIT_SYSTEM
-        + "{%- for message in turns -%}"
-        + _ALTERNATE
-        + _CONTENT
+        + _USER_TURNS
         + "{%- set prefix = system + '\\n\\n' if loop.first and system else '' -%}"
         "{{- '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\\n' + prefix"
         " + (content | trim) + '<end_of_turn>\\n' -}}"
