@@ -20,6 +20,7 @@ crash loses nothing; each section catches its own errors.
     python bench/engine.py --models qwen2.5-0.5b --out DIR   # the other half, kernels included
     python bench/common.py merge A/engine-h100-D.json B/engine-h100-D.json -o bench/results/engine-h100-D.json
     python bench/engine.py --quick                           # a fast subset
+    python bench/engine.py --models qwen3-30b-a3b --quick --sections prefill,decode,hf  # MoE, random weights
     python bench/engine.py --smoke                           # CPU, tiny model, toy sizes (CI)
 """
 
@@ -55,8 +56,13 @@ from pdserve.benchmarks.results import Results, fmt, log, set_log_file  # noqa: 
 MODELS = {  # --models name -> (family, make-model preset)
     "llama-3.1-8b": ("llama", "llama-3.1-8b"),
     "qwen2.5-0.5b": ("qwen2", "qwen2.5-0.5b"),
+    "qwen3-30b-a3b": ("qwen3_moe", "qwen3-30b-a3b"),
     "tiny": ("llama", "tiny"),
+    "tiny-moe": ("qwen3_moe", "tiny"),
 }
+# Shapes too big to write out (61 GB) run on random weights drawn on the device (`--load-format dummy`, and
+# transformers' own initialisation for its baseline); their checkpoint folder holds config and tokenizer only.
+DUMMY_WEIGHTS = {"qwen3-30b-a3b", "tiny-moe"}
 SECTIONS = ("prefill", "decode", "throughput", "hf", "kernels")
 COMPLETE_MARK = ".pdserve-bench-complete"
 
@@ -156,9 +162,18 @@ def ensure_checkpoint(bench: Bench, name: str) -> str:
     from pdserve.tools.make_model import make_model
 
     dtype = "float32" if preset == "tiny" else "bfloat16"
-    log(f"writing {name} checkpoint ({family}, preset {preset}, {dtype}) to {path} ...")
+    weights = name not in DUMMY_WEIGHTS
+    log(f"writing {name} checkpoint ({family}, preset {preset}, {dtype}, weights {weights}) to {path} ...")
     started = time.perf_counter()
-    make_model(path, family=family, preset=preset, seed=0, dtype=dtype, progress=not bench.args.smoke)
+    make_model(
+        path,
+        family=family,
+        preset=preset,
+        seed=0,
+        dtype=dtype,
+        progress=not bench.args.smoke,
+        weights=weights,
+    )
     with open(os.path.join(path, COMPLETE_MARK), "w") as f:
         f.write("ok\n")
     log(f"wrote {name} checkpoint in {time.perf_counter() - started:.1f} s")
@@ -194,7 +209,7 @@ def measure_ceilings(bench: Bench) -> None:
 # ------------------------------------------------------------------------------------------------ our engine
 
 
-def build_llm(bench: Bench, path: str):
+def build_llm(bench: Bench, name: str, path: str):
     """One LLM per model: its runner serves the direct prefill/decode benchmarks too (prefix caching off, so
     writing into its blocks directly can never poison a cached prefix)."""
     from pdserve.engine import LLM
@@ -209,6 +224,7 @@ def build_llm(bench: Bench, path: str):
         max_num_seqs=max(s.decode_batches + [s.gen_batch]),
         max_num_batched_tokens=max(s.prefill_tokens + [2048]),
         enable_prefix_caching=False,
+        load_format="dummy" if name in DUMMY_WEIGHTS else "auto",
     )
     if is_cuda(bench.device):
         kwargs["gpu_memory_utilization"] = bench.args.gpu_memory_utilization
@@ -228,7 +244,7 @@ def build_llm(bench: Bench, path: str):
 def run_ours(bench: Bench, name: str, path: str, shape: Shape, sections: set[str]) -> None:
     llm = None
     with section(bench, f"{name}: start our engine"):
-        llm, engine_args = build_llm(bench, path)
+        llm, engine_args = build_llm(bench, name, path)
     if llm is None:
         return
     from bench import engine_ours
@@ -263,7 +279,7 @@ def run_model(bench: Bench, name: str, sections: set[str]) -> None:
         from bench import engine_hf
 
         with section(bench, f"{name}: transformers baseline"):
-            engine_hf.run_hf(bench, name, path, shape)
+            engine_hf.run_hf(bench, name, path, shape, dummy=name in DUMMY_WEIGHTS)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -303,8 +319,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    if args.smoke:
-        args.models = ["tiny"]
+    if args.smoke:  # tiny models only: tiny (dense) unless tiny ones were named
+        args.models = [m for m in args.models if m.startswith("tiny")] or ["tiny"]
         args.device = "cpu" if args.device == "auto" else args.device
         if args.out is None:
             args.out = tempfile.mkdtemp(prefix="pdserve-bench-smoke-")

@@ -11,6 +11,10 @@ it must read at the copy rate, so its floor is the larger of the two.
   tied embeddings the table is read once, as the output head) and each sequence's K and V for C+1 tokens;
   bytes at the copy rate, where the copy rate counts read + write bytes (a read-only stream cannot beat a
   copy's total rate).
+- Mixture of experts (Mixtral, Qwen3-MoE): FLOP count only the top-k experts a token runs (plus the router);
+  bytes count the experts a step touches: with N tokens routed uniformly, an expert is hit with probability
+  1 - (1 - k/E)^N, so a decode step at batch 1 reads k experts per layer and at batch 64 nearly all of them
+  (what a trained router's load balancing aims for; random weights route about uniformly).
 """
 
 from __future__ import annotations
@@ -33,10 +37,13 @@ class Shape:
     tied: bool
     qkv_bias: bool
     dtype_bytes: int = 2
+    experts: int = 0  # 0: a dense MLP of `intermediate`; else E experts of `intermediate` each
+    experts_per_tok: int = 0
 
     @classmethod
     def from_config(cls, name: str, config: dict, dtype_bytes: int = 2) -> "Shape":
         heads = config["num_attention_heads"]
+        experts = config.get("num_local_experts") or config.get("num_experts") or 0
         return cls(
             name=name,
             hidden=config["hidden_size"],
@@ -44,11 +51,15 @@ class Shape:
             q_heads=heads,
             kv_heads=config.get("num_key_value_heads") or heads,
             head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-            intermediate=config["intermediate_size"],
+            intermediate=config.get("moe_intermediate_size") or config["intermediate_size"]
+            if experts
+            else config["intermediate_size"],
             vocab=config["vocab_size"],
             tied=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias")),
             dtype_bytes=dtype_bytes,
+            experts=experts,
+            experts_per_tok=config.get("num_experts_per_tok", 0) if experts else 0,
         )
 
     @classmethod
@@ -58,11 +69,27 @@ class Shape:
 
     # parameters ------------------------------------------------------------------------------------------
     @property
-    def layer_linear_params(self) -> int:
-        """Weights of the linear layers of all decoder layers (what each token multiplies through)."""
+    def expert_params(self) -> int:
+        """One expert's gated MLP (the dense MLP for a dense model)."""
+        return 3 * self.hidden * self.intermediate
+
+    @property
+    def _attention_params(self) -> int:
         h, q, kv = self.hidden, self.q_heads * self.head_dim, self.kv_heads * self.head_dim
-        per_layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate
-        return per_layer * self.layers
+        return h * q + 2 * h * kv + q * h + self.hidden * self.experts  # the router, for MoE
+
+    @property
+    def layer_linear_params(self) -> int:
+        """Weights of the linear layers of all decoder layers one token multiplies through (its top-k experts
+        only)."""
+        return (self._attention_params + self.expert_params * max(self.experts_per_tok, 1)) * self.layers
+
+    def touched_linear_params(self, tokens: int) -> float:
+        """Weights of the decoder layers' linear layers a forward of `tokens` tokens reads (expected)."""
+        if not self.experts:
+            return self.layer_linear_params
+        hit = self.experts * (1.0 - (1.0 - self.experts_per_tok / self.experts) ** tokens)
+        return (self._attention_params + self.expert_params * hit) * self.layers
 
     @property
     def small_params(self) -> int:
@@ -76,12 +103,17 @@ class Shape:
 
     @property
     def total_params(self) -> int:
-        return self.layer_linear_params + self.small_params + self.head_params * (1 if self.tied else 2)
+        linear = self.touched_linear_params(1 << 30)  # every expert
+        return int(linear) + self.small_params + self.head_params * (1 if self.tied else 2)
+
+    def weight_bytes(self, tokens: int) -> float:
+        """Bytes of weights a forward of `tokens` tokens reads (embedding lookups aside)."""
+        return (self.touched_linear_params(tokens) + self.small_params + self.head_params) * self.dtype_bytes
 
     @property
-    def weight_bytes_per_step(self) -> int:
-        """Bytes of weights a forward reads (embedding lookups aside)."""
-        return (self.layer_linear_params + self.small_params + self.head_params) * self.dtype_bytes
+    def weight_bytes_per_step(self) -> float:
+        """Bytes of all weights (every expert), what a long prefill reads."""
+        return self.weight_bytes(1 << 30)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -98,10 +130,13 @@ class Shape:
         return linear + self.attention_flop(tokens) * sequences
 
     def prefill_floor_s(self, tokens: int, matmul_rate: float, copy_bw: float, sequences: int = 1) -> float:
-        return max(self.prefill_flop(tokens, sequences) / matmul_rate, self.weight_bytes_per_step / copy_bw)
+        return max(
+            self.prefill_flop(tokens, sequences) / matmul_rate,
+            self.weight_bytes(tokens * sequences) / copy_bw,
+        )
 
     def decode_bytes(self, batch: int, context: int) -> float:
-        return self.weight_bytes_per_step + batch * (context + 1) * self.kv_bytes_per_token
+        return self.weight_bytes(batch) + batch * (context + 1) * self.kv_bytes_per_token
 
     def decode_flop(self, batch: int, context: int) -> float:
         return 2.0 * (self.layer_linear_params + self.head_params) * batch + batch * self.attention_flop(
@@ -125,6 +160,10 @@ class Shape:
     def describe(self) -> dict:
         return {
             "params_b": round(self.total_params / 1e9, 3),
+            "active_params_b": round(
+                (self.layer_linear_params + self.small_params + self.head_params) / 1e9, 3
+            ),
+            "experts": f"{self.experts_per_tok} of {self.experts}" if self.experts else "dense",
             "weight_gb_per_step": round(self.weight_bytes_per_step / 1e9, 3),
             "kv_kib_per_token": self.kv_bytes_per_token / 1024,
             "layers": self.layers,

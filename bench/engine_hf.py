@@ -21,14 +21,21 @@ from bench.engine_ours import FIRST_ID, add_decode_record, add_prefill_record
 from pdserve.benchmarks.results import log
 
 
-def load_hf(path: str, bench):
+def load_hf(path: str, bench, dummy: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
     started = time.perf_counter()
     kwargs = {"attn_implementation": "sdpa"}
     model = None
-    if is_cuda(
+    if dummy:  # no weights on disk: transformers' own random initialisation, drawn on the device
+        from transformers import AutoConfig
+
+        with torch.device(bench.device):
+            model = AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(path), dtype=bench.torch_dtype, **kwargs
+            )
+    elif is_cuda(
         bench.device
     ):  # straight onto the GPU where this transformers can (no 16 GB stop in host memory)
         try:
@@ -58,12 +65,12 @@ def load_hf(path: str, bench):
     return model
 
 
-def run_hf(bench, name: str, path: str, shape: Shape) -> None:
+def run_hf(bench, name: str, path: str, shape: Shape, dummy: bool = False) -> None:
     import torch
 
     if bench.out_of_time(f"{name} transformers"):
         return
-    model = load_hf(path, bench)
+    model = load_hf(path, bench, dummy)
     try:
         with torch.inference_mode():
             with guarded(f"{name}: transformers prefill", bench.failures, bench.device):

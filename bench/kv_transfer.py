@@ -20,8 +20,14 @@ plane:
 `--gpus 1` puts both processes on cuda:0 and the ceiling is a device copy of the same bytes. `--smoke` runs a
 tiny shape on CPU over tcp (the test suite runs it).
 
+`--shape gemma-2-9b` (42 layers, 8 KV heads, head dim 256; every other layer slides over 4096 tokens) runs
+each figure twice: `window`, where a sliding layer ships only the blocks its window will read on the decode
+node, and `full`, every block of every layer as a full-attention model of the same shape would.
+`kv_shipped_MiB` records the bytes of each, the full figure as its baseline.
+
   python bench/kv_transfer.py                      # 2 GPUs: cuda_ipc, 2048 and 8192 tokens
   python bench/kv_transfer.py --gpus 1             # one GPU, two processes
+  python bench/kv_transfer.py --gpus 1 --shape gemma-2-9b --tokens 8192 16384
   python bench/kv_transfer.py --smoke --out /tmp/x # CPU, tcp, seconds
 Results: bench/results/kv_transfer-<device>-<YYYYMMDD>.json (the format in docs/architecture.md) and a PNG
 beside it.
@@ -40,26 +46,35 @@ from bench.common import device_results, guarded  # noqa: E402
 from bench.kv_transfer_node import Proc  # noqa: E402
 from pdserve.benchmarks.plots import plot_ratios  # noqa: E402
 from pdserve.benchmarks.results import log  # noqa: E402
+from pdserve.wire.sliding_window import shipped_from  # noqa: E402
 
 LLAMA8B = dict(num_layers=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="bfloat16")
+GEMMA2_9B = dict(
+    num_layers=42, num_kv_heads=8, head_dim=256, block_size=16, dtype="bfloat16", layer_windows=(4096, 0) * 21
+)
 TINY = dict(num_layers=4, num_kv_heads=2, head_dim=16, block_size=16, dtype="float32")
+TINY_WINDOW = dict(TINY, layer_windows=(24, 0, 24, 0))
+SHAPES = {"llama-3.1-8b": LLAMA8B, "gemma-2-9b": GEMMA2_9B}
 
 
 # ---------------------------------------------------------------------------------------------- the run
 
 
 def kv_bytes(layout, tokens):
+    """Bytes one request of `tokens` prompt tokens ships: every block of a full-attention layer, a sliding
+    layer's window blocks only."""
     n = -(-tokens // layout["block_size"])
     item = 2 if layout["dtype"] in ("bfloat16", "float16") else 4
-    return (
-        layout["num_layers"]
-        * 2
-        * n
-        * layout["block_size"]
-        * layout["num_kv_heads"]
-        * layout["head_dim"]
-        * item
-    )
+    windows = layout.get("layer_windows") or (0,) * layout["num_layers"]
+    pieces = sum(n - skip for skip in shipped_from(windows, tokens, layout["block_size"]))
+    return pieces * 2 * layout["block_size"] * layout["num_kv_heads"] * layout["head_dim"] * item
+
+
+def variants(layout) -> dict:
+    """case suffix -> layout: a sliding-window shape runs as it is and as full attention (the baseline)."""
+    if not any(layout.get("layer_windows") or ()):
+        return {"": layout}
+    return {"-window": layout, "-full": dict(layout, layer_windows=(0,) * layout["num_layers"])}
 
 
 def measure_push(res, prod, cons, transport, case, layout, tokens, iters, ceiling_ms, layer_ms, order):
@@ -170,10 +185,62 @@ def add_exposed(res, metric: str, samples: list, floor_ms: float, params: dict, 
     )
 
 
+def measure_tokens(res, prod, cons, args, layout, t, suffix, transports, failures, layer_ms_2048) -> None:
+    """Every figure for one prompt length and layout: the ceiling for its bytes, then each transport and block
+    order."""
+    case_gpus = ("cpu" if args.smoke else f"{args.gpus}gpu") + suffix
+    iters = args.iters
+    nbytes = kv_bytes(layout, t)
+    full = kv_bytes(dict(layout, layer_windows=()), t)
+    log(f"--- {t} tokens{suffix}: {nbytes / 2**20:.1f} MiB of KV shipped ({full / 2**20:.1f} MiB in full)")
+    res.add(
+        "kv_shipped_MiB",
+        round(nbytes / 2**20, 2),
+        "MiB",
+        baseline=round(full / 2**20, 2),
+        params=dict(
+            case=case_gpus, tokens=t, saved=round(1 - nbytes / full, 4), what="baseline: every layer in full"
+        ),
+    )
+    if prod.device != cons.device:
+        port = cons.call("raw_store")
+        cons.send("raw_nccl", rank=1, port=port, nbytes=nbytes, iters=iters)
+        prod.send("raw_nccl", rank=0, port=port, nbytes=nbytes, iters=iters)
+        ceiling, _ = prod.get(), cons.get()
+        metric = "raw_nccl_one_buffer_ms"
+    else:
+        ceiling = prod.call("copy_ms", nbytes=nbytes, iters=10 * iters)
+        metric = "device_copy_ms"
+    res.add(
+        metric,
+        round(ceiling, 4),
+        "ms",
+        params=dict(case=case_gpus, tokens=t, bytes=nbytes, gbps=round(nbytes / ceiling / 1e6, 2)),
+    )
+    for transport in transports:
+        for order in args.block_order:
+            label = "" if order == "shuffled" else f"-{order}"
+            with guarded(f"{transport} {t} tokens{suffix} {order}", failures):
+                measure_push(
+                    res,
+                    prod,
+                    cons,
+                    transport,
+                    f"{transport}-{case_gpus}{label}",
+                    layout,
+                    t,
+                    iters,
+                    ceiling,
+                    layer_ms_2048 * t / 2048,
+                    order,
+                )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU over tcp")
     ap.add_argument("--gpus", type=int, default=2, choices=(1, 2))
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
     ap.add_argument("--tokens", type=int, nargs="+", default=None)
     ap.add_argument("--transports", nargs="+", default=None)
     ap.add_argument(
@@ -194,66 +261,27 @@ def main(argv=None) -> int:
     args.iters_set = args.iters is not None
     args.iters = args.iters if args.iters_set else 5
     if args.smoke:
-        layout, tokens, transports = TINY, args.tokens or [64], args.transports or ["tcp"]
+        layout = TINY_WINDOW if args.shape == "gemma-2-9b" else TINY
+        tokens, transports = args.tokens or [64], args.transports or ["tcp"]
         devices, iters, layer_ms_2048 = (
             ("cpu", "cpu"),
             args.iters if args.iters_set else 3,
             args.layer_ms or 20.0,
         )
     else:
-        layout, tokens = LLAMA8B, args.tokens or [2048, 8192]
+        layout, tokens = SHAPES[args.shape], args.tokens or [2048, 8192]
         transports = args.transports or ["cuda_ipc"]
         devices = ("cuda:0", "cuda:1") if args.gpus == 2 else ("cuda:0", "cuda:0")
         iters, layer_ms_2048 = args.iters, args.layer_ms or 42.0 / 32
+    args.iters = iters
     env: dict = {}
     res = device_results("kv_transfer", devices[0], args.out)
-    case_gpus = "cpu" if args.smoke else f"{args.gpus}gpu"
     failures: list[str] = []
     prod, cons = Proc(devices[0], env), Proc(devices[1], env)
     try:
         for t in tokens:
-            nbytes = kv_bytes(layout, t)
-            log(f"--- {t} tokens: {nbytes / 2**20:.1f} MiB of KV")
-            if devices[0] != devices[1]:
-                port = cons.call("raw_store")
-                cons.send("raw_nccl", rank=1, port=port, nbytes=nbytes, iters=iters)
-                prod.send("raw_nccl", rank=0, port=port, nbytes=nbytes, iters=iters)
-                ceiling, _ = prod.get(), cons.get()
-                res.add(
-                    "raw_nccl_one_buffer_ms",
-                    round(ceiling, 4),
-                    "ms",
-                    params=dict(
-                        case=case_gpus, tokens=t, bytes=nbytes, gbps=round(nbytes / ceiling / 1e6, 2)
-                    ),
-                )
-            else:
-                ceiling = prod.call("copy_ms", nbytes=nbytes, iters=10 * iters)
-                res.add(
-                    "device_copy_ms",
-                    round(ceiling, 4),
-                    "ms",
-                    params=dict(
-                        case=case_gpus, tokens=t, bytes=nbytes, gbps=round(nbytes / ceiling / 1e6, 2)
-                    ),
-                )
-            for transport in transports:
-                for order in args.block_order:
-                    suffix = "" if order == "shuffled" else f"-{order}"
-                    with guarded(f"{transport} {t} tokens {order}", failures):
-                        measure_push(
-                            res,
-                            prod,
-                            cons,
-                            transport,
-                            f"{transport}-{case_gpus}{suffix}",
-                            layout,
-                            t,
-                            iters,
-                            ceiling,
-                            layer_ms_2048 * t / 2048,
-                            order,
-                        )
+            for suffix, shape in variants(layout).items():
+                measure_tokens(res, prod, cons, args, shape, t, suffix, transports, failures, layer_ms_2048)
     finally:
         prod.close()
         cons.close()

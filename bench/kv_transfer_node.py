@@ -53,7 +53,7 @@ class Node:
         if block_words:
             extra["block_words"] = int(block_words)
         cfg = ConnectorConfig(
-            model="llama-3.1-8b-shape",
+            model="bench-shape",
             kv_connector=name,
             secret=secret,
             timeout=30.0,
@@ -77,9 +77,12 @@ class Node:
 
     def expect(self, rid, tokens):
         """Consumer: reserve blocks for tokens (a shuffled, scattered set, as a busy pool hands out)."""
-        n = -(-tokens // self.conn.config.block_size)
+        from pdserve.wire.sliding_window import shipped_from
+
+        config = self.conn.config
+        n = -(-tokens // config.block_size)
         blocks = self.blocks[len(self.blocks) - n :]
-        self.conn.expect(rid, blocks)
+        self.conn.expect(rid, blocks, shipped_from(config.layer_windows, tokens, config.block_size))
         return blocks
 
     def _complete(self, rid, ok, timings):
@@ -229,6 +232,7 @@ class Proc:
 
     def __init__(self, device: str, env: dict, serve=None):
         ctx = mp.get_context("spawn")
+        self.device = device
         self.pipe, child = ctx.Pipe()
         self.p = ctx.Process(target=serve or _serve, args=(child, device, env), daemon=True)
         self.p.start()
