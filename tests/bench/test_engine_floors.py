@@ -1,5 +1,5 @@
-"""bench/engine_floors.py's arithmetic for a mixture of experts: FLOP count the experts a token runs, bytes the
-experts a step touches (all of them at a long prefill, top-k at batch 1)."""
+"""bench/engine_floors.py's arithmetic for a mixture of experts: FLOP count the experts a token runs, bytes
+the experts a step touches (all of them at a long prefill, top-k at batch 1)."""
 
 import pytest
 

@@ -39,8 +39,8 @@ def test_smoke_mode_writes_results(tmp_path):
 def test_smoke_window_shape_ships_fewer_bytes_and_lands(tmp_path):
     """--shape gemma-2-9b runs each figure with sliding layers shipping their window only, and in full: the
     window's pushes land (the consumer expects exactly the pieces sent, or they would time out) with fewer
-    bytes, by the arithmetic of sliding_window.py (100 tokens, window 24, block 16: a sliding layer ships 3 of 7
-    blocks; two of four layers slide -> 20 of 28 pieces)."""
+    bytes, by the arithmetic of sliding_window.py (100 tokens, window 24, block 16: a sliding layer ships 3 of
+    7 blocks; two of four layers slide -> 20 of 28 pieces)."""
     proc = subprocess.run(
         [
             sys.executable,
