@@ -19,6 +19,7 @@ from pdserve.engine.kv_cache import allocate_kv_cache, decide_num_blocks
 from pdserve.engine.models.loader import load_model
 from pdserve.engine.prompt_logprobs import PromptRows
 from pdserve.engine.scheduler_output import ScheduledRequest
+from pdserve.kernels import dispatch
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,9 @@ class ModelRunner:
         )
         self.kv_caches = list(self.kv_cache.unbind(0))  # per layer [2, N, B, Hk, D] views
         self.graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        # The torch references (PDSERVE_KERNELS=ref, for debugging) sync the host and size tensors from
+        # their contents, which a CUDA graph cannot capture: they run eager.
+        if self.device.type == "cuda" and not config.enforce_eager and dispatch.kernels_mode() != "ref":
             from pdserve.engine.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self, max_batch=config.scheduler.max_num_seqs)

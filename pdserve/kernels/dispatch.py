@@ -22,10 +22,16 @@ _MODES = ("auto", "triton", "ref")
 SKINNY_MIN_WEIGHT = 1 << 24
 
 
-def use_triton(t: torch.Tensor) -> bool:
+def kernels_mode() -> str:
+    """$PDSERVE_KERNELS: auto (Triton on GPU tensors, the torch references on CPU ones), triton or ref."""
     mode = os.environ.get("PDSERVE_KERNELS", "auto").strip().lower() or "auto"
     if mode not in _MODES:
         raise ValueError(f"PDSERVE_KERNELS={mode!r}: expected one of {', '.join(_MODES)}")
+    return mode
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    mode = kernels_mode()
     return mode == "triton" or (mode == "auto" and t.is_cuda)
 
 

@@ -53,3 +53,13 @@ def test_family_on_gpu_matches_hf(family, model_dirs):
             )
     pool = llm.core.block_pool
     assert pool.num_free + pool.num_used + pool.num_cached == pool.num_blocks and pool.num_used == 0
+
+
+def test_reference_kernels_run_eager_on_gpu(model_dirs, monkeypatch):
+    """PDSERVE_KERNELS=ref (the torch references, a debugging switch) cannot be captured in a CUDA graph: the
+    runner then runs eager instead of failing at start-up, and still generates."""
+    monkeypatch.setenv("PDSERVE_KERNELS", "ref")
+    llm = LLM(model=model_dirs["gemma2"], device="cuda", dtype="float32", kv_cache_memory=16 << 20)
+    assert llm.core.runner.graphs is None
+    tokens, _ = run_llm(llm, random_prompts(33, [30]), max_tokens=4)
+    assert len(tokens[0]) == 4
