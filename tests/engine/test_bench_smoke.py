@@ -13,17 +13,11 @@ RECORD_KEYS = {"metric", "value", "unit", "ceiling", "ratio", "baseline", "param
 TOP_KEYS = {"bench", "device", "date", "commit", "command", "records"}
 
 
-def test_engine_bench_smoke_writes_a_valid_result_file(tmp_path):
+def run_smoke(tmp_path, *args: str) -> None:
+    """bench/engine.py --smoke with `args` on CPU (Triton kernels in the interpreter); it must exit 0."""
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "bench", "engine.py"),
-            "--smoke",
-            "--out",
-            str(tmp_path),
-            "--no-plot",
-        ],
+        [sys.executable, os.path.join(REPO, "bench", "engine.py"), "--smoke", *args, "--out", str(tmp_path)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -31,6 +25,10 @@ def test_engine_bench_smoke_writes_a_valid_result_file(tmp_path):
         timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def test_engine_bench_smoke_writes_a_valid_result_file(tmp_path):
+    run_smoke(tmp_path, "--no-plot")
     files = glob.glob(str(tmp_path / "engine-cpu-*.json"))
     assert len(files) == 1, os.listdir(tmp_path)
     with open(files[0]) as f:
@@ -76,27 +74,7 @@ def test_engine_bench_smoke_writes_a_valid_result_file(tmp_path):
 def test_engine_bench_smoke_runs_a_moe_on_dummy_weights(tmp_path):
     """The MoE path of bench/engine.py (qwen3-30b-a3b runs it at full size): a config-only checkpoint, our
     engine on --load-format dummy, transformers on its own initialisation, floors from the active experts."""
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "bench", "engine.py"),
-            "--smoke",
-            "--models",
-            "tiny-moe",
-            "--sections",
-            "prefill,decode,hf",
-            "--out",
-            str(tmp_path),
-            "--no-plot",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_smoke(tmp_path, "--models", "tiny-moe", "--sections", "prefill,decode,hf", "--no-plot")
     assert not list((tmp_path / "models" / "tiny-moe").glob("*.safetensors"))
     (path,) = tmp_path.glob("engine-cpu-*.json")
     records = json.loads(path.read_text())["records"]

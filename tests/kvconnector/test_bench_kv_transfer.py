@@ -11,11 +11,17 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(120)
-def test_smoke_mode_writes_results(tmp_path):
+def run_smoke(tmp_path, *args: str) -> list[dict]:
+    """bench/kv_transfer.py --smoke with `args`; it must exit 0. -> the result file's records."""
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "bench", "kv_transfer.py"), "--smoke", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            os.path.join(REPO, "bench", "kv_transfer.py"),
+            "--smoke",
+            *args,
+            "--out",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=110,
@@ -25,9 +31,16 @@ def test_smoke_mode_writes_results(tmp_path):
     (path,) = tmp_path.glob("kv_transfer-cpu-*.json")
     doc = json.loads(path.read_text())
     assert {"bench", "device", "date", "commit", "command", "records"} <= set(doc)
-    by_metric = {r["metric"]: r for r in doc["records"]}
+    return doc["records"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_smoke_mode_writes_results(tmp_path):
+    records = run_smoke(tmp_path)
+    by_metric = {r["metric"]: r for r in records}
     assert {"device_copy_ms", "push_all_layers_ms", "exposed_transfer_ms"} <= set(by_metric)
-    for rec in doc["records"]:
+    for rec in records:
         assert set(rec) == {"metric", "value", "unit", "ceiling", "ratio", "baseline", "params"}
         assert rec["value"] > 0
     push = by_metric["push_all_layers_ms"]
@@ -41,28 +54,7 @@ def test_smoke_window_shape_ships_fewer_bytes_and_lands(tmp_path):
     window's pushes land (the consumer expects exactly the pieces sent, or they would time out) with fewer
     bytes, by the arithmetic of sliding_window.py (100 tokens, window 24, block 16: a sliding layer ships 3 of
     7 blocks; two of four layers slide -> 20 of 28 pieces)."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "bench", "kv_transfer.py"),
-            "--smoke",
-            "--shape",
-            "gemma-2-9b",
-            "--tokens",
-            "100",
-            "--iters",
-            "2",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=110,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (path,) = tmp_path.glob("kv_transfer-cpu-*.json")
-    records = json.loads(path.read_text())["records"]
+    records = run_smoke(tmp_path, "--shape", "gemma-2-9b", "--tokens", "100", "--iters", "2")
     shipped = {r["params"]["case"]: r for r in records if r["metric"] == "kv_shipped_MiB"}
     assert set(shipped) == {"cpu-window", "cpu-full"}
     assert shipped["cpu-window"]["params"]["saved"] == round(1 - 20 / 28, 4)
