@@ -28,7 +28,11 @@ from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from pdserve.wire.frames import DROP_REASONS
+
 _BYTES = tuple(float(1 << k) for k in range(16, 35, 2))  # 64 KiB .. 16 GiB, x4
+# scheduler_side's Finished causes, each at 0 from the first scrape (a panel then shows 0, not no data)
+FAILURE_CAUSES = ("timeout", "peer_lost", "abort", "remote_abort", "error")
 _SECONDS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
@@ -79,6 +83,10 @@ class KVMetrics:
             Counter, "pdserve_kv_dropped_frames", "malformed frames dropped, by reason", extra=("reason",)
         )
         self._labels = labels
+        for cause in FAILURE_CAUSES:
+            self._failures.labels(cause=cause, **labels)
+        for reason in DROP_REASONS:
+            self._drops.labels(reason=reason, **labels)
         self._timings: OrderedDict[str, dict] = OrderedDict()
         self._keep = keep_timings
         self._lock = threading.Lock()

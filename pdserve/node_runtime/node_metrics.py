@@ -25,6 +25,12 @@ from typing import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from pdserve.wire.frames import DROP_REASONS
+
+# The label values the node counts under, each at 0 from the first scrape (a panel then shows 0, not no data).
+ABORT_CAUSES = ("client", "client_gone", "deadline", "error", "rejected", "shutdown", "decode_node")
+REJECT_STATUSES = ("400", "429", "503")
+
 
 class NodeMetrics:
     def __init__(self, snapshot: Callable[[], object], extra_gauges: Callable[[], dict] = dict):
@@ -46,6 +52,13 @@ class NodeMetrics:
         self.dropped = Counter(
             "pdserve_node_dropped_frames", "malformed or unsigned frames dropped", ["reason"], registry=reg
         )
+        for counter, values in (
+            (self.aborted, ABORT_CAUSES),
+            (self.rejected, REJECT_STATUSES),
+            (self.dropped, DROP_REASONS + ("unexpected",)),
+        ):
+            for value in values:
+                counter.labels(value)
         reg.register(_SnapshotCollector(snapshot, extra_gauges))
 
     def render(self) -> bytes:

@@ -33,7 +33,13 @@ from typing import Callable, Optional
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from pdserve.wire.frames import DROP_REASONS
 from pdserve.wire.vllm_metrics import EngineState, VllmMetrics
+
+# The label values the proxy counts under, each at 0 from the first scrape (a panel shows 0, not no data).
+RETRY_REASONS = ("unreachable", "decode_node_lost", "prefill_node_lost")  # and node_error_<status>
+ABORT_REASONS = ("client_gone", "stop_string", "timeout", "error")
+NODE_ERROR_STATUSES = ("400", "429", "503", "504")
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -82,6 +88,14 @@ class ProxyMetrics:
         self.dropped_frames = Counter(
             "pdserve_proxy_dropped_frames", "Dropped frames from nodes", ["reason"], registry=r
         )
+        for counter, values in (
+            (self.retries, RETRY_REASONS),
+            (self.aborts, ABORT_REASONS),
+            (self.node_errors, NODE_ERROR_STATUSES),
+            (self.dropped_frames, DROP_REASONS),
+        ):
+            for value in values:
+                counter.labels(value)
         self.index_blocks = Gauge("pdserve_proxy_index_blocks", "Blocks in the prefix index", registry=r)
         self.transfer = Histogram(
             "pdserve_proxy_transfer_seconds",

@@ -101,6 +101,11 @@ class ReplayedFrame(WireError):
     reason = "replay"
 
 
+# Every `reason` a dropped frame is counted under: the metrics set each to 0 at start-up, so a dashboard shows
+# 0 drops, not "no data", on a healthy cluster.
+DROP_REASONS = ("garbage", "truncated", "version", "oversized", "hmac", "schema", "replay")
+
+
 class LayoutMismatch(Exception):
     """A peer's KV layout (model, dtype, block size, layers, heads, head dim, hash) differs from ours."""
 
