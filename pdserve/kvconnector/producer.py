@@ -142,8 +142,8 @@ class KVProducer(KVConnectorBase):
         """After the forward. ok False (it raised part way): the step's requests lose layers they will never
         get again, so they fail, once nothing more can be written for them."""
         for plan in self.worker.step_plans if ok else ():
-            if plan.last:
-                self.scheduler.progress(plan.request_id, "last_layer")
+            if plan.last:  # its last copies are queued: the inactivity timeout restarts from here
+                self.scheduler.progress(plan.request_id)
         failed = [] if ok else [p.request_id for p in self.worker.step_plans]
         self.worker.end_step(ok)
         for rid in failed:
@@ -151,11 +151,12 @@ class KVProducer(KVConnectorBase):
 
     # ------------------------------------------------------------------------------------------------ ends
 
-    def _landed(self, request_id: str, exposed_s: Optional[float]) -> None:
+    def _landed(self, request_id: str, exposed_s: Optional[float], last_layer: float) -> None:
         """Completion thread: the fence after rid's last write completed."""
         f = self.scheduler.done(request_id)
         if f is None:
             return  # aborted meanwhile: its own end runs
+        f.timings.setdefault("last_layer", last_layer)
         nbytes = self._nbytes(f)
         self.metrics.bytes_sent.inc(nbytes)
         if exposed_s is not None:

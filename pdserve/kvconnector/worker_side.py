@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from functools import partial
 from typing import Callable, Optional, Sequence
 
@@ -34,7 +35,8 @@ from pdserve.wire.frames import KVChunk
 
 log = logging.getLogger(__name__)
 
-OnLanded = Callable[[str, Optional[float]], None]  # (request_id, exposed seconds where the plane measured it)
+# (request_id, exposed seconds where the plane measured it, time.time() when the last layer was computed)
+OnLanded = Callable[[str, Optional[float], float], None]
 OnFailed = Callable[[str], None]  # (request_id): a write before its fence did not land
 
 
@@ -114,18 +116,20 @@ class ProducerWorker:
     def save_layer(self, layer: int) -> None:
         for w in self._writes[self.layer_windows[layer]]:
             self.plane.write_layer(w, layer)
-        if (
-            layer == self.num_layers - 1
-        ):  # fence right behind the last copies: the host may reach end_step late
+        if layer == self.num_layers - 1 and self.last_plans:
+            # Fence right behind the last copies (the host may reach end_step late), and note when the last
+            # layer was computed here, not in end_step: on a fast plane the fence may complete first.
+            computed = time.time()
             for plan in self.last_plans:
-                self.completions.after(self.plane.fence(plan.peer), partial(self._landed, plan.request_id))
+                landed = partial(self._landed, plan.request_id, computed)
+                self.completions.after(self.plane.fence(plan.peer), landed)
             self.last_plans = []
 
-    def _landed(self, request_id: str, fence: Fence) -> None:
+    def _landed(self, request_id: str, last_layer: float, fence: Fence) -> None:
         if fence.failed:
             self.on_failed(request_id)
         else:
-            self.on_landed(request_id, fence.exposed_s())
+            self.on_landed(request_id, fence.exposed_s(), last_layer)
 
     def end_step(self, ok: bool = True) -> None:
         """ok False: the forward failed part way; no request of the step is complete (the caller aborts

@@ -51,7 +51,7 @@ def test_one_write_per_peer_and_layer_whatever_the_number_of_requests_and_blocks
     plane = RecordingPlane()
     landed = []
     w = ProducerWorker(
-        plane, on_landed=lambda rid, exposed: landed.append(rid), on_first_write=lambda rid: None
+        plane, on_landed=lambda rid, exposed, last_layer: landed.append(rid), on_first_write=lambda rid: None
     )
     w.start_step(plans())
     for layer in range(3):
@@ -73,7 +73,7 @@ def test_one_write_per_peer_and_layer_whatever_the_number_of_requests_and_blocks
 
 def test_an_abort_during_a_step_waits_for_the_end_of_the_step_then_for_a_fence():
     plane = RecordingPlane()
-    w = ProducerWorker(plane, on_landed=lambda rid, exposed: None, on_first_write=lambda rid: None)
+    w = ProducerWorker(plane, on_landed=lambda *landed: None, on_first_write=lambda rid: None)
     ended = threading.Event()
     w.begin_planning(p.request_id for p in plans())
     w.start_step(plans())
@@ -116,7 +116,7 @@ def test_an_abort_while_the_step_is_being_planned_waits_for_the_step_too():
     """The abort lands after the producer published the step's candidates but before the writes were staged:
     it must still end after them (else the consumer would free blocks the step then writes)."""
     plane = RecordingPlane()
-    w = ProducerWorker(plane, on_landed=lambda rid, exposed: None, on_first_write=lambda rid: None)
+    w = ProducerWorker(plane, on_landed=lambda *landed: None, on_first_write=lambda rid: None)
     order = []
     w.begin_planning(["a", "b"])
     w.after_writes("b", "peer1", lambda _: order.append("ended"))
@@ -137,7 +137,7 @@ def test_a_failed_forward_completes_nobody():
     plane = RecordingPlane()
     landed = []
     w = ProducerWorker(
-        plane, on_landed=lambda rid, exposed: landed.append(rid), on_first_write=lambda rid: None
+        plane, on_landed=lambda rid, exposed, last_layer: landed.append(rid), on_first_write=lambda rid: None
     )
     w.begin_planning(p.request_id for p in plans())
     w.start_step(plans())
