@@ -13,7 +13,7 @@ LOCK := requirements-cpu.lock
 PIP_TOOLS := pip-tools==7.7.0
 LOCK_VENV := .venv-lock
 
-.PHONY: venv test lint fmt serve model redis clean lock
+.PHONY: venv test lint fmt serve model redis prometheus clean lock
 
 venv: $(STAMP)
 
@@ -44,6 +44,13 @@ redis:
 	@command -v redis-server >/dev/null 2>&1 || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
+# Prometheus for the dashboard test (every panel's PromQL against a real server scraping a CPU cluster): Debian's
+# package; the test starts its own server on a free loopback port.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		prometheus >/dev/null; }
+
 # Lint first (ruff's rules and line length are in pyproject.toml): a style slip fails in seconds, not after pytest.
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -53,7 +60,7 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: $(STAMP) redis lint
+test: $(STAMP) redis prometheus lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 $(MODEL)/config.json: | $(STAMP)
