@@ -19,6 +19,7 @@ from typing import Iterator
 
 from pdserve.engine.model_features import (
     ACTIVATIONS,
+    TIED_BY_DEFAULT,
     MoEConfig,
     activation,
     family_fields,
@@ -192,7 +193,9 @@ def load_arch_config(model_dir: str) -> ArchConfig:
             max_position_embeddings=max_pos,
             config_max_position_embeddings=max_pos,
             sliding_window=max(windows) if windows else None,
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(
+                config.get("tie_word_embeddings", config.get("model_type") in TIED_BY_DEFAULT)
+            ),
             qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
             o_bias=attention_bias,
             mlp_bias=bool(config.get("mlp_bias", False)),
@@ -203,8 +206,10 @@ def load_arch_config(model_dir: str) -> ArchConfig:
         )
     except KeyError as exc:
         raise CheckpointError(f"{path}: missing required field {exc.args[0]!r}") from None
-    except (TypeError, ValueError) as exc:
+    except TypeError as exc:
         raise CheckpointError(f"{path}: a field has the wrong type ({exc})") from None
+    except ValueError as exc:  # a bad value (int("x") says so too), named by the check that refused it
+        raise CheckpointError(f"{path}: {exc}") from None
     if arch_config.num_attention_heads % arch_config.num_key_value_heads:
         raise CheckpointError(f"{path}: num_attention_heads must be a multiple of num_key_value_heads")
     return arch_config

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 GEMMA = ("gemma2", "gemma3_text")
+# HF's config classes default tie_word_embeddings to True here, and hub configs omit the key
+TIED_BY_DEFAULT = GEMMA
 QK_NORM = ("qwen3", "qwen3_moe", "gemma3_text")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
@@ -62,7 +64,17 @@ def _window(config: dict) -> int:
     model_type = config.get("model_type")
     if model_type in ("qwen2", "qwen3", "qwen3_moe") and not config.get("use_sliding_window", False):
         return 0
-    return int(config.get("sliding_window") or 0)
+    window = int(config.get("sliding_window") or 0)
+    if window < 0:
+        raise ValueError(f"sliding_window must be positive (or null for none), got {window}")
+    return window
+
+
+def _at_least_one(config: dict, key: str, default: int) -> int:
+    value = int(config.get(key, default))
+    if value < 1:
+        raise ValueError(f"{key} must be at least 1, got {value}")
+    return value
 
 
 def _default_layer_types(config: dict, num_layers: int) -> list[str]:
@@ -70,7 +82,7 @@ def _default_layer_types(config: dict, num_layers: int) -> list[str]:
     if model_type == "gemma2":
         return [SLIDING if (i + 1) % 2 else FULL for i in range(num_layers)]
     if model_type == "gemma3_text":
-        pattern = int(config.get("sliding_window_pattern", 6))
+        pattern = _at_least_one(config, "sliding_window_pattern", 6)
         return [SLIDING if (i + 1) % pattern else FULL for i in range(num_layers)]
     if model_type in ("qwen2", "qwen3"):
         first = int(config.get("max_window_layers", num_layers))
@@ -102,26 +114,34 @@ def attention_scale(config: dict, head_dim: int) -> float:
 
 
 def moe_config(config: dict, num_layers: int) -> MoEConfig | None:
+    """None for a dense model (Qwen3-MoE with num_experts 0 is one, as in HF). Values a forward would trip on
+    are refused here, at load."""
     model_type = config.get("model_type")
     if model_type == "mixtral":
-        return MoEConfig(
+        moe = MoEConfig(
             num_experts=int(config["num_local_experts"]),
             top_k=int(config["num_experts_per_tok"]),
             intermediate_size=int(config["intermediate_size"]),
             renormalize=True,
             sparse_layers=(True,) * num_layers,
         )
-    if model_type == "qwen3_moe":
-        step = int(config.get("decoder_sparse_step", 1))
+    elif model_type == "qwen3_moe" and int(config.get("num_experts") or 0) > 0:
+        step = _at_least_one(config, "decoder_sparse_step", 1)
         dense = set(config.get("mlp_only_layers") or [])
-        return MoEConfig(
+        moe = MoEConfig(
             num_experts=int(config["num_experts"]),
             top_k=int(config["num_experts_per_tok"]),
             intermediate_size=int(config["moe_intermediate_size"]),
             renormalize=bool(config.get("norm_topk_prob", False)),
             sparse_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers)),
         )
-    return None
+    else:
+        return None
+    if not 0 < moe.top_k <= moe.num_experts:
+        raise ValueError(f"num_experts_per_tok must be 1..{moe.num_experts} (the experts), got {moe.top_k}")
+    if activation(config) != "silu":  # the fused MoE kernel computes SwiGLU experts
+        raise ValueError(f"the experts' hidden_act must be silu, got {activation(config)!r}")
+    return moe
 
 
 def family_fields(config: dict, num_layers: int, head_dim: int) -> dict:

@@ -107,3 +107,57 @@ def test_dummy_load_format_serves_a_folder_without_weights(tmp_path):
 def test_bad_load_format_is_a_config_error(model_dirs):
     with pytest.raises(ConfigError, match="--load-format must be one of auto, dummy"):
         LLM(model=model_dirs["llama"], device="cpu", load_format="pt")
+
+
+def drop_config_key(path, key) -> None:
+    import json
+
+    file = os.path.join(path, "config.json")
+    with open(file) as f:
+        config = json.load(f)
+    del config[key]
+    with open(file, "w") as f:
+        json.dump(config, f)
+
+
+@pytest.mark.parametrize(
+    "family,tied", [("gemma2", True), ("gemma3", True), ("qwen3", False), ("mixtral", False)]
+)
+def test_tie_word_embeddings_defaults_as_transformers_does(family, tied, model_dirs, tmp_path):
+    """Hub configs leave out values equal to their class's default: Gemma's configs default to tied
+    embeddings, the others to a separate head. A Gemma checkpoint without the key must load tied."""
+    from pdserve.engine.checkpoint import load_arch_config
+
+    path = copy_of(model_dirs, family, tmp_path)
+    drop_config_key(path, "tie_word_embeddings")
+    assert load_arch_config(path).tie_word_embeddings is tied
+
+
+@pytest.mark.parametrize(
+    "family,changes,message",
+    [
+        ("qwen3_moe", {"num_experts_per_tok": 5}, "num_experts_per_tok must be 1..4"),
+        ("mixtral", {"num_experts_per_tok": 0}, "num_experts_per_tok must be 1..4"),
+        ("mixtral", {"hidden_act": "gelu_pytorch_tanh"}, "the experts' hidden_act must be silu"),
+        ("qwen3_moe", {"decoder_sparse_step": 0}, "decoder_sparse_step must be at least 1"),
+        (
+            "gemma3",
+            {"sliding_window_pattern": 0, "layer_types": None},
+            "sliding_window_pattern must be at least 1",
+        ),
+        ("mistral", {"sliding_window": -4}, "sliding_window must be positive"),
+    ],
+)
+def test_config_values_a_forward_would_trip_on_are_refused_at_load(
+    family, changes, message, model_dirs, tmp_path
+):
+    path = copy_of(model_dirs, family, tmp_path)
+    edit_config(path, **changes)
+    assert message in load_error(path)
+
+
+def test_qwen3_moe_without_experts_is_dense():
+    """num_experts 0 makes every Qwen3-MoE layer a dense MLP in transformers; so here."""
+    from pdserve.engine.model_features import moe_config
+
+    assert moe_config({"model_type": "qwen3_moe", "num_experts": 0, "num_experts_per_tok": 2}, 2) is None
