@@ -1,9 +1,12 @@
-"""RMSNorm with an optional fused residual add, in the order and rounding of Hugging Face's LlamaRMSNorm.
+"""RMSNorm with an optional fused residual add, in the order and rounding of Hugging Face's RMSNorms.
 
     s   = x + residual                          (rounded to x.dtype; returned as the new residual)
-    out = weight * (s * rsqrt(mean(s^2) + eps)).to(x.dtype)   (normalised in fp32)
+    out = weight * (s * rsqrt(mean(s^2) + eps)).to(x.dtype)   (normalised in fp32; LlamaRMSNorm's order)
+    out = (weight * (s * rsqrt(mean(s^2) + eps))).to(x.dtype) (a float32 weight: Gemma's order)
 
-The output has x's dtype (the engine keeps weights in the activation dtype, where HF's promotion is a no-op).
+The output has x's dtype. Llama's family keeps the weight in the activation dtype and rounds the normalised
+value before multiplying; Gemma's norms multiply by (1 + w) in fp32 and round once, so the engine keeps their
+weight (the 1 folded in) in float32, and a float32 weight selects that order. In an fp32 model both agree.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ def _rms_norm_kernel(
     H,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    ROUND_FIRST: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -44,7 +48,9 @@ def _rms_norm_kernel(
         tl.store(res_out_ptr + row * stride_res_out + cols, s_rounded, mask=mask)
         s = s_rounded.to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / H + eps)
-    normed = (s * inv_rms).to(x.dtype).to(tl.float32)  # HF casts back before the weight multiply
+    normed = s * inv_rms
+    if ROUND_FIRST:  # Llama's order: back to the activation dtype before the weight multiply
+        normed = normed.to(x.dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -88,6 +94,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         H,
         float(eps),
         HAS_RESIDUAL=has_residual,
+        ROUND_FIRST=weight.dtype != torch.float32,
         BLOCK_H=block_h,
         num_warps=min(max(block_h // 256, 1), 16),
     )
@@ -99,5 +106,8 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     s = x if residual is None else x + residual
     sf = s.float()
     normed = sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)
-    out = (weight * normed.to(x.dtype)).to(x.dtype)
+    if weight.dtype == torch.float32:  # Gemma's order: the fp32 product, rounded once
+        out = (weight * normed).to(x.dtype)
+    else:
+        out = (weight * normed.to(x.dtype)).to(x.dtype)
     return out if residual is None else (out, s)

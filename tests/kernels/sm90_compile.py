@@ -102,6 +102,10 @@ def _cases():
             1e-5,
             torch.zeros(3, hidden, dtype=bf),
         )
+        # Gemma's norm: a float32 (1 + w) weight on bf16 activations, multiplied before the rounding
+        yield lambda: rms_norm.rms_norm(
+            torch.zeros(3, hidden, dtype=bf), torch.zeros(hidden), 1e-6, torch.zeros(3, hidden, dtype=bf)
+        )
         yield lambda: silu_and_mul.silu_and_mul(torch.zeros(3, 2 * 4864, dtype=bf))
         qkv = torch.zeros(5, hq + 2 * hk, d, dtype=bf)
         q, k, v = qkv[:, :hq], qkv[:, hq : hq + hk], qkv[:, hq + hk :]

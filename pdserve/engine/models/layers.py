@@ -45,13 +45,14 @@ class Embedding(nn.Module):
 
 class RMSNorm(nn.Module):
     """`offset` is added to the checkpoint's weight on load: Gemma's norms scale by (1 + w), and folding the 1 into
-    the weight once lets every family share one kernel."""
+    the weight once lets every family share one kernel. Such a weight is kept in float32, where HF computes
+    1 + w and the product (kernels/rms_norm.py): in bf16, 1 + w alone would lose w's low bits."""
 
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device, offset: float = 0.0):
         super().__init__()
         self.eps = eps
         self.offset = offset
-        self.weight = empty_param(hidden_size, dtype=dtype, device=device)
+        self.weight = empty_param(hidden_size, dtype=torch.float32 if offset else dtype, device=device)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: norm(x). With it: (norm(x + residual), x + residual), Hugging Face's rounding."""
