@@ -347,7 +347,9 @@ class Handshake(Message, tag="handshake"):
     head_dim: int
     hash_algorithm: str
     transport: str  # tcp | cuda_ipc | nixl
-    layer_windows: list[int] = []  # per layer: 0 full attention, else its sliding window (what is shipped)
+    # per layer: 0 full attention, else its sliding window (what is shipped); [] (a peer from before windows
+    # were shipped) means every layer in full
+    layer_windows: list[int] = []
     device_uuid: str = ""  # the GPU's UUID, "" on CPU: cuda_ipc maps the peer's GPU by it
     data_plane: dict[str, Any] = {}  # transport specifics: the consumer's exported cache (cuda_ipc, nixl)
     accept: bool = True
@@ -378,9 +380,14 @@ class Handshake(Message, tag="handshake"):
         diffs = [
             f"{f}: ours {getattr(self, f)!r}, peer {getattr(other, f)!r}"
             for f in self.LAYOUT
-            if getattr(self, f) != getattr(other, f)
+            if self._layout_value(f) != other._layout_value(f)
         ]
         return "; ".join(diffs)
+
+    def _layout_value(self, field: str):
+        if field == "layer_windows":
+            return list(self.layer_windows) or [0] * self.num_layers
+        return getattr(self, field)
 
 
 class KVChunk(Message, tag="kv_chunk"):

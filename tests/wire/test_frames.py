@@ -163,6 +163,16 @@ def test_layout_mismatch_names_the_fields():
     assert "num_kv_heads: ours 8, peer 4" in diff and "dtype" in diff
 
 
+def test_layer_windows_must_agree_and_none_given_means_full_attention():
+    """A peer from before windows were shipped sends no layer_windows: that is every layer in full, so it
+    agrees with a full-attention model's explicit zeros and disagrees with a sliding one."""
+    full, sliding = handshake(layer_windows=[0] * 32), handshake(layer_windows=[4096, 0] * 16)
+    old_peer = handshake()
+    assert full.layout_mismatch(old_peer) == "" and old_peer.layout_mismatch(full) == ""
+    assert "layer_windows" in sliding.layout_mismatch(old_peer)
+    assert "layer_windows" in sliding.layout_mismatch(handshake(layer_windows=[2048, 0] * 16))
+
+
 def test_secret_resolution(monkeypatch, caplog):
     monkeypatch.setenv(wire.SECRET_ENV, "from-env")
     assert wire.resolve_secret(None) == b"from-env"
