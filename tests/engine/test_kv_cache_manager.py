@@ -109,3 +109,57 @@ def test_allocate_for_externally_filled_kv_then_cache():
     assert pool.get_cached_block(r.block_hashes[1]).block_id == kv.block_table(r)[1]
     with pytest.raises(ValueError):
         kv.allocate_slots(req("huge", range(10)), 100)
+
+
+def accounting(pool) -> bool:
+    return pool.num_free + pool.num_used + pool.num_cached == pool.num_blocks
+
+
+@pytest.mark.parametrize("computed,released", [(13, 0), (14, 0), (15, 1), (18, 1), (19, 2)])
+def test_out_of_window_release_at_the_edge(computed, released):
+    """Window 12, block 4: once n tokens are computed, every later query sits at p >= n and sees keys from
+    n - 11 on, so block i (tokens 4i..4i+3) is dead once 4i + 4 <= n - 11: none at n = 14, block 0 at 15."""
+    pool = BlockPool(16, enable_caching=True, block_size=BS)
+    kv = KVCacheManager(pool, BS, max_model_len=64, free_window=12)
+    r = req("a", range(100, 100 + computed))
+    assert kv.allocate_slots(r, computed, [])
+    r.num_computed_tokens = computed
+    kv.cache_blocks(r, computed)
+    used, before = pool.num_used, kv.block_table(r)
+    kv.release_out_of_window(r)
+    # released entries show the dead id (never read: any valid id will do), the others are untouched
+    assert kv.block_table(r) == [0] * released + before[released:] and pool.num_used == used - released
+    assert kv.num_blocks_held(r) == -(-computed // BS) and accounting(pool)
+    kv.free(r)  # released entries are skipped, the rest go back
+    assert pool.num_used == 0 and accounting(pool)
+
+
+def test_released_blocks_stay_prefix_hits_and_later_ones_are_still_cached():
+    """A block released out of the window was hashed first: a new request with the same prefix hits it (its KV
+    is whole on this node). Blocks filled after a release still reach the cache."""
+    pool = BlockPool(16, enable_caching=True, block_size=BS)
+    kv = KVCacheManager(pool, BS, max_model_len=64, free_window=4)
+    a = req("a", range(100, 116))
+    assert run_prompt(kv, a) == 0
+    kv.release_out_of_window(a)  # 16 computed, window 4: blocks 0..2 dead
+    assert kv.block_table(a)[:3] == [0, 0, 0]
+    kv.free(a)
+    b = req("b", range(100, 117))
+    hits, n = kv.get_computed_blocks(b)
+    assert n == 16 and accounting(pool)
+
+
+def test_skip_caching_keeps_a_request_out_of_the_prefix_cache():
+    """A decode node's window-shipped request lacks its sliding layers' early KV: none of its blocks may
+    become a hit for a later prompt, however full they are."""
+    pool, kv = make()
+    a = req("a", range(100, 112))
+    kv.skip_caching("a")
+    run_prompt(kv, a)
+    kv.free(a)
+    b = req("b", range(100, 113))
+    assert kv.get_computed_blocks(b)[1] == 0 and pool.num_cached == 0 and accounting(pool)
+    c = req("c", range(100, 112))  # skip_caching ended with request a: c's blocks are cached as usual
+    run_prompt(kv, c)
+    kv.free(c)
+    assert kv.get_computed_blocks(req("d", range(100, 113)))[1] == 12

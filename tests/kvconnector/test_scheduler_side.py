@@ -99,3 +99,30 @@ def test_last_token_computed_makes_the_plan_final():
     p = s.plan("r", 8, [5, 6], prompt_done=False)  # the node forgot to say so: every token is computed
     assert p.last and p.local_block_ids == [5, 6]
     assert s.done("r").ok
+
+
+@pytest.mark.parametrize("num_cached", [0, 2, 5])
+@pytest.mark.parametrize("chunks", [[30], [9, 30], [12, 20, 30]])
+def test_window_pieces_sent_equal_the_pieces_the_consumer_expects(num_cached, chunks):
+    """Sliding layers (window 8, block 4) send only their window's blocks, over chunked prefill and whatever
+    prefix the consumer already holds; the consumer, told layer_skips as the decode node computes them
+    (wire.sliding_window.shipped_from minus its hits), expects exactly the (layer, block) pieces sent: every
+    chunk landing leaves it complete, no piece early or missing."""
+    from pdserve.wire.sliding_window import shipped_from
+
+    windows, bs, n = (8, 0, 8), 4, chunks[-1]
+    blocks = -(-n // bs)
+    local, remote = list(range(100, 100 + blocks)), list(range(200, 200 + blocks - num_cached))
+    prod = ProducerScheduler(bs, layer_windows=windows)
+    prod.bind("r", "peer", n, remote, num_cached)
+    cons = ConsumerScheduler(len(windows))
+    skips = [max(0, s - num_cached) for s in shipped_from(windows, n, bs)]
+    cons.reserve("r", remote, skips)
+    for computed in chunks:
+        plan = prod.plan("r", computed, local, computed >= n)
+        if plan is None:
+            continue
+        for layer, window in enumerate(windows):
+            skip = plan.window_skips.get(window, 0) if window else 0
+            cons.landed("r", layer, 1, plan.remote_block_ids[skip:])
+    assert cons.done("r", counted=True).ok
