@@ -59,9 +59,8 @@ class ArchConfig:
     rope_scaling: RopeScaling | None
     max_position_embeddings: int  # the longest context we serve
     config_max_position_embeddings: int
-    sliding_window: (
-        int | None
-    )  # config.json's window, None: full attention (which layers use it: layer_windows)
+    # config.json's window, None: full attention (which layers use it: layer_windows)
+    sliding_window: int | None
     tie_word_embeddings: bool
     qkv_bias: bool  # Qwen2 always, Llama when attention_bias
     o_bias: bool  # Llama when attention_bias
@@ -81,10 +80,6 @@ class ArchConfig:
     final_softcap: float = 0.0  # the same on the final logits
     local_rope_theta: float | None = None  # sliding layers' rope base (Gemma 3); None: rope_theta
     moe: MoEConfig | None = None  # experts in place of the MLP (Mixtral, Qwen3-MoE)
-
-    @property
-    def has_sliding_layers(self) -> bool:
-        return any(self.layer_windows)
 
 
 def _read_json(path: str, what: str) -> dict:

@@ -29,10 +29,11 @@ from __future__ import annotations
 import enum
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Optional, Sequence
 
-from pdserve.wire.sliding_window import shipped_from
+from pdserve.wire.sliding_window import first_window_block
 
 DEFAULT_KV_TIMEOUT = 10.0  # --kv-timeout: the one default; ConnectorConfig, NodeOptions and the flag read it
 
@@ -137,7 +138,8 @@ class ProducerScheduler(_RequestTable):
         layer_windows: Sequence[int] = (),
     ):
         self.block_size, self.timeout, self.clock = block_size, timeout, clock
-        self.layer_windows = tuple(layer_windows)
+        # layers per distinct window (0: full attention): a plan is cut and counted per window, not per layer
+        self._layers_per_window = Counter(layer_windows)
         self.lock = threading.RLock()
         self._reqs: dict[str, _ProducerRequest] = {}
 
@@ -194,17 +196,20 @@ class ProducerScheduler(_RequestTable):
             local = list(block_ids[first:upto])
             remote = req.remote_block_ids[first - req.num_cached : upto - req.num_cached]
             skips = self._window_skips(req.num_tokens, first, len(local))
-            if self.layer_windows:  # (layer, block) pieces sent, for the byte count
-                pieces = sum(len(local) - skips.get(w, 0) for w in self.layer_windows)
+            if self._layers_per_window:  # (layer, block) pieces sent, for the byte count
+                per_window = self._layers_per_window.items()
+                pieces = sum(n * (len(local) - skips.get(w, 0)) for w, n in per_window)
                 req.timings["pieces"] = req.timings.get("pieces", 0) + pieces
             return SendPlan(request_id, req.peer, local, remote, prompt_done, skips)
 
     def _window_skips(self, num_tokens: int, first: int, count: int) -> dict:
         """Per sliding window: how many of the plan's blocks (prompt blocks first..first+count) its layers
         skip."""
-        firsts = shipped_from(self.layer_windows, num_tokens, self.block_size)
-        starts = dict(zip(self.layer_windows, firsts, strict=True))
-        return {w: min(max(start - first, 0), count) for w, start in starts.items() if w}
+        return {
+            w: min(max(first_window_block(num_tokens, w, self.block_size) - first, 0), count)
+            for w in self._layers_per_window
+            if w
+        }
 
     def is_active(self, request_id: str) -> bool:
         with self.lock:

@@ -29,7 +29,7 @@ _PACKED = {  # HF projection -> (our fused projection, index of its rows)
 _EXPERT = re.compile(r"^(?P<block>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
 
 
-def _expert_target(model, params: dict, name: str) -> tuple[str, torch.Tensor | None] | None:
+def _expert_target(model, name: str) -> tuple[str, torch.Tensor | None] | None:
     """(key, rows of the stacked parameter) for one expert's projection, or None if `name` is not one."""
     match = _EXPERT.match(name)
     if match is None:
@@ -57,7 +57,7 @@ def _target(model: torch.nn.Module, params: dict, name: str) -> tuple[str, torch
     parts = name.split(".")
     if parts[-1] == "inv_freq" or (name == "lm_head.weight" and model.lm_head is None):
         return None
-    expert = _expert_target(model, params, name)
+    expert = _expert_target(model, name)
     if expert is not None:
         return expert
     if len(parts) < 2 or parts[-2] not in _PACKED:
