@@ -49,6 +49,11 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
 
 
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1  # ranks per node, one process and device each (engine/tensor_parallel.py)
+
+
 # Keys read from kv_connector_extra_config (connector-specific); at the top level they are refused with a
 # pointer there.
 EXTRA_CONFIG_KEYS = ("copy", "block_words", "coalesce_bytes", "kv_secret", "kv_timeout")
@@ -145,7 +150,8 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     kv_transfer: KVTransferConfig = KVTransferConfig()
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    parallel: ParallelConfig = ParallelConfig()
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (rank 0's under tensor parallelism; rank r takes N + r)
     enforce_eager: bool = False
 
     @classmethod
@@ -153,7 +159,12 @@ class EngineConfig:
         """Flat keyword arguments (vLLM's names, underscores) -> nested config, validated. `model` is a folder
         or a Hugging Face hub id in the local cache (resolved to its snapshot folder here)."""
         model = resolve_model(model, "model")
-        groups = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+        groups = {
+            "model": ModelConfig,
+            "cache": CacheConfig,
+            "scheduler": SchedulerConfig,
+            "parallel": ParallelConfig,
+        }
         parts: dict[str, dict] = {name: {} for name in groups}
         top: dict = {}
         for key, value in kwargs.items():
@@ -170,6 +181,7 @@ class EngineConfig:
             model=ModelConfig(model=model, **parts["model"]),
             cache=CacheConfig(**parts["cache"]),
             scheduler=SchedulerConfig(**parts["scheduler"]),
+            parallel=ParallelConfig(**parts["parallel"]),
             **top,
         )
         config.validate()
@@ -191,6 +203,9 @@ class EngineConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {m.dtype!r}")
         if m.max_model_len is not None and m.max_model_len < 1:
             raise ConfigError("--max-model-len must be at least 1")
+        tp = self.parallel.tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise ConfigError(f"--tensor-parallel-size must be a positive integer, got {tp!r}")
         if m.load_format not in LOAD_FORMATS:
             raise ConfigError(
                 f"--load-format must be one of {', '.join(LOAD_FORMATS)}, got {m.load_format!r}"
@@ -238,6 +253,13 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="ranks (processes, GPUs) this node's model is split over: NCCL on GPUs, gloo on CPU",
+    )
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument(
         "--kv-transfer-config", default=None, help='JSON, e.g. {"kv_connector":"tcp","kv_role":"kv_both"}'
@@ -259,6 +281,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         device=args.device,
+        tensor_parallel_size=args.tensor_parallel_size,
         enforce_eager=args.enforce_eager,
         kv_transfer_config=args.kv_transfer_config,
     )

@@ -106,6 +106,9 @@ class EngineCore:
     def max_model_len(self) -> int:
         return self.scheduler.max_model_len
 
+    def close(self) -> None:
+        self.runner.close()
+
     def _max_model_len(self) -> int:
         arch_len = self.runner.arch.max_position_embeddings
         asked = self.config.model.max_model_len

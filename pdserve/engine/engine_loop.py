@@ -14,7 +14,9 @@ Sinks run on the loop thread: they must only queue work for another thread (the 
 its outbox), never block. A request whose own work fails inside a step (engine/step_isolation.py) gets its
 sink's `on_fail` alone. A step-wide failure is a bug: it is logged with the requests in the step and retried
 once when nothing moved yet; if it fails again every in-flight request is aborted (its sink's `on_fail` is
-called, its blocks freed), the error is counted, and the loop keeps serving new requests.
+called, its blocks freed), the error is counted, and the loop keeps serving new requests. A failure whose
+cause is marked `fatal` (a tensor-parallel rank died) is not retried: the loop aborts everything and sets
+`broken` to the reason, and its node stops taking requests.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class EngineLoop:
         self.before_step: list[Callable[[], None]] = []
         self.after_step: list[Callable[[list], None]] = []
         self.step_failures = 0
+        self.broken: Optional[str] = None  # why no step can run any more (a fatal step failure)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
         self._unscheduled: set[str] = set()  # requests with a sink that wants on_scheduled, not scheduled yet
@@ -227,6 +230,9 @@ class EngineLoop:
                     exc,
                     exc_info=exc.cause,
                 )
+                if getattr(exc.cause, "fatal", False):
+                    self.broken = str(exc.cause)
+                    break
                 if not exc.retryable:
                     break
             except Exception:
@@ -234,7 +240,7 @@ class EngineLoop:
                 log.exception("engine step failed (attempt %d) outside the batch's work", attempt)
                 break
         log.error("aborting every in-flight request after the failed step")
-        self._fail_all("internal error in the engine step")
+        self._fail_all(self.broken or "internal error in the engine step")
         return None
 
     def _mark_scheduled(self, step_started: float) -> None:

@@ -34,15 +34,17 @@ class KVCacheShape:
         return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * elem
 
 
-def bytes_per_block(arch, block_size: int, dtype: torch.dtype) -> int:
-    return KVCacheShape(
-        arch.num_hidden_layers, 1, block_size, arch.num_key_value_heads, arch.head_dim
-    ).bytes_per_block(dtype)
+def bytes_per_block(arch, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
+    """One block, every layer; `num_kv_heads`: a tensor-parallel rank's share (default: all of them)."""
+    heads = arch.num_key_value_heads if num_kv_heads is None else num_kv_heads
+    return KVCacheShape(arch.num_hidden_layers, 1, block_size, heads, arch.head_dim).bytes_per_block(dtype)
 
 
-def decide_num_blocks(arch, cache_config, dtype: torch.dtype, device: torch.device) -> int:
-    """How many blocks fit, by the precedence in the module docstring."""
-    per_block = bytes_per_block(arch, cache_config.block_size, dtype)
+def decide_num_blocks(
+    arch, cache_config, dtype: torch.dtype, device: torch.device, num_kv_heads: int | None = None
+) -> int:
+    """How many blocks fit, by the precedence in the module docstring (the budget is per rank)."""
+    per_block = bytes_per_block(arch, cache_config.block_size, dtype, num_kv_heads)
     if cache_config.num_gpu_blocks_override is not None:
         return cache_config.num_gpu_blocks_override
     if cache_config.kv_cache_memory is not None:
@@ -80,11 +82,11 @@ def _gpu_kv_budget(utilization: float, device: torch.device) -> int:
 
 
 def allocate_kv_cache(
-    arch, block_size: int, num_blocks: int, dtype: torch.dtype, device: torch.device
+    arch, block_size: int, num_blocks: int, dtype: torch.dtype, device: torch.device,
+    num_kv_heads: int | None = None,
 ) -> torch.Tensor:
-    shape = KVCacheShape(
-        arch.num_hidden_layers, num_blocks, block_size, arch.num_key_value_heads, arch.head_dim
-    )
+    heads = arch.num_key_value_heads if num_kv_heads is None else num_kv_heads
+    shape = KVCacheShape(arch.num_hidden_layers, num_blocks, block_size, heads, arch.head_dim)
     log.info(
         "KV cache: %d blocks of %d tokens (%.1f MiB)",
         num_blocks,
@@ -96,3 +98,22 @@ def allocate_kv_cache(
         dtype=dtype,
         device=device,
     )
+
+
+def export_cuda_ipc(layers: list[torch.Tensor]) -> dict:
+    """What another process needs to map this process's per-layer caches (one allocation) over CUDA IPC: the
+    allocation's handle, the layers' byte offsets in it, their dtype, shape and strides. The KV connector's
+    cuda_ipc plane sends it; a tensor-parallel worker hands rank 0 its own (engine/tp_workers.py)."""
+    import os
+
+    first = layers[0]
+    ipc = list(first.untyped_storage()._share_cuda_())  # device, handle, size, offset, refcount file, event
+    elem = first.element_size()
+    return {
+        "host": os.uname().nodename,
+        "ipc": ipc,
+        "dtype": str(first.dtype).removeprefix("torch."),
+        "shape": list(first.shape),
+        "stride": list(first.stride()),
+        "layer_offsets": [c.storage_offset() * elem for c in layers],
+    }

@@ -39,6 +39,16 @@ class LLM:
     def max_model_len(self) -> int:
         return self.core.max_model_len
 
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks this engine started (nothing to do with one rank)."""
+        self.core.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)

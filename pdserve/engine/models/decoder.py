@@ -22,6 +22,7 @@ from pdserve.engine.attention_metadata import AttentionMetadata
 from pdserve.engine.checkpoint import ArchConfig
 from pdserve.engine.models.layers import Attention, Embedding, GatedMLP, Linear, RMSNorm, build_cos_sin_cache
 from pdserve.engine.models.moe import BLOCK_NAME, SparseMoE
+from pdserve.engine.tensor_parallel import TPGroup
 from pdserve.kernels import dispatch
 
 
@@ -30,18 +31,19 @@ def layer_window(arch: ArchConfig, index: int) -> int:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ArchConfig, index: int, dtype: torch.dtype, device):
+    def __init__(self, arch: ArchConfig, index: int, dtype: torch.dtype, device, tp: TPGroup):
         super().__init__()
         norm = lambda: RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device, arch.norm_offset)  # noqa: E731
         self.input_layernorm = norm()
-        self.self_attn = Attention(arch, layer_window(arch, index), dtype, device)
+        self.self_attn = Attention(arch, layer_window(arch, index), dtype, device, tp)
         self.post_attention_layernorm = norm()
         if arch.sandwich_norms:
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
         sparse = arch.moe is not None and arch.moe.sparse_layers[index]
         self.ffn_name = BLOCK_NAME[arch.model_type] if sparse else "mlp"
-        setattr(self, self.ffn_name, SparseMoE(arch, dtype, device) if sparse else GatedMLP(arch, dtype, device))
+        ffn = SparseMoE(arch, dtype, device, tp) if sparse else GatedMLP(arch, dtype, device, tp)
+        setattr(self, self.ffn_name, ffn)
         self.sandwich = arch.sandwich_norms
 
     def forward(self, positions, hidden, residual, kv_cache, meta, cos_sin_cache):
@@ -65,23 +67,30 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device):
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device, tp: TPGroup):
         super().__init__()
-        self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, dtype, device)
-        self.layers = nn.ModuleList(DecoderLayer(arch, i, dtype, device) for i in range(arch.num_hidden_layers))
+        self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, dtype, device, tp)
+        self.layers = nn.ModuleList(DecoderLayer(arch, i, dtype, device, tp) for i in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device, arch.norm_offset)
 
 
 class CausalLM(nn.Module):
     """model(input_ids [T], positions [T], kv_caches (one [2, N, B, Hk, D] per layer), attn_meta) -> hidden [T, H];
-    compute_logits(hidden [n, H]) -> [n, V] float32."""
+    compute_logits(hidden [n, H]) -> [n, V] float32. With tensor parallelism (`tp`) every rank runs both with
+    the same inputs and gets the same result; the LM head is vocabulary-parallel like the embedding."""
 
-    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device):
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device, tp: TPGroup | None = None):
         super().__init__()
         self.arch = arch
-        self.model = DecoderModel(arch, dtype, device)
-        self.lm_head = None if arch.tie_word_embeddings else Linear(arch.hidden_size, [arch.vocab_size], False,
-                                                                    dtype, device)
+        self.tp = tp = tp or TPGroup.single()
+        self.model = DecoderModel(arch, dtype, device, tp)
+        self.lm_head = None
+        if not arch.tie_word_embeddings:
+            embed = self.model.embed_tokens  # the head's rows split as the embedding's do
+            self.lm_head = Linear(arch.hidden_size, [embed.weight.shape[0]], False, dtype, device,
+                                  embed.hf_cuts["weight"])
+            self.lm_head.real_rows = embed.real_rows
+            self.lm_head.weight.data[embed.real_rows:].zero_()
         # Hugging Face rounds the scale to the weights' dtype before multiplying.
         self.embed_scale = torch.tensor(arch.embed_scale, dtype=dtype).item() if arch.embed_scale != 1 else None
         self.register_buffer("cos_sin_cache", build_cos_sin_cache(
@@ -116,6 +125,8 @@ class CausalLM(nn.Module):
         returned as float32."""
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = dispatch.linear(hidden, head)
+        if self.tp.size > 1:
+            logits = self.tp.all_gather_last(logits)[:, : self.arch.vocab_size]
         cap = self.arch.final_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap

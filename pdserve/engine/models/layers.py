@@ -2,7 +2,9 @@
 
 Parameters are allocated with torch.empty in the final dtype and device (no random init, no meta round trip):
 the loader fills every one of them and checks none is left. Fused projections (q|k|v, gate|up) record how their
-rows split, so the loader can place Hugging Face's separate tensors into them.
+rows split, so the loader can place Hugging Face's separate tensors into them. Under tensor parallelism
+(engine/tensor_parallel.py) each module holds its rank's slice and records, in `hf_cuts`, which slice of
+Hugging Face's tensor that is.
 """
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ from torch import nn
 
 from pdserve.engine.attention_metadata import AttentionMetadata
 from pdserve.engine.checkpoint import RopeScaling
+from pdserve.engine.tensor_parallel import TPGroup, kv_head_range, shard, vocab_range
 from pdserve.kernels import dispatch
+
+Cut = tuple[int, int, int]  # (dim, start, length) of a Hugging Face tensor that a rank holds
 
 
 def empty_param(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
@@ -22,25 +27,69 @@ def empty_param(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    """y = x W^T + b. `splits` lists the row counts of the tensors fused into W (one entry when not fused)."""
+    """y = x W^T + b. `splits` lists the row counts of the tensors fused into W (one entry when not fused).
+    `cuts`, per fused part, is the rows of Hugging Face's tensor this rank holds (column parallel; a bias is
+    cut alike), None when it holds them all."""
 
-    def __init__(self, in_features: int, splits: list[int], bias: bool, dtype: torch.dtype, device):
+    def __init__(self, in_features: int, splits: list[int], bias: bool, dtype: torch.dtype, device,
+                 cuts: list[Cut | None] | None = None):
         super().__init__()
         self.splits = tuple(splits)
         self.weight = empty_param(sum(splits), in_features, dtype=dtype, device=device)
         self.bias = empty_param(sum(splits), dtype=dtype, device=device) if bias else None
+        parts = list(cuts) if cuts else [None] * len(splits)
+        self.hf_cuts = {"weight": parts, "bias": parts}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dispatch.linear(x, self.weight, self.bias)
 
 
+def column_cuts(splits: list[int], tp: TPGroup) -> tuple[list[int], list[Cut | None]]:
+    """A fused projection's parts split evenly over the ranks: (this rank's row counts, their cuts)."""
+    if tp.size == 1:
+        return list(splits), [None] * len(splits)
+    ranges = [shard(n, tp.rank, tp.size) for n in splits]
+    return [length for _, length in ranges], [(0, start, length) for start, length in ranges]
+
+
+class RowParallelLinear(Linear):
+    """A projection whose input is split over the ranks: this rank holds W's matching columns; the partial
+    products are summed with one all-reduce and the bias added once, after it."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device,
+                 tp: TPGroup):
+        start, length = shard(in_features, tp.rank, tp.size)
+        super().__init__(length, [out_features], bias, dtype, device)
+        self.tp = tp
+        self.hf_cuts = {"weight": [(1, start, length) if tp.size > 1 else None], "bias": [None]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return dispatch.linear(x, self.weight, self.bias)
+        y = self.tp.all_reduce(dispatch.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
 class Embedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, device):
+    """Vocabulary-parallel: this rank holds rows [start, start + padded) (the tail past the vocabulary is zero
+    padding); lookups of other ranks' ids give 0 here and the all-reduce completes them."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, device, tp: TPGroup | None = None):
         super().__init__()
-        self.weight = empty_param(vocab_size, hidden_size, dtype=dtype, device=device)
+        self.tp = tp or TPGroup.single()
+        self.start, self.real_rows, padded = vocab_range(vocab_size, self.tp.rank, self.tp.size)
+        self.weight = empty_param(padded, hidden_size, dtype=dtype, device=device)
+        if padded > self.real_rows:
+            self.weight.data[self.real_rows:].zero_()
+        self.hf_cuts = {"weight": [(0, self.start, self.real_rows) if self.tp.size > 1 else None]}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.start
+        mine = (local >= 0) & (local < self.real_rows)
+        hidden = F.embedding(torch.where(mine, local, 0), self.weight)
+        return self.tp.all_reduce(hidden * mine.unsqueeze(-1).to(hidden.dtype))
 
 
 class RMSNorm(nn.Module):
@@ -91,17 +140,24 @@ class Attention(nn.Module):
     """Grouped-query attention over the paged KV cache: decodes go to the decode kernel, chunks to the prefill one.
     `window` > 0 makes it a sliding-window layer; qk_norm and softcap are the Qwen3 / Gemma variations."""
 
-    def __init__(self, arch, window: int, dtype: torch.dtype, device):
+    def __init__(self, arch, window: int, dtype: torch.dtype, device, tp: TPGroup | None = None):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (arch.num_attention_heads, arch.num_key_value_heads,
-                                                            arch.head_dim)
+        tp = tp or TPGroup.single()
+        self.head_dim = arch.head_dim
+        self.num_heads = arch.num_attention_heads // tp.size
+        first_kv, self.num_kv_heads = kv_head_range(arch.num_key_value_heads, tp.rank, tp.size)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = arch.attn_scale or self.head_dim ** -0.5
         self.window, self.softcap = window, arch.attn_softcap
+        cuts = None
+        if tp.size > 1:
+            kv_cut = (0, first_kv * self.head_dim, self.kv_size)
+            cuts = [(0, tp.rank * self.q_size, self.q_size), kv_cut, kv_cut]
         self.qkv_proj = Linear(arch.hidden_size, [self.q_size, self.kv_size, self.kv_size], arch.qkv_bias,
-                               dtype, device)
-        self.o_proj = Linear(self.q_size, [arch.hidden_size], arch.o_bias, dtype, device)
+                               dtype, device, cuts)
+        self.o_proj = RowParallelLinear(arch.num_attention_heads * self.head_dim, arch.hidden_size, arch.o_bias,
+                                        dtype, device, tp)
         if arch.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps, dtype, device, arch.norm_offset)
             self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps, dtype, device, arch.norm_offset)
@@ -149,12 +205,14 @@ def act_and_mul(activation: str, x: torch.Tensor) -> torch.Tensor:
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)), with gate and up fused into one projection."""
 
-    def __init__(self, arch, dtype: torch.dtype, device):
+    def __init__(self, arch, dtype: torch.dtype, device, tp: TPGroup | None = None):
         super().__init__()
+        tp = tp or TPGroup.single()
         inter = arch.intermediate_size
         self.activation = arch.hidden_act
-        self.gate_up_proj = Linear(arch.hidden_size, [inter, inter], arch.mlp_bias, dtype, device)
-        self.down_proj = Linear(inter, [arch.hidden_size], arch.mlp_bias, dtype, device)
+        splits, cuts = column_cuts([inter, inter], tp)
+        self.gate_up_proj = Linear(arch.hidden_size, splits, arch.mlp_bias, dtype, device, cuts)
+        self.down_proj = RowParallelLinear(inter, arch.hidden_size, arch.mlp_bias, dtype, device, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(act_and_mul(self.activation, self.gate_up_proj(x)))

@@ -6,6 +6,8 @@ its slice of the stacked `experts.w13` / `experts.w2` (engine/models/moe.py). Ev
 exactly once with the right shape; a tied checkpoint may carry a redundant `lm_head.weight`, and old ones a
 `rotary_emb.inv_freq` buffer: both are skipped. Anything else is an error naming the tensor in the checkpoint's
 own words, since it means config.json and the weights disagree: it must fail here, never mid-request.
+Under tensor parallelism a module's `hf_cuts` names the slice of each Hugging Face tensor its rank holds
+(engine/tensor_parallel.py); the loader cuts the tensor before the shape check.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pdserve.engine.checkpoint import ArchConfig, iter_tensors, load_arch_config
 from pdserve.engine.models.layers import RMSNorm
 from pdserve.engine.models.moe import FusedExperts
 from pdserve.engine.models.registry import get_model_class
+from pdserve.engine.tensor_parallel import TPGroup, check_divisible
 from pdserve.wire.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -29,31 +32,49 @@ _PACKED = {  # HF projection -> (our fused projection, index of its rows)
 _EXPERT = re.compile(r"^(?P<block>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
 
 
-def _expert_target(model, name: str) -> tuple[str, torch.Tensor | None] | None:
-    """(key, rows of the stacked parameter) for one expert's projection, or None if `name` is not one."""
+Target = tuple[str, "torch.Tensor | None", "tuple[int, int, int] | None"]  # (key, destination, cut)
+
+
+def _cut(module, param: str, part: int = 0):
+    return getattr(module, "hf_cuts", {}).get(param, [None] * (part + 1))[part]
+
+
+def _expert_target(model, name: str) -> Target | None:
+    """(key, rows of the stacked parameter, cut) for one expert's projection, or None if `name` is not one."""
     match = _EXPERT.match(name)
     if match is None:
         return None
     try:
         experts = model.get_submodule(match["block"])
     except AttributeError:
-        return name, None
+        return name, None, None
     if not isinstance(experts, FusedExperts):
-        return name, None
+        return name, None, None
     expert, proj = int(match["expert"]), match["proj"]
     for stacked, projs in experts.hf_names.items():
         if proj in projs and expert < experts.num_experts:
             part = projs.index(proj)
             splits = experts.row_splits[stacked]
             dest = getattr(experts, stacked)[expert].narrow(0, sum(splits[:part]), splits[part])
-            return f"{match['block']}.{stacked}[{expert}][{part}]", dest
-    return name, None
+            return f"{match['block']}.{stacked}[{expert}][{part}]", dest, _cut(experts, stacked, part)
+    return name, None, None
 
 
-def _target(model: torch.nn.Module, params: dict, name: str) -> tuple[str, torch.Tensor | None] | None:
-    """(key, destination) for the HF tensor `name`: the key names what got filled (fused parts as
-    `qkv_proj.weight[1]`), the destination is our parameter or its rows, None when we have no such parameter.
-    Returns None for tensors we skip."""
+def _plain_target(model: torch.nn.Module, params: dict, name: str) -> Target:
+    dest = params.get(name)
+    if dest is None:
+        return name, None, None
+    module = model.get_submodule(name.rsplit(".", 1)[0])
+    real = getattr(module, "real_rows", None)  # a vocabulary shard: its padding rows take nothing
+    if real is not None:
+        dest = dest.narrow(0, 0, real)
+    return name, dest, _cut(module, name.rsplit(".", 1)[1])
+
+
+def _target(model: torch.nn.Module, params: dict, name: str) -> Target | None:
+    """(key, destination, cut) for the HF tensor `name`: the key names what got filled (fused parts as
+    `qkv_proj.weight[1]`), the destination is our parameter or its rows, None when we have no such parameter;
+    the cut is the slice of `name` this rank holds (None: all of it). Returns None for tensors we skip."""
     parts = name.split(".")
     if parts[-1] == "inv_freq" or (name == "lm_head.weight" and model.lm_head is None):
         return None
@@ -61,13 +82,15 @@ def _target(model: torch.nn.Module, params: dict, name: str) -> tuple[str, torch
     if expert is not None:
         return expert
     if len(parts) < 2 or parts[-2] not in _PACKED:
-        return name, params.get(name)
+        return _plain_target(model, params, name)
     fused, index = _PACKED[parts[-2]]
     ours = ".".join(parts[:-2] + [fused, parts[-1]])
     if ours not in params:
-        return name, None
-    splits = model.get_submodule(".".join(parts[:-2] + [fused])).splits
-    return f"{ours}[{index}]", params[ours].narrow(0, sum(splits[:index]), splits[index])
+        return name, None, None
+    module = model.get_submodule(".".join(parts[:-2] + [fused]))
+    splits = module.splits
+    dest = params[ours].narrow(0, sum(splits[:index]), splits[index])
+    return f"{ours}[{index}]", dest, _cut(module, parts[-1], index)
 
 
 def _needed(model: torch.nn.Module) -> list[tuple[str, str]]:
@@ -99,7 +122,9 @@ def load_weights(model: torch.nn.Module, model_dir: str, progress: bool = True) 
         found = _target(model, params, name)
         if found is None:
             continue
-        key, dest = found
+        key, dest, cut = found
+        if cut is not None:
+            tensor = tensor.narrow(*cut)
         if dest is None:
             raise CheckpointError(f"{model_dir}: unexpected tensor {name} (do config.json and the weights match?)")
         if tuple(tensor.shape) != tuple(dest.shape):
@@ -137,12 +162,14 @@ def _fold_norm_offsets(model: torch.nn.Module) -> None:
 
 @torch.no_grad()  # not inference_mode: parameters made there would be inference tensors, awkward for callers
 def load_model(model_dir: str, dtype: torch.dtype, device, progress: bool = True, load_format: str = "auto",
-               seed: int = 0) -> tuple[torch.nn.Module, ArchConfig]:
+               seed: int = 0, tp: TPGroup | None = None) -> tuple[torch.nn.Module, ArchConfig]:
     """(model in eval mode on `device` with weights of `dtype`, its ArchConfig). load_format "dummy" reads only
-    config.json (init_dummy_weights)."""
+    config.json (init_dummy_weights). `tp`: the rank's group; it builds and fills only the rank's slices."""
     arch = load_arch_config(model_dir)
     device = torch.device(device)
-    model = get_model_class(arch.architecture)(arch, dtype, device)
+    tp = tp or TPGroup.single()
+    check_divisible(arch, tp.size)
+    model = get_model_class(arch.architecture)(arch, dtype, device, tp)
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:
