@@ -84,7 +84,7 @@ class Pending:
 class DisaggDecoder:
     def __init__(self, node):
         from pdserve.kvconnector.consumer import KVConsumer
-        from pdserve.node_runtime.connector import connector_config
+        from pdserve.node_runtime.connector import connector_config, kv_layout
 
         self.node = node
         self.core, self.loop, self.rpc = node.core, node.loop, node.rpc
@@ -93,7 +93,7 @@ class DisaggDecoder:
         self.lock = threading.Lock()
         self.quarantine: dict[str, Pending] = {}  # released, blocks held until the writer confirms it stopped
         self.consumer = KVConsumer(
-            connector_config(node), self.core.runner.kv_caches, on_complete=self._on_kv_complete
+            connector_config(node), kv_layout(node), on_complete=self._on_kv_complete
         )
         self.consumer.on_forgotten_end = self._on_kv_end  # a released request's Done / Abort still frees it
         node.metrics.extra_registries.append(self.consumer.metrics.registry)

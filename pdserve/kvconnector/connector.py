@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from pdserve.kvconnector.head_layout import HeadLayout
 from pdserve.kvconnector.metrics import KVMetrics
 from pdserve.kvconnector.scheduler_side import DEFAULT_KV_TIMEOUT, Finished
 from pdserve.kvconnector.transport import DataPlaneConfig, create_data_plane, dtype_name
@@ -88,32 +89,26 @@ class ConnectorConfig:
         )
 
 
-def caches_by_layer(kv_caches) -> list[torch.Tensor]:
-    """The engine's one tensor [L, 2, N, bs, h, d] or a list of per-layer [2, N, bs, h, d] -> list of
-    layers."""
-    return (
-        list(kv_caches.unbind(0))
-        if isinstance(kv_caches, torch.Tensor) and kv_caches.dim() == 6
-        else list(kv_caches)
-    )
-
-
 class KVConnectorBase:
     """Base of KVProducer / KVConsumer: codec, data plane, our handshake, metrics, reaper thread."""
 
     role = "kv_both"
 
     def __init__(self, config: ConnectorConfig, kv_caches, on_complete: Optional[OnComplete], registry=None):
+        """kv_caches: one rank's caches (engine/kv_cache.py's tensor, or a list of layers), or a HeadLayout of
+        a tensor-parallel node's ranks."""
         self.config = config
-        self.caches = caches_by_layer(kv_caches)
+        self.layout = HeadLayout.of(kv_caches, config.num_kv_heads)
+        self.caches = self.layout.layers
         self._check_caches()
         self.on_complete = on_complete
         self.codec = SignedCodec(resolve_secret(config.secret, config.kv_ip), max_body=config.max_body)
         self.device = self.caches[0].device
         c = self.caches[0]
-        self.block_bytes = c.shape[0] * c[0, 0].numel() * c.element_size()  # K and V of one block, one layer
+        # K and V of one block, one layer, every head
+        self.block_bytes = c.shape[0] * c.shape[2] * config.num_kv_heads * c.shape[4] * c.element_size()
         self.data_plane = create_data_plane(
-            config.kv_connector, DataPlaneConfig(config.kv_ip, str(self.device), config.extra), self.caches
+            config.kv_connector, DataPlaneConfig(config.kv_ip, str(self.device), config.extra), self.layout
         )
         self.metrics = KVMetrics(
             "producer" if self.role == "kv_producer" else "consumer", config.kv_connector, registry
@@ -137,15 +132,21 @@ class KVConnectorBase:
         self._reaper = threading.Thread(target=self._reap_loop, name=f"kv-reaper-{self.role}", daemon=True)
 
     def _check_caches(self) -> None:
-        c, cfg = self.caches, self.config
-        want = (2, cfg.block_size, cfg.num_kv_heads, cfg.head_dim)
-        got = (c[0].shape[0], *c[0].shape[2:]) if c else ()
-        if len(c) != cfg.num_layers or tuple(got) != want or dtype_name(c[0].dtype) != cfg.dtype:
+        cfg = self.config
+        if self.layout.num_kv_heads != cfg.num_kv_heads:
             raise ValueError(
-                f"KV caches ({len(c)} layers of {[tuple(c[0].shape)] if c else []} "
-                f"{c[0].dtype if c else ''}) do not match the config ({cfg.num_layers} layers, "
-                f"per block {want}, {cfg.dtype})"
+                f"KV caches hold {self.layout.num_kv_heads} heads, the config says {cfg.num_kv_heads}"
             )
+        for rank in self.layout.ranks:
+            c = rank.layers
+            want = (2, cfg.block_size, rank.num_heads, cfg.head_dim)
+            got = (c[0].shape[0], *c[0].shape[2:]) if c else ()
+            if len(c) != cfg.num_layers or tuple(got) != want or dtype_name(c[0].dtype) != cfg.dtype:
+                raise ValueError(
+                    f"KV caches ({len(c)} layers of {[tuple(c[0].shape)] if c else []} "
+                    f"{c[0].dtype if c else ''}) do not match the config ({cfg.num_layers} layers, "
+                    f"per block {want}, {cfg.dtype})"
+                )
 
     def check_peer(self, theirs: Handshake) -> str:
         """'' when we can work with this peer, else why not (layout differences, transport refusal)."""

@@ -38,7 +38,7 @@ class KVConsumer(KVConnectorBase):
     ):
         super().__init__(config, kv_caches, on_complete, registry)
         self.scheduler = ConsumerScheduler(config.num_layers, config.timeout)
-        self.worker = ConsumerWorker(self.caches)
+        self.worker = ConsumerWorker(self.layout)
         self.counted = self.data_plane.name == "tcp"  # the bytes pass through us, so Done can be checked
         # (request_id): the producer's Done or Abort for a request forgotten here: its writes are over
         self.on_forgotten_end: Optional[Callable[[str], None]] = None

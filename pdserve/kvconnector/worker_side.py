@@ -29,6 +29,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from pdserve.kvconnector.head_layout import HeadLayout
 from pdserve.kvconnector.scheduler_side import SendPlan
 from pdserve.kvconnector.transport import DataPlane, Fence, PeerWrites
 from pdserve.wire.frames import KVChunk
@@ -173,14 +174,16 @@ def _by_peer(plans: Sequence[SendPlan], window: int) -> list[PeerWrites]:
 
 class ConsumerWorker:
     """Writes tcp chunks into the reserved blocks (the only data plane whose bytes reach the consumer's
-    host)."""
+    host); a chunk holds every KV head, written into each tensor-parallel rank's share of them."""
 
-    def __init__(self, caches: Sequence[torch.Tensor]):
-        self.caches = list(caches)
+    def __init__(self, layout: HeadLayout):
+        self.layout = layout
+        self.caches = layout.layers
 
     def check(self, header: KVChunk, tensor: torch.Tensor) -> str:
         c = self.caches[0]
-        want = (header.num_layers, c.shape[0], len(header.block_ids), *c.shape[2:])
+        heads = self.layout.num_kv_heads
+        want = (header.num_layers, c.shape[0], len(header.block_ids), c.shape[2], heads, c.shape[4])
         if tuple(tensor.shape) != want or tensor.dtype != c.dtype:
             return f"chunk {tuple(tensor.shape)} {tensor.dtype}, cache wants {want} {c.dtype}"
         if header.first_layer + header.num_layers > len(self.caches):
@@ -193,6 +196,7 @@ class ConsumerWorker:
         ids = torch.tensor(header.block_ids, dtype=torch.int64, device=cache.device)
         src = tensor.to(cache.device)
         for i in range(header.num_layers):
-            self.caches[header.first_layer + i].index_copy_(1, ids, src[i])
-        if cache.device.type == "cuda":
-            torch.cuda.current_stream(cache.device).synchronize()
+            self.layout.scatter(header.first_layer + i, ids, src[i])
+        for rank in self.layout.ranks:
+            if rank.device.type == "cuda":
+                torch.cuda.current_stream(rank.device).synchronize()

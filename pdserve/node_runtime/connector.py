@@ -1,5 +1,6 @@
 """The KV connector's config for a node: the layout from the loaded model, the policy from the node's
-flags (--kv-transfer-config; connector-specific keys come from its kv_connector_extra_config)."""
+flags (--kv-transfer-config; connector-specific keys come from its kv_connector_extra_config); and the
+node's KV caches, every tensor-parallel rank's, as the connector addresses them."""
 
 from __future__ import annotations
 
@@ -30,3 +31,14 @@ def connector_config(node):
         if config.kv_transfer.engine_id
         else cfg
     )
+
+
+def kv_layout(node):
+    """The HeadLayout of the node's ranks' caches (one rank without tensor parallelism)."""
+    from pdserve.engine.tensor_parallel import kv_head_range
+    from pdserve.kvconnector.head_layout import HeadLayout
+
+    runner = node.core.runner
+    heads, size = runner.arch.num_key_value_heads, len(runner.rank_caches)
+    ranges = [kv_head_range(heads, rank, size) for rank in range(size)]
+    return HeadLayout.of_ranks(runner.rank_caches, ranges, heads, runner.rank_exports)

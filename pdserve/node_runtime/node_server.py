@@ -174,6 +174,7 @@ class NodeServer:
         self.http.stop()
         if self.kv_events_pub is not None:
             self.kv_events_pub.close()
+        self.core.close()
 
     def serve_forever(self, stop_event: threading.Event) -> None:
         while not stop_event.wait(0.5):
@@ -231,15 +232,11 @@ class NodeServer:
 
     # ---- incoming ------------------------------------------------------------------------------------------
     def _on_message(self, identity: bytes, msg) -> None:
-        if self.draining and isinstance(msg, (Generate, Prefill)):
-            return self.reject(
-                identity,
-                msg.request_id,
-                503,
-                f"node {self.node_id} is draining",
-                retryable=True,
-                draining=True,
+        if (self.draining or self.loop.broken) and isinstance(msg, (Generate, Prefill)):
+            why = f"node {self.node_id} is " + (
+                f"broken: {self.loop.broken}" if self.loop.broken else "draining"
             )
+            return self.reject(identity, msg.request_id, 503, why, retryable=True, draining=True)
         if isinstance(msg, Generate):
             self._on_generate(identity, msg)
         elif isinstance(msg, Abort):

@@ -49,7 +49,7 @@ class NodeStatus:
                     total_blocks=s.num_total_blocks,
                     block_size=s.block_size,
                     ts=time.time(),
-                    draining=self.node.draining,
+                    draining=self.node.draining or bool(self.node.loop.broken),  # proxies stop routing here
                     kv=self.node.decode.kv_endpoint if self.node.decode is not None else "",
                     incarnation=INCARNATION,
                 )
@@ -91,9 +91,11 @@ class NodeStatus:
 
     def health(self) -> tuple[bool, dict]:
         s = self.node.loop.snapshot
-        alive = self.node.loop.alive and self.node.rpc._thread.is_alive()
+        alive = self.node.loop.alive and self.node.rpc._thread.is_alive() and not self.node.loop.broken
         ok = alive and not self.node.draining
+        body = {"error": self.node.loop.broken} if self.node.loop.broken else {}
         return ok, {
+            **body,
             "status": "ok" if ok else ("draining" if alive else "unhealthy"),
             "node_id": self.node.node_id,
             "role": NodeRole.of_kv_role(self.node.role).value,

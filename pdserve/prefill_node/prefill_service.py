@@ -70,7 +70,7 @@ class PrefillJob:
 class PrefillService:
     def __init__(self, node):
         from pdserve.kvconnector.producer import KVProducer
-        from pdserve.node_runtime.connector import connector_config
+        from pdserve.node_runtime.connector import connector_config, kv_layout
         from pdserve.prefill_node.step_hooks import TransferStepHooks
 
         self.node = node
@@ -79,7 +79,7 @@ class PrefillService:
         self.jobs: dict[str, PrefillJob] = {}
         self.bound: dict[str, PrefillJob] = {}  # by kv_id: those the connector may write for (from bind on)
         self.producer = KVProducer(
-            connector_config(node), self.core.runner.kv_caches, on_complete=self._on_complete
+            connector_config(node), kv_layout(node), on_complete=self._on_complete
         )
         node.metrics.extra_registries.append(self.producer.metrics.registry)
         self.hooks = TransferStepHooks(self.core, self.producer, self.transfer_id)

@@ -11,6 +11,10 @@
               and hands over its agent metadata at handshake; the producer WRITEs each layer as a few large
               descriptors (runs of consecutive blocks), posted by a sender thread once the layer is computed.
 The consumer's host does nothing per layer on either plane: it hears one `Done` per request.
+
+Under tensor parallelism (kvconnector/head_layout.py) tcp sends every head of a block whatever the TP sizes,
+gathered from and scattered to the ranks that hold them; cuda_ipc writes each producer rank's heads into the
+consumer ranks that hold them; nixl refuses a node of several ranks at start (not yet).
 """
 
 from __future__ import annotations
@@ -26,16 +30,26 @@ from pdserve.kvconnector.transport.base import (
 )
 
 
-def create_data_plane(name: str, config: DataPlaneConfig, caches) -> DataPlane:
-    """caches: the engine's per-layer [2, N, block_size, kv_heads, head_dim] tensors."""
+def create_data_plane(name: str, config: DataPlaneConfig, layout) -> DataPlane:
+    """layout: the node's HeadLayout (one rank's per-layer [2, N, block_size, kv_heads, head_dim] tensors
+    without tensor parallelism)."""
+    from pdserve.kvconnector.head_layout import HeadLayout
+
+    layout = HeadLayout.of(layout)
     if name == "tcp":
         from pdserve.kvconnector.transport.tcp import TcpDataPlane
 
-        return TcpDataPlane(config, caches)
+        return TcpDataPlane(config, layout)
     if name == "cuda_ipc":
         from pdserve.kvconnector.transport.cuda_ipc import CudaIpcDataPlane
 
-        return CudaIpcDataPlane(config, caches)
+        return CudaIpcDataPlane(config, layout)
+    if layout.tp_size > 1:
+        raise ValueError(
+            f"kv_connector {name} does not yet move KV for a node of {layout.tp_size} tensor-parallel ranks: "
+            "use kv_connector tcp"
+        )
+    caches = layout.layers
     if name == "nixl":
         from pdserve.kvconnector.transport.nixl import NixlDataPlane
 

@@ -11,23 +11,31 @@ for it, launch one `copy_blocks` on the copy stream (local blocks -> the peer's 
 of the step for that peer at once). A fence is a blocking-sync event on the copy stream: its waiter sleeps, no
 spinning. The next step's forward waits for the copy stream first, because the engine frees a prefilled
 request's blocks at once and a later step may reuse them (the wait costs at most the last layer's copy).
+
+Tensor parallelism (kvconnector/head_layout.py): a consumer of several ranks exports each rank's cache with
+the KV heads it holds, and a producer of several ranks maps its own workers' caches the same way. Per layer,
+each consumer rank then gets its heads from the producer ranks that hold them: a whole-block copy where both
+hold the same heads (equal TP sizes), else a copy of the overlapping head slice (index_select + index_copy_
+on head-narrowed views: two launches per pair and layer).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from typing import Optional, Sequence
 
 import torch
 
+from pdserve.engine.kv_cache import export_cuda_ipc
 from pdserve.kernels.block_copy import BlockCopier
+from pdserve.kvconnector.head_layout import HeadLayout
 from pdserve.kvconnector.transport.base import (
     DataPlane,
     DataPlaneConfig,
     Fence,
     PeerWrites,
-    dtype_name,
     torch_dtype,
 )
 from pdserve.wire.frames import Handshake
@@ -54,8 +62,10 @@ class _EventFence(Fence):
 class CudaIpcDataPlane(DataPlane):
     name = "cuda_ipc"
 
-    def __init__(self, config: DataPlaneConfig, caches: Sequence[torch.Tensor]):
-        super().__init__(config, caches)
+    def __init__(self, config: DataPlaneConfig, layout):
+        self.layout = HeadLayout.of(layout)
+        super().__init__(config, self.layout.layers)
+        self._sources: Optional[list] = None  # our ranks' caches on this device, mapped once (TP)
         self.device = self.caches[0].device
         if self.device.type != "cuda":
             raise ValueError("kv_connector cuda_ipc needs the KV cache on a CUDA device")
@@ -109,20 +119,14 @@ class CudaIpcDataPlane(DataPlane):
 
     # ---- consumer: export ----------------------------------------------------------------------------------
     def local_info(self) -> dict:
-        first = self.caches[0]
-        storage = first.untyped_storage()
-        ipc = list(
-            storage._share_cuda_()
-        )  # device, handle, size, offset, refcount file + offset, event, sync
-        elem = first.element_size()
-        return {
-            "host": os.uname().nodename,
-            "ipc": ipc,
-            "dtype": dtype_name(first.dtype),
-            "shape": list(first.shape),
-            "stride": list(first.stride()),
-            "layer_offsets": [c.storage_offset() * elem for c in self.caches],
-        }
+        """Rank 0's cache; with tensor parallelism every rank's, each with the KV heads it holds."""
+        if self.layout.tp_size == 1:
+            return export_cuda_ipc(self.caches)
+        ranks = [
+            {**(r.ipc or export_cuda_ipc(r.layers)), "first_head": r.first_head, "num_heads": r.num_heads}
+            for r in self.layout.ranks
+        ]
+        return {"host": os.uname().nodename, "ranks": ranks}
 
     # ---- producer: map -------------------------------------------------------------------------------------
     def check_peer(self, ours: Handshake, theirs: Handshake) -> str:
@@ -147,7 +151,11 @@ class CudaIpcDataPlane(DataPlane):
         return ""
 
     def open(self, link, ours: Handshake, theirs: Handshake, producer: bool) -> None:
-        if producer:
+        if producer and (self.layout.tp_size > 1 or "ranks" in (theirs.data_plane or {})):
+            peer = [(first, n, self._map(info, n)) for first, n, info in _rank_exports(theirs.data_plane)]
+            link.state["peer_cache"] = peer
+            link.state["copiers"] = self._pair_copies(peer)
+        elif producer:
             peer = self._map(theirs.data_plane)
             link.state["peer_cache"] = peer
             link.state["copiers"] = [
@@ -163,9 +171,43 @@ class CudaIpcDataPlane(DataPlane):
         src_w, dst_w = src.flatten(2).view(torch.int64), dst.flatten(2).view(torch.int64)
         return lambda src_ids, dst_ids: dst_w.index_copy_(1, dst_ids, src_w.index_select(1, src_ids))
 
-    def _map(self, info: dict) -> list[torch.Tensor]:
+    def _source_pieces(self) -> list:
+        """(first head, heads, per-layer caches) of the first of our ranks holding each head, all on our
+        device: rank 0's own, the workers' mapped from their exports."""
+        if self._sources is None:
+            self._sources = [
+                (r.first_head, r.num_heads, r.layers if r.ipc is None else self._map(r.ipc, r.num_heads))
+                for r in self.layout.sources
+            ]
+        return self._sources
+
+    def _pair_copies(self, peer: list) -> list[list]:
+        """Per layer, the copies that fill every peer rank's heads: fn(src_ids, dst_ids) each."""
+        pairs = []
+        for d_first, d_n, d_layers in peer:
+            for s_first, s_n, s_layers in self._source_pieces():
+                lo, hi = max(d_first, s_first), min(d_first + d_n, s_first + s_n)
+                if lo < hi:
+                    whole = s_n == d_n == hi - lo
+                    pairs.append((s_layers, lo - s_first, d_layers, lo - d_first, hi - lo, whole))
+        copies = []
+        for layer in range(self.num_layers):
+            row = []
+            for s_layers, s_at, d_layers, d_at, n, whole in pairs:
+                src, dst = s_layers[layer], d_layers[layer]
+                if whole and self.copy == "triton":
+                    row.append(partial(BlockCopier(src, dst, self.block_words), stream=self._stream_handle))
+                elif whole:
+                    row.append(self._copier(src, dst))
+                else:
+                    row.append(partial(_copy_heads, src.narrow(3, s_at, n), dst.narrow(3, d_at, n)))
+            copies.append(row)
+        return copies
+
+    def _map(self, info: dict, num_heads: Optional[int] = None) -> list[torch.Tensor]:
         """The peer's per-layer caches as tensors of this process, on our device (peer access is enabled by
-        opening the handle here: CUDA maps the peer GPU's memory into our device's address space)."""
+        opening the handle here: CUDA maps the peer GPU's memory into our device's address space).
+        num_heads: the KV heads that cache holds (a tensor-parallel rank's), default ours."""
         device, handle, size, offset, ref_handle, ref_offset, event, sync = info["ipc"]
         storage = torch.UntypedStorage._new_shared_cuda(
             self.device.index, handle, size, offset, ref_handle, ref_offset, event, sync
@@ -177,10 +219,8 @@ class CudaIpcDataPlane(DataPlane):
             t.set_(storage, byte_offset // elem, info["shape"], info["stride"])
             layers.append(t)
         ours = self.caches[0]
-        if len(layers) != self.num_layers or (layers[0].shape[0], *layers[0].shape[2:]) != (
-            ours.shape[0],
-            *ours.shape[2:],
-        ):
+        want = (ours.shape[0], ours.shape[2], num_heads or ours.shape[3], ours.shape[4])
+        if len(layers) != self.num_layers or (layers[0].shape[0], *layers[0].shape[2:]) != want:
             raise ValueError(f"the peer's cache {tuple(layers[0].shape)} x {len(layers)} does not fit ours")
         return layers
 
@@ -249,6 +289,10 @@ class CudaIpcDataPlane(DataPlane):
             if copier is None:  # the link closed since stage(): nothing may be written into it now
                 return
             copier(src_ids, dst_ids, self._stream_handle)
+        elif isinstance(copiers[layer], list):  # tensor parallelism: one copy per pair of ranks
+            with torch.cuda.stream(self._stream):
+                for copy in copiers[layer]:
+                    copy(src_ids, dst_ids)
         elif self.copy == "triton":  # launched on the copy stream by handle: no stream switch on this thread
             copiers[layer](src_ids, dst_ids, self._stream_handle)
         else:
@@ -268,6 +312,18 @@ class CudaIpcDataPlane(DataPlane):
         event = torch.cuda.Event(blocking=True, enable_timing=True)
         event.record(self._stream)
         return _EventFence(event, self._last_compute)
+
+
+def _rank_exports(info: dict) -> list[tuple[int, int, dict]]:
+    """(first head, heads, export) per rank of a consumer's handshake info; one rank holds all heads."""
+    if "ranks" in info:
+        return [(r["first_head"], r["num_heads"], r) for r in info["ranks"]]
+    return [(0, info["shape"][3], info)]
+
+
+def _copy_heads(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
+    """Blocks src_ids of a head-narrowed layer view into blocks dst_ids of another."""
+    dst.index_copy_(1, dst_ids, src.index_select(1, src_ids))
 
 
 def stacked_layers(layers: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:

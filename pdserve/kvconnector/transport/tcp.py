@@ -3,13 +3,15 @@
 The producer gathers a request's blocks of the layer and sends them on the calling (forward) thread; the link
 is ordered, so by the time the consumer reads the request's `Done` its link thread has written every earlier
 frame into the cache, and a fence is complete as soon as it is taken. Any device works, through host memory.
+A frame carries every KV head of its blocks, gathered from a tensor-parallel node's ranks
+(kvconnector/head_layout.py), so the two sides' TP sizes need not match.
 """
 
 from __future__ import annotations
 
 import torch
 
-from pdserve.kernels.dispatch import gather_blocks
+from pdserve.kvconnector.head_layout import HeadLayout
 from pdserve.kvconnector.transport.base import (
     DataPlane,
     Fence,
@@ -26,6 +28,10 @@ _DONE = Fence()
 class TcpDataPlane(DataPlane):
     name = "tcp"
 
+    def __init__(self, config, layout):
+        self.layout = HeadLayout.of(layout)
+        super().__init__(config, self.layout.layers)
+
     def stage(self, writes: PeerWrites) -> None:
         device = self.caches[0].device
         writes.staged = [torch.tensor(s, dtype=torch.int64, device=device) for s in writes.src]  # per request
@@ -37,7 +43,7 @@ class TcpDataPlane(DataPlane):
         for rid, src_ids, dst in zip(writes.request_ids, writes.staged, writes.dst, strict=False):
             if not dst:
                 continue
-            blocks = gather_blocks(self.caches[layer], src_ids).unsqueeze(0)  # [1, 2, n, *block]
+            blocks = self.layout.gather(layer, src_ids).unsqueeze(0)  # [1, 2, n, *block]
             header = KVChunk(
                 request_id=rid,
                 seq=0,
