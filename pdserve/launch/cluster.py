@@ -9,7 +9,9 @@ Steps:
     split between them); with several GPUs nodes get their own, round robin. On GPUs KV moves over cuda_ipc
     (one-sided writes into the decode node's mapped cache): each node's CUDA_VISIBLE_DEVICES lists its own GPU
     first (it is cuda:0 there) and then every other GPU of the cluster, so a prefill node can map a decode
-    node's memory.
+    node's memory. With --prefill-tp / --decode-tp N a node's N ranks get N GPUs of their own (its first N
+    visible ones), and too few GPUs is refused (unless PDSERVE_TP_BACKEND=gloo, which runs a node's ranks on
+    one GPU, for tests); on CPU its ranks are processes.
  3. Make one frame-signing secret (handed to children in $PDSERVE_KV_SECRET, never on a command line), start
     the nodes on port 0 (each reports what it bound in its ready line: picking "free" ports here and binding
     them there raced with other processes' ephemeral ports), then the proxy pointing at every node's events
@@ -42,7 +44,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pdserve.launch.gpus import own_gpu_first, visible_gpus
+from pdserve.launch.gpus import own_gpus_first, visible_gpus
 from pdserve.node_runtime.node_cli import READY_LINE
 from pdserve.wire.errors import ConfigError, PdserveError
 from pdserve.wire.model_source import resolve_model_flag
@@ -128,18 +130,38 @@ class Cluster:
         return self.tmp_model
 
     # ---- 2. placement --------------------------------------------------------------------------------------
-    def placement(self, n_nodes: int) -> tuple[list[str], str, float]:
-        """-> (gpu per node, '' on CPU), kv connector, gpu memory utilization per node."""
+    def placement(self, sizes: list[int]) -> tuple[list[list[str]], str, float]:
+        """sizes: each node's TP size -> (GPUs per node, [] on CPU), kv connector, gpu memory utilization
+        per node."""
         a = self.args
         gpus = [] if a.device == "cpu" else visible_gpus()
+        # a node's ranks on GPUs of their own, unless gloo is asked for (it lets ranks share one GPU)
+        parallel = max(sizes, default=1) > 1 and os.environ.get("PDSERVE_TP_BACKEND") != "gloo"
         if not gpus:
             if a.device.startswith("cuda"):
                 raise ConfigError("--device cuda asked for, but no GPU is visible")
-            return [""] * n_nodes, a.kv_connector if a.kv_connector != "auto" else "tcp", 0.0
-        assigned = [gpus[i % len(gpus)] for i in range(n_nodes)]
-        per_gpu = max(assigned.count(g) for g in set(assigned))
-        connector = "cuda_ipc" if a.kv_connector == "auto" else a.kv_connector
-        util = a.gpu_memory_utilization or round(0.85 / per_gpu, 3)
+            return [[] for _ in sizes], a.kv_connector if a.kv_connector != "auto" else "tcp", 0.0
+        if parallel:
+            need = sum(sizes)
+            if need > len(gpus):
+                raise ConfigError(
+                    f"--prefill {a.prefill} --prefill-tp {a.prefill_tp} --decode {a.decode} --decode-tp "
+                    f"{a.decode_tp} needs {need} GPUs (one per rank), {len(gpus)} visible"
+                )
+            starts = [sum(sizes[:i]) for i in range(len(sizes))]
+            assigned = [gpus[start : start + n] for start, n in zip(starts, sizes, strict=True)]
+        else:
+            assigned = [[gpus[i % len(gpus)]] for i in range(len(sizes))]
+        # processes per GPU: a node's ranks share its GPU when they do not get GPUs of their own
+        per_gpu = max(
+            sum(
+                n if not parallel and own[0] == g else own.count(g)
+                for own, n in zip(assigned, sizes, strict=True)
+            )
+            for g in gpus
+        )
+        connector = a.kv_connector if a.kv_connector != "auto" else "cuda_ipc"
+        util = a.gpu_memory_utilization or round(0.85 / max(per_gpu, 1), 3)
         return assigned, connector, util
 
     # ---- 3. processes --------------------------------------------------------------------------------------
@@ -147,7 +169,9 @@ class Cluster:
         a, host = self.args, self.args.host
         prefill, decode = NodeRole.PREFILL.value, NodeRole.DECODE.value
         roles = [prefill] * a.prefill + [decode] * a.decode
-        gpus, connector, util = self.placement(len(roles))
+        sizes = [a.prefill_tp if role == prefill else a.decode_tp for role in roles]
+        placed, connector, util = self.placement(sizes)
+        gpus = [g for node in placed for g in node]
         self.connector = connector
         base_env = dict(os.environ, PDSERVE_KV_SECRET=self.secret, PYTHONUNBUFFERED="1")
         base_env.pop("PDSERVE_API_KEY", None)  # only the proxy gets it
@@ -156,7 +180,7 @@ class Cluster:
         counts = {prefill: 0, decode: 0}
         # The tiny model lives in a temporary folder; give it a stable name clients can use.
         served_names = list(a.served_model_name) or (["tiny-llama"] if self.tmp_model else [])
-        for role, gpu in zip(roles, gpus, strict=False):
+        for role, own, tp in zip(roles, placed, sizes, strict=True):
             name = f"{role}-{counts[role]}"
             counts[role] += 1
             kv_role = "kv_producer" if role == prefill else "kv_consumer"
@@ -181,12 +205,15 @@ class Cluster:
                 name,
                 "--block-size",
                 str(a.block_size),
+                "--tensor-parallel-size",
+                str(tp),
                 "--kv-transfer-config",
                 json.dumps({"kv_connector": connector, "kv_role": kv_role, "kv_ip": host}),
             ]
             env = dict(base_env)
-            if gpu:
-                env["CUDA_VISIBLE_DEVICES"] = own_gpu_first(gpu, gpus)
+            gpu = ",".join(own)
+            if own:
+                env["CUDA_VISIBLE_DEVICES"] = own_gpus_first(own, gpus)
                 argv += ["--device", "cuda:0", "--gpu-memory-utilization", str(util)]
             else:
                 argv += ["--device", "cpu"]
@@ -395,6 +422,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--decode must be >= 1 and --prefill >= 0")
     if args.shutdown_timeout < 0:
         raise ConfigError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.prefill_tp < 1 or args.decode_tp < 1:
+        raise ConfigError("--prefill-tp and --decode-tp must be >= 1")
     cluster = Cluster(args)
 
     def on_signal(signum, frame):
@@ -426,6 +455,8 @@ def register_cli(subparsers) -> None:
         "--prefill", type=int, default=1, help="prefill nodes (0: decode nodes prefill themselves)"
     )
     p.add_argument("--decode", type=int, default=1, help="decode nodes")
+    p.add_argument("--prefill-tp", type=int, default=1, help="tensor-parallel ranks (GPUs) per prefill node")
+    p.add_argument("--decode-tp", type=int, default=1, help="tensor-parallel ranks (GPUs) per decode node")
     p.add_argument(
         "--model",
         default=None,

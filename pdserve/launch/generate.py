@@ -40,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
         stop=args.stop,
     )
-    llm = LLM.from_config(config)
-    for output in llm.generate(args.prompt, params):
+    with LLM.from_config(config) as llm:
+        outputs = llm.generate(args.prompt, params)
+    for output in outputs:
         completion = output.outputs[0]
         if args.json:
             print(

@@ -21,8 +21,8 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
 
 
-def own_gpu_first(own: str, cluster: list[str]) -> str:
-    """CUDA_VISIBLE_DEVICES for a node on GPU `own`: it first (cuda:0 in the node), then the cluster's
-    others."""
-    others = [g for g in dict.fromkeys(cluster) if g != own]
-    return ",".join([own, *others])
+def own_gpus_first(own: list[str], cluster: list[str]) -> str:
+    """CUDA_VISIBLE_DEVICES for a node on GPUs `own` (one per tensor-parallel rank): they first (cuda:0.. in
+    the node), then the cluster's others."""
+    others = [g for g in dict.fromkeys(cluster) if g not in own]
+    return ",".join([*own, *others])
