@@ -22,6 +22,11 @@ crash loses nothing; each section catches its own errors.
     python bench/engine.py --quick                           # a fast subset
     python bench/engine.py --models qwen3-30b-a3b --quick --sections prefill,decode,hf  # MoE, random weights
     python bench/engine.py --smoke                           # CPU, tiny model, toy sizes (CI)
+    python bench/engine.py --models llama-3.1-8b --tp 2 --sections prefill,decode  # tensor parallel
+
+With --tp N the engine runs N ranks (one GPU each; PDSERVE_TP_BACKEND=gloo puts them on one GPU, for a
+correctness run) and each floor is the per-GPU one (bytes and FLOP / N) plus the all-reduces the step makes
+(2 x layers + 1), timed on the same ranks first (bench/allreduce.py).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from pdserve.benchmarks.results import Results, fmt, log, set_log_file  # noqa: 
 
 MODELS = {  # --models name -> (family, make-model preset)
     "llama-3.1-8b": ("llama", "llama-3.1-8b"),
+    "llama-3.1-70b": ("llama", "llama-3.1-70b"),
     "qwen2.5-0.5b": ("qwen2", "qwen2.5-0.5b"),
     "qwen3-30b-a3b": ("qwen3_moe", "qwen3-30b-a3b"),
     "tiny": ("llama", "tiny"),
@@ -62,7 +68,7 @@ MODELS = {  # --models name -> (family, make-model preset)
 }
 # Shapes too big to write out (61 GB) run on random weights drawn on the device (`--load-format dummy`, and
 # transformers' own initialisation for its baseline); their checkpoint folder holds config and tokenizer only.
-DUMMY_WEIGHTS = {"qwen3-30b-a3b", "tiny-moe"}
+DUMMY_WEIGHTS = {"qwen3-30b-a3b", "llama-3.1-70b", "tiny-moe"}
 SECTIONS = ("prefill", "decode", "throughput", "hf", "kernels")
 COMPLETE_MARK = ".pdserve-bench-complete"
 
@@ -127,6 +133,7 @@ class Bench:
     deadline: float
     copy_bw: float = 0.0
     matmul_rate: float = 0.0
+    allreduce_s: dict = field(default_factory=dict)  # rows -> one all-reduce of [rows, hidden] (--tp)
     failures: list[str] = field(default_factory=list)
 
     def out_of_time(self, what: str) -> bool:
@@ -151,18 +158,23 @@ def section(bench: Bench, name: str):
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
+def dummy_weights(bench: Bench, name: str) -> bool:
+    return name in DUMMY_WEIGHTS or bench.args.dummy_weights
+
+
 def ensure_checkpoint(bench: Bench, name: str) -> str:
     """The model's random-weight checkpoint under --model-dir, written once (a marker file says it is
     whole)."""
     family, preset = MODELS[name]
-    path = os.path.join(bench.args.model_dir, name)
+    # a config-only folder must never be taken for a checkpoint with weights by a later run
+    path = os.path.join(bench.args.model_dir, name + ("-dummy" if bench.args.dummy_weights else ""))
     if os.path.exists(os.path.join(path, COMPLETE_MARK)):
         log(f"reusing checkpoint {path}")
         return path
     from pdserve.tools.make_model import make_model
 
     dtype = "float32" if preset == "tiny" else "bfloat16"
-    weights = name not in DUMMY_WEIGHTS
+    weights = not dummy_weights(bench, name)
     log(f"writing {name} checkpoint ({family}, preset {preset}, {dtype}, weights {weights}) to {path} ...")
     started = time.perf_counter()
     make_model(
@@ -224,7 +236,8 @@ def build_llm(bench: Bench, name: str, path: str):
         max_num_seqs=max(s.decode_batches + [s.gen_batch]),
         max_num_batched_tokens=max(s.prefill_tokens + [2048]),
         enable_prefix_caching=False,
-        load_format="dummy" if name in DUMMY_WEIGHTS else "auto",
+        load_format="dummy" if dummy_weights(bench, name) else "auto",
+        tensor_parallel_size=bench.args.tp,
     )
     if is_cuda(bench.device):
         kwargs["gpu_memory_utilization"] = bench.args.gpu_memory_utilization
@@ -273,13 +286,43 @@ def run_model(bench: Bench, name: str, sections: set[str]) -> None:
         return
     shape = Shape.from_dir(name, path, dtype_bytes=2 if bench.dtype_name != "float32" else 4)
     log(f"{name}: {shape.describe()}")
+    if bench.args.tp > 1:
+        with section(bench, f"{name}: all-reduce over {bench.args.tp} ranks"):
+            measure_tp_allreduce(bench, name, shape)
     if sections & {"prefill", "decode", "throughput"} and not bench.out_of_time(f"{name}: our engine"):
         run_ours(bench, name, path, shape, sections)
     if "hf" in sections:
         from bench import engine_hf
 
         with section(bench, f"{name}: transformers baseline"):
-            engine_hf.run_hf(bench, name, path, shape, dummy=name in DUMMY_WEIGHTS)
+            engine_hf.run_hf(bench, name, path, shape, dummy=dummy_weights(bench, name))
+
+
+def measure_tp_allreduce(bench: Bench, name: str, shape: Shape) -> None:
+    from bench.allreduce import measure_allreduce
+
+    tp, device = bench.args.tp, str(bench.device)
+    shared = not is_cuda(device) or os.environ.get("PDSERVE_TP_BACKEND") == "gloo"
+    devices = [device if shared else f"cuda:{r}" for r in range(tp)]
+    rows = sorted(set(bench.sizes.decode_batches + bench.sizes.prefill_tokens))
+    dtype = bench.torch_dtype
+    bench.allreduce_s = measure_allreduce(tp, devices, rows, shape.hidden, dtype)
+    for n, seconds in bench.allreduce_s.items():
+        bench.results.add(
+            "allreduce_ms",
+            round(seconds * 1e3, 4),
+            "ms",
+            params={
+                "model": name,
+                "tp": tp,
+                "rows": n,
+                "hidden": shape.hidden,
+                "dtype": str(dtype),
+                "devices": ",".join(devices),
+                "backend": os.environ.get("PDSERVE_TP_BACKEND") or ("nccl" if not shared else "gloo"),
+            },
+        )
+        log(f"  all-reduce [{n}, {shape.hidden}] over {tp} ranks: {seconds * 1e3:.3f} ms")
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -309,6 +352,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="seconds; measurements after this are skipped (logged) so the run ends in time",
     )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks of our engine")
+    p.add_argument(
+        "--dummy-weights", action="store_true", help="random weights drawn at load for every model (no files)"
+    )
     p.add_argument("--no-plot", action="store_true")
     p.add_argument(
         "--commit",

@@ -49,8 +49,28 @@ def bench_prefill(bench, runner, name: str, shape: Shape) -> None:
         add_prefill_record(bench, "prefill_ms", name, shape, tokens, t)
 
 
+def tp_floor(bench, shape: Shape, floor_s: float, rows: int) -> tuple[float, dict]:
+    """With --tp N: the per-GPU floor (floor / N) plus the step's 2 x layers + 1 all-reduces of [rows, hidden]
+    as measured in this run; and the params that say so."""
+    tp = bench.args.tp
+    if tp == 1:
+        return floor_s, {}
+    each = bench.allreduce_s.get(rows)
+    if each is None:
+        return floor_s / tp, {"tp": tp, "allreduce": "not measured for this row count"}
+    count = 2 * shape.layers + 1
+    return floor_s / tp + count * each, {
+        "tp": tp,
+        "per_gpu_floor_ms": round(floor_s / tp * 1e3, 4),
+        "allreduce_ms_each": round(each * 1e3, 4),
+        "allreduces": count,
+    }
+
+
 def add_prefill_record(bench, metric: str, name: str, shape: Shape, tokens: int, t: dict, **extra) -> None:
-    floor_s = shape.prefill_floor_s(tokens, bench.matmul_rate, bench.copy_bw)
+    floor_s, tp_params = tp_floor(
+        bench, shape, shape.prefill_floor_s(tokens, bench.matmul_rate, bench.copy_bw), tokens
+    )
     flop = shape.prefill_flop(tokens)
     ms = t["median_ms"]
     bench.results.add(
@@ -68,6 +88,7 @@ def add_prefill_record(bench, metric: str, name: str, shape: Shape, tokens: int,
             "floor": "matmul FLOP (linear + causal attention) / measured matmul rate",
             "min_ms": round(t["min_ms"], 4),
             "n": t["n"],
+            **tp_params,
             **extra,
         },
     )
@@ -138,7 +159,9 @@ def bench_decode(bench, runner, name: str, shape: Shape) -> None:
 def add_decode_record(
     bench, metric: str, name: str, shape: Shape, batch: int, context: int, t: dict, **extra
 ):
-    floor_s = shape.decode_floor_s(batch, context, bench.matmul_rate, bench.copy_bw)
+    floor_s, tp_params = tp_floor(
+        bench, shape, shape.decode_floor_s(batch, context, bench.matmul_rate, bench.copy_bw), batch
+    )
     nbytes = shape.decode_bytes(batch, context)
     ms = t["median_ms"]
     bench.results.add(
@@ -158,6 +181,7 @@ def add_decode_record(
             "floor": "max(weights + KV bytes / copy bandwidth, FLOP / matmul rate)",
             "min_ms": round(t["min_ms"], 4),
             "n": t["n"],
+            **tp_params,
         },
     )
 

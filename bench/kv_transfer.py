@@ -25,9 +25,14 @@ each figure twice: `window`, where a sliding layer ships only the blocks its win
 node, and `full`, every block of every layer as a full-attention model of the same shape would.
 `kv_shipped_MiB` records the bytes of each, the full figure as its baseline.
 
+`--tp-pairs 2:1 1:2` splits each side's cache over its tensor-parallel ranks by KV head, as such a node holds
+it, so the plane writes each prefill rank's heads into the decode ranks that hold them (cases `-tp2to1`, ...);
+the first push of each is checked: the decode side's blocks hold, head for head, what the prefill side sent.
+
   python bench/kv_transfer.py                      # 2 GPUs: cuda_ipc, 2048 and 8192 tokens
   python bench/kv_transfer.py --gpus 1             # one GPU, two processes
   python bench/kv_transfer.py --gpus 1 --shape gemma-2-9b --tokens 8192 16384
+  python bench/kv_transfer.py --gpus 1 --tp-pairs 1:1 2:1 1:2 4:2   # between tensor-parallel sizes
   python bench/kv_transfer.py --smoke --out /tmp/x # CPU, tcp, seconds
 Results: bench/results/kv_transfer-<device>-<YYYYMMDD>.json (the format in docs/architecture.md) and a PNG
 beside it.
@@ -36,6 +41,7 @@ beside it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -77,7 +83,10 @@ def variants(layout) -> dict:
     return {"-window": layout, "-full": dict(layout, layer_windows=(0,) * layout["num_layers"])}
 
 
-def measure_push(res, prod, cons, transport, case, layout, tokens, iters, ceiling_ms, layer_ms, order):
+def measure_push(
+    res, prod, cons, transport, case, layout, tokens, iters, ceiling_ms, layer_ms, order, tps=(1, 1)
+):
+    """tps: (prefill TP, decode TP): each side's cache split over its ranks by KV head."""
     nbytes = kv_bytes(layout, tokens)
     n_blocks = 2 * -(-tokens // layout["block_size"]) + 8
     address = cons.call(
@@ -87,6 +96,7 @@ def measure_push(res, prod, cons, transport, case, layout, tokens, iters, ceilin
         layout=layout,
         num_blocks=n_blocks,
         shuffle=order == "shuffled",
+        tp=tps[1],
     )
     prod.call(
         "open",
@@ -96,6 +106,7 @@ def measure_push(res, prod, cons, transport, case, layout, tokens, iters, ceilin
         num_blocks=n_blocks,
         address=address,
         shuffle=order == "shuffled",
+        tp=tps[0],
     )
     prod.call("calibrate", layer_ms=layer_ms, tokens=tokens)
     params = dict(
@@ -105,6 +116,7 @@ def measure_push(res, prod, cons, transport, case, layout, tokens, iters, ceilin
         bytes=nbytes,
         layers=layout["num_layers"],
         blocks=order,
+        **({"prefill_tp": tps[0], "decode_tp": tps[1]} if tps != (1, 1) else {}),
     )
     for mode in ("one_block", "back_to_back", "overlapped"):
         n_tok = layout["block_size"] if mode == "one_block" else tokens
@@ -116,6 +128,12 @@ def measure_push(res, prod, cons, transport, case, layout, tokens, iters, ceilin
                 "push", rid=rid, tokens=n_tok, overlapped=mode == "overlapped", remote=remote
             )
             t_landed = cons.call("wait_landed", rid=rid)
+            if i == 0 and mode == "back_to_back" and tps != (1, 1):  # every head landed where it belongs
+                sent = prod.call("checksum", blocks=prod.call("source_blocks", tokens=n_tok))
+                got = cons.call("checksum", blocks=remote)
+                if sent != got:
+                    raise RuntimeError(f"TP {tps}: the decode side holds {got}, the prefill side sent {sent}")
+                params["verified"] = True
             if i >= 2:
                 spans.append((t_landed - t_start) * 1e3)
                 exposed.append((t_landed - t_last) * 1e3)
@@ -218,9 +236,11 @@ def measure_tokens(res, prod, cons, args, layout, t, suffix, transports, failure
         params=dict(case=case_gpus, tokens=t, bytes=nbytes, gbps=round(nbytes / ceiling / 1e6, 2)),
     )
     for transport in transports:
-        for order in args.block_order:
-            label = "" if order == "shuffled" else f"-{order}"
-            with guarded(f"{transport} {t} tokens{suffix} {order}", failures):
+        for order, tps in itertools.product(args.block_order, args.tp_pairs):
+            label = ("" if order == "shuffled" else f"-{order}") + (
+                "" if tps == (1, 1) else f"-tp{tps[0]}to{tps[1]}"
+            )
+            with guarded(f"{transport} {t} tokens{suffix} {order} tp {tps}", failures):
                 measure_push(
                     res,
                     prod,
@@ -233,6 +253,7 @@ def measure_tokens(res, prod, cons, args, layout, t, suffix, transports, failure
                     ceiling,
                     layer_ms_2048 * t / 2048,
                     order,
+                    tps,
                 )
 
 
@@ -256,8 +277,15 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--layer-ms", type=float, default=None, help="simulated compute per layer per 2048 tokens"
     )
+    ap.add_argument(
+        "--tp-pairs",
+        nargs="+",
+        default=["1:1"],
+        help="prefill TP:decode TP pairs; each side's cache split by KV head as its ranks hold it (2:1 1:2)",
+    )
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
+    args.tp_pairs = [tuple(int(x) for x in pair.split(":")) for pair in args.tp_pairs]
     args.iters_set = args.iters is not None
     args.iters = args.iters if args.iters_set else 5
     if args.smoke:

@@ -26,7 +26,9 @@ class Node:
         self.exposed_gpu: dict[str, float] = {}
         self.done = threading.Event()
 
-    def open(self, role, transport, layout, num_blocks, address=None, secret="bench", shuffle=True):
+    def open(self, role, transport, layout, num_blocks, address=None, secret="bench", shuffle=True, tp=1):
+        """tp > 1: the cache split over `tp` rank caches by KV head, as a tensor-parallel node holds it (all
+        on this device), handed to the connector as a HeadLayout."""
         from pdserve.kvconnector.connector import ConnectorConfig
 
         torch = self.torch
@@ -60,17 +62,18 @@ class Node:
             extra=extra,
             **layout,
         )
+        self.layout = self.cache if tp == 1 else split_by_heads(self.cache, tp)
         self.blocks = list(range(num_blocks))
         if shuffle:  # scattered blocks on both sides: no plane may gain from runs a busy cache would not have
             random.Random(0).shuffle(self.blocks)
         if role == "consumer":
             from pdserve.kvconnector.consumer import KVConsumer
 
-            self.conn = KVConsumer(cfg, self.cache, on_complete=self._complete)
+            self.conn = KVConsumer(cfg, self.layout, on_complete=self._complete)
             return list(self.conn.address)
         from pdserve.kvconnector.producer import KVProducer
 
-        self.conn = KVProducer(cfg, self.cache, on_complete=self._complete)
+        self.conn = KVProducer(cfg, self.layout, on_complete=self._complete)
         self.address = tuple(address)
         self.conn.connect(self.address)
         return None
@@ -84,6 +87,19 @@ class Node:
         blocks = self.blocks[len(self.blocks) - n :]
         self.conn.expect(rid, blocks, shipped_from(config.layer_windows, tokens, config.block_size))
         return blocks
+
+    def source_blocks(self, tokens):
+        """Producer: the blocks a push of `tokens` reads."""
+        return self.blocks[: -(-tokens // self.conn.config.block_size)]
+
+    def checksum(self, blocks):
+        """float64 sum of every head of these blocks, every layer, read back from the rank caches: the
+        producer's source blocks and the consumer's landed ones must agree."""
+        from pdserve.kvconnector.head_layout import HeadLayout
+
+        layout = HeadLayout.of(self.layout)
+        ids = self.torch.tensor(blocks, dtype=self.torch.int64, device=self.device)
+        return sum(float(layout.gather(i, ids).double().sum()) for i in range(len(layout.layers)))
 
     def _complete(self, rid, ok, timings):
         self.landed[rid] = time.monotonic() if ok else -1.0
@@ -204,6 +220,17 @@ class Node:
     def close(self):
         if self.conn is not None:
             self.conn.close()
+
+
+def split_by_heads(cache, tp: int):
+    """A [L, 2, N, B, H, D] cache as the HeadLayout of `tp` ranks' copies of their heads."""
+    from pdserve.engine.tensor_parallel import kv_head_range
+    from pdserve.kvconnector.head_layout import HeadLayout
+
+    heads = cache.shape[4]
+    ranges = [kv_head_range(heads, r, tp) for r in range(tp)]
+    ranks = [cache[:, :, :, :, first : first + n].contiguous() for first, n in ranges]
+    return HeadLayout.of_ranks(ranks, ranges, heads)
 
 
 def _serve(pipe, device, env):

@@ -12,6 +12,9 @@ Sections (--sections; the default follows the GPU count):
   ceiling is the LRU oracle of that very trace (bench/prefix_oracle.py), with the never-evicting upper bound
   beside it.
 - shared: on one GPU, 1P1D sharing it vs one colocated node.
+- tp: on two GPUs, one colocated node with tensor parallelism 2 (--decode-tp 2) vs two TP 1 replicas (0P2D);
+  on four, 1P1D with prefill TP 2 and decode TP 2 vs 2P2D. Two GPUs per node halve the weights each reads per
+  decode step at the cost of two all-reduces per layer.
 Each configuration's first rate is preceded by warm-up requests. A record of a non-baseline run carries the
 baseline's figure from the same run. --time-budget stops starting new rates once spent (results so far are
 kept).
@@ -57,7 +60,7 @@ SLO_TEXT = {
     "pacing": "TTFT <= 1 s and each request's p99 ITL <= 25 ms",
 }
 BLOCK_SIZE = 16
-CONFIGS_PER_SECTION = {"pd": 2, "routing": 2, "shared": 2}  # pd: 4 on four GPUs
+CONFIGS_PER_SECTION = {"pd": 2, "routing": 2, "shared": 2, "tp": 2}  # pd: 4 on four GPUs
 
 
 @dataclass
@@ -201,6 +204,18 @@ class Runner:
         for cfg in (Config("1P1D-shared", 1, 1), Config("0P1D", 0, 1)):
             self.run_config(cfg, "shared-1gpu", "0P1D", self.random_workload(), SLOS, env)
 
+    def tp(self) -> None:
+        n = 4 if len(self.gpus) >= 4 else 2
+        tp2 = ("--prefill-tp", "2", "--decode-tp", "2")
+        configs = (
+            [Config("0P1D-tp2", 0, 1, tp2), Config("0P2D", 0, 2)]
+            if n == 2
+            else [Config("1P1D-tp2", 1, 1, tp2), Config("2P2D", 2, 2)]
+        )
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(self.gpus[:n])) if self.gpus else None
+        for cfg in configs:
+            self.run_config(cfg, f"tp-{n}gpu", configs[-1].run, self.random_workload(), SLOS, env)
+
     def random_workload(self) -> list[str]:
         o = self.opts
         rates = (
@@ -286,7 +301,7 @@ def default_sections(gpus: list[str]) -> str:
 
 def parse_options(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="", help="pd,routing,shared (default: what the GPUs seen allow)")
+    p.add_argument("--sections", default="", help="pd,routing,shared,tp (default: what the GPUs seen allow)")
     p.add_argument("--model", default="", help="checkpoint folder (default: write a random-weight one)")
     p.add_argument("--input-len", type=int, default=2048)
     p.add_argument("--output-len", type=int, default=128)
@@ -330,7 +345,7 @@ def main(argv=None) -> int:
     sections = [s.strip() for s in (opts.sections or default_sections(gpus)).split(",") if s.strip()]
     unknown = set(sections) - set(CONFIGS_PER_SECTION)
     if unknown:
-        raise SystemExit(f"--sections: unknown {', '.join(sorted(unknown))} (pd, routing, shared)")
+        raise SystemExit(f"--sections: unknown {', '.join(sorted(unknown))} (pd, routing, shared, tp)")
     if opts.max_model_len < 0:
         opts.max_model_len = 4096 if gpus else 0
     if not opts.work_dir:
