@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import multiprocessing.connection
 import os
+import time
 import traceback
 from dataclasses import replace
 from typing import Optional
@@ -132,15 +133,37 @@ class TPWorkers:
             raise RankLost(self.lost)
 
     def mark_lost(self, cause: BaseException) -> str:
-        """After a collective failed: name the rank that died (or the failure, if every rank is alive)."""
-        for rank, proc in enumerate(self.procs, start=1):
-            proc.join(1.0)
-            if not proc.is_alive():
-                self.lost = f"tensor-parallel rank {rank} died (exit code {proc.exitcode})"
-                break
-        else:
-            self.lost = f"a tensor-parallel collective failed: {cause}"
+        """After a collective failed: name the rank at fault. When one rank dies its peers' collectives fail
+        too, and they exit after reporting that on their pipes; the rank that died unreported (killed,
+        crashed) is the one to name, else the first that reported an error of its own."""
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and all(p.is_alive() for p in self.procs):
+            time.sleep(0.02)
+        time.sleep(0.2)  # the peers' reports and exits follow the first death
+        silent, reported = [], []
+        for rank, (proc, conn) in enumerate(zip(self.procs, self.conns, strict=True), start=1):
+            if proc.is_alive():
+                continue
+            report = self._report(conn)
+            if report is None:
+                silent.append(f"tensor-parallel rank {rank} died (exit code {proc.exitcode})")
+            else:
+                last = report.strip().splitlines()[-1] if report.strip() else ""
+                reported.append(f"tensor-parallel rank {rank} failed: {last}")
+        found = silent or reported or [f"a tensor-parallel collective failed: {cause}"]
+        self.lost = found[0]
         return self.lost
+
+    @staticmethod
+    def _report(conn) -> Optional[str]:
+        """A dead worker's ("error", traceback), if it sent one."""
+        try:
+            if conn.poll(0):
+                kind, payload = conn.recv()
+                return str(payload) if kind == "error" else None
+        except (EOFError, OSError):
+            pass
+        return None
 
     def close(self) -> None:
         for conn in self.conns:
