@@ -92,9 +92,7 @@ class DisaggDecoder:
         self.pending: dict[str, Pending] = {}
         self.lock = threading.Lock()
         self.quarantine: dict[str, Pending] = {}  # released, blocks held until the writer confirms it stopped
-        self.consumer = KVConsumer(
-            connector_config(node), kv_layout(node), on_complete=self._on_kv_complete
-        )
+        self.consumer = KVConsumer(connector_config(node), kv_layout(node), on_complete=self._on_kv_complete)
         self.consumer.on_forgotten_end = self._on_kv_end  # a released request's Done / Abort still frees it
         node.metrics.extra_registries.append(self.consumer.metrics.registry)
         self.kv_endpoint = advertised("%s:%d" % self.consumer.address)

@@ -82,7 +82,11 @@ def _gpu_kv_budget(utilization: float, device: torch.device) -> int:
 
 
 def allocate_kv_cache(
-    arch, block_size: int, num_blocks: int, dtype: torch.dtype, device: torch.device,
+    arch,
+    block_size: int,
+    num_blocks: int,
+    dtype: torch.dtype,
+    device: torch.device,
     num_kv_heads: int | None = None,
 ) -> torch.Tensor:
     heads = arch.num_key_value_heads if num_kv_heads is None else num_kv_heads

@@ -78,9 +78,7 @@ class PrefillService:
         self.lock = threading.Lock()
         self.jobs: dict[str, PrefillJob] = {}
         self.bound: dict[str, PrefillJob] = {}  # by kv_id: those the connector may write for (from bind on)
-        self.producer = KVProducer(
-            connector_config(node), kv_layout(node), on_complete=self._on_complete
-        )
+        self.producer = KVProducer(connector_config(node), kv_layout(node), on_complete=self._on_complete)
         node.metrics.extra_registries.append(self.producer.metrics.registry)
         self.hooks = TransferStepHooks(self.core, self.producer, self.transfer_id)
         self.executor = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="prefill-reserve")

@@ -62,3 +62,30 @@ def test_1p1d_equals_0p2d(tmp_path, model):
         colocated.stop()
     assert all(len(g) == 24 for g in got)
     assert got == want
+
+
+@pytest.mark.parametrize("prefill_tp,decode_tp", [(2, 1), (1, 2)])
+def test_1p1d_across_tp_sizes_equals_0p1d(tmp_path, model, prefill_tp, decode_tp, monkeypatch):
+    """Each prefill rank's KV heads written over cuda_ipc into the decode ranks that hold them, for prefill TP
+    != decode TP, against one colocated TP 1 node. float32, so TP's different summation order (~1e-6 in a
+    logit) cannot flip a token as bf16's rounding could. With fewer GPUs than ranks a node's ranks share one
+    GPU over gloo (PDSERVE_TP_BACKEND=gloo: NCCL refuses two ranks on one device)."""
+    import torch
+
+    if torch.cuda.device_count() < prefill_tp + decode_tp:
+        monkeypatch.setenv("PDSERVE_TP_BACKEND", "gloo")
+    fp32 = ("--node-arg=--dtype", "--node-arg=float32")
+    tp_args = ("--prefill-tp", str(prefill_tp), "--decode-tp", str(decode_tp))
+    disagg = UpCluster(tmp_path / "1p1d", model, 1, 1, args=fp32 + tp_args)
+    try:
+        assert disagg.info["kv_connector"] == "cuda_ipc"
+        got = greedy_ids(disagg, PROMPTS)
+    finally:
+        disagg.stop()
+    colocated = UpCluster(tmp_path / "0p1d", model, 0, 1, args=fp32)
+    try:
+        want = greedy_ids(colocated, PROMPTS)
+    finally:
+        colocated.stop()
+    assert all(len(g) == 24 for g in got)
+    assert got == want
