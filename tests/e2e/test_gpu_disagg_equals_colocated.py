@@ -48,18 +48,19 @@ def greedy_ids(cluster: UpCluster, prompts) -> list[list[int]]:
     return out
 
 
+def cluster_greedy_ids(tmp, model: str, prefill: int, decode: int, args: tuple = ()) -> list[list[int]]:
+    """Start `pdserve up`, take every prompt's greedy ids, stop it; a disaggregated one must use cuda_ipc."""
+    cluster = UpCluster(tmp, model, prefill, decode, args=args)
+    try:
+        assert not prefill or cluster.info["kv_connector"] == "cuda_ipc"
+        return greedy_ids(cluster, PROMPTS)
+    finally:
+        cluster.stop()
+
+
 def test_1p1d_equals_0p2d(tmp_path, model):
-    disagg = UpCluster(tmp_path / "1p1d", model, 1, 1)
-    try:
-        assert disagg.info["kv_connector"] == "cuda_ipc"
-        got = greedy_ids(disagg, PROMPTS)
-    finally:
-        disagg.stop()
-    colocated = UpCluster(tmp_path / "0p2d", model, 0, 2)
-    try:
-        want = greedy_ids(colocated, PROMPTS)
-    finally:
-        colocated.stop()
+    got = cluster_greedy_ids(tmp_path / "1p1d", model, 1, 1)
+    want = cluster_greedy_ids(tmp_path / "0p2d", model, 0, 2)
     assert all(len(g) == 24 for g in got)
     assert got == want
 
@@ -76,16 +77,7 @@ def test_1p1d_across_tp_sizes_equals_0p1d(tmp_path, model, prefill_tp, decode_tp
         monkeypatch.setenv("PDSERVE_TP_BACKEND", "gloo")
     fp32 = ("--node-arg=--dtype", "--node-arg=float32")
     tp_args = ("--prefill-tp", str(prefill_tp), "--decode-tp", str(decode_tp))
-    disagg = UpCluster(tmp_path / "1p1d", model, 1, 1, args=fp32 + tp_args)
-    try:
-        assert disagg.info["kv_connector"] == "cuda_ipc"
-        got = greedy_ids(disagg, PROMPTS)
-    finally:
-        disagg.stop()
-    colocated = UpCluster(tmp_path / "0p1d", model, 0, 1, args=fp32)
-    try:
-        want = greedy_ids(colocated, PROMPTS)
-    finally:
-        colocated.stop()
+    got = cluster_greedy_ids(tmp_path / "1p1d", model, 1, 1, fp32 + tp_args)
+    want = cluster_greedy_ids(tmp_path / "0p1d", model, 0, 1, fp32)
     assert all(len(g) == 24 for g in got)
     assert got == want
