@@ -106,7 +106,7 @@ class ModelRunner:
             store = dist.TCPStore(
                 "127.0.0.1", 0, size, True, timeout=COLLECTIVE_TIMEOUT, wait_for_workers=False
             )
-            self.workers = TPWorkers(self.config, store.port)
+            self.workers = TPWorkers(self.config, store.port, self.device, type(self))
             self.workers.wait_started(store)
             return TPGroup.join(store, rank, size, self.device)
         return TPGroup.join(("127.0.0.1", store_port), rank, size, self.device)

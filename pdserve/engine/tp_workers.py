@@ -38,11 +38,9 @@ class RankLost(RuntimeError):
     fatal = True  # the engine loop does not retry the step (engine/engine_loop.py)
 
 
-def rank_device(config: EngineConfig, rank: int) -> str:
-    """Rank r's device: cuda:r on GPUs (or one shared GPU when $PDSERVE_TP_BACKEND=gloo), else the CPU."""
-    from pdserve.engine.model_runner import resolve_device
-
-    device = resolve_device(config.device)
+def rank_device(config: EngineConfig, device: torch.device, rank: int) -> str:
+    """Rank r's device, from rank 0's: cuda:N+r on GPUs (rank 0's one when $PDSERVE_TP_BACKEND=gloo), else
+    the CPU."""
     if device.type != "cuda":
         return str(device)
     size = config.parallel.tensor_parallel_size
@@ -64,9 +62,10 @@ def share_cpu_threads(size: int) -> None:
 
 
 class TPWorkers:
-    """Rank 0's handle on the other ranks."""
+    """Rank 0's handle on the other ranks. `runner_class` (ModelRunner, passed in so that this module does not
+    import the one that imports it) is what each worker builds."""
 
-    def __init__(self, config: EngineConfig, store_port: int):
+    def __init__(self, config: EngineConfig, store_port: int, device: torch.device, runner_class):
         ctx = torch.multiprocessing.get_context("spawn")
         size = config.parallel.tensor_parallel_size
         self.conns: list[multiprocessing.connection.Connection] = []
@@ -76,7 +75,13 @@ class TPWorkers:
             parent, child = ctx.Pipe()
             proc = ctx.Process(
                 target=worker_main,
-                args=(replace(config, device=rank_device(config, rank)), rank, store_port, child),
+                args=(
+                    runner_class,
+                    replace(config, device=rank_device(config, device, rank)),
+                    rank,
+                    store_port,
+                    child,
+                ),
                 name=f"pdserve-tp-rank{rank}",
                 daemon=True,
             )
@@ -180,17 +185,15 @@ class TPWorkers:
             conn.close()
 
 
-def worker_main(config: EngineConfig, rank: int, store_port: int, conn) -> None:
+def worker_main(runner_class, config: EngineConfig, rank: int, store_port: int, conn) -> None:
     """A worker process: build rank `rank`'s runner, hand rank 0 its cache, then run each step it is sent."""
     logging.basicConfig(
         level=os.environ.get("PDSERVE_LOG_LEVEL", "WARNING"),
         format=f"%(asctime)s tp-rank{rank} %(levelname)s %(name)s: %(message)s",
     )
-    from pdserve.engine.model_runner import ModelRunner
-
     share_cpu_threads(config.parallel.tensor_parallel_size)
     try:
-        runner = ModelRunner(config, rank=rank, store_port=store_port)
+        runner = runner_class(config, rank=rank, store_port=store_port)
         export = export_cuda_ipc(runner.kv_caches) if runner.device.type == "cuda" else None
         conn.send(("ready", (runner.kv_cache, export)))
         while True:
