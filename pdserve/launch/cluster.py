@@ -20,8 +20,10 @@ Steps:
     (and, with --state-file, write a JSON description: urls, pids, ports, logs).
  5. Supervise until Ctrl-C or SIGTERM, then drain: SIGTERM the proxy (it stops accepting, lets open
     streams finish), then the nodes (each finishes what it holds, frees every block), each within
-    --shutdown-timeout, SIGKILL only after that. A node that dies is reported and left dead: the proxy
-    routes around it. Children get PR_SET_PDEATHSIG, so even a `kill -9` of `pdserve up` takes them down.
+    --shutdown-timeout, SIGKILL only after that. A node that exits, or whose /health says its engine broke
+    (a tensor-parallel rank died), is reported and started again on the same ports after a doubling backoff,
+    at most --max-restarts times (launch/node_restarts.py); meanwhile the proxy routes around it. Children get
+    PR_SET_PDEATHSIG, so even a `kill -9` of `pdserve up` takes them down.
 Each process logs to its own file under --log-dir (default: a temporary folder, printed), fresh each run (the
 previous run's file is kept as *.log.prev), so only this run's ready lines are ever read. The API key reaches
 the proxy in $PDSERVE_API_KEY, never on its command line.
@@ -45,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from pdserve.launch.gpus import own_gpus_first, visible_gpus
+from pdserve.launch.node_restarts import NodeRestarts, failed_health, health_due, pinned_ports
 from pdserve.node_runtime.node_cli import READY_LINE
 from pdserve.wire.errors import ConfigError, PdserveError
 from pdserve.wire.model_source import resolve_model_flag
@@ -62,10 +65,12 @@ class Child:
     events: str = ""  # nodes: events endpoint
     rpc: str = ""
     gpu: str = ""
+    restarts: int = 0
     proc: Optional[subprocess.Popen] = field(default=None, repr=False)
 
     def describe(self) -> dict:
-        d = {k: getattr(self, k) for k in ("name", "role", "log_path", "http", "events", "rpc", "gpu")}
+        keys = ("name", "role", "log_path", "http", "events", "rpc", "gpu", "restarts")
+        d = {k: getattr(self, k) for k in keys}
         d["pid"] = self.proc.pid if self.proc else None
         return d
 
@@ -342,12 +347,7 @@ class Cluster:
             proxy.argv += ["--node", c.events]
         self.spawn(proxy)
         self.wait_healthy([proxy], self.args.startup_timeout, proxy=True)
-        info = self.describe()
-        if self.args.state_file:
-            tmp = self.args.state_file + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(info, f, indent=2)
-            os.replace(tmp, self.args.state_file)
+        self.write_state()
         for c in nodes:
             print(
                 f"  {c.name:<10} rpc {c.rpc}  events {c.events}  http {c.http}"
@@ -365,20 +365,67 @@ class Cluster:
         self.supervise()
         return 0
 
+    def write_state(self) -> None:
+        if self.args.state_file:
+            tmp = self.args.state_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.describe(), f, indent=2)
+            os.replace(tmp, self.args.state_file)
+
     def supervise(self) -> None:
-        reported: set[str] = set()
+        nodes, proxy = self.children[:-1], self.children[-1]
+        watch = {c.name: NodeRestarts(self.args.max_restarts) for c in nodes}
         while not self.stopping:
-            for c in self.children:
-                if c.name not in reported and c.proc.poll() is not None:
-                    reported.add(c.name)
-                    print(
-                        f"pdserve up: {c.name} (pid {c.proc.pid}) exited with status {c.proc.returncode}",
-                        flush=True,
-                    )
-                    if c.role == "proxy":
-                        print("pdserve up: the proxy is gone; stopping the cluster", flush=True)
-                        return
+            if proxy.proc.poll() is not None:
+                print(
+                    f"pdserve up: the proxy exited with status {proxy.proc.returncode}; stopping the cluster",
+                    flush=True,
+                )
+                return
+            for c in nodes:
+                self._watch_node(c, watch[c.name])
             time.sleep(0.2)
+
+    def _watch_node(self, c: Child, state: NodeRestarts) -> None:
+        """Restart a failed node when its backoff is over; find out whether it failed."""
+        if state.given_up:
+            return
+        if state.due is not None:
+            if time.monotonic() >= state.due:
+                state.due = None
+                c.restarts = state.restarts
+                c.argv = pinned_ports(c.argv, {"rpc": c.rpc, "events": c.events, "http": c.http})
+                self.spawn(c)
+                print(
+                    f"pdserve up: {c.name} restarted (pid {c.proc.pid}, restart {state.restarts} of "
+                    f"{state.limit})",
+                    flush=True,
+                )
+                self.write_state()
+            return
+        why = None
+        if c.proc.poll() == 0:  # it stopped as asked (SIGTERM drains a node, then it exits 0): leave it
+            state.given_up = True
+            print(f"pdserve up: {c.name} (pid {c.proc.pid}) exited with status 0; not restarted", flush=True)
+            return
+        if c.proc.poll() is not None:
+            why = f"exited with status {c.proc.returncode}"
+        elif health_due(state):
+            broken = failed_health(c.http)
+            if broken:
+                why = f"is unhealthy ({broken})"
+                c.proc.kill()
+                c.proc.wait()
+        if why is None:
+            return
+        delay = state.schedule(time.monotonic())
+        if delay is None:
+            print(
+                f"pdserve up: {c.name} (pid {c.proc.pid}) {why}; left dead after {state.limit} restart(s)",
+                flush=True,
+            )
+        else:
+            print(f"pdserve up: {c.name} (pid {c.proc.pid}) {why}; restarting it in {delay:g} s", flush=True)
 
     def stop(self) -> None:
         """Drain, then stop: the proxy first (no new work reaches the nodes; its open streams finish), then
@@ -424,6 +471,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if args.prefill_tp < 1 or args.decode_tp < 1:
         raise ConfigError("--prefill-tp and --decode-tp must be >= 1")
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts must be >= 0, got {args.max_restarts}")
     cluster = Cluster(args)
 
     def on_signal(signum, frame):
@@ -457,6 +506,12 @@ def register_cli(subparsers) -> None:
     p.add_argument("--decode", type=int, default=1, help="decode nodes")
     p.add_argument("--prefill-tp", type=int, default=1, help="tensor-parallel ranks (GPUs) per prefill node")
     p.add_argument("--decode-tp", type=int, default=1, help="tensor-parallel ranks (GPUs) per decode node")
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        help="times a failed node is started again (doubling backoff from 1 s); 0: leave it dead",
+    )
     p.add_argument(
         "--model",
         default=None,

@@ -330,9 +330,15 @@ class UpCluster:
                 self.stop(check=False)
                 raise AssertionError(f"pdserve up did not come up:\n{self.output()}")
             time.sleep(0.2)
+        self.pids: list[int] = []
+        self.reload()
+
+    def reload(self) -> dict:
+        """Read the state file again (a restarted node has a new pid); every pid seen is checked at stop."""
         with open(self.state_file) as f:
             self.info = json.load(f)
-        self.pids = [n["pid"] for n in self.info["nodes"]] + [self.info["proxy"]["pid"]]
+        self.pids += [n["pid"] for n in self.info["nodes"]] + [self.info["proxy"]["pid"]]
+        return self.info
 
     @property
     def url(self) -> str:
@@ -412,6 +418,8 @@ def up_cluster(tmp_path, tiny_model):
     made: list[UpCluster] = []
 
     def make(prefill: int = 1, decode: int = 1, *args: str) -> UpCluster:
+        """A killed node stays dead here (--max-restarts 0), as the fault tests that use it want to see."""
+        args = ("--max-restarts", "0", *args)
         cluster = UpCluster(tmp_path / f"c{len(made)}", tiny_model, prefill, decode, args)
         made.append(cluster)
         return cluster
