@@ -121,3 +121,20 @@ def export_cuda_ipc(layers: list[torch.Tensor]) -> dict:
         "stride": list(first.stride()),
         "layer_offsets": [c.storage_offset() * elem for c in layers],
     }
+
+
+def import_cuda_ipc(export: dict, device: torch.device) -> list[torch.Tensor]:
+    """Another process's per-layer caches (its `export_cuda_ipc`) as tensors of this process on `device`:
+    opening the handle maps that allocation, on a peer GPU through peer access. The mapping lives as long as
+    the tensors do."""
+    _, handle, size, offset, ref_handle, ref_offset, event, sync = export["ipc"]
+    storage = torch.UntypedStorage._new_shared_cuda(
+        device.index, handle, size, offset, ref_handle, ref_offset, event, sync
+    )
+    dtype = getattr(torch, export["dtype"])
+    layers = []
+    for byte_offset in export["layer_offsets"]:
+        t = torch.empty(0, dtype=dtype, device=device)
+        t.set_(storage, byte_offset // dtype.itemsize, export["shape"], export["stride"])
+        layers.append(t)
+    return layers

@@ -12,7 +12,9 @@ side.
 
 The engine's per-layer cache is [2, N, B, Hk, D] (P = 2: K then V). A block is copied as a flat run of bytes,
 reinterpreted as the widest integer word its size and alignment allow, so the copy is dtype-blind and
-vectorised.
+vectorised. copy_blocks (BlockCopier) also takes head slices of caches ([2, N, B, Hk, D] narrowed along Hk):
+a tensor-parallel rank's heads into or out of a cache holding more heads. A block is then B rows of the
+slice's contiguous h * D elements, and a program copies a tile of rows.
 """
 
 from __future__ import annotations
@@ -32,18 +34,22 @@ _WORDS = (torch.int64, torch.int32, torch.int16, torch.uint8)
 # and BlockCopier can launch that compiled kernel directly.
 @triton.jit(do_not_specialize=["n"])
 def _copy_blocks_kernel(
-    src_ptr,  # gather: cache [P, N, E]; scatter: buffer [P, n, E]
-    dst_ptr,  # gather: buffer [P, n, E]; scatter: cache [P, N, E]
+    src_ptr,  # gather: cache [P, N, R, W]; scatter: buffer [P, n, R, W]
+    dst_ptr,  # gather: buffer [P, n, R, W]; scatter: cache [P, N, R, W]
     src_ids_ptr,  # [n] block ids into src (read only when SRC_INDEXED)
     dst_ids_ptr,  # [n] block ids into dst (read only when DST_INDEXED)
     stride_sp,
     stride_sn,
+    stride_sr,
     stride_dp,
-    stride_dn,  # strides of the P and block dims, in words
+    stride_dn,
+    stride_dr,  # strides of the P, block and row dims, in words
     n,
-    words_per_block,
+    rows,
+    words_per_row,
     SRC_INDEXED: tl.constexpr,
     DST_INDEXED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -57,24 +63,54 @@ def _copy_blocks_kernel(
         d_blk = tl.load(dst_ids_ptr + i).to(tl.int64)
     src = src_ptr + p * stride_sp + s_blk * stride_sn
     dst = dst_ptr + p * stride_dp + d_blk * stride_dn
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < words_per_block
-    tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+    chunks = tl.cdiv(words_per_row, BLOCK)  # programs along a row
+    tile = tl.program_id(1).to(tl.int64)
+    r = (tile // chunks) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    w = (tile % chunks) * BLOCK + tl.arange(0, BLOCK)[None, :]
+    mask = (r < rows) & (w < words_per_row)
+    tl.store(dst + r * stride_dr + w, tl.load(src + r * stride_sr + w, mask=mask), mask=mask)
+
+
+def _rows(t: torch.Tensor, token_rows: bool) -> torch.Tensor:
+    """[P, N, *blk] -> a [P, N, R, W] view: each block as R rows of W contiguous elements. A contiguous block
+    is one row; with token_rows, a cache view [P, N, B, h, D] narrowed along h (a tensor-parallel rank's
+    share of another's heads) is B rows of h * D elements, one per token slot."""
+    if not token_rows:
+        return t.flatten(2).unsqueeze(2)
+    check(
+        t.dim() == 5 and t.stride(4) == 1 and t.stride(3) == t.shape[4],
+        f"each block must be contiguous or a head slice of [B, H, D] blocks, got strides {t.stride()}",
+    )
+    return t.flatten(3)
 
 
 def _words(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """a, b [P, n, *blk] with contiguous blocks -> [P, n, E] views in the widest integer word both sizes,
-    strides and offsets allow (int64 for any real KV block)."""
-    fa, fb = a.flatten(2), b.flatten(2)
+    """a, b [P, n, *blk] -> [P, n, R, W] row views (_rows: token rows when either side is a head slice) in
+    the widest integer word the row size, strides and offsets of both allow (int64 for any real KV block)."""
+    token_rows = any(t.shape[1] and not t[0, 0].is_contiguous() for t in (a, b))
+    ra, rb = _rows(a, token_rows), _rows(b, token_rows)
     for word in _WORDS:
         fits = all(
             x * a.element_size() % word.itemsize == 0
-            for f in (fa, fb)
-            for x in (f.shape[-1], f.stride(0), f.stride(1), f.storage_offset())
+            for r in (ra, rb)
+            for x in (r.shape[-1], r.storage_offset(), *_strides_that_move(r))
         )
         if fits:
-            return fa.view(word), fb.view(word)
+            return ra.view(word), rb.view(word)
     raise AssertionError("unreachable: bytes always fit")
+
+
+def _strides_that_move(r: torch.Tensor) -> list[int]:
+    """The P, block and row strides of dims longer than one (a stride of a length-1 dim is never used)."""
+    return [stride for stride, size in zip(r.stride()[:3], r.shape[:3], strict=True) if size > 1]
+
+
+def _tiles(rows: int, words: int, cap: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK, programs per block): a program copies BLOCK_R rows of BLOCK words, about `cap`
+    words."""
+    block = min(triton.next_power_of_2(max(words, 1)), cap)
+    block_r = 1 if rows == 1 else max(1, min(triton.next_power_of_2(rows), cap // block))
+    return block_r, block, triton.cdiv(rows, block_r) * triton.cdiv(words, block)
 
 
 def _check_blocks(cache: torch.Tensor, buf: torch.Tensor, block_ids: torch.Tensor) -> None:
@@ -103,22 +139,22 @@ def _launch(src: torch.Tensor, dst: torch.Tensor, src_ids, dst_ids) -> None:
     if n == 0 or P == 0 or src[0, 0].numel() == 0:
         return
     src_w, dst_w = _words(src, dst)
-    words = src_w.shape[-1]
-    block = min(triton.next_power_of_2(words), 1024 if interpreting() else 4096)
+    rows, words = src_w.shape[2], src_w.shape[3]
+    block_r, block, tiles = _tiles(rows, words, 1024 if interpreting() else 4096)
     ids = src_ids if src_ids is not None else dst_ids
-    _copy_blocks_kernel[(P * n, triton.cdiv(words, block))](
+    _copy_blocks_kernel[(P * n, tiles)](
         src_w,
         dst_w,
         src_ids if src_ids is not None else ids,
         dst_ids if dst_ids is not None else ids,
-        src_w.stride(0),
-        src_w.stride(1),
-        dst_w.stride(0),
-        dst_w.stride(1),
+        *src_w.stride()[:3],
+        *dst_w.stride()[:3],
         n,
+        rows,
         words,
         SRC_INDEXED=src_ids is not None,
         DST_INDEXED=dst_ids is not None,
+        BLOCK_R=block_r,
         BLOCK=block,
         num_warps=1 if interpreting() else 8,
     )
@@ -155,6 +191,10 @@ class BlockCopier:
     on the given stream, skipping the JIT's argument binding and cache lookup (tens of microseconds of Python
     per launch).
 
+    src and dst may also be head slices of caches ([P, N, B, h, D] narrowed along h, as `Tensor.narrow`
+    gives): a tensor-parallel rank's heads copied into, or out of, a cache holding other heads too. Each
+    block is then B rows (token slots) of h * D elements.
+
     The compiled kernel is specialised on everything but n: the tensors, strides and word count are fixed per
     copier, and the id tensors' 16-byte alignment is checked per call (an unaligned pair takes the JIT
     path)."""
@@ -174,20 +214,18 @@ class BlockCopier:
             f"blocks differ: source {tuple(src.shape)} {src.dtype}, destination {tuple(dst.shape)} "
             f"{dst.dtype}",
         )
-        for name, t in (("source", src), ("destination", dst)):
-            check(t[0, 0].is_contiguous() if t.shape[1] else True, f"{name}: each block must be contiguous")
         check_same_device(src, dst)
-        self.src_w, self.dst_w = _words(src, dst)
-        self.words = self.src_w.shape[-1]
-        cap = 1024 if interpreting() else (block_words or 4096)
-        self.block = min(triton.next_power_of_2(max(self.words, 1)), cap)
-        self.strides = (
-            self.src_w.stride(0),
-            self.src_w.stride(1),
-            self.dst_w.stride(0),
-            self.dst_w.stride(1),
+        self.src_w, self.dst_w = _words(src, dst)  # checks each block is contiguous or a head slice
+        check(
+            self.src_w.shape[2:] == self.dst_w.shape[2:],
+            f"blocks differ: source rows {tuple(self.src_w.shape[2:])}, "
+            f"destination {tuple(self.dst_w.shape[2:])}",
         )
-        self.grid_p, self.grid_w = src.shape[0], triton.cdiv(self.words, self.block)
+        self.rows, self.words = self.src_w.shape[2], self.src_w.shape[3]
+        cap = 1024 if interpreting() else (block_words or 4096)
+        self.block_r, self.block, self.tiles = _tiles(self.rows, self.words, cap)
+        self.strides = (*self.src_w.stride()[:3], *self.dst_w.stride()[:3])
+        self.grid_p = src.shape[0]
         self.num_warps = 1 if interpreting() else 8
         self.empty = src.shape[0] == 0 or self.words == 0
         self.compiled = None  # the kernel the first aligned JIT launch compiled, launched directly after it
@@ -199,15 +237,20 @@ class BlockCopier:
         check(dst_ids.shape[0] == n, f"{n} source ids, {dst_ids.shape[0]} destination ids")
         if n == 0 or self.empty:
             return
-        grid = (self.grid_p * n, self.grid_w, 1)
-        args = (self.src_w, self.dst_w, src_ids, dst_ids, *self.strides, n, self.words)
+        grid = (self.grid_p * n, self.tiles, 1)
+        args = (self.src_w, self.dst_w, src_ids, dst_ids, *self.strides, n, self.rows, self.words)
         aligned = not (src_ids.data_ptr() | dst_ids.data_ptr()) & 15
         if self.compiled is not None and aligned:
-            self.compiled[grid](*args, True, True, self.block, stream=stream)
+            self.compiled[grid](*args, True, True, self.block_r, self.block, stream=stream)
             return
         with _on_stream(stream, self.src_w.device):
             kernel = _copy_blocks_kernel[grid](
-                *args, SRC_INDEXED=True, DST_INDEXED=True, BLOCK=self.block, num_warps=self.num_warps
+                *args,
+                SRC_INDEXED=True,
+                DST_INDEXED=True,
+                BLOCK_R=self.block_r,
+                BLOCK=self.block,
+                num_warps=self.num_warps,
             )
         if aligned and not interpreting() and hasattr(kernel, "__getitem__"):
             self.compiled = kernel

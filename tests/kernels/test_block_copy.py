@@ -150,3 +150,47 @@ def test_copier_every_launch_matches_ref(device):
             torch.cuda.current_stream().wait_stream(side)
         assert torch.equal(dst, want), f"n={n} unaligned={unaligned}"
     assert (copier.compiled is not None) == (device == "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "src_heads,src_at,dst_heads,dst_at,n,head_dim",
+    [(3, 1, 4, 2, 2, 6), (1, 0, 2, 1, 1, 3), (4, 0, 2, 0, 2, 8), (2, 1, 2, 0, 1, 5)],
+    ids=["3to4", "replicated-odd-dim", "4to2", "1-of-2-to-1-of-2"],
+)
+def test_head_slice_copy_matches_ref(src_heads, src_at, dst_heads, dst_at, n, head_dim, dtype):
+    """A tensor-parallel rank's heads into a cache of other heads: blocks as token rows of a head slice, both
+    sides indexed, odd block sizes and head dims (narrower words), several programs per block."""
+    if not interpreting():
+        pytest.skip("Triton on CPU tensors runs only in its interpreter (TRITON_INTERPRET=1)")
+    src = _cache((5, src_heads, head_dim), dtype, N=9, seed=9).narrow(3, src_at, n)
+    full = _cache((5, dst_heads, head_dim), dtype, N=11, seed=10)
+    want = full.clone()
+    src_ids, dst_ids = torch.tensor([8, 1, 4, 0, 6]), torch.tensor([2, 10, 5, 9, 0])
+    copy_blocks_ref(src, src_ids, want.narrow(3, dst_at, n), dst_ids)
+    copier = BlockCopier(src, full.narrow(3, dst_at, n), block_words=4)
+    assert copier.rows == 5
+    copier(src_ids, dst_ids)
+    assert torch.equal(full, want)  # the other heads and blocks untouched
+
+
+def test_head_slice_copy_refuses_other_strides():
+    cache = _cache((4, 3, 2), torch.float32)
+    with pytest.raises(ValueError, match="head slice"):
+        BlockCopier(cache.narrow(4, 0, 1), cache.narrow(4, 1, 1))  # a slice of head_dim is no row
+
+
+@pytest.mark.gpu
+def test_head_slice_copy_matches_ref_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    src = _cache((16, 4, 128), torch.bfloat16, N=300, seed=11, device="cuda")
+    dst = _cache((16, 8, 128), torch.bfloat16, N=310, seed=12, device="cuda")
+    src_ids, dst_ids = torch.randperm(300, device="cuda")[:256], torch.randperm(310, device="cuda")[:256]
+    for at in (0, 4):  # prefill TP 2 -> decode TP 1: each rank's four heads into the eight
+        want = dst.clone()
+        copy_blocks_ref(src, src_ids, want.narrow(3, at, 4), dst_ids)
+        copier = BlockCopier(src, dst.narrow(3, at, 4), block_words=1024)
+        for _ in range(2):  # the JIT launch, then the compiled one
+            copier(src_ids, dst_ids)
+        assert torch.equal(dst, want)

@@ -15,8 +15,8 @@ request's blocks at once and a later step may reuse them (the wait costs at most
 Tensor parallelism (kvconnector/head_layout.py): a consumer of several ranks exports each rank's cache with
 the KV heads it holds, and a producer of several ranks maps its own workers' caches the same way. Per layer,
 each consumer rank then gets its heads from the producer ranks that hold them: a whole-block copy where both
-hold the same heads (equal TP sizes), else a copy of the overlapping head slice (index_select + index_copy_
-on head-narrowed views: two launches per pair and layer).
+hold the same heads (equal TP sizes), else a copy of the overlapping head slice (the same copy kernel, each
+block as token rows of the slice: one launch per pair of ranks and layer).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from pdserve.engine.kv_cache import export_cuda_ipc
+from pdserve.engine.kv_cache import export_cuda_ipc, import_cuda_ipc
 from pdserve.kernels.block_copy import BlockCopier
 from pdserve.kvconnector.head_layout import HeadLayout
 from pdserve.kvconnector.transport.base import (
@@ -36,7 +36,6 @@ from pdserve.kvconnector.transport.base import (
     DataPlaneConfig,
     Fence,
     PeerWrites,
-    torch_dtype,
 )
 from pdserve.wire.frames import Handshake
 
@@ -195,12 +194,12 @@ class CudaIpcDataPlane(DataPlane):
             row = []
             for s_layers, s_at, d_layers, d_at, n, whole in pairs:
                 src, dst = s_layers[layer], d_layers[layer]
-                if whole and self.copy == "triton":
+                if not whole:  # the overlapping heads: a head slice of either cache
+                    src, dst = src.narrow(3, s_at, n), dst.narrow(3, d_at, n)
+                if self.copy == "triton":
                     row.append(partial(BlockCopier(src, dst, self.block_words), stream=self._stream_handle))
-                elif whole:
-                    row.append(self._copier(src, dst))
                 else:
-                    row.append(partial(_copy_heads, src.narrow(3, s_at, n), dst.narrow(3, d_at, n)))
+                    row.append(partial(_copy_heads, src, dst))
             copies.append(row)
         return copies
 
@@ -208,16 +207,7 @@ class CudaIpcDataPlane(DataPlane):
         """The peer's per-layer caches as tensors of this process, on our device (peer access is enabled by
         opening the handle here: CUDA maps the peer GPU's memory into our device's address space).
         num_heads: the KV heads that cache holds (a tensor-parallel rank's), default ours."""
-        device, handle, size, offset, ref_handle, ref_offset, event, sync = info["ipc"]
-        storage = torch.UntypedStorage._new_shared_cuda(
-            self.device.index, handle, size, offset, ref_handle, ref_offset, event, sync
-        )
-        dtype, elem = torch_dtype(info["dtype"]), torch_dtype(info["dtype"]).itemsize
-        layers = []
-        for byte_offset in info["layer_offsets"]:
-            t = torch.empty(0, dtype=dtype, device=self.device)
-            t.set_(storage, byte_offset // elem, info["shape"], info["stride"])
-            layers.append(t)
+        layers = import_cuda_ipc(info, self.device)
         ours = self.caches[0]
         want = (ours.shape[0], ours.shape[2], num_heads or ours.shape[3], ours.shape[4])
         if len(layers) != self.num_layers or (layers[0].shape[0], *layers[0].shape[2:]) != want:
@@ -290,9 +280,13 @@ class CudaIpcDataPlane(DataPlane):
                 return
             copier(src_ids, dst_ids, self._stream_handle)
         elif isinstance(copiers[layer], list):  # tensor parallelism: one copy per pair of ranks
-            with torch.cuda.stream(self._stream):
+            if self.copy == "triton":  # launched on the copy stream by handle
                 for copy in copiers[layer]:
                     copy(src_ids, dst_ids)
+            else:
+                with torch.cuda.stream(self._stream):
+                    for copy in copiers[layer]:
+                        copy(src_ids, dst_ids)
         elif self.copy == "triton":  # launched on the copy stream by handle: no stream switch on this thread
             copiers[layer](src_ids, dst_ids, self._stream_handle)
         else:
