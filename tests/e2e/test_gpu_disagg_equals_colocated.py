@@ -48,11 +48,14 @@ def greedy_ids(cluster: UpCluster, prompts) -> list[list[int]]:
     return out
 
 
-def cluster_greedy_ids(tmp, model: str, prefill: int, decode: int, args: tuple = ()) -> list[list[int]]:
-    """Start `pdserve up`, take every prompt's greedy ids, stop it; a disaggregated one must use cuda_ipc."""
+def cluster_greedy_ids(
+    tmp, model: str, prefill: int, decode: int, args: tuple = (), connector: str = "cuda_ipc"
+) -> list[list[int]]:
+    """Start `pdserve up`, take every prompt's greedy ids, stop it; a disaggregated one must use
+    `connector`."""
     cluster = UpCluster(tmp, model, prefill, decode, args=args)
     try:
-        assert not prefill or cluster.info["kv_connector"] == "cuda_ipc"
+        assert not prefill or cluster.info["kv_connector"] == connector
         return greedy_ids(cluster, PROMPTS)
     finally:
         cluster.stop()
@@ -65,22 +68,44 @@ def test_1p1d_equals_0p2d(tmp_path, model):
     assert got == want
 
 
+FP32 = ("--node-arg=--dtype", "--node-arg=float32", "--gpu-memory-utilization", "0.2")
+
+
+@pytest.fixture(scope="module")
+def colocated_fp32(tmp_path_factory, model) -> list[list[int]]:
+    """One colocated TP 1 node's greedy ids in float32: the oracle of every TP pair below."""
+    return cluster_greedy_ids(tmp_path_factory.mktemp("0p1d"), model, 0, 1, FP32)
+
+
+@pytest.mark.parametrize("connector", ["cuda_ipc", "nixl"])
 @pytest.mark.parametrize("prefill_tp,decode_tp", [(2, 1), (1, 2)])
-def test_1p1d_across_tp_sizes_equals_0p1d(tmp_path, model, prefill_tp, decode_tp, monkeypatch):
-    """Each prefill rank's KV heads written over cuda_ipc into the decode ranks that hold them, for prefill TP
-    != decode TP, against one colocated TP 1 node. float32, so TP's different summation order (~1e-6 in a
-    logit) cannot flip a token as bf16's rounding could. With fewer GPUs than ranks a node's ranks share one
-    GPU over gloo (PDSERVE_TP_BACKEND=gloo: NCCL refuses two ranks on one device)."""
+def test_1p1d_across_tp_sizes_equals_0p1d(
+    tmp_path, model, colocated_fp32, prefill_tp, decode_tp, connector, monkeypatch
+):
+    """Each prefill rank's KV heads written into the decode ranks that hold them, for prefill TP != decode
+    TP, against one colocated TP 1 node: over cuda_ipc (a head-slice copy per pair of ranks) and over NIXL
+    (packed through the staging ring, then whole-block WRITEs). float32, so TP's different summation order
+    (~1e-6 in a logit) cannot flip a token as bf16's rounding could. With fewer GPUs than ranks a node's
+    ranks share one GPU over gloo (PDSERVE_TP_BACKEND=gloo: NCCL refuses two ranks on one device), and each
+    of the three processes takes 0.2 of its memory (`pdserve up`'s even split of 0.85 left too little beside
+    the CUDA contexts and this test's own: decode-0 ran out of memory at start on an 80 GB H100)."""
     import torch
 
-    fp32 = ("--node-arg=--dtype", "--node-arg=float32")
+    if connector == "nixl":
+        from pdserve.kvconnector.transport.nixl import nixl_available
+
+        if not nixl_available():
+            pytest.skip("needs the nixl package")
     if torch.cuda.device_count() < prefill_tp + decode_tp:
         monkeypatch.setenv("PDSERVE_TP_BACKEND", "gloo")
-        # three processes and this test's own share one GPU: `pdserve up`'s even split of 0.85 left too
-        # little beside the CUDA contexts (decode-0 ran out of memory at start on an 80 GB H100)
-        fp32 += ("--gpu-memory-utilization", "0.2")
-    tp_args = ("--prefill-tp", str(prefill_tp), "--decode-tp", str(decode_tp))
-    got = cluster_greedy_ids(tmp_path / "1p1d", model, 1, 1, fp32 + tp_args)
-    want = cluster_greedy_ids(tmp_path / "0p1d", model, 0, 1, fp32)
+    args = FP32 + (
+        "--prefill-tp",
+        str(prefill_tp),
+        "--decode-tp",
+        str(decode_tp),
+        "--kv-connector",
+        connector,
+    )
+    got = cluster_greedy_ids(tmp_path / "1p1d", model, 1, 1, args, connector=connector)
     assert all(len(g) == 24 for g in got)
-    assert got == want
+    assert got == colocated_fp32

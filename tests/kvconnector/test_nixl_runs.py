@@ -4,7 +4,7 @@ consecutive, and runs become one K and one V descriptor each, whose bytes cover 
 import numpy as np
 import pytest
 
-from pdserve.kvconnector.transport.nixl import block_runs, run_descriptors
+from pdserve.kvconnector.transport.nixl_routes import block_runs, run_descriptors
 
 
 def test_runs_break_where_either_side_jumps():

@@ -14,7 +14,9 @@ The consumer's host does nothing per layer on either plane: it hears one `Done` 
 
 Under tensor parallelism (kvconnector/head_layout.py) tcp sends every head of a block whatever the TP sizes,
 gathered from and scattered to the ranks that hold them; cuda_ipc writes each producer rank's heads into the
-consumer ranks that hold them; nixl refuses a node of several ranks at start (not yet).
+consumer ranks that hold them (a head-slice copy where their heads differ); nixl writes whole blocks into
+each consumer rank, from the producer rank holding the same heads or packed through a staging ring
+(transport/nixl_routes.py).
 """
 
 from __future__ import annotations
@@ -44,16 +46,10 @@ def create_data_plane(name: str, config: DataPlaneConfig, layout) -> DataPlane:
         from pdserve.kvconnector.transport.cuda_ipc import CudaIpcDataPlane
 
         return CudaIpcDataPlane(config, layout)
-    if layout.tp_size > 1:
-        raise ValueError(
-            f"kv_connector {name} does not yet move KV for a node of {layout.tp_size} tensor-parallel ranks: "
-            "use kv_connector tcp"
-        )
-    caches = layout.layers
     if name == "nixl":
         from pdserve.kvconnector.transport.nixl import NixlDataPlane
 
-        return NixlDataPlane(config, caches)
+        return NixlDataPlane(config, layout)
     raise ValueError(f"kv_connector must be one of {', '.join(KV_CONNECTORS)}, got {name!r}")
 
 

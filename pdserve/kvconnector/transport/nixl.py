@@ -18,6 +18,11 @@ may start only once the layer's KV is in memory. The forward thread records the 
 it sleeps), posts the layer's WRITE, and while WRITEs are in flight polls them with short sleeps (never
 spinning with the GIL held). All agent calls but setup run on that thread. A fence completes once every WRITE
 posted before it is DONE; the consumer hears the request's `Done` on the control link as with any plane.
+
+Tensor parallelism: one agent per node, on rank 0, registers every rank's cache (a worker's cache is mapped
+into rank 0 over CUDA IPC; NIXL registers and writes such memory like its own). The consumer's handshake
+lists each rank's region and heads; the producer writes each consumer rank directly from the rank of ours
+holding the same heads, or through a staging ring when none does (transport/nixl_routes.py).
 """
 
 from __future__ import annotations
@@ -28,17 +33,32 @@ import queue
 import threading
 import time
 import uuid
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 
+from pdserve.engine.kv_cache import import_cuda_ipc
+from pdserve.kernels.block_copy import BlockCopier
+from pdserve.kvconnector.head_layout import HeadLayout
 from pdserve.kvconnector.transport.base import DataPlane, DataPlaneConfig, Fence, PeerWrites, dtype_name
+from pdserve.kvconnector.transport.nixl_routes import (
+    Region,
+    Route,
+    SlotRing,
+    block_runs,
+    direct_descriptors,
+    packed_descriptors,
+    packed_groups,
+    plan_routes,
+)
 from pdserve.wire.frames import Handshake
 
 log = logging.getLogger(__name__)
 
 POLL_S = 20e-6  # between polls of in-flight WRITEs: short against a layer's transfer, long against a poll
+DEFAULT_STAGING_MB = 256  # per peer whose ranks hold other heads than ours: 8 layers of 8192 Llama-8B tokens
 
 
 def nixl_available() -> bool:
@@ -72,40 +92,46 @@ class NixlFence(Fence):
 class NixlDataPlane(DataPlane):
     name = "nixl"
 
-    def __init__(self, config: DataPlaneConfig, caches: Sequence[torch.Tensor]):
-        super().__init__(config, caches)
+    def __init__(self, config: DataPlaneConfig, layout):
+        self.layout = HeadLayout.of(layout)
+        super().__init__(config, self.layout.layers)
         from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
         first = self.caches[0]
         if first.device.type != "cuda":
             raise ValueError("kv_connector nixl needs the KV cache on a CUDA device")
-        for c in self.caches:
-            if not (c.is_contiguous() and c.shape == first.shape):
-                raise ValueError("nixl: every layer's cache must be one contiguous [2, N, *block] tensor")
+        for rank in self.layout.ranks:
+            for c in rank.layers:
+                if not (c.is_contiguous() and c.shape == rank.layers[0].shape):
+                    raise ValueError("nixl: every layer's cache must be one contiguous [2, N, *block] tensor")
         self.device = first.device
         self.num_layers = len(self.caches)
-        self.block_bytes = first[0, 0].numel() * first.element_size()
-        self.part_bytes = first.stride(0) * first.element_size()  # K blocks, then V blocks
+        self.head_bytes = first[0, 0].numel() * first.element_size() // first.shape[3]  # a block of one head
+        # our ranks that first hold each head: the sources of every write (HeadLayout.sources)
+        self.sources = [Region.of(r.layers, r.first_head, r.num_heads) for r in self.layout.sources]
+        self._source_layers = [r.layers for r in self.layout.sources]
+        self.staging_bytes = int(config.extra.get("staging_mb", DEFAULT_STAGING_MB)) << 20
         # STRICT: setup (register, add a peer) runs on link threads while the sender thread posts
         conf = nixl_agent_config(backends=["UCX"], sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
         self.agent = nixl_agent(f"pdserve-{os.getpid()}-{uuid.uuid4().hex[:8]}", conf)
-        self.registered = self.agent.register_memory(self.caches)
+        self.registered = self.agent.register_memory([c for r in self.layout.ranks for c in r.layers])
         self._compute = torch.cuda.current_stream(self.device)
+        self._pack_stream: Optional[torch.cuda.Stream] = None  # the sender's, with the first staging ring
+        self._mapped_sources: Optional[list] = None  # our sources' caches on our device, for the pack copies
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="kv-nixl", daemon=True)
         self._sender.start()
 
     # ---- consumer: export ----------------------------------------------------------------------------------
     def local_info(self) -> dict:
+        """Our agent and every rank's region (one without tensor parallelism)."""
         return {
             "host": os.uname().nodename,
             "agent": self.agent.get_agent_metadata(),
-            "device_id": self.device.index,
             "dtype": dtype_name(self.caches[0].dtype),
             "num_layers": self.num_layers,
-            "block_bytes": self.block_bytes,
-            "part_bytes": self.part_bytes,
-            "layer_addrs": [c.data_ptr() for c in self.caches],
+            "head_bytes": self.head_bytes,
+            "ranks": [Region.of(r.layers, r.first_head, r.num_heads).to_wire() for r in self.layout.ranks],
         }
 
     # ---- producer: connect ---------------------------------------------------------------------------------
@@ -113,19 +139,71 @@ class NixlDataPlane(DataPlane):
         if ours.role == "kv_consumer" or theirs.role != "kv_consumer":
             return ""
         info = theirs.data_plane or {}
-        ours_shape = (dtype_name(self.caches[0].dtype), self.num_layers, self.block_bytes)
-        theirs_shape = (info.get("dtype"), info.get("num_layers"), info.get("block_bytes"))
+        ours_shape = (dtype_name(self.caches[0].dtype), self.num_layers, self.head_bytes)
+        theirs_shape = (info.get("dtype"), info.get("num_layers"), info.get("head_bytes"))
         if ours_shape != theirs_shape:
             return (
-                f"the peer's cache (dtype, layers, block bytes) {theirs_shape} does not fit ours {ours_shape}"
+                f"the peer's cache (dtype, layers, bytes of a block's head) {theirs_shape} does not fit ours "
+                f"{ours_shape}"
             )
+        if not info.get("ranks"):
+            return "the peer's handshake lists no ranks of its KV cache"
+        try:
+            plan_routes(self._source_heads(), [Region.from_wire(r) for r in info["ranks"]])
+        except (KeyError, TypeError, ValueError) as exc:
+            return f"the peer's ranks do not fit ours: {exc}"
         return ""
+
+    def _source_heads(self) -> list[tuple[int, int]]:
+        return [(r.first_head, r.num_heads) for r in self.sources]
 
     def open(self, link, ours: Handshake, theirs: Handshake, producer: bool) -> None:
         if producer:
             info = theirs.data_plane
-            name = self.agent.add_remote_agent(info["agent"])
-            link.state["nixl"] = _Peer(name, info)
+            routes = plan_routes(self._source_heads(), [Region.from_wire(r) for r in info["ranks"]])
+            peer = _Peer(self.agent.add_remote_agent(info["agent"]), routes)
+            if any(r.direct is None for r in routes):
+                self._open_staging(peer)
+            link.state["nixl"] = peer
+
+    def _open_staging(self, peer: "_Peer") -> None:
+        """A registered ring of the peer ranks' block shape on our GPU, and per layer the copies that pack
+        each packed route's heads into it from our ranks' caches (a worker's mapped onto our device)."""
+        peer.groups = packed_groups(peer.routes)
+        heads = {g[0].dst.num_heads for g in peer.groups}
+        if len(heads) != 1:
+            raise ValueError(f"the peer's ranks hold different numbers of heads {sorted(heads)}")
+        first = self.caches[0]
+        block = (first.shape[2], heads.pop(), first.shape[4])  # [block_size, the peer rank's heads, head_dim]
+        slot_bytes = 2 * int(np.prod(block)) * first.element_size()
+        slots = max(self.staging_bytes // slot_bytes, 1)
+        staging = torch.zeros((2, slots, *block), dtype=first.dtype, device=self.device)
+        peer.staging, peer.ring = staging, SlotRing(slots)
+        peer.staging_reg = self.agent.register_memory([staging])
+        peer.staging_region = Region.of([staging], 0, block[1])
+        peer.slot_ids = torch.arange(slots, dtype=torch.int64, device=self.device)
+        if self._mapped_sources is None:
+            self._mapped_sources = [self._on_device(r) for r in self.layout.sources]
+        sources = self._mapped_sources
+        peer.packers = [
+            [
+                [
+                    BlockCopier(
+                        sources[s.source][layer].narrow(3, s.src_at, s.heads),
+                        staging.narrow(3, s.dst_at, s.heads),
+                    )
+                    for s in group[0].slices
+                ]
+                for group in peer.groups
+            ]
+            for layer in range(self.num_layers)
+        ]
+        if self._pack_stream is None:
+            self._pack_stream = torch.cuda.Stream(self.device)
+
+    def _on_device(self, rank) -> list[torch.Tensor]:
+        """A rank's per-layer caches addressable by kernels on our device."""
+        return rank.layers if rank.ipc is None else import_cuda_ipc(rank.ipc, self.device)
 
     def close_link(self, link) -> None:
         peer = link.state.pop("nixl", None)
@@ -137,11 +215,14 @@ class NixlDataPlane(DataPlane):
         peer = writes.link.state.get("nixl")
         src = np.fromiter((b for s in writes.src for b in s), dtype=np.int64, count=writes.num_blocks)
         dst = np.fromiter((b for d in writes.dst for b in d), dtype=np.int64, count=writes.num_blocks)
-        writes.staged = (peer, *block_runs(src, dst))
+        src_ids = None
+        if peer is not None and peer.ring is not None and src.size:  # the pack kernels read them
+            src_ids = torch.from_numpy(src).pin_memory().to(self.device, non_blocking=True)
+        writes.staged = _Staged(peer, src, dst, *block_runs(src, dst), src_ids)
         self._compute = torch.cuda.current_stream(self.device)
 
     def write_layer(self, writes: PeerWrites, layer: int) -> None:
-        if writes.staged[0] is None or writes.link.closed or not writes.num_blocks:
+        if writes.staged.peer is None or writes.link.closed or not writes.num_blocks:
             return
         ready = torch.cuda.Event(blocking=True)
         ready.record(self._compute)
@@ -172,7 +253,7 @@ class NixlDataPlane(DataPlane):
 
     # ---- the sender thread ---------------------------------------------------------------------------------
     def _send_loop(self) -> None:
-        inflight: list = []  # (peer, handle), in posting order
+        inflight: list = []  # (peer, handle, holds a staging range), in posting order
         fences: list[tuple] = []  # (fence, n, peer): the fence waits for the first n handles posted
         posted = 0  # handles posted ever; inflight holds those not yet DONE
         last_compute_t: Optional[float] = None
@@ -187,10 +268,7 @@ class NixlDataPlane(DataPlane):
                 _, staged, layer, ready = item
                 ready.synchronize()  # the layer's KV is in memory; the thread sleeps meanwhile
                 last_compute_t = time.monotonic()
-                handle = self._post(staged, layer)
-                if handle is not None:
-                    inflight.append((staged[0], handle))
-                    posted += 1
+                posted += self._post_layer(staged, layer, inflight)
             elif item and item[0] == "fence":
                 item[1].compute_done_t = last_compute_t
                 fences.append((item[1], posted, item[2]))
@@ -198,17 +276,56 @@ class NixlDataPlane(DataPlane):
                 self._drop_peer(item[1], inflight)
             fences = self._release_fences(fences, self._reap(inflight, posted))
 
-    def _post(self, staged, layer: int):
-        peer, src_starts, dst_starts, lengths = staged
+    def _post_layer(self, staged: "_Staged", layer: int, inflight: list) -> int:
+        """Post a layer's WRITEs to one peer -> handles posted: one for the direct routes, one per chunk of
+        blocks for the packed routes (as many blocks as half the staging ring holds)."""
+        peer = staged.peer
         if peer.closed:
-            return None
-        bb = self.block_bytes
-        local = run_descriptors(
-            self.caches[layer].data_ptr(), self.part_bytes, bb, src_starts, lengths, self.device.index
+            return 0
+        posted = 0
+        descs = direct_descriptors(
+            self.sources, peer.routes, layer, staged.src_starts, staged.dst_starts, staged.lengths
         )
-        remote = run_descriptors(
-            peer.layer_addrs[layer], peer.part_bytes, bb, dst_starts, lengths, peer.device_id
-        )
+        if descs is not None:
+            posted += self._post(peer, *descs, inflight, 0)
+        if peer.ring is not None:  # a chunk's ranges fill at most half the ring: the next packs meanwhile
+            chunk = max(peer.ring.capacity // (2 * len(peer.packers[layer])), 1)
+            for lo in range(0, staged.src.size, chunk):
+                posted += self._post_packed(
+                    peer, staged, layer, lo, min(lo + chunk, staged.src.size), inflight
+                )
+        return posted
+
+    def _post_packed(
+        self, peer: "_Peer", staged: "_Staged", layer: int, lo: int, hi: int, inflight: list
+    ) -> int:
+        """Blocks [lo, hi) of the step: wait for room in the ring (older WRITEs ending), pack each group's
+        heads into it, wait for the copies (a blocking event: the thread sleeps), then one WRITE of whole
+        blocks into every packed peer rank."""
+        n = hi - lo
+        rows = []  # the ring start of each group's packed blocks
+        for _ in peer.groups:
+            start = peer.ring.take(n)
+            while start is None:
+                time.sleep(POLL_S)
+                self._reap(inflight, 0)
+                start = peer.ring.take(n)
+            rows.append(start)
+        stream = self._pack_stream  # the layer is computed (the sender waited for it), the staged ids copied
+        for i, start in enumerate(rows):
+            for copy in peer.packers[layer][i]:
+                copy(staged.src_ids[lo:hi], peer.slot_ids[start : start + n], stream.cuda_stream)
+        packed_ev = torch.cuda.Event(blocking=True)
+        packed_ev.record(stream)
+        packed_ev.synchronize()
+        local, remote = packed_descriptors(peer.staging_region, peer.groups, rows, staged.dst[lo:hi], layer)
+        return self._post(peer, local, remote, inflight, len(rows))
+
+    def _post(
+        self, peer: "_Peer", local: np.ndarray, remote: np.ndarray, inflight: list, ring_ranges: int
+    ) -> int:
+        """One WRITE of these descriptors -> 1 if posted. ring_ranges: staging ranges it reads (given back
+        when it ends)."""
         try:
             handle = self.agent.initialize_xfer(
                 "WRITE",
@@ -220,18 +337,24 @@ class NixlDataPlane(DataPlane):
                 raise RuntimeError("NIXL refused the WRITE")
         except Exception:
             peer.failed = True
-            return None
-        return handle
+            for _ in range(ring_ranges):
+                peer.ring.undo()  # the ranges just taken for this WRITE: the newest
+            return 0
+        inflight.append((peer, handle, ring_ranges))
+        return 1
 
     def _reap(self, inflight: list, posted: int) -> int:
-        """Drop ended handles from the front of inflight (a failed one marks its peer) -> handles ended."""
+        """Drop ended handles from the front of inflight (a failed one marks its peer; its staging ranges are
+        free again) -> handles ended."""
         while inflight:
-            peer, handle = inflight[0]
+            peer, handle, ring_ranges = inflight[0]
             state = self.agent.check_xfer_state(handle)
             if state == "PROC":
                 break
             peer.failed |= state == "ERR"
             self.agent.release_xfer_handle(handle)
+            for _ in range(ring_ranges):
+                peer.ring.release()
             inflight.pop(0)
         return posted - len(inflight)
 
@@ -249,9 +372,17 @@ class NixlDataPlane(DataPlane):
 
     def _drop_peer(self, peer: "_Peer", inflight: list) -> None:
         peer.closed = True
-        while any(p is peer for p, _ in inflight):  # its WRITEs end (DONE or ERR) before the agent forgets it
+        while any(
+            p is peer for p, _, _ in inflight
+        ):  # its WRITEs end (DONE or ERR) before the agent forgets it
             time.sleep(POLL_S)
             self._reap(inflight, 0)
+        if peer.staging_reg is not None:
+            try:
+                self.agent.deregister_memory(peer.staging_reg)
+            except Exception as exc:  # noqa: BLE001 - the ring is dropped anyway
+                log.warning("nixl: deregistering a staging ring failed: %s", exc)
+            peer.staging_reg = peer.staging = None
         try:
             self.agent.remove_remote_agent(peer.name)
         except Exception:
@@ -259,34 +390,29 @@ class NixlDataPlane(DataPlane):
 
 
 class _Peer:
-    def __init__(self, name: str, info: dict):
+    def __init__(self, name: str, routes: list[Route]):
         self.name = name
-        self.device_id = int(info["device_id"])
-        self.part_bytes = int(info["part_bytes"])
-        self.layer_addrs = [int(a) for a in info["layer_addrs"]]
+        self.routes = routes
         self.closed = False
         self.failed = False
+        # a staging ring, only when some route is packed (nixl_routes.py)
+        self.staging: Optional[torch.Tensor] = None
+        self.staging_reg = None
+        self.staging_region: Optional[Region] = None
+        self.ring: Optional[SlotRing] = None
+        self.slot_ids: Optional[torch.Tensor] = None
+        self.groups: list[list[Route]] = []  # packed routes, grouped by the heads they get
+        self.packers: list = []  # [layer][group] -> copies of its slices into the ring
 
 
-def block_runs(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Block ids -> runs where both sides are consecutive: (src start, dst start, length), in blocks.
-    [4,5,6,9] -> [7,8,9,2] gives (4,7,3), (9,2,1)."""
-    if src.size == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, empty
-    breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
-    starts = np.concatenate(([0], breaks))
-    lengths = np.diff(np.concatenate((starts, [src.size])))
-    return src[starts], dst[starts], lengths
+@dataclass(slots=True)
+class _Staged:
+    """One step's blocks for one peer, as the sender reads them."""
 
-
-def run_descriptors(
-    base: int, part_bytes: int, block_bytes: int, starts, lengths, device_id: int
-) -> np.ndarray:
-    """Runs of one layer -> [2 * runs, 3] (address, bytes, device): each run's K blocks, then its V blocks."""
-    offsets = np.asarray(starts, dtype=np.uint64) * np.uint64(block_bytes)
-    sizes = np.asarray(lengths, dtype=np.uint64) * np.uint64(block_bytes)
-    addrs = np.concatenate((offsets, offsets + np.uint64(part_bytes))) + np.uint64(base)
-    out = np.empty((addrs.size, 3), dtype=np.uint64)
-    out[:, 0], out[:, 1], out[:, 2] = addrs, np.concatenate((sizes, sizes)), device_id
-    return out
+    peer: Optional[_Peer]
+    src: np.ndarray
+    dst: np.ndarray
+    src_starts: np.ndarray
+    dst_starts: np.ndarray
+    lengths: np.ndarray
+    src_ids: Optional[torch.Tensor]  # src on the device, for the pack copies (packed routes only)
