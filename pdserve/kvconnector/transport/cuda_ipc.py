@@ -16,7 +16,8 @@ Tensor parallelism (kvconnector/head_layout.py): a consumer of several ranks exp
 the KV heads it holds, and a producer of several ranks maps its own workers' caches the same way. Per layer,
 each consumer rank then gets its heads from the producer ranks that hold them: a whole-block copy where both
 hold the same heads (equal TP sizes), else a copy of the overlapping head slice (the same copy kernel, each
-block as token rows of the slice: one launch per pair of ranks and layer).
+block as token rows of the slice: one launch per pair of ranks and layer; a small write, one launch per
+pair over every layer after the last one, as without tensor parallelism).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ class CudaIpcDataPlane(DataPlane):
         # launches; larger writes go layer by layer, exposing only the last layer's copy. 0: never coalesce.
         self.coalesce_bytes = int(config.extra.get("coalesce_bytes", DEFAULT_COALESCE_BYTES))
         first = self.caches[0]
-        self.block_bytes_all_layers = first[:, :1].numel() * first.element_size() * self.num_layers
+        head_bytes = first[:, :1].numel() // max(first.shape[3], 1) * first.element_size()
+        self.block_bytes_all_layers = head_bytes * self.layout.num_kv_heads * self.num_layers  # every head
         self._stacked = stacked_layers(self.caches)  # every layer as one [2L, N, *blk] view, or None
         # high priority: a layer's copy is small and must not queue behind the next layers' compute kernels
         self._stream = torch.cuda.Stream(self.device, priority=-1)
@@ -153,7 +155,11 @@ class CudaIpcDataPlane(DataPlane):
         if producer and (self.layout.tp_size > 1 or "ranks" in (theirs.data_plane or {})):
             peer = [(first, n, self._map(info, n)) for first, n, info in _rank_exports(theirs.data_plane)]
             link.state["peer_cache"] = peer
-            link.state["copiers"] = self._pair_copies(peer)
+            pairs = self._rank_pairs(peer)
+            link.state["copiers"] = self._pair_copies(pairs)
+            all_layers = self._pair_all_layers(pairs)
+            if all_layers is not None:
+                link.state["all_layers"] = all_layers
         elif producer:
             peer = self._map(theirs.data_plane)
             link.state["peer_cache"] = peer
@@ -162,7 +168,8 @@ class CudaIpcDataPlane(DataPlane):
             ]
             peer_stacked = stacked_layers(peer)
             if self._stacked is not None and peer_stacked is not None and self.copy == "triton":
-                link.state["all_layers"] = BlockCopier(self._stacked, peer_stacked, self.block_words)
+                copier = BlockCopier(self._stacked, peer_stacked, self.block_words)
+                link.state["all_layers"] = [partial(copier, stream=self._stream_handle)]
 
     def _copier(self, src: torch.Tensor, dst: torch.Tensor):
         if self.copy == "triton":
@@ -180,8 +187,9 @@ class CudaIpcDataPlane(DataPlane):
             ]
         return self._sources
 
-    def _pair_copies(self, peer: list) -> list[list]:
-        """Per layer, the copies that fill every peer rank's heads: fn(src_ids, dst_ids) each."""
+    def _rank_pairs(self, peer: list) -> list[tuple]:
+        """(our layers, head offset, peer rank's layers, head offset, heads, whole blocks) for each pair of
+        one of our ranks and a peer rank that share heads."""
         pairs = []
         for d_first, d_n, d_layers in peer:
             for s_first, s_n, s_layers in self._source_pieces():
@@ -189,19 +197,37 @@ class CudaIpcDataPlane(DataPlane):
                 if lo < hi:
                     whole = s_n == d_n == hi - lo
                     pairs.append((s_layers, lo - s_first, d_layers, lo - d_first, hi - lo, whole))
-        copies = []
-        for layer in range(self.num_layers):
-            row = []
-            for s_layers, s_at, d_layers, d_at, n, whole in pairs:
-                src, dst = s_layers[layer], d_layers[layer]
-                if not whole:  # the overlapping heads: a head slice of either cache
-                    src, dst = src.narrow(3, s_at, n), dst.narrow(3, d_at, n)
-                if self.copy == "triton":
-                    row.append(partial(BlockCopier(src, dst, self.block_words), stream=self._stream_handle))
-                else:
-                    row.append(partial(_copy_heads, src, dst))
-            copies.append(row)
-        return copies
+        return pairs
+
+    def _pair_copy(self, src: torch.Tensor, dst: torch.Tensor, s_at: int, d_at: int, n: int, whole: bool):
+        """fn(src_ids, dst_ids) copying heads s_at..+n of src's blocks into heads d_at..+n of dst's."""
+        if not whole:  # the overlapping heads: a head slice of either cache
+            src, dst = src.narrow(3, s_at, n), dst.narrow(3, d_at, n)
+        if self.copy == "triton":
+            return partial(BlockCopier(src, dst, self.block_words), stream=self._stream_handle)
+        return partial(_copy_heads, src, dst)
+
+    def _pair_copies(self, pairs: list[tuple]) -> list[list]:
+        """Per layer, the copies that fill every peer rank's heads."""
+        return [
+            [
+                self._pair_copy(s[layer], d[layer], s_at, d_at, n, whole)
+                for s, s_at, d, d_at, n, whole in pairs
+            ]
+            for layer in range(self.num_layers)
+        ]
+
+    def _pair_all_layers(self, pairs: list[tuple]) -> Optional[list]:
+        """Per pair, one copy over every layer at once (small writes, see coalesce_bytes), or None when some
+        rank's layers are not back to back in one allocation."""
+        if self.copy != "triton":
+            return None
+        stacked = [
+            (stacked_layers(s), s_at, stacked_layers(d), d_at, n, w) for s, s_at, d, d_at, n, w in pairs
+        ]
+        if any(s is None or d is None for s, _, d, *_ in stacked):
+            return None
+        return [self._pair_copy(*pair) for pair in stacked]
 
     def _map(self, info: dict, num_heads: Optional[int] = None) -> list[torch.Tensor]:
         """The peer's per-layer caches as tensors of this process, on our device (peer access is enabled by
@@ -275,10 +301,11 @@ class CudaIpcDataPlane(DataPlane):
         ready.record(self._compute)
         self._stream.wait_event(ready)
         if coalesce:
-            copier = writes.link.state.get("all_layers")
-            if copier is None:  # the link closed since stage(): nothing may be written into it now
+            copies = writes.link.state.get("all_layers")
+            if copies is None:  # the link closed since stage(): nothing may be written into it now
                 return
-            copier(src_ids, dst_ids, self._stream_handle)
+            for copy in copies:  # launched on the copy stream by handle
+                copy(src_ids, dst_ids)
         elif isinstance(copiers[layer], list):  # tensor parallelism: one copy per pair of ranks
             if self.copy == "triton":  # launched on the copy stream by handle
                 for copy in copiers[layer]:
