@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.e2e.test_families_cluster import metric
 from tests.harness.servers import UpCluster, needs_nodes
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow, needs_nodes, pytest.mark.timeout(900)]
@@ -56,7 +57,15 @@ def cluster_greedy_ids(
     cluster = UpCluster(tmp, model, prefill, decode, args=args)
     try:
         assert not prefill or cluster.info["kv_connector"] == connector
-        return greedy_ids(cluster, PROMPTS)
+        ids = greedy_ids(cluster, PROMPTS)
+        if prefill:  # the KV did go over the plane: no decode node prefilled for itself, nothing failed
+            decode_node = next(n for n in cluster.info["nodes"] if n["role"] == "decode")
+            text = cluster.node_metrics(decode_node["name"])
+            received = f'pdserve_kv_bytes_received_total{{role="consumer",transport="{connector}"}}'
+            assert metric(text, received) > 0, text
+            failed = [x for x in text.splitlines() if x.startswith("pdserve_kv_failures_total{")]
+            assert all(float(x.split()[-1]) == 0 for x in failed), failed
+        return ids
     finally:
         cluster.stop()
 

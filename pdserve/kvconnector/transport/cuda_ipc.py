@@ -227,7 +227,7 @@ class CudaIpcDataPlane(DataPlane):
         ]
         if any(s is None or d is None for s, _, d, *_ in stacked):
             return None
-        return [self._pair_copy(*pair) for pair in stacked]
+        return [self._pair_copy(s, d, s_at, d_at, n, w) for s, s_at, d, d_at, n, w in stacked]
 
     def _map(self, info: dict, num_heads: Optional[int] = None) -> list[torch.Tensor]:
         """The peer's per-layer caches as tensors of this process, on our device (peer access is enabled by
