@@ -33,6 +33,7 @@ the first push of each is checked: the decode side's blocks hold, head for head,
   python bench/kv_transfer.py --gpus 1             # one GPU, two processes
   python bench/kv_transfer.py --gpus 1 --shape gemma-2-9b --tokens 8192 16384
   python bench/kv_transfer.py --gpus 1 --tp-pairs 1:1 2:1 1:2 4:2   # between tensor-parallel sizes
+  python bench/kv_transfer.py --gpus 1 --transports cuda_ipc nixl --tp-pairs 1:1 2:1 1:2 4:2
   python bench/kv_transfer.py --smoke --out /tmp/x # CPU, tcp, seconds
 Results: bench/results/kv_transfer-<device>-<YYYYMMDD>.json (the format in docs/architecture.md) and a PNG
 beside it.
