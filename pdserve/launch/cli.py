@@ -23,6 +23,8 @@ SUBCOMMANDS = {
     "prefill": "pdserve.prefill_node.cli",
     "decode": "pdserve.decode_node.cli",
     "bench": "pdserve.benchmarks.serving_cli",
+    "profile": "pdserve.launch.profile",
+    "plan": "pdserve.planner.cli",
 }
 # A node of either command may run both roles' parts (kv_both), so both role packages register with the
 # runtime.
