@@ -3,11 +3,11 @@ inside functions too).
 
 The parts of the one package `pdserve`, lowest layer first: wire < kernels < engine < kvconnector <
 node_runtime < roles < launch. A part may import its own layer and lower ones; the two roles never import each
-other; the proxy and the `pdserve bench` client (benchmarks) import only wire; tools imports only wire
-(and torch); the planner, torch-free, sits with wire and imports only it. `pdserve/__init__.py` names the
-offline API lazily and `__main__` is the CLI's entry, so both sit above launch. The repository's bench/ may
-import anything and nothing in pdserve imports it. Between modules of the repository there is no cycle, not
-even inside one part.
+other; the proxy imports only wire and the planner, the `pdserve bench` client (benchmarks) only wire; tools
+imports only wire (and torch); the planner, torch-free, sits with wire and imports only it.
+`pdserve/__init__.py` names the offline API lazily and `__main__` is the CLI's entry, so both sit above
+launch. The repository's bench/ may import anything and nothing in pdserve imports it. Between modules of the
+repository there is no cycle, not even inside one part.
 """
 
 import ast
@@ -27,7 +27,7 @@ LAYERS = [
 LAYER = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
 # Parts allowed less than their layer.
 ONLY = {
-    "proxy": {"proxy", "wire"},
+    "proxy": {"proxy", "wire", "planner"},
     "benchmarks": {"benchmarks", "wire"},
     "tools": {"tools", "wire"},
     "planner": {"planner", "wire"},

@@ -100,6 +100,10 @@ class ProxyState:
         else:
             self.index = InProcessPrefixIndex()
         self.metrics.watch_index(self.index.num_blocks)
+        if cfg.planner is not None:
+            from pdserve.proxy.planner_wish import PlannerWish
+
+            self.metrics.watch_planner(PlannerWish(cfg.planner), lambda: len(self.registry.live()))
         for role in ROLES:
             self.metrics.nodes_live.labels(role).set_function(
                 lambda role=role: sum(1 for n in self.registry.live() if n.role == role)

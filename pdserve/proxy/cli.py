@@ -12,7 +12,7 @@ import argparse
 import logging
 import os
 
-from pdserve.proxy.config import ProxyConfig, RouterConfig
+from pdserve.proxy.config import PlannerGoals, ProxyConfig, RouterConfig
 from pdserve.wire.errors import ConfigError
 from pdserve.wire.frames import resolve_secret
 from pdserve.wire.model_source import resolve_model_flag
@@ -108,6 +108,18 @@ def add_proxy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-secret", default=None, help="shared frame-signing secret (default: $PDSERVE_KV_SECRET)"
     )
+    p.add_argument(
+        "--planner-profile",
+        default="",
+        help="a `pdserve profile` JSON: export pdserve:desired_prefill_nodes / desired_decode_nodes for the "
+        "traffic of the last --planner-window seconds",
+    )
+    p.add_argument("--planner-ttft-ms", type=float, default=1000.0, help="the planner's TTFT goal")
+    p.add_argument("--planner-itl-ms", type=float, default=50.0, help="the planner's p99 ITL goal")
+    p.add_argument(
+        "--planner-gpus", type=int, default=0, help="GPUs to plan for (default: the live nodes' GPUs)"
+    )
+    p.add_argument("--planner-window", type=float, default=60.0, help="seconds of traffic the wish follows")
 
 
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
@@ -131,6 +143,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return ProxyConfig(
+        planner=planner_goals(args),
         model=args.model,
         served_model_name=names[0] if names else "",
         served_model_names=tuple(names),
@@ -155,6 +168,25 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         router=RouterConfig(
             policy=args.routing, disagg_min_tokens=args.disagg_min_tokens, log_decisions=args.log_routing
         ),
+    )
+
+
+def planner_goals(args: argparse.Namespace) -> PlannerGoals | None:
+    if not args.planner_profile:
+        return None
+    if min(args.planner_ttft_ms, args.planner_itl_ms, args.planner_window) <= 0 or args.planner_gpus < 0:
+        raise ConfigError(
+            "--planner-ttft-ms, --planner-itl-ms and --planner-window must be > 0, --planner-gpus >= 0"
+        )
+    from pdserve.planner.profile import Profile
+
+    Profile.load(args.planner_profile)  # a profile that cannot be read stops the proxy here, with its reason
+    return PlannerGoals(
+        args.planner_profile,
+        args.planner_ttft_ms,
+        args.planner_itl_ms,
+        args.planner_gpus,
+        args.planner_window,
     )
 
 

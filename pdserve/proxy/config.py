@@ -36,6 +36,17 @@ class RouterConfig:
 
 
 @dataclass(frozen=True)
+class PlannerGoals:
+    """--planner-*: the profile and goals the planner's wish is computed from (proxy/planner_wish.py)."""
+
+    profile_path: str
+    ttft_ms: float = 1000.0
+    itl_ms: float = 50.0
+    gpus: int = 0  # 0: the live nodes times the profile's GPUs per node
+    window_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     model: str  # checkpoint folder (tokenizer, chat template, config.json)
     served_model_name: str = ""  # the name clients ask for; default: the folder's basename
@@ -63,3 +74,4 @@ class ProxyConfig:
     chat_template: str = ""  # --chat-template: a file or the template itself; "" = the checkpoint's
     generation_config: str = "auto"  # --generation-config: auto | vllm | a folder (vLLM's meanings)
     router: RouterConfig = field(default_factory=RouterConfig)
+    planner: PlannerGoals | None = None  # export the planner's wish (pdserve:desired_*_nodes)

@@ -53,6 +53,7 @@ class ProxyMetrics:
         self.nodes: Callable[[], list] = list  # the live nodes (proxy.nodes.NodeState), set by the app
         self.prefix_queries = 0  # prompt tokens of answered requests (the cluster's prefix-cache lookups)
         self.prefix_hits = 0  # of those, found cached on the node that served them
+        self.planner = None  # the planner's wish (watch_planner), if the proxy computes one
         self.vllm = VllmMetrics(r, model_name, "proxy", max_model_len, state=self._engine_state)
         self.requests = Counter(
             "pdserve_proxy_requests", "Answered requests", ["endpoint", "status"], registry=r
@@ -129,6 +130,13 @@ class ProxyMetrics:
         self.registry.register(
             _CountCollector("pdserve_proxy_redis_errors", "Failed Redis operations", errors)
         )
+
+    def watch_planner(self, wish, live_nodes: Callable[[], int]) -> None:
+        """Export the planner's wish (proxy/planner_wish.py), computed at each scrape."""
+        from pdserve.proxy.planner_wish import PlannerCollector
+
+        self.planner = wish  # told of every answered request (proxy/serving.py)
+        self.registry.register(PlannerCollector(wish, live_nodes))
 
     def node_timings(self, timings: dict) -> None:
         """A finished request's node timings (wire.node_messages.TIMING_KEYS)."""

@@ -216,6 +216,8 @@ class RequestJob:
         m.vllm.prompt_tokens.inc(usage["prompt_tokens"])
         m.prefix_queries += usage["prompt_tokens"]
         m.prefix_hits += usage["prompt_tokens_details"]["cached_tokens"]
+        if status == 200 and m.planner is not None:  # the traffic the planner's wish follows
+            m.planner.record(usage["prompt_tokens"], usage["completion_tokens"])
         for c in self.choices:  # those that never finished (an error, the client gone) ended as aborts
             self._count_choice(c, "abort")
         if self.choices:
