@@ -115,17 +115,19 @@ def test_draining_node_refuses_new_work_and_says_so(tmp_path_factory, model_dir)
         from openai import OpenAI
 
         client = OpenAI(base_url=cluster.base_url, api_key="unused", max_retries=0, timeout=60)
-        # A long request holds decode-1 in its drain while we look.
-        holder = threading.Thread(
-            target=lambda: [
-                client.completions.create(
+        # Long requests hold decode-1 in its drain while we look. Four at once, so the router (which spreads
+        # load) gives decode-1 some whatever its scores: one at a time could all land on decode-0.
+        holders = [
+            threading.Thread(
+                target=lambda i=i: client.completions.create(
                     model="tiny-llama", prompt=f"hold {i}", max_tokens=400, temperature=0
-                )
-                for i in range(2)
-            ],
-            daemon=True,
-        )
-        holder.start()
+                ),
+                daemon=True,
+            )
+            for i in range(4)
+        ]
+        for holder in holders:
+            holder.start()
         node = cluster.node("decode-1")
         wait_for(lambda: cluster.node_health("decode-1")["num_running"] > 0, 30, what="decode-1 busy")
         cluster.signal("decode-1", signal.SIGTERM)
@@ -152,5 +154,6 @@ def test_draining_node_refuses_new_work_and_says_so(tmp_path_factory, model_dir)
             )
             assert r.status_code == 200, r.text
             assert "decode-1" not in r.headers["x-pdserve-route"]
-        holder.join(60)
+        for holder in holders:
+            holder.join(60)
         wait_for(lambda: not _alive(node["pid"]), 20, what="decode-1 to exit after its drain")
