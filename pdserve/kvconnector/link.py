@@ -187,7 +187,9 @@ class Link:
             why = "no session"
         except OSError as exc:
             why = f"socket error: {exc}"
-        self.close(why)
+        finally:
+            self.close(why)
+            self.sock.close()  # only here, by the thread that reads it (see _close_locked)
 
     def _read_frame(self):
         first = _recv_exact(self.sock, SIGNED_PREFIX_SIZE, eof_ok=True)
@@ -249,10 +251,15 @@ class Link:
             return
         self.closed = True
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader: its recv() returns end of stream
         except OSError:
             pass
-        self.sock.close()
+        # The descriptor itself is closed by the reader thread once it ends. Closed here, from another
+        # thread (the reaper, a sender), while the reader was between two recv() calls, its number went to
+        # the next connection accepted, and the old reader read that new link's bytes: a link reopened after
+        # a peer's SIGSTOP failed its MAC, then its magic, two seconds later (fault campaign, 2026-12-04).
+        if threading.current_thread() is self._thread or not self._thread.is_alive():
+            self.sock.close()
         log.info("link %s closed: %s", self.name, why)
         if self.on_close is not None:
             # Off this thread: the callback may take connector locks held by a sender blocked on this link.
