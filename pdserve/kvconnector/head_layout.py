@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from pdserve.engine.kv_cache import import_cuda_ipc
 from pdserve.kernels.dispatch import gather_blocks
 
 
@@ -28,6 +29,11 @@ class RankCache:
     @property
     def device(self) -> torch.device:
         return self.layers[0].device
+
+    def layers_on(self, device: torch.device) -> list:
+        """This rank's per-layer caches as tensors kernels on `device` can address: its own, or a GPU
+        worker's mapped there from its CUDA IPC export (a new mapping per call: callers keep it)."""
+        return self.layers if self.ipc is None else import_cuda_ipc(self.ipc, device)
 
 
 class HeadLayout:

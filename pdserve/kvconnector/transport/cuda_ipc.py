@@ -182,8 +182,7 @@ class CudaIpcDataPlane(DataPlane):
         device: rank 0's own, the workers' mapped from their exports."""
         if self._sources is None:
             self._sources = [
-                (r.first_head, r.num_heads, r.layers if r.ipc is None else self._map(r.ipc, r.num_heads))
-                for r in self.layout.sources
+                (r.first_head, r.num_heads, r.layers_on(self.device)) for r in self.layout.sources
             ]
         return self._sources
 

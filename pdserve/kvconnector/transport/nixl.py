@@ -39,7 +39,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pdserve.engine.kv_cache import import_cuda_ipc
 from pdserve.kernels.block_copy import BlockCopier
 from pdserve.kvconnector.head_layout import HeadLayout
 from pdserve.kvconnector.transport.base import DataPlane, DataPlaneConfig, Fence, PeerWrites, dtype_name
@@ -183,7 +182,7 @@ class NixlDataPlane(DataPlane):
         peer.staging_region = Region.of([staging], 0, block[1])
         peer.slot_ids = torch.arange(slots, dtype=torch.int64, device=self.device)
         if self._mapped_sources is None:
-            self._mapped_sources = [self._on_device(r) for r in self.layout.sources]
+            self._mapped_sources = [r.layers_on(self.device) for r in self.layout.sources]
         sources = self._mapped_sources
         peer.packers = [
             [
@@ -200,10 +199,6 @@ class NixlDataPlane(DataPlane):
         ]
         if self._pack_stream is None:
             self._pack_stream = torch.cuda.Stream(self.device)
-
-    def _on_device(self, rank) -> list[torch.Tensor]:
-        """A rank's per-layer caches addressable by kernels on our device."""
-        return rank.layers if rank.ipc is None else import_cuda_ipc(rank.ipc, self.device)
 
     def close_link(self, link) -> None:
         peer = link.state.pop("nixl", None)
@@ -289,7 +284,7 @@ class NixlDataPlane(DataPlane):
         if descs is not None:
             posted += self._post(peer, *descs, inflight, 0)
         if peer.ring is not None:  # a chunk's ranges fill at most half the ring: the next packs meanwhile
-            chunk = max(peer.ring.capacity // (2 * len(peer.packers[layer])), 1)
+            chunk = max(peer.ring.capacity // (2 * len(peer.groups)), 1)
             for lo in range(0, staged.src.size, chunk):
                 posted += self._post_packed(
                     peer, staged, layer, lo, min(lo + chunk, staged.src.size), inflight
@@ -372,9 +367,8 @@ class NixlDataPlane(DataPlane):
 
     def _drop_peer(self, peer: "_Peer", inflight: list) -> None:
         peer.closed = True
-        while any(
-            p is peer for p, _, _ in inflight
-        ):  # its WRITEs end (DONE or ERR) before the agent forgets it
+        # its WRITEs end (DONE or ERR) before the agent forgets it
+        while any(p is peer for p, _, _ in inflight):
             time.sleep(POLL_S)
             self._reap(inflight, 0)
         if peer.staging_reg is not None:
